@@ -1,0 +1,1 @@
+//! Benchmarks of Weft (`cargo bench -p weft-benches`); each prints its figures.

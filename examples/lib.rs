@@ -1,0 +1,1 @@
+//! Runnable examples of Weft: see the `[[example]]` entries of this crate.

@@ -1,0 +1,156 @@
+//! Weft's node agent: one per machine. It discovers what the machine offers,
+//! runs containers (process trees in their own cgroup, session, work directory
+//! and log files), enforces their quotas, and reports to the resource manager.
+//!
+//! Layout:
+//! - [`config`]: the TOML config, defaults and validation;
+//! - [`capacity`], [`gpu`]: what the node offers (sysinfo; NVML or a fake GPU probe);
+//! - [`driver`]: isolation drivers (cgroup v2, cgroup v1, procfs) behind one trait;
+//! - [`manager`]: admission, launch and supervision of containers;
+//! - [`model`], [`validate`]: container records, exit reasons, request checks;
+//! - [`logs`]: reading and following logs, retention;
+//! - [`service`]: the ContainerManager gRPC service;
+//! - [`tracker`]: registration and heartbeats to the resource manager;
+//! - [`procfs`]: process-tree reading shared by all of the above.
+//!
+//! [`run`] assembles them and returns only after every container has been
+//! stopped and its group removed.
+
+pub mod capacity;
+pub mod config;
+pub mod driver;
+pub mod error;
+pub mod gpu;
+pub mod logs;
+pub mod manager;
+pub mod model;
+pub mod procfs;
+pub mod service;
+pub mod telemetry;
+pub mod tracker;
+pub mod validate;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::AgentConfig;
+pub use error::{Error, Result};
+pub use manager::Manager;
+
+/// Picks the GPU probe the config asks for. NVML that cannot start means no
+/// GPUs, said once in the log; it is not an error.
+pub fn gpu_probe(cfg: &config::GpuConfig) -> Arc<dyn gpu::GpuProbe> {
+    match cfg.probe {
+        config::GpuProbeChoice::None => Arc::new(gpu::NoGpus),
+        config::GpuProbeChoice::Fake => Arc::new(gpu::FakeGpuProbe::new(&cfg.fake)),
+        config::GpuProbeChoice::Nvml => match gpu::NvmlProbe::new() {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                info!(reason = %e, "no NVIDIA GPUs: running without GPUs");
+                Arc::new(gpu::NoGpus)
+            }
+        },
+    }
+}
+
+/// Runs the agent on `listener` until `shutdown` resolves, then stops every
+/// container, removes their groups and returns.
+pub async fn run(config: AgentConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
+    config.validate()?;
+    let cfg = config.clone();
+    let (driver, gpu, host) = manager::blocking(move || {
+        let driver = driver::select(cfg.containers.driver, &cfg.containers.cgroup_parent);
+        let gpu = gpu_probe(&cfg.gpu);
+        let host = capacity::HostFacts::discover();
+        (driver, gpu, host)
+    })
+    .await;
+    let driver = driver?;
+    let capacity = capacity::compute(host?, &config.resources);
+    let mgr = Manager::new(manager::ManagerParts {
+        containers: config.containers.clone(),
+        logs: config.logs.clone(),
+        driver: driver.clone(),
+        gpu: gpu.clone(),
+        capacity,
+        work_dir: config.work_dir.clone(),
+    })?;
+    let lost = mgr.recover_leftovers().await;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::io("reading listener address", &config.work_dir, e))?;
+    let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "localhost".into());
+    let address = config.advertise_address.clone().unwrap_or_else(|| {
+        if local.ip().is_unspecified() {
+            format!("{hostname}:{}", local.port())
+        } else {
+            local.to_string()
+        }
+    });
+    let node_id = config.node_id.clone().unwrap_or_else(|| hostname.clone());
+    info!(
+        node_id = %node_id,
+        %address,
+        driver = %driver.kind(),
+        isolation = %driver.describe(),
+        vcores_milli = capacity.vcores_milli,
+        memory_bytes = capacity.memory_bytes,
+        gpu_probe = gpu.name(),
+        gpus = mgr.gpus().len(),
+        recovered_lost = lost.len(),
+        "node agent started"
+    );
+
+    let cancel = CancellationToken::new();
+    let mut background = Vec::new();
+    if !config.rm_addresses.is_empty() {
+        let node = tracker::NodeIdentity {
+            node_id,
+            hostname,
+            address,
+            labels: config.labels.clone(),
+        };
+        let tcfg = tracker::TrackerConfig {
+            rm_addresses: config.rm_addresses.clone(),
+            interval: config.heartbeat.interval,
+            max_backoff: config.heartbeat.max_backoff,
+        };
+        background.push(tokio::spawn(tracker::run(mgr.clone(), node, tcfg, cancel.child_token())));
+    }
+    {
+        let (mgr, cancel, every) = (mgr.clone(), cancel.child_token(), config.logs.sweep_interval);
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => { logs::sweep(&mgr).await; }
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        }));
+    }
+
+    let svc = weft_proto::v1::container_manager_server::ContainerManagerServer::new(service::ContainerService::new(
+        mgr.clone(),
+    ));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let served = tonic::transport::Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    info!("node agent stopping: stopping containers");
+    cancel.cancel();
+    for t in background {
+        let _ = t.await;
+    }
+    mgr.shutdown().await;
+    info!("node agent stopped");
+    if let Err(e) = served {
+        warn!(error = %e, "gRPC server ended with an error");
+        return Err(Error::FailedPrecondition(format!("gRPC server: {e}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! Container logs: reading stdout/stderr from an offset (following a running
+//! container), and retention of ended containers' logs by age and disk budget.
+//! Logs live in `<work_dir>/logs/<container id>/{stdout,stderr}`, apart from
+//! the work directory, so they outlive it; an agent restart keeps them and the
+//! retention rules still apply (by file age) to logs no record knows.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+use weft_proto::v1 as pb;
+
+use crate::error::{Error, Result};
+use crate::manager::Manager;
+use crate::validate;
+
+/// Largest chunk sent in one message.
+pub const CHUNK: usize = 64 * 1024;
+/// How often a follower looks for new output.
+pub const FOLLOW_POLL: Duration = Duration::from_millis(100);
+
+fn file_name(stream: pb::LogStream) -> &'static str {
+    match stream {
+        pb::LogStream::Stdout => "stdout",
+        pb::LogStream::Stderr => "stderr",
+    }
+}
+
+/// Opens a container's log for reading; the returned channel yields chunks
+/// until the end (or, with `follow`, until the container ended and all its
+/// output was sent). Errors come before the stream starts.
+pub async fn read(
+    mgr: &Manager,
+    id: &str,
+    stream: pb::LogStream,
+    offset: u64,
+    follow: bool,
+) -> Result<mpsc::Receiver<Result<pb::LogChunk, tonic::Status>>> {
+    if !validate::container_id_ok(id) {
+        return Err(Error::invalid("container_id", format!("{id:?} is not a valid container id")));
+    }
+    let path = mgr.logs_root().join(id).join(file_name(stream));
+    let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::NotFound(format!(
+                "{id} (no logs: it never ran on this node, or its logs passed their retention)"
+            ))
+        } else {
+            Error::io("opening log", &path, e)
+        }
+    })?;
+    let container = mgr.get(id);
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        let mut pos = offset;
+        if let Err(e) = file.seek(std::io::SeekFrom::Start(offset)).await {
+            let _ = tx.send(Err(tonic::Status::internal(format!("seeking log: {e}")))).await;
+            return;
+        }
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            // Done is read before the file, so output written before the end
+            // is never missed.
+            let ended = container.as_ref().is_none_or(|c| c.record().is_done());
+            let n = match file.read(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = tx.send(Err(tonic::Status::internal(format!("reading log: {e}")))).await;
+                    return;
+                }
+            };
+            if n > 0 {
+                let chunk = pb::LogChunk {
+                    offset: pos,
+                    data: buf[..n].to_vec(),
+                };
+                pos += n as u64;
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return; // the reader went away
+                }
+                continue;
+            }
+            if !follow || ended {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// One log directory and what retention needs to know of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogDir {
+    pub id: String,
+    pub bytes: u64,
+    /// When its container ended (or, unknown to the agent, the last write).
+    pub ended: SystemTime,
+}
+
+/// Which ended containers' logs to remove: those older than `retention`, then
+/// the oldest until the rest fit in `budget`. Pure, for testing.
+pub fn to_remove(mut dirs: Vec<LogDir>, now: SystemTime, retention: Duration, budget: u64) -> Vec<String> {
+    dirs.sort_by_key(|d| d.ended);
+    let mut out = Vec::new();
+    let mut keep = Vec::new();
+    for d in dirs {
+        if now.duration_since(d.ended).unwrap_or_default() > retention {
+            out.push(d.id);
+        } else {
+            keep.push(d);
+        }
+    }
+    let mut total: u64 = keep.iter().map(|d| d.bytes).sum();
+    for d in keep {
+        if total <= budget {
+            break;
+        }
+        total -= d.bytes;
+        out.push(d.id);
+    }
+    out
+}
+
+fn dir_size_and_mtime(dir: &Path) -> (u64, SystemTime) {
+    let mut bytes = 0;
+    let mut newest = SystemTime::UNIX_EPOCH;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if let Ok(m) = e.metadata() {
+                bytes += m.len();
+                if let Ok(t) = m.modified() {
+                    newest = newest.max(t);
+                }
+            }
+        }
+    }
+    (bytes, newest)
+}
+
+/// Applies retention once: removes the chosen log directories and forgets
+/// their containers. Returns the removed ids.
+pub async fn sweep(mgr: &Manager) -> Vec<String> {
+    let root: PathBuf = mgr.logs_root().to_path_buf();
+    let known: Vec<(String, bool, Option<SystemTime>)> = mgr
+        .list(true)
+        .into_iter()
+        .map(|r| (r.spec.id.clone(), r.is_done(), r.finished_at))
+        .collect();
+    let cfg = mgr.logs_config().clone();
+    let removed = crate::manager::blocking(move || {
+        let mut dirs = Vec::new();
+        for id in crate::driver::cgroupfs::subdirs(&root) {
+            let (bytes, mtime) = dir_size_and_mtime(&root.join(&id));
+            let ended = match known.iter().find(|k| k.0 == id) {
+                Some((_, false, _)) => continue, // still running: never removed
+                Some((_, true, Some(t))) => *t,
+                _ => mtime,
+            };
+            dirs.push(LogDir { id, bytes, ended });
+        }
+        let ids = to_remove(dirs, SystemTime::now(), cfg.retention, cfg.disk_budget.as_u64());
+        for id in &ids {
+            let _ = std::fs::remove_dir_all(root.join(id));
+        }
+        ids
+    })
+    .await;
+    for id in &removed {
+        mgr.forget(id);
+    }
+    if !removed.is_empty() {
+        info!(count = removed.len(), "removed logs past retention");
+    } else {
+        debug!("log retention: nothing to remove");
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_by_age_then_budget() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let d = |id: &str, bytes, age_s| LogDir {
+            id: id.into(),
+            bytes,
+            ended: t0 - Duration::from_secs(age_s),
+        };
+        let dirs = vec![d("old", 10, 7200), d("a", 100, 30), d("b", 100, 20), d("c", 100, 10)];
+        // One hour retention drops "old"; budget 250 then drops the oldest ("a").
+        assert_eq!(to_remove(dirs.clone(), t0, Duration::from_secs(3600), 250), vec!["old", "a"]);
+        assert_eq!(to_remove(dirs.clone(), t0, Duration::from_secs(3600), 1000), vec!["old"]);
+        assert!(to_remove(dirs, t0, Duration::from_secs(86400), 1000).is_empty());
+    }
+}

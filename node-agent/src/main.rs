@@ -1,0 +1,137 @@
+//! `node-agent`: flags and config file in, `weft_node_agent::run` out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use weft_node_agent::config::{AgentConfig, DriverChoice, GpuProbeChoice};
+use weft_node_agent::telemetry::{self, LogFormat};
+
+/// Weft node agent: runs containers in cgroups on this machine and reports to
+/// the resource manager. Flags override the config file.
+#[derive(Debug, Parser)]
+#[command(name = "node-agent", version)]
+struct Args {
+    /// TOML config file.
+    #[arg(short, long, env = "WEFT_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address the ContainerManager service listens on.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Address others use to reach this agent.
+    #[arg(long)]
+    advertise_address: Option<String>,
+    /// Resource-manager members, comma-separated host:port.
+    #[arg(long, value_delimiter = ',')]
+    rm: Option<Vec<String>>,
+    /// Node id (default: the hostname).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Root of work directories and logs.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Isolation driver.
+    #[arg(long, value_parser = parse_driver)]
+    driver: Option<DriverChoice>,
+    /// cgroup name under which this agent's containers live.
+    #[arg(long)]
+    cgroup_parent: Option<String>,
+    /// GPU probe: nvml, none or fake.
+    #[arg(long, value_parser = parse_gpu)]
+    gpu_probe: Option<GpuProbeChoice>,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "human")]
+    log_format: LogFormat,
+    /// Print the effective config as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn parse_driver(s: &str) -> Result<DriverChoice, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("{s:?}: expected auto, cgroup-v2, cgroup-v1 or procfs"))
+}
+
+fn parse_gpu(s: &str) -> Result<GpuProbeChoice, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("{s:?}: expected nvml, none or fake"))
+}
+
+fn config(args: &Args) -> anyhow::Result<AgentConfig> {
+    let mut c = match &args.config {
+        Some(p) => AgentConfig::load(p)?,
+        None => AgentConfig::default(),
+    };
+    if let Some(v) = args.listen {
+        c.listen = v;
+    }
+    if let Some(v) = &args.advertise_address {
+        c.advertise_address = Some(v.clone());
+    }
+    if let Some(v) = &args.rm {
+        c.rm_addresses = v.clone();
+    }
+    if let Some(v) = &args.node_id {
+        c.node_id = Some(v.clone());
+    }
+    if let Some(v) = &args.work_dir {
+        c.work_dir = v.clone();
+    }
+    if let Some(v) = args.driver {
+        c.containers.driver = v;
+    }
+    if let Some(v) = &args.cgroup_parent {
+        c.containers.cgroup_parent = v.clone();
+    }
+    if let Some(v) = args.gpu_probe {
+        c.gpu.probe = v;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    telemetry::init(args.log_format);
+    let cfg = match config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("node-agent: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.print_config {
+        print!("{}", toml::to_string_pretty(&cfg).expect("config serialises"));
+        return ExitCode::SUCCESS;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(16)
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let result = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("listen {}: {e}", cfg.listen))?;
+        weft_node_agent::run(cfg, listener, shutdown_signal()).await?;
+        anyhow::Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("node-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,739 @@
+//! The container manager: admits StartContainer requests against the node's
+//! free resources, launches each container in its group, supervises it until it
+//! ends (quotas, wall time, stop requests), and keeps its record for status,
+//! logs and heartbeats.
+//!
+//! Data flow: `start` validates and reserves under the state lock, creates the
+//! group and directories on a blocking thread, spawns the process (which joins
+//! its group and a new session before exec), then hands it to `supervise`, one
+//! tokio task per container, which alone decides how the container ends.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use nix::sys::signal::Signal;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, watch};
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use weft_proto::v1 as pb;
+
+use crate::capacity::Capacity;
+use crate::config::{ContainersConfig, LogsConfig};
+use crate::driver::{self, Driver, Group, Limits};
+use crate::error::{Error, Result};
+use crate::gpu::{GpuInfo, GpuProbe};
+use crate::model::{human_bytes, ContainerSpec, Exit, ExitReason, Phase, Record};
+use crate::procfs::{self, ProcessSample};
+use crate::validate;
+
+/// Character-device major number of NVIDIA GPUs (`/dev/nvidiaN` is 195:N).
+pub const NVIDIA_MAJOR: u32 = 195;
+
+/// Cloneable handle on the node's containers.
+#[derive(Clone)]
+pub struct Manager {
+    sh: Arc<Shared>,
+}
+
+struct Shared {
+    cfg: ContainersConfig,
+    logs_cfg: LogsConfig,
+    driver: Arc<dyn Driver>,
+    gpu: Arc<dyn GpuProbe>,
+    gpus: Vec<GpuInfo>,
+    capacity: Capacity,
+    containers_root: PathBuf,
+    logs_root: PathBuf,
+    /// Every container the agent knows, running or ended and retained.
+    state: Mutex<HashMap<String, Arc<Container>>>,
+    /// Set once shutdown begins: no new containers.
+    closing: AtomicBool,
+    /// Supervisor tasks, awaited at shutdown.
+    tasks: TaskTracker,
+}
+
+/// One container: its record plus the channels to its supervisor.
+pub struct Container {
+    record: Mutex<Record>,
+    stop_tx: mpsc::UnboundedSender<StopRequest>,
+    /// Flips to true once the container has ended.
+    done: watch::Sender<bool>,
+}
+
+struct StopRequest {
+    reason: ExitReason,
+    grace: Duration,
+}
+
+impl Container {
+    pub fn record(&self) -> Record {
+        self.record.lock().expect("record lock poisoned").clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Record)) {
+        f(&mut self.record.lock().expect("record lock poisoned"))
+    }
+
+    /// Resolves once the container has ended.
+    pub async fn wait_done(&self) {
+        let mut rx = self.done.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+}
+
+/// Parts the manager is built from.
+pub struct ManagerParts {
+    pub containers: ContainersConfig,
+    pub logs: LogsConfig,
+    pub driver: Arc<dyn Driver>,
+    pub gpu: Arc<dyn GpuProbe>,
+    pub capacity: Capacity,
+    pub work_dir: PathBuf,
+}
+
+impl Manager {
+    pub fn new(p: ManagerParts) -> Result<Self> {
+        let containers_root = p.work_dir.join("containers");
+        let logs_root = p.work_dir.join("logs");
+        for d in [&containers_root, &logs_root] {
+            std::fs::create_dir_all(d).map_err(|e| Error::io("creating", d, e))?;
+        }
+        let gpus = p.gpu.devices();
+        Ok(Manager {
+            sh: Arc::new(Shared {
+                cfg: p.containers,
+                logs_cfg: p.logs,
+                driver: p.driver,
+                gpu: p.gpu,
+                gpus,
+                capacity: p.capacity,
+                containers_root,
+                logs_root,
+                state: Mutex::new(HashMap::new()),
+                closing: AtomicBool::new(false),
+                tasks: TaskTracker::new(),
+            }),
+        })
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.sh.capacity
+    }
+
+    pub fn gpus(&self) -> &[GpuInfo] {
+        &self.sh.gpus
+    }
+
+    pub fn driver_kind(&self) -> driver::DriverKind {
+        self.sh.driver.kind()
+    }
+
+    pub fn logs_root(&self) -> &Path {
+        &self.sh.logs_root
+    }
+
+    pub fn logs_config(&self) -> &LogsConfig {
+        &self.sh.logs_cfg
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Container>> {
+        self.sh.state.lock().expect("state lock poisoned").get(id).cloned()
+    }
+
+    pub fn status(&self, id: &str) -> Result<pb::ContainerStatus> {
+        self.get(id)
+            .map(|c| c.record().to_proto())
+            .ok_or_else(|| Error::NotFound(id.to_string()))
+    }
+
+    /// Records of every container, running first, then by id.
+    pub fn list(&self, include_finished: bool) -> Vec<Record> {
+        let mut v: Vec<Record> = self
+            .sh
+            .state
+            .lock()
+            .expect("state lock poisoned")
+            .values()
+            .map(|c| c.record())
+            .filter(|r| include_finished || !r.is_done())
+            .collect();
+        v.sort_by(|a, b| a.is_done().cmp(&b.is_done()).then(a.spec.id.cmp(&b.spec.id)));
+        v
+    }
+
+    /// Forgets an ended container (its logs were removed).
+    pub fn forget(&self, id: &str) {
+        let mut st = self.sh.state.lock().expect("state lock poisoned");
+        if st.get(id).is_some_and(|c| c.record().is_done()) {
+            st.remove(id);
+        }
+    }
+
+    /// Kills the processes of containers an earlier agent left behind, removes
+    /// their groups, and records them as lost. Returns their ids.
+    pub async fn recover_leftovers(&self) -> Vec<String> {
+        let sh = self.sh.clone();
+        let found = blocking(move || {
+            let mut found = Vec::new();
+            for id in sh.driver.leftovers() {
+                let g = sh.driver.open(&id);
+                let left = g.kill_all();
+                if !left.is_empty() {
+                    warn!(container_id = %id, pids = ?left, "leftover processes survived SIGKILL");
+                }
+                if let Err(e) = g.destroy() {
+                    warn!(container_id = %id, error = %e, "could not remove leftover group");
+                }
+                let _ = std::fs::remove_dir_all(sh.containers_root.join(&id));
+                found.push(id);
+            }
+            found
+        })
+        .await;
+        let now = SystemTime::now();
+        for id in &found {
+            warn!(container_id = %id, "container left by an earlier agent: processes killed, reported lost");
+            if !validate::container_id_ok(id) {
+                continue;
+            }
+            let record = Record {
+                spec: ContainerSpec {
+                    id: id.clone(),
+                    command: String::new(),
+                    args: vec![],
+                    env: Default::default(),
+                    resources: Default::default(),
+                },
+                phase: Phase::Done(Exit::new(ExitReason::Lost, vec![])),
+                pid: 0,
+                started_at: None,
+                finished_at: Some(now),
+                memory_bytes: 0,
+                memory_peak_bytes: 0,
+                gpu_uuids: vec![],
+                work_dir: self.sh.containers_root.join(id),
+                log_dir: self.sh.logs_root.join(id),
+            };
+            let (stop_tx, _) = mpsc::unbounded_channel();
+            let c = Arc::new(Container {
+                record: Mutex::new(record),
+                stop_tx,
+                done: watch::Sender::new(true),
+            });
+            self.sh.state.lock().expect("state lock poisoned").insert(id.clone(), c);
+        }
+        found
+    }
+
+    /// Admits, launches and starts supervising a container.
+    pub async fn start(&self, req: pb::StartContainerRequest) -> Result<pb::ContainerStatus> {
+        if self.sh.closing.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
+        let spec = validate::start_request(req, self.sh.gpus.len())?;
+        let (c, stop_rx) = self.admit(&spec)?;
+        match self.launch(&spec, &c, stop_rx).await {
+            Ok(()) => Ok(c.record().to_proto()),
+            Err(e) => {
+                self.sh.state.lock().expect("state lock poisoned").remove(&spec.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Checks the request against what is free and reserves it with a record.
+    fn admit(&self, spec: &ContainerSpec) -> Result<(Arc<Container>, mpsc::UnboundedReceiver<StopRequest>)> {
+        let r = &spec.resources;
+        let mut st = self.sh.state.lock().expect("state lock poisoned");
+        if st.contains_key(&spec.id) {
+            return Err(Error::AlreadyExists(spec.id.clone()));
+        }
+        let (mut vcores, mut memory) = (0u64, 0u64);
+        let mut gpu_owner: HashMap<u32, String> = HashMap::new();
+        for c in st.values() {
+            let rec = c.record.lock().expect("record lock poisoned");
+            if rec.is_done() {
+                continue;
+            }
+            vcores += rec.spec.resources.vcores_milli;
+            memory += rec.spec.resources.memory_bytes;
+            for &g in &rec.spec.resources.gpu_indices {
+                gpu_owner.insert(g, rec.spec.id.clone());
+            }
+        }
+        let cap = self.sh.capacity;
+        let free_v = cap.vcores_milli.saturating_sub(vcores);
+        if r.vcores_milli > free_v {
+            return Err(Error::ResourceExhausted {
+                field: "resources.vcores_milli",
+                reason: format!(
+                    "asks {} but the node has {free_v} free of {}",
+                    r.vcores_milli, cap.vcores_milli
+                ),
+            });
+        }
+        let free_m = cap.memory_bytes.saturating_sub(memory);
+        if r.memory_bytes > free_m {
+            return Err(Error::ResourceExhausted {
+                field: "resources.memory_bytes",
+                reason: format!(
+                    "asks {} but the node has {} free of {}",
+                    human_bytes(r.memory_bytes),
+                    human_bytes(free_m),
+                    human_bytes(cap.memory_bytes)
+                ),
+            });
+        }
+        for g in &r.gpu_indices {
+            if let Some(owner) = gpu_owner.get(g) {
+                return Err(Error::ResourceExhausted {
+                    field: "resources.gpu_indices",
+                    reason: format!("GPU {g} is already given to container {owner}"),
+                });
+            }
+        }
+        let gpu_uuids = r
+            .gpu_indices
+            .iter()
+            .map(|&i| self.sh.gpus[i as usize].uuid.clone())
+            .collect();
+        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+        let c = Arc::new(Container {
+            record: Mutex::new(Record {
+                spec: spec.clone(),
+                phase: Phase::Starting,
+                pid: 0,
+                started_at: None,
+                finished_at: None,
+                memory_bytes: 0,
+                memory_peak_bytes: 0,
+                gpu_uuids,
+                work_dir: self.sh.containers_root.join(&spec.id),
+                log_dir: self.sh.logs_root.join(&spec.id),
+            }),
+            stop_tx,
+            done: watch::Sender::new(false),
+        });
+        st.insert(spec.id.clone(), c.clone());
+        Ok((c, stop_rx))
+    }
+
+    async fn launch(
+        &self,
+        spec: &ContainerSpec,
+        c: &Arc<Container>,
+        stop_rx: mpsc::UnboundedReceiver<StopRequest>,
+    ) -> Result<()> {
+        let rec = c.record();
+        let limits = Limits {
+            memory_bytes: spec.resources.memory_bytes,
+            vcores_milli: spec.resources.vcores_milli,
+            pids: if spec.resources.pids_limit > 0 {
+                spec.resources.pids_limit
+            } else {
+                self.sh.cfg.default_pids_limit
+            },
+            denied_devices: self
+                .sh
+                .gpus
+                .iter()
+                .filter(|g| !spec.resources.gpu_indices.contains(&g.index))
+                .map(|g| (NVIDIA_MAJOR, g.index))
+                .collect(),
+        };
+        let (sh, id, work_dir, log_dir) = (self.sh.clone(), spec.id.clone(), rec.work_dir.clone(), rec.log_dir.clone());
+        let prepared = blocking(move || -> Result<(Arc<dyn Group>, std::fs::File, std::fs::File)> {
+            for d in [&work_dir, &log_dir] {
+                std::fs::create_dir_all(d).map_err(|e| Error::io("creating", d, e))?;
+            }
+            let open = |name: &str| {
+                let p = log_dir.join(name);
+                std::fs::File::create(&p).map_err(|e| Error::io("creating log", p, e))
+            };
+            let (out, err) = (open("stdout")?, open("stderr")?);
+            let group = sh.driver.create(&id, &limits)?;
+            Ok((group, out, err))
+        })
+        .await;
+        let (group, out, err) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                self.remove_dirs(&rec).await;
+                return Err(e);
+            }
+        };
+
+        let mut env: Vec<(String, String)> = Vec::new();
+        if let Ok(path) = std::env::var("PATH") {
+            env.push(("PATH".into(), path));
+        }
+        if let Ok(lang) = std::env::var("LANG") {
+            env.push(("LANG".into(), lang));
+        }
+        env.push(("HOME".into(), rec.work_dir.display().to_string()));
+        env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.push(("WEFT_CONTAINER_ID".into(), spec.id.clone()));
+        env.push(("WEFT_WORK_DIR".into(), rec.work_dir.display().to_string()));
+        // GPU visibility and the scope marker come last: a request cannot widen them.
+        env.extend(crate::gpu::visibility_env(&rec.gpu_uuids));
+        let marker = driver::scope_marker(&self.sh.cfg.cgroup_parent, &spec.id);
+        let (mk, mv) = marker.split_once('=').expect("marker has '='");
+        env.push((mk.into(), mv.into()));
+
+        let mut cmd = tokio::process::Command::new(&spec.command);
+        cmd.args(&spec.args)
+            .env_clear()
+            .envs(env)
+            .current_dir(&rec.work_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .kill_on_drop(false);
+        let join: Vec<CString> = group
+            .join_paths()
+            .into_iter()
+            .map(|p| CString::new(p.into_os_string().into_encoded_bytes()).expect("cgroup paths hold no NUL"))
+            .collect();
+        // SAFETY: the closure runs in the forked child before exec and makes only
+        // async-signal-safe calls (setsid, open, write, close) on data prepared
+        // before the fork; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                for p in &join {
+                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                    if n != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = match cmd.spawn() {
+            Ok(ch) => ch,
+            Err(e) => {
+                let g = group.clone();
+                let _ = blocking(move || {
+                    g.kill_all();
+                    g.destroy()
+                })
+                .await;
+                self.remove_dirs(&rec).await;
+                return Err(match e.kind() {
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                        Error::invalid("command", format!("cannot run {:?}: {e}", spec.command))
+                    }
+                    _ => Error::FailedPrecondition(format!("starting {:?}: {e}", spec.command)),
+                });
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        group.set_leader(pid as i32);
+        c.update(|r| {
+            r.pid = pid;
+            r.started_at = Some(SystemTime::now());
+            r.phase = Phase::Running;
+        });
+        info!(container_id = %spec.id, pid, "container started");
+        let (sh, c2) = (self.sh.clone(), c.clone());
+        self.sh.tasks.spawn(supervise(sh, c2, child, group, stop_rx));
+        Ok(())
+    }
+
+    async fn remove_dirs(&self, rec: &Record) {
+        let _ = tokio::fs::remove_dir_all(&rec.work_dir).await;
+        let _ = tokio::fs::remove_dir_all(&rec.log_dir).await;
+    }
+
+    /// Asks a container to stop: SIGTERM, `grace` (default from config), SIGKILL.
+    pub async fn stop(&self, id: &str, grace: Option<Duration>, wait: bool) -> Result<pb::ContainerStatus> {
+        let c = self.get(id).ok_or_else(|| Error::NotFound(id.to_string()))?;
+        self.request_stop(&c, ExitReason::UserRequested, grace);
+        if wait {
+            c.wait_done().await;
+        }
+        Ok(c.record().to_proto())
+    }
+
+    fn request_stop(&self, c: &Container, reason: ExitReason, grace: Option<Duration>) {
+        if c.record().is_done() {
+            return;
+        }
+        let _ = c.stop_tx.send(StopRequest {
+            reason,
+            grace: grace.unwrap_or(self.sh.cfg.stop_grace_period),
+        });
+    }
+
+    /// Stops every container (reason AgentShutdown), waits for them all to end
+    /// and removes the agent's parent groups.
+    pub async fn shutdown(&self) {
+        self.sh.closing.store(true, Ordering::SeqCst);
+        let all: Vec<Arc<Container>> = self.sh.state.lock().expect("state lock poisoned").values().cloned().collect();
+        for c in &all {
+            self.request_stop(c, ExitReason::AgentShutdown, None);
+        }
+        self.sh.tasks.close();
+        self.sh.tasks.wait().await;
+        let sh = self.sh.clone();
+        blocking(move || sh.driver.cleanup()).await;
+    }
+}
+
+/// Runs `f` on the blocking pool. A panic there is a bug in the agent.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task panicked")
+}
+
+/// What ends a container's watch.
+enum Ending {
+    /// The leading process exited on its own.
+    Exited(std::process::ExitStatus),
+    /// The agent decided to end it: why, after what grace, and the tree's
+    /// biggest processes when the decision was made.
+    Kill {
+        reason: ExitReason,
+        grace: Duration,
+        top: Vec<ProcessSample>,
+    },
+}
+
+/// One monitor tick's measurements.
+struct Sample {
+    memory_bytes: u64,
+    memory_peak_bytes: u64,
+    oom: bool,
+    gpu_used: u64,
+    top: Vec<ProcessSample>,
+}
+
+/// Measures the group; `top` only when `want_top`.
+fn sample(sh: &Shared, group: &dyn Group, spec: &ContainerSpec, want_top: bool) -> Sample {
+    let st = group.stats();
+    let over_rss = !group.kernel_enforces_memory() && st.memory_bytes > spec.resources.memory_bytes;
+    let oom = st.under_oom || st.oom_kills > 0 || over_rss;
+    let mut gpu_used = 0;
+    let need_pids = want_top || oom || spec.resources.gpu_memory_bytes > 0;
+    let pids = if need_pids { group.pids() } else { Vec::new() };
+    if spec.resources.gpu_memory_bytes > 0 {
+        match sh.gpu.process_usage() {
+            Ok(usage) => {
+                let members: HashSet<u32> = pids.iter().map(|&p| p as u32).collect();
+                gpu_used = usage.iter().filter(|u| members.contains(&u.pid)).map(|u| u.used_bytes).sum();
+            }
+            Err(e) => warn!(container_id = %spec.id, error = %e, "reading GPU memory failed"),
+        }
+    }
+    let over_gpu = spec.resources.gpu_memory_bytes > 0 && gpu_used > spec.resources.gpu_memory_bytes;
+    let top = if want_top || oom || over_gpu {
+        procfs::top_processes(&pids, sh.cfg.diagnostic_processes)
+    } else {
+        Vec::new()
+    };
+    Sample {
+        memory_bytes: st.memory_bytes,
+        memory_peak_bytes: st.memory_peak_bytes.max(st.memory_bytes),
+        oom,
+        gpu_used,
+        top,
+    }
+}
+
+/// Resolves when the eventfd (if any) signals; never without one.
+async fn oom_signal(fd: &Option<AsyncFd<OwnedFd>>) {
+    match fd {
+        None => std::future::pending().await,
+        Some(fd) => loop {
+            let Ok(mut guard) = fd.readable().await else {
+                return std::future::pending().await;
+            };
+            let mut buf = [0u8; 8];
+            // SAFETY: reading 8 bytes into an 8-byte buffer from an eventfd we own.
+            let n = unsafe { libc::read(fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+            if n == 8 {
+                return;
+            }
+            guard.clear_ready();
+        },
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Watches one container until it ends, then records why and cleans up.
+async fn supervise(
+    sh: Arc<Shared>,
+    c: Arc<Container>,
+    mut child: tokio::process::Child,
+    group: Arc<dyn Group>,
+    mut stop_rx: mpsc::UnboundedReceiver<StopRequest>,
+) {
+    let rec = c.record();
+    let spec = rec.spec.clone();
+    let pid = rec.pid as i32;
+    let limit = spec.resources.memory_bytes;
+    let deadline = spec.resources.max_runtime.map(|d| tokio::time::Instant::now() + d);
+    // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it from here on:
+    // it stays open and the same for the AsyncFd's whole life.
+    let oom_fd = group.oom_eventfd().and_then(|fd| unsafe { AsyncFd::register(fd) }.ok());
+    // Where the kernel kills at the limit without pausing the tree first, the
+    // diagnostic can only show the tree as last sampled.
+    let sample_top_each_tick = group.kernel_enforces_memory() && oom_fd.is_none();
+    let mut tick = tokio::time::interval(sh.cfg.monitor_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_top: Vec<ProcessSample> = Vec::new();
+    let mut peak = 0u64;
+
+    let ending = loop {
+        tokio::select! {
+            status = child.wait() => match status {
+                Ok(s) => break Ending::Exited(s),
+                Err(e) => {
+                    warn!(container_id = %spec.id, error = %e, "waiting for the container failed");
+                    break Ending::Kill { reason: ExitReason::Lost, grace: Duration::ZERO, top: vec![] };
+                }
+            },
+            _ = oom_signal(&oom_fd) => {
+                let (sh2, g, sp) = (sh.clone(), group.clone(), spec.clone());
+                let s = blocking(move || sample(&sh2, g.as_ref(), &sp, true)).await;
+                peak = peak.max(s.memory_peak_bytes);
+                break Ending::Kill {
+                    reason: ExitReason::OverMemoryQuota { limit, peak: peak.max(limit) },
+                    grace: Duration::ZERO,
+                    top: s.top,
+                };
+            }
+            _ = sleep_until(deadline) => {
+                break Ending::Kill {
+                    reason: ExitReason::WallTimeExceeded { limit: spec.resources.max_runtime.unwrap_or_default() },
+                    grace: sh.cfg.stop_grace_period,
+                    top: vec![],
+                };
+            }
+            Some(req) = stop_rx.recv() => {
+                break Ending::Kill { reason: req.reason, grace: req.grace, top: vec![] };
+            }
+            _ = tick.tick() => {
+                let (sh2, g, sp) = (sh.clone(), group.clone(), spec.clone());
+                let s = blocking(move || sample(&sh2, g.as_ref(), &sp, sample_top_each_tick)).await;
+                peak = peak.max(s.memory_peak_bytes);
+                c.update(|r| {
+                    r.memory_bytes = s.memory_bytes;
+                    r.memory_peak_bytes = peak;
+                });
+                if !s.top.is_empty() {
+                    last_top = s.top.clone();
+                }
+                if s.oom {
+                    break Ending::Kill {
+                        reason: ExitReason::OverMemoryQuota { limit, peak },
+                        grace: Duration::ZERO,
+                        top: s.top,
+                    };
+                }
+                let gpu_limit = spec.resources.gpu_memory_bytes;
+                if gpu_limit > 0 && s.gpu_used > gpu_limit {
+                    break Ending::Kill {
+                        reason: ExitReason::OverGpuMemoryQuota { limit: gpu_limit, used: s.gpu_used },
+                        grace: sh.cfg.stop_grace_period.min(Duration::from_secs(1)),
+                        top: s.top,
+                    };
+                }
+            }
+        }
+    };
+
+    let (status, mut decided) = match ending {
+        Ending::Exited(s) => (Some(s), None),
+        Ending::Kill { reason, grace, top } => {
+            info!(container_id = %spec.id, reason = ?reason, "stopping container");
+            c.update(|r| r.phase = Phase::Stopping);
+            let mut status = None;
+            if !grace.is_zero() {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
+                let g = group.clone();
+                blocking(move || g.signal_all(Signal::SIGTERM)).await;
+                if let Ok(Ok(s)) = tokio::time::timeout(grace, child.wait()).await {
+                    status = Some(s);
+                }
+            }
+            (status, Some((reason, top)))
+        }
+    };
+
+    // Whatever is left of the tree goes now: the leader's session, then every
+    // pid the group still holds (escaped grandchildren included).
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    let g = group.clone();
+    let (stats, left) = blocking(move || {
+        let stats = g.stats();
+        let left = g.kill_all();
+        (stats, left)
+    })
+    .await;
+    let status = match status {
+        Some(s) => Some(s),
+        None => child.wait().await.ok(),
+    };
+    if !left.is_empty() {
+        warn!(container_id = %spec.id, pids = ?left, "processes survived SIGKILL");
+    }
+    peak = peak.max(stats.memory_peak_bytes);
+    if decided.is_none() && (stats.oom_kills > 0 || stats.under_oom) {
+        // The kernel killed (part of) the tree at its limit.
+        decided = Some((ExitReason::OverMemoryQuota { limit, peak: peak.max(limit) }, last_top));
+    }
+    let exit = match decided {
+        Some((reason, top)) => Exit::new(reason, top),
+        None => {
+            let s = status.expect("the leader exited on its own, so its status was read");
+            let reason = match (s.code(), s.signal()) {
+                (Some(0), _) => ExitReason::Succeeded,
+                (code, signal) => ExitReason::Failed {
+                    exit_code: code,
+                    signal,
+                },
+            };
+            Exit::new(reason, vec![])
+        }
+    };
+
+    let g = group.clone();
+    let (work_dir, keep) = (rec.work_dir.clone(), sh.cfg.keep_work_dirs);
+    blocking(move || {
+        if let Err(e) = g.destroy() {
+            warn!(error = %e, "removing the container's group failed");
+        }
+        if !keep {
+            let _ = std::fs::remove_dir_all(&work_dir);
+        }
+    })
+    .await;
+    info!(container_id = %spec.id, exit_status = exit.reason.exit_status(), diagnostic = %exit.diagnostic, "container ended");
+    c.update(|r| {
+        r.memory_peak_bytes = peak;
+        r.finished_at = Some(SystemTime::now());
+        r.phase = Phase::Done(exit);
+    });
+    c.done.send_replace(true);
+}

@@ -1,0 +1,183 @@
+//! Client side of the RM's ResourceTracker: register, then heartbeat with the
+//! status of every container; stop what the RM says to stop. While no RM
+//! answers, the agent keeps serving its containers and retries with backoff.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+use weft_proto::v1 as pb;
+use weft_proto::v1::resource_tracker_client::ResourceTrackerClient;
+
+use crate::manager::Manager;
+
+/// What the tracker needs to know about this node.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub node_id: String,
+    pub hostname: String,
+    pub address: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Settings of the tracker loop.
+#[derive(Debug, Clone)]
+pub struct TrackerConfig {
+    pub rm_addresses: Vec<String>,
+    pub interval: Duration,
+    pub max_backoff: Duration,
+}
+
+/// Exponential backoff: `base * 2^attempt`, capped.
+pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
+    base.saturating_mul(1u32 << attempt.min(16)).min(max)
+}
+
+fn endpoint(addr: &str) -> Option<Endpoint> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Endpoint::from_shared(uri)
+        .ok()
+        .map(|e| e.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(5)))
+}
+
+/// Runs until `cancel` fires.
+pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: CancellationToken) {
+    let mut current = 0usize;
+    let mut attempt = 0u32;
+    let mut leader_hint: Option<String> = None;
+    let mut interval = cfg.interval;
+    let mut sequence = 0u64;
+    'outer: loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let addr = leader_hint
+            .take()
+            .unwrap_or_else(|| cfg.rm_addresses[current % cfg.rm_addresses.len()].clone());
+        let Some(ep) = endpoint(&addr) else {
+            warn!(address = %addr, "not a valid RM address");
+            current += 1;
+            continue;
+        };
+        let mut client = ResourceTrackerClient::new(ep.connect_lazy());
+        match register(&mut client, &mgr, &node).await {
+            Ok(resp) => {
+                info!(rm = %addr, node_id = %node.node_id, "registered with the resource manager");
+                attempt = 0;
+                if resp.heartbeat_interval_ms > 0 {
+                    interval = Duration::from_millis(resp.heartbeat_interval_ms);
+                }
+            }
+            Err(e) => {
+                let wait = backoff(attempt, Duration::from_millis(200), cfg.max_backoff);
+                debug!(rm = %addr, error = %e, ?wait, "registration failed; retrying");
+                if attempt == 3 {
+                    warn!(rm = %addr, error = %e, "no resource manager answers yet; still retrying");
+                }
+                attempt += 1;
+                current += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = cancel.cancelled() => return,
+            }
+            sequence += 1;
+            let req = pb::NodeHeartbeatRequest {
+                node_id: node.node_id.clone(),
+                containers: mgr.list(true).iter().map(|r| r.to_proto()).collect(),
+                utilization: Some(utilization(&mgr)),
+                sequence,
+            };
+            match client.node_heartbeat(req).await {
+                Ok(resp) => {
+                    let r = resp.into_inner();
+                    for id in &r.containers_to_stop {
+                        info!(container_id = %id, "resource manager asks to stop container");
+                        let _ = mgr.stop(id, None, false).await;
+                    }
+                    if r.heartbeat_interval_ms > 0 {
+                        interval = Duration::from_millis(r.heartbeat_interval_ms);
+                    }
+                    if !r.leader_address.is_empty() && r.leader_address != addr {
+                        leader_hint = Some(r.leader_address);
+                        continue 'outer;
+                    }
+                    if r.reregister {
+                        continue 'outer;
+                    }
+                }
+                Err(e) => {
+                    warn!(rm = %addr, error = %e, "heartbeat failed; finding a resource manager again");
+                    current += 1;
+                    continue 'outer;
+                }
+            }
+        }
+    }
+}
+
+async fn register(
+    client: &mut ResourceTrackerClient<Channel>,
+    mgr: &Manager,
+    node: &NodeIdentity,
+) -> Result<pb::RegisterNodeResponse, tonic::Status> {
+    let cap = mgr.capacity();
+    let req = pb::RegisterNodeRequest {
+        node_id: node.node_id.clone(),
+        hostname: node.hostname.clone(),
+        container_manager_address: node.address.clone(),
+        capacity: Some(pb::NodeCapacity {
+            vcores_milli: cap.vcores_milli,
+            memory_bytes: cap.memory_bytes,
+            gpus: mgr
+                .gpus()
+                .iter()
+                .map(|g| pb::GpuDevice {
+                    index: g.index,
+                    uuid: g.uuid.clone(),
+                    model: g.model.clone(),
+                    memory_bytes: g.memory_bytes,
+                })
+                .collect(),
+        }),
+        labels: node.labels.clone().into_iter().collect(),
+        containers: mgr.list(true).iter().map(|r| r.to_proto()).collect(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    client.register_node(req).await.map(|r| r.into_inner())
+}
+
+fn utilization(mgr: &Manager) -> pb::NodeUtilization {
+    let running = mgr.list(false);
+    pb::NodeUtilization {
+        vcores_used_milli: running.iter().map(|r| r.spec.resources.vcores_milli).sum(),
+        memory_used_bytes: running.iter().map(|r| r.memory_bytes).sum(),
+        running_containers: running.len() as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let b = Duration::from_millis(200);
+        let max = Duration::from_secs(10);
+        assert_eq!(backoff(0, b, max), Duration::from_millis(200));
+        assert_eq!(backoff(3, b, max), Duration::from_millis(1600));
+        assert_eq!(backoff(10, b, max), max);
+        assert_eq!(backoff(100, b, max), max);
+    }
+}
