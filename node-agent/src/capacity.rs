@@ -35,11 +35,15 @@ impl HostFacts {
 pub fn compute(host: HostFacts, cfg: &ResourcesConfig) -> Capacity {
     let vcores_milli = match cfg.vcores {
         Some(v) => (v * 1000.0).round() as u64,
-        None => (host.logical_cpus * 1000).saturating_sub((cfg.reserved_vcores * 1000.0).round() as u64),
+        None => {
+            (host.logical_cpus * 1000).saturating_sub((cfg.reserved_vcores * 1000.0).round() as u64)
+        }
     };
     let memory_bytes = match cfg.memory {
         Some(m) => m.as_u64(),
-        None => host.memory_bytes.saturating_sub(cfg.reserved_memory.as_u64()),
+        None => host
+            .memory_bytes
+            .saturating_sub(cfg.reserved_memory.as_u64()),
     };
     Capacity {
         vcores_milli,

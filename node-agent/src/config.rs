@@ -210,7 +210,8 @@ impl AgentConfig {
 
     /// Reads and parses a TOML file.
     pub fn load(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading config", path, e))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::io("reading config", path, e))?;
         Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
     }
 
@@ -255,7 +256,10 @@ impl AgentConfig {
                     return bad("gpu.fake.devices.uuid", "must not be empty");
                 }
                 if !seen.insert(&d.uuid) {
-                    return bad("gpu.fake.devices.uuid", &format!("{} appears twice", d.uuid));
+                    return bad(
+                        "gpu.fake.devices.uuid",
+                        &format!("{} appears twice", d.uuid),
+                    );
                 }
             }
         }
@@ -326,6 +330,10 @@ mod tests {
         assert!(e.contains("containers.cgroup_parent"), "{e}");
         let mut c = AgentConfig::default();
         c.containers.monitor_interval = Duration::from_millis(1);
-        assert!(c.validate().unwrap_err().to_string().contains("monitor_interval"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("monitor_interval"));
     }
 }

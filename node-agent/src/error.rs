@@ -56,7 +56,9 @@ impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         let msg = e.to_string();
         match e {
-            Error::InvalidArgument { .. } | Error::Config(_) => tonic::Status::invalid_argument(msg),
+            Error::InvalidArgument { .. } | Error::Config(_) => {
+                tonic::Status::invalid_argument(msg)
+            }
             Error::ResourceExhausted { .. } => tonic::Status::resource_exhausted(msg),
             Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
             Error::NotFound(_) => tonic::Status::not_found(msg),

@@ -166,7 +166,11 @@ impl GpuProbe for FakeGpuProbe {
         let known: HashMap<&str, ()> = self.devices.iter().map(|d| (d.uuid.as_str(), ())).collect();
         let mut out = Vec::new();
         for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
                 continue;
             };
             // Like NVML, only live processes hold GPU memory.
@@ -178,7 +182,9 @@ impl GpuProbe for FakeGpuProbe {
             };
             for line in text.lines() {
                 let mut it = line.split_whitespace();
-                if let (Some(uuid), Some(bytes)) = (it.next(), it.next().and_then(|b| b.parse().ok())) {
+                if let (Some(uuid), Some(bytes)) =
+                    (it.next(), it.next().and_then(|b| b.parse().ok()))
+                {
                     if known.contains_key(uuid) {
                         out.push(GpuProcessUsage {
                             pid,

@@ -59,7 +59,11 @@ pub fn gpu_probe(cfg: &config::GpuConfig) -> Arc<dyn gpu::GpuProbe> {
 
 /// Runs the agent on `listener` until `shutdown` resolves, then stops every
 /// container, removes their groups and returns.
-pub async fn run(config: AgentConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<()> {
+pub async fn run(
+    config: AgentConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
     config.validate()?;
     let cfg = config.clone();
     let (driver, gpu, host) = manager::blocking(move || {
@@ -119,10 +123,19 @@ pub async fn run(config: AgentConfig, listener: TcpListener, shutdown: impl Futu
             interval: config.heartbeat.interval,
             max_backoff: config.heartbeat.max_backoff,
         };
-        background.push(tokio::spawn(tracker::run(mgr.clone(), node, tcfg, cancel.child_token())));
+        background.push(tokio::spawn(tracker::run(
+            mgr.clone(),
+            node,
+            tcfg,
+            cancel.child_token(),
+        )));
     }
     {
-        let (mgr, cancel, every) = (mgr.clone(), cancel.child_token(), config.logs.sweep_interval);
+        let (mgr, cancel, every) = (
+            mgr.clone(),
+            cancel.child_token(),
+            config.logs.sweep_interval,
+        );
         background.push(tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -133,9 +146,9 @@ pub async fn run(config: AgentConfig, listener: TcpListener, shutdown: impl Futu
         }));
     }
 
-    let svc = weft_proto::v1::container_manager_server::ContainerManagerServer::new(service::ContainerService::new(
-        mgr.clone(),
-    ));
+    let svc = weft_proto::v1::container_manager_server::ContainerManagerServer::new(
+        service::ContainerService::new(mgr.clone()),
+    );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let served = tonic::transport::Server::builder()
         .add_service(svc)

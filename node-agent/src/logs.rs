@@ -39,7 +39,10 @@ pub async fn read(
     follow: bool,
 ) -> Result<mpsc::Receiver<Result<pb::LogChunk, tonic::Status>>> {
     if !validate::container_id_ok(id) {
-        return Err(Error::invalid("container_id", format!("{id:?} is not a valid container id")));
+        return Err(Error::invalid(
+            "container_id",
+            format!("{id:?} is not a valid container id"),
+        ));
     }
     let path = mgr.logs_root().join(id).join(file_name(stream));
     let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
@@ -56,7 +59,9 @@ pub async fn read(
     tokio::spawn(async move {
         let mut pos = offset;
         if let Err(e) = file.seek(std::io::SeekFrom::Start(offset)).await {
-            let _ = tx.send(Err(tonic::Status::internal(format!("seeking log: {e}")))).await;
+            let _ = tx
+                .send(Err(tonic::Status::internal(format!("seeking log: {e}"))))
+                .await;
             return;
         }
         let mut buf = vec![0u8; CHUNK];
@@ -67,7 +72,9 @@ pub async fn read(
             let n = match file.read(&mut buf).await {
                 Ok(n) => n,
                 Err(e) => {
-                    let _ = tx.send(Err(tonic::Status::internal(format!("reading log: {e}")))).await;
+                    let _ = tx
+                        .send(Err(tonic::Status::internal(format!("reading log: {e}"))))
+                        .await;
                     return;
                 }
             };
@@ -105,7 +112,12 @@ pub struct LogDir {
 
 /// Which ended containers' logs to remove: those older than `retention`, then
 /// the oldest until the rest fit in `budget`. Pure, for testing.
-pub fn to_remove(mut dirs: Vec<LogDir>, now: SystemTime, retention: Duration, budget: u64) -> Vec<String> {
+pub fn to_remove(
+    mut dirs: Vec<LogDir>,
+    now: SystemTime,
+    retention: Duration,
+    budget: u64,
+) -> Vec<String> {
     dirs.sort_by_key(|d| d.ended);
     let mut out = Vec::new();
     let mut keep = Vec::new();
@@ -164,7 +176,12 @@ pub async fn sweep(mgr: &Manager) -> Vec<String> {
             };
             dirs.push(LogDir { id, bytes, ended });
         }
-        let ids = to_remove(dirs, SystemTime::now(), cfg.retention, cfg.disk_budget.as_u64());
+        let ids = to_remove(
+            dirs,
+            SystemTime::now(),
+            cfg.retention,
+            cfg.disk_budget.as_u64(),
+        );
         for id in &ids {
             let _ = std::fs::remove_dir_all(root.join(id));
         }
@@ -194,10 +211,21 @@ mod tests {
             bytes,
             ended: t0 - Duration::from_secs(age_s),
         };
-        let dirs = vec![d("old", 10, 7200), d("a", 100, 30), d("b", 100, 20), d("c", 100, 10)];
+        let dirs = vec![
+            d("old", 10, 7200),
+            d("a", 100, 30),
+            d("b", 100, 20),
+            d("c", 100, 10),
+        ];
         // One hour retention drops "old"; budget 250 then drops the oldest ("a").
-        assert_eq!(to_remove(dirs.clone(), t0, Duration::from_secs(3600), 250), vec!["old", "a"]);
-        assert_eq!(to_remove(dirs.clone(), t0, Duration::from_secs(3600), 1000), vec!["old"]);
+        assert_eq!(
+            to_remove(dirs.clone(), t0, Duration::from_secs(3600), 250),
+            vec!["old", "a"]
+        );
+        assert_eq!(
+            to_remove(dirs.clone(), t0, Duration::from_secs(3600), 1000),
+            vec!["old"]
+        );
         assert!(to_remove(dirs, t0, Duration::from_secs(86400), 1000).is_empty());
     }
 }

@@ -111,7 +111,10 @@ fn main() -> ExitCode {
         }
     };
     if args.print_config {
-        print!("{}", toml::to_string_pretty(&cfg).expect("config serialises"));
+        print!(
+            "{}",
+            toml::to_string_pretty(&cfg).expect("config serialises")
+        );
         return ExitCode::SUCCESS;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -9,7 +9,6 @@
 //! tokio task per container, which alone decides how the container ends.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -145,7 +144,12 @@ impl Manager {
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Container>> {
-        self.sh.state.lock().expect("state lock poisoned").get(id).cloned()
+        self.sh
+            .state
+            .lock()
+            .expect("state lock poisoned")
+            .get(id)
+            .cloned()
     }
 
     pub fn status(&self, id: &str) -> Result<pb::ContainerStatus> {
@@ -165,7 +169,11 @@ impl Manager {
             .map(|c| c.record())
             .filter(|r| include_finished || !r.is_done())
             .collect();
-        v.sort_by(|a, b| a.is_done().cmp(&b.is_done()).then(a.spec.id.cmp(&b.spec.id)));
+        v.sort_by(|a, b| {
+            a.is_done()
+                .cmp(&b.is_done())
+                .then(a.spec.id.cmp(&b.spec.id))
+        });
         v
     }
 
@@ -228,7 +236,11 @@ impl Manager {
                 stop_tx,
                 done: watch::Sender::new(true),
             });
-            self.sh.state.lock().expect("state lock poisoned").insert(id.clone(), c);
+            self.sh
+                .state
+                .lock()
+                .expect("state lock poisoned")
+                .insert(id.clone(), c);
         }
         found
     }
@@ -243,14 +255,21 @@ impl Manager {
         match self.launch(&spec, &c, stop_rx).await {
             Ok(()) => Ok(c.record().to_proto()),
             Err(e) => {
-                self.sh.state.lock().expect("state lock poisoned").remove(&spec.id);
+                self.sh
+                    .state
+                    .lock()
+                    .expect("state lock poisoned")
+                    .remove(&spec.id);
                 Err(e)
             }
         }
     }
 
     /// Checks the request against what is free and reserves it with a record.
-    fn admit(&self, spec: &ContainerSpec) -> Result<(Arc<Container>, mpsc::UnboundedReceiver<StopRequest>)> {
+    fn admit(
+        &self,
+        spec: &ContainerSpec,
+    ) -> Result<(Arc<Container>, mpsc::UnboundedReceiver<StopRequest>)> {
         let r = &spec.resources;
         let mut st = self.sh.state.lock().expect("state lock poisoned");
         if st.contains_key(&spec.id) {
@@ -349,19 +368,26 @@ impl Manager {
                 .map(|g| (NVIDIA_MAJOR, g.index))
                 .collect(),
         };
-        let (sh, id, work_dir, log_dir) = (self.sh.clone(), spec.id.clone(), rec.work_dir.clone(), rec.log_dir.clone());
-        let prepared = blocking(move || -> Result<(Arc<dyn Group>, std::fs::File, std::fs::File)> {
-            for d in [&work_dir, &log_dir] {
-                std::fs::create_dir_all(d).map_err(|e| Error::io("creating", d, e))?;
-            }
-            let open = |name: &str| {
-                let p = log_dir.join(name);
-                std::fs::File::create(&p).map_err(|e| Error::io("creating log", p, e))
-            };
-            let (out, err) = (open("stdout")?, open("stderr")?);
-            let group = sh.driver.create(&id, &limits)?;
-            Ok((group, out, err))
-        })
+        let (sh, id, work_dir, log_dir) = (
+            self.sh.clone(),
+            spec.id.clone(),
+            rec.work_dir.clone(),
+            rec.log_dir.clone(),
+        );
+        let prepared = blocking(
+            move || -> Result<(Arc<dyn Group>, std::fs::File, std::fs::File)> {
+                for d in [&work_dir, &log_dir] {
+                    std::fs::create_dir_all(d).map_err(|e| Error::io("creating", d, e))?;
+                }
+                let open = |name: &str| {
+                    let p = log_dir.join(name);
+                    std::fs::File::create(&p).map_err(|e| Error::io("creating log", p, e))
+                };
+                let (out, err) = (open("stdout")?, open("stderr")?);
+                let group = sh.driver.create(&id, &limits)?;
+                Ok((group, out, err))
+            },
+        )
         .await;
         let (group, out, err) = match prepared {
             Ok(p) => p,
@@ -397,33 +423,7 @@ impl Manager {
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             .kill_on_drop(false);
-        let join: Vec<CString> = group
-            .join_paths()
-            .into_iter()
-            .map(|p| CString::new(p.into_os_string().into_encoded_bytes()).expect("cgroup paths hold no NUL"))
-            .collect();
-        // SAFETY: the closure runs in the forked child before exec and makes only
-        // async-signal-safe calls (setsid, open, write, close) on data prepared
-        // before the fork; it allocates nothing.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                for p in &join {
-                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-                    libc::close(fd);
-                    if n != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
+        driver::join_on_exec(cmd.as_std_mut(), group.join_paths());
         let child = match cmd.spawn() {
             Ok(ch) => ch,
             Err(e) => {
@@ -451,7 +451,9 @@ impl Manager {
         });
         info!(container_id = %spec.id, pid, "container started");
         let (sh, c2) = (self.sh.clone(), c.clone());
-        self.sh.tasks.spawn(supervise(sh, c2, child, group, stop_rx));
+        self.sh
+            .tasks
+            .spawn(supervise(sh, c2, child, group, stop_rx));
         Ok(())
     }
 
@@ -461,8 +463,15 @@ impl Manager {
     }
 
     /// Asks a container to stop: SIGTERM, `grace` (default from config), SIGKILL.
-    pub async fn stop(&self, id: &str, grace: Option<Duration>, wait: bool) -> Result<pb::ContainerStatus> {
-        let c = self.get(id).ok_or_else(|| Error::NotFound(id.to_string()))?;
+    pub async fn stop(
+        &self,
+        id: &str,
+        grace: Option<Duration>,
+        wait: bool,
+    ) -> Result<pb::ContainerStatus> {
+        let c = self
+            .get(id)
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
         self.request_stop(&c, ExitReason::UserRequested, grace);
         if wait {
             c.wait_done().await;
@@ -484,7 +493,14 @@ impl Manager {
     /// and removes the agent's parent groups.
     pub async fn shutdown(&self) {
         self.sh.closing.store(true, Ordering::SeqCst);
-        let all: Vec<Arc<Container>> = self.sh.state.lock().expect("state lock poisoned").values().cloned().collect();
+        let all: Vec<Arc<Container>> = self
+            .sh
+            .state
+            .lock()
+            .expect("state lock poisoned")
+            .values()
+            .cloned()
+            .collect();
         for c in &all {
             self.request_stop(c, ExitReason::AgentShutdown, None);
         }
@@ -497,7 +513,9 @@ impl Manager {
 
 /// Runs `f` on the blocking pool. A panic there is a bug in the agent.
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking task panicked")
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking task panicked")
 }
 
 /// What ends a container's watch.
@@ -534,12 +552,17 @@ fn sample(sh: &Shared, group: &dyn Group, spec: &ContainerSpec, want_top: bool) 
         match sh.gpu.process_usage() {
             Ok(usage) => {
                 let members: HashSet<u32> = pids.iter().map(|&p| p as u32).collect();
-                gpu_used = usage.iter().filter(|u| members.contains(&u.pid)).map(|u| u.used_bytes).sum();
+                gpu_used = usage
+                    .iter()
+                    .filter(|u| members.contains(&u.pid))
+                    .map(|u| u.used_bytes)
+                    .sum();
             }
             Err(e) => warn!(container_id = %spec.id, error = %e, "reading GPU memory failed"),
         }
     }
-    let over_gpu = spec.resources.gpu_memory_bytes > 0 && gpu_used > spec.resources.gpu_memory_bytes;
+    let over_gpu =
+        spec.resources.gpu_memory_bytes > 0 && gpu_used > spec.resources.gpu_memory_bytes;
     let top = if want_top || oom || over_gpu {
         procfs::top_processes(&pids, sh.cfg.diagnostic_processes)
     } else {
@@ -592,10 +615,15 @@ async fn supervise(
     let spec = rec.spec.clone();
     let pid = rec.pid as i32;
     let limit = spec.resources.memory_bytes;
-    let deadline = spec.resources.max_runtime.map(|d| tokio::time::Instant::now() + d);
+    let deadline = spec
+        .resources
+        .max_runtime
+        .map(|d| tokio::time::Instant::now() + d);
     // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it from here on:
     // it stays open and the same for the AsyncFd's whole life.
-    let oom_fd = group.oom_eventfd().and_then(|fd| unsafe { AsyncFd::register(fd) }.ok());
+    let oom_fd = group
+        .oom_eventfd()
+        .and_then(|fd| unsafe { AsyncFd::register(fd) }.ok());
     // Where the kernel kills at the limit without pausing the tree first, the
     // diagnostic can only show the tree as last sampled.
     let sample_top_each_tick = group.kernel_enforces_memory() && oom_fd.is_none();
@@ -701,7 +729,13 @@ async fn supervise(
     peak = peak.max(stats.memory_peak_bytes);
     if decided.is_none() && (stats.oom_kills > 0 || stats.under_oom) {
         // The kernel killed (part of) the tree at its limit.
-        decided = Some((ExitReason::OverMemoryQuota { limit, peak: peak.max(limit) }, last_top));
+        decided = Some((
+            ExitReason::OverMemoryQuota {
+                limit,
+                peak: peak.max(limit),
+            },
+            last_top,
+        ));
     }
     let exit = match decided {
         Some((reason, top)) => Exit::new(reason, top),

@@ -36,10 +36,21 @@ pub struct ResourceRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExitReason {
     Succeeded,
-    Failed { exit_code: Option<i32>, signal: Option<i32> },
-    OverMemoryQuota { limit: u64, peak: u64 },
-    OverGpuMemoryQuota { limit: u64, used: u64 },
-    WallTimeExceeded { limit: Duration },
+    Failed {
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+    },
+    OverMemoryQuota {
+        limit: u64,
+        peak: u64,
+    },
+    OverGpuMemoryQuota {
+        limit: u64,
+        used: u64,
+    },
+    WallTimeExceeded {
+        limit: Duration,
+    },
     UserRequested,
     AgentShutdown,
     /// Found at agent start, left by an agent that died.
@@ -52,8 +63,12 @@ impl ExitReason {
     pub fn exit_status(&self) -> i32 {
         match self {
             ExitReason::Succeeded => 0,
-            ExitReason::Failed { exit_code: Some(c), .. } => *c,
-            ExitReason::Failed { signal: Some(s), .. } => 128 + s,
+            ExitReason::Failed {
+                exit_code: Some(c), ..
+            } => *c,
+            ExitReason::Failed {
+                signal: Some(s), ..
+            } => 128 + s,
             ExitReason::Failed { .. } => 1,
             ExitReason::OverMemoryQuota { .. } => exit_codes::OVER_MEMORY_QUOTA,
             ExitReason::OverGpuMemoryQuota { .. } => exit_codes::OVER_GPU_MEMORY_QUOTA,
@@ -102,7 +117,14 @@ pub fn diagnostic(reason: &ExitReason, top: &[ProcessSample]) -> String {
         } else {
             let list: Vec<String> = top
                 .iter()
-                .map(|p| format!("pid {} `{}` rss {}", p.pid, p.command_line, human_bytes(p.rss_bytes)))
+                .map(|p| {
+                    format!(
+                        "pid {} `{}` rss {}",
+                        p.pid,
+                        p.command_line,
+                        human_bytes(p.rss_bytes)
+                    )
+                })
                 .collect();
             format!(" Biggest processes: {}.", list.join("; "))
         }
@@ -140,7 +162,9 @@ pub fn diagnostic(reason: &ExitReason, top: &[ProcessSample]) -> String {
 }
 
 fn signal_name(s: i32) -> &'static str {
-    nix::sys::signal::Signal::try_from(s).map(|s| s.as_str()).unwrap_or("unknown")
+    nix::sys::signal::Signal::try_from(s)
+        .map(|s| s.as_str())
+        .unwrap_or("unknown")
 }
 
 /// 1536 -> "1.5 KiB".
@@ -200,7 +224,9 @@ impl Record {
 }
 
 pub fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub fn exit_to_proto(e: &Exit) -> pb::ContainerExit {
@@ -215,10 +241,12 @@ pub fn exit_to_proto(e: &Exit) -> pb::ContainerExit {
             limit_bytes: *limit,
             peak_bytes: *peak,
         }),
-        ExitReason::OverGpuMemoryQuota { limit, used } => R::OverGpuMemoryQuota(pb::OverGpuMemoryQuota {
-            limit_bytes: *limit,
-            used_bytes: *used,
-        }),
+        ExitReason::OverGpuMemoryQuota { limit, used } => {
+            R::OverGpuMemoryQuota(pb::OverGpuMemoryQuota {
+                limit_bytes: *limit,
+                used_bytes: *used,
+            })
+        }
         ExitReason::WallTimeExceeded { limit } => R::WallTimeExceeded(pb::WallTimeExceeded {
             limit_ms: limit.as_millis() as u64,
         }),
@@ -257,7 +285,10 @@ mod tests {
         ];
         let codes: Vec<i32> = kills.iter().map(|k| k.exit_status()).collect();
         assert!(codes.iter().all(|c| *c < 0), "{codes:?}");
-        assert_eq!(codes.len(), codes.iter().collect::<std::collections::HashSet<_>>().len());
+        assert_eq!(
+            codes.len(),
+            codes.iter().collect::<std::collections::HashSet<_>>().len()
+        );
         let failed = ExitReason::Failed {
             exit_code: None,
             signal: Some(9),

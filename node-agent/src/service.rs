@@ -29,7 +29,9 @@ impl ContainerManager for ContainerService {
         req: Request<pb::StartContainerRequest>,
     ) -> Result<Response<pb::StartContainerResponse>, Status> {
         let status = self.mgr.start(req.into_inner()).await?;
-        Ok(Response::new(pb::StartContainerResponse { status: Some(status) }))
+        Ok(Response::new(pb::StartContainerResponse {
+            status: Some(status),
+        }))
     }
 
     #[instrument(skip_all, fields(container_id = %req.get_ref().container_id))]
@@ -40,7 +42,9 @@ impl ContainerManager for ContainerService {
         let r = req.into_inner();
         let grace = (r.grace_period_ms > 0).then(|| Duration::from_millis(r.grace_period_ms));
         let status = self.mgr.stop(&r.container_id, grace, r.wait).await?;
-        Ok(Response::new(pb::StopContainerResponse { status: Some(status) }))
+        Ok(Response::new(pb::StopContainerResponse {
+            status: Some(status),
+        }))
     }
 
     async fn get_container_status(
@@ -65,10 +69,17 @@ impl ContainerManager for ContainerService {
 
     type ReadLogsStream = ReceiverStream<Result<pb::LogChunk, Status>>;
 
-    async fn read_logs(&self, req: Request<pb::ReadLogsRequest>) -> Result<Response<Self::ReadLogsStream>, Status> {
+    async fn read_logs(
+        &self,
+        req: Request<pb::ReadLogsRequest>,
+    ) -> Result<Response<Self::ReadLogsStream>, Status> {
         let r = req.into_inner();
-        let stream = pb::LogStream::try_from(r.stream)
-            .map_err(|_| Status::invalid_argument(format!("stream: {} is not stdout (0) or stderr (1)", r.stream)))?;
+        let stream = pb::LogStream::try_from(r.stream).map_err(|_| {
+            Status::invalid_argument(format!(
+                "stream: {} is not stdout (0) or stderr (1)",
+                r.stream
+            ))
+        })?;
         let rx = logs::read(&self.mgr, &r.container_id, stream, r.offset, r.follow).await?;
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -40,9 +40,10 @@ fn endpoint(addr: &str) -> Option<Endpoint> {
     } else {
         format!("http://{addr}")
     };
-    Endpoint::from_shared(uri)
-        .ok()
-        .map(|e| e.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(5)))
+    Endpoint::from_shared(uri).ok().map(|e| {
+        e.connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+    })
 }
 
 /// Runs until `cancel` fires.

@@ -33,10 +33,16 @@ pub fn start_request(req: pb::StartContainerRequest, gpu_count: usize) -> Result
     let mut env = BTreeMap::new();
     for (k, v) in req.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(Error::invalid("env", format!("{k:?} is not a valid variable name")));
+            return Err(Error::invalid(
+                "env",
+                format!("{k:?} is not a valid variable name"),
+            ));
         }
         if v.contains('\0') {
-            return Err(Error::invalid("env", format!("value of {k} contains a NUL byte")));
+            return Err(Error::invalid(
+                "env",
+                format!("value of {k} contains a NUL byte"),
+            ));
         }
         env.insert(k, v);
     }
@@ -44,12 +50,18 @@ pub fn start_request(req: pb::StartContainerRequest, gpu_count: usize) -> Result
         .resources
         .ok_or_else(|| Error::invalid("resources", "must be set (at least memory_bytes)"))?;
     if r.memory_bytes == 0 {
-        return Err(Error::invalid("resources.memory_bytes", "must be greater than zero"));
+        return Err(Error::invalid(
+            "resources.memory_bytes",
+            "must be greater than zero",
+        ));
     }
     if r.memory_bytes < MIN_MEMORY {
         return Err(Error::invalid(
             "resources.memory_bytes",
-            format!("{} is below the minimum of {MIN_MEMORY} bytes (1 MiB)", r.memory_bytes),
+            format!(
+                "{} is below the minimum of {MIN_MEMORY} bytes (1 MiB)",
+                r.memory_bytes
+            ),
         ));
     }
     let mut gpus = r.gpu_indices.clone();
@@ -64,7 +76,10 @@ pub fn start_request(req: pb::StartContainerRequest, gpu_count: usize) -> Result
             if gpu_count == 0 {
                 format!("GPU {bad} does not exist: this node has no GPUs")
             } else {
-                format!("GPU {bad} does not exist: this node has GPUs 0..={}", gpu_count - 1)
+                format!(
+                    "GPU {bad} does not exist: this node has GPUs 0..={}",
+                    gpu_count - 1
+                )
             },
         ));
     }
@@ -97,7 +112,9 @@ pub fn container_id_ok(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_LEN
         && !id.starts_with('.')
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 #[cfg(test)]
@@ -146,7 +163,10 @@ mod tests {
         assert!(err(r, 0).starts_with("resources:"));
         let mut r = req();
         r.resources.as_mut().unwrap().gpu_indices = vec![2];
-        assert_eq!(err(r, 2), "resources.gpu_indices: GPU 2 does not exist: this node has GPUs 0..=1");
+        assert_eq!(
+            err(r, 2),
+            "resources.gpu_indices: GPU 2 does not exist: this node has GPUs 0..=1"
+        );
         let mut r = req();
         r.resources.as_mut().unwrap().gpu_indices = vec![1, 1];
         assert!(err(r, 2).contains("twice"));

@@ -68,7 +68,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -177,16 +180,31 @@ mod tests {
     fn parses_hybrid_mountinfo() {
         let m = Mounts::parse(HYBRID);
         assert_eq!(m.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
-        assert_eq!(m.v1_controller("memory"), Some(Path::new("/sys/fs/cgroup/memory")));
-        assert_eq!(m.v1_controller("cpuacct"), Some(Path::new("/sys/fs/cgroup/cpu,cpuacct")));
-        assert_eq!(m.v1_controller("pids"), Some(Path::new("/sys/fs/cgroup/my pids")));
-        assert_eq!(m.v1_controller("systemd"), None, "named hierarchies are not controllers");
+        assert_eq!(
+            m.v1_controller("memory"),
+            Some(Path::new("/sys/fs/cgroup/memory"))
+        );
+        assert_eq!(
+            m.v1_controller("cpuacct"),
+            Some(Path::new("/sys/fs/cgroup/cpu,cpuacct"))
+        );
+        assert_eq!(
+            m.v1_controller("pids"),
+            Some(Path::new("/sys/fs/cgroup/my pids"))
+        );
+        assert_eq!(
+            m.v1_controller("systemd"),
+            None,
+            "named hierarchies are not controllers"
+        );
         assert_eq!(m.v1_controller("freezer"), None);
     }
 
     #[test]
     fn parses_pure_v2() {
-        let m = Mounts::parse("35 24 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n");
+        let m = Mounts::parse(
+            "35 24 0:30 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n",
+        );
         assert_eq!(m.v2.as_deref(), Some(Path::new("/sys/fs/cgroup")));
         assert!(m.v1.is_empty());
     }

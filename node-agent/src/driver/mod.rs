@@ -145,3 +145,39 @@ pub fn scope_marker(parent: &str, id: &str) -> String {
 pub(crate) fn not_usable(what: impl Into<String>) -> Error {
     Error::FailedPrecondition(what.into())
 }
+
+/// Makes `cmd`'s process start a new session and join the groups whose
+/// `cgroup.procs` files are `join`, after fork and before exec, so every byte
+/// it allocates is charged to its group.
+pub fn join_on_exec(cmd: &mut std::process::Command, join: Vec<PathBuf>) {
+    use std::os::unix::process::CommandExt;
+    let join: Vec<std::ffi::CString> = join
+        .into_iter()
+        .map(|p| {
+            std::ffi::CString::new(p.into_os_string().into_encoded_bytes())
+                .expect("cgroup paths hold no NUL")
+        })
+        .collect();
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // async-signal-safe calls (setsid, open, write, close) on data prepared
+    // before the fork; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for p in &join {
+                let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if n != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}

@@ -34,7 +34,8 @@ impl Driver for ProcfsDriver {
     }
 
     fn describe(&self) -> String {
-        "procfs monitor: memory enforced by the agent from RSS; cpu and pids limits not enforced".into()
+        "procfs monitor: memory enforced by the agent from RSS; cpu and pids limits not enforced"
+            .into()
     }
 
     fn create(&self, id: &str, _limits: &Limits) -> Result<Arc<dyn Group>> {
@@ -89,7 +90,10 @@ impl ProcfsGroup {
     /// Live members from one `/proc` scan: the leader's tree plus members seen
     /// before. With `deep`, also every process carrying the marker.
     fn members(&self, deep: bool) -> Vec<procfs::Stat> {
-        let all: Vec<procfs::Stat> = procfs::all_pids().into_iter().filter_map(procfs::stat).collect();
+        let all: Vec<procfs::Stat> = procfs::all_pids()
+            .into_iter()
+            .filter_map(procfs::stat)
+            .collect();
         let leader = self.leader.load(Ordering::Relaxed);
         let mut out = if leader > 0 {
             procfs::tree_of(leader, &all)
@@ -166,7 +170,11 @@ impl Group for ProcfsGroup {
             super::cgroupfs::signal(&left, nix::sys::signal::Signal::SIGKILL);
             std::thread::sleep(Duration::from_millis(if attempt < 10 { 2 } else { 20 }));
         }
-        self.members(true).iter().map(|s| s.pid).filter(|&p| !is_zombie(p)).collect()
+        self.members(true)
+            .iter()
+            .map(|s| s.pid)
+            .filter(|&p| !is_zombie(p))
+            .collect()
     }
 
     fn destroy(&self) -> Result<()> {
@@ -177,6 +185,9 @@ impl Group for ProcfsGroup {
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|t| t.rfind(')').map(|i| t[i + 1..].trim_start().starts_with('Z')))
+        .and_then(|t| {
+            t.rfind(')')
+                .map(|i| t[i + 1..].trim_start().starts_with('Z'))
+        })
         .unwrap_or(true)
 }

@@ -50,7 +50,10 @@ impl CgroupV1 {
 
     fn hierarchies(&self) -> Vec<&Path> {
         let mut v = vec![self.memory.as_path()];
-        for h in [&self.cpu, &self.pids, &self.freezer, &self.devices].into_iter().flatten() {
+        for h in [&self.cpu, &self.pids, &self.freezer, &self.devices]
+            .into_iter()
+            .flatten()
+        {
             if !v.contains(&h.as_path()) {
                 v.push(h);
             }
@@ -90,7 +93,11 @@ impl Driver for CgroupV1 {
             "cgroup v1 under {}/{}; controllers missing: {}",
             self.memory.display(),
             self.parent,
-            if missing.is_empty() { "none".to_string() } else { missing.join(",") }
+            if missing.is_empty() {
+                "none".to_string()
+            } else {
+                missing.join(",")
+            }
         )
     }
 
@@ -138,7 +145,10 @@ pub struct V1Group {
 impl V1Group {
     fn dirs(&self) -> Vec<&Path> {
         let mut v = vec![self.memory.as_path()];
-        for d in [&self.cpu, &self.pids, &self.freezer, &self.devices].into_iter().flatten() {
+        for d in [&self.cpu, &self.pids, &self.freezer, &self.devices]
+            .into_iter()
+            .flatten()
+        {
             if !v.contains(&d.as_path()) {
                 v.push(d);
             }
@@ -151,7 +161,10 @@ impl V1Group {
             cgroupfs::mkdir(d)?;
         }
         let m = &self.memory;
-        cgroupfs::write(&m.join("memory.limit_in_bytes"), &limits.memory_bytes.to_string())?;
+        cgroupfs::write(
+            &m.join("memory.limit_in_bytes"),
+            &limits.memory_bytes.to_string(),
+        )?;
         // Swap would let the tree go past its limit unseen.
         let memsw = m.join("memory.memsw.limit_in_bytes");
         if memsw.exists() {
@@ -160,7 +173,10 @@ impl V1Group {
         cgroupfs::write(&m.join("memory.oom_control"), "1")?;
         if let Some(cpu) = &self.cpu {
             cgroupfs::write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-            cgroupfs::write(&cpu.join("cpu.cfs_quota_us"), &cpu_quota_us(limits.vcores_milli).to_string())?;
+            cgroupfs::write(
+                &cpu.join("cpu.cfs_quota_us"),
+                &cpu_quota_us(limits.vcores_milli).to_string(),
+            )?;
         }
         if let Some(p) = &self.pids {
             cgroupfs::write(&p.join("pids.max"), &limits.pids.to_string())?;
@@ -200,12 +216,18 @@ pub fn cpu_quota_us(vcores_milli: u64) -> i64 {
 
 /// `devices.deny` lines for character devices.
 pub fn device_deny_rules(devices: &[(u32, u32)]) -> Vec<String> {
-    devices.iter().map(|(maj, min)| format!("c {maj}:{min} rwm")).collect()
+    devices
+        .iter()
+        .map(|(maj, min)| format!("c {maj}:{min} rwm"))
+        .collect()
 }
 
 impl Group for V1Group {
     fn join_paths(&self) -> Vec<PathBuf> {
-        self.dirs().into_iter().map(|d| d.join("cgroup.procs")).collect()
+        self.dirs()
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
     }
 
     fn set_leader(&self, _pid: i32) {}
@@ -219,7 +241,8 @@ impl Group for V1Group {
         let oom = cgroupfs::read(&m.join("memory.oom_control")).unwrap_or_default();
         GroupStats {
             memory_bytes: cgroupfs::read_u64(&m.join("memory.usage_in_bytes")).unwrap_or(0),
-            memory_peak_bytes: cgroupfs::read_u64(&m.join("memory.max_usage_in_bytes")).unwrap_or(0),
+            memory_peak_bytes: cgroupfs::read_u64(&m.join("memory.max_usage_in_bytes"))
+                .unwrap_or(0),
             oom_kills: cgroupfs::keyed(&oom, "oom_kill").unwrap_or(0),
             under_oom: cgroupfs::keyed(&oom, "under_oom").unwrap_or(0) > 0,
         }
@@ -297,6 +320,9 @@ mod tests {
 
     #[test]
     fn deny_rules() {
-        assert_eq!(device_deny_rules(&[(195, 1), (195, 3)]), vec!["c 195:1 rwm", "c 195:3 rwm"]);
+        assert_eq!(
+            device_deny_rules(&[(195, 1), (195, 3)]),
+            vec!["c 195:1 rwm", "c 195:3 rwm"]
+        );
     }
 }

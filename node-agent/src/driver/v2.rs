@@ -51,7 +51,11 @@ impl CgroupV2 {
 /// Controllers of [`CONTROLLERS`] absent from a `cgroup.controllers` line.
 pub fn missing_controllers(available: &str) -> Vec<&'static str> {
     let have: Vec<&str> = available.split_whitespace().collect();
-    CONTROLLERS.iter().copied().filter(|c| !have.contains(c)).collect()
+    CONTROLLERS
+        .iter()
+        .copied()
+        .filter(|c| !have.contains(c))
+        .collect()
 }
 
 fn enable_controllers(dir: &Path) -> Result<()> {
@@ -69,7 +73,10 @@ pub fn cpu_max(vcores_milli: u64) -> String {
     if vcores_milli == 0 {
         format!("max {CPU_PERIOD_US}")
     } else {
-        format!("{} {CPU_PERIOD_US}", (vcores_milli * CPU_PERIOD_US / 1000).max(1000))
+        format!(
+            "{} {CPU_PERIOD_US}",
+            (vcores_milli * CPU_PERIOD_US / 1000).max(1000)
+        )
     }
 }
 
@@ -149,11 +156,16 @@ impl Group for V2Group {
 
     fn stats(&self) -> GroupStats {
         let current = cgroupfs::read_u64(&self.dir.join("memory.current")).unwrap_or(0);
-        let seen = self.peak_seen.fetch_max(current, Ordering::Relaxed).max(current);
+        let seen = self
+            .peak_seen
+            .fetch_max(current, Ordering::Relaxed)
+            .max(current);
         let events = cgroupfs::read(&self.dir.join("memory.events")).unwrap_or_default();
         GroupStats {
             memory_bytes: current,
-            memory_peak_bytes: cgroupfs::read_u64(&self.dir.join("memory.peak")).unwrap_or(0).max(seen),
+            memory_peak_bytes: cgroupfs::read_u64(&self.dir.join("memory.peak"))
+                .unwrap_or(0)
+                .max(seen),
             oom_kills: cgroupfs::keyed(&events, "oom_kill").unwrap_or(0),
             under_oom: false,
         }
@@ -194,8 +206,14 @@ mod tests {
 
     #[test]
     fn controllers_needed() {
-        assert_eq!(missing_controllers("cpuset cpu io memory hugetlb pids rdma"), Vec::<&str>::new());
-        assert_eq!(missing_controllers("hugetlb"), vec!["memory", "cpu", "pids"]);
+        assert_eq!(
+            missing_controllers("cpuset cpu io memory hugetlb pids rdma"),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            missing_controllers("hugetlb"),
+            vec!["memory", "cpu", "pids"]
+        );
         assert_eq!(missing_controllers("memory pids"), vec!["cpu"]);
     }
 
@@ -226,8 +244,14 @@ mod tests {
         };
         let g = d.create("c1", &limits).unwrap();
         let dir = d.parent_dir.join("c1");
-        assert_eq!(cgroupfs::read(&dir.join("memory.max")).unwrap().trim(), (64u64 << 20).to_string());
-        assert_eq!(cgroupfs::read(&dir.join("cpu.max")).unwrap().trim(), "50000 100000");
+        assert_eq!(
+            cgroupfs::read(&dir.join("memory.max")).unwrap().trim(),
+            (64u64 << 20).to_string()
+        );
+        assert_eq!(
+            cgroupfs::read(&dir.join("cpu.max")).unwrap().trim(),
+            "50000 100000"
+        );
         assert_eq!(cgroupfs::read(&dir.join("pids.max")).unwrap().trim(), "16");
         assert_eq!(d.leftovers(), vec!["c1".to_string()]);
         assert!(g.pids().is_empty());

@@ -1,0 +1,203 @@
+//! How containers end: exit codes, stop with a grace period, escaped
+//! grandchildren, and the v1 devices controller.
+
+use std::time::Duration;
+
+use weft_node_agent::config::DriverChoice;
+use weft_proto::exit_codes;
+use weft_proto::v1 as pb;
+use weft_proto::v1::container_exit::Reason;
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn exit_codes_and_success() {
+    let mut agent = TestAgent::start("exit", |_| {}).await;
+    start(&mut agent.client, spec("ok", "echo fine", 16 * MIB)).await;
+    start(&mut agent.client, spec("bad", "exit 3", 16 * MIB)).await;
+    start(&mut agent.client, spec("segv", "kill -SEGV $$", 16 * MIB)).await;
+    let ok = wait_end(&mut agent.client, "ok", Duration::from_secs(10)).await;
+    assert_eq!(ok.state(), pb::ContainerState::Succeeded);
+    assert_eq!(ok.exit.as_ref().unwrap().exit_status, 0);
+    let bad = wait_end(&mut agent.client, "bad", Duration::from_secs(10)).await;
+    assert_eq!(bad.state(), pb::ContainerState::Failed);
+    let e = bad.exit.unwrap();
+    assert!(
+        matches!(e.reason, Some(Reason::Failed(ref f)) if f.exit_code == Some(3)),
+        "{e:?}"
+    );
+    assert_eq!(e.exit_status, 3);
+    assert_eq!(e.diagnostic, "exited with code 3");
+    let segv = wait_end(&mut agent.client, "segv", Duration::from_secs(10)).await;
+    let e = segv.exit.unwrap();
+    assert!(
+        matches!(e.reason, Some(Reason::Failed(ref f)) if f.signal == Some(11)),
+        "{e:?}"
+    );
+    assert_eq!(e.exit_status, 128 + 11);
+    assert!(e.diagnostic.contains("SIGSEGV"), "{}", e.diagnostic);
+    // Work directories go, logs stay.
+    assert!(!agent.work_dir().join("containers/ok").exists());
+    assert!(agent.work_dir().join("logs/ok/stdout").exists());
+    let listed = agent
+        .client
+        .list_containers(pb::ListContainersRequest {
+            include_finished: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(listed.len(), 3);
+    let running = agent
+        .client
+        .list_containers(pb::ListContainersRequest {
+            include_finished: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert!(running.is_empty());
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn stop_sends_sigterm_then_waits() {
+    let mut agent = TestAgent::start("stop", |_| {}).await;
+    let script = "trap 'echo got term; exit 0' TERM; echo ready; while :; do sleep 0.05; done";
+    start(&mut agent.client, spec("polite", script, 16 * MIB)).await;
+    let mut c = agent.client.clone();
+    eventually("ready", Duration::from_secs(5), || {
+        std::fs::read_to_string(agent.work_dir().join("logs/polite/stdout"))
+            .is_ok_and(|s| s.contains("ready"))
+    })
+    .await;
+    let resp = c
+        .stop_container(pb::StopContainerRequest {
+            container_id: "polite".into(),
+            grace_period_ms: 3000,
+            wait: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(resp.state(), pb::ContainerState::Killed);
+    let exit = resp.exit.unwrap();
+    assert!(
+        matches!(exit.reason, Some(Reason::UserRequested(_))),
+        "{exit:?}"
+    );
+    assert_eq!(exit.exit_status, exit_codes::USER_REQUESTED);
+    let out = read_log(&mut c, "polite", pb::LogStream::Stdout, 0, false).await;
+    assert!(
+        out.contains("got term"),
+        "the trap ran during the grace period: {out:?}"
+    );
+    agent.shutdown().await;
+}
+
+/// A grandchild that double-forked into its own session leaves the container's
+/// process group; stopping the container must still kill it.
+async fn escaped_grandchild_dies(driver: DriverChoice) {
+    let mut agent = TestAgent::start("escape", |c| c.containers.driver = driver).await;
+    let script = "(setsid sleep 1000 &); echo forked; exec sleep 1000";
+    let st = start(&mut agent.client, spec("esc", script, 32 * MIB)).await;
+    let parent = agent.parent().to_string();
+    let leader = st.pid as i32;
+    // Wait for the grandchild to have left the leader's session.
+    let escaped = || {
+        marked_pids(&parent)
+            .into_iter()
+            .filter(|&p| p != leader)
+            .filter_map(weft_node_agent::procfs::stat)
+            .find(|s| {
+                s.session != leader
+                    && weft_node_agent::procfs::command_line(s.pid, 100) == "sleep 1000"
+            })
+    };
+    eventually("an escaped grandchild", Duration::from_secs(5), || {
+        escaped().is_some()
+    })
+    .await;
+    let esc = escaped().unwrap();
+    assert_ne!(esc.ppid, leader, "the grandchild was orphaned");
+    agent
+        .client
+        .stop_container(pb::StopContainerRequest {
+            container_id: "esc".into(),
+            grace_period_ms: 200,
+            wait: true,
+        })
+        .await
+        .unwrap();
+    eventually("escaped grandchild gone", Duration::from_secs(5), || {
+        marked_pids(&parent).is_empty()
+    })
+    .await;
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn escaped_grandchild_killed_on_stop_cgroup() {
+    if !driver_or_skip(DriverChoice::Auto) {
+        return;
+    }
+    escaped_grandchild_dies(DriverChoice::Auto).await;
+}
+
+#[tokio::test]
+async fn escaped_grandchild_killed_on_stop_procfs() {
+    escaped_grandchild_dies(DriverChoice::Procfs).await;
+}
+
+/// The v1 devices controller denies what the limits list: here /dev/null
+/// (1:3) stands in for a GPU that was not given.
+#[test]
+fn v1_devices_controller_denies_listed_devices() {
+    use weft_node_agent::driver::{cgroupfs::Mounts, v1::CgroupV1, Driver, Limits};
+    if !is_root() || Mounts::read().v1_controller("devices").is_none() {
+        eprintln!("skipped: needs root and a v1 devices hierarchy");
+        return;
+    }
+    let parent = unique_parent("devices");
+    let _guard = CleanGuard(parent.clone());
+    let d = CgroupV1::new(&Mounts::read(), &parent).unwrap();
+    let g = d
+        .create(
+            "c",
+            &Limits {
+                memory_bytes: 32 * MIB,
+                vcores_milli: 0,
+                pids: 16,
+                denied_devices: vec![(1, 3)],
+            },
+        )
+        .unwrap();
+    let run = |script: &str, join: bool| {
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", script]);
+        if join {
+            weft_node_agent::driver::join_on_exec(&mut cmd, g.join_paths());
+        }
+        cmd.output().unwrap()
+    };
+    let inside = run("echo x > /dev/null", true);
+    assert!(
+        !inside.status.success(),
+        "writing /dev/null should be denied"
+    );
+    assert!(
+        String::from_utf8_lossy(&inside.stderr).contains("ermission denied")
+            || String::from_utf8_lossy(&inside.stderr).contains("not permitted"),
+        "{:?}",
+        String::from_utf8_lossy(&inside.stderr)
+    );
+    assert!(run("echo x > /dev/null", false).status.success());
+    assert!(g.kill_all().is_empty());
+    g.destroy().unwrap();
+    d.cleanup();
+    assert_nothing_left(&parent);
+}

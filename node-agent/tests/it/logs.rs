@@ -1,0 +1,117 @@
+//! Logs: read back, from an offset, followed while running, and retention.
+
+use std::time::{Duration, Instant};
+
+use weft_proto::v1 as pb;
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn logs_read_back_and_followed() {
+    let mut agent = TestAgent::start("logs", |_| {}).await;
+    let script = "echo one; sleep 0.6; echo two; echo err >&2; sleep 0.3; echo three";
+    start(&mut agent.client, spec("talk", script, 16 * MIB)).await;
+    let t0 = Instant::now();
+    // Following from the start returns everything, in order, and ends with the container.
+    let followed = read_log(&mut agent.client, "talk", pb::LogStream::Stdout, 0, true).await;
+    assert_eq!(followed, "one\ntwo\nthree\n");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(800),
+        "follow waited for the container"
+    );
+    let s = wait_end(&mut agent.client, "talk", Duration::from_secs(5)).await;
+    assert_eq!(s.state(), pb::ContainerState::Succeeded);
+    // After the end: by offset, and stderr.
+    assert_eq!(
+        read_log(&mut agent.client, "talk", pb::LogStream::Stdout, 4, false).await,
+        "two\nthree\n"
+    );
+    assert_eq!(
+        read_log(&mut agent.client, "talk", pb::LogStream::Stderr, 0, false).await,
+        "err\n"
+    );
+    assert_eq!(
+        read_log(
+            &mut agent.client,
+            "talk",
+            pb::LogStream::Stdout,
+            1000,
+            false
+        )
+        .await,
+        ""
+    );
+    // Big output arrives whole, in several chunks.
+    start(
+        &mut agent.client,
+        spec("big", "head -c 300000 /dev/zero | tr '\\0' x", 32 * MIB),
+    )
+    .await;
+    wait_end(&mut agent.client, "big", Duration::from_secs(10)).await;
+    let big = read_log(&mut agent.client, "big", pb::LogStream::Stdout, 0, false).await;
+    assert_eq!(big.len(), 300000);
+    assert!(big.bytes().all(|b| b == b'x'));
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn logs_removed_after_retention() {
+    let mut agent = TestAgent::start("retention", |c| {
+        c.logs.retention = Duration::from_millis(500);
+        c.logs.sweep_interval = Duration::from_millis(100);
+    })
+    .await;
+    start(&mut agent.client, spec("brief", "echo bye", 16 * MIB)).await;
+    wait_end(&mut agent.client, "brief", Duration::from_secs(5)).await;
+    let dir = agent.work_dir().join("logs/brief");
+    assert!(dir.exists());
+    eventually("logs removed", Duration::from_secs(5), || !dir.exists()).await;
+    let err = agent
+        .client
+        .read_logs(pb::ReadLogsRequest {
+            container_id: "brief".into(),
+            stream: 0,
+            offset: 0,
+            follow: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("retention"), "{}", err.message());
+    // The record went with its logs.
+    let st = agent
+        .client
+        .get_container_status(pb::GetContainerStatusRequest {
+            container_id: "brief".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), tonic::Code::NotFound);
+    agent.shutdown().await;
+}
+
+#[tokio::test]
+async fn logs_kept_within_disk_budget() {
+    let mut agent = TestAgent::start("budget", |c| {
+        c.logs.disk_budget = bytesize::ByteSize::kib(150);
+        c.logs.sweep_interval = Duration::from_millis(100);
+    })
+    .await;
+    for id in ["b1", "b2", "b3"] {
+        start(
+            &mut agent.client,
+            spec(id, "head -c 100000 /dev/zero", 16 * MIB),
+        )
+        .await;
+        wait_end(&mut agent.client, id, Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = agent.work_dir().join("logs");
+    // 300 kB of logs with a 150 KiB budget: the two oldest go, the newest stays.
+    eventually("oldest logs removed", Duration::from_secs(5), || {
+        !logs.join("b1").exists() && !logs.join("b2").exists()
+    })
+    .await;
+    assert!(logs.join("b3/stdout").exists());
+    agent.shutdown().await;
+}

@@ -1,0 +1,136 @@
+//! Every bad request is refused with a gRPC error naming the field.
+
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use tonic::Code;
+use weft_node_agent::config::GpuProbeChoice;
+
+use crate::harness::*;
+
+async fn refused(client: &mut Client, req: weft_proto::v1::StartContainerRequest) -> tonic::Status {
+    client
+        .start_container(req)
+        .await
+        .expect_err("request should be refused")
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_with_the_field() {
+    let mut agent = TestAgent::start("bad", |c| {
+        c.resources.vcores = Some(2.0);
+        c.resources.memory = Some(ByteSize::mib(256));
+        c.gpu.probe = GpuProbeChoice::Fake;
+        for i in 0..2 {
+            c.gpu
+                .fake
+                .devices
+                .push(weft_node_agent::config::FakeGpuDevice {
+                    uuid: format!("GPU-{i}"),
+                    model: "Fake".into(),
+                    memory: ByteSize::gib(16),
+                });
+        }
+    })
+    .await;
+    let c = &mut agent.client;
+
+    let mut r = spec("a", "true", 16 * MIB);
+    r.command = String::new();
+    let e = refused(c, r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.message(), "command: must not be empty");
+
+    let e = refused(c, spec("a", "true", 0)).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        e.message(),
+        "resources.memory_bytes: must be greater than zero"
+    );
+
+    let mut r = spec("a", "true", 16 * MIB);
+    r.resources.as_mut().unwrap().vcores_milli = 3000;
+    let e = refused(c, r).await;
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert_eq!(
+        e.message(),
+        "resources.vcores_milli: asks 3000 but the node has 2000 free of 2000"
+    );
+
+    let e = refused(c, spec("a", "true", 512 * MIB)).await;
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert_eq!(
+        e.message(),
+        "resources.memory_bytes: asks 512.0 MiB but the node has 256.0 MiB free of 256.0 MiB"
+    );
+
+    let mut r = spec("a", "true", 16 * MIB);
+    r.resources.as_mut().unwrap().gpu_indices = vec![7];
+    let e = refused(c, r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(
+        e.message(),
+        "resources.gpu_indices: GPU 7 does not exist: this node has GPUs 0..=1"
+    );
+
+    let mut r = spec("a", "true", 16 * MIB);
+    r.command = "/nonexistent/program".into();
+    let e = refused(c, r).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .starts_with("command: cannot run \"/nonexistent/program\""),
+        "{}",
+        e.message()
+    );
+
+    // A running container holds GPU 1, 1 vcore and 200 MiB.
+    let mut holder = spec("holder", "sleep 30", 200 * MIB);
+    holder.resources.as_mut().unwrap().gpu_indices = vec![1];
+    holder.resources.as_mut().unwrap().vcores_milli = 1000;
+    start(c, holder).await;
+
+    let mut r = spec("a", "true", 16 * MIB);
+    r.resources.as_mut().unwrap().gpu_indices = vec![1];
+    let e = refused(c, r).await;
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert_eq!(
+        e.message(),
+        "resources.gpu_indices: GPU 1 is already given to container holder"
+    );
+
+    let e = refused(c, spec("a", "true", 100 * MIB)).await;
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert_eq!(
+        e.message(),
+        "resources.memory_bytes: asks 100.0 MiB but the node has 56.0 MiB free of 256.0 MiB"
+    );
+
+    let mut r = spec("a", "true", 16 * MIB);
+    r.resources.as_mut().unwrap().vcores_milli = 1500;
+    let e = refused(c, r).await;
+    assert_eq!(
+        e.message(),
+        "resources.vcores_milli: asks 1500 but the node has 1000 free of 2000"
+    );
+
+    let e = refused(c, spec("holder", "true", 16 * MIB)).await;
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert_eq!(e.message(), "container holder already exists on this node");
+
+    // Nothing refused was kept; what fits still starts.
+    let mut ok = spec("a", "true", 16 * MIB);
+    ok.resources.as_mut().unwrap().gpu_indices = vec![0];
+    start(c, ok).await;
+    wait_end(c, "a", Duration::from_secs(5)).await;
+
+    let e = c
+        .get_container_status(weft_proto::v1::GetContainerStatusRequest {
+            container_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(e.message(), "no container nope on this node");
+    agent.shutdown().await;
+}

@@ -1,0 +1,135 @@
+//! Registration and heartbeats against a ResourceTracker served in the test
+//! (the real resource manager comes with its own crate): the agent retries
+//! while nothing answers, registers with its capacity, reports containers,
+//! and stops what the RM asks it to stop.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+use weft_proto::v1 as pb;
+use weft_proto::v1::resource_tracker_server::{ResourceTracker, ResourceTrackerServer};
+
+use crate::harness::*;
+
+#[derive(Default)]
+struct Seen {
+    registrations: Vec<pb::RegisterNodeRequest>,
+    heartbeats: Vec<pb::NodeHeartbeatRequest>,
+}
+
+#[derive(Clone, Default)]
+struct FakeRm {
+    seen: Arc<Mutex<Seen>>,
+    stop: Arc<Mutex<Vec<String>>>,
+}
+
+#[tonic::async_trait]
+impl ResourceTracker for FakeRm {
+    async fn register_node(
+        &self,
+        r: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        self.seen.lock().unwrap().registrations.push(r.into_inner());
+        Ok(Response::new(pb::RegisterNodeResponse {
+            heartbeat_interval_ms: 100,
+            leader_address: String::new(),
+        }))
+    }
+
+    async fn node_heartbeat(
+        &self,
+        r: Request<pb::NodeHeartbeatRequest>,
+    ) -> Result<Response<pb::NodeHeartbeatResponse>, Status> {
+        self.seen.lock().unwrap().heartbeats.push(r.into_inner());
+        Ok(Response::new(pb::NodeHeartbeatResponse {
+            containers_to_stop: std::mem::take(&mut *self.stop.lock().unwrap()),
+            ..Default::default()
+        }))
+    }
+}
+
+#[tokio::test]
+async fn registers_when_an_rm_appears_and_heartbeats() {
+    // Reserve a port, but serve nothing on it yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rm_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut agent = TestAgent::start("tracker", |c| {
+        c.rm_addresses = vec![rm_addr.to_string()];
+        c.heartbeat.max_backoff = Duration::from_millis(300);
+        c.labels.insert("zone".into(), "a".into());
+    })
+    .await;
+    // No RM: the agent still serves.
+    start(&mut agent.client, spec("work", "exec sleep 30", 16 * MIB)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let rm = FakeRm::default();
+    let listener = tokio::net::TcpListener::bind(rm_addr).await.unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ResourceTrackerServer::new(rm.clone()))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
+    );
+    let seen = rm.seen.clone();
+    eventually("registration", Duration::from_secs(10), || {
+        !seen.lock().unwrap().registrations.is_empty()
+    })
+    .await;
+    {
+        let s = seen.lock().unwrap();
+        let reg = &s.registrations[0];
+        assert_eq!(reg.node_id, "test-tracker");
+        assert_eq!(reg.container_manager_address, agent.addr.to_string());
+        let cap = reg.capacity.as_ref().unwrap();
+        assert_eq!(cap.vcores_milli, 4000);
+        assert_eq!(cap.memory_bytes, 4 << 30);
+        assert_eq!(reg.labels.get("zone").map(String::as_str), Some("a"));
+        assert!(reg.containers.iter().any(|c| c.container_id == "work"));
+    }
+    eventually(
+        "heartbeats with the running container",
+        Duration::from_secs(5),
+        || {
+            seen.lock().unwrap().heartbeats.iter().any(|h| {
+                h.containers
+                    .iter()
+                    .any(|c| c.container_id == "work" && c.state() == pb::ContainerState::Running)
+            })
+        },
+    )
+    .await;
+    // The RM asks for the container to be stopped.
+    rm.stop.lock().unwrap().push("work".into());
+    let s = wait_end(&mut agent.client, "work", Duration::from_secs(10)).await;
+    assert_eq!(s.state(), pb::ContainerState::Killed);
+    eventually("the stop is reported", Duration::from_secs(5), || {
+        seen.lock().unwrap().heartbeats.iter().any(|h| {
+            h.containers
+                .iter()
+                .any(|c| c.container_id == "work" && c.state() == pb::ContainerState::Killed)
+        })
+    })
+    .await;
+    let seqs: Vec<u64> = seen
+        .lock()
+        .unwrap()
+        .heartbeats
+        .iter()
+        .map(|h| h.sequence)
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] > w[0]), "{seqs:?}");
+    agent.shutdown().await;
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+}
