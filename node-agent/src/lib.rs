@@ -35,11 +35,14 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 pub use config::AgentConfig;
 pub use error::{Error, Result};
 pub use manager::Manager;
+
+/// How long open client connections may hold up the end of a shutdown.
+pub const SERVER_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Picks the GPU probe the config asks for. NVML that cannot start means no
 /// GPUs, said once in the log; it is not an error.
@@ -150,20 +153,43 @@ pub async fn run(
         service::ContainerService::new(mgr.clone()),
     );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let served = tonic::transport::Server::builder()
-        .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await;
+    let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = serving_stopped.await;
+            }),
+    );
+    // The server keeps answering while containers stop (status calls, log
+    // followers that end with their container); new starts are refused.
+    let served_early = tokio::select! {
+        _ = shutdown => None,
+        r = &mut server => Some(r),
+    };
     info!("node agent stopping: stopping containers");
     cancel.cancel();
     for t in background {
         let _ = t.await;
     }
     mgr.shutdown().await;
+    let _ = stop_serving.send(());
+    let served = match served_early {
+        Some(r) => r,
+        // Clients that keep their connections open must not hold the agent up.
+        None => match tokio::time::timeout(SERVER_DRAIN, &mut server).await {
+            Ok(r) => r,
+            Err(_) => {
+                server.abort();
+                Ok(Ok(()))
+            }
+        },
+    };
     info!("node agent stopped");
-    if let Err(e) = served {
-        warn!(error = %e, "gRPC server ended with an error");
-        return Err(Error::FailedPrecondition(format!("gRPC server: {e}")));
+    match served {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::FailedPrecondition(format!("gRPC server: {e}"))),
+        Err(e) => return Err(Error::FailedPrecondition(format!("gRPC server task: {e}"))),
     }
     Ok(())
 }

@@ -13,9 +13,16 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. Safe to call twice (the second does nothing).
+/// Installs the global subscriber, `info` unless `RUST_LOG` says otherwise.
+/// Safe to call twice (the second does nothing).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(format, "info")
+}
+
+/// Like [`init`], with another default filter.
+pub fn init_with_default(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -115,3 +115,32 @@ async fn logs_kept_within_disk_budget() {
     assert!(logs.join("b3/stdout").exists());
     agent.shutdown().await;
 }
+
+/// A client following a running container's log must not hold up the agent's
+/// shutdown: the container is stopped, the stream ends, the agent returns.
+#[tokio::test]
+async fn shutdown_with_a_log_follower_connected() {
+    let mut agent = TestAgent::start("follower", |_| {}).await;
+    start(
+        &mut agent.client,
+        spec("long", "echo started; exec sleep 1000", 16 * MIB),
+    )
+    .await;
+    let mut follower = agent.client.clone();
+    let follow = tokio::spawn(async move {
+        read_log(&mut follower, "long", pb::LogStream::Stdout, 0, true).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    agent.shutdown().await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        t0.elapsed()
+    );
+    let out = tokio::time::timeout(Duration::from_secs(5), follow)
+        .await
+        .expect("stream ended")
+        .unwrap();
+    assert_eq!(out, "started\n");
+}
