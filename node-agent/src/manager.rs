@@ -691,6 +691,7 @@ async fn supervise(
         }
     };
 
+    let ended_at = std::time::Instant::now();
     let (status, mut decided) = match ending {
         Ending::Exited(s) => (Some(s), None),
         Ending::Kill { reason, grace, top } => {
@@ -752,10 +753,23 @@ async fn supervise(
         }
     };
 
-    let g = group.clone();
+    // Every process is gone: report the end now, tidy up after.
+    info!(
+        container_id = %spec.id,
+        exit_status = exit.reason.exit_status(),
+        diagnostic = %exit.diagnostic,
+        teardown_us = ended_at.elapsed().as_micros() as u64,
+        "container ended"
+    );
+    c.update(|r| {
+        r.memory_peak_bytes = peak;
+        r.finished_at = Some(SystemTime::now());
+        r.phase = Phase::Done(exit);
+    });
+    c.done.send_replace(true);
     let (work_dir, keep) = (rec.work_dir.clone(), sh.cfg.keep_work_dirs);
     blocking(move || {
-        if let Err(e) = g.destroy() {
+        if let Err(e) = group.destroy() {
             warn!(error = %e, "removing the container's group failed");
         }
         if !keep {
@@ -763,11 +777,4 @@ async fn supervise(
         }
     })
     .await;
-    info!(container_id = %spec.id, exit_status = exit.reason.exit_status(), diagnostic = %exit.diagnostic, "container ended");
-    c.update(|r| {
-        r.memory_peak_bytes = peak;
-        r.finished_at = Some(SystemTime::now());
-        r.phase = Phase::Done(exit);
-    });
-    c.done.send_replace(true);
 }

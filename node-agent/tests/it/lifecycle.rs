@@ -37,7 +37,11 @@ async fn exit_codes_and_success() {
     assert_eq!(e.exit_status, 128 + 11);
     assert!(e.diagnostic.contains("SIGSEGV"), "{}", e.diagnostic);
     // Work directories go, logs stay.
-    assert!(!agent.work_dir().join("containers/ok").exists());
+    let ok_dir = agent.work_dir().join("containers/ok");
+    eventually("work dir removed", Duration::from_secs(5), || {
+        !ok_dir.exists()
+    })
+    .await;
     assert!(agent.work_dir().join("logs/ok/stdout").exists());
     let listed = agent
         .client

@@ -8,5 +8,6 @@ mod binary;
 mod enforcement;
 mod lifecycle;
 mod logs;
+mod nvml;
 mod requests;
 mod tracker;
