@@ -577,18 +577,20 @@ fn sample(sh: &Shared, group: &dyn Group, spec: &ContainerSpec, want_top: bool) 
     }
 }
 
-/// Resolves when the eventfd (if any) signals; never without one.
-async fn oom_signal(fd: &Option<AsyncFd<OwnedFd>>) {
+/// Resolves when the group's memory event descriptor (eventfd or inotify)
+/// has something to read, after draining it; never without one.
+async fn memory_event(fd: &Option<AsyncFd<OwnedFd>>) {
     match fd {
         None => std::future::pending().await,
         Some(fd) => loop {
             let Ok(mut guard) = fd.readable().await else {
                 return std::future::pending().await;
             };
-            let mut buf = [0u8; 8];
-            // SAFETY: reading 8 bytes into an 8-byte buffer from an eventfd we own.
-            let n = unsafe { libc::read(fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
-            if n == 8 {
+            let mut buf = [0u8; 1024];
+            // SAFETY: reads at most buf.len() bytes into buf from a descriptor we own.
+            let n =
+                unsafe { libc::read(fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
                 return;
             }
             guard.clear_ready();
@@ -621,12 +623,12 @@ async fn supervise(
         .map(|d| tokio::time::Instant::now() + d);
     // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it from here on:
     // it stays open and the same for the AsyncFd's whole life.
-    let oom_fd = group
-        .oom_eventfd()
+    let events = group
+        .memory_events()
         .and_then(|fd| unsafe { AsyncFd::register(fd) }.ok());
-    // Where the kernel kills at the limit without pausing the tree first, the
+    // Without memory events, where the kernel kills at the limit, the
     // diagnostic can only show the tree as last sampled.
-    let sample_top_each_tick = group.kernel_enforces_memory() && oom_fd.is_none();
+    let sample_top_each_tick = group.kernel_enforces_memory() && events.is_none();
     let mut tick = tokio::time::interval(sh.cfg.monitor_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_top: Vec<ProcessSample> = Vec::new();
@@ -634,6 +636,27 @@ async fn supervise(
 
     let ending = loop {
         tokio::select! {
+            // Memory events first: when the kernel kills a tree at its limit,
+            // its snapshot must be taken before the leader's exit is seen.
+            biased;
+            _ = memory_event(&events) => {
+                // The group hit its limit (v1: paused at OOM; v2: reclaiming
+                // at memory.max, or already OOM-killed). Snapshot the tree
+                // while it is still there.
+                let (sh2, g, sp) = (sh.clone(), group.clone(), spec.clone());
+                let s = blocking(move || sample(&sh2, g.as_ref(), &sp, true)).await;
+                peak = peak.max(s.memory_peak_bytes);
+                if !s.top.is_empty() {
+                    last_top = s.top;
+                }
+                if s.oom {
+                    break Ending::Kill {
+                        reason: ExitReason::OverMemoryQuota { limit, peak: peak.max(limit) },
+                        grace: Duration::ZERO,
+                        top: last_top.clone(),
+                    };
+                }
+            }
             status = child.wait() => match status {
                 Ok(s) => break Ending::Exited(s),
                 Err(e) => {
@@ -641,16 +664,6 @@ async fn supervise(
                     break Ending::Kill { reason: ExitReason::Lost, grace: Duration::ZERO, top: vec![] };
                 }
             },
-            _ = oom_signal(&oom_fd) => {
-                let (sh2, g, sp) = (sh.clone(), group.clone(), spec.clone());
-                let s = blocking(move || sample(&sh2, g.as_ref(), &sp, true)).await;
-                peak = peak.max(s.memory_peak_bytes);
-                break Ending::Kill {
-                    reason: ExitReason::OverMemoryQuota { limit, peak: peak.max(limit) },
-                    grace: Duration::ZERO,
-                    top: s.top,
-                };
-            }
             _ = sleep_until(deadline) => {
                 break Ending::Kill {
                     reason: ExitReason::WallTimeExceeded { limit: spec.resources.max_runtime.unwrap_or_default() },
@@ -674,9 +687,9 @@ async fn supervise(
                 }
                 if s.oom {
                     break Ending::Kill {
-                        reason: ExitReason::OverMemoryQuota { limit, peak },
+                        reason: ExitReason::OverMemoryQuota { limit, peak: peak.max(limit) },
                         grace: Duration::ZERO,
-                        top: s.top,
+                        top: last_top.clone(),
                     };
                 }
                 let gpu_limit = spec.resources.gpu_memory_bytes;

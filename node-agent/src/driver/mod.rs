@@ -94,9 +94,11 @@ pub trait Group: Send + Sync + 'static {
     /// True when the kernel enforces the memory limit; false when the monitor
     /// must compare `stats().memory_bytes` with the limit itself.
     fn kernel_enforces_memory(&self) -> bool;
-    /// A descriptor that becomes readable (eventfd) when the group hits its
-    /// memory limit, where the kernel offers one.
-    fn oom_eventfd(&self) -> Option<OwnedFd>;
+    /// A descriptor that becomes readable when the group's memory state
+    /// changes: an eventfd for OOM on v1, an inotify watch on `memory.events`
+    /// on v2 (limit reached, OOM kills). The reader drains it and looks at
+    /// [`Group::stats`].
+    fn memory_events(&self) -> Option<OwnedFd>;
     /// Sends `signal` to every process of the group.
     fn signal_all(&self, signal: nix::sys::signal::Signal);
     /// SIGKILLs every process of the group, again until none is left or the

@@ -145,7 +145,7 @@ impl Group for ProcfsGroup {
         false
     }
 
-    fn oom_eventfd(&self) -> Option<OwnedFd> {
+    fn memory_events(&self) -> Option<OwnedFd> {
         None
     }
 

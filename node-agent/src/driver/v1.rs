@@ -252,7 +252,7 @@ impl Group for V1Group {
         true
     }
 
-    fn oom_eventfd(&self) -> Option<OwnedFd> {
+    fn memory_events(&self) -> Option<OwnedFd> {
         // cgroup.event_control: "<eventfd> <fd of memory.oom_control>".
         let ctl = std::fs::File::open(self.memory.join("memory.oom_control")).ok()?;
         // SAFETY: eventfd has no memory-safety preconditions; the result is checked.

@@ -4,7 +4,7 @@
 //! atomically. (Device restriction on v2 needs BPF programs and is not done
 //! here: GPU visibility relies on the CUDA/NVIDIA environment variables.)
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -175,8 +175,26 @@ impl Group for V2Group {
         true
     }
 
-    fn oom_eventfd(&self) -> Option<OwnedFd> {
-        None
+    fn memory_events(&self) -> Option<OwnedFd> {
+        // The kernel notifies file modification on memory.events when its
+        // counters change (max, oom, oom_kill...).
+        let path = std::ffi::CString::new(
+            self.dir
+                .join("memory.events")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .ok()?;
+        // SAFETY: inotify_init1 has no memory-safety preconditions; checked below.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: path is a valid NUL-terminated string; fd is open.
+        let wd = unsafe { libc::inotify_add_watch(fd.as_raw_fd(), path.as_ptr(), libc::IN_MODIFY) };
+        (wd >= 0).then_some(fd)
     }
 
     fn signal_all(&self, signal: nix::sys::signal::Signal) {
