@@ -72,10 +72,12 @@ async fn main() -> anyhow::Result<()> {
     );
     let args = parse_args()?;
     let work = tempfile::tempdir()?;
-    let mut config = AgentConfig::default();
-    config.listen = "127.0.0.1:0".parse()?;
-    config.work_dir = work.path().to_path_buf();
-    config.node_id = Some("example".into());
+    let mut config = AgentConfig {
+        listen: "127.0.0.1:0".parse()?,
+        work_dir: work.path().to_path_buf(),
+        node_id: Some("example".into()),
+        ..Default::default()
+    };
     config.containers.cgroup_parent = format!("weft-example-{}", std::process::id());
     config.gpu.probe = GpuProbeChoice::Nvml;
     let listener = tokio::net::TcpListener::bind(config.listen).await?;

@@ -241,11 +241,11 @@ impl AgentConfig {
         if self.logs.sweep_interval.is_zero() {
             return bad("logs.sweep_interval", "must be greater than zero");
         }
-        if !(self.resources.reserved_vcores >= 0.0) {
+        if self.resources.reserved_vcores.is_nan() || self.resources.reserved_vcores < 0.0 {
             return bad("resources.reserved_vcores", "must be zero or more");
         }
         if let Some(v) = self.resources.vcores {
-            if !(v > 0.0) {
+            if v.is_nan() || v <= 0.0 {
                 return bad("resources.vcores", "must be greater than zero");
             }
         }

@@ -11,9 +11,9 @@ pub enum Error {
     /// The request is valid but the node cannot honour it now.
     #[error("{field}: {reason}")]
     ResourceExhausted { field: &'static str, reason: String },
-    #[error("container {0} already exists on this node")]
+    #[error("container_id: {0} already exists on this node")]
     AlreadyExists(String),
-    #[error("no container {0} on this node")]
+    #[error("container_id: no container {0} on this node")]
     NotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),

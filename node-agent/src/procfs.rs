@@ -191,7 +191,7 @@ mod tests {
         assert_eq!(s.pid, me);
         assert!(s.rss_pages > 0);
         assert!(tree(s.ppid).iter().any(|t| t.pid == me));
-        assert!(command_line(me, 1000).len() > 0);
+        assert!(!command_line(me, 1000).is_empty());
     }
 
     #[test]

@@ -34,11 +34,7 @@ impl Mounts {
             let (fstype, _src, opts) = (r.next(), r.next(), r.next().unwrap_or(""));
             let point = PathBuf::from(unescape(point));
             match fstype {
-                Some("cgroup2") => {
-                    if m.v2.is_none() {
-                        m.v2 = Some(point)
-                    }
-                }
+                Some("cgroup2") if m.v2.is_none() => m.v2 = Some(point),
                 Some("cgroup") => {
                     let ctrls = opts
                         .split(',')

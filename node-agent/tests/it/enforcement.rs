@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use weft_node_agent::config::{DriverChoice, GpuProbeChoice};
+use weft_node_agent::config::DriverChoice;
 use weft_proto::exit_codes;
 use weft_proto::v1 as pb;
 use weft_proto::v1::container_exit::Reason;
@@ -85,15 +85,7 @@ async fn busy_loop_limited_to_half_a_core() {
     // only the upper bound is tight.
     assert!(used < 0.65, "used {used:.2} of a core, limit 0.5");
     assert!(used > 0.2, "used only {used:.2} of a core");
-    agent
-        .client
-        .stop_container(pb::StopContainerRequest {
-            container_id: "spin".into(),
-            grace_period_ms: 100,
-            wait: true,
-        })
-        .await
-        .unwrap();
+    stop(&mut agent.client, "spin", 100).await;
     agent.shutdown().await;
 }
 
@@ -147,15 +139,7 @@ async fn pids_limit_holds() {
         err.to_lowercase().contains("fork") || err.contains("Resource temporarily unavailable"),
         "fork failures were reported: {err:?}"
     );
-    agent
-        .client
-        .stop_container(pb::StopContainerRequest {
-            container_id: "forky".into(),
-            grace_period_ms: 100,
-            wait: true,
-        })
-        .await
-        .unwrap();
+    stop(&mut agent.client, "forky", 100).await;
     agent.shutdown().await;
 }
 
@@ -164,18 +148,8 @@ async fn gpu_memory_quota_through_fake_probe() {
     let usage = tempfile::tempdir().unwrap();
     let usage_dir = usage.path().to_path_buf();
     let mut agent = TestAgent::start("gpu", |c| {
-        c.gpu.probe = GpuProbeChoice::Fake;
         c.gpu.fake.usage_dir = Some(usage_dir.clone());
-        for i in 0..2 {
-            c.gpu
-                .fake
-                .devices
-                .push(weft_node_agent::config::FakeGpuDevice {
-                    uuid: format!("GPU-fake-{i}"),
-                    model: "Fake A100".into(),
-                    memory: bytesize::ByteSize::gib(40),
-                });
-        }
+        fake_gpus(c, "GPU-fake-", 2);
     })
     .await;
     // The task "allocates" 3 GB on its GPU, as NVML would then report.

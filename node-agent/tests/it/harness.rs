@@ -31,10 +31,12 @@ pub fn is_root() -> bool {
 /// A config for tests: loopback, a temp work dir, fast monitoring, no GPUs,
 /// a fixed capacity (so admission tests do not depend on the machine).
 pub fn test_config(work: &std::path::Path, tag: &str) -> AgentConfig {
-    let mut c = AgentConfig::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.work_dir = work.to_path_buf();
-    c.node_id = Some(format!("test-{tag}"));
+    let mut c = AgentConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        work_dir: work.to_path_buf(),
+        node_id: Some(format!("test-{tag}")),
+        ..Default::default()
+    };
     c.containers.cgroup_parent = unique_parent(tag);
     c.containers.monitor_interval = Duration::from_millis(100);
     c.containers.stop_grace_period = Duration::from_millis(500);
@@ -307,4 +309,34 @@ pub fn driver_or_skip(d: DriverChoice) -> bool {
         return false;
     }
     true
+}
+
+/// Stops a container with `grace_ms` between SIGTERM and SIGKILL and waits for its end.
+pub async fn stop(client: &mut Client, id: &str, grace_ms: u64) -> pb::ContainerStatus {
+    client
+        .stop_container(pb::StopContainerRequest {
+            container_id: id.into(),
+            grace_period_ms: grace_ms,
+            wait: true,
+        })
+        .await
+        .expect("stop_container")
+        .into_inner()
+        .status
+        .unwrap()
+}
+
+/// Gives the agent `n` fake GPUs named `<prefix><i>`.
+pub fn fake_gpus(c: &mut AgentConfig, prefix: &str, n: usize) {
+    c.gpu.probe = GpuProbeChoice::Fake;
+    for i in 0..n {
+        c.gpu
+            .fake
+            .devices
+            .push(weft_node_agent::config::FakeGpuDevice {
+                uuid: format!("{prefix}{i}"),
+                model: "Fake A100".into(),
+                memory: bytesize::ByteSize::gib(40),
+            });
+    }
 }

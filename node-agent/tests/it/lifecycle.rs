@@ -128,15 +128,7 @@ async fn escaped_grandchild_dies(driver: DriverChoice) {
     .await;
     let esc = escaped().unwrap();
     assert_ne!(esc.ppid, leader, "the grandchild was orphaned");
-    agent
-        .client
-        .stop_container(pb::StopContainerRequest {
-            container_id: "esc".into(),
-            grace_period_ms: 200,
-            wait: true,
-        })
-        .await
-        .unwrap();
+    stop(&mut agent.client, "esc", 200).await;
     eventually("escaped grandchild gone", Duration::from_secs(5), || {
         marked_pids(&parent).is_empty()
     })

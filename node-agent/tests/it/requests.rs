@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use tonic::Code;
-use weft_node_agent::config::GpuProbeChoice;
 
 use crate::harness::*;
 
@@ -20,17 +19,7 @@ async fn bad_requests_are_refused_with_the_field() {
     let mut agent = TestAgent::start("bad", |c| {
         c.resources.vcores = Some(2.0);
         c.resources.memory = Some(ByteSize::mib(256));
-        c.gpu.probe = GpuProbeChoice::Fake;
-        for i in 0..2 {
-            c.gpu
-                .fake
-                .devices
-                .push(weft_node_agent::config::FakeGpuDevice {
-                    uuid: format!("GPU-{i}"),
-                    model: "Fake".into(),
-                    memory: ByteSize::gib(16),
-                });
-        }
+        fake_gpus(c, "GPU-", 2);
     })
     .await;
     let c = &mut agent.client;
@@ -116,7 +105,10 @@ async fn bad_requests_are_refused_with_the_field() {
 
     let e = refused(c, spec("holder", "true", 16 * MIB)).await;
     assert_eq!(e.code(), Code::AlreadyExists);
-    assert_eq!(e.message(), "container holder already exists on this node");
+    assert_eq!(
+        e.message(),
+        "container_id: holder already exists on this node"
+    );
 
     // Nothing refused was kept; what fits still starts.
     let mut ok = spec("a", "true", 16 * MIB);
@@ -131,6 +123,6 @@ async fn bad_requests_are_refused_with_the_field() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    assert_eq!(e.message(), "no container nope on this node");
+    assert_eq!(e.message(), "container_id: no container nope on this node");
     agent.shutdown().await;
 }
