@@ -1,4 +1,337 @@
-//! Client library for Weft's resource manager (`ClientService`); `rmctl` is
-//! built on it. The generated client lives in `weft_proto::v1::client_service_client`.
+//! Client library for Weft's resource manager (`ClientService`); `rmctl` and
+//! the application master are built on it.
+//!
+//! [`RmClient`] takes any subset of the RM members' addresses, finds the
+//! leader, follows NotLeader answers (the `weft-leader` metadata) and retries
+//! across elections with backoff until a deadline, so callers do not see a
+//! failover. Submissions carry a request id, so a retried submission never
+//! creates a second application.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), weft_client::Error> {
+//! let rm = weft_client::RmClient::new(["127.0.0.1:7101", "127.0.0.1:7102"])?;
+//! let id = rm.submit("name: hello\n", "yaml", "alice").await?;
+//! let report = rm.get_application(&id).await?;
+//! println!("{id}: {:?}", report.state());
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use weft_proto::v1 as pb;
+use weft_proto::v1::client_service_client::ClientServiceClient;
 
 pub use weft_proto::v1 as proto;
+
+/// gRPC metadata key carrying the leader's address on NotLeader answers.
+pub const LEADER_HEADER: &str = "weft-leader";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}: no address given")]
+    NoAddress(&'static str),
+    #[error("{address:?} is not a valid address: {reason}")]
+    InvalidAddress { address: String, reason: String },
+    /// The RM answered with an error that retrying cannot fix.
+    #[error("{}", .0.message())]
+    Rpc(Status),
+    /// No member answered as leader before the deadline.
+    #[error("cannot reach a resource-manager leader at {tried} within {deadline:?}: {last}")]
+    Unreachable {
+        tried: String,
+        deadline: Duration,
+        last: String,
+    },
+}
+
+impl Error {
+    /// The gRPC code, where the RM answered.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Error::Rpc(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+/// A client of the RM group.
+pub struct RmClient {
+    addresses: Vec<String>,
+    channels: Mutex<HashMap<String, Channel>>,
+    leader: Mutex<Option<String>>,
+    next: AtomicU64,
+    deadline: Duration,
+}
+
+fn uri(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// A request id unique to this process and moment.
+fn request_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{:x}-{:x}-{:x}",
+        std::process::id(),
+        nanos,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Whether an error means "ask again, maybe elsewhere".
+fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+    )
+}
+
+impl RmClient {
+    /// A client of the members at `addresses` (host:port), retrying for 30 s.
+    pub fn new<I, S>(addresses: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let addresses: Vec<String> = addresses
+            .into_iter()
+            .map(Into::into)
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if addresses.is_empty() {
+            return Err(Error::NoAddress("resource manager addresses"));
+        }
+        for a in &addresses {
+            Endpoint::from_shared(uri(a)).map_err(|e| Error::InvalidAddress {
+                address: a.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(RmClient {
+            addresses,
+            channels: Mutex::new(HashMap::new()),
+            leader: Mutex::new(None),
+            next: AtomicU64::new(0),
+            deadline: Duration::from_secs(30),
+        })
+    }
+
+    /// Sets how long a call keeps retrying across failovers.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, Error> {
+        let mut ch = self.channels.lock().expect("channels lock");
+        if let Some(c) = ch.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(uri(addr))
+            .map_err(|e| Error::InvalidAddress {
+                address: addr.to_string(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        ch.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn pick(&self) -> String {
+        if let Some(l) = self.leader.lock().expect("leader lock").clone() {
+            return l;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+        self.addresses[i % self.addresses.len()].clone()
+    }
+
+    /// Calls `f` on the leader, following redirects and retrying retryable
+    /// errors with backoff until the deadline.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, Error>
+    where
+        F: Fn(ClientServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let addr = self.pick();
+            let client = ClientServiceClient::new(self.channel(&addr)?);
+            let err = match f(client).await {
+                Ok(r) => {
+                    *self.leader.lock().expect("leader lock") = Some(addr);
+                    return Ok(r.into_inner());
+                }
+                Err(s) if retryable(&s) => s,
+                Err(s) => return Err(Error::Rpc(s)),
+            };
+            let hint = err
+                .metadata()
+                .get(LEADER_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            tracing::debug!(rm = %addr, error = %err.message(), leader_hint = ?hint, "retrying");
+            *self.leader.lock().expect("leader lock") = hint.filter(|h| *h != addr);
+            if start.elapsed() >= self.deadline {
+                return Err(Error::Unreachable {
+                    tried: self.addresses.join(","),
+                    deadline: self.deadline,
+                    last: err.message().to_string(),
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Submits a job spec; returns the application id. Retries reuse one
+    /// request id, so at most one application is created.
+    pub async fn submit(&self, spec: &str, format: &str, user: &str) -> Result<String, Error> {
+        let req = pb::SubmitApplicationRequest {
+            spec: spec.to_string(),
+            spec_format: format.to_string(),
+            user: user.to_string(),
+            request_id: request_id(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.submit_application(req).await }
+        })
+        .await
+        .map(|r| r.application_id)
+    }
+
+    pub async fn get_application(&self, id: &str) -> Result<pb::ApplicationReport, Error> {
+        let req = pb::GetApplicationRequest {
+            application_id: id.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.get_application(req).await }
+        })
+        .await
+    }
+
+    pub async fn list_applications(
+        &self,
+        req: pb::ListApplicationsRequest,
+    ) -> Result<Vec<pb::ApplicationReport>, Error> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.list_applications(req).await }
+        })
+        .await
+        .map(|r| r.applications)
+    }
+
+    pub async fn kill_application(&self, id: &str) -> Result<(), Error> {
+        let req = pb::KillApplicationRequest {
+            application_id: id.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.kill_application(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn list_nodes(&self) -> Result<Vec<pb::NodeReport>, Error> {
+        self.call(|mut c| async move { c.list_nodes(pb::ListNodesRequest {}).await })
+            .await
+            .map(|r| r.nodes)
+    }
+
+    pub async fn drain_node(&self, id: &str) -> Result<(), Error> {
+        let req = pb::DrainNodeRequest { node_id: id.into() };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.drain_node(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn list_queues(&self) -> Result<Vec<pb::QueueReport>, Error> {
+        self.call(|mut c| async move { c.list_queues(pb::ListQueuesRequest {}).await })
+            .await
+            .map(|r| r.queues)
+    }
+
+    /// Cluster status as the leader sees it.
+    pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, Error> {
+        self.call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
+            .await
+    }
+
+    /// Cluster status as the member at `addr` sees it (no redirect).
+    pub async fn member_status(&self, addr: &str) -> Result<pb::ClusterStatusResponse, Error> {
+        let mut c = ClientServiceClient::new(self.channel(addr)?);
+        c.cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(Error::Rpc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_checked() {
+        assert!(matches!(
+            RmClient::new(Vec::<String>::new()),
+            Err(Error::NoAddress(_))
+        ));
+        assert!(matches!(RmClient::new([" "]), Err(Error::NoAddress(_))));
+        assert!(RmClient::new(["127.0.0.1:7100", "h:1"]).is_ok());
+    }
+
+    #[test]
+    fn request_ids_differ() {
+        assert_ne!(request_id(), request_id());
+    }
+
+    #[tokio::test]
+    async fn unreachable_rm_is_one_clear_error() {
+        // A port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let c = RmClient::new([format!("127.0.0.1:{port}")])
+            .unwrap()
+            .with_deadline(Duration::from_millis(300));
+        let e = c.cluster_status().await.unwrap_err();
+        assert!(matches!(e, Error::Unreachable { .. }), "{e:?}");
+        assert!(
+            e.to_string().starts_with(&format!(
+                "cannot reach a resource-manager leader at 127.0.0.1:{port}"
+            )),
+            "{e}"
+        );
+    }
+}

@@ -1,9 +1,109 @@
-//! Weft's resource manager.
+//! Weft's resource manager: the cluster's truth, replicated with Raft.
 //!
-//! Owns the cluster's truth (nodes, queues, applications, containers) as a state
-//! machine replicated with Raft, runs the scheduler on the leader and serves
-//! `ClientService`, `ResourceTracker` and `ApplicationMasterService`
-//! (see `weft_proto::v1`). Built in stages: the wire format is fixed in
-//! `weft-proto`; the replicated state and services land here next.
+//! Layout:
+//! - [`fsm`]: the replicated state machine (commands, deterministic apply, snapshots);
+//! - [`storage`]: raft log, hard state, conf state and snapshots in sled;
+//! - [`raft_node`]: the thread that owns the `RawNode` and runs the ready loop;
+//! - [`transport`]: raft messages between members over gRPC;
+//! - [`service`]: ClientService and ResourceTracker, answering writes once
+//!   committed and sending followers' callers to the leader;
+//! - [`config`]: the TOML config.
+//!
+//! [`run`] assembles a member and returns once it has stopped.
 
-pub use weft_proto::v1 as proto;
+pub mod config;
+pub mod error;
+pub mod fsm;
+pub mod raft_node;
+pub mod service;
+pub mod slog_bridge;
+pub mod storage;
+pub mod transport;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tracing::info;
+use weft_proto::v1 as pb;
+
+pub use config::RmConfig;
+pub use error::{Error, Result};
+
+/// How long open connections (peers' raft streams, clients) may hold up a shutdown.
+pub const SERVER_DRAIN: Duration = Duration::from_secs(2);
+
+/// Runs one member on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: RmConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    config.validate()?;
+    let peers = config.peer_map()?;
+    let dir = config.data_dir.clone();
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::Config(format!("data_dir {}: {e}", dir.display())))?;
+    let storage = tokio::task::spawn_blocking(move || storage::SledStorage::open(&dir))
+        .await
+        .expect("opening storage panicked")?;
+    let transport =
+        transport::Transport::start(config.id, &peers, &tokio::runtime::Handle::current());
+    let settings = raft_node::RaftSettings {
+        id: config.id,
+        peers: peers.clone(),
+        tick: config.raft.tick,
+        election_ticks: config.raft.election_ticks,
+        heartbeat_ticks: config.raft.heartbeat_ticks,
+        snapshot_every: config.raft.snapshot_every,
+    };
+    let (raft, thread) = raft_node::start(settings, storage, transport)?;
+    info!(id = config.id, listen = %config.listen, peers = ?peers, "resource manager member started");
+
+    let svc = service::RmService::new(raft.clone(), config.heartbeat_interval);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::client_service_server::ClientServiceServer::new(
+                svc.clone(),
+            ))
+            .add_service(pb::resource_tracker_server::ResourceTrackerServer::new(svc))
+            .add_service(
+                pb::raft_transport_server::RaftTransportServer::new(transport::RaftService::new(
+                    raft.clone(),
+                ))
+                .max_decoding_message_size(transport::MAX_MESSAGE),
+            )
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = serving_stopped.await;
+            }),
+    );
+    let served = tokio::select! {
+        _ = shutdown => {
+            let _ = stop_serving.send(());
+            // Peers keep their raft streams open: do not wait on them for long.
+            match tokio::time::timeout(SERVER_DRAIN, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            }
+        }
+        r = &mut server => r,
+    };
+    // The raft thread ends when the last handle is gone.
+    drop(raft);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || thread.join()),
+    )
+    .await;
+    info!(id = config.id, "resource manager member stopped");
+    match served {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Error::Unavailable(format!("gRPC server: {e}"))),
+        Err(e) => Err(Error::Unavailable(format!("gRPC server task: {e}"))),
+    }
+}

@@ -1,0 +1,158 @@
+//! Resource-manager configuration: defaults, a TOML file, then flags;
+//! [`RmConfig::validate`] runs before anything starts.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RmConfig {
+    /// This member's raft id (1, 2, 3...). Must be a key of `peers`.
+    pub id: u64,
+    /// Address every service of this member listens on.
+    pub listen: SocketAddr,
+    /// Raft log, hard state and snapshots.
+    pub data_dir: PathBuf,
+    /// Every initial member: raft id -> address (host:port) others reach it at.
+    pub peers: BTreeMap<String, String>,
+    pub raft: RaftConfig,
+    /// Interval node agents are asked to heartbeat at.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for RmConfig {
+    fn default() -> Self {
+        RmConfig {
+            id: 1,
+            listen: "127.0.0.1:7100".parse().expect("literal address"),
+            data_dir: PathBuf::from("/var/lib/weft/rm"),
+            peers: BTreeMap::new(),
+            raft: RaftConfig::default(),
+            heartbeat_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Raft's clock.
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+    /// Ticks without a leader before a follower campaigns.
+    pub election_ticks: usize,
+    /// Ticks between leader heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Snapshot the state and compact the log every this many entries.
+    pub snapshot_every: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_every: 1000,
+        }
+    }
+}
+
+impl RmConfig {
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("reading {}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Peers with numeric ids. Without peers, this member alone (at `listen`).
+    pub fn peer_map(&self) -> Result<BTreeMap<u64, String>> {
+        if self.peers.is_empty() {
+            return Ok(BTreeMap::from([(self.id, self.listen.to_string())]));
+        }
+        let mut m = BTreeMap::new();
+        for (k, v) in &self.peers {
+            let id: u64 = k.parse().ok().filter(|&i| i > 0).ok_or_else(|| {
+                Error::Config(format!("peers: {k:?} is not a raft id (a number above 0)"))
+            })?;
+            if v.is_empty() {
+                return Err(Error::Config(format!(
+                    "peers.{k}: address must not be empty"
+                )));
+            }
+            m.insert(id, v.clone());
+        }
+        Ok(m)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.id == 0 {
+            return Err(Error::Config("id: must be above 0".into()));
+        }
+        let peers = self.peer_map()?;
+        if !peers.contains_key(&self.id) {
+            return Err(Error::Config(format!(
+                "peers: must list this member's id {}",
+                self.id
+            )));
+        }
+        if self.raft.heartbeat_ticks == 0 || self.raft.election_ticks <= self.raft.heartbeat_ticks {
+            return Err(Error::Config(
+                "raft.election_ticks: must be greater than raft.heartbeat_ticks (and that above 0)"
+                    .into(),
+            ));
+        }
+        if self.raft.tick < Duration::from_millis(1) {
+            return Err(Error::Config("raft.tick: must be at least 1ms".into()));
+        }
+        if self.raft.snapshot_every == 0 {
+            return Err(Error::Config("raft.snapshot_every: must be above 0".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_validates() {
+        let c = RmConfig::from_toml(
+            "id = 2\nlisten = \"127.0.0.1:7102\"\ndata_dir = \"/tmp/rm2\"\n[peers]\n1 = \"127.0.0.1:7101\"\n2 = \"127.0.0.1:7102\"\n3 = \"127.0.0.1:7103\"\n[raft]\ntick = \"50ms\"\nsnapshot_every = 10\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.peer_map().unwrap().len(), 3);
+        assert_eq!(c.raft.tick, Duration::from_millis(50));
+        let mut bad = c.clone();
+        bad.id = 4;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("peers: must list this member's id 4"));
+        let mut bad = c;
+        bad.peers.insert("x".into(), "h:1".into());
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("\"x\" is not a raft id"));
+        assert!(RmConfig::from_toml("idd = 1")
+            .unwrap_err()
+            .to_string()
+            .contains("idd"));
+    }
+}

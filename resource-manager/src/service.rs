@@ -1,0 +1,502 @@
+//! The gRPC services of a member: ClientService (users) and ResourceTracker
+//! (node agents). Writes go through raft and are answered once committed;
+//! followers answer NotLeader with the leader's address (message and the
+//! `weft-leader` metadata), and clients follow it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use weft_proto::v1 as pb;
+
+use crate::error::Error;
+use crate::fsm::{App, AppState, Command, Gpu, NodeState, Outcome};
+use crate::raft_node::RaftHandle;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Liveness bookkeeping of the leader (not replicated: a new leader rebuilds
+/// it from the next heartbeats).
+#[derive(Default)]
+pub struct Liveness {
+    pub last_heartbeat: HashMap<String, Instant>,
+}
+
+#[derive(Clone)]
+pub struct RmService {
+    raft: RaftHandle,
+    heartbeat_interval: Duration,
+    liveness: Arc<Mutex<Liveness>>,
+}
+
+impl RmService {
+    pub fn new(raft: RaftHandle, heartbeat_interval: Duration) -> Self {
+        RmService {
+            raft,
+            heartbeat_interval,
+            liveness: Arc::default(),
+        }
+    }
+
+    fn app_report(&self, a: &App) -> pb::ApplicationReport {
+        pb::ApplicationReport {
+            application_id: a.id.clone(),
+            name: a.name.clone(),
+            queue: a.queue.clone(),
+            user: a.user.clone(),
+            state: app_state(a.state) as i32,
+            attempt: 0,
+            progress: if a.state == AppState::Succeeded {
+                1.0
+            } else {
+                0.0
+            },
+            stages: vec![],
+            diagnostics: a.diagnostics.clone(),
+            submitted_at_ms: a.submitted_at_ms,
+            finished_at_ms: a.finished_at_ms,
+        }
+    }
+
+    fn get_app(&self, id: &str) -> Result<pb::ApplicationReport, Error> {
+        self.raft.ensure_leader()?;
+        let st = self.raft.state();
+        st.apps
+            .get(id)
+            .map(|a| self.app_report(a))
+            .ok_or_else(|| Error::NotFound(format!("application_id: no application {id}")))
+    }
+}
+
+fn app_state(s: AppState) -> pb::ApplicationState {
+    match s {
+        AppState::Submitted => pb::ApplicationState::Submitted,
+        AppState::Accepted => pb::ApplicationState::Accepted,
+        AppState::Running => pb::ApplicationState::Running,
+        AppState::Succeeded => pb::ApplicationState::Succeeded,
+        AppState::Failed => pb::ApplicationState::Failed,
+        AppState::Killed => pb::ApplicationState::Killed,
+    }
+}
+
+fn node_state(s: NodeState) -> pb::NodeState {
+    match s {
+        NodeState::Running => pb::NodeState::Running,
+        NodeState::Unhealthy => pb::NodeState::Unhealthy,
+        NodeState::Lost => pb::NodeState::Lost,
+        NodeState::Draining => pb::NodeState::Draining,
+        NodeState::Decommissioned => pb::NodeState::Decommissioned,
+    }
+}
+
+/// The `name` and `queue` a spec declares at its top level. Full job-spec
+/// parsing and validation belong to the application layer; this reads only
+/// what the RM lists.
+pub fn spec_header(spec: &str, format: &str) -> Result<(String, String), Error> {
+    let bad = |reason: String| Error::InvalidArgument {
+        field: "spec",
+        reason,
+    };
+    match format {
+        "toml" => {
+            let t: toml::Table = spec
+                .parse()
+                .map_err(|e| bad(format!("not valid TOML: {e}")))?;
+            let get = |k: &str| {
+                t.get(k)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            Ok((get("name"), get("queue")))
+        }
+        "yaml" | "yml" => {
+            let mut name = String::new();
+            let mut queue = String::new();
+            for line in spec.lines() {
+                let unquote =
+                    |v: &str| v.trim().trim_matches(|c| c == '"' || c == '\'').to_string();
+                if let Some(v) = line.strip_prefix("name:") {
+                    name = unquote(v.split('#').next().unwrap_or_default());
+                } else if let Some(v) = line.strip_prefix("queue:") {
+                    queue = unquote(v.split('#').next().unwrap_or_default());
+                }
+            }
+            Ok((name, queue))
+        }
+        other => Err(Error::InvalidArgument {
+            field: "spec_format",
+            reason: format!("{other:?} is not yaml or toml"),
+        }),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::client_service_server::ClientService for RmService {
+    async fn submit_application(
+        &self,
+        req: Request<pb::SubmitApplicationRequest>,
+    ) -> Result<Response<pb::SubmitApplicationResponse>, Status> {
+        let r = req.into_inner();
+        if r.spec.trim().is_empty() {
+            return Err(Error::InvalidArgument {
+                field: "spec",
+                reason: "must not be empty".into(),
+            }
+            .into());
+        }
+        let format = if r.spec_format.is_empty() {
+            "yaml".to_string()
+        } else {
+            r.spec_format.to_lowercase()
+        };
+        let (name, queue) = spec_header(&r.spec, &format)?;
+        let cmd = Command::SubmitApplication {
+            request_id: r.request_id,
+            name,
+            queue: if queue.is_empty() {
+                "root".into()
+            } else {
+                queue
+            },
+            user: if r.user.is_empty() {
+                "anonymous".into()
+            } else {
+                r.user
+            },
+            spec: r.spec,
+            spec_format: format,
+            at_ms: now_ms(),
+        };
+        match self.raft.propose(cmd).await? {
+            Outcome::Submitted { app_id } => Ok(Response::new(pb::SubmitApplicationResponse {
+                application_id: app_id,
+            })),
+            other => Err(Status::internal(format!("submission applied as {other:?}"))),
+        }
+    }
+
+    async fn get_application(
+        &self,
+        req: Request<pb::GetApplicationRequest>,
+    ) -> Result<Response<pb::ApplicationReport>, Status> {
+        Ok(Response::new(self.get_app(&req.get_ref().application_id)?))
+    }
+
+    async fn list_applications(
+        &self,
+        req: Request<pb::ListApplicationsRequest>,
+    ) -> Result<Response<pb::ListApplicationsResponse>, Status> {
+        self.raft.ensure_leader()?;
+        let r = req.into_inner();
+        let st = self.raft.state();
+        let applications = st
+            .apps
+            .values()
+            .filter(|a| r.queue.is_empty() || a.queue == r.queue)
+            .filter(|a| r.user.is_empty() || a.user == r.user)
+            .filter(|a| r.states.is_empty() || r.states.contains(&(app_state(a.state) as i32)))
+            .map(|a| self.app_report(a))
+            .collect();
+        Ok(Response::new(pb::ListApplicationsResponse { applications }))
+    }
+
+    async fn kill_application(
+        &self,
+        req: Request<pb::KillApplicationRequest>,
+    ) -> Result<Response<pb::KillApplicationResponse>, Status> {
+        let app_id = req.into_inner().application_id;
+        match self
+            .raft
+            .propose(Command::KillApplication {
+                app_id,
+                at_ms: now_ms(),
+            })
+            .await?
+        {
+            Outcome::Rejected(why) => Err(Error::NotFound(why).into()),
+            _ => Ok(Response::new(pb::KillApplicationResponse {})),
+        }
+    }
+
+    type WatchApplicationStream = ReceiverStream<Result<pb::ApplicationReport, Status>>;
+
+    async fn watch_application(
+        &self,
+        req: Request<pb::GetApplicationRequest>,
+    ) -> Result<Response<Self::WatchApplicationStream>, Status> {
+        let id = req.into_inner().application_id;
+        let first = self.get_app(&id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            while last.state < pb::ApplicationState::Succeeded as i32 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let now = match me.get_app(&id) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                if now != last {
+                    if tx.send(Ok(now.clone())).await.is_err() {
+                        return;
+                    }
+                    last = now;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_nodes(
+        &self,
+        _req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.raft.ensure_leader()?;
+        let live = self
+            .liveness
+            .lock()
+            .expect("liveness lock")
+            .last_heartbeat
+            .clone();
+        let st = self.raft.state();
+        let nodes = st
+            .nodes
+            .values()
+            .map(|n| pb::NodeReport {
+                node_id: n.id.clone(),
+                address: n.address.clone(),
+                state: node_state(n.state) as i32,
+                capacity: Some(pb::NodeCapacity {
+                    vcores_milli: n.vcores_milli,
+                    memory_bytes: n.memory_bytes,
+                    gpus: n
+                        .gpus
+                        .iter()
+                        .map(|g| pb::GpuDevice {
+                            index: g.index,
+                            uuid: g.uuid.clone(),
+                            model: g.model.clone(),
+                            memory_bytes: g.memory_bytes,
+                        })
+                        .collect(),
+                }),
+                used: Some(pb::Resources::default()),
+                labels: n.labels.clone().into_iter().collect(),
+                containers: 0,
+                last_heartbeat_ms: live
+                    .get(&n.id)
+                    .map(|t| now_ms().saturating_sub(t.elapsed().as_millis() as u64))
+                    .unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn drain_node(
+        &self,
+        req: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        let node_id = req.into_inner().node_id;
+        match self
+            .raft
+            .propose(Command::SetNodeState {
+                node_id,
+                state: NodeState::Draining,
+                at_ms: now_ms(),
+            })
+            .await?
+        {
+            Outcome::Rejected(why) => Err(Error::NotFound(why).into()),
+            _ => Ok(Response::new(pb::DrainNodeResponse {})),
+        }
+    }
+
+    async fn list_queues(
+        &self,
+        _req: Request<pb::ListQueuesRequest>,
+    ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        self.raft.ensure_leader()?;
+        // Queue configuration arrives with the scheduler; until then every
+        // application runs in `root`.
+        let st = self.raft.state();
+        let count =
+            |f: fn(AppState) -> bool| st.apps.values().filter(|a| f(a.state)).count() as u32;
+        Ok(Response::new(pb::ListQueuesResponse {
+            queues: vec![pb::QueueReport {
+                name: "root".into(),
+                guaranteed: None,
+                maximum: None,
+                used: None,
+                pending_applications: count(|s| {
+                    matches!(s, AppState::Submitted | AppState::Accepted)
+                }),
+                running_applications: count(|s| s == AppState::Running),
+            }],
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let s = self.raft.status();
+        let st = self.raft.state();
+        let mut capacity = pb::Resources::default();
+        for n in st.nodes.values().filter(|n| n.state == NodeState::Running) {
+            capacity.vcores_milli += n.vcores_milli;
+            capacity.memory_bytes += n.memory_bytes;
+            capacity.gpus += n.gpus.len() as u32;
+        }
+        let members = if s.members.is_empty() {
+            self.raft.peers().keys().copied().collect()
+        } else {
+            s.members.clone()
+        };
+        Ok(Response::new(pb::ClusterStatusResponse {
+            members: members
+                .iter()
+                .map(|&id| pb::ClusterMember {
+                    id,
+                    address: self.raft.address_of(id).unwrap_or_default(),
+                    is_leader: id == s.leader_id,
+                })
+                .collect(),
+            leader_id: s.leader_id,
+            term: s.term,
+            commit_index: s.commit,
+            applied_index: s.applied,
+            nodes: st.nodes.len() as u32,
+            capacity: Some(capacity),
+            used: Some(pb::Resources::default()),
+            snapshot_index: s.snapshot_index,
+            member_id: s.id,
+        }))
+    }
+
+    type GetTaskLogsStream = ReceiverStream<Result<pb::TaskLogChunk, Status>>;
+
+    async fn get_task_logs(
+        &self,
+        _req: Request<pb::GetTaskLogsRequest>,
+    ) -> Result<Response<Self::GetTaskLogsStream>, Status> {
+        Err(Status::unimplemented(
+            "task logs are read from the node agents once applications run containers; read them there with ReadLogs",
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::resource_tracker_server::ResourceTracker for RmService {
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        let r = req.into_inner();
+        if r.node_id.is_empty() {
+            return Err(Error::InvalidArgument {
+                field: "node_id",
+                reason: "must not be empty".into(),
+            }
+            .into());
+        }
+        let cap = r.capacity.unwrap_or_default();
+        let cmd = Command::RegisterNode {
+            node_id: r.node_id.clone(),
+            address: r.container_manager_address,
+            vcores_milli: cap.vcores_milli,
+            memory_bytes: cap.memory_bytes,
+            gpus: cap
+                .gpus
+                .into_iter()
+                .map(|g| Gpu {
+                    index: g.index,
+                    uuid: g.uuid,
+                    model: g.model,
+                    memory_bytes: g.memory_bytes,
+                })
+                .collect(),
+            labels: r.labels.into_iter().collect(),
+            at_ms: now_ms(),
+        };
+        self.raft.propose(cmd).await?;
+        self.liveness
+            .lock()
+            .expect("liveness lock")
+            .last_heartbeat
+            .insert(r.node_id, Instant::now());
+        Ok(Response::new(pb::RegisterNodeResponse {
+            heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+            leader_address: self
+                .raft
+                .address_of(self.raft.status().id)
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn node_heartbeat(
+        &self,
+        req: Request<pb::NodeHeartbeatRequest>,
+    ) -> Result<Response<pb::NodeHeartbeatResponse>, Status> {
+        self.raft.ensure_leader()?;
+        let r = req.into_inner();
+        let known = self.raft.state().nodes.contains_key(&r.node_id);
+        if known {
+            self.liveness
+                .lock()
+                .expect("liveness lock")
+                .last_heartbeat
+                .insert(r.node_id, Instant::now());
+        }
+        Ok(Response::new(pb::NodeHeartbeatResponse {
+            containers_to_stop: vec![],
+            containers_acknowledged: vec![],
+            leader_address: self
+                .raft
+                .address_of(self.raft.status().id)
+                .unwrap_or_default(),
+            heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+            reregister: !known,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_header_reads_name_and_queue() {
+        let y = "name: mnist-pipeline   # a comment\nqueue: \"root.research\"\nstages:\n  - name: prep\n";
+        assert_eq!(
+            spec_header(y, "yaml").unwrap(),
+            ("mnist-pipeline".into(), "root.research".into())
+        );
+        let t = "name = \"sweep\"\nqueue = \"root.a\"\n[[stages]]\nname = \"x\"\n";
+        assert_eq!(
+            spec_header(t, "toml").unwrap(),
+            ("sweep".into(), "root.a".into())
+        );
+        assert!(spec_header("name = ", "toml")
+            .unwrap_err()
+            .to_string()
+            .starts_with("spec: not valid TOML"));
+        assert!(spec_header("x", "json")
+            .unwrap_err()
+            .to_string()
+            .starts_with("spec_format:"));
+    }
+}

@@ -1,0 +1,418 @@
+//! Raft log storage on sled: entries, hard state, conf state and the latest
+//! snapshot (metadata and state-machine data), implementing `raft::Storage`.
+//!
+//! Layout (one sled database per member):
+//! - tree `log`: key = entry index (big-endian u64), value = encoded `Entry`;
+//! - tree `meta`: `hard_state`, `conf_state`, `snap_meta`, `snap_data`.
+//!
+//! Writes go to sled's buffers; [`SledStorage::sync`] makes them durable
+//! (fsync). The raft loop calls it before sending messages that depend on them.
+//! A failed write or sync is fatal to the process (see `raft_node`): the member
+//! restarts from what is on disk.
+
+// raft-rs's protobuf types are built field by field, as raft-rs itself does.
+#![allow(clippy::field_reassign_with_default)]
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use protobuf::Message as _;
+use raft::prelude::*;
+use raft::{GetEntriesContext, RaftState, StorageError};
+
+use crate::error::{Error, Result};
+
+const HARD_STATE: &[u8] = b"hard_state";
+const CONF_STATE: &[u8] = b"conf_state";
+const SNAP_META: &[u8] = b"snap_meta";
+const SNAP_DATA: &[u8] = b"snap_data";
+
+/// A member's raft storage. Cloning shares the same database.
+#[derive(Clone)]
+pub struct SledStorage {
+    db: sled::Db,
+    log: sled::Tree,
+    meta: sled::Tree,
+    /// Metadata of the latest snapshot (index 0 when none), cached.
+    snap_meta: Arc<RwLock<SnapshotMetadata>>,
+}
+
+fn key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn decode<M: protobuf::Message>(bytes: &[u8], what: &str) -> M {
+    // The bytes were written by this module: a decode failure means the disk
+    // was corrupted, which raft cannot recover from.
+    M::parse_from_bytes(bytes).unwrap_or_else(|e| panic!("corrupt {what} in raft storage: {e}"))
+}
+
+fn store_err(e: sled::Error) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+impl SledStorage {
+    /// Opens (or creates) the storage in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| Error::Storage(format!("opening {}: {e}", dir.display())))?;
+        let log = db.open_tree("log").map_err(Error::sled)?;
+        let meta = db.open_tree("meta").map_err(Error::sled)?;
+        let snap_meta = match meta.get(SNAP_META).map_err(Error::sled)? {
+            Some(b) => decode(&b, "snapshot metadata"),
+            None => SnapshotMetadata::default(),
+        };
+        Ok(SledStorage {
+            db,
+            log,
+            meta,
+            snap_meta: Arc::new(RwLock::new(snap_meta)),
+        })
+    }
+
+    /// True when nothing was ever stored: the member must be bootstrapped.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.log.is_empty()
+            && self.meta.get(CONF_STATE).map_err(Error::sled)?.is_none()
+            && self.snap_meta.read().expect("lock").index == 0)
+    }
+
+    /// Makes every write so far durable.
+    pub fn sync(&self) -> Result<()> {
+        self.db.flush().map(|_| ()).map_err(Error::sled)
+    }
+
+    pub fn hard_state(&self) -> Result<HardState> {
+        Ok(match self.meta.get(HARD_STATE).map_err(Error::sled)? {
+            Some(b) => decode(&b, "hard state"),
+            None => HardState::default(),
+        })
+    }
+
+    pub fn set_hard_state(&self, hs: &HardState) -> Result<()> {
+        self.put_meta(HARD_STATE, hs)
+    }
+
+    /// Stores only the commit index of the hard state.
+    pub fn set_commit(&self, commit: u64) -> Result<()> {
+        let mut hs = self.hard_state()?;
+        hs.commit = commit;
+        self.set_hard_state(&hs)
+    }
+
+    pub fn conf_state(&self) -> Result<ConfState> {
+        Ok(match self.meta.get(CONF_STATE).map_err(Error::sled)? {
+            Some(b) => decode(&b, "conf state"),
+            None => ConfState::default(),
+        })
+    }
+
+    pub fn set_conf_state(&self, cs: &ConfState) -> Result<()> {
+        self.put_meta(CONF_STATE, cs)
+    }
+
+    fn put_meta(&self, k: &[u8], m: &impl protobuf::Message) -> Result<()> {
+        let bytes = m.write_to_bytes().expect("raft messages encode");
+        self.meta.insert(k, bytes).map_err(Error::sled)?;
+        Ok(())
+    }
+
+    /// Appends `entries`, first removing any stored entry at or after the
+    /// first new index (a conflicting suffix from an older term).
+    pub fn append(&self, entries: &[Entry]) -> Result<()> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let first_index = self.first_index_inner();
+        assert!(
+            first.index >= first_index,
+            "appending entry {} before the first stored index {first_index}: raft never does this",
+            first.index
+        );
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(key(first.index)..) {
+            let (k, _) = item.map_err(Error::sled)?;
+            batch.remove(k);
+        }
+        for e in entries {
+            batch.insert(
+                &key(e.index),
+                e.write_to_bytes().expect("raft entries encode"),
+            );
+        }
+        self.log.apply_batch(batch).map_err(Error::sled)?;
+        Ok(())
+    }
+
+    /// Stores a snapshot of the state machine taken at `index` (which must be
+    /// applied) and drops the log up to it.
+    pub fn create_snapshot(&self, index: u64, conf_state: ConfState, data: Vec<u8>) -> Result<()> {
+        let term = self.term_inner(index)?;
+        let mut meta = SnapshotMetadata::default();
+        meta.index = index;
+        meta.term = term;
+        meta.set_conf_state(conf_state);
+        self.meta.insert(SNAP_DATA, data).map_err(Error::sled)?;
+        self.put_meta(SNAP_META, &meta)?;
+        *self.snap_meta.write().expect("lock") = meta;
+        self.compact(index)
+    }
+
+    /// Removes entries up to and including `index`.
+    fn compact(&self, index: u64) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(..=key(index)) {
+            let (k, _) = item.map_err(Error::sled)?;
+            batch.remove(k);
+        }
+        self.log.apply_batch(batch).map_err(Error::sled)
+    }
+
+    /// Installs a snapshot received from the leader: the log is replaced by
+    /// the snapshot's position, the conf state and commit follow it.
+    pub fn apply_snapshot(&self, snap: &Snapshot) -> Result<()> {
+        let meta = snap.get_metadata();
+        self.log.clear().map_err(Error::sled)?;
+        self.meta
+            .insert(SNAP_DATA, snap.get_data())
+            .map_err(Error::sled)?;
+        self.put_meta(SNAP_META, meta)?;
+        self.set_conf_state(meta.get_conf_state())?;
+        let mut hs = self.hard_state()?;
+        hs.term = hs.term.max(meta.term);
+        hs.commit = meta.index;
+        self.set_hard_state(&hs)?;
+        *self.snap_meta.write().expect("lock") = meta.clone();
+        Ok(())
+    }
+
+    /// The latest snapshot's metadata and state-machine data, if any.
+    pub fn latest_snapshot(&self) -> Result<Option<(SnapshotMetadata, Vec<u8>)>> {
+        let meta = self.snap_meta.read().expect("lock").clone();
+        if meta.index == 0 {
+            return Ok(None);
+        }
+        let data = self
+            .meta
+            .get(SNAP_DATA)
+            .map_err(Error::sled)?
+            .unwrap_or_default();
+        Ok(Some((meta, data.to_vec())))
+    }
+
+    pub fn snapshot_index(&self) -> u64 {
+        self.snap_meta.read().expect("lock").index
+    }
+
+    fn first_index_inner(&self) -> u64 {
+        self.snap_meta.read().expect("lock").index + 1
+    }
+
+    fn last_index_inner(&self) -> Result<u64> {
+        Ok(match self.log.last().map_err(Error::sled)? {
+            Some((k, _)) => u64::from_be_bytes(k.as_ref().try_into().expect("8-byte keys")),
+            None => self.snap_meta.read().expect("lock").index,
+        })
+    }
+
+    fn term_inner(&self, index: u64) -> Result<u64> {
+        let snap = self.snap_meta.read().expect("lock").clone();
+        if index == snap.index {
+            return Ok(snap.term);
+        }
+        match self.log.get(key(index)).map_err(Error::sled)? {
+            Some(b) => Ok(decode::<Entry>(&b, "entry").term),
+            None => Err(Error::Storage(format!("no entry at index {index}"))),
+        }
+    }
+}
+
+impl raft::Storage for SledStorage {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let hs = self
+            .hard_state()
+            .map_err(|e| raft::Error::Store(StorageError::Other(e.into())))?;
+        let cs = self
+            .conf_state()
+            .map_err(|e| raft::Error::Store(StorageError::Other(e.into())))?;
+        Ok(RaftState::new(hs, cs))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _ctx: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into();
+        if low < self.first_index_inner() {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        let last = self
+            .last_index_inner()
+            .map_err(|e| raft::Error::Store(StorageError::Other(e.into())))?;
+        assert!(
+            high <= last + 1,
+            "entries({low}, {high}) past last index {last}: raft never asks this"
+        );
+        let mut out = Vec::with_capacity((high - low) as usize);
+        let mut size = 0u64;
+        for item in self.log.range(key(low)..key(high)) {
+            let (_, v) = item.map_err(store_err)?;
+            let e: Entry = decode(&v, "entry");
+            size += v.len() as u64;
+            if !out.is_empty() && max_size.is_some_and(|m| size > m) {
+                break;
+            }
+            out.push(e);
+        }
+        if out.is_empty() && high > low {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let snap = self.snap_meta.read().expect("lock").clone();
+        if idx == snap.index {
+            return Ok(snap.term);
+        }
+        if idx < snap.index {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        match self.log.get(key(idx)).map_err(store_err)? {
+            Some(b) => Ok(decode::<Entry>(&b, "entry").term),
+            None => Err(raft::Error::Store(StorageError::Unavailable)),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first_index_inner())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        self.last_index_inner()
+            .map_err(|e| raft::Error::Store(StorageError::Other(e.into())))
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let Some((meta, data)) = self
+            .latest_snapshot()
+            .map_err(|e| raft::Error::Store(StorageError::Other(e.into())))?
+        else {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        };
+        if meta.index < request_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let mut s = Snapshot::default();
+        s.set_metadata(meta);
+        s.set_data(data.into());
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e.data = format!("e{index}").into_bytes().into();
+        e
+    }
+
+    #[test]
+    fn append_overwrites_conflicting_suffix_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStorage::open(dir.path()).unwrap();
+            assert!(s.is_empty().unwrap());
+            s.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]).unwrap();
+            s.append(&[entry(2, 2)]).unwrap();
+            let mut hs = HardState::default();
+            hs.term = 2;
+            hs.vote = 3;
+            hs.commit = 2;
+            s.set_hard_state(&hs).unwrap();
+            let mut cs = ConfState::default();
+            cs.voters = vec![1, 2, 3];
+            s.set_conf_state(&cs).unwrap();
+            s.sync().unwrap();
+        }
+        let s = SledStorage::open(dir.path()).unwrap();
+        assert!(!s.is_empty().unwrap());
+        assert_eq!(s.first_index().unwrap(), 1);
+        assert_eq!(
+            s.last_index().unwrap(),
+            2,
+            "entry 3 went with the conflicting suffix"
+        );
+        assert_eq!(s.term(2).unwrap(), 2);
+        let st = s.initial_state().unwrap();
+        assert_eq!(st.hard_state.vote, 3);
+        assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
+        let es = s
+            .entries(1, 3, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(
+            es.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(),
+            vec![(1, 1), (2, 2)]
+        );
+        // max_size returns at least one entry.
+        assert_eq!(
+            s.entries(1, 3, 1, GetEntriesContext::empty(false))
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn snapshot_compacts_and_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path()).unwrap();
+        s.append(&(1..=10).map(|i| entry(i, 1 + i / 5)).collect::<Vec<_>>())
+            .unwrap();
+        let mut cs = ConfState::default();
+        cs.voters = vec![1];
+        s.create_snapshot(6, cs, b"state@6".to_vec()).unwrap();
+        assert_eq!(s.first_index().unwrap(), 7);
+        assert_eq!(s.last_index().unwrap(), 10);
+        assert_eq!(s.term(6).unwrap(), 2, "the snapshot keeps its index's term");
+        assert!(matches!(
+            s.term(5),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        assert!(matches!(
+            s.entries(5, 8, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        let snap = s.snapshot(0, 2).unwrap();
+        assert_eq!(snap.get_metadata().index, 6);
+        assert_eq!(snap.get_data(), b"state@6");
+        // A follower installs it: its log is replaced.
+        let dir2 = tempfile::tempdir().unwrap();
+        let f = SledStorage::open(dir2.path()).unwrap();
+        f.append(&[entry(1, 1)]).unwrap();
+        f.apply_snapshot(&snap).unwrap();
+        assert_eq!(f.first_index().unwrap(), 7);
+        assert_eq!(f.last_index().unwrap(), 6);
+        assert_eq!(f.hard_state().unwrap().commit, 6);
+        assert_eq!(f.conf_state().unwrap().voters, vec![1]);
+        drop(f);
+        let f = SledStorage::open(dir2.path()).unwrap();
+        assert_eq!(f.latest_snapshot().unwrap().unwrap().1, b"state@6");
+    }
+}

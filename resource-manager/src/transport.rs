@@ -1,0 +1,145 @@
+//! Raft messages between members over gRPC (`RaftTransport.Send`, a client
+//! stream per peer). raft-rs's own encoding travels as bytes.
+//!
+//! The raft thread never blocks on the network: [`Transport::send`] puts each
+//! message into its peer's bounded queue with `try_send` (a full queue drops
+//! it; raft retransmits). One task per peer keeps a stream open, reconnecting
+//! with backoff, so a slow or dead peer holds up no one else.
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::prelude::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::debug;
+use weft_proto::v1 as pb;
+use weft_proto::v1::raft_transport_client::RaftTransportClient;
+
+use crate::raft_node::RaftHandle;
+
+/// Messages queued per peer before new ones are dropped.
+pub const PEER_QUEUE: usize = 4096;
+/// Largest raft message (snapshots included) accepted or sent.
+pub const MAX_MESSAGE: usize = 256 << 20;
+
+/// Outgoing side, owned by the raft thread.
+pub struct Transport {
+    peers: HashMap<u64, mpsc::Sender<Message>>,
+}
+
+impl Transport {
+    /// Starts one sender task per peer (other than `me`) on the current runtime.
+    pub fn start(me: u64, peers: &BTreeMap<u64, String>, runtime: &tokio::runtime::Handle) -> Self {
+        let mut map = HashMap::new();
+        for (&id, addr) in peers {
+            if id == me {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            runtime.spawn(peer_loop(me, id, addr.clone(), rx));
+            map.insert(id, tx);
+        }
+        Transport { peers: map }
+    }
+
+    pub fn send(&self, msgs: Vec<Message>) {
+        for m in msgs {
+            if let Some(q) = self.peers.get(&m.to) {
+                if q.try_send(m).is_err() {
+                    debug!("peer queue full or closed; message dropped");
+                }
+            }
+        }
+    }
+}
+
+async fn peer_loop(from: u64, to: u64, addr: String, mut rx: mpsc::Receiver<Message>) {
+    let uri = if addr.contains("://") {
+        addr.clone()
+    } else {
+        format!("http://{addr}")
+    };
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Ok(ep) = tonic::transport::Endpoint::from_shared(uri.clone()) else {
+            tracing::error!(peer = to, address = %addr, "invalid peer address; raft messages to it are dropped");
+            while rx.recv().await.is_some() {}
+            return;
+        };
+        let channel = ep
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let mut client = RaftTransportClient::new(channel).max_encoding_message_size(MAX_MESSAGE);
+        let (tx, stream_rx) = mpsc::channel::<pb::RaftEnvelope>(256);
+        let mut call =
+            tokio::spawn(async move { client.send(ReceiverStream::new(stream_rx)).await });
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                m = rx.recv() => {
+                    let Some(m) = m else { call.abort(); return };
+                    let env = pb::RaftEnvelope {
+                        from,
+                        to,
+                        message: m.write_to_bytes().expect("raft messages encode"),
+                    };
+                    if tx.send(env).await.is_err() {
+                        break;
+                    }
+                }
+                _ = &mut call => break,
+            }
+        }
+        call.abort();
+        if started.elapsed() > Duration::from_secs(5) {
+            backoff = Duration::from_millis(50);
+        }
+        debug!(
+            peer = to,
+            ?backoff,
+            "raft stream to peer ended; reconnecting"
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Incoming side: the RaftTransport gRPC service.
+pub struct RaftService {
+    raft: RaftHandle,
+}
+
+impl RaftService {
+    pub fn new(raft: RaftHandle) -> Self {
+        RaftService { raft }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::raft_transport_server::RaftTransport for RaftService {
+    async fn send(
+        &self,
+        req: Request<Streaming<pb::RaftEnvelope>>,
+    ) -> Result<Response<pb::RaftSendResponse>, Status> {
+        let mut stream = req.into_inner();
+        let me = self.raft.status().id;
+        while let Some(env) = stream.message().await? {
+            if env.to != me {
+                return Err(Status::invalid_argument(format!(
+                    "to: message for member {} reached member {me}",
+                    env.to
+                )));
+            }
+            let m = Message::parse_from_bytes(&env.message).map_err(|e| {
+                Status::invalid_argument(format!("message: not a raft message: {e}"))
+            })?;
+            self.raft.step(m);
+        }
+        Ok(Response::new(pb::RaftSendResponse {}))
+    }
+}

@@ -1,0 +1,196 @@
+//! A sandbox of N real resource-manager processes on loopback ports.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weft_client::RmClient;
+
+pub struct Member {
+    pub id: u64,
+    pub addr: String,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub members: Vec<Member>,
+    snapshot_every: u64,
+    _tmp: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    /// Starts `n` members that snapshot every `snapshot_every` entries.
+    pub fn start(n: u64, snapshot_every: u64) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let members = (1..=n)
+            .map(|id| Member {
+                id,
+                addr: format!("127.0.0.1:{}", free_port()),
+                dir: tmp.path().join(format!("rm{id}")),
+                log: tmp.path().join(format!("rm{id}.log")),
+                child: None,
+            })
+            .collect();
+        let mut c = Cluster {
+            members,
+            snapshot_every,
+            _tmp: tmp,
+        };
+        for i in 0..n as usize {
+            c.spawn(i);
+        }
+        c
+    }
+
+    pub fn peers_flag(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}={}", m.id, m.addr))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn spawn(&mut self, i: usize) {
+        let peers = self.peers_flag();
+        let m = &mut self.members[i];
+        assert!(m.child.is_none(), "member {} already runs", m.id);
+        std::fs::create_dir_all(&m.dir).unwrap();
+        let config = m.dir.with_extension("toml");
+        std::fs::write(
+            &config,
+            format!(
+                "heartbeat_interval = \"200ms\"\n[raft]\ntick = \"50ms\"\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_every = {}\n",
+                self.snapshot_every
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_resource-manager"))
+            .args(["--config", config.to_str().unwrap()])
+            .args(["--id", &m.id.to_string(), "--listen", &m.addr])
+            .args(["--data-dir", m.dir.to_str().unwrap(), "--peers", &peers])
+            .env("RUST_LOG", "info,raft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting resource-manager");
+        m.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM; returns the exit status, or panics if the member takes over 10 s.
+    pub fn terminate(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut c = self.members[i].child.take().expect("member runs");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("member {} did not stop within 10s of SIGTERM", i + 1);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&self, i: usize) -> bool {
+        self.members[i].child.is_some()
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.addr.clone()).collect()
+    }
+
+    pub fn client(&self) -> RmClient {
+        RmClient::new(self.addrs())
+            .unwrap()
+            .with_deadline(Duration::from_secs(30))
+    }
+
+    /// Index of the member every running member agrees leads, waiting up to 20 s.
+    pub async fn leader(&self) -> usize {
+        let probe = self.client();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            for (i, m) in self.members.iter().enumerate() {
+                if !self.is_running(i) {
+                    continue;
+                }
+                if let Ok(s) = probe.member_status(&m.addr).await {
+                    if s.leader_id == m.id && s.member_id == m.id {
+                        return i;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader elected within 20s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until member `i` has applied at least `index`; returns its status.
+    pub async fn wait_applied(
+        &self,
+        i: usize,
+        index: u64,
+    ) -> weft_client::proto::ClusterStatusResponse {
+        let probe = self.client();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(s) = probe.member_status(&self.members[i].addr).await {
+                if s.applied_index >= index {
+                    return s;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "member {} did not apply {index} within 20s",
+                i + 1
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.members[i].log).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}

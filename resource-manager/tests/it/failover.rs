@@ -1,0 +1,177 @@
+//! Crashes: the leader killed during a stream of submissions, a member
+//! restarted behind a compacted log, the whole group restarted.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use weft_client::proto as pb;
+
+use crate::cluster::Cluster;
+
+const SPEC: &str = "name: job\nqueue: root\n";
+
+async fn all_app_ids(c: &weft_client::RmClient) -> Vec<String> {
+    c.list_applications(pb::ListApplicationsRequest::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.application_id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_during_submissions_loses_nothing_acknowledged() {
+    let mut cluster = Cluster::start(3, 1000);
+    let leader = cluster.leader().await;
+    let client = cluster.client();
+    let mut acked = Vec::new();
+    for i in 0..60 {
+        if i == 20 {
+            cluster.kill(leader);
+        }
+        // The client retries across the election; no error reaches the caller.
+        let id = client
+            .submit(SPEC, "yaml", "alice")
+            .await
+            .unwrap_or_else(|e| panic!("submission {i} failed: {e}"));
+        acked.push(id);
+    }
+    let new_leader = cluster.leader().await;
+    assert_ne!(new_leader, leader, "a new leader was elected");
+    let ids = all_app_ids(&client).await;
+    let present: BTreeSet<&String> = ids.iter().collect();
+    for id in &acked {
+        assert!(
+            present.contains(id),
+            "acknowledged {id} missing on the new leader"
+        );
+    }
+    // Retries never created a second application.
+    assert_eq!(ids.len(), acked.len(), "{ids:?}");
+    let unique: BTreeSet<&String> = acked.iter().collect();
+    assert_eq!(
+        unique.len(),
+        acked.len(),
+        "an application id was handed out twice"
+    );
+
+    // The killed member comes back and catches up.
+    let status = client.cluster_status().await.unwrap();
+    cluster.spawn(leader);
+    let back = cluster.wait_applied(leader, status.commit_index).await;
+    assert_eq!(back.leader_id, cluster.members[new_leader].id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_behind_a_compacted_log_catches_up_from_a_snapshot() {
+    let mut cluster = Cluster::start(3, 20);
+    let leader = cluster.leader().await;
+    let client = cluster.client();
+    let follower = (leader + 1) % 3;
+    client.submit(SPEC, "yaml", "bob").await.unwrap();
+    let before = client
+        .member_status(&cluster.members[follower].addr)
+        .await
+        .unwrap();
+    cluster.kill(follower);
+    for _ in 0..100 {
+        client.submit(SPEC, "yaml", "bob").await.unwrap();
+    }
+    let leader_status = client.cluster_status().await.unwrap();
+    assert!(
+        leader_status.snapshot_index > before.applied_index,
+        "the leader compacted past the follower's position ({} <= {})",
+        leader_status.snapshot_index,
+        before.applied_index
+    );
+    cluster.spawn(follower);
+    let caught = cluster
+        .wait_applied(follower, leader_status.commit_index)
+        .await;
+    assert!(caught.snapshot_index > before.applied_index, "{caught:?}");
+    assert!(
+        cluster
+            .log_text(follower)
+            .contains("installed snapshot from the leader"),
+        "the follower caught up through a snapshot"
+    );
+    assert_eq!(all_app_ids(&client).await.len(), 101);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_group_restarted_keeps_its_state() {
+    let mut cluster = Cluster::start(3, 7);
+    cluster.leader().await;
+    let client = cluster.client();
+    let mut ids = Vec::new();
+    for _ in 0..15 {
+        ids.push(client.submit(SPEC, "yaml", "carol").await.unwrap());
+    }
+    client.kill_application(&ids[3]).await.unwrap();
+    // One member stopped cleanly, two crashed.
+    assert!(cluster.terminate(0).success());
+    for i in 1..3 {
+        cluster.kill(i);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..3 {
+        cluster.spawn(i);
+    }
+    cluster.leader().await;
+    let client = cluster.client();
+    let after = all_app_ids(&client).await;
+    assert_eq!(after, ids);
+    let killed = client.get_application(&ids[3]).await.unwrap();
+    assert_eq!(killed.state(), pb::ApplicationState::Killed);
+    let other = client.get_application(&ids[4]).await.unwrap();
+    assert_eq!(other.state(), pb::ApplicationState::Submitted);
+    // New ids continue the sequence: none is handed out twice.
+    let next = client.submit(SPEC, "yaml", "carol").await.unwrap();
+    assert!(!ids.contains(&next), "{next} reused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_send_callers_to_the_leader_and_bad_input_is_named() {
+    let cluster = Cluster::start(3, 1000);
+    let leader = cluster.leader().await;
+    let follower = (leader + 1) % 3;
+    // Straight to a follower: NotLeader with the leader's address.
+    let mut raw = pb::client_service_client::ClientServiceClient::connect(format!(
+        "http://{}",
+        cluster.members[follower].addr
+    ))
+    .await
+    .unwrap();
+    let e = raw
+        .submit_application(pb::SubmitApplicationRequest {
+            spec: SPEC.into(),
+            spec_format: "yaml".into(),
+            user: "x".into(),
+            request_id: "r1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    assert_eq!(
+        e.metadata().get("weft-leader").unwrap().to_str().unwrap(),
+        cluster.members[leader].addr
+    );
+    assert!(
+        e.message().contains(&cluster.members[leader].addr),
+        "{}",
+        e.message()
+    );
+    // The client library follows it.
+    let client = weft_client::RmClient::new([cluster.members[follower].addr.clone()]).unwrap();
+    client.submit(SPEC, "yaml", "x").await.unwrap();
+    // Bad input: one clear error naming the field; nothing stored.
+    let e = client.submit("", "yaml", "x").await.unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument));
+    assert_eq!(e.to_string(), "spec: must not be empty");
+    let e = client.submit("name = ", "toml", "x").await.unwrap_err();
+    assert!(e.to_string().starts_with("spec: not valid TOML"), "{e}");
+    let e = client.get_application("app-999999").await.unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::NotFound));
+    assert_eq!(e.to_string(), "application_id: no application app-999999");
+    assert_eq!(all_app_ids(&client).await.len(), 1);
+}

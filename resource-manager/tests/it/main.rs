@@ -1,0 +1,8 @@
+//! Integration tests of the resource manager: real `resource-manager`
+//! processes forming a Raft group on loopback, killed with SIGKILL and
+//! restarted, driven through the client library.
+
+mod cluster;
+
+mod failover;
+mod nodes;
