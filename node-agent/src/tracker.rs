@@ -75,6 +75,14 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
                 }
             }
             Err(e) => {
+                // A follower names the leader: go there at once.
+                if let Some(leader) = leader_from(&e) {
+                    if leader != addr {
+                        debug!(rm = %addr, leader = %leader, "following the leader");
+                        leader_hint = Some(leader);
+                        continue;
+                    }
+                }
                 let wait = backoff(attempt, Duration::from_millis(200), cfg.max_backoff);
                 debug!(rm = %addr, error = %e, ?wait, "registration failed; retrying");
                 if attempt == 3 {
@@ -119,13 +127,23 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
                     }
                 }
                 Err(e) => {
-                    warn!(rm = %addr, error = %e, "heartbeat failed; finding a resource manager again");
+                    warn!(rm = %addr, error = %e.message(), "heartbeat failed; finding the resource manager leader again");
+                    leader_hint = leader_from(&e).filter(|l| *l != addr);
                     current += 1;
                     continue 'outer;
                 }
             }
         }
     }
+}
+
+/// The leader address a NotLeader answer carries (metadata `weft-leader`).
+fn leader_from(status: &tonic::Status) -> Option<String> {
+    status
+        .metadata()
+        .get("weft-leader")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 async fn register(

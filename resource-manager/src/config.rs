@@ -25,6 +25,10 @@ pub struct RmConfig {
     /// Interval node agents are asked to heartbeat at.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// A node silent for this long is declared LOST. A new leader first waits
+    /// this long itself, so an election never causes false losses.
+    #[serde(with = "humantime_serde")]
+    pub node_expiry: Duration,
 }
 
 impl Default for RmConfig {
@@ -36,6 +40,7 @@ impl Default for RmConfig {
             peers: BTreeMap::new(),
             raft: RaftConfig::default(),
             heartbeat_interval: Duration::from_secs(1),
+            node_expiry: Duration::from_secs(10),
         }
     }
 }
@@ -115,6 +120,11 @@ impl RmConfig {
         }
         if self.raft.tick < Duration::from_millis(1) {
             return Err(Error::Config("raft.tick: must be at least 1ms".into()));
+        }
+        if self.node_expiry <= self.heartbeat_interval {
+            return Err(Error::Config(
+                "node_expiry: must be longer than heartbeat_interval".into(),
+            ));
         }
         if self.raft.snapshot_every == 0 {
             return Err(Error::Config("raft.snapshot_every: must be above 0".into()));

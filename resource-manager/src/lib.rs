@@ -60,7 +60,9 @@ pub async fn run(
     let (raft, thread) = raft_node::start(settings, storage, transport)?;
     info!(id = config.id, listen = %config.listen, peers = ?peers, "resource manager member started");
 
-    let svc = service::RmService::new(raft.clone(), config.heartbeat_interval);
+    let svc = service::RmService::new(raft.clone(), config.heartbeat_interval, config.node_expiry);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let liveness = tokio::spawn(svc.clone().run_liveness(cancel.clone()));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
@@ -93,6 +95,8 @@ pub async fn run(
         }
         r = &mut server => r,
     };
+    cancel.cancel();
+    let _ = liveness.await;
     // The raft thread ends when the last handle is gone.
     drop(raft);
     let _ = tokio::time::timeout(

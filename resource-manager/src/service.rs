@@ -27,21 +27,102 @@ pub fn now_ms() -> u64 {
 #[derive(Default)]
 pub struct Liveness {
     pub last_heartbeat: HashMap<String, Instant>,
+    /// When this member last became leader; none while it follows.
+    pub leader_since: Option<Instant>,
+}
+
+/// Nodes to declare lost: RUNNING, DRAINING or UNHEALTHY nodes not heard
+/// from for `expiry`, counting from when this leader took over at the
+/// earliest (the grace period after an election). Pure, for testing.
+pub fn expired_nodes(
+    nodes: &[(String, NodeState)],
+    last_heartbeat: &HashMap<String, Instant>,
+    leader_since: Instant,
+    now: Instant,
+    expiry: Duration,
+) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|(_, s)| {
+            matches!(
+                s,
+                NodeState::Running | NodeState::Draining | NodeState::Unhealthy
+            )
+        })
+        .filter(|(id, _)| {
+            let seen = last_heartbeat
+                .get(id)
+                .copied()
+                .unwrap_or(leader_since)
+                .max(leader_since);
+            now.saturating_duration_since(seen) > expiry
+        })
+        .map(|(id, _)| id.clone())
+        .collect()
 }
 
 #[derive(Clone)]
 pub struct RmService {
     raft: RaftHandle,
     heartbeat_interval: Duration,
+    node_expiry: Duration,
     liveness: Arc<Mutex<Liveness>>,
 }
 
 impl RmService {
-    pub fn new(raft: RaftHandle, heartbeat_interval: Duration) -> Self {
+    pub fn new(raft: RaftHandle, heartbeat_interval: Duration, node_expiry: Duration) -> Self {
         RmService {
             raft,
             heartbeat_interval,
+            node_expiry,
             liveness: Arc::default(),
+        }
+    }
+
+    /// Leader-only: declares silent nodes LOST, until `cancel` fires.
+    pub async fn run_liveness(self, cancel: tokio_util::sync::CancellationToken) {
+        let every = (self.node_expiry / 8).max(Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = cancel.cancelled() => return,
+            }
+            let lost = {
+                let is_leader = self.raft.status().is_leader;
+                let mut l = self.liveness.lock().expect("liveness lock");
+                if !is_leader {
+                    // A later leadership starts from nothing (and a grace period).
+                    l.leader_since = None;
+                    l.last_heartbeat.clear();
+                    continue;
+                }
+                let since = *l.leader_since.get_or_insert_with(Instant::now);
+                let nodes: Vec<(String, NodeState)> = self
+                    .raft
+                    .state()
+                    .nodes
+                    .values()
+                    .map(|n| (n.id.clone(), n.state))
+                    .collect();
+                expired_nodes(
+                    &nodes,
+                    &l.last_heartbeat,
+                    since,
+                    Instant::now(),
+                    self.node_expiry,
+                )
+            };
+            for node_id in lost {
+                tracing::warn!(node_id = %node_id, expiry = ?self.node_expiry, "node lost: no heartbeat");
+                let cmd = Command::SetNodeState {
+                    node_id,
+                    state: NodeState::Lost,
+                    at_ms: now_ms(),
+                };
+                if let Err(e) = self.raft.propose(cmd).await {
+                    tracing::debug!(error = %e, "could not record a lost node");
+                }
+            }
         }
     }
 
@@ -453,7 +534,13 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
     ) -> Result<Response<pb::NodeHeartbeatResponse>, Status> {
         self.raft.ensure_leader()?;
         let r = req.into_inner();
-        let known = self.raft.state().nodes.contains_key(&r.node_id);
+        // A node declared lost must register again (and report its containers).
+        let known = self
+            .raft
+            .state()
+            .nodes
+            .get(&r.node_id)
+            .is_some_and(|n| n.state != NodeState::Lost);
         if known {
             self.liveness
                 .lock()
@@ -477,6 +564,32 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expiry_counts_from_the_later_of_heartbeat_and_leadership() {
+        let t0 = Instant::now();
+        let exp = Duration::from_secs(10);
+        let nodes = vec![
+            ("a".to_string(), NodeState::Running),
+            ("b".to_string(), NodeState::Running),
+            ("c".to_string(), NodeState::Lost),
+            ("d".to_string(), NodeState::Draining),
+        ];
+        let mut hb = HashMap::new();
+        hb.insert("a".to_string(), t0 + Duration::from_secs(5));
+        // A fresh leader at t0: nobody expires before t0 + 10 s, heard from or not.
+        assert!(expired_nodes(&nodes, &hb, t0, t0 + Duration::from_secs(9), exp).is_empty());
+        // At t0 + 11 s: b and d were never heard from; a was, 6 s ago.
+        assert_eq!(
+            expired_nodes(&nodes, &hb, t0, t0 + Duration::from_secs(11), exp),
+            vec!["b", "d"]
+        );
+        // Lost nodes are not lost again; a expires 10 s after its heartbeat.
+        assert_eq!(
+            expired_nodes(&nodes, &hb, t0, t0 + Duration::from_secs(16), exp),
+            vec!["a", "b", "d"]
+        );
+    }
 
     #[test]
     fn spec_header_reads_name_and_queue() {

@@ -69,7 +69,7 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "heartbeat_interval = \"200ms\"\n[raft]\ntick = \"50ms\"\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_every = {}\n",
+                "heartbeat_interval = \"200ms\"\nnode_expiry = \"1s\"\n[raft]\ntick = \"50ms\"\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_every = {}\n",
                 self.snapshot_every
             ),
         )

@@ -1,68 +1,189 @@
-//! Node agents registering and heartbeating against the real RM group.
+//! Node agents registering, heartbeating, going LOST and coming back against
+//! the real RM group (node expiry 1 s in these tests).
 
 use std::time::{Duration, Instant};
 
 use weft_client::proto as pb;
+use weft_client::RmClient;
 
 use crate::cluster::Cluster;
 
+/// An in-process node agent registered with the cluster.
+struct Agent {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<weft_node_agent::Result<()>>,
+    _work: tempfile::TempDir,
+}
+
+impl Agent {
+    async fn start(node_id: &str, rm: Vec<String>) -> Agent {
+        let work = tempfile::tempdir().unwrap();
+        let mut cfg = weft_node_agent::AgentConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            work_dir: work.path().to_path_buf(),
+            node_id: Some(node_id.into()),
+            rm_addresses: rm,
+            ..Default::default()
+        };
+        cfg.heartbeat.max_backoff = Duration::from_millis(300);
+        cfg.containers.cgroup_parent = format!("weft-rm-it-{}-{node_id}", std::process::id());
+        cfg.gpu.probe = weft_node_agent::config::GpuProbeChoice::Fake;
+        cfg.gpu
+            .fake
+            .devices
+            .push(weft_node_agent::config::FakeGpuDevice {
+                uuid: "GPU-0".into(),
+                model: "Fake H100".into(),
+                memory: bytesize::ByteSize::gib(80),
+            });
+        cfg.resources.vcores = Some(8.0);
+        cfg.labels.insert("gpu".into(), "h100".into());
+        let listener = tokio::net::TcpListener::bind(cfg.listen).await.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(weft_node_agent::run(cfg, listener, async {
+            let _ = stopped.await;
+        }));
+        Agent {
+            stop: Some(stop),
+            task,
+            _work: work,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        (&mut self.task).await.unwrap().unwrap();
+    }
+}
+
+async fn node(client: &RmClient, id: &str) -> Option<pb::NodeReport> {
+    client
+        .list_nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|n| n.node_id == id)
+}
+
+async fn wait_state(
+    client: &RmClient,
+    id: &str,
+    state: pb::NodeState,
+    within: Duration,
+) -> pb::NodeReport {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(n) = node(client, id).await {
+            if n.state() == state {
+                return n;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} not {state:?} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_registers_with_the_group_and_heartbeats() {
+async fn agent_registers_goes_lost_when_silent_and_returns() {
     let cluster = Cluster::start(3, 1000);
     cluster.leader().await;
-    let work = tempfile::tempdir().unwrap();
-    let mut cfg = weft_node_agent::AgentConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        work_dir: work.path().to_path_buf(),
-        node_id: Some("gpu-node-1".into()),
-        rm_addresses: cluster.addrs(),
-        ..Default::default()
-    };
-    cfg.containers.cgroup_parent = format!("weft-rm-it-{}", std::process::id());
-    cfg.gpu.probe = weft_node_agent::config::GpuProbeChoice::Fake;
-    cfg.gpu
-        .fake
-        .devices
-        .push(weft_node_agent::config::FakeGpuDevice {
-            uuid: "GPU-0".into(),
-            model: "Fake H100".into(),
-            memory: bytesize::ByteSize::gib(80),
-        });
-    cfg.resources.vcores = Some(8.0);
-    cfg.labels.insert("gpu".into(), "h100".into());
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(weft_node_agent::run(cfg, listener, async {
-        let _ = stopped.await;
-    }));
     let client = cluster.client();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let node = loop {
-        if let Some(n) = client
-            .list_nodes()
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|n| n.node_id == "gpu-node-1")
-        {
-            break n;
-        }
-        assert!(Instant::now() < deadline, "the agent never registered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(node.state(), pb::NodeState::Running);
-    let cap = node.capacity.unwrap();
+    let agent = Agent::start("gpu-node-1", cluster.addrs()).await;
+    let n = wait_state(
+        &client,
+        "gpu-node-1",
+        pb::NodeState::Running,
+        Duration::from_secs(20),
+    )
+    .await;
+    let cap = n.capacity.clone().unwrap();
     assert_eq!(cap.vcores_milli, 8000);
     assert_eq!(cap.gpus.len(), 1);
     assert_eq!(cap.gpus[0].model, "Fake H100");
-    assert_eq!(node.labels.get("gpu").map(String::as_str), Some("h100"));
+    assert_eq!(n.labels.get("gpu").map(String::as_str), Some("h100"));
     let status = client.cluster_status().await.unwrap();
     assert_eq!(status.nodes, 1);
     assert_eq!(status.capacity.unwrap().gpus, 1);
-    // Heartbeats keep arriving at the leader.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let n = client.list_nodes().await.unwrap().remove(0);
-    assert!(n.last_heartbeat_ms > 0);
-    let _ = stop.send(());
-    agent.await.unwrap().unwrap();
+    // Heartbeats keep it alive well past the expiry.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        node(&client, "gpu-node-1").await.unwrap().state(),
+        pb::NodeState::Running
+    );
+
+    // Silent: LOST after the expiry.
+    let t0 = Instant::now();
+    agent.stop().await;
+    wait_state(
+        &client,
+        "gpu-node-1",
+        pb::NodeState::Lost,
+        Duration::from_secs(10),
+    )
+    .await;
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "declared lost after only {took:?}"
+    );
+    assert_eq!(
+        client
+            .cluster_status()
+            .await
+            .unwrap()
+            .capacity
+            .unwrap()
+            .gpus,
+        0
+    );
+
+    // Back: it registers again and is RUNNING.
+    let agent = Agent::start("gpu-node-1", cluster.addrs()).await;
+    wait_state(
+        &client,
+        "gpu-node-1",
+        pb::NodeState::Running,
+        Duration::from_secs(10),
+    )
+    .await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_election_declares_no_node_lost() {
+    let mut cluster = Cluster::start(3, 1000);
+    let leader = cluster.leader().await;
+    let client = cluster.client();
+    let agents = vec![
+        Agent::start("n1", cluster.addrs()).await,
+        Agent::start("n2", cluster.addrs()).await,
+    ];
+    for id in ["n1", "n2"] {
+        wait_state(&client, id, pb::NodeState::Running, Duration::from_secs(20)).await;
+    }
+    cluster.kill(leader);
+    cluster.leader().await;
+    // Three expiries after the election, both nodes are still RUNNING...
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in ["n1", "n2"] {
+        assert_eq!(
+            node(&client, id).await.unwrap().state(),
+            pb::NodeState::Running,
+            "{id}"
+        );
+    }
+    // ...and no member ever declared one lost.
+    for i in 0..3 {
+        assert!(
+            !cluster.log_text(i).contains("node lost"),
+            "member {} declared a node lost",
+            i + 1
+        );
+    }
+    for a in agents {
+        a.stop().await;
+    }
 }
