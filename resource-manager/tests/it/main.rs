@@ -6,3 +6,4 @@ mod cluster;
 
 mod failover;
 mod nodes;
+mod rmctl;

@@ -1,0 +1,337 @@
+//! `rmctl`: the command line of Weft's resource manager.
+//!
+//! ```text
+//! rmctl [--rm ADDR[,ADDR...]] [-o table|json] cluster status
+//! rmctl node list | node drain ID
+//! rmctl app list | app status ID | app kill ID
+//! rmctl submit -f job.yaml
+//! ```
+//! Addresses come from `--rm`, else `WEFT_RM`, else 127.0.0.1:7100. Errors are
+//! one line on stderr and a non-zero exit.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use weft_client::proto as pb;
+use weft_client::RmClient;
+
+#[derive(Debug, Parser)]
+#[command(name = "rmctl", version, about = "Talk to a Weft resource manager")]
+struct Cli {
+    /// Resource-manager members, comma-separated host:port.
+    #[arg(
+        long,
+        env = "WEFT_RM",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7100",
+        global = true
+    )]
+    rm: Vec<String>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "table", global = true)]
+    output: Output,
+    /// Give up after this many seconds without a leader.
+    #[arg(long, default_value_t = 15, global = true)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// The RM group.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+    /// Nodes.
+    Node {
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// Applications.
+    App {
+        #[command(subcommand)]
+        cmd: AppCmd,
+    },
+    /// Submits a job spec (YAML or TOML, by extension); prints the application id.
+    Submit {
+        #[arg(short, long)]
+        file: std::path::PathBuf,
+        /// Submitting user (default: $USER).
+        #[arg(long)]
+        user: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCmd {
+    /// Members, leader, term, indexes, node and capacity totals.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    List,
+    Drain { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum AppCmd {
+    List,
+    Status { id: String },
+    Kill { id: String },
+}
+
+/// Aligned columns, headers first.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = vec![line(headers.iter().map(|h| h.to_string()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n")
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn vcores(milli: u64) -> String {
+    format!("{}", milli as f64 / 1000.0)
+}
+
+fn short_state(s: &str, prefix: &str) -> String {
+    s.strip_prefix(prefix).unwrap_or(s).to_string()
+}
+
+fn app_json(a: &pb::ApplicationReport) -> serde_json::Value {
+    json!({
+        "id": a.application_id,
+        "name": a.name,
+        "queue": a.queue,
+        "user": a.user,
+        "state": short_state(a.state().as_str_name(), "APPLICATION_STATE_"),
+        "progress": a.progress,
+        "diagnostics": a.diagnostics,
+        "submitted_at_ms": a.submitted_at_ms,
+        "finished_at_ms": a.finished_at_ms,
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<String> {
+    let rm =
+        RmClient::new(cli.rm.clone())?.with_deadline(std::time::Duration::from_secs(cli.timeout));
+    let json_out = matches!(cli.output, Output::Json);
+    Ok(match cli.command {
+        Cmd::Cluster {
+            cmd: ClusterCmd::Status,
+        } => {
+            let s = rm.cluster_status().await?;
+            let cap = s.capacity.unwrap_or_default();
+            if json_out {
+                json!({
+                    "leader_id": s.leader_id,
+                    "term": s.term,
+                    "commit_index": s.commit_index,
+                    "applied_index": s.applied_index,
+                    "snapshot_index": s.snapshot_index,
+                    "members": s.members.iter().map(|m| json!({"id": m.id, "address": m.address, "leader": m.is_leader})).collect::<Vec<_>>(),
+                    "nodes": s.nodes,
+                    "capacity": {"vcores_milli": cap.vcores_milli, "memory_bytes": cap.memory_bytes, "gpus": cap.gpus},
+                })
+                .to_string()
+            } else {
+                let members = table(
+                    &["MEMBER", "ADDRESS", "ROLE"],
+                    s.members
+                        .iter()
+                        .map(|m| {
+                            vec![
+                                m.id.to_string(),
+                                m.address.clone(),
+                                if m.is_leader {
+                                    "leader".into()
+                                } else {
+                                    "follower".into()
+                                },
+                            ]
+                        })
+                        .collect(),
+                );
+                format!(
+                    "{members}\n\nleader {}  term {}  commit {}  applied {}\nnodes {}  vcores {}  memory {}  gpus {}",
+                    s.leader_id,
+                    s.term,
+                    s.commit_index,
+                    s.applied_index,
+                    s.nodes,
+                    vcores(cap.vcores_milli),
+                    human_bytes(cap.memory_bytes),
+                    cap.gpus
+                )
+            }
+        }
+        Cmd::Node { cmd: NodeCmd::List } => {
+            let nodes = rm.list_nodes().await?;
+            if json_out {
+                serde_json::Value::Array(
+                    nodes
+                        .iter()
+                        .map(|n| {
+                            let c = n.capacity.clone().unwrap_or_default();
+                            json!({
+                                "id": n.node_id,
+                                "address": n.address,
+                                "state": short_state(n.state().as_str_name(), "NODE_STATE_"),
+                                "vcores_milli": c.vcores_milli,
+                                "memory_bytes": c.memory_bytes,
+                                "gpus": c.gpus.iter().map(|g| json!({"index": g.index, "uuid": g.uuid, "model": g.model, "memory_bytes": g.memory_bytes})).collect::<Vec<_>>(),
+                                "labels": n.labels,
+                            })
+                        })
+                        .collect(),
+                )
+                .to_string()
+            } else {
+                table(
+                    &["NODE", "ADDRESS", "STATE", "VCORES", "MEMORY", "GPUS"],
+                    nodes
+                        .iter()
+                        .map(|n| {
+                            let c = n.capacity.clone().unwrap_or_default();
+                            vec![
+                                n.node_id.clone(),
+                                n.address.clone(),
+                                short_state(n.state().as_str_name(), "NODE_STATE_"),
+                                vcores(c.vcores_milli),
+                                human_bytes(c.memory_bytes),
+                                c.gpus.len().to_string(),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
+        Cmd::Node {
+            cmd: NodeCmd::Drain { id },
+        } => {
+            rm.drain_node(&id).await?;
+            format!("node {id} draining")
+        }
+        Cmd::App { cmd: AppCmd::List } => {
+            let apps = rm
+                .list_applications(pb::ListApplicationsRequest::default())
+                .await?;
+            if json_out {
+                serde_json::Value::Array(apps.iter().map(app_json).collect()).to_string()
+            } else {
+                table(
+                    &["APPLICATION", "NAME", "QUEUE", "USER", "STATE"],
+                    apps.iter()
+                        .map(|a| {
+                            vec![
+                                a.application_id.clone(),
+                                a.name.clone(),
+                                a.queue.clone(),
+                                a.user.clone(),
+                                short_state(a.state().as_str_name(), "APPLICATION_STATE_"),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
+        Cmd::App {
+            cmd: AppCmd::Status { id },
+        } => {
+            let a = rm.get_application(&id).await?;
+            if json_out {
+                app_json(&a).to_string()
+            } else {
+                format!(
+                    "{}  {}  queue {}  user {}  {}{}",
+                    a.application_id,
+                    a.name,
+                    a.queue,
+                    a.user,
+                    short_state(a.state().as_str_name(), "APPLICATION_STATE_"),
+                    if a.diagnostics.is_empty() {
+                        String::new()
+                    } else {
+                        format!("\n{}", a.diagnostics)
+                    }
+                )
+            }
+        }
+        Cmd::App {
+            cmd: AppCmd::Kill { id },
+        } => {
+            rm.kill_application(&id).await?;
+            format!("application {id} killed")
+        }
+        Cmd::Submit { file, user } => {
+            let spec = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+            let format = match file.extension().and_then(|e| e.to_str()) {
+                Some("toml") => "toml",
+                _ => "yaml",
+            };
+            let user = user
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "anonymous".into());
+            let id = rm.submit(&spec, format, &user).await?;
+            if json_out {
+                json!({ "id": id }).to_string()
+            } else {
+                id
+            }
+        }
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rmctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
