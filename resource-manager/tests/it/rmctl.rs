@@ -4,14 +4,14 @@ use std::process::{Command, Output};
 
 use crate::cluster::Cluster;
 
-/// `rmctl` sits beside `resource-manager` in the target directory when the
-/// workspace is built (`cargo test --workspace` builds it).
+/// `rmctl` sits beside `resource-manager` in the target directory once the
+/// workspace's binaries are built (README's test command does that first).
 fn rmctl() -> Command {
     let rm = std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager"));
     let path = rm.with_file_name("rmctl");
     assert!(
         path.exists(),
-        "{} is missing: build it with `cargo build -p weft-client` (cargo test --workspace does)",
+        "{} is missing: run `cargo build --workspace --bins` first (README's test command does)",
         path.display()
     );
     Command::new(path)
