@@ -47,8 +47,13 @@ pub async fn run(
     let storage = tokio::task::spawn_blocking(move || storage::SledStorage::open(&dir))
         .await
         .expect("opening storage panicked")?;
-    let transport =
-        transport::Transport::start(config.id, &peers, &tokio::runtime::Handle::current());
+    let isolation = transport::Isolation::from_env(&tokio::runtime::Handle::current());
+    let transport = transport::Transport::start(
+        config.id,
+        &peers,
+        &tokio::runtime::Handle::current(),
+        isolation.clone(),
+    );
     let settings = raft_node::RaftSettings {
         id: config.id,
         peers: peers.clone(),
@@ -74,6 +79,7 @@ pub async fn run(
             .add_service(
                 pb::raft_transport_server::RaftTransportServer::new(transport::RaftService::new(
                     raft.clone(),
+                    isolation,
                 ))
                 .max_decoding_message_size(transport::MAX_MESSAGE),
             )

@@ -8,6 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use protobuf::Message as _;
@@ -26,14 +28,53 @@ pub const PEER_QUEUE: usize = 4096;
 /// Largest raft message (snapshots included) accepted or sent.
 pub const MAX_MESSAGE: usize = 256 << 20;
 
+/// Fault switch for tests of network partitions: while the file named by this
+/// environment variable exists, the member drops every raft message it would
+/// send or receive, as if cut off from its peers (its clients still reach it).
+pub const FAULT_FILE_ENV: &str = "WEFT_RAFT_ISOLATE_FILE";
+
+/// Whether the fault switch is on; polled from the file every 50 ms.
+#[derive(Clone, Default)]
+pub struct Isolation(Arc<AtomicBool>);
+
+impl Isolation {
+    /// Watches the file named by [`FAULT_FILE_ENV`], if set.
+    pub fn from_env(runtime: &tokio::runtime::Handle) -> Self {
+        let iso = Isolation::default();
+        if let Ok(path) = std::env::var(FAULT_FILE_ENV) {
+            let flag = iso.0.clone();
+            runtime.spawn(async move {
+                loop {
+                    let on = tokio::fs::try_exists(&path).await.unwrap_or(false);
+                    if flag.swap(on, Ordering::Relaxed) != on {
+                        tracing::warn!(isolated = on, "raft fault switch changed");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            });
+        }
+        iso
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Outgoing side, owned by the raft thread.
 pub struct Transport {
     peers: HashMap<u64, mpsc::Sender<Message>>,
+    isolation: Isolation,
 }
 
 impl Transport {
     /// Starts one sender task per peer (other than `me`) on the current runtime.
-    pub fn start(me: u64, peers: &BTreeMap<u64, String>, runtime: &tokio::runtime::Handle) -> Self {
+    pub fn start(
+        me: u64,
+        peers: &BTreeMap<u64, String>,
+        runtime: &tokio::runtime::Handle,
+        isolation: Isolation,
+    ) -> Self {
         let mut map = HashMap::new();
         for (&id, addr) in peers {
             if id == me {
@@ -43,10 +84,16 @@ impl Transport {
             runtime.spawn(peer_loop(me, id, addr.clone(), rx));
             map.insert(id, tx);
         }
-        Transport { peers: map }
+        Transport {
+            peers: map,
+            isolation,
+        }
     }
 
     pub fn send(&self, msgs: Vec<Message>) {
+        if self.isolation.is_on() {
+            return;
+        }
         for m in msgs {
             if let Some(q) = self.peers.get(&m.to) {
                 if q.try_send(m).is_err() {
@@ -112,11 +159,12 @@ async fn peer_loop(from: u64, to: u64, addr: String, mut rx: mpsc::Receiver<Mess
 /// Incoming side: the RaftTransport gRPC service.
 pub struct RaftService {
     raft: RaftHandle,
+    isolation: Isolation,
 }
 
 impl RaftService {
-    pub fn new(raft: RaftHandle) -> Self {
-        RaftService { raft }
+    pub fn new(raft: RaftHandle, isolation: Isolation) -> Self {
+        RaftService { raft, isolation }
     }
 }
 
@@ -138,7 +186,9 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
             let m = Message::parse_from_bytes(&env.message).map_err(|e| {
                 Status::invalid_argument(format!("message: not a raft message: {e}"))
             })?;
-            self.raft.step(m);
+            if !self.isolation.is_on() {
+                self.raft.step(m);
+            }
         }
         Ok(Response::new(pb::RaftSendResponse {}))
     }

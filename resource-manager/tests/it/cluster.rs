@@ -84,6 +84,7 @@ impl Cluster {
             .args(["--id", &m.id.to_string(), "--listen", &m.addr])
             .args(["--data-dir", m.dir.to_str().unwrap(), "--peers", &peers])
             .env("RUST_LOG", "info,raft=warn")
+            .env("WEFT_RAFT_ISOLATE_FILE", m.dir.with_extension("isolate"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -123,6 +124,19 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Cuts member `i` off from its peers (its raft messages are dropped both
+    /// ways), or heals it.
+    pub fn isolate(&self, i: usize, on: bool) {
+        let f = self.members[i].dir.with_extension("isolate");
+        if on {
+            std::fs::write(f, b"").unwrap();
+        } else {
+            let _ = std::fs::remove_file(f);
+        }
+        // The member polls the switch every 50 ms.
+        std::thread::sleep(Duration::from_millis(200));
     }
 
     pub fn is_running(&self, i: usize) -> bool {

@@ -175,3 +175,48 @@ async fn followers_send_callers_to_the_leader_and_bad_input_is_named() {
     assert_eq!(e.to_string(), "application_id: no application app-999999");
     assert_eq!(all_app_ids(&client).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_serves_no_writes_and_rejoins_when_healed() {
+    let cluster = Cluster::start(3, 1000);
+    let old = cluster.leader().await;
+    let client = cluster.client();
+    let mut acked = vec![client.submit(SPEC, "yaml", "erin").await.unwrap()];
+    cluster.isolate(old, true);
+    // Straight to the isolated member: its writes are never acknowledged.
+    let lonely = weft_client::RmClient::new([cluster.members[old].addr.clone()])
+        .unwrap()
+        .with_deadline(Duration::from_secs(3));
+    let e = lonely.submit(SPEC, "yaml", "erin").await.unwrap_err();
+    eprintln!("isolated member answered: {e}");
+    // The majority elects another leader and goes on.
+    let new = loop {
+        let l = cluster.leader().await;
+        if l != old {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let majority = weft_client::RmClient::new(
+        (0..3)
+            .filter(|&i| i != old)
+            .map(|i| cluster.members[i].addr.clone()),
+    )
+    .unwrap();
+    for _ in 0..10 {
+        acked.push(majority.submit(SPEC, "yaml", "erin").await.unwrap());
+    }
+    // The isolated member no longer claims to lead.
+    let s = client
+        .member_status(&cluster.members[old].addr)
+        .await
+        .unwrap();
+    assert_ne!(s.leader_id, cluster.members[old].id, "{s:?}");
+    // Healed, it follows the new leader and catches up.
+    cluster.isolate(old, false);
+    let commit = majority.cluster_status().await.unwrap().commit_index;
+    let back = cluster.wait_applied(old, commit).await;
+    assert_eq!(back.leader_id, cluster.members[new].id);
+    let ids = all_app_ids(&client).await;
+    assert_eq!(ids, acked, "exactly the acknowledged submissions exist");
+}
