@@ -279,6 +279,28 @@ impl RmClient {
             .map(|r| r.queues)
     }
 
+    /// Adds member `id` at `address` to the RM group (start it with `--join`).
+    pub async fn add_member(&self, id: u64, address: &str) -> Result<(), Error> {
+        let req = pb::AddMemberRequest {
+            id,
+            address: address.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.add_member(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes member `id` from the RM group.
+    pub async fn remove_member(&self, id: u64) -> Result<(), Error> {
+        let req = pb::RemoveMemberRequest { id };
+        self.call(|mut c| async move { c.remove_member(req).await })
+            .await
+            .map(|_| ())
+    }
+
     /// Cluster status as the leader sees it.
     pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, Error> {
         self.call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })

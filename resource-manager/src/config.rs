@@ -20,7 +20,11 @@ pub struct RmConfig {
     /// Raft log, hard state and snapshots.
     pub data_dir: PathBuf,
     /// Every initial member: raft id -> address (host:port) others reach it at.
+    /// A joining member lists the members it joins, and itself.
     pub peers: BTreeMap<String, String>,
+    /// Join an existing group (added with `rmctl cluster add-member`) instead
+    /// of bootstrapping a new one. Only read when the data dir is empty.
+    pub join: bool,
     pub raft: RaftConfig,
     /// Interval node agents are asked to heartbeat at.
     #[serde(with = "humantime_serde")]
@@ -38,6 +42,7 @@ impl Default for RmConfig {
             listen: "127.0.0.1:7100".parse().expect("literal address"),
             data_dir: PathBuf::from("/var/lib/weft/rm"),
             peers: BTreeMap::new(),
+            join: false,
             raft: RaftConfig::default(),
             heartbeat_interval: Duration::from_secs(1),
             node_expiry: Duration::from_secs(10),

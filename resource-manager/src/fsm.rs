@@ -154,6 +154,10 @@ pub struct ClusterState {
     pub app_seq: u64,
     /// Submission request id -> application id, for idempotent retries.
     pub submissions: BTreeMap<String, String>,
+    /// RM group members: raft id -> address. Changed only by applied conf
+    /// changes, and carried in snapshots so a new member learns everyone.
+    #[serde(default)]
+    pub members: BTreeMap<u64, String>,
 }
 
 impl ClusterState {

@@ -50,7 +50,6 @@ pub async fn run(
     let isolation = transport::Isolation::from_env(&tokio::runtime::Handle::current());
     let transport = transport::Transport::start(
         config.id,
-        &peers,
         &tokio::runtime::Handle::current(),
         isolation.clone(),
     );
@@ -61,6 +60,7 @@ pub async fn run(
         election_ticks: config.raft.election_ticks,
         heartbeat_ticks: config.raft.heartbeat_ticks,
         snapshot_every: config.raft.snapshot_every,
+        join: config.join,
     };
     let (raft, thread) = raft_node::start(settings, storage, transport)?;
     info!(id = config.id, listen = %config.listen, peers = ?peers, "resource manager member started");

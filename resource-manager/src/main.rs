@@ -28,6 +28,10 @@ struct Args {
     /// Initial members, comma-separated ID=HOST:PORT (e.g. 1=a:7100,2=b:7100,3=c:7100).
     #[arg(long, value_delimiter = ',')]
     peers: Option<Vec<String>>,
+    /// Join an existing group (after `rmctl cluster add-member ID ADDR`)
+    /// instead of bootstrapping a new one.
+    #[arg(long)]
+    join: bool,
     #[arg(long, value_enum, default_value = "human")]
     log_format: LogFormat,
     /// Print the effective config as TOML and exit.
@@ -57,6 +61,9 @@ fn config(args: &Args) -> anyhow::Result<RmConfig> {
                 .ok_or_else(|| anyhow::anyhow!("--peers: {p:?} is not ID=HOST:PORT"))?;
             c.peers.insert(id.to_string(), addr.to_string());
         }
+    }
+    if args.join {
+        c.join = true;
     }
     c.validate()?;
     Ok(c)

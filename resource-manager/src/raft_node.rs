@@ -39,6 +39,9 @@ pub struct RaftSettings {
     pub heartbeat_ticks: usize,
     /// Take a snapshot and compact the log every this many applied entries.
     pub snapshot_every: u64,
+    /// Joining an existing group: start empty and wait for the leader's
+    /// snapshot instead of bootstrapping a new group.
+    pub join: bool,
 }
 
 /// What readers see of the member.
@@ -60,12 +63,30 @@ pub struct Shared {
     pub status: RwLock<RaftStatus>,
 }
 
+/// A change of the group's membership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberChange {
+    Add { id: u64, address: String },
+    Remove { id: u64 },
+}
+
 enum Input {
     Propose {
         command: Command,
         reply: oneshot::Sender<Result<Outcome>>,
     },
+    ChangeMembers {
+        change: MemberChange,
+        reply: oneshot::Sender<Result<Outcome>>,
+    },
     Message(Box<Message>),
+}
+
+/// Who proposed a conf change, carried in its entry's context.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ConfOrigin {
+    origin: u64,
+    request: u64,
 }
 
 /// Cloneable access to the raft member.
@@ -87,6 +108,20 @@ impl RaftHandle {
         self.tx
             .send(Input::Propose { command, reply })
             .map_err(|_| Error::Unavailable("raft member is stopping".into()))?;
+        Self::await_reply(rx).await
+    }
+
+    /// Adds or removes a member; resolves once the change is committed and
+    /// applied here.
+    pub async fn change_members(&self, change: MemberChange) -> Result<Outcome> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::ChangeMembers { change, reply })
+            .map_err(|_| Error::Unavailable("raft member is stopping".into()))?;
+        Self::await_reply(rx).await
+    }
+
+    async fn await_reply(rx: oneshot::Receiver<Result<Outcome>>) -> Result<Outcome> {
         match tokio::time::timeout(PROPOSE_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Error::Unavailable("raft member is stopping".into())),
@@ -109,8 +144,13 @@ impl RaftHandle {
         self.shared.state.read().expect("state lock")
     }
 
+    /// A member's address: from the replicated membership, else the config.
     pub fn address_of(&self, id: u64) -> Option<String> {
-        self.peers.get(&id).cloned()
+        self.state()
+            .members
+            .get(&id)
+            .cloned()
+            .or_else(|| self.peers.get(&id).cloned())
     }
 
     pub fn peers(&self) -> &BTreeMap<u64, String> {
@@ -140,12 +180,21 @@ pub fn start(
     transport: Transport,
 ) -> Result<(RaftHandle, std::thread::JoinHandle<()>)> {
     if storage.is_empty()? {
-        // Every initial member starts from the same configuration.
-        let mut cs = ConfState::default();
-        cs.voters = settings.peers.keys().copied().collect();
-        storage.set_conf_state(&cs)?;
-        storage.sync()?;
-        info!(id = settings.id, voters = ?cs.voters, "bootstrapped new raft storage");
+        if settings.join {
+            info!(
+                id = settings.id,
+                "empty storage: waiting for the leader to send this new member a snapshot"
+            );
+        } else {
+            // Every initial member starts from the same snapshot at index 1.
+            let initial = ClusterState {
+                members: settings.peers.clone(),
+                ..Default::default()
+            };
+            let voters: Vec<u64> = settings.peers.keys().copied().collect();
+            storage.bootstrap(voters.clone(), initial.to_snapshot())?;
+            info!(id = settings.id, ?voters, "bootstrapped a new group");
+        }
     }
     let (state, applied) = match storage.latest_snapshot()? {
         Some((meta, data)) => (
@@ -200,6 +249,7 @@ pub fn start(
         applied,
         last_snapshot: applied,
     };
+    member.sync_transport();
     let thread = std::thread::Builder::new()
         .name("raft".into())
         .spawn(move || member.run(rx))
@@ -251,9 +301,34 @@ impl Member {
 
     fn leader_address(&self) -> Option<String> {
         let id = self.raw.raft.leader_id;
-        (id != 0)
-            .then(|| self.settings.peers.get(&id).cloned())
-            .flatten()
+        if id == 0 {
+            return None;
+        }
+        self.shared
+            .state
+            .read()
+            .expect("state lock")
+            .members
+            .get(&id)
+            .cloned()
+            .or_else(|| self.settings.peers.get(&id).cloned())
+    }
+
+    /// Points the transport at the replicated membership (the config's peers
+    /// until a snapshot or conf change tells this member better).
+    fn sync_transport(&mut self) {
+        let members = self
+            .shared
+            .state
+            .read()
+            .expect("state lock")
+            .members
+            .clone();
+        if members.is_empty() {
+            self.transport.sync(&self.settings.peers);
+        } else {
+            self.transport.sync(&members);
+        }
     }
 
     fn handle(&mut self, input: Input) {
@@ -284,6 +359,44 @@ impl Member {
                     }
                 }
             }
+            Input::ChangeMembers { change, reply } => {
+                if self.raw.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(Error::NotLeader {
+                        leader: self.leader_address(),
+                    }));
+                    return;
+                }
+                let request = self.next_request;
+                self.next_request += 1;
+                let mut cc = ConfChange::default();
+                match &change {
+                    MemberChange::Add { id, address } => {
+                        cc.set_change_type(ConfChangeType::AddNode);
+                        cc.node_id = *id;
+                        cc.set_context(address.clone().into_bytes().into());
+                    }
+                    MemberChange::Remove { id } => {
+                        cc.set_change_type(ConfChangeType::RemoveNode);
+                        cc.node_id = *id;
+                    }
+                }
+                let ctx = serde_json::to_vec(&ConfOrigin {
+                    origin: self.settings.id,
+                    request,
+                })
+                .expect("origin serialises");
+                match self.raw.propose_conf_change(ctx, cc) {
+                    Ok(()) => {
+                        info!(?change, "membership change proposed");
+                        self.pending.insert(request, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(Error::Unavailable(format!(
+                            "membership change not accepted: {e} (one change at a time); retry"
+                        ))));
+                    }
+                }
+            }
             Input::Message(m) => {
                 if let Err(e) = self.raw.step(*m) {
                     debug!(error = %e, "raft step refused a message");
@@ -297,7 +410,7 @@ impl Member {
             return;
         }
         let mut rd = self.raw.ready();
-        self.transport.send(rd.take_messages());
+        let mut snapshots = self.transport.send(rd.take_messages());
 
         if !rd.snapshot().is_empty() {
             let snap = rd.snapshot().clone();
@@ -311,6 +424,7 @@ impl Member {
             self.applied = index;
             self.last_snapshot = index;
             info!(index, "installed snapshot from the leader");
+            self.sync_transport();
         }
 
         if let Some(ss) = rd.ss() {
@@ -334,7 +448,7 @@ impl Member {
         if rd.must_sync() {
             self.storage.sync().unwrap_or_else(|e| fatal("syncing", e));
         }
-        self.transport.send(rd.take_persisted_messages());
+        snapshots.extend(self.transport.send(rd.take_persisted_messages()));
 
         let mut light = self.raw.advance(rd);
         if let Some(commit) = light.commit_index() {
@@ -342,10 +456,20 @@ impl Member {
                 .set_commit(commit)
                 .unwrap_or_else(|e| fatal("writing the commit index", e));
         }
-        self.transport.send(light.take_messages());
+        snapshots.extend(self.transport.send(light.take_messages()));
         let committed = light.take_committed_entries();
         self.apply_entries(committed);
         self.raw.advance_apply();
+        // Snapshots handed to the transport count as sent: the recipient's
+        // progress resumes, and a lost one is simply sent again.
+        for (to, queued) in snapshots {
+            let status = if queued {
+                SnapshotStatus::Finish
+            } else {
+                SnapshotStatus::Failure
+            };
+            self.raw.report_snapshot(to, status);
+        }
         self.maybe_snapshot();
         self.publish_status();
     }
@@ -356,6 +480,7 @@ impl Member {
         }
         let shared = self.shared.clone();
         let mut state = shared.state.write().expect("state lock");
+        let mut members_changed = false;
         for e in entries {
             self.applied = e.index;
             if e.data.is_empty() {
@@ -381,29 +506,55 @@ impl Member {
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&e.data)
                         .unwrap_or_else(|err| fatal("decoding a conf change", err));
-                    let r = self.raw.apply_conf_change(&cc);
-                    self.conf_changed(r);
+                    let outcome = match self.raw.apply_conf_change(&cc) {
+                        Ok(cs) => {
+                            info!(voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+                            self.storage
+                                .set_conf_state(&cs)
+                                .unwrap_or_else(|err| fatal("writing the conf state", err));
+                            match cc.get_change_type() {
+                                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                                    let addr =
+                                        String::from_utf8_lossy(cc.get_context()).into_owned();
+                                    state.members.insert(cc.node_id, addr);
+                                }
+                                ConfChangeType::RemoveNode => {
+                                    state.members.remove(&cc.node_id);
+                                }
+                            }
+                            members_changed = true;
+                            Outcome::Done
+                        }
+                        Err(err) => {
+                            warn!(error = %err, "conf change refused");
+                            Outcome::Rejected(format!("membership change refused: {err}"))
+                        }
+                    };
+                    if let Ok(o) = serde_json::from_slice::<ConfOrigin>(e.get_context()) {
+                        if o.origin == self.settings.id {
+                            if let Some(reply) = self.pending.remove(&o.request) {
+                                let _ = reply.send(Ok(outcome));
+                            }
+                        }
+                    }
                 }
                 EntryType::EntryConfChangeV2 => {
+                    // This member proposes only v1 conf changes.
                     let cc = ConfChangeV2::parse_from_bytes(&e.data)
                         .unwrap_or_else(|err| fatal("decoding a conf change", err));
-                    let r = self.raw.apply_conf_change(&cc);
-                    self.conf_changed(r);
+                    match self.raw.apply_conf_change(&cc) {
+                        Ok(cs) => self
+                            .storage
+                            .set_conf_state(&cs)
+                            .unwrap_or_else(|err| fatal("writing the conf state", err)),
+                        Err(err) => warn!(error = %err, "conf change refused"),
+                    }
                 }
             }
         }
-    }
-
-    /// Persists the configuration a committed conf change produced.
-    fn conf_changed(&self, result: raft::Result<ConfState>) {
-        match result {
-            Ok(cs) => {
-                info!(voters = ?cs.voters, learners = ?cs.learners, "membership changed");
-                self.storage
-                    .set_conf_state(&cs)
-                    .unwrap_or_else(|e| fatal("writing the conf state", e));
-            }
-            Err(e) => warn!(error = %e, "conf change refused"),
+        drop(state);
+        if members_changed {
+            self.sync_transport();
         }
     }
 

@@ -13,7 +13,7 @@ use weft_proto::v1 as pb;
 
 use crate::error::Error;
 use crate::fsm::{App, AppState, Command, Gpu, NodeState, Outcome};
-use crate::raft_node::RaftHandle;
+use crate::raft_node::{MemberChange, RaftHandle};
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -468,6 +468,60 @@ impl pb::client_service_server::ClientService for RmService {
         }))
     }
 
+    async fn add_member(
+        &self,
+        req: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::AddMemberResponse>, Status> {
+        let r = req.into_inner();
+        if r.id == 0 {
+            return Err(Error::InvalidArgument {
+                field: "id",
+                reason: "must be above 0".into(),
+            }
+            .into());
+        }
+        if r.address.trim().is_empty() {
+            return Err(Error::InvalidArgument {
+                field: "address",
+                reason: "must not be empty".into(),
+            }
+            .into());
+        }
+        if self.raft.status().members.contains(&r.id) {
+            return Err(Error::InvalidArgument {
+                field: "id",
+                reason: format!("{} is already a member", r.id),
+            }
+            .into());
+        }
+        self.change_members(MemberChange::Add {
+            id: r.id,
+            address: r.address,
+        })
+        .await?;
+        Ok(Response::new(pb::AddMemberResponse {}))
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
+        let id = req.into_inner().id;
+        let st = self.raft.status();
+        if !st.members.contains(&id) {
+            return Err(Error::NotFound(format!("id: {id} is not a member")).into());
+        }
+        if st.members.len() == 1 {
+            return Err(Error::InvalidArgument {
+                field: "id",
+                reason: format!("{id} is the last member"),
+            }
+            .into());
+        }
+        self.change_members(MemberChange::Remove { id }).await?;
+        Ok(Response::new(pb::RemoveMemberResponse {}))
+    }
+
     type GetTaskLogsStream = ReceiverStream<Result<pb::TaskLogChunk, Status>>;
 
     async fn get_task_logs(
@@ -477,6 +531,15 @@ impl pb::client_service_server::ClientService for RmService {
         Err(Status::unimplemented(
             "task logs are read from the node agents once applications run containers; read them there with ReadLogs",
         ))
+    }
+}
+
+impl RmService {
+    async fn change_members(&self, change: MemberChange) -> Result<(), Status> {
+        match self.raft.change_members(change).await? {
+            Outcome::Rejected(why) => Err(Status::failed_precondition(why)),
+            _ => Ok(()),
+        }
     }
 }
 

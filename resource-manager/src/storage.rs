@@ -189,6 +189,21 @@ impl SledStorage {
         Ok(())
     }
 
+    /// Starts a new group's first members alike: a snapshot at index 1 holding
+    /// the initial voters and state. A member added later has an empty log
+    /// before index 2, so it always catches up from a snapshot first and learns
+    /// the whole configuration from it.
+    pub fn bootstrap(&self, voters: Vec<u64>, data: Vec<u8>) -> Result<()> {
+        let mut snap = Snapshot::default();
+        let meta = snap.mut_metadata();
+        meta.index = 1;
+        meta.term = 1;
+        meta.mut_conf_state().voters = voters;
+        snap.set_data(data.into());
+        self.apply_snapshot(&snap)?;
+        self.sync()
+    }
+
     /// The latest snapshot's metadata and state-machine data, if any.
     pub fn latest_snapshot(&self) -> Result<Option<(SnapshotMetadata, Vec<u8>)>> {
         let meta = self.snap_meta.read().expect("lock").clone();

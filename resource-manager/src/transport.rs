@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protobuf::Message as _;
-use raft::prelude::Message;
+use raft::prelude::{Message, MessageType};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -63,44 +63,64 @@ impl Isolation {
 
 /// Outgoing side, owned by the raft thread.
 pub struct Transport {
-    peers: HashMap<u64, mpsc::Sender<Message>>,
+    me: u64,
+    runtime: tokio::runtime::Handle,
+    /// Peer id -> (address, queue of its sender task).
+    peers: HashMap<u64, (String, mpsc::Sender<Message>)>,
     isolation: Isolation,
 }
 
 impl Transport {
-    /// Starts one sender task per peer (other than `me`) on the current runtime.
-    pub fn start(
-        me: u64,
-        peers: &BTreeMap<u64, String>,
-        runtime: &tokio::runtime::Handle,
-        isolation: Isolation,
-    ) -> Self {
-        let mut map = HashMap::new();
-        for (&id, addr) in peers {
-            if id == me {
-                continue;
-            }
-            let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            runtime.spawn(peer_loop(me, id, addr.clone(), rx));
-            map.insert(id, tx);
-        }
+    /// A transport with no peers yet; [`Transport::sync`] adds them. Sender
+    /// tasks run on `runtime`.
+    pub fn start(me: u64, runtime: &tokio::runtime::Handle, isolation: Isolation) -> Self {
         Transport {
-            peers: map,
+            me,
+            runtime: runtime.clone(),
+            peers: HashMap::new(),
             isolation,
         }
     }
 
-    pub fn send(&self, msgs: Vec<Message>) {
-        if self.isolation.is_on() {
-            return;
+    /// Makes the peer set `members` (minus this member): starts senders for
+    /// new or moved peers, stops those of removed ones.
+    pub fn sync(&mut self, members: &BTreeMap<u64, String>) {
+        self.peers
+            .retain(|id, (addr, _)| members.get(id).is_some_and(|a| a == addr));
+        for (&id, addr) in members {
+            if id == self.me || self.peers.contains_key(&id) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            self.runtime.spawn(peer_loop(self.me, id, addr.clone(), rx));
+            self.peers.insert(id, (addr.clone(), tx));
         }
+    }
+
+    /// Queues `msgs` for their peers. Returns, for every snapshot among them,
+    /// its recipient and whether it was queued (the raft thread reports each
+    /// to raft, or the recipient's progress would wait on it forever).
+    pub fn send(&self, msgs: Vec<Message>) -> Vec<(u64, bool)> {
+        let mut snapshots = Vec::new();
         for m in msgs {
-            if let Some(q) = self.peers.get(&m.to) {
-                if q.try_send(m).is_err() {
-                    debug!("peer queue full or closed; message dropped");
-                }
+            let to = m.to;
+            let is_snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
+            let queued = !self.isolation.is_on()
+                && self
+                    .peers
+                    .get(&to)
+                    .is_some_and(|(_, q)| q.try_send(m).is_ok());
+            if !queued {
+                debug!(
+                    peer = to,
+                    "raft message dropped (peer queue full, unknown, or isolated)"
+                );
+            }
+            if is_snapshot {
+                snapshots.push((to, queued));
             }
         }
+        snapshots
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! rmctl [--rm ADDR[,ADDR...]] [-o table|json] cluster status
+//! rmctl cluster add-member ID ADDR | cluster remove-member ID
 //! rmctl node list | node drain ID
 //! rmctl app list | app status ID | app kill ID
 //! rmctl submit -f job.yaml
@@ -75,6 +76,10 @@ enum Cmd {
 enum ClusterCmd {
     /// Members, leader, term, indexes, node and capacity totals.
     Status,
+    /// Adds a member to the RM group (start it with `resource-manager --join`).
+    AddMember { id: u64, address: String },
+    /// Removes a member from the RM group.
+    RemoveMember { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -202,6 +207,18 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                     cap.gpus
                 )
             }
+        }
+        Cmd::Cluster {
+            cmd: ClusterCmd::AddMember { id, address },
+        } => {
+            rm.add_member(id, &address).await?;
+            format!("member {id} ({address}) added")
+        }
+        Cmd::Cluster {
+            cmd: ClusterCmd::RemoveMember { id },
+        } => {
+            rm.remove_member(id).await?;
+            format!("member {id} removed")
         }
         Cmd::Node { cmd: NodeCmd::List } => {
             let nodes = rm.list_nodes().await?;

@@ -8,6 +8,8 @@ use weft_client::RmClient;
 
 pub struct Member {
     pub id: u64,
+    /// Started with `--join` (added to a running group).
+    pub join: bool,
     pub addr: String,
     pub dir: PathBuf,
     pub log: PathBuf,
@@ -35,6 +37,7 @@ impl Cluster {
         let members = (1..=n)
             .map(|id| Member {
                 id,
+                join: false,
                 addr: format!("127.0.0.1:{}", free_port()),
                 dir: tmp.path().join(format!("rm{id}")),
                 log: tmp.path().join(format!("rm{id}.log")),
@@ -79,7 +82,11 @@ impl Cluster {
             .append(true)
             .open(&m.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_resource-manager"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_resource-manager"));
+        if m.join {
+            cmd.arg("--join");
+        }
+        let child = cmd
             .args(["--config", config.to_str().unwrap()])
             .args(["--id", &m.id.to_string(), "--listen", &m.addr])
             .args(["--data-dir", m.dir.to_str().unwrap(), "--peers", &peers])
@@ -91,6 +98,24 @@ impl Cluster {
             .spawn()
             .expect("starting resource-manager");
         m.child = Some(child);
+    }
+
+    /// Starts a new member process that joins the group (it must then be
+    /// added with `add_member`). Returns its index.
+    pub fn spawn_joiner(&mut self) -> usize {
+        let id = self.members.iter().map(|m| m.id).max().unwrap_or(0) + 1;
+        let root = self.members[0].dir.parent().unwrap().to_path_buf();
+        self.members.push(Member {
+            id,
+            join: true,
+            addr: format!("127.0.0.1:{}", free_port()),
+            dir: root.join(format!("rm{id}")),
+            log: root.join(format!("rm{id}.log")),
+            child: None,
+        });
+        let i = self.members.len() - 1;
+        self.spawn(i);
+        i
     }
 
     /// SIGKILL, as a crash would.

@@ -5,5 +5,6 @@
 mod cluster;
 
 mod failover;
+mod membership;
 mod nodes;
 mod rmctl;
