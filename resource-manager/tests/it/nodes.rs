@@ -86,19 +86,77 @@ async fn wait_state(
     }
 }
 
+/// The real `node-agent` binary, beside `resource-manager` once the
+/// workspace's binaries are built (README's test command does that first).
+fn agent_binary() -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name("node-agent");
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first", p.display());
+    p
+}
+
+/// A node-agent process; killed (SIGKILL) when dropped.
+struct AgentProcess {
+    child: std::process::Child,
+    _work: tempfile::TempDir,
+}
+
+impl AgentProcess {
+    fn start(node_id: &str, rm: &[String]) -> AgentProcess {
+        let work = tempfile::tempdir().unwrap();
+        let config = work.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "node_id = {node_id:?}\nlisten = \"127.0.0.1:0\"\nwork_dir = {:?}\nlabels = {{ gpu = \"h100\" }}\n\
+                 [resources]\nvcores = 8.0\n[containers]\ncgroup_parent = \"weft-rm-it-{}-{node_id}\"\n\
+                 [heartbeat]\nmax_backoff = \"300ms\"\n[gpu]\nprobe = \"fake\"\n\
+                 [[gpu.fake.devices]]\nuuid = \"GPU-0\"\nmodel = \"Fake H100\"\nmemory = \"80GiB\"\n",
+                work.path().join("agent").display().to_string(),
+                std::process::id()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new(agent_binary())
+            .args(["--config", config.to_str().unwrap(), "--rm", &rm.join(",")])
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        AgentProcess { child, _work: work }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    /// A clean stop, so the agent removes its cgroups (a killed agent's are
+    /// reused and removed by the next agent with the same cgroup parent).
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill9();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_registers_goes_lost_when_silent_and_returns() {
+async fn agent_registers_goes_lost_when_killed_and_returns() {
     let cluster = Cluster::start(3, 1000);
     cluster.leader().await;
     let client = cluster.client();
-    let agent = Agent::start("gpu-node-1", cluster.addrs()).await;
-    let n = wait_state(
-        &client,
-        "gpu-node-1",
-        pb::NodeState::Running,
-        Duration::from_secs(20),
-    )
-    .await;
+    let mut agent = AgentProcess::start("gpu-node-1", &cluster.addrs());
+    let n = wait_state(&client, "gpu-node-1", pb::NodeState::Running, Duration::from_secs(20)).await;
     let cap = n.capacity.clone().unwrap();
     assert_eq!(cap.vcores_milli, 8000);
     assert_eq!(cap.gpus.len(), 1);
@@ -109,48 +167,20 @@ async fn agent_registers_goes_lost_when_silent_and_returns() {
     assert_eq!(status.capacity.unwrap().gpus, 1);
     // Heartbeats keep it alive well past the expiry.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        node(&client, "gpu-node-1").await.unwrap().state(),
-        pb::NodeState::Running
-    );
+    assert_eq!(node(&client, "gpu-node-1").await.unwrap().state(), pb::NodeState::Running);
 
-    // Silent: LOST after the expiry.
+    // Killed: LOST after the expiry.
     let t0 = Instant::now();
-    agent.stop().await;
-    wait_state(
-        &client,
-        "gpu-node-1",
-        pb::NodeState::Lost,
-        Duration::from_secs(10),
-    )
-    .await;
+    agent.kill9();
+    wait_state(&client, "gpu-node-1", pb::NodeState::Lost, Duration::from_secs(10)).await;
     let took = t0.elapsed();
-    // Its last heartbeat went out at most one interval (200 ms) before the stop.
-    assert!(
-        took >= Duration::from_millis(700),
-        "declared lost after only {took:?}"
-    );
-    assert_eq!(
-        client
-            .cluster_status()
-            .await
-            .unwrap()
-            .capacity
-            .unwrap()
-            .gpus,
-        0
-    );
+    // Its last heartbeat went out at most one interval (200 ms) before the kill.
+    assert!(took >= Duration::from_millis(700), "declared lost after only {took:?}");
+    assert_eq!(client.cluster_status().await.unwrap().capacity.unwrap().gpus, 0);
 
-    // Back: it registers again and is RUNNING.
-    let agent = Agent::start("gpu-node-1", cluster.addrs()).await;
-    wait_state(
-        &client,
-        "gpu-node-1",
-        pb::NodeState::Running,
-        Duration::from_secs(10),
-    )
-    .await;
-    agent.stop().await;
+    // Restarted: it registers again and is RUNNING.
+    let _agent = AgentProcess::start("gpu-node-1", &cluster.addrs());
+    wait_state(&client, "gpu-node-1", pb::NodeState::Running, Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
