@@ -79,6 +79,9 @@ enum Input {
         change: MemberChange,
         reply: oneshot::Sender<Result<Outcome>>,
     },
+    ReadIndex {
+        reply: oneshot::Sender<Result<()>>,
+    },
     Message(Box<Message>),
 }
 
@@ -121,7 +124,18 @@ impl RaftHandle {
         Self::await_reply(rx).await
     }
 
-    async fn await_reply(rx: oneshot::Receiver<Result<Outcome>>) -> Result<Outcome> {
+    /// Resolves once this member is confirmed leader (a heartbeat round with
+    /// a quorum) and has applied everything committed before the call: reads
+    /// of the state after it are linearizable.
+    pub async fn read_barrier(&self) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Input::ReadIndex { reply })
+            .map_err(|_| Error::Unavailable("raft member is stopping".into()))?;
+        Self::await_reply(rx).await
+    }
+
+    async fn await_reply<T>(rx: oneshot::Receiver<Result<T>>) -> Result<T> {
         match tokio::time::timeout(PROPOSE_TIMEOUT, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Error::Unavailable("raft member is stopping".into())),
@@ -245,6 +259,8 @@ pub fn start(
         transport,
         settings,
         pending: HashMap::new(),
+        reads: HashMap::new(),
+        ready_reads: Vec::new(),
         next_request: 1,
         applied,
         last_snapshot: applied,
@@ -265,6 +281,10 @@ struct Member {
     settings: RaftSettings,
     /// Proposals of this member waiting for their entry to apply.
     pending: HashMap<u64, oneshot::Sender<Result<Outcome>>>,
+    /// Reads waiting for their read index to be confirmed.
+    reads: HashMap<u64, oneshot::Sender<Result<()>>>,
+    /// Confirmed reads waiting for this member to apply up to their index.
+    ready_reads: Vec<(u64, oneshot::Sender<Result<()>>)>,
     next_request: u64,
     applied: u64,
     last_snapshot: u64,
@@ -397,6 +417,18 @@ impl Member {
                     }
                 }
             }
+            Input::ReadIndex { reply } => {
+                if self.raw.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(Error::NotLeader {
+                        leader: self.leader_address(),
+                    }));
+                    return;
+                }
+                let request = self.next_request;
+                self.next_request += 1;
+                self.raw.read_index(request.to_be_bytes().to_vec());
+                self.reads.insert(request, reply);
+            }
             Input::Message(m) => {
                 if let Err(e) = self.raw.step(*m) {
                     debug!(error = %e, "raft step refused a message");
@@ -431,6 +463,18 @@ impl Member {
             info!(role = ?ss.raft_state, leader = ss.leader_id, term = self.raw.raft.term, "raft role changed");
             if ss.raft_state != StateRole::Leader {
                 self.fail_pending();
+            }
+        }
+
+        for rs in rd.take_read_states() {
+            let id = rs
+                .request_ctx
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if let Some(reply) = self.reads.remove(&id) {
+                self.ready_reads.push((rs.index, reply));
             }
         }
 
@@ -471,6 +515,7 @@ impl Member {
             self.raw.report_snapshot(to, status);
         }
         self.maybe_snapshot();
+        self.answer_reads();
         self.publish_status();
     }
 
@@ -560,10 +605,29 @@ impl Member {
 
     fn fail_pending(&mut self) {
         let leader = self.leader_address();
+        let not_leader = || Error::NotLeader {
+            leader: leader.clone(),
+        };
         for (_, reply) in self.pending.drain() {
-            let _ = reply.send(Err(Error::NotLeader {
-                leader: leader.clone(),
-            }));
+            let _ = reply.send(Err(not_leader()));
+        }
+        for (_, reply) in self.reads.drain() {
+            let _ = reply.send(Err(not_leader()));
+        }
+        for (_, reply) in self.ready_reads.drain(..) {
+            let _ = reply.send(Err(not_leader()));
+        }
+    }
+
+    /// Answers confirmed reads whose index this member has applied.
+    fn answer_reads(&mut self) {
+        let applied = self.applied;
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ready_reads)
+            .into_iter()
+            .partition(|(index, _)| *index <= applied);
+        self.ready_reads = waiting;
+        for (_, reply) in done {
+            let _ = reply.send(Ok(()));
         }
     }
 

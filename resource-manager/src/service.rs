@@ -146,8 +146,8 @@ impl RmService {
         }
     }
 
-    fn get_app(&self, id: &str) -> Result<pb::ApplicationReport, Error> {
-        self.raft.ensure_leader()?;
+    async fn get_app(&self, id: &str) -> Result<pb::ApplicationReport, Error> {
+        self.raft.read_barrier().await?;
         let st = self.raft.state();
         st.apps
             .get(id)
@@ -268,14 +268,16 @@ impl pb::client_service_server::ClientService for RmService {
         &self,
         req: Request<pb::GetApplicationRequest>,
     ) -> Result<Response<pb::ApplicationReport>, Status> {
-        Ok(Response::new(self.get_app(&req.get_ref().application_id)?))
+        Ok(Response::new(
+            self.get_app(&req.get_ref().application_id).await?,
+        ))
     }
 
     async fn list_applications(
         &self,
         req: Request<pb::ListApplicationsRequest>,
     ) -> Result<Response<pb::ListApplicationsResponse>, Status> {
-        self.raft.ensure_leader()?;
+        self.raft.read_barrier().await?;
         let r = req.into_inner();
         let st = self.raft.state();
         let applications = st
@@ -314,7 +316,7 @@ impl pb::client_service_server::ClientService for RmService {
         req: Request<pb::GetApplicationRequest>,
     ) -> Result<Response<Self::WatchApplicationStream>, Status> {
         let id = req.into_inner().application_id;
-        let first = self.get_app(&id)?;
+        let first = self.get_app(&id).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let me = self.clone();
         tokio::spawn(async move {
@@ -324,7 +326,7 @@ impl pb::client_service_server::ClientService for RmService {
             }
             while last.state < pb::ApplicationState::Succeeded as i32 {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let now = match me.get_app(&id) {
+                let now = match me.get_app(&id).await {
                     Ok(r) => r,
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;
@@ -346,7 +348,7 @@ impl pb::client_service_server::ClientService for RmService {
         &self,
         _req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        self.raft.ensure_leader()?;
+        self.raft.read_barrier().await?;
         let live = self
             .liveness
             .lock()
@@ -410,7 +412,7 @@ impl pb::client_service_server::ClientService for RmService {
         &self,
         _req: Request<pb::ListQueuesRequest>,
     ) -> Result<Response<pb::ListQueuesResponse>, Status> {
-        self.raft.ensure_leader()?;
+        self.raft.read_barrier().await?;
         // Queue configuration arrives with the scheduler; until then every
         // application runs in `root`.
         let st = self.raft.state();
@@ -595,6 +597,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         &self,
         req: Request<pb::NodeHeartbeatRequest>,
     ) -> Result<Response<pb::NodeHeartbeatResponse>, Status> {
+        // Heartbeats only need to reach the leader, not a linearizable read.
         self.raft.ensure_leader()?;
         let r = req.into_inner();
         // A node declared lost must register again (and report its containers).

@@ -187,6 +187,9 @@ async fn an_isolated_leader_serves_no_writes_and_rejoins_when_healed() {
     let lonely = weft_client::RmClient::new([cluster.members[old].addr.clone()])
         .unwrap()
         .with_deadline(Duration::from_secs(3));
+    // Reads too: it cannot confirm its leadership, so it serves no read.
+    let e = lonely.get_application(&acked[0]).await.unwrap_err();
+    eprintln!("isolated member answered a read: {e}");
     let e = lonely.submit(SPEC, "yaml", "erin").await.unwrap_err();
     eprintln!("isolated member answered: {e}");
     // The majority elects another leader and goes on.

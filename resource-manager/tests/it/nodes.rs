@@ -89,8 +89,13 @@ async fn wait_state(
 /// The real `node-agent` binary, beside `resource-manager` once the
 /// workspace's binaries are built (README's test command does that first).
 fn agent_binary() -> std::path::PathBuf {
-    let p = std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name("node-agent");
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first", p.display());
+    let p =
+        std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name("node-agent");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        p.display()
+    );
     p
 }
 
@@ -156,7 +161,13 @@ async fn agent_registers_goes_lost_when_killed_and_returns() {
     cluster.leader().await;
     let client = cluster.client();
     let mut agent = AgentProcess::start("gpu-node-1", &cluster.addrs());
-    let n = wait_state(&client, "gpu-node-1", pb::NodeState::Running, Duration::from_secs(20)).await;
+    let n = wait_state(
+        &client,
+        "gpu-node-1",
+        pb::NodeState::Running,
+        Duration::from_secs(20),
+    )
+    .await;
     let cap = n.capacity.clone().unwrap();
     assert_eq!(cap.vcores_milli, 8000);
     assert_eq!(cap.gpus.len(), 1);
@@ -167,20 +178,47 @@ async fn agent_registers_goes_lost_when_killed_and_returns() {
     assert_eq!(status.capacity.unwrap().gpus, 1);
     // Heartbeats keep it alive well past the expiry.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(node(&client, "gpu-node-1").await.unwrap().state(), pb::NodeState::Running);
+    assert_eq!(
+        node(&client, "gpu-node-1").await.unwrap().state(),
+        pb::NodeState::Running
+    );
 
     // Killed: LOST after the expiry.
     let t0 = Instant::now();
     agent.kill9();
-    wait_state(&client, "gpu-node-1", pb::NodeState::Lost, Duration::from_secs(10)).await;
+    wait_state(
+        &client,
+        "gpu-node-1",
+        pb::NodeState::Lost,
+        Duration::from_secs(10),
+    )
+    .await;
     let took = t0.elapsed();
     // Its last heartbeat went out at most one interval (200 ms) before the kill.
-    assert!(took >= Duration::from_millis(700), "declared lost after only {took:?}");
-    assert_eq!(client.cluster_status().await.unwrap().capacity.unwrap().gpus, 0);
+    assert!(
+        took >= Duration::from_millis(700),
+        "declared lost after only {took:?}"
+    );
+    assert_eq!(
+        client
+            .cluster_status()
+            .await
+            .unwrap()
+            .capacity
+            .unwrap()
+            .gpus,
+        0
+    );
 
     // Restarted: it registers again and is RUNNING.
     let _agent = AgentProcess::start("gpu-node-1", &cluster.addrs());
-    wait_state(&client, "gpu-node-1", pb::NodeState::Running, Duration::from_secs(10)).await;
+    wait_state(
+        &client,
+        "gpu-node-1",
+        pb::NodeState::Running,
+        Duration::from_secs(10),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
