@@ -1,0 +1,120 @@
+//! Write throughput and latency of a 3-member RM group of real processes on
+//! loopback (sled fsyncs on this machine's disk): submissions acknowledged
+//! per second and per-write latency, at several numbers of concurrent
+//! clients. One client shows the cost of a commit round (fsync + a network
+//! round trip); many show what batching proposals per round buys.
+//!
+//! `cargo bench -p weft-resource-manager --bench raft` prints the figures
+//! (`cargo test` runs a short version).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use weft_client::RmClient;
+
+struct Group {
+    children: Vec<Child>,
+    addrs: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start() -> Group {
+    let dir = tempfile::tempdir().unwrap();
+    let ports: Vec<u16> = (0..3)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let peers: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect();
+    let children = (0..3)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_resource-manager"))
+                .args(["--id", &(i + 1).to_string(), "--listen", &addrs[i]])
+                .args([
+                    "--data-dir",
+                    dir.path().join(format!("rm{i}")).to_str().unwrap(),
+                ])
+                .args(["--peers", &peers.join(",")])
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    Group {
+        children,
+        addrs,
+        _dir: dir,
+    }
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let full = std::env::args().any(|a| a == "--bench");
+    let total = if full { 3000 } else { 150 };
+    let group = start();
+    let client = Arc::new(RmClient::new(group.addrs.clone()).unwrap());
+    // Wait for a leader (the first write goes through once there is one).
+    client
+        .submit("name: warmup\n", "yaml", "bench")
+        .await
+        .unwrap();
+    println!("RM group of 3 (raft tick 100 ms, sled fsync per round), {total} submissions per row");
+    for concurrency in [1usize, 8, 64] {
+        let per = total / concurrency;
+        let t0 = Instant::now();
+        let tasks: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let c = client.clone();
+                tokio::spawn(async move {
+                    let mut lat = Vec::with_capacity(per);
+                    for _ in 0..per {
+                        let s = Instant::now();
+                        c.submit("name: bench\n", "yaml", "bench").await.unwrap();
+                        lat.push(s.elapsed().as_secs_f64() * 1e3);
+                    }
+                    lat
+                })
+            })
+            .collect();
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await.unwrap());
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        println!(
+            "  {concurrency:>3} concurrent clients: {:>7.0} writes/s   latency p50 {:>6.2} ms  p99 {:>6.2} ms",
+            lat.len() as f64 / secs,
+            pct(&mut lat, 0.5),
+            pct(&mut lat, 0.99)
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
