@@ -20,6 +20,10 @@ pub enum Command {
         memory_bytes: u64,
         gpus: Vec<Gpu>,
         labels: BTreeMap<String, String>,
+        /// Containers the agent reports still running; the node's other
+        /// unfinished containers end as lost.
+        #[serde(default)]
+        running: Vec<String>,
         at_ms: u64,
     },
     SetNodeState {
@@ -41,6 +45,106 @@ pub enum Command {
         app_id: String,
         at_ms: u64,
     },
+    ApplicationAccepted {
+        app_id: String,
+        at_ms: u64,
+    },
+    AttemptStarted {
+        app_id: String,
+        attempt: u32,
+        /// Container running the attempt's application master, if any.
+        am_container: Option<String>,
+        at_ms: u64,
+    },
+    ApplicationFinished {
+        app_id: String,
+        /// Succeeded, Failed or Killed.
+        state: AppState,
+        diagnostics: String,
+        at_ms: u64,
+    },
+    /// One scheduling round's placements: all applied, or none.
+    ContainersAllocated {
+        allocations: Vec<Allocation>,
+        at_ms: u64,
+    },
+    ContainersLaunched {
+        container_ids: Vec<String>,
+        at_ms: u64,
+    },
+    /// Ends reported by node agents, batched per heartbeat round.
+    ContainersCompleted {
+        completions: Vec<Completion>,
+        at_ms: u64,
+    },
+    SetQueues {
+        queues: Vec<QueueSpec>,
+    },
+}
+
+/// A container granted on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub container_id: String,
+    pub app_id: String,
+    pub node_id: String,
+    pub vcores_milli: u64,
+    pub memory_bytes: u64,
+    /// GPU indices on the node, given whole.
+    pub gpus: Vec<u32>,
+}
+
+/// How a container ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    pub container_id: String,
+    pub state: ContainerEnd,
+    pub exit_status: i32,
+    pub diagnostic: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerEnd {
+    Succeeded,
+    Failed,
+    Killed,
+    Lost,
+    NodeLost,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerPhase {
+    Allocated,
+    Running,
+    Completed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    pub alloc: Allocation,
+    pub phase: ContainerPhase,
+    pub end: Option<Completion>,
+    pub allocated_at_ms: u64,
+    pub changed_at_ms: u64,
+}
+
+/// A queue's configuration (the scheduler reads it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSpec {
+    /// Dotted path, e.g. `root.research.vision`.
+    pub name: String,
+    pub guaranteed_vcores_milli: u64,
+    pub guaranteed_memory_bytes: u64,
+    pub guaranteed_gpus: u32,
+    /// 0 = no maximum.
+    pub max_vcores_milli: u64,
+    pub max_memory_bytes: u64,
+    pub max_gpus: u32,
+    pub weight: u32,
+    /// Users allowed to submit; empty = everyone.
+    pub submit_acl: Vec<String>,
 }
 
 /// What the raft log holds: a command plus who proposed it, so the proposer
@@ -143,6 +247,10 @@ pub struct App {
     pub submitted_at_ms: u64,
     pub finished_at_ms: u64,
     pub diagnostics: String,
+    #[serde(default)]
+    pub attempt: u32,
+    #[serde(default)]
+    pub am_container: Option<String>,
 }
 
 /// The whole replicated state.
@@ -158,6 +266,20 @@ pub struct ClusterState {
     /// changes, and carried in snapshots so a new member learns everyone.
     #[serde(default)]
     pub members: BTreeMap<u64, String>,
+    /// Every container granted, running or ended: an id is never granted twice.
+    #[serde(default)]
+    pub containers: BTreeMap<String, Container>,
+    #[serde(default)]
+    pub queues: BTreeMap<String, QueueSpec>,
+}
+
+/// Resources in use on a node by its containers that have not ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeUse {
+    pub vcores_milli: u64,
+    pub memory_bytes: u64,
+    pub gpus: Vec<u32>,
+    pub containers: u32,
 }
 
 impl ClusterState {
@@ -172,8 +294,21 @@ impl ClusterState {
                 memory_bytes,
                 gpus,
                 labels,
+                running,
                 at_ms,
             } => {
+                // Containers the agent no longer runs ended while it was away.
+                self.end_containers_on(node_id, running, ContainerEnd::Lost, *at_ms);
+                let u = self.node_use(node_id);
+                if u.vcores_milli > *vcores_milli
+                    || u.memory_bytes > *memory_bytes
+                    || u.gpus.iter().any(|&g| g as usize >= gpus.len())
+                {
+                    return Outcome::Rejected(format!(
+                        "capacity: below what the node's running containers use ({} vcores_milli, {} bytes, GPUs {:?})",
+                        u.vcores_milli, u.memory_bytes, u.gpus
+                    ));
+                }
                 let registered_at_ms = self
                     .nodes
                     .get(node_id)
@@ -203,6 +338,9 @@ impl ClusterState {
                     if n.state != *state {
                         n.state = *state;
                         n.state_changed_at_ms = *at_ms;
+                    }
+                    if *state == NodeState::Lost {
+                        self.end_containers_on(node_id, &[], ContainerEnd::NodeLost, *at_ms);
                     }
                     Outcome::Done
                 }
@@ -237,6 +375,8 @@ impl ClusterState {
                         submitted_at_ms: *at_ms,
                         finished_at_ms: 0,
                         diagnostics: String::new(),
+                        attempt: 0,
+                        am_container: None,
                     },
                 );
                 if !request_id.is_empty() {
@@ -254,7 +394,270 @@ impl ClusterState {
                 }
                 None => Outcome::Rejected(format!("application_id: no application {app_id}")),
             },
+            Command::ApplicationAccepted { app_id, .. } => match self.apps.get_mut(app_id) {
+                Some(a) if a.state == AppState::Submitted => {
+                    a.state = AppState::Accepted;
+                    Outcome::Done
+                }
+                Some(a) => Outcome::Rejected(format!(
+                    "application_id: {app_id} is {:?}, not submitted",
+                    a.state
+                )),
+                None => Outcome::Rejected(format!("application_id: no application {app_id}")),
+            },
+            Command::AttemptStarted {
+                app_id,
+                attempt,
+                am_container,
+                ..
+            } => match self.apps.get_mut(app_id) {
+                Some(a) if a.state.is_terminal() => {
+                    Outcome::Rejected(format!("application_id: {app_id} already ended"))
+                }
+                Some(a) if *attempt <= a.attempt => Outcome::Rejected(format!(
+                    "attempt: {attempt} is not after attempt {} of {app_id}",
+                    a.attempt
+                )),
+                Some(a) => {
+                    a.attempt = *attempt;
+                    a.am_container = am_container.clone();
+                    a.state = AppState::Running;
+                    Outcome::Done
+                }
+                None => Outcome::Rejected(format!("application_id: no application {app_id}")),
+            },
+            Command::ApplicationFinished {
+                app_id,
+                state,
+                diagnostics,
+                at_ms,
+            } => {
+                if !state.is_terminal() {
+                    return Outcome::Rejected(format!("state: {state:?} is not a final state"));
+                }
+                match self.apps.get_mut(app_id) {
+                    Some(a) if a.state.is_terminal() => Outcome::Done,
+                    Some(a) => {
+                        a.state = *state;
+                        a.diagnostics = diagnostics.clone();
+                        a.finished_at_ms = *at_ms;
+                        Outcome::Done
+                    }
+                    None => Outcome::Rejected(format!("application_id: no application {app_id}")),
+                }
+            }
+            Command::ContainersAllocated { allocations, at_ms } => {
+                if let Err(why) = self.check_allocations(allocations) {
+                    return Outcome::Rejected(why);
+                }
+                for a in allocations {
+                    self.containers.insert(
+                        a.container_id.clone(),
+                        Container {
+                            alloc: a.clone(),
+                            phase: ContainerPhase::Allocated,
+                            end: None,
+                            allocated_at_ms: *at_ms,
+                            changed_at_ms: *at_ms,
+                        },
+                    );
+                }
+                Outcome::Done
+            }
+            Command::ContainersLaunched {
+                container_ids,
+                at_ms,
+            } => {
+                for id in container_ids {
+                    if let Some(c) = self.containers.get_mut(id) {
+                        if c.phase == ContainerPhase::Allocated {
+                            c.phase = ContainerPhase::Running;
+                            c.changed_at_ms = *at_ms;
+                        }
+                    }
+                }
+                Outcome::Done
+            }
+            Command::ContainersCompleted { completions, at_ms } => {
+                for done in completions {
+                    if let Some(c) = self.containers.get_mut(&done.container_id) {
+                        if c.phase != ContainerPhase::Completed {
+                            c.phase = ContainerPhase::Completed;
+                            c.end = Some(done.clone());
+                            c.changed_at_ms = *at_ms;
+                        }
+                    }
+                }
+                Outcome::Done
+            }
+            Command::SetQueues { queues } => {
+                let mut names = std::collections::BTreeSet::new();
+                for q in queues {
+                    if q.name != "root" && !q.name.starts_with("root.") {
+                        return Outcome::Rejected(format!(
+                            "queues.name: {:?} must be root or start with \"root.\"",
+                            q.name
+                        ));
+                    }
+                    if !names.insert(q.name.as_str()) {
+                        return Outcome::Rejected(format!("queues.name: {} appears twice", q.name));
+                    }
+                }
+                self.queues = queues.iter().map(|q| (q.name.clone(), q.clone())).collect();
+                Outcome::Done
+            }
         }
+    }
+
+    /// Ends every unfinished container on `node_id` except those in `keep`.
+    fn end_containers_on(&mut self, node_id: &str, keep: &[String], end: ContainerEnd, at_ms: u64) {
+        for c in self.containers.values_mut() {
+            if c.alloc.node_id == node_id
+                && c.phase != ContainerPhase::Completed
+                && !keep.contains(&c.alloc.container_id)
+            {
+                c.phase = ContainerPhase::Completed;
+                c.changed_at_ms = at_ms;
+                c.end = Some(Completion {
+                    container_id: c.alloc.container_id.clone(),
+                    state: end,
+                    exit_status: match end {
+                        ContainerEnd::NodeLost => -100,
+                        _ => -109,
+                    },
+                    diagnostic: match end {
+                        ContainerEnd::NodeLost => format!("node {node_id} was lost (no heartbeat)"),
+                        _ => format!("node {node_id} registered again without it"),
+                    },
+                });
+            }
+        }
+    }
+
+    /// What the containers that have not ended use on `node_id`.
+    pub fn node_use(&self, node_id: &str) -> NodeUse {
+        let mut u = NodeUse::default();
+        for c in self.containers.values() {
+            if c.alloc.node_id == node_id && c.phase != ContainerPhase::Completed {
+                u.vcores_milli += c.alloc.vcores_milli;
+                u.memory_bytes += c.alloc.memory_bytes;
+                u.gpus.extend(&c.alloc.gpus);
+                u.containers += 1;
+            }
+        }
+        u
+    }
+
+    /// Verifies a scheduling round against the current state (the plan may
+    /// have been made from an older view): new ids, live application, running
+    /// node, and every node's resources and GPUs still free.
+    fn check_allocations(&self, allocations: &[Allocation]) -> Result<(), String> {
+        let mut round_use: BTreeMap<&str, NodeUse> = BTreeMap::new();
+        let mut ids = std::collections::BTreeSet::new();
+        for a in allocations {
+            if self.containers.contains_key(&a.container_id) || !ids.insert(a.container_id.as_str())
+            {
+                return Err(format!(
+                    "container_id: {} was already granted",
+                    a.container_id
+                ));
+            }
+            match self.apps.get(&a.app_id) {
+                Some(app) if !app.state.is_terminal() => {}
+                Some(_) => return Err(format!("app_id: {} already ended", a.app_id)),
+                None => return Err(format!("app_id: no application {}", a.app_id)),
+            }
+            let node = self
+                .nodes
+                .get(&a.node_id)
+                .ok_or_else(|| format!("node_id: no node {}", a.node_id))?;
+            if node.state != NodeState::Running {
+                return Err(format!(
+                    "node_id: {} is {:?}, not running",
+                    a.node_id, node.state
+                ));
+            }
+            let u = round_use
+                .entry(a.node_id.as_str())
+                .or_insert_with(|| self.node_use(&a.node_id));
+            u.vcores_milli += a.vcores_milli;
+            u.memory_bytes += a.memory_bytes;
+            if u.vcores_milli > node.vcores_milli || u.memory_bytes > node.memory_bytes {
+                return Err(format!("node_id: {} would be over-committed", a.node_id));
+            }
+            for g in &a.gpus {
+                if *g as usize >= node.gpus.len() {
+                    return Err(format!("gpus: node {} has no GPU {g}", a.node_id));
+                }
+                if u.gpus.contains(g) {
+                    return Err(format!(
+                        "gpus: GPU {g} of node {} is already given",
+                        a.node_id
+                    ));
+                }
+                u.gpus.push(*g);
+            }
+        }
+        Ok(())
+    }
+
+    /// DESIGN §4's invariants: no node over-committed (per resource, per
+    /// GPU); containers belong to known applications and nodes; application
+    /// ids within the handed-out sequence. Returns the first violation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (id, n) in &self.nodes {
+            let u = self.node_use(id);
+            if u.vcores_milli > n.vcores_milli || u.memory_bytes > n.memory_bytes {
+                return Err(format!(
+                    "node {id} over-committed: {u:?} of {} vcores_milli, {} bytes",
+                    n.vcores_milli, n.memory_bytes
+                ));
+            }
+            let mut g = u.gpus.clone();
+            g.sort_unstable();
+            g.dedup();
+            if g.len() != u.gpus.len() || g.iter().any(|&i| i as usize >= n.gpus.len()) {
+                return Err(format!(
+                    "node {id}: GPUs given twice or not on the node: {:?}",
+                    u.gpus
+                ));
+            }
+        }
+        for (id, c) in &self.containers {
+            if *id != c.alloc.container_id {
+                return Err(format!("container {id} stored under another id"));
+            }
+            if !self.apps.contains_key(&c.alloc.app_id) {
+                return Err(format!(
+                    "container {id} of unknown application {}",
+                    c.alloc.app_id
+                ));
+            }
+            if !self.nodes.contains_key(&c.alloc.node_id) {
+                return Err(format!(
+                    "container {id} on unknown node {}",
+                    c.alloc.node_id
+                ));
+            }
+        }
+        for id in self.apps.keys() {
+            let n: u64 = id
+                .strip_prefix("app-")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(u64::MAX);
+            if n == 0 || n > self.app_seq {
+                return Err(format!(
+                    "application id {id} outside the sequence 1..={}",
+                    self.app_seq
+                ));
+            }
+        }
+        for (req, app) in &self.submissions {
+            if !self.apps.contains_key(app) {
+                return Err(format!("submission {req} points at missing {app}"));
+            }
+        }
+        Ok(())
     }
 
     pub fn to_snapshot(&self) -> Vec<u8> {
@@ -323,6 +726,7 @@ mod tests {
                 memory_bytes: 1 << 30,
                 gpus: vec![],
                 labels: BTreeMap::new(),
+                running: vec![],
                 at_ms: 2,
             },
             Command::KillApplication {
@@ -351,6 +755,281 @@ mod tests {
         assert_eq!(a.apps["app-000001"].state, AppState::Killed);
         assert_eq!(a.nodes["n1"].state, NodeState::Draining);
         assert_eq!(ClusterState::from_snapshot(&a.to_snapshot()).unwrap(), a);
+    }
+
+    fn node(id: &str, vcores: u64, mem: u64, gpus: u32) -> Command {
+        Command::RegisterNode {
+            node_id: id.into(),
+            address: format!("{id}:7200"),
+            vcores_milli: vcores,
+            memory_bytes: mem,
+            gpus: (0..gpus)
+                .map(|i| Gpu {
+                    index: i,
+                    uuid: format!("GPU-{id}-{i}"),
+                    model: "H100".into(),
+                    memory_bytes: 80 << 30,
+                })
+                .collect(),
+            labels: BTreeMap::new(),
+            running: vec![],
+            at_ms: 0,
+        }
+    }
+
+    fn alloc(id: &str, app: &str, node: &str, vcores: u64, mem: u64, gpus: &[u32]) -> Allocation {
+        Allocation {
+            container_id: id.into(),
+            app_id: app.into(),
+            node_id: node.into(),
+            vcores_milli: vcores,
+            memory_bytes: mem,
+            gpus: gpus.to_vec(),
+        }
+    }
+
+    fn allocate(s: &mut ClusterState, a: Vec<Allocation>) -> Outcome {
+        s.apply(&Command::ContainersAllocated {
+            allocations: a,
+            at_ms: 1,
+        })
+    }
+
+    #[test]
+    fn allocations_are_verified_against_current_state() {
+        let mut s = ClusterState::default();
+        s.apply(&node("n1", 4000, 8 << 30, 2));
+        s.apply(&submit("r", 1));
+        assert_eq!(
+            allocate(
+                &mut s,
+                vec![alloc("c1", "app-000001", "n1", 2000, 4 << 30, &[0])]
+            ),
+            Outcome::Done
+        );
+        // Over-commit within one round: the whole round is refused.
+        let r = allocate(
+            &mut s,
+            vec![
+                alloc("c2", "app-000001", "n1", 1000, 1 << 30, &[]),
+                alloc("c3", "app-000001", "n1", 2000, 1 << 30, &[]),
+            ],
+        );
+        assert_eq!(
+            r,
+            Outcome::Rejected("node_id: n1 would be over-committed".into())
+        );
+        assert!(!s.containers.contains_key("c2"), "all or nothing");
+        assert_eq!(
+            allocate(
+                &mut s,
+                vec![alloc("c4", "app-000001", "n1", 100, 1 << 20, &[0])]
+            ),
+            Outcome::Rejected("gpus: GPU 0 of node n1 is already given".into())
+        );
+        assert_eq!(
+            allocate(&mut s, vec![alloc("c1", "app-000001", "n1", 1, 1, &[])]),
+            Outcome::Rejected("container_id: c1 was already granted".into())
+        );
+        assert_eq!(
+            allocate(&mut s, vec![alloc("c5", "app-000009", "n1", 1, 1, &[])]),
+            Outcome::Rejected("app_id: no application app-000009".into())
+        );
+        // Completion frees the resources; the id stays taken.
+        s.apply(&Command::ContainersCompleted {
+            completions: vec![Completion {
+                container_id: "c1".into(),
+                state: ContainerEnd::Succeeded,
+                exit_status: 0,
+                diagnostic: String::new(),
+            }],
+            at_ms: 2,
+        });
+        assert_eq!(s.node_use("n1"), NodeUse::default());
+        assert_eq!(
+            allocate(
+                &mut s,
+                vec![alloc("c6", "app-000001", "n1", 4000, 8 << 30, &[0, 1])]
+            ),
+            Outcome::Done
+        );
+        assert_eq!(
+            allocate(&mut s, vec![alloc("c1", "app-000001", "n1", 1, 1, &[])]),
+            Outcome::Rejected("container_id: c1 was already granted".into())
+        );
+        // A lost node's containers end as NodeLost and free the node.
+        s.apply(&Command::SetNodeState {
+            node_id: "n1".into(),
+            state: NodeState::Lost,
+            at_ms: 3,
+        });
+        assert_eq!(
+            s.containers["c6"].end.as_ref().unwrap().state,
+            ContainerEnd::NodeLost
+        );
+        assert_eq!(
+            allocate(&mut s, vec![alloc("c7", "app-000001", "n1", 1, 1, &[])]),
+            Outcome::Rejected("node_id: n1 is Lost, not running".into())
+        );
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn application_life_cycle() {
+        let mut s = ClusterState::default();
+        s.apply(&submit("r", 1));
+        let id = "app-000001".to_string();
+        assert_eq!(
+            s.apply(&Command::ApplicationAccepted {
+                app_id: id.clone(),
+                at_ms: 2
+            }),
+            Outcome::Done
+        );
+        let start = |attempt| Command::AttemptStarted {
+            app_id: id.clone(),
+            attempt,
+            am_container: Some(format!("am-{attempt}")),
+            at_ms: 3,
+        };
+        assert_eq!(s.apply(&start(1)), Outcome::Done);
+        assert_eq!(s.apps[&id].state, AppState::Running);
+        assert!(
+            matches!(s.apply(&start(1)), Outcome::Rejected(_)),
+            "attempts only move forward"
+        );
+        assert_eq!(s.apply(&start(2)), Outcome::Done);
+        assert_eq!(s.apps[&id].am_container.as_deref(), Some("am-2"));
+        let finish = |state| Command::ApplicationFinished {
+            app_id: id.clone(),
+            state,
+            diagnostics: "task t3 over its memory quota".into(),
+            at_ms: 9,
+        };
+        assert!(matches!(
+            s.apply(&finish(AppState::Running)),
+            Outcome::Rejected(_)
+        ));
+        assert_eq!(s.apply(&finish(AppState::Failed)), Outcome::Done);
+        assert_eq!(s.apps[&id].state, AppState::Failed);
+        assert_eq!(s.apps[&id].finished_at_ms, 9);
+        // Final is final.
+        s.apply(&finish(AppState::Succeeded));
+        assert_eq!(s.apps[&id].state, AppState::Failed);
+        assert!(matches!(s.apply(&start(3)), Outcome::Rejected(_)));
+    }
+
+    #[test]
+    fn queue_configuration_is_validated() {
+        let q = |name: &str| QueueSpec {
+            name: name.into(),
+            guaranteed_vcores_milli: 0,
+            guaranteed_memory_bytes: 0,
+            guaranteed_gpus: 0,
+            max_vcores_milli: 0,
+            max_memory_bytes: 0,
+            max_gpus: 0,
+            weight: 1,
+            submit_acl: vec![],
+        };
+        let mut s = ClusterState::default();
+        assert_eq!(
+            s.apply(&Command::SetQueues {
+                queues: vec![q("root"), q("root.a")]
+            }),
+            Outcome::Done
+        );
+        assert_eq!(s.queues.len(), 2);
+        assert!(matches!(
+            s.apply(&Command::SetQueues {
+                queues: vec![q("other")]
+            }),
+            Outcome::Rejected(_)
+        ));
+        assert!(matches!(
+            s.apply(&Command::SetQueues {
+                queues: vec![q("root.a"), q("root.a")]
+            }),
+            Outcome::Rejected(_)
+        ));
+        assert_eq!(s.queues.len(), 2, "a refused change changes nothing");
+    }
+
+    /// Random command streams (a small deterministic generator): after every
+    /// command the invariants hold, whatever was accepted or refused.
+    #[test]
+    fn invariants_hold_under_random_command_streams() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _run in 0..50 {
+            let mut s = ClusterState::default();
+            let mut accepted = 0;
+            for step in 0..300 {
+                let cmd = match rnd(7) {
+                    0 => node(
+                        &format!("n{}", rnd(4)),
+                        1000 * (1 + rnd(8)),
+                        (1 + rnd(16)) << 30,
+                        rnd(4) as u32,
+                    ),
+                    1 => submit(&format!("r{}", rnd(50)), step),
+                    2 => Command::SetNodeState {
+                        node_id: format!("n{}", rnd(4)),
+                        state: if rnd(2) == 0 {
+                            NodeState::Lost
+                        } else {
+                            NodeState::Running
+                        },
+                        at_ms: step,
+                    },
+                    3 => Command::ContainersCompleted {
+                        completions: vec![Completion {
+                            container_id: format!("c{}", rnd(200)),
+                            state: ContainerEnd::Succeeded,
+                            exit_status: 0,
+                            diagnostic: String::new(),
+                        }],
+                        at_ms: step,
+                    },
+                    _ => Command::ContainersAllocated {
+                        allocations: (0..1 + rnd(3))
+                            .map(|_| {
+                                let gpus: Vec<u32> = if rnd(3) == 0 {
+                                    vec![rnd(4) as u32]
+                                } else {
+                                    vec![]
+                                };
+                                alloc(
+                                    &format!("c{}", rnd(200)),
+                                    &format!("app-{:06}", 1 + rnd(s.app_seq.max(1))),
+                                    &format!("n{}", rnd(4)),
+                                    500 * (1 + rnd(4)),
+                                    (1 + rnd(4)) << 30,
+                                    &gpus,
+                                )
+                            })
+                            .collect(),
+                        at_ms: step,
+                    },
+                };
+                if s.apply(&cmd) == Outcome::Done
+                    && matches!(cmd, Command::ContainersAllocated { .. })
+                {
+                    accepted += 1;
+                }
+                s.check_invariants()
+                    .unwrap_or_else(|e| panic!("after {cmd:?}: {e}"));
+            }
+            assert!(
+                accepted > 0,
+                "the generator exercises successful allocations"
+            );
+        }
     }
 
     #[test]

@@ -597,6 +597,15 @@ impl Member {
                 }
             }
         }
+        // Test and debug builds check DESIGN §4's invariants after every batch.
+        if cfg!(debug_assertions) {
+            if let Err(e) = state.check_invariants() {
+                panic!(
+                    "replicated state broke an invariant at index {}: {e}",
+                    self.applied
+                );
+            }
+        }
         drop(state);
         if members_changed {
             self.sync_transport();

@@ -377,9 +377,17 @@ impl pb::client_service_server::ClientService for RmService {
                         })
                         .collect(),
                 }),
-                used: Some(pb::Resources::default()),
+                used: Some({
+                    let u = st.node_use(&n.id);
+                    pb::Resources {
+                        vcores_milli: u.vcores_milli,
+                        memory_bytes: u.memory_bytes,
+                        gpus: u.gpus.len() as u32,
+                        ..Default::default()
+                    }
+                }),
                 labels: n.labels.clone().into_iter().collect(),
-                containers: 0,
+                containers: st.node_use(&n.id).containers,
                 last_heartbeat_ms: live
                     .get(&n.id)
                     .map(|t| now_ms().saturating_sub(t.elapsed().as_millis() as u64))
@@ -439,10 +447,15 @@ impl pb::client_service_server::ClientService for RmService {
         let s = self.raft.status();
         let st = self.raft.state();
         let mut capacity = pb::Resources::default();
+        let mut used = pb::Resources::default();
         for n in st.nodes.values().filter(|n| n.state == NodeState::Running) {
             capacity.vcores_milli += n.vcores_milli;
             capacity.memory_bytes += n.memory_bytes;
             capacity.gpus += n.gpus.len() as u32;
+            let u = st.node_use(&n.id);
+            used.vcores_milli += u.vcores_milli;
+            used.memory_bytes += u.memory_bytes;
+            used.gpus += u.gpus.len() as u32;
         }
         let members = if s.members.is_empty() {
             self.raft.peers().keys().copied().collect()
@@ -464,7 +477,7 @@ impl pb::client_service_server::ClientService for RmService {
             applied_index: s.applied,
             nodes: st.nodes.len() as u32,
             capacity: Some(capacity),
-            used: Some(pb::Resources::default()),
+            used: Some(used),
             snapshot_index: s.snapshot_index,
             member_id: s.id,
         }))
@@ -576,9 +589,24 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                 })
                 .collect(),
             labels: r.labels.into_iter().collect(),
+            running: r
+                .containers
+                .iter()
+                .filter(|c| {
+                    matches!(
+                        c.state(),
+                        pb::ContainerState::Starting
+                            | pb::ContainerState::Running
+                            | pb::ContainerState::Stopping
+                    )
+                })
+                .map(|c| c.container_id.clone())
+                .collect(),
             at_ms: now_ms(),
         };
-        self.raft.propose(cmd).await?;
+        if let Outcome::Rejected(why) = self.raft.propose(cmd).await? {
+            return Err(Status::failed_precondition(why));
+        }
         self.liveness
             .lock()
             .expect("liveness lock")
