@@ -5,6 +5,7 @@
 //! - [`storage`]: raft log, hard state, conf state and snapshots in sled;
 //! - [`raft_node`]: the thread that owns the `RawNode` and runs the ready loop;
 //! - [`transport`]: raft messages between members over gRPC;
+//! - [`scheduler`]: the pure scheduler (cluster view + asks in, placements out);
 //! - [`service`]: ClientService and ResourceTracker, answering writes once
 //!   committed and sending followers' callers to the leader;
 //! - [`config`]: the TOML config.
@@ -15,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod fsm;
 pub mod raft_node;
+pub mod scheduler;
 pub mod service;
 pub mod slog_bridge;
 pub mod storage;

@@ -1,0 +1,402 @@
+//! One scheduling round: pending asks in, placements out.
+//!
+//! Queues are served in fairness order (see [`Queues::fairness_key`]); after
+//! every placement the served queue's position is recomputed. Within a queue,
+//! units (a single ask, or all asks of a gang) go by priority then submission
+//! order; a unit that cannot be placed now is passed over for the next
+//! (backfill) — a gang that does not fit holds nothing. Node choice comes from
+//! indexes kept in step with free resources, so a placement costs a few
+//! ordered-set operations, not a scan of the cluster; an ask shape that found
+//! no node is not searched again in the same round (resources only shrink
+//! within a round).
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
+
+use super::model::{Ask, Assignment, GpuAsk, GpuGrant, Node, Placement, Res};
+use super::queues::Queues;
+
+/// Nodes examined per search before giving up on an ask for this round.
+pub const CANDIDATES: usize = 256;
+
+/// The nodes and the indexes that find a node for an ask quickly.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    /// (free memory, node) of schedulable nodes.
+    by_memory: BTreeSet<(u64, u32)>,
+    /// (whole free GPUs, node) of schedulable nodes with GPUs.
+    by_whole_gpus: BTreeSet<(u32, u32)>,
+    /// (largest free share of one GPU, node) of schedulable nodes with GPUs.
+    by_gpu_share: BTreeSet<(u32, u32)>,
+    /// label -> schedulable nodes carrying it.
+    by_label: HashMap<(String, String), Vec<u32>>,
+}
+
+fn max_share(n: &Node) -> u32 {
+    n.gpus.iter().map(|g| g.free_milli).max().unwrap_or(0)
+}
+
+impl Cluster {
+    pub fn new(nodes: Vec<Node>) -> Cluster {
+        let mut c = Cluster {
+            nodes,
+            by_memory: BTreeSet::new(),
+            by_whole_gpus: BTreeSet::new(),
+            by_gpu_share: BTreeSet::new(),
+            by_label: HashMap::new(),
+        };
+        for i in 0..c.nodes.len() {
+            c.index(i);
+            let n = &c.nodes[i];
+            if n.schedulable {
+                for l in n.labels.clone() {
+                    c.by_label.entry(l).or_default().push(i as u32);
+                }
+            }
+        }
+        c
+    }
+
+    fn index(&mut self, i: usize) {
+        let n = &self.nodes[i];
+        if !n.schedulable {
+            return;
+        }
+        self.by_memory.insert((n.free_memory, i as u32));
+        if !n.gpus.is_empty() {
+            self.by_whole_gpus.insert((n.whole_free_gpus(), i as u32));
+            self.by_gpu_share.insert((max_share(n), i as u32));
+        }
+    }
+
+    fn unindex(&mut self, i: usize) {
+        let n = &self.nodes[i];
+        if !n.schedulable {
+            return;
+        }
+        self.by_memory.remove(&(n.free_memory, i as u32));
+        if !n.gpus.is_empty() {
+            self.by_whole_gpus.remove(&(n.whole_free_gpus(), i as u32));
+            self.by_gpu_share.remove(&(max_share(n), i as u32));
+        }
+    }
+
+    /// Total capacity of schedulable nodes.
+    pub fn capacity(&self) -> Res {
+        self.nodes
+            .iter()
+            .filter(|n| n.schedulable)
+            .fold(Res::ZERO, |a, n| a.plus(n.capacity()))
+    }
+
+    /// What is in use on schedulable nodes.
+    pub fn used(&self) -> Res {
+        self.nodes
+            .iter()
+            .filter(|n| n.schedulable)
+            .fold(Res::ZERO, |a, n| {
+                let free_gpu: u64 = n.gpus.iter().map(|g| g.free_milli as u64).sum();
+                a.plus(
+                    n.capacity()
+                        .minus(Res::new(n.free_vcores, n.free_memory, free_gpu)),
+                )
+            })
+    }
+
+    /// The GPUs `ask` would get on node `n`, if it fits there now.
+    pub(crate) fn fit(n: &Node, ask: &Ask) -> Option<Vec<GpuGrant>> {
+        if !n.schedulable
+            || n.free_vcores < ask.vcores
+            || n.free_memory < ask.memory
+            || !n.has_labels(&ask.labels)
+        {
+            return None;
+        }
+        let eligible = |g: &super::model::GpuSlot| {
+            ask.gpu_model.as_ref().is_none_or(|m| *m == g.model) && g.memory >= ask.gpu_min_memory
+        };
+        match ask.gpu {
+            GpuAsk::None => Some(Vec::new()),
+            GpuAsk::Whole(k) => {
+                let grants: Vec<GpuGrant> = n
+                    .gpus
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, g)| g.is_whole_free() && eligible(g))
+                    .take(k as usize)
+                    .map(|(d, g)| GpuGrant {
+                        device: d,
+                        milli: 1000,
+                        memory: g.memory,
+                    })
+                    .collect();
+                (grants.len() == k as usize).then_some(grants)
+            }
+            GpuAsk::Share { milli, memory } => {
+                let fits = n.gpus.iter().enumerate().filter(|(_, g)| {
+                    g.free_milli >= milli && g.free_memory >= memory && eligible(g)
+                });
+                // Pack: the fullest device that fits (keeps whole GPUs free);
+                // spread: the emptiest.
+                let best = match ask.placement {
+                    Placement::Pack => fits.min_by_key(|(d, g)| (g.free_milli, *d)),
+                    Placement::Spread => fits.max_by_key(|(d, g)| (g.free_milli, Reverse(*d))),
+                };
+                best.map(|(d, _)| {
+                    vec![GpuGrant {
+                        device: d,
+                        milli,
+                        memory,
+                    }]
+                })
+            }
+        }
+    }
+
+    /// A node for `ask` by its placement policy, and the GPUs it would get.
+    pub fn find(&self, ask: &Ask) -> Option<(usize, Vec<GpuGrant>)> {
+        let try_node = |i: u32| Self::fit(&self.nodes[i as usize], ask).map(|g| (i as usize, g));
+        if let Some(first) = ask.labels.first() {
+            // A node partition: scan it whole, keep the best by policy.
+            let list = self.by_label.get(first)?;
+            let key = |i: usize| {
+                let n = &self.nodes[i];
+                (n.free_memory, n.free_vcores, i)
+            };
+            let fits = list.iter().filter_map(|&i| try_node(i));
+            return match ask.placement {
+                Placement::Pack => fits.min_by_key(|(i, _)| key(*i)),
+                Placement::Spread => fits.max_by_key(|(i, _)| key(*i)),
+            };
+        }
+        let pick = |iter: &mut dyn Iterator<Item = u32>| iter.take(CANDIDATES).find_map(try_node);
+        match (ask.gpu, ask.placement) {
+            (GpuAsk::None, Placement::Pack) => {
+                pick(&mut self.by_memory.range((ask.memory, 0)..).map(|k| k.1))
+            }
+            (GpuAsk::None, Placement::Spread) => {
+                pick(&mut self.by_memory.range((ask.memory, 0)..).rev().map(|k| k.1))
+            }
+            (GpuAsk::Whole(k), Placement::Pack) => {
+                pick(&mut self.by_whole_gpus.range((k, 0)..).map(|x| x.1))
+            }
+            (GpuAsk::Whole(k), Placement::Spread) => {
+                pick(&mut self.by_whole_gpus.range((k, 0)..).rev().map(|x| x.1))
+            }
+            (GpuAsk::Share { milli, .. }, Placement::Pack) => {
+                pick(&mut self.by_gpu_share.range((milli, 0)..).map(|x| x.1))
+            }
+            (GpuAsk::Share { milli, .. }, Placement::Spread) => {
+                pick(&mut self.by_gpu_share.range((milli, 0)..).rev().map(|x| x.1))
+            }
+        }
+    }
+
+    /// Takes `ask`'s resources and `grants` on node `i`.
+    pub fn take(&mut self, i: usize, ask: &Ask, grants: &[GpuGrant]) {
+        self.unindex(i);
+        let n = &mut self.nodes[i];
+        n.free_vcores -= ask.vcores;
+        n.free_memory -= ask.memory;
+        for g in grants {
+            let d = &mut n.gpus[g.device];
+            d.free_milli -= g.milli;
+            d.free_memory =
+                d.free_memory
+                    .saturating_sub(if g.milli == 1000 { d.memory } else { g.memory });
+        }
+        self.index(i);
+    }
+
+    /// Gives back what [`Cluster::take`] took.
+    pub fn give_back(&mut self, i: usize, ask: &Ask, grants: &[GpuGrant]) {
+        self.unindex(i);
+        let n = &mut self.nodes[i];
+        n.free_vcores += ask.vcores;
+        n.free_memory += ask.memory;
+        for g in grants {
+            let d = &mut n.gpus[g.device];
+            d.free_milli += g.milli;
+            d.free_memory += if g.milli == 1000 { d.memory } else { g.memory };
+        }
+        self.index(i);
+    }
+}
+
+/// What a round did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoundStats {
+    pub placed: usize,
+    /// Units (asks or gangs) that found no room this round.
+    pub unplaced: usize,
+    /// Units held back by a queue maximum or user limit.
+    pub limited: usize,
+}
+
+/// A single ask or a whole gang, placed together or not at all.
+struct Unit {
+    asks: Vec<usize>,
+    priority: i32,
+    seq: u64,
+    res: Res,
+}
+
+#[derive(PartialEq)]
+struct Key(u8, f64, usize);
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0
+            .cmp(&o.0)
+            .then(self.1.total_cmp(&o.1))
+            .then(self.2.cmp(&o.2))
+    }
+}
+
+/// What makes two asks interchangeable for node search.
+#[derive(PartialEq, Eq, Hash)]
+struct Shape<'a> {
+    vcores: u64,
+    memory: u64,
+    gpu: GpuAsk,
+    model: Option<&'a str>,
+    min_memory: u64,
+    labels: &'a [(String, String)],
+}
+
+impl<'a> Shape<'a> {
+    fn of(a: &'a Ask) -> Self {
+        Shape {
+            vcores: a.vcores,
+            memory: a.memory,
+            gpu: a.gpu,
+            model: a.gpu_model.as_deref(),
+            min_memory: a.gpu_min_memory,
+            labels: &a.labels,
+        }
+    }
+}
+
+/// Runs one round over `asks` (each names its leaf queue), updating
+/// `cluster` and `queues` with what it places. Asks must reference valid leaf
+/// queues (see [`super::validate_ask`]).
+pub fn schedule(
+    cluster: &mut Cluster,
+    queues: &mut Queues,
+    asks: &[Ask],
+) -> (Vec<Assignment>, RoundStats) {
+    let nq = queues.confs.len();
+    let mut units: Vec<Vec<Unit>> = (0..nq).map(|_| Vec::new()).collect();
+    let mut gangs: HashMap<(usize, u64), (usize, usize)> = HashMap::new();
+    for (i, a) in asks.iter().enumerate() {
+        match a.gang {
+            Some(g) => match gangs.get(&(a.queue, g)) {
+                Some(&(q, u)) => {
+                    let unit = &mut units[q][u];
+                    unit.asks.push(i);
+                    unit.priority = unit.priority.max(a.priority);
+                    unit.seq = unit.seq.min(a.seq);
+                    unit.res = unit.res.plus(a.res());
+                }
+                None => {
+                    gangs.insert((a.queue, g), (a.queue, units[a.queue].len()));
+                    units[a.queue].push(Unit {
+                        asks: vec![i],
+                        priority: a.priority,
+                        seq: a.seq,
+                        res: a.res(),
+                    });
+                }
+            },
+            None => units[a.queue].push(Unit {
+                asks: vec![i],
+                priority: a.priority,
+                seq: a.seq,
+                res: a.res(),
+            }),
+        }
+    }
+    for u in &mut units {
+        u.sort_unstable_by_key(|x| (Reverse(x.priority), x.seq));
+    }
+
+    let total = cluster.capacity();
+    let mut heap: BinaryHeap<Reverse<Key>> = (0..nq)
+        .filter(|&q| !units[q].is_empty())
+        .map(|q| {
+            let (a, b) = queues.fairness_key(q, total);
+            Reverse(Key(a, b, q))
+        })
+        .collect();
+    let mut cursor = vec![0usize; nq];
+    let mut failed: HashSet<Shape> = HashSet::new();
+    let mut out = Vec::new();
+    let mut stats = RoundStats::default();
+    let mut taken: Vec<(usize, usize, Vec<GpuGrant>)> = Vec::new();
+
+    while let Some(Reverse(Key(_, _, q))) = heap.pop() {
+        while cursor[q] < units[q].len() {
+            let unit = &units[q][cursor[q]];
+            cursor[q] += 1;
+            let first = &asks[unit.asks[0]];
+            if unit.asks.len() == 1 && failed.contains(&Shape::of(first)) {
+                stats.unplaced += 1;
+                continue;
+            }
+            if !queues.can_take(q, &first.user, unit.res) {
+                stats.limited += 1;
+                continue;
+            }
+            taken.clear();
+            let mut ok = true;
+            for &ai in &unit.asks {
+                let a = &asks[ai];
+                match cluster.find(a) {
+                    Some((node, grants)) => {
+                        cluster.take(node, a, &grants);
+                        taken.push((ai, node, grants));
+                    }
+                    None => {
+                        ok = false;
+                        if unit.asks.len() == 1 {
+                            failed.insert(Shape::of(a));
+                        }
+                        break;
+                    }
+                }
+            }
+            if !ok {
+                // All or nothing: a gang that does not fit holds nothing.
+                for (ai, node, grants) in taken.drain(..) {
+                    cluster.give_back(node, &asks[ai], &grants);
+                }
+                stats.unplaced += 1;
+                continue;
+            }
+            queues.charge(q, &first.user, unit.res);
+            for (ai, node, grants) in taken.drain(..) {
+                out.push(Assignment {
+                    ask: asks[ai].id,
+                    node,
+                    gpus: grants,
+                });
+                stats.placed += 1;
+            }
+            if cursor[q] < units[q].len() {
+                let (a, b) = queues.fairness_key(q, total);
+                heap.push(Reverse(Key(a, b, q)));
+            }
+            break;
+        }
+    }
+    (out, stats)
+}
