@@ -6,11 +6,13 @@
 //! - [`model`]: resources, nodes with per-device GPU accounting, asks;
 //! - [`queues`]: the queue tree, limits, usage, fairness order;
 //! - [`round`]: one scheduling round and the node indexes it uses;
-//! - [`validate_ask`]: refuses at submit what could never be placed.
+//! - [`validate_ask`]: refuses at submit what could never be placed;
+//! - [`workload`]: synthetic clusters and asks for benchmarks and simulations.
 
 pub mod model;
 pub mod queues;
 pub mod round;
+pub mod workload;
 
 pub use model::{Ask, Assignment, GpuAsk, GpuGrant, GpuSlot, Node, Placement, Res};
 pub use queues::{QueueConf, Queues};
