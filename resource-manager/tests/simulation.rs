@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 
 use weft_resource_manager::scheduler::workload::{self, Rng};
 use weft_resource_manager::scheduler::{
-    schedule, Ask, Assignment, Cluster, GpuAsk, Placement, Res,
+    schedule_with, Ask, Assignment, Cluster, GpuAsk, Placement, Res, Reservations,
 };
 
 const GIB: u64 = 1 << 30;
@@ -184,6 +184,7 @@ fn a_day_of_ml_work_on_1000_nodes() {
     let mut contended_rounds = 0u64;
     let mut finished = 0usize;
     let mut placements = 0usize;
+    let mut reservations = Reservations::default();
 
     let mut now = 0u64;
     while now < 3 * DAY && (now < DAY || !pending.is_empty() || !running.is_empty()) {
@@ -242,7 +243,7 @@ fn a_day_of_ml_work_on_1000_nodes() {
         }
         // A round.
         let asks: Vec<Ask> = pending.iter().map(|p| p.0.clone()).collect();
-        let (out, _) = schedule(&mut cluster, &mut queues, &asks);
+        let (out, _) = schedule_with(&mut cluster, &mut queues, &asks, &mut reservations);
         placements += out.len();
         let placed: HashMap<u64, Assignment> = out.into_iter().map(|a| (a.ask, a)).collect();
         pending.retain(|(a, at, job)| match placed.get(&a.id) {

@@ -16,7 +16,7 @@ pub mod workload;
 
 pub use model::{Ask, Assignment, GpuAsk, GpuGrant, GpuSlot, Node, Placement, Res};
 pub use queues::{QueueConf, Queues};
-pub use round::{schedule, Cluster, RoundStats};
+pub use round::{schedule, schedule_with, Cluster, Reservations, RoundStats, UnitKey};
 
 /// Checks that `ask` could be placed on an empty cluster of `nodes` within its
 /// queue's limits; otherwise says which field makes it impossible, so it is

@@ -31,6 +31,9 @@ pub struct Cluster {
     by_gpu_share: BTreeSet<(u32, u32)>,
     /// label -> schedulable nodes carrying it.
     by_label: HashMap<(String, String), Vec<u32>>,
+    /// Nodes held for a starving unit this round: out of the indexes, so
+    /// only their owner is placed there.
+    reserved: Vec<bool>,
 }
 
 fn max_share(n: &Node) -> u32 {
@@ -45,7 +48,9 @@ impl Cluster {
             by_whole_gpus: BTreeSet::new(),
             by_gpu_share: BTreeSet::new(),
             by_label: HashMap::new(),
+            reserved: Vec::new(),
         };
+        c.reserved = vec![false; c.nodes.len()];
         for i in 0..c.nodes.len() {
             c.index(i);
             let n = &c.nodes[i];
@@ -60,7 +65,7 @@ impl Cluster {
 
     fn index(&mut self, i: usize) {
         let n = &self.nodes[i];
-        if !n.schedulable {
+        if !n.schedulable || self.reserved[i] {
             return;
         }
         self.by_memory.insert((n.free_memory, i as u32));
@@ -72,13 +77,27 @@ impl Cluster {
 
     fn unindex(&mut self, i: usize) {
         let n = &self.nodes[i];
-        if !n.schedulable {
+        if !n.schedulable || self.reserved[i] {
             return;
         }
         self.by_memory.remove(&(n.free_memory, i as u32));
         if !n.gpus.is_empty() {
             self.by_whole_gpus.remove(&(n.whole_free_gpus(), i as u32));
             self.by_gpu_share.remove(&(max_share(n), i as u32));
+        }
+    }
+
+    /// Holds node `i` out of (or back into) general placement.
+    fn set_reserved(&mut self, i: usize, on: bool) {
+        if self.reserved[i] == on {
+            return;
+        }
+        if on {
+            self.unindex(i);
+            self.reserved[i] = true;
+        } else {
+            self.reserved[i] = false;
+            self.index(i);
         }
     }
 
@@ -164,7 +183,10 @@ impl Cluster {
                 let n = &self.nodes[i];
                 (n.free_memory, n.free_vcores, i)
             };
-            let fits = list.iter().filter_map(|&i| try_node(i));
+            let fits = list
+                .iter()
+                .filter(|&&i| !self.reserved[i as usize])
+                .filter_map(|&i| try_node(i));
             return match ask.placement {
                 Placement::Pack => fits.min_by_key(|(i, _)| key(*i)),
                 Placement::Spread => fits.max_by_key(|(i, _)| key(*i)),
@@ -234,8 +256,52 @@ pub struct RoundStats {
     pub limited: usize,
 }
 
+/// Identifies a unit across rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UnitKey {
+    Ask(u64),
+    /// (queue, gang id)
+    Gang(usize, u64),
+}
+
+/// Starvation control carried from round to round: how many rounds each
+/// unit has waited for room, and the nodes held for units that waited too
+/// long. Nothing new is placed on a held node, so it drains, and the unit
+/// it is held for is placed within a bounded number of rounds once capacity
+/// frees (backfill never delays it).
+#[derive(Debug, Clone)]
+pub struct Reservations {
+    /// Rounds a unit waits before nodes are held for it.
+    pub after_rounds: u32,
+    /// Most units holding nodes at once (bounds the capacity held idle).
+    pub max_held: usize,
+    waits: HashMap<UnitKey, u32>,
+    held: HashMap<UnitKey, Vec<usize>>,
+}
+
+impl Default for Reservations {
+    fn default() -> Self {
+        // Holding nodes idles them while they drain: few holds, and only for
+        // units that waited long (see the scheduler README for figures).
+        Reservations {
+            after_rounds: 30,
+            max_held: 2,
+            waits: HashMap::new(),
+            held: HashMap::new(),
+        }
+    }
+}
+
+impl Reservations {
+    /// Nodes held now, per unit.
+    pub fn held(&self) -> &HashMap<UnitKey, Vec<usize>> {
+        &self.held
+    }
+}
+
 /// A single ask or a whole gang, placed together or not at all.
 struct Unit {
+    key: UnitKey,
     asks: Vec<usize>,
     priority: i32,
     seq: u64,
@@ -286,13 +352,25 @@ impl<'a> Shape<'a> {
     }
 }
 
-/// Runs one round over `asks` (each names its leaf queue), updating
-/// `cluster` and `queues` with what it places. Asks must reference valid leaf
-/// queues (see [`super::validate_ask`]).
+/// Runs one round over `asks` without starvation control carried between
+/// rounds (see [`schedule_with`]).
 pub fn schedule(
     cluster: &mut Cluster,
     queues: &mut Queues,
     asks: &[Ask],
+) -> (Vec<Assignment>, RoundStats) {
+    schedule_with(cluster, queues, asks, &mut Reservations::default())
+}
+
+/// Runs one round over `asks` (each names its leaf queue), updating
+/// `cluster` and `queues` with what it places and `reservations` with who
+/// waits and which nodes are held. Asks must reference valid leaf queues
+/// (see [`super::validate_ask`]).
+pub fn schedule_with(
+    cluster: &mut Cluster,
+    queues: &mut Queues,
+    asks: &[Ask],
+    reservations: &mut Reservations,
 ) -> (Vec<Assignment>, RoundStats) {
     let nq = queues.confs.len();
     let mut units: Vec<Vec<Unit>> = (0..nq).map(|_| Vec::new()).collect();
@@ -310,6 +388,7 @@ pub fn schedule(
                 None => {
                     gangs.insert((a.queue, g), (a.queue, units[a.queue].len()));
                     units[a.queue].push(Unit {
+                        key: UnitKey::Gang(a.queue, g),
                         asks: vec![i],
                         priority: a.priority,
                         seq: a.seq,
@@ -318,6 +397,7 @@ pub fn schedule(
                 }
             },
             None => units[a.queue].push(Unit {
+                key: UnitKey::Ask(a.id),
                 asks: vec![i],
                 priority: a.priority,
                 seq: a.seq,
@@ -328,6 +408,16 @@ pub fn schedule(
     for u in &mut units {
         u.sort_unstable_by_key(|x| (Reverse(x.priority), x.seq));
     }
+    let present: HashSet<UnitKey> = units.iter().flatten().map(|u| u.key).collect();
+    reservations.waits.retain(|k, _| present.contains(k));
+    reservations.held.retain(|k, _| present.contains(k));
+    for nodes in reservations.held.values() {
+        for &n in nodes {
+            cluster.set_reserved(n, true);
+        }
+    }
+    let mut unplaced_keys: Vec<(usize, usize)> = Vec::new();
+    let mut placed_keys: Vec<UnitKey> = Vec::new();
 
     let total = cluster.capacity();
     let mut heap: BinaryHeap<Reverse<Key>> = (0..nq)
@@ -348,8 +438,10 @@ pub fn schedule(
             let unit = &units[q][cursor[q]];
             cursor[q] += 1;
             let first = &asks[unit.asks[0]];
-            if unit.asks.len() == 1 && failed.contains(&Shape::of(first)) {
+            let held = reservations.held.contains_key(&unit.key);
+            if unit.asks.len() == 1 && !held && failed.contains(&Shape::of(first)) {
                 stats.unplaced += 1;
+                unplaced_keys.push((q, cursor[q] - 1));
                 continue;
             }
             if !queues.can_take(q, &first.user, unit.res) {
@@ -358,16 +450,22 @@ pub fn schedule(
             }
             taken.clear();
             let mut ok = true;
+            let mine = reservations.held.get(&unit.key);
             for &ai in &unit.asks {
                 let a = &asks[ai];
-                match cluster.find(a) {
+                let on_held = mine.and_then(|nodes| {
+                    nodes
+                        .iter()
+                        .find_map(|&n| Cluster::fit(&cluster.nodes[n], a).map(|g| (n, g)))
+                });
+                match on_held.or_else(|| cluster.find(a)) {
                     Some((node, grants)) => {
                         cluster.take(node, a, &grants);
                         taken.push((ai, node, grants));
                     }
                     None => {
                         ok = false;
-                        if unit.asks.len() == 1 {
+                        if unit.asks.len() == 1 && !held {
                             failed.insert(Shape::of(a));
                         }
                         break;
@@ -380,8 +478,10 @@ pub fn schedule(
                     cluster.give_back(node, &asks[ai], &grants);
                 }
                 stats.unplaced += 1;
+                unplaced_keys.push((q, cursor[q] - 1));
                 continue;
             }
+            placed_keys.push(unit.key);
             queues.charge(q, &first.user, unit.res);
             for (ai, node, grants) in taken.drain(..) {
                 out.push(Assignment {
@@ -398,5 +498,102 @@ pub fn schedule(
             break;
         }
     }
+
+    // Units the loop never reached (the queue ran dry of chances) wait too.
+    for (q, list) in units.iter().enumerate() {
+        for i in cursor[q]..list.len() {
+            unplaced_keys.push((q, i));
+        }
+    }
+    for n in 0..cluster.nodes.len() {
+        cluster.set_reserved(n, false);
+    }
+    for k in placed_keys {
+        reservations.waits.remove(&k);
+        reservations.held.remove(&k);
+    }
+    for (q, i) in unplaced_keys {
+        let unit = &units[q][i];
+        let w = reservations.waits.entry(unit.key).or_insert(0);
+        *w += 1;
+        if *w >= reservations.after_rounds
+            && !reservations.held.contains_key(&unit.key)
+            && reservations.held.len() < reservations.max_held
+        {
+            let members: Vec<&Ask> = unit.asks.iter().map(|&a| &asks[a]).collect();
+            if let Some(nodes) = hold_nodes(cluster, &members, reservations) {
+                reservations.held.insert(unit.key, nodes);
+            }
+        }
+    }
     (out, stats)
+}
+
+/// Nodes that could hold all of `members` once they drain: the least busy
+/// nodes not held for anyone else, enough for every member to fit their
+/// capacity.
+fn hold_nodes(
+    cluster: &Cluster,
+    members: &[&Ask],
+    reservations: &Reservations,
+) -> Option<Vec<usize>> {
+    let taken: HashSet<usize> = reservations.held.values().flatten().copied().collect();
+    let mut candidates: Vec<usize> = (0..cluster.nodes.len())
+        .filter(|&i| cluster.nodes[i].schedulable && !taken.contains(&i))
+        .collect();
+    // Least busy first (free GPUs first when the unit needs GPUs): they
+    // drain soonest.
+    let wants_gpus = members.iter().any(|a| a.gpu != GpuAsk::None);
+    candidates.sort_by_key(|&i| {
+        let n = &cluster.nodes[i];
+        let free_gpu: u64 = if wants_gpus {
+            n.gpus.iter().map(|g| g.free_milli as u64).sum()
+        } else {
+            0
+        };
+        Reverse((
+            free_gpu,
+            n.free_vcores * 1000 / n.capacity_vcores.max(1),
+            n.free_memory >> 20,
+        ))
+    });
+    let mut chosen: Vec<usize> = Vec::new();
+    let mut empty: Vec<Node> = Vec::new();
+    let mut next = candidates.into_iter();
+    for a in members {
+        loop {
+            if let Some(k) = (0..empty.len()).find(|&k| Cluster::fit(&empty[k], a).is_some()) {
+                let grants = Cluster::fit(&empty[k], a).expect("just fitted");
+                let n = &mut empty[k];
+                n.free_vcores -= a.vcores;
+                n.free_memory -= a.memory;
+                for g in grants {
+                    n.gpus[g.device].free_milli -= g.milli;
+                    n.gpus[g.device].free_memory =
+                        n.gpus[g.device].free_memory.saturating_sub(g.memory);
+                }
+                break;
+            }
+            let i = next.by_ref().find(|&i| {
+                let mut e = cluster.nodes[i].clone();
+                e.free_vcores = e.capacity_vcores;
+                e.free_memory = e.capacity_memory;
+                for g in &mut e.gpus {
+                    g.free_milli = 1000;
+                    g.free_memory = g.memory;
+                }
+                Cluster::fit(&e, a).is_some()
+            })?;
+            let mut e = cluster.nodes[i].clone();
+            e.free_vcores = e.capacity_vcores;
+            e.free_memory = e.capacity_memory;
+            for g in &mut e.gpus {
+                g.free_milli = 1000;
+                g.free_memory = g.memory;
+            }
+            chosen.push(i);
+            empty.push(e);
+        }
+    }
+    Some(chosen)
 }

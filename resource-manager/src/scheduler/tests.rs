@@ -467,3 +467,71 @@ proptest! {
         prop_assert!((share - want).abs() <= 1.0 / n as f64 / 8.0 + 1e-9 + 0.01, "share {} vs guarantee {}", share, want);
     }
 }
+
+/// Rounds until the big ask is placed under a stream of small ones (None if
+/// not within `limit` rounds). `persist` keeps starvation control between
+/// rounds.
+fn rounds_until_big_placed(persist: bool, limit: u32) -> Option<u32> {
+    let mut c = Cluster::new(
+        (0..4)
+            .map(|i| Node::new(&format!("n{i}"), 8000, 64 * GIB))
+            .collect(),
+    );
+    let mut q = Queues::root_only();
+    let fresh = || Reservations {
+        after_rounds: 3,
+        ..Reservations::default()
+    };
+    let mut res = fresh();
+    let mut pending: Vec<Ask> = Vec::new();
+    let mut running: Vec<(u32, Ask, Assignment)> = Vec::new();
+    let mut next = 1u64;
+    for round in 1..=limit {
+        // Small tasks end after two rounds.
+        let (done, still): (Vec<_>, Vec<_>) = running.into_iter().partition(|r| r.0 <= round);
+        running = still;
+        for (_, a, asg) in done {
+            c.give_back(asg.node, &a, &asg.gpus);
+            q.refund(a.queue, &a.user, a.res());
+        }
+        // The big ask arrives once small tasks fill the cluster; it is the
+        // oldest in its queue (seq 0) from then on.
+        if round == 3 {
+            pending.push(Ask::new(0, 0, 8000, 8 * GIB));
+        }
+        // A steady stream of small tasks, enough to keep every node busy.
+        for _ in 0..16 {
+            pending.push(Ask {
+                placement: Placement::Spread,
+                ..Ask::new(next, 0, 1000, GIB)
+            });
+            next += 1;
+        }
+        if !persist {
+            res = fresh();
+        }
+        let (out, _) = schedule_with(&mut c, &mut q, &pending, &mut res);
+        for asg in out {
+            if asg.ask == 0 {
+                return Some(round);
+            }
+            let i = pending.iter().position(|a| a.id == asg.ask).unwrap();
+            let a = pending.swap_remove(i);
+            running.push((round + 2, a, asg));
+        }
+    }
+    None
+}
+
+#[test]
+fn a_big_ask_is_not_starved_by_a_stream_of_small_ones() {
+    // Without carrying starvation control, small tasks refill every node.
+    assert_eq!(
+        rounds_until_big_placed(false, 100),
+        None,
+        "the stream starves the big ask"
+    );
+    // With it: a node is held after 3 rounds of waiting and drains within 2 more.
+    let r = rounds_until_big_placed(true, 100).expect("placed");
+    assert!(r <= 3 + 3 + 2 + 1, "placed in round {r}");
+}
