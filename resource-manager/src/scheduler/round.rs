@@ -293,6 +293,16 @@ impl Default for Reservations {
 }
 
 impl Reservations {
+    /// Holds nodes for a unit after it waited `after_rounds` rounds, for at
+    /// most `max_held` units at once.
+    pub fn new(after_rounds: u32, max_held: usize) -> Self {
+        Reservations {
+            after_rounds,
+            max_held,
+            ..Reservations::default()
+        }
+    }
+
     /// Nodes held now, per unit.
     pub fn held(&self) -> &HashMap<UnitKey, Vec<usize>> {
         &self.held

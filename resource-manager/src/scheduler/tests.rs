@@ -478,10 +478,7 @@ fn rounds_until_big_placed(persist: bool, limit: u32) -> Option<u32> {
             .collect(),
     );
     let mut q = Queues::root_only();
-    let fresh = || Reservations {
-        after_rounds: 3,
-        ..Reservations::default()
-    };
+    let fresh = || Reservations::new(3, 2);
     let mut res = fresh();
     let mut pending: Vec<Ask> = Vec::new();
     let mut running: Vec<(u32, Ask, Assignment)> = Vec::new();
