@@ -271,8 +271,8 @@ fn a_day_of_ml_work_on_1000_nodes() {
             .collect();
         if (1..=3).filter(|&q| wanting[q]).count() >= 2 && used.dominant_share(capacity) > 0.85 {
             contended_rounds += 1;
-            for q in 1..=3 {
-                share_sum[q] += queues.usage[q].dominant_share(capacity);
+            for (q, sum) in share_sum.iter_mut().enumerate().skip(1) {
+                *sum += queues.usage[q].dominant_share(capacity);
             }
         }
         now += ROUND;
