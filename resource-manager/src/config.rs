@@ -29,6 +29,9 @@ pub struct RmConfig {
     /// Interval node agents are asked to heartbeat at.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
+    /// Queue tree (`root` is implied). The leader makes the replicated queue
+    /// configuration match this list when it takes office.
+    pub queues: Vec<QueueConfig>,
     /// A node silent for this long is declared LOST. A new leader first waits
     /// this long itself, so an election never causes false losses.
     #[serde(with = "humantime_serde")]
@@ -46,8 +49,65 @@ impl Default for RmConfig {
             raft: RaftConfig::default(),
             heartbeat_interval: Duration::from_secs(1),
             node_expiry: Duration::from_secs(10),
+            queues: Vec::new(),
         }
     }
+}
+
+/// One queue of the tree, as configured.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Dotted path under root, e.g. `root.research.vision`; parents first.
+    pub name: String,
+    pub guaranteed: QueueResources,
+    /// Unset fields mean no maximum.
+    pub maximum: QueueResources,
+    pub weight: Option<u32>,
+    /// Users allowed to submit; empty = everyone.
+    pub submit_acl: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueResources {
+    pub vcores: Option<f64>,
+    pub memory: Option<bytesize::ByteSize>,
+    pub gpus: Option<u32>,
+}
+
+impl QueueConfig {
+    pub fn to_spec(&self) -> crate::fsm::QueueSpec {
+        let g = &self.guaranteed;
+        let m = &self.maximum;
+        crate::fsm::QueueSpec {
+            name: self.name.clone(),
+            guaranteed_vcores_milli: g.vcores.map_or(0, |v| (v * 1000.0) as u64),
+            guaranteed_memory_bytes: g.memory.map_or(0, |b| b.as_u64()),
+            guaranteed_gpus: g.gpus.unwrap_or(0),
+            max_vcores_milli: m.vcores.map_or(0, |v| (v * 1000.0) as u64),
+            max_memory_bytes: m.memory.map_or(0, |b| b.as_u64()),
+            max_gpus: m.gpus.unwrap_or(0),
+            weight: self.weight.unwrap_or(1),
+            submit_acl: self.submit_acl.clone(),
+        }
+    }
+}
+
+/// The configured queues as replicated specs, `root` first.
+pub fn queue_specs(queues: &[QueueConfig]) -> Vec<crate::fsm::QueueSpec> {
+    let mut out = Vec::new();
+    if !queues.iter().any(|q| q.name == "root") {
+        out.push(
+            QueueConfig {
+                name: "root".into(),
+                ..Default::default()
+            }
+            .to_spec(),
+        );
+    }
+    out.extend(queues.iter().map(QueueConfig::to_spec));
+    out
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -131,6 +191,8 @@ impl RmConfig {
                 "node_expiry: must be longer than heartbeat_interval".into(),
             ));
         }
+        // The same rules the scheduler's queue tree applies.
+        crate::scheduler::Queues::from_specs(&queue_specs(&self.queues)).map_err(Error::Config)?;
         if self.raft.snapshot_every == 0 {
             return Err(Error::Config("raft.snapshot_every: must be above 0".into()));
         }

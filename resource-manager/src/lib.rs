@@ -67,7 +67,12 @@ pub async fn run(
     let (raft, thread) = raft_node::start(settings, storage, transport)?;
     info!(id = config.id, listen = %config.listen, peers = ?peers, "resource manager member started");
 
-    let svc = service::RmService::new(raft.clone(), config.heartbeat_interval, config.node_expiry);
+    let svc = service::RmService::new(
+        raft.clone(),
+        config.heartbeat_interval,
+        config.node_expiry,
+        config::queue_specs(&config.queues),
+    );
     let cancel = tokio_util::sync::CancellationToken::new();
     let liveness = tokio::spawn(svc.clone().run_liveness(cancel.clone()));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

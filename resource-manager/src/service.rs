@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use weft_proto::v1 as pb;
 
 use crate::error::Error;
-use crate::fsm::{App, AppState, Command, Gpu, NodeState, Outcome};
+use crate::fsm::{App, AppState, Command, Gpu, NodeState, Outcome, QueueSpec};
 use crate::raft_node::{MemberChange, RaftHandle};
 
 pub fn now_ms() -> u64 {
@@ -67,15 +67,50 @@ pub struct RmService {
     heartbeat_interval: Duration,
     node_expiry: Duration,
     liveness: Arc<Mutex<Liveness>>,
+    /// Queue configuration from this member's config file.
+    queues: Arc<Vec<QueueSpec>>,
 }
 
 impl RmService {
-    pub fn new(raft: RaftHandle, heartbeat_interval: Duration, node_expiry: Duration) -> Self {
+    pub fn new(
+        raft: RaftHandle,
+        heartbeat_interval: Duration,
+        node_expiry: Duration,
+        queues: Vec<QueueSpec>,
+    ) -> Self {
         RmService {
             raft,
             heartbeat_interval,
             node_expiry,
             liveness: Arc::default(),
+            queues: Arc::new(queues),
+        }
+    }
+
+    /// Leader-only, once per leadership: makes the replicated queue
+    /// configuration match this member's config.
+    async fn apply_queue_config(&self) {
+        if self.queues.is_empty() {
+            return;
+        }
+        let mut want: Vec<QueueSpec> = self.queues.to_vec();
+        want.sort_by(|a, b| a.name.cmp(&b.name));
+        let have: Vec<QueueSpec> = self.raft.state().queues.values().cloned().collect();
+        if have == want {
+            return;
+        }
+        match self
+            .raft
+            .propose(Command::SetQueues {
+                queues: self.queues.to_vec(),
+            })
+            .await
+        {
+            Ok(Outcome::Rejected(why)) => {
+                tracing::error!(reason = %why, "queue configuration refused")
+            }
+            Ok(_) => tracing::info!(queues = self.queues.len(), "queue configuration applied"),
+            Err(e) => tracing::debug!(error = %e, "queue configuration not applied yet"),
         }
     }
 
@@ -96,21 +131,30 @@ impl RmService {
                     l.last_heartbeat.clear();
                     continue;
                 }
-                let since = *l.leader_since.get_or_insert_with(Instant::now);
-                let nodes: Vec<(String, NodeState)> = self
-                    .raft
-                    .state()
-                    .nodes
-                    .values()
-                    .map(|n| (n.id.clone(), n.state))
-                    .collect();
-                expired_nodes(
-                    &nodes,
-                    &l.last_heartbeat,
-                    since,
-                    Instant::now(),
-                    self.node_expiry,
-                )
+                if let Some(since) = l.leader_since {
+                    let nodes: Vec<(String, NodeState)> = self
+                        .raft
+                        .state()
+                        .nodes
+                        .values()
+                        .map(|n| (n.id.clone(), n.state))
+                        .collect();
+                    Some(expired_nodes(
+                        &nodes,
+                        &l.last_heartbeat,
+                        since,
+                        Instant::now(),
+                        self.node_expiry,
+                    ))
+                } else {
+                    l.leader_since = Some(Instant::now());
+                    None
+                }
+            };
+            let Some(lost) = lost else {
+                // Just took office: bring the queue configuration in line.
+                self.apply_queue_config().await;
+                continue;
             };
             for node_id in lost {
                 tracing::warn!(node_id = %node_id, expiry = ?self.node_expiry, "node lost: no heartbeat");
@@ -239,6 +283,47 @@ impl pb::client_service_server::ClientService for RmService {
             r.spec_format.to_lowercase()
         };
         let (name, queue) = spec_header(&r.spec, &format)?;
+        let queue = if queue.is_empty() {
+            "root".to_string()
+        } else {
+            queue
+        };
+        let user = if r.user.is_empty() {
+            "anonymous".to_string()
+        } else {
+            r.user.clone()
+        };
+        {
+            let st = self.raft.state();
+            if !st.queues.is_empty() {
+                let specs: Vec<QueueSpec> = st.queues.values().cloned().collect();
+                let mut sorted = specs.clone();
+                sorted.sort_by_key(|q| q.name.matches('.').count());
+                let tree =
+                    crate::scheduler::Queues::from_specs(&sorted).map_err(Status::internal)?;
+                let Some(i) = tree.index(&queue) else {
+                    return Err(Error::InvalidArgument {
+                        field: "queue",
+                        reason: format!("no queue {queue}"),
+                    }
+                    .into());
+                };
+                if !tree.is_leaf(i) {
+                    return Err(Error::InvalidArgument {
+                        field: "queue",
+                        reason: format!("{queue} has sub-queues; submit to one of them"),
+                    }
+                    .into());
+                }
+                if !tree.may_submit(i, &user) {
+                    return Err(Error::InvalidArgument {
+                        field: "queue",
+                        reason: format!("user {user} may not submit to {queue}"),
+                    }
+                    .into());
+                }
+            }
+        }
         let cmd = Command::SubmitApplication {
             request_id: r.request_id,
             name,
@@ -421,23 +506,43 @@ impl pb::client_service_server::ClientService for RmService {
         _req: Request<pb::ListQueuesRequest>,
     ) -> Result<Response<pb::ListQueuesResponse>, Status> {
         self.raft.read_barrier().await?;
-        // Queue configuration arrives with the scheduler; until then every
-        // application runs in `root`.
         let st = self.raft.state();
-        let count =
-            |f: fn(AppState) -> bool| st.apps.values().filter(|a| f(a.state)).count() as u32;
-        Ok(Response::new(pb::ListQueuesResponse {
-            queues: vec![pb::QueueReport {
-                name: "root".into(),
-                guaranteed: None,
-                maximum: None,
-                used: None,
-                pending_applications: count(|s| {
-                    matches!(s, AppState::Submitted | AppState::Accepted)
-                }),
-                running_applications: count(|s| s == AppState::Running),
-            }],
-        }))
+        let specs: Vec<QueueSpec> = if st.queues.is_empty() {
+            crate::config::queue_specs(&[])
+        } else {
+            st.queues.values().cloned().collect()
+        };
+        let res = |v: u64, m: u64, g: u32| pb::Resources {
+            vcores_milli: v,
+            memory_bytes: m,
+            gpus: g,
+            ..Default::default()
+        };
+        let queues = specs
+            .iter()
+            .map(|q| {
+                let mine =
+                    |a: &&App| a.queue == q.name || a.queue.starts_with(&format!("{}.", q.name));
+                let count = |f: fn(AppState) -> bool| {
+                    st.apps.values().filter(mine).filter(|a| f(a.state)).count() as u32
+                };
+                pb::QueueReport {
+                    name: q.name.clone(),
+                    guaranteed: Some(res(
+                        q.guaranteed_vcores_milli,
+                        q.guaranteed_memory_bytes,
+                        q.guaranteed_gpus,
+                    )),
+                    maximum: Some(res(q.max_vcores_milli, q.max_memory_bytes, q.max_gpus)),
+                    used: Some(pb::Resources::default()),
+                    pending_applications: count(|s| {
+                        matches!(s, AppState::Submitted | AppState::Accepted)
+                    }),
+                    running_applications: count(|s| s == AppState::Running),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListQueuesResponse { queues }))
     }
 
     async fn cluster_status(

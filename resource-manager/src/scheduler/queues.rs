@@ -43,6 +43,37 @@ impl Queues {
         q
     }
 
+    /// The tree of replicated queue specs (`root` first, parents before
+    /// children); an empty list is `root` alone.
+    pub fn from_specs(specs: &[crate::fsm::QueueSpec]) -> Result<Queues, String> {
+        if specs.is_empty() {
+            return Ok(Queues::root_only());
+        }
+        let mut q = Queues::default();
+        let or_max = |v: u64| if v == 0 { u64::MAX } else { v };
+        for s in specs {
+            let i = q.add(
+                &s.name,
+                Res::new(
+                    s.guaranteed_vcores_milli,
+                    s.guaranteed_memory_bytes,
+                    1000 * s.guaranteed_gpus as u64,
+                ),
+                Res::new(
+                    or_max(s.max_vcores_milli),
+                    or_max(s.max_memory_bytes),
+                    or_max(1000 * s.max_gpus as u64),
+                ),
+                s.weight,
+            )?;
+            q.confs[i].submit_acl = s.submit_acl.clone();
+        }
+        if q.index("root") != Some(0) {
+            return Err("queues.name: root must come first".into());
+        }
+        Ok(q)
+    }
+
     /// Adds queue `name` (its parent, the name minus its last `.part`, must
     /// exist). Returns its index.
     pub fn add(

@@ -19,6 +19,8 @@ pub struct Member {
 pub struct Cluster {
     pub members: Vec<Member>,
     snapshot_every: u64,
+    /// Extra TOML appended to every member's config.
+    extra: String,
     _tmp: tempfile::TempDir,
 }
 
@@ -33,6 +35,11 @@ fn free_port() -> u16 {
 impl Cluster {
     /// Starts `n` members that snapshot every `snapshot_every` entries.
     pub fn start(n: u64, snapshot_every: u64) -> Cluster {
+        Self::start_with(n, snapshot_every, "")
+    }
+
+    /// Like [`Cluster::start`], with `extra` TOML in every member's config.
+    pub fn start_with(n: u64, snapshot_every: u64, extra: &str) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let members = (1..=n)
             .map(|id| Member {
@@ -47,6 +54,7 @@ impl Cluster {
         let mut c = Cluster {
             members,
             snapshot_every,
+            extra: extra.to_string(),
             _tmp: tmp,
         };
         for i in 0..n as usize {
@@ -72,8 +80,8 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "heartbeat_interval = \"200ms\"\nnode_expiry = \"1s\"\n[raft]\ntick = \"50ms\"\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_every = {}\n",
-                self.snapshot_every
+                "heartbeat_interval = \"200ms\"\nnode_expiry = \"1s\"\n{}\n[raft]\ntick = \"50ms\"\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_every = {}\n",
+                self.extra, self.snapshot_every
             ),
         )
         .unwrap();

@@ -7,4 +7,5 @@ mod cluster;
 mod failover;
 mod membership;
 mod nodes;
+mod queues;
 mod rmctl;

@@ -59,7 +59,7 @@ async fn rmctl_cluster_status_node_list_and_apps() {
 
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("job.yaml");
-    std::fs::write(&spec, "name: etl\nqueue: root.batch\n").unwrap();
+    std::fs::write(&spec, "name: etl\nqueue: root\n").unwrap();
     let (a, s) = (all.clone(), spec.clone());
     let sub = tokio::task::spawn_blocking(move || {
         run(&["submit", "-f", s.to_str().unwrap(), "--user", "dana"], &a)
@@ -75,7 +75,7 @@ async fn rmctl_cluster_status_node_list_and_apps() {
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&stdout(&status)).unwrap();
     assert_eq!(v["name"], "etl");
-    assert_eq!(v["queue"], "root.batch");
+    assert_eq!(v["queue"], "root");
     assert_eq!(v["user"], "dana");
     assert_eq!(v["state"], "SUBMITTED");
 
