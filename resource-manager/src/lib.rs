@@ -1,6 +1,7 @@
 //! Weft's resource manager: the cluster's truth, replicated with Raft.
 //!
 //! Layout:
+//! - [`am`]: the leader's scheduling loop and the ApplicationMasterService;
 //! - [`fsm`]: the replicated state machine (commands, deterministic apply, snapshots);
 //! - [`storage`]: raft log, hard state, conf state and snapshots in sled;
 //! - [`raft_node`]: the thread that owns the `RawNode` and runs the ready loop;
@@ -12,6 +13,7 @@
 //!
 //! [`run`] assembles a member and returns once it has stopped.
 
+pub mod am;
 pub mod config;
 pub mod error;
 pub mod fsm;
@@ -75,6 +77,8 @@ pub async fn run(
     );
     let cancel = tokio_util::sync::CancellationToken::new();
     let liveness = tokio::spawn(svc.clone().run_liveness(cancel.clone()));
+    let scheduling = tokio::spawn(svc.scheduling.clone().run(cancel.clone()));
+    let am = am::AmService::new(svc.scheduling.clone());
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
@@ -83,6 +87,9 @@ pub async fn run(
                 svc.clone(),
             ))
             .add_service(pb::resource_tracker_server::ResourceTrackerServer::new(svc))
+            .add_service(
+                pb::application_master_service_server::ApplicationMasterServiceServer::new(am),
+            )
             .add_service(
                 pb::raft_transport_server::RaftTransportServer::new(transport::RaftService::new(
                     raft.clone(),
@@ -110,6 +117,7 @@ pub async fn run(
     };
     cancel.cancel();
     let _ = liveness.await;
+    let _ = scheduling.await;
     // The raft thread ends when the last handle is gone.
     drop(raft);
     let _ = tokio::time::timeout(

@@ -12,7 +12,10 @@ use tonic::{Request, Response, Status};
 use weft_proto::v1 as pb;
 
 use crate::error::Error;
-use crate::fsm::{App, AppState, Command, Gpu, NodeState, Outcome, QueueSpec};
+use crate::fsm::{
+    App, AppState, Command, Completion, ContainerEnd, ContainerPhase, Gpu, NodeState, Outcome,
+    QueueSpec,
+};
 use crate::raft_node::{MemberChange, RaftHandle};
 
 pub fn now_ms() -> u64 {
@@ -69,6 +72,8 @@ pub struct RmService {
     liveness: Arc<Mutex<Liveness>>,
     /// Queue configuration from this member's config file.
     queues: Arc<Vec<QueueSpec>>,
+    /// The scheduling loop, poked when containers end or nodes change.
+    pub scheduling: crate::am::Scheduling,
 }
 
 impl RmService {
@@ -79,11 +84,12 @@ impl RmService {
         queues: Vec<QueueSpec>,
     ) -> Self {
         RmService {
-            raft,
             heartbeat_interval,
             node_expiry,
             liveness: Arc::default(),
             queues: Arc::new(queues),
+            scheduling: crate::am::Scheduling::new(raft.clone()),
+            raft,
         }
     }
 
@@ -166,6 +172,7 @@ impl RmService {
                 if let Err(e) = self.raft.propose(cmd).await {
                     tracing::debug!(error = %e, "could not record a lost node");
                 }
+                self.scheduling.poke();
             }
         }
     }
@@ -712,6 +719,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         if let Outcome::Rejected(why) = self.raft.propose(cmd).await? {
             return Err(Status::failed_precondition(why));
         }
+        self.scheduling.poke();
         self.liveness
             .lock()
             .expect("liveness lock")
@@ -747,8 +755,69 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                 .last_heartbeat
                 .insert(r.node_id, Instant::now());
         }
+        // Reconcile the agent's containers with the replicated ones.
+        let (launched, completed, to_stop) = if known {
+            let st = self.raft.state();
+            let mut launched = Vec::new();
+            let mut completed = Vec::new();
+            let mut to_stop = Vec::new();
+            for c in &r.containers {
+                let Some(mine) = st.containers.get(&c.container_id) else {
+                    continue;
+                };
+                let running = matches!(
+                    c.state(),
+                    pb::ContainerState::Starting
+                        | pb::ContainerState::Running
+                        | pb::ContainerState::Stopping
+                );
+                match mine.phase {
+                    ContainerPhase::Completed if running => to_stop.push(c.container_id.clone()),
+                    ContainerPhase::Completed => {}
+                    phase if running => {
+                        if phase == ContainerPhase::Allocated {
+                            launched.push(c.container_id.clone());
+                        }
+                    }
+                    _ => {
+                        let exit = c.exit.clone().unwrap_or_default();
+                        completed.push(Completion {
+                            container_id: c.container_id.clone(),
+                            state: match c.state() {
+                                pb::ContainerState::Succeeded => ContainerEnd::Succeeded,
+                                pb::ContainerState::Failed => ContainerEnd::Failed,
+                                pb::ContainerState::Lost => ContainerEnd::Lost,
+                                _ => ContainerEnd::Killed,
+                            },
+                            exit_status: exit.exit_status,
+                            diagnostic: exit.diagnostic,
+                        });
+                    }
+                }
+            }
+            (launched, completed, to_stop)
+        } else {
+            Default::default()
+        };
+        if !launched.is_empty() {
+            self.raft
+                .propose(Command::ContainersLaunched {
+                    container_ids: launched,
+                    at_ms: now_ms(),
+                })
+                .await?;
+        }
+        if !completed.is_empty() {
+            self.raft
+                .propose(Command::ContainersCompleted {
+                    completions: completed,
+                    at_ms: now_ms(),
+                })
+                .await?;
+            self.scheduling.poke();
+        }
         Ok(Response::new(pb::NodeHeartbeatResponse {
-            containers_to_stop: vec![],
+            containers_to_stop: to_stop,
             containers_acknowledged: vec![],
             leader_address: self
                 .raft

@@ -9,3 +9,4 @@ mod membership;
 mod nodes;
 mod queues;
 mod rmctl;
+mod scheduling;

@@ -88,7 +88,7 @@ async fn wait_state(
 
 /// The real `node-agent` binary, beside `resource-manager` once the
 /// workspace's binaries are built (README's test command does that first).
-fn agent_binary() -> std::path::PathBuf {
+pub fn agent_binary() -> std::path::PathBuf {
     let p =
         std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name("node-agent");
     assert!(
@@ -100,13 +100,13 @@ fn agent_binary() -> std::path::PathBuf {
 }
 
 /// A node-agent process; killed (SIGKILL) when dropped.
-struct AgentProcess {
+pub struct AgentProcess {
     child: std::process::Child,
     _work: tempfile::TempDir,
 }
 
 impl AgentProcess {
-    fn start(node_id: &str, rm: &[String]) -> AgentProcess {
+    pub fn start(node_id: &str, rm: &[String]) -> AgentProcess {
         let work = tempfile::tempdir().unwrap();
         let config = work.path().join("agent.toml");
         std::fs::write(

@@ -1,0 +1,528 @@
+//! The leader's scheduling loop and the ApplicationMasterService.
+//!
+//! Application masters send their outstanding asks with every Allocate call
+//! (absolute counts, so a new leader rebuilds the table from the next call).
+//! The loop runs a scheduler round when asks arrive, containers end or nodes
+//! change (and every half second), over a view built from the replicated
+//! state, and commits each round's placements as one `ContainersAllocated`
+//! command; the allocations then go to their masters, whose Allocate long
+//! poll answers early.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+use weft_proto::v1 as pb;
+
+use crate::error::Error;
+use crate::fsm::{
+    Allocation, AppState, ClusterState, Command, Completion, ContainerEnd, ContainerPhase, Outcome,
+};
+use crate::raft_node::RaftHandle;
+use crate::scheduler::{self, Ask, GpuAsk, Placement, Queues, Reservations};
+use crate::service::now_ms;
+
+/// Longest an Allocate call is held when nothing changes.
+pub const MAX_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Table {
+    /// app -> its outstanding asks (ask as sent, count still wanted).
+    asks: HashMap<String, Vec<(pb::ResourceAsk, u32)>>,
+    /// app -> allocations granted but not yet handed to its master.
+    undelivered: HashMap<String, Vec<pb::Allocation>>,
+    /// Completed containers already reported to their masters.
+    reported: HashSet<String>,
+}
+
+/// A round's allocations to propose, each with its (app, ask id).
+type Planned = (Vec<Allocation>, Vec<(String, String)>);
+
+/// Shared by the ApplicationMasterService and the scheduling loop.
+#[derive(Clone)]
+pub struct Scheduling {
+    raft: RaftHandle,
+    table: Arc<Mutex<Table>>,
+    /// Wakes the loop (new asks, ended containers, node changes).
+    wake: Arc<Notify>,
+    /// Wakes Allocate long polls (new allocations or completions).
+    delivered: Arc<Notify>,
+}
+
+impl Scheduling {
+    pub fn new(raft: RaftHandle) -> Self {
+        Scheduling {
+            raft,
+            table: Arc::default(),
+            wake: Arc::new(Notify::new()),
+            delivered: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Asks for a round soon (containers ended, a node changed...).
+    pub fn poke(&self) {
+        self.wake.notify_one();
+        self.delivered.notify_waiters();
+    }
+
+    /// Leader-only loop until `cancel` fires.
+    pub async fn run(self, cancel: tokio_util::sync::CancellationToken) {
+        let mut reservations = Reservations::default();
+        let mut counter = 0u64;
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = cancel.cancelled() => return,
+            }
+            let status = self.raft.status();
+            if !status.is_leader {
+                // A new leader rebuilds the table from the masters' next calls.
+                *self.table.lock().expect("table lock") = Table::default();
+                continue;
+            }
+            let Some((allocations, keys)) =
+                self.round(&mut reservations, status.term, &mut counter)
+            else {
+                continue;
+            };
+            let n = allocations.len();
+            match self
+                .raft
+                .propose(Command::ContainersAllocated {
+                    allocations: allocations.clone(),
+                    at_ms: now_ms(),
+                })
+                .await
+            {
+                Ok(Outcome::Done) => {
+                    let mut t = self.table.lock().expect("table lock");
+                    for (a, (app, ask_id)) in allocations.into_iter().zip(keys) {
+                        if let Some(list) = t.asks.get_mut(&app) {
+                            if let Some(e) = list.iter_mut().find(|(x, _)| x.ask_id == ask_id) {
+                                e.1 = e.1.saturating_sub(1);
+                            }
+                        }
+                        let node_address = self
+                            .raft
+                            .state()
+                            .nodes
+                            .get(&a.node_id)
+                            .map(|n| n.address.clone())
+                            .unwrap_or_default();
+                        t.undelivered.entry(app).or_default().push(pb::Allocation {
+                            container_id: a.container_id,
+                            ask_id,
+                            node_id: a.node_id,
+                            node_address,
+                            resources: Some(pb::Resources {
+                                vcores_milli: a.vcores_milli,
+                                memory_bytes: a.memory_bytes,
+                                gpus: a.gpus.len() as u32,
+                                ..Default::default()
+                            }),
+                            gpu_indices: a.gpus,
+                            container_token: vec![],
+                        });
+                    }
+                    drop(t);
+                    info!(containers = n, "scheduling round committed");
+                    self.delivered.notify_waiters();
+                }
+                Ok(other) => {
+                    warn!(outcome = ?other, "scheduling round refused at apply; next round replans")
+                }
+                Err(e) => debug!(error = %e, "scheduling round not committed"),
+            }
+        }
+    }
+
+    /// One round over the table: the allocations to propose and, for each,
+    /// its (app, ask id). None when nothing is placed.
+    fn round(
+        &self,
+        reservations: &mut Reservations,
+        term: u64,
+        counter: &mut u64,
+    ) -> Option<Planned> {
+        let state = self.raft.state();
+        let (mut cluster, node_ids) = cluster_view(&state);
+        let mut queues = queue_view(&state);
+        let t = self.table.lock().expect("table lock");
+        let mut asks = Vec::new();
+        let mut keys = Vec::new();
+        for (app_id, list) in &t.asks {
+            let Some(app) = state.apps.get(app_id) else {
+                continue;
+            };
+            let Some(q) = queues.index(&app.queue) else {
+                continue;
+            };
+            for (ra, count) in list {
+                for _ in 0..*count {
+                    let mut a = to_ask(ra, asks.len() as u64, q, &app.user);
+                    if !ra.gang_id.is_empty() {
+                        a.gang = Some(gang_key(app_id, &ra.gang_id));
+                    }
+                    a.seq = app.submitted_at_ms;
+                    asks.push(a);
+                    keys.push((app_id.clone(), ra.ask_id.clone()));
+                }
+            }
+        }
+        drop(t);
+        if asks.is_empty() {
+            return None;
+        }
+        let (out, _) = scheduler::schedule_with(&mut cluster, &mut queues, &asks, reservations);
+        if out.is_empty() {
+            return None;
+        }
+        let mut allocations = Vec::with_capacity(out.len());
+        let mut out_keys = Vec::with_capacity(out.len());
+        for p in out {
+            let i = p.ask as usize;
+            *counter += 1;
+            let (app, ask_id) = keys[i].clone();
+            allocations.push(Allocation {
+                container_id: format!("c{term:x}-{counter}"),
+                app_id: app.clone(),
+                node_id: node_ids[p.node].clone(),
+                vcores_milli: asks[i].vcores,
+                memory_bytes: asks[i].memory,
+                gpus: p.gpus.iter().map(|g| g.device as u32).collect(),
+            });
+            out_keys.push((app, ask_id));
+        }
+        Some((allocations, out_keys))
+    }
+}
+
+fn gang_key(app: &str, gang: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (app, gang).hash(&mut h);
+    h.finish()
+}
+
+fn labels(expr: &str) -> Vec<(String, String)> {
+    expr.split(',')
+        .filter_map(|kv| kv.trim().split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn to_ask(ra: &pb::ResourceAsk, id: u64, queue: usize, user: &str) -> Ask {
+    let r = ra.resources.unwrap_or_default();
+    let mut a = Ask::new(id, queue, r.vcores_milli, r.memory_bytes);
+    a.user = user.to_string();
+    a.priority = ra.priority as i32;
+    a.gpu = if r.gpus > 0 {
+        GpuAsk::Whole(r.gpus)
+    } else {
+        GpuAsk::None
+    };
+    a.gpu_model = (!ra.gpu_model.is_empty()).then(|| ra.gpu_model.clone());
+    a.gpu_min_memory = ra.gpu_min_memory_bytes;
+    a.labels = labels(&ra.node_labels);
+    a.placement = if ra.placement == pb::PlacementPolicy::Spread as i32 {
+        Placement::Spread
+    } else {
+        Placement::Pack
+    };
+    a
+}
+
+/// The scheduler's view of the running nodes: free = capacity minus what
+/// unfinished containers hold. Returns the nodes and their ids by index.
+pub fn cluster_view(state: &ClusterState) -> (scheduler::Cluster, Vec<String>) {
+    let mut nodes = Vec::new();
+    let mut ids = Vec::new();
+    for n in state.nodes.values() {
+        let u = state.node_use(&n.id);
+        let mut node = scheduler::Node::new(&n.id, n.vcores_milli, n.memory_bytes);
+        for g in &n.gpus {
+            let mut slot = scheduler::GpuSlot::new(&g.model, g.memory_bytes);
+            if u.gpus.contains(&g.index) {
+                slot.free_milli = 0;
+                slot.free_memory = 0;
+            }
+            node.gpus.push(slot);
+        }
+        node.free_vcores = n.vcores_milli.saturating_sub(u.vcores_milli);
+        node.free_memory = n.memory_bytes.saturating_sub(u.memory_bytes);
+        node.labels = n
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        node.labels.sort();
+        node.schedulable = n.state == crate::fsm::NodeState::Running;
+        nodes.push(node);
+        ids.push(n.id.clone());
+    }
+    (scheduler::Cluster::new(nodes), ids)
+}
+
+/// The queue tree with each queue's usage from unfinished containers.
+pub fn queue_view(state: &ClusterState) -> Queues {
+    let mut specs: Vec<crate::fsm::QueueSpec> = state.queues.values().cloned().collect();
+    specs.sort_by_key(|q| q.name.matches('.').count());
+    let mut q = Queues::from_specs(&specs).unwrap_or_else(|_| Queues::root_only());
+    for c in state
+        .containers
+        .values()
+        .filter(|c| c.phase != ContainerPhase::Completed)
+    {
+        if let Some(app) = state.apps.get(&c.alloc.app_id) {
+            if let Some(i) = q.index(&app.queue) {
+                let r = scheduler::Res::new(
+                    c.alloc.vcores_milli,
+                    c.alloc.memory_bytes,
+                    1000 * c.alloc.gpus.len() as u64,
+                );
+                q.charge(i, &app.user, r);
+            }
+        }
+    }
+    q
+}
+
+/// The ApplicationMasterService.
+pub struct AmService {
+    s: Scheduling,
+}
+
+impl AmService {
+    pub fn new(s: Scheduling) -> Self {
+        AmService { s }
+    }
+
+    fn live_app(&self, id: &str) -> Result<crate::fsm::App, Status> {
+        let st = self.s.raft.state();
+        match st.apps.get(id) {
+            None => Err(Error::NotFound(format!("application_id: no application {id}")).into()),
+            Some(a) if a.state.is_terminal() => Err(Status::failed_precondition(format!(
+                "application_id: {id} already ended ({:?})",
+                a.state
+            ))),
+            Some(a) => Ok(a.clone()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::application_master_service_server::ApplicationMasterService for AmService {
+    async fn register_application_master(
+        &self,
+        req: Request<pb::RegisterApplicationMasterRequest>,
+    ) -> Result<Response<pb::RegisterApplicationMasterResponse>, Status> {
+        let r = req.into_inner();
+        self.s.raft.ensure_leader()?;
+        let app = self.live_app(&r.application_id)?;
+        if r.attempt > app.attempt {
+            let started = self
+                .s
+                .raft
+                .propose(Command::AttemptStarted {
+                    app_id: r.application_id.clone(),
+                    attempt: r.attempt,
+                    am_container: None,
+                    at_ms: now_ms(),
+                })
+                .await?;
+            if let Outcome::Rejected(why) = started {
+                return Err(Status::failed_precondition(why));
+            }
+        }
+        Ok(Response::new(
+            pb::RegisterApplicationMasterResponse::default(),
+        ))
+    }
+
+    async fn allocate(
+        &self,
+        req: Request<pb::AllocateRequest>,
+    ) -> Result<Response<pb::AllocateResponse>, Status> {
+        let r = req.into_inner();
+        self.s.raft.ensure_leader()?;
+        let app = self.live_app(&r.application_id)?;
+        // Check every ask before taking any.
+        {
+            let state = self.s.raft.state();
+            let (cluster, _) = cluster_view(&state);
+            let queues = queue_view(&state);
+            let q = queues.index(&app.queue).ok_or_else(|| {
+                Status::failed_precondition(format!("queue: {} no longer exists", app.queue))
+            })?;
+            for (i, ra) in r.asks.iter().enumerate() {
+                let res = ra.resources.unwrap_or_default();
+                if res.gpu_share_milli > 0 {
+                    return Err(Status::unimplemented(format!(
+                        "asks[{i}].resources.gpu_share_milli: fractional GPUs are scheduled but not yet recorded by the RM; ask for whole GPUs"
+                    )));
+                }
+                if res.memory_bytes == 0 {
+                    return Err(Error::InvalidArgument {
+                        field: "asks.resources.memory_bytes",
+                        reason: format!("ask {:?} must ask for some memory", ra.ask_id),
+                    }
+                    .into());
+                }
+                scheduler::validate_ask(&cluster.nodes, &queues, &to_ask(ra, 0, q, &app.user))
+                    .map_err(|e| {
+                        Status::invalid_argument(format!("asks[{i}] ({}): {e}", ra.ask_id))
+                    })?;
+            }
+        }
+        // Releases end their containers (the agents stop them at their next heartbeat).
+        if !r.releases.is_empty() {
+            let known: Vec<String> = {
+                let st = self.s.raft.state();
+                r.releases
+                    .iter()
+                    .filter(|id| {
+                        st.containers
+                            .get(*id)
+                            .is_some_and(|c| c.alloc.app_id == r.application_id)
+                    })
+                    .cloned()
+                    .collect()
+            };
+            let completions = known
+                .into_iter()
+                .map(|id| Completion {
+                    container_id: id,
+                    state: ContainerEnd::Killed,
+                    exit_status: weft_proto::exit_codes::USER_REQUESTED,
+                    diagnostic: "released by the application master".into(),
+                })
+                .collect();
+            self.s
+                .raft
+                .propose(Command::ContainersCompleted {
+                    completions,
+                    at_ms: now_ms(),
+                })
+                .await?;
+        }
+        {
+            let mut t = self.s.table.lock().expect("table lock");
+            let undelivered: Vec<String> = t
+                .undelivered
+                .get(&r.application_id)
+                .map(|v| v.iter().map(|a| a.ask_id.clone()).collect())
+                .unwrap_or_default();
+            let list = r
+                .asks
+                .iter()
+                .map(|a| {
+                    let already = undelivered.iter().filter(|x| **x == a.ask_id).count() as u32;
+                    (a.clone(), a.count.saturating_sub(already))
+                })
+                .collect();
+            t.asks.insert(r.application_id.clone(), list);
+        }
+        self.s.wake.notify_one();
+        // Long poll: answer at once when something is waiting, else wait.
+        let wait = Duration::from_millis(r.wait_ms).min(MAX_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.s.delivered.notified();
+            if let Some(resp) = self.take_news(&r.application_id) {
+                return Ok(Response::new(resp));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Response::new(
+                    self.take_news(&r.application_id).unwrap_or_default(),
+                ));
+            }
+        }
+    }
+
+    async fn finish_application_master(
+        &self,
+        req: Request<pb::FinishApplicationMasterRequest>,
+    ) -> Result<Response<pb::FinishApplicationMasterResponse>, Status> {
+        let r = req.into_inner();
+        let state = match pb::FinalStatus::try_from(r.final_status) {
+            Ok(pb::FinalStatus::Succeeded) => AppState::Succeeded,
+            Ok(pb::FinalStatus::Failed) => AppState::Failed,
+            Ok(pb::FinalStatus::Killed) => AppState::Killed,
+            _ => {
+                return Err(Error::InvalidArgument {
+                    field: "final_status",
+                    reason: "must be SUCCEEDED, FAILED or KILLED".into(),
+                }
+                .into())
+            }
+        };
+        match self
+            .s
+            .raft
+            .propose(Command::ApplicationFinished {
+                app_id: r.application_id.clone(),
+                state,
+                diagnostics: r.diagnostics,
+                at_ms: now_ms(),
+            })
+            .await?
+        {
+            Outcome::Rejected(why) => Err(Error::NotFound(why).into()),
+            _ => {
+                self.s
+                    .table
+                    .lock()
+                    .expect("table lock")
+                    .asks
+                    .remove(&r.application_id);
+                Ok(Response::new(pb::FinishApplicationMasterResponse {}))
+            }
+        }
+    }
+}
+
+impl AmService {
+    /// New allocations and newly completed containers of `app`, if any.
+    fn take_news(&self, app: &str) -> Option<pb::AllocateResponse> {
+        let state = self.s.raft.state();
+        let mut t = self.s.table.lock().expect("table lock");
+        let allocations = t.undelivered.remove(app).unwrap_or_default();
+        let mut completed = Vec::new();
+        for c in state.containers.values() {
+            if c.alloc.app_id == app
+                && c.phase == ContainerPhase::Completed
+                && !t.reported.contains(&c.alloc.container_id)
+            {
+                t.reported.insert(c.alloc.container_id.clone());
+                let end = c.end.clone();
+                completed.push(pb::ContainerStatus {
+                    container_id: c.alloc.container_id.clone(),
+                    state: match end.as_ref().map(|e| e.state) {
+                        Some(ContainerEnd::Succeeded) => pb::ContainerState::Succeeded,
+                        Some(ContainerEnd::Failed) => pb::ContainerState::Failed,
+                        Some(ContainerEnd::Lost) => pb::ContainerState::Lost,
+                        _ => pb::ContainerState::Killed,
+                    } as i32,
+                    exit: end.map(|e| pb::ContainerExit {
+                        exit_status: e.exit_status,
+                        diagnostic: e.diagnostic,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            }
+        }
+        if allocations.is_empty() && completed.is_empty() {
+            return None;
+        }
+        Some(pb::AllocateResponse {
+            allocations,
+            completed,
+            lost_nodes: vec![],
+        })
+    }
+}

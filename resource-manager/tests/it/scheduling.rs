@@ -1,0 +1,247 @@
+//! The scheduler wired into the RM: an application master's asks are placed
+//! on real registered agents, the containers run there, their ends come back
+//! through the agents' heartbeats, and released containers are stopped.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use weft_client::proto as pb;
+use weft_proto::v1::application_master_service_client::ApplicationMasterServiceClient;
+use weft_proto::v1::container_manager_client::ContainerManagerClient;
+
+use crate::cluster::Cluster;
+use crate::nodes::AgentProcess;
+
+fn ask(id: &str, count: u32, cores: u64, gpus: u32, gang: &str) -> pb::ResourceAsk {
+    pb::ResourceAsk {
+        ask_id: id.into(),
+        count,
+        resources: Some(pb::Resources {
+            vcores_milli: cores * 1000,
+            memory_bytes: 64 << 20,
+            gpus,
+            ..Default::default()
+        }),
+        gang_id: gang.into(),
+        placement: if gang.is_empty() {
+            0
+        } else {
+            pb::PlacementPolicy::Spread as i32
+        },
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asks_are_placed_on_agents_run_and_reported_back() {
+    let cluster = Cluster::start(3, 1000);
+    let leader = cluster.leader().await;
+    let client = cluster.client();
+    let _a1 = AgentProcess::start("node-a", &cluster.addrs());
+    let _a2 = AgentProcess::start("node-b", &cluster.addrs());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client
+        .list_nodes()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|n| n.state() == pb::NodeState::Running)
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "agents did not register");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let app = client.submit("name: sched\n", "yaml", "eve").await.unwrap();
+    let mut am =
+        ApplicationMasterServiceClient::connect(format!("http://{}", cluster.members[leader].addr))
+            .await
+            .unwrap();
+    am.register_application_master(pb::RegisterApplicationMasterRequest {
+        application_id: app.clone(),
+        attempt: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        client.get_application(&app).await.unwrap().state(),
+        pb::ApplicationState::Running
+    );
+
+    // Bad asks are refused naming the ask and the field.
+    let e = am
+        .allocate(pb::AllocateRequest {
+            application_id: app.clone(),
+            asks: vec![ask("huge", 1, 64, 0, "")],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().starts_with(
+            "asks[0] (huge): resources.vcores: 64 is more than any node has (largest 8)"
+        ),
+        "{}",
+        e.message()
+    );
+
+    // Three workers and a two-member gang, one GPU each (each node has one).
+    let mut asks = vec![ask("worker", 3, 1, 0, ""), ask("ps", 2, 1, 1, "ps-gang")];
+    let mut got: Vec<pb::Allocation> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} allocations: {got:?}",
+            got.len()
+        );
+        let r = am
+            .allocate(pb::AllocateRequest {
+                application_id: app.clone(),
+                asks: asks.clone(),
+                wait_ms: 2000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for a in &r.allocations {
+            if let Some(x) = asks.iter_mut().find(|x| x.ask_id == a.ask_id) {
+                x.count -= 1;
+            }
+        }
+        got.extend(r.allocations);
+    }
+    let ids: HashSet<&String> = got.iter().map(|a| &a.container_id).collect();
+    assert_eq!(ids.len(), 5, "container ids are unique");
+    let ps: Vec<&pb::Allocation> = got.iter().filter(|a| a.ask_id == "ps").collect();
+    assert_eq!(ps.len(), 2);
+    assert_ne!(
+        ps[0].node_id, ps[1].node_id,
+        "one GPU per node: the gang spans both"
+    );
+    assert!(ps.iter().all(|a| a.gpu_indices == vec![0]));
+
+    // Run them on their agents.
+    for a in &got {
+        let mut cm = ContainerManagerClient::connect(format!("http://{}", a.node_address))
+            .await
+            .unwrap();
+        cm.start_container(pb::StartContainerRequest {
+            container_id: a.container_id.clone(),
+            command: "sh".into(),
+            args: vec!["-c".into(), "sleep 0.5".into()],
+            resources: Some(pb::ContainerResources {
+                memory_bytes: 64 << 20,
+                gpu_indices: a.gpu_indices.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    // Their ends come back to the master.
+    let mut done: HashSet<String> = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done.len() < 5 {
+        assert!(Instant::now() < deadline, "completions seen: {done:?}");
+        let r = am
+            .allocate(pb::AllocateRequest {
+                application_id: app.clone(),
+                wait_ms: 2000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for c in r.completed {
+            assert_eq!(c.state(), pb::ContainerState::Succeeded, "{c:?}");
+            done.insert(c.container_id);
+        }
+    }
+    assert_eq!(
+        client
+            .cluster_status()
+            .await
+            .unwrap()
+            .used
+            .unwrap()
+            .vcores_milli,
+        0
+    );
+
+    // A released container is stopped by its agent.
+    let mut one = vec![ask("extra", 1, 1, 0, "")];
+    let extra = loop {
+        let r = am
+            .allocate(pb::AllocateRequest {
+                application_id: app.clone(),
+                asks: one.clone(),
+                wait_ms: 2000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(a) = r.allocations.into_iter().next() {
+            one[0].count = 0;
+            break a;
+        }
+    };
+    let mut cm = ContainerManagerClient::connect(format!("http://{}", extra.node_address))
+        .await
+        .unwrap();
+    cm.start_container(pb::StartContainerRequest {
+        container_id: extra.container_id.clone(),
+        command: "sleep".into(),
+        args: vec!["1000".into()],
+        resources: Some(pb::ContainerResources {
+            memory_bytes: 64 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    am.allocate(pb::AllocateRequest {
+        application_id: app.clone(),
+        releases: vec![extra.container_id.clone()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = cm
+            .get_container_status(pb::GetContainerStatusRequest {
+                container_id: extra.container_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if s.state() == pb::ContainerState::Killed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "released container still {:?}",
+            s.state()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    am.finish_application_master(pb::FinishApplicationMasterRequest {
+        application_id: app.clone(),
+        final_status: pb::FinalStatus::Succeeded as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        client.get_application(&app).await.unwrap().state(),
+        pb::ApplicationState::Succeeded
+    );
+}
