@@ -276,7 +276,9 @@ impl Manager {
             return Err(Error::AlreadyExists(spec.id.clone()));
         }
         let (mut vcores, mut memory) = (0u64, 0u64);
+        // Device -> the container holding it whole, or the shares on it.
         let mut gpu_owner: HashMap<u32, String> = HashMap::new();
+        let mut gpu_shared: HashMap<u32, u32> = HashMap::new();
         for c in st.values() {
             let rec = c.record.lock().expect("record lock poisoned");
             if rec.is_done() {
@@ -285,7 +287,11 @@ impl Manager {
             vcores += rec.spec.resources.vcores_milli;
             memory += rec.spec.resources.memory_bytes;
             for &g in &rec.spec.resources.gpu_indices {
-                gpu_owner.insert(g, rec.spec.id.clone());
+                if rec.spec.resources.gpu_share_milli > 0 {
+                    *gpu_shared.entry(g).or_default() += rec.spec.resources.gpu_share_milli;
+                } else {
+                    gpu_owner.insert(g, rec.spec.id.clone());
+                }
             }
         }
         let cap = self.sh.capacity;
@@ -316,6 +322,25 @@ impl Manager {
                 return Err(Error::ResourceExhausted {
                     field: "resources.gpu_indices",
                     reason: format!("GPU {g} is already given to container {owner}"),
+                });
+            }
+            let shared = gpu_shared.get(g).copied().unwrap_or(0);
+            if r.gpu_share_milli == 0 && shared > 0 {
+                return Err(Error::ResourceExhausted {
+                    field: "resources.gpu_indices",
+                    reason: format!(
+                        "GPU {g} is shared ({shared}/1000 in use); it cannot be given whole"
+                    ),
+                });
+            }
+            if r.gpu_share_milli > 0 && shared + r.gpu_share_milli > 1000 {
+                return Err(Error::ResourceExhausted {
+                    field: "resources.gpu_share_milli",
+                    reason: format!(
+                        "GPU {g} has {}/1000 free, {} asked",
+                        1000 - shared,
+                        r.gpu_share_milli
+                    ),
                 });
             }
         }

@@ -29,6 +29,8 @@ pub struct ResourceRequest {
     pub gpu_indices: Vec<u32>,
     /// 0 = unlimited.
     pub gpu_memory_bytes: u64,
+    /// Above 0: a share (thousandths) of the one GPU in `gpu_indices`.
+    pub gpu_share_milli: u32,
     pub max_runtime: Option<Duration>,
 }
 

@@ -83,6 +83,12 @@ pub fn start_request(req: pb::StartContainerRequest, gpu_count: usize) -> Result
             },
         ));
     }
+    if r.gpu_share_milli > 0 && (r.gpu_share_milli > 1000 || gpus.len() != 1) {
+        return Err(Error::invalid(
+            "resources.gpu_share_milli",
+            "a share is 1 to 1000 thousandths of exactly one GPU in resources.gpu_indices",
+        ));
+    }
     if r.gpu_memory_bytes > 0 && gpus.is_empty() {
         return Err(Error::invalid(
             "resources.gpu_memory_bytes",
@@ -100,6 +106,7 @@ pub fn start_request(req: pb::StartContainerRequest, gpu_count: usize) -> Result
             pids_limit: r.pids_limit,
             gpu_indices: gpus,
             gpu_memory_bytes: r.gpu_memory_bytes,
+            gpu_share_milli: r.gpu_share_milli,
             max_runtime: (r.max_runtime_ms > 0).then(|| Duration::from_millis(r.max_runtime_ms)),
         },
     })
@@ -173,6 +180,10 @@ mod tests {
         let mut r = req();
         r.resources.as_mut().unwrap().gpu_memory_bytes = 5;
         assert!(err(r, 2).starts_with("resources.gpu_memory_bytes:"));
+        let mut r = req();
+        r.resources.as_mut().unwrap().gpu_indices = vec![0, 1];
+        r.resources.as_mut().unwrap().gpu_share_milli = 500;
+        assert!(err(r, 2).starts_with("resources.gpu_share_milli:"));
         let mut r = req();
         r.env.insert("A=B".into(), "x".into());
         assert!(err(r, 0).starts_with("env:"));

@@ -122,10 +122,16 @@ impl Scheduling {
                                 vcores_milli: a.vcores_milli,
                                 memory_bytes: a.memory_bytes,
                                 gpus: a.gpus.len() as u32,
-                                ..Default::default()
+                                gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
+                                gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
                             }),
-                            gpu_indices: a.gpus,
+                            gpu_indices: match a.gpu_share {
+                                Some(sh) => vec![sh.device],
+                                None => a.gpus,
+                            },
                             container_token: vec![],
+                            gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
+                            gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
                         });
                     }
                     drop(t);
@@ -187,13 +193,27 @@ impl Scheduling {
             let i = p.ask as usize;
             *counter += 1;
             let (app, ask_id) = keys[i].clone();
+            let share = matches!(asks[i].gpu, GpuAsk::Share { .. });
             allocations.push(Allocation {
                 container_id: format!("c{term:x}-{counter}"),
                 app_id: app.clone(),
                 node_id: node_ids[p.node].clone(),
                 vcores_milli: asks[i].vcores,
                 memory_bytes: asks[i].memory,
-                gpus: p.gpus.iter().map(|g| g.device as u32).collect(),
+                gpus: if share {
+                    vec![]
+                } else {
+                    p.gpus.iter().map(|g| g.device as u32).collect()
+                },
+                gpu_share: if share {
+                    p.gpus.first().map(|g| crate::fsm::GpuShare {
+                        device: g.device as u32,
+                        milli: g.milli,
+                        memory_bytes: g.memory,
+                    })
+                } else {
+                    None
+                },
             });
             out_keys.push((app, ask_id));
         }
@@ -220,7 +240,12 @@ fn to_ask(ra: &pb::ResourceAsk, id: u64, queue: usize, user: &str) -> Ask {
     let mut a = Ask::new(id, queue, r.vcores_milli, r.memory_bytes);
     a.user = user.to_string();
     a.priority = ra.priority as i32;
-    a.gpu = if r.gpus > 0 {
+    a.gpu = if r.gpu_share_milli > 0 {
+        GpuAsk::Share {
+            milli: r.gpu_share_milli,
+            memory: r.gpu_memory_bytes,
+        }
+    } else if r.gpus > 0 {
         GpuAsk::Whole(r.gpus)
     } else {
         GpuAsk::None
@@ -249,6 +274,9 @@ pub fn cluster_view(state: &ClusterState) -> (scheduler::Cluster, Vec<String>) {
             if u.gpus.contains(&g.index) {
                 slot.free_milli = 0;
                 slot.free_memory = 0;
+            } else if let Some((milli, mem)) = u.shares.get(&g.index) {
+                slot.free_milli = 1000u32.saturating_sub(*milli);
+                slot.free_memory = g.memory_bytes.saturating_sub(*mem);
             }
             node.gpus.push(slot);
         }
@@ -279,11 +307,9 @@ pub fn queue_view(state: &ClusterState) -> Queues {
     {
         if let Some(app) = state.apps.get(&c.alloc.app_id) {
             if let Some(i) = q.index(&app.queue) {
-                let r = scheduler::Res::new(
-                    c.alloc.vcores_milli,
-                    c.alloc.memory_bytes,
-                    1000 * c.alloc.gpus.len() as u64,
-                );
+                let gpu = 1000 * c.alloc.gpus.len() as u64
+                    + c.alloc.gpu_share.map_or(0, |sh| sh.milli as u64);
+                let r = scheduler::Res::new(c.alloc.vcores_milli, c.alloc.memory_bytes, gpu);
                 q.charge(i, &app.user, r);
             }
         }
@@ -360,10 +386,15 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
             })?;
             for (i, ra) in r.asks.iter().enumerate() {
                 let res = ra.resources.unwrap_or_default();
-                if res.gpu_share_milli > 0 {
-                    return Err(Status::unimplemented(format!(
-                        "asks[{i}].resources.gpu_share_milli: fractional GPUs are scheduled but not yet recorded by the RM; ask for whole GPUs"
-                    )));
+                if res.gpu_share_milli > 1000 || (res.gpu_share_milli > 0 && res.gpus > 0) {
+                    return Err(Error::InvalidArgument {
+                        field: "asks.resources.gpu_share_milli",
+                        reason: format!(
+                            "ask {:?}: a share is of one GPU (1 to 1000 thousandths), not combined with whole gpus",
+                            ra.ask_id
+                        ),
+                    }
+                    .into());
                 }
                 if res.memory_bytes == 0 {
                     return Err(Error::InvalidArgument {

@@ -92,6 +92,17 @@ pub struct Allocation {
     pub memory_bytes: u64,
     /// GPU indices on the node, given whole.
     pub gpus: Vec<u32>,
+    /// A share of one GPU (with a GPU-memory quota), for fractional asks.
+    #[serde(default)]
+    pub gpu_share: Option<GpuShare>,
+}
+
+/// Part of one device: `milli` thousandths of it and `memory_bytes` of its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuShare {
+    pub device: u32,
+    pub milli: u32,
+    pub memory_bytes: u64,
 }
 
 /// How a container ended.
@@ -278,8 +289,33 @@ pub struct ClusterState {
 pub struct NodeUse {
     pub vcores_milli: u64,
     pub memory_bytes: u64,
+    /// Devices given whole.
     pub gpus: Vec<u32>,
+    /// Shares given: device -> (thousandths, memory).
+    pub shares: BTreeMap<u32, (u32, u64)>,
     pub containers: u32,
+}
+
+impl NodeUse {
+    /// GPU use in thousandths of a device (whole devices count 1000).
+    pub fn gpu_milli(&self) -> u64 {
+        1000 * self.gpus.len() as u64 + self.shares.values().map(|s| s.0 as u64).sum::<u64>()
+    }
+
+    /// Adds a share; false when the device cannot take it (given whole, or
+    /// its thousandths or memory would run over).
+    fn take_share(&mut self, s: &GpuShare, device_memory: u64) -> bool {
+        if self.gpus.contains(&s.device) {
+            return false;
+        }
+        let e = self.shares.entry(s.device).or_insert((0, 0));
+        if e.0 + s.milli > 1000 || e.1 + s.memory_bytes > device_memory {
+            return false;
+        }
+        e.0 += s.milli;
+        e.1 += s.memory_bytes;
+        true
+    }
 }
 
 impl ClusterState {
@@ -542,6 +578,11 @@ impl ClusterState {
                 u.vcores_milli += c.alloc.vcores_milli;
                 u.memory_bytes += c.alloc.memory_bytes;
                 u.gpus.extend(&c.alloc.gpus);
+                if let Some(sh) = c.alloc.gpu_share {
+                    let e = u.shares.entry(sh.device).or_insert((0, 0));
+                    e.0 += sh.milli;
+                    e.1 += sh.memory_bytes;
+                }
                 u.containers += 1;
             }
         }
@@ -589,13 +630,27 @@ impl ClusterState {
                 if *g as usize >= node.gpus.len() {
                     return Err(format!("gpus: node {} has no GPU {g}", a.node_id));
                 }
-                if u.gpus.contains(g) {
+                if u.gpus.contains(g) || u.shares.contains_key(g) {
                     return Err(format!(
                         "gpus: GPU {g} of node {} is already given",
                         a.node_id
                     ));
                 }
                 u.gpus.push(*g);
+            }
+            if let Some(sh) = &a.gpu_share {
+                let Some(dev) = node.gpus.get(sh.device as usize) else {
+                    return Err(format!(
+                        "gpu_share: node {} has no GPU {}",
+                        a.node_id, sh.device
+                    ));
+                };
+                if sh.milli == 0 || !u.take_share(sh, dev.memory_bytes) {
+                    return Err(format!(
+                        "gpu_share: GPU {} of node {} cannot take {}/1000 and {} bytes more",
+                        sh.device, a.node_id, sh.milli, sh.memory_bytes
+                    ));
+                }
             }
         }
         Ok(())
@@ -616,7 +671,14 @@ impl ClusterState {
             let mut g = u.gpus.clone();
             g.sort_unstable();
             g.dedup();
-            if g.len() != u.gpus.len() || g.iter().any(|&i| i as usize >= n.gpus.len()) {
+            let bad_share = u.shares.iter().any(|(d, (milli, mem))| {
+                n.gpus
+                    .get(*d as usize)
+                    .is_none_or(|dev| *milli > 1000 || *mem > dev.memory_bytes)
+                    || u.gpus.contains(d)
+            });
+            if bad_share || g.len() != u.gpus.len() || g.iter().any(|&i| i as usize >= n.gpus.len())
+            {
                 return Err(format!(
                     "node {id}: GPUs given twice or not on the node: {:?}",
                     u.gpus
@@ -785,7 +847,67 @@ mod tests {
             vcores_milli: vcores,
             memory_bytes: mem,
             gpus: gpus.to_vec(),
+            gpu_share: None,
         }
+    }
+
+    fn share(id: &str, device: u32, milli: u32, mem: u64) -> Allocation {
+        Allocation {
+            gpu_share: Some(GpuShare {
+                device,
+                milli,
+                memory_bytes: mem,
+            }),
+            ..alloc(id, "app-000001", "n1", 100, 1 << 20, &[])
+        }
+    }
+
+    #[test]
+    fn gpu_shares_add_up_per_device() {
+        let mut s = ClusterState::default();
+        s.apply(&node("n1", 4000, 8 << 30, 2)); // two 80 GiB GPUs
+        s.apply(&submit("r", 1));
+        assert_eq!(
+            allocate(
+                &mut s,
+                vec![share("s1", 0, 500, 40 << 30), share("s2", 0, 250, 20 << 30)]
+            ),
+            Outcome::Done
+        );
+        assert_eq!(s.node_use("n1").gpu_milli(), 750);
+        // Over the device's thousandths, or its memory: refused.
+        assert!(matches!(
+            allocate(&mut s, vec![share("s3", 0, 500, 1 << 30)]),
+            Outcome::Rejected(_)
+        ));
+        assert!(matches!(
+            allocate(&mut s, vec![share("s4", 0, 100, 30 << 30)]),
+            Outcome::Rejected(_)
+        ));
+        // A shared device cannot be given whole; a whole one cannot be shared.
+        assert!(matches!(
+            allocate(
+                &mut s,
+                vec![alloc("w1", "app-000001", "n1", 100, 1 << 20, &[0])]
+            ),
+            Outcome::Rejected(_)
+        ));
+        assert_eq!(
+            allocate(
+                &mut s,
+                vec![alloc("w2", "app-000001", "n1", 100, 1 << 20, &[1])]
+            ),
+            Outcome::Done
+        );
+        assert!(matches!(
+            allocate(&mut s, vec![share("s5", 1, 100, 1 << 20)]),
+            Outcome::Rejected(_)
+        ));
+        assert_eq!(
+            allocate(&mut s, vec![share("s6", 0, 250, 20 << 30)]),
+            Outcome::Done
+        );
+        s.check_invariants().unwrap();
     }
 
     fn allocate(s: &mut ClusterState, a: Vec<Allocation>) -> Outcome {

@@ -475,6 +475,7 @@ impl pb::client_service_server::ClientService for RmService {
                         vcores_milli: u.vcores_milli,
                         memory_bytes: u.memory_bytes,
                         gpus: u.gpus.len() as u32,
+                        gpu_share_milli: u.shares.values().map(|sh| sh.0).sum(),
                         ..Default::default()
                     }
                 }),
@@ -568,6 +569,7 @@ impl pb::client_service_server::ClientService for RmService {
             used.vcores_milli += u.vcores_milli;
             used.memory_bytes += u.memory_bytes;
             used.gpus += u.gpus.len() as u32;
+            used.gpu_share_milli += u.shares.values().map(|sh| sh.0).sum::<u32>();
         }
         let members = if s.members.is_empty() {
             self.raft.peers().keys().copied().collect()

@@ -110,6 +110,31 @@ async fn bad_requests_are_refused_with_the_field() {
         "container_id: holder already exists on this node"
     );
 
+    // GPU 0 shared: two halves fit, a third share and a whole grant do not.
+    for (id, milli) in [("half1", 500), ("half2", 500)] {
+        let mut r = spec(id, "sleep 30", 16 * MIB);
+        r.resources.as_mut().unwrap().gpu_indices = vec![0];
+        r.resources.as_mut().unwrap().gpu_share_milli = milli;
+        start(c, r).await;
+    }
+    let mut r = spec("a", "true", 16 * MIB);
+    r.resources.as_mut().unwrap().gpu_indices = vec![0];
+    r.resources.as_mut().unwrap().gpu_share_milli = 100;
+    let e = refused(c, r).await;
+    assert_eq!(
+        e.message(),
+        "resources.gpu_share_milli: GPU 0 has 0/1000 free, 100 asked"
+    );
+    let mut r = spec("a", "true", 16 * MIB);
+    r.resources.as_mut().unwrap().gpu_indices = vec![0];
+    let e = refused(c, r).await;
+    assert_eq!(
+        e.message(),
+        "resources.gpu_indices: GPU 0 is shared (1000/1000 in use); it cannot be given whole"
+    );
+    stop(c, "half1", 100).await;
+    stop(c, "half2", 100).await;
+
     // Nothing refused was kept; what fits still starts.
     let mut ok = spec("a", "true", 16 * MIB);
     ok.resources.as_mut().unwrap().gpu_indices = vec![0];

@@ -173,6 +173,60 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
         0
     );
 
+    // Two half-GPU notebooks share one device (pack keeps the other whole).
+    let mut nb = ask("notebook", 2, 1, 0, "");
+    if let Some(r) = nb.resources.as_mut() {
+        r.gpu_share_milli = 500;
+        r.gpu_memory_bytes = 10 << 30;
+    }
+    let mut asks = vec![nb];
+    let mut shares: Vec<pb::Allocation> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shares.len() < 2 {
+        assert!(Instant::now() < deadline, "shares: {shares:?}");
+        let r = am
+            .allocate(pb::AllocateRequest {
+                application_id: app.clone(),
+                asks: asks.clone(),
+                wait_ms: 2000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        asks[0].count -= r.allocations.len() as u32;
+        shares.extend(r.allocations);
+    }
+    assert_eq!(shares[0].node_id, shares[1].node_id);
+    assert_eq!(shares[0].gpu_indices, shares[1].gpu_indices);
+    assert!(shares
+        .iter()
+        .all(|a| a.gpu_share_milli == 500 && a.gpu_memory_bytes == 10 << 30));
+    assert_eq!(
+        client.cluster_status().await.unwrap().used.unwrap().gpus,
+        0,
+        "no whole GPU taken"
+    );
+    for a in &shares {
+        let mut cm = ContainerManagerClient::connect(format!("http://{}", a.node_address))
+            .await
+            .unwrap();
+        cm.start_container(pb::StartContainerRequest {
+            container_id: a.container_id.clone(),
+            command: "true".into(),
+            resources: Some(pb::ContainerResources {
+                memory_bytes: 64 << 20,
+                gpu_indices: a.gpu_indices.clone(),
+                gpu_share_milli: a.gpu_share_milli,
+                gpu_memory_bytes: a.gpu_memory_bytes,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("the agent takes both shares of one GPU");
+    }
+
     // A released container is stopped by its agent.
     let mut one = vec![ask("extra", 1, 1, 0, "")];
     let extra = loop {
