@@ -301,6 +301,19 @@ impl RmClient {
             .map(|_| ())
     }
 
+    /// Replaces the queue tree with the `[[queues]]` tables of `config_toml`.
+    pub async fn set_queues(&self, config_toml: &str) -> Result<(), Error> {
+        let req = pb::SetQueuesRequest {
+            config_toml: config_toml.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.set_queues(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
     /// Cluster status as the leader sees it.
     pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, Error> {
         self.call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })

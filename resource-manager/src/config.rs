@@ -66,6 +66,8 @@ pub struct QueueConfig {
     pub weight: Option<u32>,
     /// Users allowed to submit; empty = everyone.
     pub submit_acl: Vec<String>,
+    /// Most one user may use in this queue; unset fields mean no limit.
+    pub user_limit: QueueResources,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -90,8 +92,27 @@ impl QueueConfig {
             max_gpus: m.gpus.unwrap_or(0),
             weight: self.weight.unwrap_or(1),
             submit_acl: self.submit_acl.clone(),
+            user_limit_vcores_milli: self.user_limit.vcores.map_or(0, |v| (v * 1000.0) as u64),
+            user_limit_memory_bytes: self.user_limit.memory.map_or(0, |b| b.as_u64()),
+            user_limit_gpus: self.user_limit.gpus.unwrap_or(0),
         }
     }
+}
+
+/// `[[queues]]` tables alone (what `rmctl queue set` sends).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueuesFile {
+    #[serde(default)]
+    pub queues: Vec<QueueConfig>,
+}
+
+/// Parses and checks a queues file: the specs to replicate, `root` first.
+pub fn parse_queues(text: &str) -> Result<Vec<crate::fsm::QueueSpec>> {
+    let f: QueuesFile = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+    let specs = queue_specs(&f.queues);
+    crate::scheduler::Queues::from_specs(&specs).map_err(Error::Config)?;
+    Ok(specs)
 }
 
 /// The configured queues as replicated specs, `root` first.

@@ -156,6 +156,13 @@ pub struct QueueSpec {
     pub weight: u32,
     /// Users allowed to submit; empty = everyone.
     pub submit_acl: Vec<String>,
+    /// Most one user may use in the queue; 0 = no limit.
+    #[serde(default)]
+    pub user_limit_vcores_milli: u64,
+    #[serde(default)]
+    pub user_limit_memory_bytes: u64,
+    #[serde(default)]
+    pub user_limit_gpus: u32,
 }
 
 /// What the raft log holds: a command plus who proposed it, so the proposer
@@ -1053,6 +1060,9 @@ mod tests {
             max_gpus: 0,
             weight: 1,
             submit_acl: vec![],
+            user_limit_vcores_milli: 0,
+            user_limit_memory_bytes: 0,
+            user_limit_gpus: 0,
         };
         let mut s = ClusterState::default();
         assert_eq!(

@@ -96,7 +96,9 @@ impl RmService {
     /// Leader-only, once per leadership: makes the replicated queue
     /// configuration match this member's config.
     async fn apply_queue_config(&self) {
-        if self.queues.is_empty() {
+        // The config seeds the queue tree; once the state has one, runtime
+        // changes (SetQueues) win over any member's file.
+        if self.queues.is_empty() || !self.raft.state().queues.is_empty() {
             return;
         }
         let mut want: Vec<QueueSpec> = self.queues.to_vec();
@@ -535,6 +537,13 @@ impl pb::client_service_server::ClientService for RmService {
                     st.apps.values().filter(mine).filter(|a| f(a.state)).count() as u32
                 };
                 pb::QueueReport {
+                    weight: q.weight,
+                    user_limit: Some(res(
+                        q.user_limit_vcores_milli,
+                        q.user_limit_memory_bytes,
+                        q.user_limit_gpus,
+                    )),
+                    submit_acl: q.submit_acl.clone(),
                     name: q.name.clone(),
                     guaranteed: Some(res(
                         q.guaranteed_vcores_milli,
@@ -649,6 +658,42 @@ impl pb::client_service_server::ClientService for RmService {
         }
         self.change_members(MemberChange::Remove { id }).await?;
         Ok(Response::new(pb::RemoveMemberResponse {}))
+    }
+
+    async fn set_queues(
+        &self,
+        req: Request<pb::SetQueuesRequest>,
+    ) -> Result<Response<pb::SetQueuesResponse>, Status> {
+        let specs = crate::config::parse_queues(&req.get_ref().config_toml).map_err(|e| {
+            Status::invalid_argument(e.to_string().trim_start_matches("config: ").to_string())
+        })?;
+        self.raft.read_barrier().await?;
+        {
+            // Nothing accepted may lose its queue.
+            let st = self.raft.state();
+            if !st.queues.is_empty() {
+                for a in st.apps.values().filter(|a| !a.state.is_terminal()) {
+                    if !specs.iter().any(|q| q.name == a.queue) {
+                        return Err(Error::InvalidArgument {
+                            field: "queues",
+                            reason: format!(
+                                "{} is missing but application {} runs in it",
+                                a.queue, a.id
+                            ),
+                        }
+                        .into());
+                    }
+                }
+            }
+        }
+        match self
+            .raft
+            .propose(Command::SetQueues { queues: specs })
+            .await?
+        {
+            Outcome::Rejected(why) => Err(Status::invalid_argument(why)),
+            _ => Ok(Response::new(pb::SetQueuesResponse {})),
+        }
     }
 
     type GetTaskLogsStream = ReceiverStream<Result<pb::TaskLogChunk, Status>>;

@@ -5,6 +5,7 @@
 //! rmctl cluster add-member ID ADDR | cluster remove-member ID
 //! rmctl node list | node drain ID
 //! rmctl app list | app status ID | app kill ID
+//! rmctl queue list | queue set -f queues.toml
 //! rmctl submit -f job.yaml
 //! ```
 //! Addresses come from `--rm`, else `WEFT_RM`, else 127.0.0.1:7100. Errors are
@@ -57,6 +58,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: NodeCmd,
     },
+    /// Queues.
+    Queue {
+        #[command(subcommand)]
+        cmd: QueueCmd,
+    },
     /// Applications.
     App {
         #[command(subcommand)]
@@ -86,6 +92,16 @@ enum ClusterCmd {
 enum NodeCmd {
     List,
     Drain { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCmd {
+    List,
+    /// Replaces the queue tree with the `[[queues]]` tables of a TOML file.
+    Set {
+        #[arg(short, long)]
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -266,6 +282,75 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         } => {
             rm.drain_node(&id).await?;
             format!("node {id} draining")
+        }
+        Cmd::Queue {
+            cmd: QueueCmd::List,
+        } => {
+            let queues = rm.list_queues().await?;
+            let r = |x: &Option<pb::Resources>| x.clone().unwrap_or_default();
+            if json_out {
+                serde_json::Value::Array(
+                    queues
+                        .iter()
+                        .map(|q| {
+                            let (g, m) = (r(&q.guaranteed), r(&q.maximum));
+                            json!({
+                                "name": q.name,
+                                "weight": q.weight,
+                                "guaranteed": {"vcores_milli": g.vcores_milli, "memory_bytes": g.memory_bytes, "gpus": g.gpus},
+                                "maximum": {"vcores_milli": m.vcores_milli, "memory_bytes": m.memory_bytes, "gpus": m.gpus},
+                                "pending_applications": q.pending_applications,
+                                "running_applications": q.running_applications,
+                                "submit_acl": q.submit_acl,
+                            })
+                        })
+                        .collect(),
+                )
+                .to_string()
+            } else {
+                let limit =
+                    |v: u64, f: &dyn Fn(u64) -> String| if v == 0 { "-".to_string() } else { f(v) };
+                table(
+                    &[
+                        "QUEUE",
+                        "WEIGHT",
+                        "GUARANTEED",
+                        "MAXIMUM",
+                        "PENDING",
+                        "RUNNING",
+                    ],
+                    queues
+                        .iter()
+                        .map(|q| {
+                            let (g, m) = (r(&q.guaranteed), r(&q.maximum));
+                            let res = |x: &pb::Resources| {
+                                format!(
+                                    "{} vcores, {}, {} gpus",
+                                    limit(x.vcores_milli, &|v| vcores(v)),
+                                    limit(x.memory_bytes, &|v| human_bytes(v)),
+                                    limit(x.gpus as u64, &|v| v.to_string())
+                                )
+                            };
+                            vec![
+                                q.name.clone(),
+                                q.weight.to_string(),
+                                res(&g),
+                                res(&m),
+                                q.pending_applications.to_string(),
+                                q.running_applications.to_string(),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
+        Cmd::Queue {
+            cmd: QueueCmd::Set { file },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+            rm.set_queues(&text).await?;
+            "queues updated".to_string()
         }
         Cmd::App { cmd: AppCmd::List } => {
             let apps = rm

@@ -67,6 +67,11 @@ impl Queues {
                 s.weight,
             )?;
             q.confs[i].submit_acl = s.submit_acl.clone();
+            q.confs[i].user_limit = Res::new(
+                or_max(s.user_limit_vcores_milli),
+                or_max(s.user_limit_memory_bytes),
+                or_max(1000 * s.user_limit_gpus as u64),
+            );
         }
         if q.index("root") != Some(0) {
             return Err("queues.name: root must come first".into());

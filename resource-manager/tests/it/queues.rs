@@ -25,7 +25,7 @@ guaranteed = { vcores = 32.0 }
 async fn configured_queues_are_listed_and_enforced_at_submit() {
     // TOML arrays of tables must follow the top-level keys: the harness puts
     // `extra` before [raft].
-    let cluster = Cluster::start_with(3, 1000, QUEUES);
+    let mut cluster = Cluster::start_with(3, 1000, QUEUES);
     cluster.leader().await;
     let client = cluster.client();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -82,4 +82,42 @@ async fn configured_queues_are_listed_and_enforced_at_submit() {
     let listed = client.list_queues().await.unwrap();
     let prod = listed.iter().find(|q| q.name == "root.prod").unwrap();
     assert_eq!(prod.pending_applications, 1);
+
+    // Changed at runtime: nothing accepted may lose its queue...
+    let without_prod =
+        "[[queues]]\nname = \"root.research\"\n[[queues]]\nname = \"root.research.vision\"\n";
+    let e = client.set_queues(without_prod).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("queues: root.prod is missing but application {ok} runs in it")
+    );
+    // ...bad input names the field...
+    let e = client
+        .set_queues("[[queues]]\nname = \"root.x\"\nwieght = 2\n")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(tonic::Code::InvalidArgument));
+    assert!(e.to_string().contains("wieght"), "{e}");
+    // ...and a valid tree replaces the old one, through the log.
+    let new_tree = format!(
+        "{QUEUES}\n[[queues]]\nname = \"root.batch\"\nweight = 3\nuser_limit = {{ vcores = 4.0 }}\n"
+    );
+    client.set_queues(&new_tree).await.unwrap();
+    let listed = client.list_queues().await.unwrap();
+    let batch = listed
+        .iter()
+        .find(|q| q.name == "root.batch")
+        .expect("root.batch listed");
+    assert_eq!(batch.weight, 3);
+    assert_eq!(batch.user_limit.as_ref().unwrap().vcores_milli, 4000);
+    client
+        .submit("name: b\nqueue: root.batch\n", "yaml", "bob")
+        .await
+        .unwrap();
+    // A new leader keeps the runtime tree (its config file only seeds an empty one).
+    let leader = cluster.leader().await;
+    cluster.kill(leader);
+    let client = cluster.client();
+    let listed = client.list_queues().await.unwrap();
+    assert!(listed.iter().any(|q| q.name == "root.batch"), "{listed:?}");
 }

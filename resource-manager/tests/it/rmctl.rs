@@ -90,6 +90,14 @@ async fn rmctl_cluster_status_node_list_and_apps() {
         stdout(&nodes)
     );
 
+    let a = all.clone();
+    let queues = tokio::task::spawn_blocking(move || run(&["queue", "list", "-o", "json"], &a))
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&stdout(&queues)).unwrap();
+    assert_eq!(v[0]["name"], "root");
+    assert_eq!(v[0]["pending_applications"], 1);
+
     // Errors: one line, non-zero exit.
     let a = all.clone();
     let missing = tokio::task::spawn_blocking(move || run(&["app", "status", "app-424242"], &a))
