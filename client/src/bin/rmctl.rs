@@ -287,7 +287,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             cmd: QueueCmd::List,
         } => {
             let queues = rm.list_queues().await?;
-            let r = |x: &Option<pb::Resources>| x.clone().unwrap_or_default();
+            let r = |x: &Option<pb::Resources>| x.unwrap_or_default();
             if json_out {
                 serde_json::Value::Array(
                     queues
