@@ -10,7 +10,8 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), weft_client::Error> {
 //! let rm = weft_client::RmClient::new(["127.0.0.1:7101", "127.0.0.1:7102"])?;
-//! let id = rm.submit("name: hello\n", "yaml", "alice").await?;
+//! let spec = std::fs::read_to_string("job.yaml").unwrap_or_default();
+//! let id = rm.submit(&spec, "yaml", "alice").await?;
 //! let report = rm.get_application(&id).await?;
 //! println!("{id}: {:?}", report.state());
 //! # Ok(()) }

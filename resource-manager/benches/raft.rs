@@ -67,6 +67,8 @@ fn start() -> Group {
     }
 }
 
+const SPEC: &str = "name: bench\nstages:\n  - name: run\n    instances: 1\n    command: 'true'\n    resources: { vcores: 1, memory: 64MiB }\n";
+
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[((v.len() as f64 - 1.0) * p).round() as usize]
@@ -82,10 +84,7 @@ async fn main() {
     let group = start();
     let client = Arc::new(RmClient::new(group.addrs.clone()).unwrap());
     // Wait for a leader (the first write goes through once there is one).
-    client
-        .submit("name: warmup\n", "yaml", "bench")
-        .await
-        .unwrap();
+    client.submit(SPEC, "yaml", "bench").await.unwrap();
     println!("RM group of 3 (raft tick 100 ms, sled fsync per round), {total} submissions per row");
     for concurrency in [1usize, 8, 64] {
         let per = total / concurrency;
@@ -97,7 +96,7 @@ async fn main() {
                     let mut lat = Vec::with_capacity(per);
                     for _ in 0..per {
                         let s = Instant::now();
-                        c.submit("name: bench\n", "yaml", "bench").await.unwrap();
+                        c.submit(SPEC, "yaml", "bench").await.unwrap();
                         lat.push(s.elapsed().as_secs_f64() * 1e3);
                     }
                     lat

@@ -230,48 +230,6 @@ fn node_state(s: NodeState) -> pb::NodeState {
     }
 }
 
-/// The `name` and `queue` a spec declares at its top level. Full job-spec
-/// parsing and validation belong to the application layer; this reads only
-/// what the RM lists.
-pub fn spec_header(spec: &str, format: &str) -> Result<(String, String), Error> {
-    let bad = |reason: String| Error::InvalidArgument {
-        field: "spec",
-        reason,
-    };
-    match format {
-        "toml" => {
-            let t: toml::Table = spec
-                .parse()
-                .map_err(|e| bad(format!("not valid TOML: {e}")))?;
-            let get = |k: &str| {
-                t.get(k)
-                    .and_then(|v| v.as_str())
-                    .unwrap_or_default()
-                    .to_string()
-            };
-            Ok((get("name"), get("queue")))
-        }
-        "yaml" | "yml" => {
-            let mut name = String::new();
-            let mut queue = String::new();
-            for line in spec.lines() {
-                let unquote =
-                    |v: &str| v.trim().trim_matches(|c| c == '"' || c == '\'').to_string();
-                if let Some(v) = line.strip_prefix("name:") {
-                    name = unquote(v.split('#').next().unwrap_or_default());
-                } else if let Some(v) = line.strip_prefix("queue:") {
-                    queue = unquote(v.split('#').next().unwrap_or_default());
-                }
-            }
-            Ok((name, queue))
-        }
-        other => Err(Error::InvalidArgument {
-            field: "spec_format",
-            reason: format!("{other:?} is not yaml or toml"),
-        }),
-    }
-}
-
 #[tonic::async_trait]
 impl pb::client_service_server::ClientService for RmService {
     async fn submit_application(
@@ -291,12 +249,9 @@ impl pb::client_service_server::ClientService for RmService {
         } else {
             r.spec_format.to_lowercase()
         };
-        let (name, queue) = spec_header(&r.spec, &format)?;
-        let queue = if queue.is_empty() {
-            "root".to_string()
-        } else {
-            queue
-        };
+        let spec = weft_app_master::spec::JobSpec::parse(&r.spec, &format)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (name, queue) = (spec.name.clone(), spec.queue.clone());
         let user = if r.user.is_empty() {
             "anonymous".to_string()
         } else {
@@ -333,6 +288,7 @@ impl pb::client_service_server::ClientService for RmService {
                 }
             }
         }
+        self.check_fits(&spec, &queue, &user)?;
         let cmd = Command::SubmitApplication {
             request_id: r.request_id,
             name,
@@ -709,6 +665,58 @@ impl pb::client_service_server::ClientService for RmService {
 }
 
 impl RmService {
+    /// Refuses a job whose tasks could never be placed on the nodes known now
+    /// (skipped while no node has registered), naming the task's field.
+    fn check_fits(
+        &self,
+        spec: &weft_app_master::spec::JobSpec,
+        queue: &str,
+        user: &str,
+    ) -> Result<(), Status> {
+        let st = self.raft.state();
+        if st.nodes.is_empty() {
+            return Ok(());
+        }
+        let (cluster, _) = crate::am::cluster_view(&st);
+        let queues = crate::am::queue_view(&st);
+        let Some(q) = queues.index(queue) else {
+            return Ok(()); // checked above when queues are configured
+        };
+        for t in spec.task_shapes() {
+            let r = t.resources;
+            let (whole, share) = r.gpu_split();
+            let mut ask = crate::scheduler::Ask::new(0, q, r.vcores_milli(), r.memory.as_u64());
+            ask.user = user.to_string();
+            ask.gpu = if share > 0 {
+                crate::scheduler::GpuAsk::Share {
+                    milli: share,
+                    memory: r.gpu_memory.map_or(0, |m| m.as_u64()),
+                }
+            } else if whole > 0 {
+                crate::scheduler::GpuAsk::Whole(whole)
+            } else {
+                crate::scheduler::GpuAsk::None
+            };
+            ask.gpu_model = r.gpu_model.clone();
+            ask.gpu_min_memory = r.gpu_min_memory.map_or(0, |m| m.as_u64());
+            ask.labels = r
+                .node_labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if let Err(e) = crate::scheduler::validate_ask(&cluster.nodes, &queues, &ask) {
+                // "resources.vcores: ..." -> "stages[1].roles.worker.resources.vcores: ..."
+                let msg = match e.strip_prefix("resources") {
+                    _ if e.starts_with("queue") => e.clone(),
+                    Some(rest) => format!("{}{rest}", t.field),
+                    None => format!("{}.{e}", t.field),
+                };
+                return Err(Status::invalid_argument(msg));
+            }
+        }
+        Ok(())
+    }
+
     async fn change_members(&self, change: MemberChange) -> Result<(), Status> {
         match self.raft.change_members(change).await? {
             Outcome::Rejected(why) => Err(Status::failed_precondition(why)),
@@ -904,27 +912,5 @@ mod tests {
             expired_nodes(&nodes, &hb, t0, t0 + Duration::from_secs(16), exp),
             vec!["a", "b", "d"]
         );
-    }
-
-    #[test]
-    fn spec_header_reads_name_and_queue() {
-        let y = "name: mnist-pipeline   # a comment\nqueue: \"root.research\"\nstages:\n  - name: prep\n";
-        assert_eq!(
-            spec_header(y, "yaml").unwrap(),
-            ("mnist-pipeline".into(), "root.research".into())
-        );
-        let t = "name = \"sweep\"\nqueue = \"root.a\"\n[[stages]]\nname = \"x\"\n";
-        assert_eq!(
-            spec_header(t, "toml").unwrap(),
-            ("sweep".into(), "root.a".into())
-        );
-        assert!(spec_header("name = ", "toml")
-            .unwrap_err()
-            .to_string()
-            .starts_with("spec: not valid TOML"));
-        assert!(spec_header("x", "json")
-            .unwrap_err()
-            .to_string()
-            .starts_with("spec_format:"));
     }
 }

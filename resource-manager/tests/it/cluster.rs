@@ -241,3 +241,10 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// A minimal valid job spec named `name` in `queue`.
+pub fn job(name: &str, queue: &str) -> String {
+    format!(
+        "name: {name}\nqueue: {queue}\nstages:\n  - name: run\n    instances: 1\n    command: 'true'\n    resources: {{ vcores: 1, memory: 64MiB }}\n"
+    )
+}

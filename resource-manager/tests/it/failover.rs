@@ -8,7 +8,7 @@ use weft_client::proto as pb;
 
 use crate::cluster::Cluster;
 
-const SPEC: &str = "name: job\nqueue: root\n";
+const SPEC: &str = "name: job\nqueue: root\nstages:\n  - name: run\n    instances: 1\n    command: 'true'\n    resources: { vcores: 1, memory: 64MiB }\n";
 
 async fn all_app_ids(c: &weft_client::RmClient) -> Vec<String> {
     c.list_applications(pb::ListApplicationsRequest::default())
@@ -167,7 +167,13 @@ async fn followers_send_callers_to_the_leader_and_bad_input_is_named() {
     assert_eq!(e.code(), Some(tonic::Code::InvalidArgument));
     assert_eq!(e.to_string(), "spec: must not be empty");
     let e = client.submit("name = ", "toml", "x").await.unwrap_err();
-    assert!(e.to_string().starts_with("spec: not valid TOML"), "{e}");
+    assert!(
+        e.to_string().starts_with("spec: not a valid job spec"),
+        "{e}"
+    );
+    let cyclic = "name: c\nstages:\n  - name: a\n    after: [b]\n    instances: 1\n    command: x\n    resources: { vcores: 1, memory: 1GiB }\n  - name: b\n    after: [a]\n    instances: 1\n    command: x\n    resources: { vcores: 1, memory: 1GiB }\n";
+    let e = client.submit(cyclic, "yaml", "x").await.unwrap_err();
+    assert_eq!(e.to_string(), "stages.after: a cycle: a -> b -> a");
     let e = client.get_application("app-999999").await.unwrap_err();
     assert_eq!(e.code(), Some(tonic::Code::NotFound));
     assert_eq!(e.to_string(), "application_id: no application app-999999");

@@ -20,7 +20,7 @@ async fn member_added_and_removed_under_load() {
         tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let id = client
-                    .submit("name: load\n", "yaml", "ops")
+                    .submit(&crate::cluster::job("load", "root"), "yaml", "ops")
                     .await
                     .expect("submission under membership change");
                 acked.lock().unwrap().push(id);
@@ -71,7 +71,10 @@ async fn member_added_and_removed_under_load() {
     let leader = cluster.leader().await;
     cluster.kill(leader);
     let client = cluster.client();
-    let after = client.submit("name: after\n", "yaml", "ops").await.unwrap();
+    let after = client
+        .submit(&crate::cluster::job("after", "root"), "yaml", "ops")
+        .await
+        .unwrap();
     let all: Vec<String> = client
         .list_applications(pb::ListApplicationsRequest::default())
         .await

@@ -48,16 +48,16 @@ async fn configured_queues_are_listed_and_enforced_at_submit() {
     assert_eq!(research.maximum.as_ref().unwrap().vcores_milli, 128_000);
 
     let ok = client
-        .submit("name: a\nqueue: root.prod\n", "yaml", "bob")
+        .submit(&crate::cluster::job("a", "root.prod"), "yaml", "bob")
         .await
         .unwrap();
     let e = client
-        .submit("name: a\nqueue: root.nope\n", "yaml", "bob")
+        .submit(&crate::cluster::job("a", "root.nope"), "yaml", "bob")
         .await
         .unwrap_err();
     assert_eq!(e.to_string(), "queue: no queue root.nope");
     let e = client
-        .submit("name: a\nqueue: root.research\n", "yaml", "bob")
+        .submit(&crate::cluster::job("a", "root.research"), "yaml", "bob")
         .await
         .unwrap_err();
     assert_eq!(
@@ -65,7 +65,11 @@ async fn configured_queues_are_listed_and_enforced_at_submit() {
         "queue: root.research has sub-queues; submit to one of them"
     );
     let e = client
-        .submit("name: a\nqueue: root.research.vision\n", "yaml", "bob")
+        .submit(
+            &crate::cluster::job("a", "root.research.vision"),
+            "yaml",
+            "bob",
+        )
         .await
         .unwrap_err();
     assert_eq!(
@@ -73,7 +77,11 @@ async fn configured_queues_are_listed_and_enforced_at_submit() {
         "queue: user bob may not submit to root.research.vision"
     );
     client
-        .submit("name: a\nqueue: root.research.vision\n", "yaml", "ann")
+        .submit(
+            &crate::cluster::job("a", "root.research.vision"),
+            "yaml",
+            "ann",
+        )
         .await
         .unwrap();
     let apps = client.list_applications(Default::default()).await.unwrap();
@@ -111,7 +119,7 @@ async fn configured_queues_are_listed_and_enforced_at_submit() {
     assert_eq!(batch.weight, 3);
     assert_eq!(batch.user_limit.as_ref().unwrap().vcores_milli, 4000);
     client
-        .submit("name: b\nqueue: root.batch\n", "yaml", "bob")
+        .submit(&crate::cluster::job("b", "root.batch"), "yaml", "bob")
         .await
         .unwrap();
     // A new leader keeps the runtime tree (its config file only seeds an empty one).

@@ -59,7 +59,7 @@ async fn rmctl_cluster_status_node_list_and_apps() {
 
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("job.yaml");
-    std::fs::write(&spec, "name: etl\nqueue: root\n").unwrap();
+    std::fs::write(&spec, crate::cluster::job("etl", "root")).unwrap();
     let (a, s) = (all.clone(), spec.clone());
     let sub = tokio::task::spawn_blocking(move || {
         run(&["submit", "-f", s.to_str().unwrap(), "--user", "dana"], &a)

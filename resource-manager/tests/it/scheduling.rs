@@ -52,7 +52,17 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
         assert!(Instant::now() < deadline, "agents did not register");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let app = client.submit("name: sched\n", "yaml", "eve").await.unwrap();
+    // A task bigger than any registered node is refused at submit.
+    let big = "name: big\nstages:\n  - name: train\n    gang: true\n    framework: pytorch\n    command: x\n    roles:\n      worker: { instances: 2, resources: { vcores: 64, memory: 1GiB } }\n";
+    let e = client.submit(big, "yaml", "eve").await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "stages[0].roles.worker.resources.vcores: 64 is more than any node has (largest 8)"
+    );
+    let app = client
+        .submit(&crate::cluster::job("sched", "root"), "yaml", "eve")
+        .await
+        .unwrap();
     let mut am =
         ApplicationMasterServiceClient::connect(format!("http://{}", cluster.members[leader].addr))
             .await

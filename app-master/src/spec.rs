@@ -1,0 +1,527 @@
+//! The job spec (DESIGN section 8): YAML or TOML, one serde model, checked by
+//! [`JobSpec::parse`] so that a bad spec is refused at submit with an error
+//! naming the field (`stages[1].after: ...`) and nothing is stored.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// A spec refused: the field and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct SpecError {
+    pub field: String,
+    pub reason: String,
+}
+
+fn bad(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A whole job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub name: String,
+    #[serde(default = "root")]
+    pub queue: String,
+    #[serde(default)]
+    pub priority: u32,
+    /// Application-master attempts.
+    #[serde(default = "one")]
+    pub max_attempts: u32,
+    /// Resources of the application master's own container.
+    #[serde(default)]
+    pub am: Option<ResourcesSpec>,
+    pub stages: Vec<StageSpec>,
+}
+
+fn root() -> String {
+    "root".into()
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What a task needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesSpec {
+    /// Cores (0.5 = half a core).
+    pub vcores: f64,
+    pub memory: ByteSize,
+    /// Whole GPUs (1, 2...), or a share of one (0.25).
+    #[serde(default)]
+    pub gpus: f64,
+    /// GPU-memory quota of a share (required with a fractional `gpus`).
+    #[serde(default)]
+    pub gpu_memory: Option<ByteSize>,
+    #[serde(default)]
+    pub gpu_model: Option<String>,
+    #[serde(default)]
+    pub gpu_min_memory: Option<ByteSize>,
+    /// Node labels that must all be present (`{ gpu: a100 }`).
+    #[serde(default)]
+    pub node_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Framework {
+    #[default]
+    None,
+    Tensorflow,
+    Pytorch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementSpec {
+    #[default]
+    Pack,
+    Spread,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    pub name: String,
+    #[serde(default)]
+    pub after: Vec<String>,
+    /// Identical tasks (or use `roles`).
+    #[serde(default)]
+    pub instances: Option<u32>,
+    #[serde(default)]
+    pub roles: Option<BTreeMap<String, RoleSpec>>,
+    pub command: String,
+    #[serde(default)]
+    pub resources: Option<ResourcesSpec>,
+    #[serde(default)]
+    pub framework: Framework,
+    /// Start every task together (distributed training).
+    #[serde(default)]
+    pub gang: bool,
+    #[serde(default)]
+    pub max_retries: u32,
+    #[serde(default, with = "humantime_serde")]
+    pub max_runtime: Option<Duration>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub placement: PlacementSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleSpec {
+    pub instances: u32,
+    pub resources: ResourcesSpec,
+    /// Overrides the stage's command for this role.
+    #[serde(default)]
+    pub command: Option<String>,
+}
+
+/// One task a stage runs, with the field path of its resources (for errors).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskShape<'a> {
+    pub stage: &'a str,
+    pub role: Option<&'a str>,
+    pub instances: u32,
+    pub resources: &'a ResourcesSpec,
+    pub field: String,
+}
+
+const TF_ROLES: [&str; 4] = ["chief", "ps", "worker", "evaluator"];
+const TORCH_ROLES: [&str; 2] = ["master", "worker"];
+
+impl JobSpec {
+    /// Parses `text` as `format` (`yaml`, `yml` or `toml`) and checks it.
+    pub fn parse(text: &str, format: &str) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec = match format {
+            "yaml" | "yml" => serde_yaml_ng::from_str(text)
+                .map_err(|e| bad("spec", format!("not a valid job spec: {e}")))?,
+            "toml" => toml::from_str(text).map_err(|e| {
+                bad(
+                    "spec",
+                    format!("not a valid job spec: {}", e.to_string().trim()),
+                )
+            })?,
+            other => return Err(bad("spec_format", format!("{other:?} is not yaml or toml"))),
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Every check serde cannot make.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.name.trim().is_empty() {
+            return Err(bad("name", "must not be empty"));
+        }
+        if self.max_attempts == 0 {
+            return Err(bad("max_attempts", "must be at least 1"));
+        }
+        if let Some(am) = &self.am {
+            check_resources("am", am)?;
+        }
+        if self.stages.is_empty() {
+            return Err(bad("stages", "a job needs at least one stage"));
+        }
+        let mut names = BTreeSet::new();
+        for (i, s) in self.stages.iter().enumerate() {
+            let f = format!("stages[{i}]");
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(bad(
+                    format!("{f}.name"),
+                    format!("{:?} must be letters, digits, '-' or '_'", s.name),
+                ));
+            }
+            if !names.insert(s.name.as_str()) {
+                return Err(bad(
+                    format!("{f}.name"),
+                    format!("{} is used by two stages", s.name),
+                ));
+            }
+            if s.command.trim().is_empty() {
+                return Err(bad(format!("{f}.command"), "must not be empty"));
+            }
+            match (&s.instances, &s.roles) {
+                (Some(_), Some(_)) => {
+                    return Err(bad(&f, "give either instances or roles, not both"))
+                }
+                (None, None) => return Err(bad(&f, "give instances (with resources) or roles")),
+                (Some(0), _) => return Err(bad(format!("{f}.instances"), "must be at least 1")),
+                (Some(_), None) => {
+                    let r = s
+                        .resources
+                        .as_ref()
+                        .ok_or_else(|| bad(format!("{f}.resources"), "required with instances"))?;
+                    check_resources(&format!("{f}.resources"), r)?;
+                }
+                (None, Some(roles)) => {
+                    if roles.is_empty() {
+                        return Err(bad(format!("{f}.roles"), "must name at least one role"));
+                    }
+                    if s.resources.is_some() {
+                        return Err(bad(
+                            format!("{f}.resources"),
+                            "with roles, resources go in each role",
+                        ));
+                    }
+                    for (name, r) in roles {
+                        if r.instances == 0 {
+                            return Err(bad(
+                                format!("{f}.roles.{name}.instances"),
+                                "must be at least 1",
+                            ));
+                        }
+                        check_resources(&format!("{f}.roles.{name}.resources"), &r.resources)?;
+                    }
+                }
+            }
+            let allowed: &[&str] = match s.framework {
+                Framework::Tensorflow => &TF_ROLES,
+                Framework::Pytorch => &TORCH_ROLES,
+                Framework::None => &[],
+            };
+            if let (Some(roles), false) = (&s.roles, allowed.is_empty()) {
+                if let Some(r) = roles.keys().find(|r| !allowed.contains(&r.as_str())) {
+                    return Err(bad(
+                        format!("{f}.roles.{r}"),
+                        format!(
+                            "not a {:?} role (expected one of {})",
+                            s.framework,
+                            allowed.join(", ")
+                        )
+                        .to_lowercase(),
+                    ));
+                }
+            }
+            if s.framework != Framework::None && !s.gang {
+                return Err(bad(
+                    format!("{f}.gang"),
+                    "distributed training (framework) stages must be gang: true",
+                ));
+            }
+            for env in s.env.keys() {
+                if env.is_empty() || env.contains('=') || env.starts_with("WEFT_") {
+                    return Err(bad(
+                        format!("{f}.env"),
+                        format!("{env:?} is not a variable a job may set"),
+                    ));
+                }
+            }
+        }
+        for (i, s) in self.stages.iter().enumerate() {
+            for a in &s.after {
+                if !names.contains(a.as_str()) {
+                    return Err(bad(
+                        format!("stages[{i}].after"),
+                        format!("unknown stage {a:?}"),
+                    ));
+                }
+                if *a == s.name {
+                    return Err(bad(
+                        format!("stages[{i}].after"),
+                        "a stage cannot wait for itself",
+                    ));
+                }
+            }
+        }
+        if let Some(cycle) = self.cycle() {
+            return Err(bad(
+                "stages.after",
+                format!("a cycle: {}", cycle.join(" -> ")),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A cycle in `after`, if any (stage names in order, first repeated last).
+    fn cycle(&self) -> Option<Vec<String>> {
+        let idx: BTreeMap<&str, usize> = self
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        // 0 = unvisited, 1 = on the path, 2 = done.
+        let mut mark = vec![0u8; self.stages.len()];
+        let mut path: Vec<usize> = Vec::new();
+        fn visit(
+            i: usize,
+            spec: &JobSpec,
+            idx: &BTreeMap<&str, usize>,
+            mark: &mut [u8],
+            path: &mut Vec<usize>,
+        ) -> Option<Vec<String>> {
+            mark[i] = 1;
+            path.push(i);
+            for a in &spec.stages[i].after {
+                let j = idx[a.as_str()];
+                if mark[j] == 1 {
+                    let start = path.iter().position(|&p| p == j).expect("on the path");
+                    let mut c: Vec<String> = path[start..]
+                        .iter()
+                        .map(|&p| spec.stages[p].name.clone())
+                        .collect();
+                    c.push(spec.stages[j].name.clone());
+                    return Some(c);
+                }
+                if mark[j] == 0 {
+                    if let Some(c) = visit(j, spec, idx, mark, path) {
+                        return Some(c);
+                    }
+                }
+            }
+            path.pop();
+            mark[i] = 2;
+            None
+        }
+        (0..self.stages.len()).find_map(|i| {
+            if mark[i] == 0 {
+                visit(i, self, &idx, &mut mark, &mut path)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Every distinct task shape of the job, for fit checks.
+    pub fn task_shapes(&self) -> Vec<TaskShape<'_>> {
+        let mut out = Vec::new();
+        for (i, s) in self.stages.iter().enumerate() {
+            match (&s.roles, &s.resources, s.instances) {
+                (Some(roles), _, _) => {
+                    for (name, r) in roles {
+                        out.push(TaskShape {
+                            stage: &s.name,
+                            role: Some(name),
+                            instances: r.instances,
+                            resources: &r.resources,
+                            field: format!("stages[{i}].roles.{name}.resources"),
+                        });
+                    }
+                }
+                (None, Some(r), Some(n)) => out.push(TaskShape {
+                    stage: &s.name,
+                    role: None,
+                    instances: n,
+                    resources: r,
+                    field: format!("stages[{i}].resources"),
+                }),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+impl ResourcesSpec {
+    /// Thousandths of a core.
+    pub fn vcores_milli(&self) -> u64 {
+        (self.vcores * 1000.0).round() as u64
+    }
+
+    /// (whole GPUs, share in thousandths): exactly one is non-zero when GPUs are asked.
+    pub fn gpu_split(&self) -> (u32, u32) {
+        if self.gpus >= 1.0 {
+            (self.gpus as u32, 0)
+        } else {
+            (0, (self.gpus * 1000.0).round() as u32)
+        }
+    }
+}
+
+fn check_resources(field: &str, r: &ResourcesSpec) -> Result<(), SpecError> {
+    if r.vcores.is_nan() || r.vcores <= 0.0 || !r.vcores.is_finite() {
+        return Err(bad(
+            format!("{field}.vcores"),
+            format!("must be above 0 (got {})", r.vcores),
+        ));
+    }
+    if r.memory.as_u64() == 0 {
+        return Err(bad(format!("{field}.memory"), "must be above 0"));
+    }
+    if r.gpus < 0.0 || !r.gpus.is_finite() {
+        return Err(bad(
+            format!("{field}.gpus"),
+            format!("must not be negative (got {})", r.gpus),
+        ));
+    }
+    if r.gpus > 1.0 && r.gpus.fract() != 0.0 {
+        return Err(bad(
+            format!("{field}.gpus"),
+            "above 1, GPUs are whole devices (2, 4...); shares are below 1",
+        ));
+    }
+    if r.gpus > 0.0 && r.gpus < 1.0 && r.gpu_memory.is_none() {
+        return Err(bad(
+            format!("{field}.gpu_memory"),
+            "a GPU share needs a GPU-memory quota",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PIPELINE: &str = r#"
+name: mnist-pipeline
+queue: root.research
+priority: 0
+max_attempts: 2
+stages:
+  - name: preprocess
+    instances: 4
+    command: python3 prep.py --shard $WEFT_TASK_INDEX
+    resources: { vcores: 1, memory: 1GiB }
+    max_retries: 2
+    max_runtime: 10m
+  - name: train
+    after: [preprocess]
+    framework: tensorflow
+    gang: true
+    roles:
+      ps:     { instances: 1, resources: { vcores: 1, memory: 2GiB } }
+      worker: { instances: 2, resources: { vcores: 2, memory: 4GiB, gpus: 1 } }
+    command: python3 train.py
+  - name: evaluate
+    after: [train]
+    instances: 1
+    command: python3 eval.py
+    resources: { vcores: 0.5, memory: 512MiB, gpus: 0.25, gpu_memory: 10GiB }
+"#;
+
+    #[test]
+    fn design_example_parses() {
+        let s = JobSpec::parse(PIPELINE, "yaml").unwrap();
+        assert_eq!(s.queue, "root.research");
+        assert_eq!(s.stages[0].max_runtime, Some(Duration::from_secs(600)));
+        let shapes = s.task_shapes();
+        assert_eq!(shapes.len(), 4);
+        let worker = shapes.iter().find(|t| t.role == Some("worker")).unwrap();
+        assert_eq!(worker.resources.gpu_split(), (1, 0));
+        assert_eq!(worker.field, "stages[1].roles.worker.resources");
+        assert_eq!(shapes[3].resources.gpu_split(), (0, 250));
+        assert_eq!(shapes[3].resources.vcores_milli(), 500);
+    }
+
+    #[test]
+    fn toml_is_the_same_model() {
+        let t = r#"
+name = "sweep"
+[[stages]]
+name = "run"
+instances = 8
+command = "python3 sweep.py"
+resources = { vcores = 1, memory = "256MiB" }
+"#;
+        let s = JobSpec::parse(t, "toml").unwrap();
+        assert_eq!(s.queue, "root");
+        assert_eq!(s.stages[0].instances, Some(8));
+    }
+
+    fn err(text: &str) -> String {
+        JobSpec::parse(text, "yaml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let base = |stages: &str| format!("name: j\nstages:\n{stages}");
+        let ok = "  - name: a\n    instances: 1\n    command: x\n    resources: { vcores: 1, memory: 1GiB }\n";
+        assert!(err("name: j\nstagez: []\n").contains("unknown field `stagez`"));
+        assert_eq!(
+            err("name: j\nstages: []\n"),
+            "stages: a job needs at least one stage"
+        );
+        assert_eq!(
+            err(&base(&format!("{ok}  - name: b\n    after: [c]\n    instances: 1\n    command: x\n    resources: {{ vcores: 1, memory: 1GiB }}\n"))),
+            "stages[1].after: unknown stage \"c\""
+        );
+        assert_eq!(
+            err(&base("  - name: a\n    after: [b]\n    instances: 1\n    command: x\n    resources: { vcores: 1, memory: 1GiB }\n  - name: b\n    after: [a]\n    instances: 1\n    command: x\n    resources: { vcores: 1, memory: 1GiB }\n")),
+            "stages.after: a cycle: a -> b -> a"
+        );
+        assert_eq!(
+            err(&base("  - name: a\n    instances: 1\n    command: x\n    resources: { vcores: -1, memory: 1GiB }\n")),
+            "stages[0].resources.vcores: must be above 0 (got -1)"
+        );
+        assert_eq!(
+            err(&base("  - name: a\n    instances: 0\n    command: x\n    resources: { vcores: 1, memory: 1GiB }\n")),
+            "stages[0].instances: must be at least 1"
+        );
+        assert_eq!(
+            err(&base("  - name: a\n    instances: 1\n    command: x\n    resources: { vcores: 1, memory: 1GiB, gpus: 0.5 }\n")),
+            "stages[0].resources.gpu_memory: a GPU share needs a GPU-memory quota"
+        );
+        assert_eq!(
+            err(&base(&format!("{ok}{ok}"))),
+            "stages[1].name: a is used by two stages"
+        );
+        assert_eq!(
+            err(&base("  - name: t\n    framework: tensorflow\n    gang: true\n    command: x\n    roles:\n      boss: { instances: 1, resources: { vcores: 1, memory: 1GiB } }\n")),
+            "stages[0].roles.boss: not a tensorflow role (expected one of chief, ps, worker, evaluator)"
+        );
+        assert_eq!(
+            err(&base("  - name: t\n    framework: pytorch\n    command: x\n    instances: 2\n    resources: { vcores: 1, memory: 1GiB }\n")),
+            "stages[0].gang: distributed training (framework) stages must be gang: true"
+        );
+        assert!(JobSpec::parse("x", "json")
+            .unwrap_err()
+            .to_string()
+            .starts_with("spec_format:"));
+    }
+}
