@@ -5,6 +5,8 @@
 //! which refuses bad specs at submit). The wire format it speaks is `weft_proto::v1::application_master_service_client`
 //! and `weft_proto::v1::container_manager_client`.
 
+pub mod client;
+pub mod runner;
 pub mod spec;
 
 pub use weft_proto::v1 as proto;

@@ -4,6 +4,7 @@
 
 mod cluster;
 
+mod apps;
 mod failover;
 mod membership;
 mod nodes;

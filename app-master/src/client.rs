@@ -1,0 +1,144 @@
+//! Clients an application master uses: the RM's ApplicationMasterService
+//! (following the leader across failovers) and node agents' ContainerManager.
+
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use weft_proto::v1 as pb;
+use weft_proto::v1::application_master_service_client::ApplicationMasterServiceClient;
+use weft_proto::v1::container_manager_client::ContainerManagerClient;
+
+fn uri(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+fn channel(addr: &str) -> Result<Channel, Status> {
+    Ok(Endpoint::from_shared(uri(addr))
+        .map_err(|e| Status::invalid_argument(format!("address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(30))
+        .connect_lazy())
+}
+
+/// The RM as an application master sees it.
+pub struct RmAmClient {
+    addresses: Vec<String>,
+    leader: Option<String>,
+    next: usize,
+    /// How long a call keeps retrying across failovers.
+    pub deadline: Duration,
+}
+
+impl RmAmClient {
+    pub fn new(addresses: Vec<String>) -> Self {
+        RmAmClient {
+            addresses,
+            leader: None,
+            next: 0,
+            deadline: Duration::from_secs(60),
+        }
+    }
+
+    /// Calls `f` on the leader, following NotLeader hints and retrying
+    /// retryable errors with backoff until the deadline.
+    pub async fn call<T, F, Fut>(&mut self, f: F) -> Result<T, Status>
+    where
+        F: Fn(ApplicationMasterServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let addr = match &self.leader {
+                Some(l) => l.clone(),
+                None => {
+                    self.next += 1;
+                    self.addresses[self.next % self.addresses.len()].clone()
+                }
+            };
+            let err = match f(ApplicationMasterServiceClient::new(channel(&addr)?)).await {
+                Ok(r) => {
+                    self.leader = Some(addr);
+                    return Ok(r.into_inner());
+                }
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        Code::Unavailable | Code::Unknown | Code::Cancelled
+                    ) =>
+                {
+                    s
+                }
+                Err(s) => return Err(s),
+            };
+            self.leader = err
+                .metadata()
+                .get("weft-leader")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .filter(|l| *l != addr);
+            if start.elapsed() > self.deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    pub async fn register(&mut self, app: &str, attempt: u32) -> Result<(), Status> {
+        let req = pb::RegisterApplicationMasterRequest {
+            application_id: app.into(),
+            attempt,
+            ..Default::default()
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.register_application_master(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn allocate(
+        &mut self,
+        req: pb::AllocateRequest,
+    ) -> Result<pb::AllocateResponse, Status> {
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.allocate(req).await }
+        })
+        .await
+    }
+
+    pub async fn finish(
+        &mut self,
+        app: &str,
+        attempt: u32,
+        status: pb::FinalStatus,
+        diagnostics: &str,
+    ) -> Result<(), Status> {
+        let req = pb::FinishApplicationMasterRequest {
+            application_id: app.into(),
+            attempt,
+            final_status: status as i32,
+            diagnostics: diagnostics.into(),
+            ..Default::default()
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.finish_application_master(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
+/// A node agent's ContainerManager.
+pub async fn node(addr: &str) -> Result<ContainerManagerClient<Channel>, Status> {
+    Ok(ContainerManagerClient::new(channel(addr)?))
+}

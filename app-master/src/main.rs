@@ -1,0 +1,71 @@
+//! `app-master`: runs one attempt of a job spec against the RM group.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use weft_app_master::runner::Runner;
+use weft_app_master::spec::JobSpec;
+use weft_node_agent::telemetry::{self, LogFormat};
+
+/// Weft application master: runs a job's stages on containers the resource
+/// manager grants, and reports the job's end.
+#[derive(Debug, Parser)]
+#[command(name = "app-master", version)]
+struct Args {
+    /// Application id (given by SubmitApplication).
+    #[arg(long, env = "WEFT_APP_ID")]
+    app_id: String,
+    #[arg(long, env = "WEFT_ATTEMPT", default_value_t = 1)]
+    attempt: u32,
+    /// Resource-manager members, comma-separated host:port.
+    #[arg(long, env = "WEFT_RM", value_delimiter = ',')]
+    rm: Vec<String>,
+    /// The job spec (YAML or TOML by extension).
+    #[arg(long)]
+    spec: PathBuf,
+    #[arg(long, value_enum, default_value = "human")]
+    log_format: LogFormat,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    telemetry::init(args.log_format);
+    let text = match std::fs::read_to_string(&args.spec) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("app-master: reading {}: {e}", args.spec.display());
+            return ExitCode::from(2);
+        }
+    };
+    let format = match args.spec.extension().and_then(|e| e.to_str()) {
+        Some("toml") => "toml",
+        _ => "yaml",
+    };
+    let spec = match JobSpec::parse(&text, format) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("app-master: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.rm.is_empty() {
+        eprintln!("app-master: --rm: give the resource-manager addresses");
+        return ExitCode::from(2);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    match rt.block_on(Runner::new(args.app_id, args.attempt, spec, args.rm).run()) {
+        Ok(f) if f.status == weft_proto::v1::FinalStatus::Succeeded => ExitCode::SUCCESS,
+        Ok(f) => {
+            eprintln!("app-master: {}", f.diagnostics);
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("app-master: {}", e.message());
+            ExitCode::FAILURE
+        }
+    }
+}

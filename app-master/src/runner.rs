@@ -1,0 +1,487 @@
+//! Runs a job spec as an application master: stages in `after` order, each
+//! stage's tasks asked for, started on their granted nodes with the `WEFT_*`
+//! variables (and `TF_CONFIG` or the torch variables for gang stages, which
+//! start only once every member has a container), failures retried up to
+//! `max_retries`, and the job finished SUCCEEDED or FAILED with the first
+//! failing task's reason.
+
+use std::collections::BTreeMap;
+
+use tracing::{info, warn};
+use weft_proto::v1 as pb;
+
+use crate::client::{node, RmAmClient};
+use crate::spec::{Framework, JobSpec, PlacementSpec, ResourcesSpec};
+
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    Waiting,
+    Asking,
+    Allocated,
+    Running,
+    Succeeded,
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+struct Task {
+    stage: usize,
+    role: Option<String>,
+    index: u32,
+    ask_id: String,
+    state: State,
+    alloc: Option<pb::Allocation>,
+}
+
+/// Outcome of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    pub status: pb::FinalStatus,
+    pub diagnostics: String,
+}
+
+pub struct Runner {
+    pub app: String,
+    pub attempt: u32,
+    pub spec: JobSpec,
+    rm: RmAmClient,
+    tasks: Vec<Task>,
+    /// Failures so far per stage (a gang's restarts count once per restart).
+    failures: Vec<u32>,
+}
+
+/// exit status of a memory-quota kill (weft_proto::exit_codes::OVER_MEMORY_QUOTA).
+const OVER_MEMORY: i32 = weft_proto::exit_codes::OVER_MEMORY_QUOTA;
+
+impl Runner {
+    pub fn new(app: String, attempt: u32, spec: JobSpec, rm_addresses: Vec<String>) -> Runner {
+        let mut tasks = Vec::new();
+        for (si, s) in spec.stages.iter().enumerate() {
+            match &s.roles {
+                Some(roles) => {
+                    for (role, r) in roles {
+                        for i in 0..r.instances {
+                            tasks.push(Task {
+                                stage: si,
+                                role: Some(role.clone()),
+                                index: i,
+                                ask_id: format!("{}.{role}", s.name),
+                                state: State::Waiting,
+                                alloc: None,
+                            });
+                        }
+                    }
+                }
+                None => {
+                    for i in 0..s.instances.unwrap_or(1) {
+                        tasks.push(Task {
+                            stage: si,
+                            role: None,
+                            index: i,
+                            ask_id: s.name.clone(),
+                            state: State::Waiting,
+                            alloc: None,
+                        });
+                    }
+                }
+            }
+        }
+        let n = spec.stages.len();
+        Runner {
+            app,
+            attempt,
+            spec,
+            rm: RmAmClient::new(rm_addresses),
+            tasks,
+            failures: vec![0; n],
+        }
+    }
+
+    fn resources_of(&self, t: &Task) -> &ResourcesSpec {
+        let s = &self.spec.stages[t.stage];
+        match (&t.role, &s.roles) {
+            (Some(r), Some(roles)) => &roles[r].resources,
+            _ => s
+                .resources
+                .as_ref()
+                .expect("validated: instances come with resources"),
+        }
+    }
+
+    fn stage_done(&self, si: usize) -> bool {
+        self.tasks
+            .iter()
+            .filter(|t| t.stage == si)
+            .all(|t| t.state == State::Succeeded)
+    }
+
+    /// Runs the job to its end and tells the RM.
+    pub async fn run(mut self) -> Result<Finished, tonic::Status> {
+        self.rm.register(&self.app, self.attempt).await?;
+        info!(app = %self.app, attempt = self.attempt, tasks = self.tasks.len(), "application master registered");
+        let mut releases: Vec<String> = Vec::new();
+        loop {
+            // Stages whose dependencies all succeeded start asking.
+            for si in 0..self.spec.stages.len() {
+                let ready = self.spec.stages[si].after.iter().all(|a| {
+                    self.spec
+                        .stages
+                        .iter()
+                        .position(|s| &s.name == a)
+                        .is_some_and(|j| self.stage_done(j))
+                });
+                if ready {
+                    for t in self
+                        .tasks
+                        .iter_mut()
+                        .filter(|t| t.stage == si && t.state == State::Waiting)
+                    {
+                        t.state = State::Asking;
+                    }
+                }
+            }
+            if let Some(reason) = self.tasks.iter().find_map(|t| match &t.state {
+                State::Failed(r) => Some(r.clone()),
+                _ => None,
+            }) {
+                return self.finish(pb::FinalStatus::Failed, &reason).await;
+            }
+            if self.tasks.iter().all(|t| t.state == State::Succeeded) {
+                return self
+                    .finish(pb::FinalStatus::Succeeded, "all stages succeeded")
+                    .await;
+            }
+            let resp = self
+                .rm
+                .allocate(pb::AllocateRequest {
+                    application_id: self.app.clone(),
+                    attempt: self.attempt,
+                    asks: self.asks(),
+                    releases: std::mem::take(&mut releases),
+                    progress: self.progress(),
+                    wait_ms: 1000,
+                    ..Default::default()
+                })
+                .await?;
+            for a in resp.allocations {
+                match self
+                    .tasks
+                    .iter_mut()
+                    .find(|t| t.state == State::Asking && t.ask_id == a.ask_id)
+                {
+                    Some(t) => {
+                        t.alloc = Some(a);
+                        t.state = State::Allocated;
+                    }
+                    None => releases.push(a.container_id),
+                }
+            }
+            self.start_ready().await;
+            for c in resp.completed {
+                self.completed(&c, &mut releases);
+            }
+        }
+    }
+
+    async fn finish(
+        mut self,
+        status: pb::FinalStatus,
+        diagnostics: &str,
+    ) -> Result<Finished, tonic::Status> {
+        // Nothing outlives the job.
+        let live: Vec<String> = self
+            .tasks
+            .iter()
+            .filter(|t| matches!(t.state, State::Allocated | State::Running))
+            .filter_map(|t| t.alloc.as_ref().map(|a| a.container_id.clone()))
+            .collect();
+        if !live.is_empty() {
+            self.rm
+                .allocate(pb::AllocateRequest {
+                    application_id: self.app.clone(),
+                    attempt: self.attempt,
+                    releases: live,
+                    ..Default::default()
+                })
+                .await?;
+        }
+        self.rm
+            .finish(&self.app, self.attempt, status, diagnostics)
+            .await?;
+        info!(app = %self.app, ?status, diagnostics, "application finished");
+        Ok(Finished {
+            status,
+            diagnostics: diagnostics.to_string(),
+        })
+    }
+
+    fn progress(&self) -> f32 {
+        let done = self
+            .tasks
+            .iter()
+            .filter(|t| t.state == State::Succeeded)
+            .count();
+        done as f32 / self.tasks.len().max(1) as f32
+    }
+
+    /// Outstanding asks (absolute counts), grouped by ask id.
+    fn asks(&self) -> Vec<pb::ResourceAsk> {
+        let mut by: BTreeMap<&str, (u32, &Task)> = BTreeMap::new();
+        for t in self.tasks.iter().filter(|t| t.state == State::Asking) {
+            by.entry(&t.ask_id).or_insert((0, t)).0 += 1;
+        }
+        by.into_iter()
+            .map(|(id, (count, t))| {
+                let s = &self.spec.stages[t.stage];
+                let r = self.resources_of(t);
+                let (whole, share) = r.gpu_split();
+                pb::ResourceAsk {
+                    ask_id: id.to_string(),
+                    count,
+                    resources: Some(pb::Resources {
+                        vcores_milli: r.vcores_milli(),
+                        memory_bytes: r.memory.as_u64(),
+                        gpus: whole,
+                        gpu_share_milli: share,
+                        gpu_memory_bytes: r.gpu_memory.map_or(0, |m| m.as_u64()),
+                    }),
+                    priority: self.spec.priority,
+                    node_labels: r
+                        .node_labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    gpu_model: r.gpu_model.clone().unwrap_or_default(),
+                    gpu_min_memory_bytes: r.gpu_min_memory.map_or(0, |m| m.as_u64()),
+                    gang_id: if s.gang {
+                        format!("{}#{}", s.name, self.failures[t.stage])
+                    } else {
+                        String::new()
+                    },
+                    placement: match s.placement {
+                        PlacementSpec::Pack => pb::PlacementPolicy::Pack as i32,
+                        PlacementSpec::Spread => pb::PlacementPolicy::Spread as i32,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// Starts allocated tasks: at once, or for a gang once all members have
+    /// a container, with the cluster layout.
+    async fn start_ready(&mut self) {
+        for si in 0..self.spec.stages.len() {
+            let gang = self.spec.stages[si].gang;
+            let members: Vec<usize> = (0..self.tasks.len())
+                .filter(|&i| self.tasks[i].stage == si)
+                .collect();
+            let allocated: Vec<usize> = members
+                .iter()
+                .copied()
+                .filter(|&i| self.tasks[i].state == State::Allocated)
+                .collect();
+            if allocated.is_empty() || (gang && allocated.len() != members.len()) {
+                continue;
+            }
+            let layout = if gang {
+                self.layout(&members)
+            } else {
+                BTreeMap::new()
+            };
+            for i in allocated {
+                let env = self.env(i, &layout);
+                let t = &self.tasks[i];
+                let s = &self.spec.stages[t.stage];
+                let a = t.alloc.clone().expect("allocated tasks have an allocation");
+                let command = match (&t.role, &s.roles) {
+                    (Some(r), Some(roles)) => roles[r]
+                        .command
+                        .clone()
+                        .unwrap_or_else(|| s.command.clone()),
+                    _ => s.command.clone(),
+                };
+                let req = pb::StartContainerRequest {
+                    container_id: a.container_id.clone(),
+                    command: "sh".into(),
+                    args: vec!["-c".into(), command],
+                    env: env.into_iter().collect(),
+                    resources: Some(pb::ContainerResources {
+                        vcores_milli: a.resources.map_or(0, |r| r.vcores_milli),
+                        memory_bytes: a.resources.map_or(0, |r| r.memory_bytes),
+                        pids_limit: 0,
+                        gpu_indices: a.gpu_indices.clone(),
+                        gpu_memory_bytes: a.gpu_memory_bytes,
+                        max_runtime_ms: s.max_runtime.map_or(0, |d| d.as_millis() as u64),
+                        gpu_share_milli: a.gpu_share_milli,
+                    }),
+                    token: a.container_token.clone(),
+                };
+                let started = match node(&a.node_address).await {
+                    Ok(mut c) => c.start_container(req).await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                let t = &mut self.tasks[i];
+                match started {
+                    Ok(()) => t.state = State::Running,
+                    Err(e) => {
+                        warn!(container = %a.container_id, error = %e.message(), "starting a task failed");
+                        t.state = State::Failed(format!(
+                            "stage {} task {}: could not start on {}: {}",
+                            self.spec.stages[t.stage].name,
+                            t.index,
+                            a.node_id,
+                            e.message()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Host and port each member of a gang listens on.
+    fn layout(&self, members: &[usize]) -> BTreeMap<usize, String> {
+        members
+            .iter()
+            .map(|&i| {
+                let a = self.tasks[i]
+                    .alloc
+                    .as_ref()
+                    .expect("gang members are all allocated");
+                let host = a
+                    .node_address
+                    .rsplit_once(':')
+                    .map_or(a.node_address.as_str(), |(h, _)| h);
+                // A port per container, from a range the cluster keeps for jobs.
+                let port = 20000
+                    + (a.container_id
+                        .bytes()
+                        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
+                        % 20000);
+                (i, format!("{host}:{port}"))
+            })
+            .collect()
+    }
+
+    fn env(&self, i: usize, layout: &BTreeMap<usize, String>) -> BTreeMap<String, String> {
+        let t = &self.tasks[i];
+        let s = &self.spec.stages[t.stage];
+        let a = t.alloc.as_ref().expect("starting tasks have an allocation");
+        let mut env = s.env.clone();
+        env.insert("WEFT_APP_ID".into(), self.app.clone());
+        env.insert("WEFT_ATTEMPT".into(), self.attempt.to_string());
+        env.insert("WEFT_STAGE".into(), s.name.clone());
+        env.insert("WEFT_ROLE".into(), t.role.clone().unwrap_or_default());
+        env.insert("WEFT_TASK_INDEX".into(), t.index.to_string());
+        env.insert("WEFT_CONTAINER_ID".into(), a.container_id.clone());
+        if layout.is_empty() {
+            return env;
+        }
+        let members: Vec<usize> = layout.keys().copied().collect();
+        match s.framework {
+            Framework::Tensorflow => {
+                let mut cluster: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                let mut ordered = members.clone();
+                ordered.sort_by_key(|&m| (self.tasks[m].role.clone(), self.tasks[m].index));
+                for m in ordered {
+                    let role = self.tasks[m]
+                        .role
+                        .clone()
+                        .unwrap_or_else(|| "worker".into());
+                    cluster.entry(role).or_default().push(layout[&m].clone());
+                }
+                let tf = serde_json::json!({
+                    "cluster": cluster,
+                    "task": {"type": t.role.clone().unwrap_or_else(|| "worker".into()), "index": t.index},
+                });
+                env.insert("TF_CONFIG".into(), tf.to_string());
+            }
+            Framework::Pytorch | Framework::None => {
+                // Rank 0 is the master role's first task (or the first task).
+                let mut ordered = members.clone();
+                ordered.sort_by_key(|&m| {
+                    (
+                        self.tasks[m].role.as_deref() != Some("master"),
+                        self.tasks[m].role.clone(),
+                        self.tasks[m].index,
+                    )
+                });
+                let rank = ordered
+                    .iter()
+                    .position(|&m| m == i)
+                    .expect("a member of its own gang");
+                let master = &layout[&ordered[0]];
+                let (addr, port) = master
+                    .rsplit_once(':')
+                    .unwrap_or((master.as_str(), "29500"));
+                env.insert("MASTER_ADDR".into(), addr.to_string());
+                env.insert("MASTER_PORT".into(), port.to_string());
+                env.insert("WORLD_SIZE".into(), ordered.len().to_string());
+                env.insert("RANK".into(), rank.to_string());
+                env.insert("LOCAL_RANK".into(), "0".into());
+            }
+        }
+        env
+    }
+
+    fn completed(&mut self, c: &pb::ContainerStatus, releases: &mut Vec<String>) {
+        let Some(i) = self.tasks.iter().position(|t| {
+            t.alloc
+                .as_ref()
+                .is_some_and(|a| a.container_id == c.container_id)
+        }) else {
+            return;
+        };
+        if !matches!(self.tasks[i].state, State::Running | State::Allocated) {
+            return;
+        }
+        if c.state() == pb::ContainerState::Succeeded {
+            self.tasks[i].state = State::Succeeded;
+            return;
+        }
+        let si = self.tasks[i].stage;
+        let stage = self.spec.stages[si].clone();
+        let exit = c.exit.clone().unwrap_or_default();
+        let reason = format!(
+            "stage {} task {}{}: {}",
+            stage.name,
+            self.tasks[i]
+                .role
+                .as_ref()
+                .map(|r| format!("{r}/"))
+                .unwrap_or_default(),
+            self.tasks[i].index,
+            if exit.diagnostic.is_empty() {
+                format!("{:?}", c.state())
+            } else {
+                exit.diagnostic.clone()
+            }
+        );
+        self.failures[si] += 1;
+        if exit.exit_status == OVER_MEMORY {
+            self.tasks[i].state = State::Failed(format!(
+                "{reason} (not retried unchanged: it would go over its memory quota again; ask for more memory)"
+            ));
+            return;
+        }
+        if self.failures[si] > stage.max_retries {
+            self.tasks[i].state =
+                State::Failed(format!("{reason} (after {} retries)", stage.max_retries));
+            return;
+        }
+        warn!(%reason, retry = self.failures[si], "task failed; retrying");
+        if stage.gang {
+            // A gang restarts as a whole.
+            for t in self.tasks.iter_mut().filter(|t| t.stage == si) {
+                if let (State::Running | State::Allocated, Some(a)) = (&t.state, &t.alloc) {
+                    releases.push(a.container_id.clone());
+                }
+                t.state = State::Asking;
+                t.alloc = None;
+            }
+        } else {
+            self.tasks[i].state = State::Asking;
+            self.tasks[i].alloc = None;
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Jobs run end to end by the real `app-master` binary against a 3-member RM
+//! group and two real node agents (the test starts the master process, as the
+//! RM will once it launches masters in containers).
+
+use std::process::Command;
+use std::time::Duration;
+
+use weft_client::proto as pb;
+
+use crate::cluster::Cluster;
+use crate::nodes::AgentProcess;
+
+fn app_master() -> std::path::PathBuf {
+    let p =
+        std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name("app-master");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+const PIPELINE: &str = r#"
+name: pipeline
+stages:
+  - name: preprocess
+    instances: 4
+    command: 'test -n "$WEFT_APP_ID" && echo "shard $WEFT_TASK_INDEX of stage $WEFT_STAGE"'
+    resources: { vcores: 0.5, memory: 64MiB }
+  - name: train
+    after: [preprocess]
+    framework: tensorflow
+    gang: true
+    roles:
+      ps: { instances: 1, resources: { vcores: 0.5, memory: 64MiB } }
+      worker: { instances: 2, resources: { vcores: 0.5, memory: 64MiB } }
+    command: >-
+      case "$TF_CONFIG" in *"\"type\":\"$WEFT_ROLE\""*) ;; *) echo "wrong task type: $TF_CONFIG"; exit 3;; esac;
+      case "$TF_CONFIG" in *'"worker":["'*'","'*'"]'*) ;; *) echo "need two workers: $TF_CONFIG"; exit 4;; esac;
+      case "$TF_CONFIG" in *'"ps":["'*) ;; *) echo "no ps: $TF_CONFIG"; exit 5;; esac
+  - name: evaluate
+    after: [train]
+    instances: 1
+    command: 'true'
+    resources: { vcores: 0.5, memory: 64MiB }
+"#;
+
+const HOG: &str = r#"
+name: hog
+stages:
+  - name: load
+    instances: 1
+    max_retries: 3
+    command: 'exec tail /dev/zero'
+    resources: { vcores: 0.5, memory: 32MiB }
+"#;
+
+async fn run_job(cluster: &Cluster, spec: &str) -> (String, std::process::Output) {
+    let client = cluster.client();
+    let app = client.submit(spec, "yaml", "mia").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("job.yaml");
+    std::fs::write(&file, spec).unwrap();
+    let rm = cluster.addrs().join(",");
+    let (a, f) = (app.clone(), file.clone());
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::task::spawn_blocking(move || {
+            Command::new(app_master())
+                .args(["--app-id", &a, "--rm", &rm, "--spec", f.to_str().unwrap()])
+                .env("RUST_LOG", "warn")
+                .output()
+                .unwrap()
+        }),
+    )
+    .await
+    .expect("the job ends within 2 minutes")
+    .unwrap();
+    (app, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_with_a_tensorflow_gang_succeeds_and_a_memory_hog_fails_with_its_reason() {
+    let cluster = Cluster::start(3, 1000);
+    cluster.leader().await;
+    let _a = AgentProcess::start("node-a", &cluster.addrs());
+    let _b = AgentProcess::start("node-b", &cluster.addrs());
+    let client = cluster.client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.list_nodes().await.unwrap().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agents did not register"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let (app, out) = run_job(&cluster, PIPELINE).await;
+    assert!(
+        out.status.success(),
+        "app-master: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = client.get_application(&app).await.unwrap();
+    assert_eq!(
+        report.state(),
+        pb::ApplicationState::Succeeded,
+        "{report:?}"
+    );
+
+    let (app, out) = run_job(&cluster, HOG).await;
+    assert!(!out.status.success());
+    let report = client.get_application(&app).await.unwrap();
+    assert_eq!(report.state(), pb::ApplicationState::Failed);
+    assert!(
+        report.diagnostics.contains("over its memory quota"),
+        "{}",
+        report.diagnostics
+    );
+    assert!(
+        report.diagnostics.contains("not retried unchanged"),
+        "{}",
+        report.diagnostics
+    );
+    assert_eq!(
+        client
+            .cluster_status()
+            .await
+            .unwrap()
+            .used
+            .unwrap()
+            .vcores_milli,
+        0,
+        "nothing left running"
+    );
+}
