@@ -22,8 +22,12 @@ struct Args {
     #[arg(long, env = "WEFT_RM", value_delimiter = ',')]
     rm: Vec<String>,
     /// The job spec (YAML or TOML by extension).
+    #[arg(long, required_unless_present = "spec_env")]
+    spec: Option<PathBuf>,
+    /// Read the job spec from WEFT_JOB_SPEC (format in WEFT_JOB_SPEC_FORMAT),
+    /// as the RM hands it to the masters it starts.
     #[arg(long)]
-    spec: PathBuf,
+    spec_env: bool,
     #[arg(long, value_enum, default_value = "human")]
     log_format: LogFormat,
 }
@@ -31,18 +35,32 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     telemetry::init(args.log_format);
-    let text = match std::fs::read_to_string(&args.spec) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("app-master: reading {}: {e}", args.spec.display());
-            return ExitCode::from(2);
+    let (text, format) = if args.spec_env {
+        (
+            std::env::var("WEFT_JOB_SPEC").unwrap_or_default(),
+            std::env::var("WEFT_JOB_SPEC_FORMAT").unwrap_or_else(|_| "yaml".into()),
+        )
+    } else {
+        let path = args
+            .spec
+            .clone()
+            .expect("clap requires --spec without --spec-env");
+        match std::fs::read_to_string(&path) {
+            Ok(t) => {
+                let f = if path.extension().and_then(|e| e.to_str()) == Some("toml") {
+                    "toml"
+                } else {
+                    "yaml"
+                };
+                (t, f.to_string())
+            }
+            Err(e) => {
+                eprintln!("app-master: reading {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
         }
     };
-    let format = match args.spec.extension().and_then(|e| e.to_str()) {
-        Some("toml") => "toml",
-        _ => "yaml",
-    };
-    let spec = match JobSpec::parse(&text, format) {
+    let spec = match JobSpec::parse(&text, &format) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("app-master: {e}");

@@ -36,7 +36,12 @@ struct Table {
     undelivered: HashMap<String, Vec<pb::Allocation>>,
     /// Completed containers already reported to their masters.
     reported: HashSet<String>,
+    /// app -> the ask for its next master's container.
+    masters: HashMap<String, pb::ResourceAsk>,
 }
+
+/// Ask id of an application master's own container.
+pub const MASTER_ASK: &str = "__master__";
 
 /// A round's allocations to propose, each with its (app, ask id).
 type Planned = (Vec<Allocation>, Vec<(String, String)>);
@@ -45,6 +50,8 @@ type Planned = (Vec<Allocation>, Vec<(String, String)>);
 #[derive(Clone)]
 pub struct Scheduling {
     raft: RaftHandle,
+    /// Present when the leader starts application masters.
+    masters: Option<Arc<crate::config::MastersConfig>>,
     table: Arc<Mutex<Table>>,
     /// Wakes the loop (new asks, ended containers, node changes).
     wake: Arc<Notify>,
@@ -53,9 +60,10 @@ pub struct Scheduling {
 }
 
 impl Scheduling {
-    pub fn new(raft: RaftHandle) -> Self {
+    pub fn new(raft: RaftHandle, masters: Option<crate::config::MastersConfig>) -> Self {
         Scheduling {
             raft,
+            masters: masters.map(Arc::new),
             table: Arc::default(),
             wake: Arc::new(Notify::new()),
             delivered: Arc::new(Notify::new()),
@@ -84,6 +92,9 @@ impl Scheduling {
                 *self.table.lock().expect("table lock") = Table::default();
                 continue;
             }
+            if self.masters.is_some() {
+                self.manage_masters().await;
+            }
             let Some((allocations, keys)) =
                 self.round(&mut reservations, status.term, &mut counter)
             else {
@@ -99,49 +110,233 @@ impl Scheduling {
                 .await
             {
                 Ok(Outcome::Done) => {
-                    let mut t = self.table.lock().expect("table lock");
-                    for (a, (app, ask_id)) in allocations.into_iter().zip(keys) {
-                        if let Some(list) = t.asks.get_mut(&app) {
-                            if let Some(e) = list.iter_mut().find(|(x, _)| x.ask_id == ask_id) {
-                                e.1 = e.1.saturating_sub(1);
+                    let launch = {
+                        let mut launch = Vec::new();
+                        let mut t = self.table.lock().expect("table lock");
+                        for (a, (app, ask_id)) in allocations.into_iter().zip(keys) {
+                            if ask_id == MASTER_ASK {
+                                t.masters.remove(&app);
+                                launch.push((app, a));
+                                continue;
                             }
-                        }
-                        let node_address = self
-                            .raft
-                            .state()
-                            .nodes
-                            .get(&a.node_id)
-                            .map(|n| n.address.clone())
-                            .unwrap_or_default();
-                        t.undelivered.entry(app).or_default().push(pb::Allocation {
-                            container_id: a.container_id,
-                            ask_id,
-                            node_id: a.node_id,
-                            node_address,
-                            resources: Some(pb::Resources {
-                                vcores_milli: a.vcores_milli,
-                                memory_bytes: a.memory_bytes,
-                                gpus: a.gpus.len() as u32,
+                            if let Some(list) = t.asks.get_mut(&app) {
+                                if let Some(e) = list.iter_mut().find(|(x, _)| x.ask_id == ask_id) {
+                                    e.1 = e.1.saturating_sub(1);
+                                }
+                            }
+                            let node_address = self
+                                .raft
+                                .state()
+                                .nodes
+                                .get(&a.node_id)
+                                .map(|n| n.address.clone())
+                                .unwrap_or_default();
+                            t.undelivered.entry(app).or_default().push(pb::Allocation {
+                                container_id: a.container_id,
+                                ask_id,
+                                node_id: a.node_id,
+                                node_address,
+                                resources: Some(pb::Resources {
+                                    vcores_milli: a.vcores_milli,
+                                    memory_bytes: a.memory_bytes,
+                                    gpus: a.gpus.len() as u32,
+                                    gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
+                                    gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
+                                }),
+                                gpu_indices: match a.gpu_share {
+                                    Some(sh) => vec![sh.device],
+                                    None => a.gpus,
+                                },
+                                container_token: vec![],
                                 gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
                                 gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
-                            }),
-                            gpu_indices: match a.gpu_share {
-                                Some(sh) => vec![sh.device],
-                                None => a.gpus,
-                            },
-                            container_token: vec![],
-                            gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
-                            gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
-                        });
-                    }
-                    drop(t);
+                            });
+                        }
+                        launch
+                    };
                     info!(containers = n, "scheduling round committed");
                     self.delivered.notify_waiters();
+                    for (app, a) in launch {
+                        self.launch_master(&app, a).await;
+                    }
                 }
                 Ok(other) => {
                     warn!(outcome = ?other, "scheduling round refused at apply; next round replans")
                 }
                 Err(e) => debug!(error = %e, "scheduling round not committed"),
+            }
+        }
+    }
+
+    /// Accepts submitted jobs, asks for a master container for every job
+    /// whose master is not running, and fails jobs whose masters failed
+    /// `max_attempts` times.
+    async fn manage_masters(&self) {
+        let cfg = self
+            .masters
+            .clone()
+            .expect("called only when masters are launched");
+        let mut commands = Vec::new();
+        {
+            let state = self.raft.state();
+            let mut t = self.table.lock().expect("table lock");
+            for app in state.apps.values().filter(|a| !a.state.is_terminal()) {
+                if app.state == AppState::Submitted {
+                    commands.push(Command::ApplicationAccepted {
+                        app_id: app.id.clone(),
+                        at_ms: now_ms(),
+                    });
+                    continue;
+                }
+                let last = app
+                    .am_container
+                    .as_ref()
+                    .and_then(|c| state.containers.get(c));
+                if last.is_some_and(|c| c.phase != ContainerPhase::Completed)
+                    || t.masters.contains_key(&app.id)
+                {
+                    continue; // running, or already asked for
+                }
+                if app.am_container.is_some() && last.is_none() {
+                    continue; // its allocation is not applied here yet
+                }
+                let Ok(spec) = weft_app_master::spec::JobSpec::parse(&app.spec, &app.spec_format)
+                else {
+                    continue;
+                };
+                if app.attempt >= spec.max_attempts {
+                    let why = last
+                        .and_then(|c| c.end.as_ref())
+                        .map(|e| e.diagnostic.clone())
+                        .unwrap_or_default();
+                    commands.push(Command::ApplicationFinished {
+                        app_id: app.id.clone(),
+                        state: AppState::Failed,
+                        diagnostics: format!(
+                            "the application master failed {} time(s); last: {why}",
+                            app.attempt
+                        ),
+                        at_ms: now_ms(),
+                    });
+                    continue;
+                }
+                let (vcores, memory) = match &spec.am {
+                    Some(r) => (r.vcores_milli(), r.memory.as_u64()),
+                    None => ((cfg.vcores * 1000.0) as u64, cfg.memory.as_u64()),
+                };
+                t.masters.insert(
+                    app.id.clone(),
+                    pb::ResourceAsk {
+                        ask_id: MASTER_ASK.into(),
+                        count: 1,
+                        resources: Some(pb::Resources {
+                            vcores_milli: vcores,
+                            memory_bytes: memory,
+                            ..Default::default()
+                        }),
+                        placement: pb::PlacementPolicy::Spread as i32,
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        for c in commands {
+            if let Err(e) = self.raft.propose(c).await {
+                debug!(error = %e, "master bookkeeping not committed");
+            }
+        }
+    }
+
+    /// Starts a job's master in its container and records the attempt; a
+    /// master that cannot start counts as a failed attempt.
+    async fn launch_master(&self, app_id: &str, a: Allocation) {
+        let cfg = self
+            .masters
+            .clone()
+            .expect("called only when masters are launched");
+        let (app, node_addr, rm) = {
+            let st = self.raft.state();
+            let Some(app) = st.apps.get(app_id).cloned() else {
+                return;
+            };
+            let node_addr = st
+                .nodes
+                .get(&a.node_id)
+                .map(|n| n.address.clone())
+                .unwrap_or_default();
+            let rm: Vec<String> = st.members.values().cloned().collect();
+            (app, node_addr, rm)
+        };
+        let attempt = app.attempt + 1;
+        let started = self
+            .raft
+            .propose(Command::AttemptStarted {
+                app_id: app_id.to_string(),
+                attempt,
+                am_container: Some(a.container_id.clone()),
+                at_ms: now_ms(),
+            })
+            .await;
+        if !matches!(started, Ok(Outcome::Done)) {
+            return;
+        }
+        let req = pb::StartContainerRequest {
+            container_id: a.container_id.clone(),
+            command: cfg.command.clone(),
+            args: vec![
+                "--app-id".into(),
+                app_id.to_string(),
+                "--attempt".into(),
+                attempt.to_string(),
+                "--rm".into(),
+                rm.join(","),
+                "--spec-env".into(),
+            ],
+            env: [
+                ("WEFT_JOB_SPEC".to_string(), app.spec.clone()),
+                ("WEFT_JOB_SPEC_FORMAT".to_string(), app.spec_format.clone()),
+                ("WEFT_APP_ID".to_string(), app_id.to_string()),
+                ("WEFT_ATTEMPT".to_string(), attempt.to_string()),
+            ]
+            .into_iter()
+            .collect(),
+            resources: Some(pb::ContainerResources {
+                vcores_milli: a.vcores_milli,
+                memory_bytes: a.memory_bytes,
+                ..Default::default()
+            }),
+            token: vec![],
+        };
+        let result = match tonic::transport::Endpoint::from_shared(format!("http://{node_addr}")) {
+            Ok(ep) => {
+                let mut c = weft_proto::v1::container_manager_client::ContainerManagerClient::new(
+                    ep.connect_lazy(),
+                );
+                c.start_container(req).await.map(|_| ())
+            }
+            Err(e) => Err(Status::invalid_argument(e.to_string())),
+        };
+        match result {
+            Ok(()) => {
+                info!(app = %app_id, attempt, node = %a.node_id, "application master started")
+            }
+            Err(e) => {
+                warn!(app = %app_id, attempt, error = %e.message(), "application master could not start");
+                let _ = self
+                    .raft
+                    .propose(Command::ContainersCompleted {
+                        completions: vec![Completion {
+                            container_id: a.container_id,
+                            state: ContainerEnd::Failed,
+                            exit_status: weft_proto::exit_codes::LAUNCH_FAILED,
+                            diagnostic: format!(
+                                "could not start the application master: {}",
+                                e.message()
+                            ),
+                        }],
+                        at_ms: now_ms(),
+                    })
+                    .await;
             }
         }
     }
@@ -178,6 +373,18 @@ impl Scheduling {
                     keys.push((app_id.clone(), ra.ask_id.clone()));
                 }
             }
+        }
+        for (app_id, ra) in &t.masters {
+            let Some(app) = state.apps.get(app_id) else {
+                continue;
+            };
+            let Some(q) = queues.index(&app.queue) else {
+                continue;
+            };
+            let mut a = to_ask(ra, asks.len() as u64, q, &app.user);
+            a.seq = app.submitted_at_ms;
+            asks.push(a);
+            keys.push((app_id.clone(), MASTER_ASK.to_string()));
         }
         drop(t);
         if asks.is_empty() {

@@ -26,6 +26,8 @@ pub struct RmConfig {
     /// of bootstrapping a new one. Only read when the data dir is empty.
     pub join: bool,
     pub raft: RaftConfig,
+    /// How the leader starts application masters.
+    pub masters: MastersConfig,
     /// Interval node agents are asked to heartbeat at.
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
@@ -47,6 +49,7 @@ impl Default for RmConfig {
             peers: BTreeMap::new(),
             join: false,
             raft: RaftConfig::default(),
+            masters: MastersConfig::default(),
             heartbeat_interval: Duration::from_secs(1),
             node_expiry: Duration::from_secs(10),
             queues: Vec::new(),
@@ -129,6 +132,32 @@ pub fn queue_specs(queues: &[QueueConfig]) -> Vec<crate::fsm::QueueSpec> {
     }
     out.extend(queues.iter().map(QueueConfig::to_spec));
     out
+}
+
+/// Application masters: one per job attempt, started by the leader in a
+/// container on a node it picks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MastersConfig {
+    /// Start masters for submitted jobs. Off: masters are run by hand (or by
+    /// another system) through the ApplicationMasterService.
+    pub launch: bool,
+    /// The `app-master` program as the nodes see it.
+    pub command: String,
+    /// Resources of a master whose job spec names none (`am:`).
+    pub vcores: f64,
+    pub memory: bytesize::ByteSize,
+}
+
+impl Default for MastersConfig {
+    fn default() -> Self {
+        MastersConfig {
+            launch: true,
+            command: "app-master".into(),
+            vcores: 0.5,
+            memory: bytesize::ByteSize::mib(256),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -433,6 +433,7 @@ impl ClusterState {
                     a.state = AppState::Killed;
                     a.finished_at_ms = *at_ms;
                     a.diagnostics = "killed on request".into();
+                    self.end_app_containers(app_id, *at_ms, "its application was killed");
                     Outcome::Done
                 }
                 None => Outcome::Rejected(format!("application_id: no application {app_id}")),
@@ -484,6 +485,7 @@ impl ClusterState {
                         a.state = *state;
                         a.diagnostics = diagnostics.clone();
                         a.finished_at_ms = *at_ms;
+                        self.end_app_containers(app_id, *at_ms, "its application ended");
                         Outcome::Done
                     }
                     None => Outcome::Rejected(format!("application_id: no application {app_id}")),
@@ -548,6 +550,23 @@ impl ClusterState {
                 }
                 self.queues = queues.iter().map(|q| (q.name.clone(), q.clone())).collect();
                 Outcome::Done
+            }
+        }
+    }
+
+    /// Ends every unfinished container of `app_id` (agents stop them at their
+    /// next heartbeat).
+    fn end_app_containers(&mut self, app_id: &str, at_ms: u64, why: &str) {
+        for c in self.containers.values_mut() {
+            if c.alloc.app_id == app_id && c.phase != ContainerPhase::Completed {
+                c.phase = ContainerPhase::Completed;
+                c.changed_at_ms = at_ms;
+                c.end = Some(Completion {
+                    container_id: c.alloc.container_id.clone(),
+                    state: ContainerEnd::Killed,
+                    exit_status: -105,
+                    diagnostic: why.to_string(),
+                });
             }
         }
     }

@@ -74,6 +74,7 @@ pub async fn run(
         config.heartbeat_interval,
         config.node_expiry,
         config::queue_specs(&config.queues),
+        config.masters.launch.then(|| config.masters.clone()),
     );
     let cancel = tokio_util::sync::CancellationToken::new();
     let liveness = tokio::spawn(svc.clone().run_liveness(cancel.clone()));

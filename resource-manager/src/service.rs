@@ -82,13 +82,14 @@ impl RmService {
         heartbeat_interval: Duration,
         node_expiry: Duration,
         queues: Vec<QueueSpec>,
+        masters: Option<crate::config::MastersConfig>,
     ) -> Self {
         RmService {
             heartbeat_interval,
             node_expiry,
             liveness: Arc::default(),
             queues: Arc::new(queues),
-            scheduling: crate::am::Scheduling::new(raft.clone()),
+            scheduling: crate::am::Scheduling::new(raft.clone(), masters),
             raft,
         }
     }
@@ -186,7 +187,7 @@ impl RmService {
             queue: a.queue.clone(),
             user: a.user.clone(),
             state: app_state(a.state) as i32,
-            attempt: 0,
+            attempt: a.attempt,
             progress: if a.state == AppState::Succeeded {
                 1.0
             } else {

@@ -135,3 +135,100 @@ async fn a_pipeline_with_a_tensorflow_gang_succeeds_and_a_memory_hog_fails_with_
         "nothing left running"
     );
 }
+
+async fn running_containers(client: &weft_client::RmClient) -> usize {
+    let mut n = 0;
+    for node in client.list_nodes().await.unwrap() {
+        let mut cm = weft_proto::v1::container_manager_client::ContainerManagerClient::connect(
+            format!("http://{}", node.address),
+        )
+        .await
+        .unwrap();
+        n += cm
+            .list_containers(pb::ListContainersRequest {
+                include_finished: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .containers
+            .len();
+    }
+    n
+}
+
+async fn wait_state(
+    client: &weft_client::RmClient,
+    app: &str,
+    within: Duration,
+) -> pb::ApplicationReport {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let r = client.get_application(app).await.unwrap();
+        if r.state() as i32 >= pb::ApplicationState::Succeeded as i32 {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{app} still {:?}",
+            r.state()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rm_starts_masters_and_a_killed_job_leaves_nothing_running() {
+    let extra = format!(
+        "[masters]\nlaunch = true\ncommand = {:?}\n",
+        app_master().display().to_string()
+    );
+    let cluster = Cluster::start_with(3, 1000, &extra);
+    cluster.leader().await;
+    let _a = AgentProcess::start("node-a", &cluster.addrs());
+    let _b = AgentProcess::start("node-b", &cluster.addrs());
+    let client = cluster.client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.list_nodes().await.unwrap().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agents did not register"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Submitted, nothing else: the RM starts the master, which runs the job.
+    let app = client.submit(PIPELINE, "yaml", "mia").await.unwrap();
+    let done = wait_state(&client, &app, Duration::from_secs(90)).await;
+    assert_eq!(done.state(), pb::ApplicationState::Succeeded, "{done:?}");
+    assert_eq!(done.attempt, 1, "one master attempt ran it");
+
+    // A long job killed mid-run: its master and tasks are stopped everywhere.
+    let long = "name: long\nstages:\n  - name: sleep\n    instances: 2\n    command: 'exec sleep 1000'\n    resources: { vcores: 0.5, memory: 64MiB }\n";
+    let app = client.submit(long, "yaml", "mia").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while running_containers(&client).await < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "master and two tasks never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    client.kill_application(&app).await.unwrap();
+    assert_eq!(
+        client.get_application(&app).await.unwrap().state(),
+        pb::ApplicationState::Killed
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = running_containers(&client).await;
+        if n == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} containers still run after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

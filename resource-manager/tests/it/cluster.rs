@@ -54,7 +54,12 @@ impl Cluster {
         let mut c = Cluster {
             members,
             snapshot_every,
-            extra: extra.to_string(),
+            // Tests play the application master unless they ask the RM to.
+            extra: if extra.contains("[masters]") {
+                extra.to_string()
+            } else {
+                format!("{extra}\n[masters]\nlaunch = false\n")
+            },
             _tmp: tmp,
         };
         for i in 0..n as usize {
