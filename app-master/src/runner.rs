@@ -457,14 +457,19 @@ impl Runner {
                 exit.diagnostic.clone()
             }
         );
-        self.failures[si] += 1;
+        // A lost node is not the task's fault: it reruns without using a retry.
+        if exit.exit_status != weft_proto::exit_codes::NODE_LOST {
+            self.failures[si] += 1;
+        }
         if exit.exit_status == OVER_MEMORY {
             self.tasks[i].state = State::Failed(format!(
                 "{reason} (not retried unchanged: it would go over its memory quota again; ask for more memory)"
             ));
             return;
         }
-        if self.failures[si] > stage.max_retries {
+        if exit.exit_status != weft_proto::exit_codes::NODE_LOST
+            && self.failures[si] > stage.max_retries
+        {
             self.tasks[i].state =
                 State::Failed(format!("{reason} (after {} retries)", stage.max_retries));
             return;

@@ -38,6 +38,10 @@ struct Table {
     reported: HashSet<String>,
     /// app -> the ask for its next master's container.
     masters: HashMap<String, pb::ResourceAsk>,
+    /// Apps whose master heard, under this leader, of every container the
+    /// state holds for it (a new leader re-sends what its predecessor may
+    /// not have delivered; masters release what they do not need).
+    synced: HashSet<String>,
 }
 
 /// Ask id of an application master's own container.
@@ -124,33 +128,8 @@ impl Scheduling {
                                     e.1 = e.1.saturating_sub(1);
                                 }
                             }
-                            let node_address = self
-                                .raft
-                                .state()
-                                .nodes
-                                .get(&a.node_id)
-                                .map(|n| n.address.clone())
-                                .unwrap_or_default();
-                            t.undelivered.entry(app).or_default().push(pb::Allocation {
-                                container_id: a.container_id,
-                                ask_id,
-                                node_id: a.node_id,
-                                node_address,
-                                resources: Some(pb::Resources {
-                                    vcores_milli: a.vcores_milli,
-                                    memory_bytes: a.memory_bytes,
-                                    gpus: a.gpus.len() as u32,
-                                    gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
-                                    gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
-                                }),
-                                gpu_indices: match a.gpu_share {
-                                    Some(sh) => vec![sh.device],
-                                    None => a.gpus,
-                                },
-                                container_token: vec![],
-                                gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
-                                gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
-                            });
+                            let pa = pb_allocation(&self.raft.state(), &a);
+                            t.undelivered.entry(app).or_default().push(pa);
                         }
                         launch
                     };
@@ -421,10 +400,39 @@ impl Scheduling {
                 } else {
                     None
                 },
+                ask_id: ask_id.clone(),
             });
             out_keys.push((app, ask_id));
         }
         Some((allocations, out_keys))
+    }
+}
+
+/// An allocation as its master receives it.
+fn pb_allocation(state: &ClusterState, a: &Allocation) -> pb::Allocation {
+    pb::Allocation {
+        container_id: a.container_id.clone(),
+        ask_id: a.ask_id.clone(),
+        node_id: a.node_id.clone(),
+        node_address: state
+            .nodes
+            .get(&a.node_id)
+            .map(|n| n.address.clone())
+            .unwrap_or_default(),
+        resources: Some(pb::Resources {
+            vcores_milli: a.vcores_milli,
+            memory_bytes: a.memory_bytes,
+            gpus: a.gpus.len() as u32,
+            gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
+            gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
+        }),
+        gpu_indices: match a.gpu_share {
+            Some(sh) => vec![sh.device],
+            None => a.gpus.clone(),
+        },
+        container_token: vec![],
+        gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
+        gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
     }
 }
 
@@ -534,7 +542,8 @@ impl AmService {
         AmService { s }
     }
 
-    fn live_app(&self, id: &str) -> Result<crate::fsm::App, Status> {
+    /// The application, if it is live and `attempt` (when given) is current.
+    fn live_app(&self, id: &str, attempt: u32) -> Result<crate::fsm::App, Status> {
         let st = self.s.raft.state();
         match st.apps.get(id) {
             None => Err(Error::NotFound(format!("application_id: no application {id}")).into()),
@@ -542,6 +551,12 @@ impl AmService {
                 "application_id: {id} already ended ({:?})",
                 a.state
             ))),
+            Some(a) if attempt > 0 && attempt < a.attempt => {
+                Err(Status::failed_precondition(format!(
+                    "attempt: {attempt} of {id} was replaced by attempt {}",
+                    a.attempt
+                )))
+            }
             Some(a) => Ok(a.clone()),
         }
     }
@@ -555,7 +570,7 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
     ) -> Result<Response<pb::RegisterApplicationMasterResponse>, Status> {
         let r = req.into_inner();
         self.s.raft.ensure_leader()?;
-        let app = self.live_app(&r.application_id)?;
+        let app = self.live_app(&r.application_id, r.attempt)?;
         if r.attempt > app.attempt {
             let started = self
                 .s
@@ -582,7 +597,7 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
     ) -> Result<Response<pb::AllocateResponse>, Status> {
         let r = req.into_inner();
         self.s.raft.ensure_leader()?;
-        let app = self.live_app(&r.application_id)?;
+        let app = self.live_app(&r.application_id, r.attempt)?;
         // Check every ask before taking any.
         {
             let state = self.s.raft.state();
@@ -649,6 +664,25 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         }
         {
             let mut t = self.s.table.lock().expect("table lock");
+            if t.synced.insert(r.application_id.clone()) {
+                let st = self.s.raft.state();
+                let waiting: Vec<pb::Allocation> = st
+                    .containers
+                    .values()
+                    .filter(|c| {
+                        c.alloc.app_id == r.application_id
+                            && c.phase == ContainerPhase::Allocated
+                            && c.alloc.ask_id != MASTER_ASK
+                    })
+                    .map(|c| pb_allocation(&st, &c.alloc))
+                    .collect();
+                let list = t.undelivered.entry(r.application_id.clone()).or_default();
+                for a in waiting {
+                    if !list.iter().any(|x| x.container_id == a.container_id) {
+                        list.push(a);
+                    }
+                }
+            }
             let undelivered: Vec<String> = t
                 .undelivered
                 .get(&r.application_id)
@@ -686,6 +720,17 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         req: Request<pb::FinishApplicationMasterRequest>,
     ) -> Result<Response<pb::FinishApplicationMasterResponse>, Status> {
         let r = req.into_inner();
+        {
+            let st = self.s.raft.state();
+            if let Some(a) = st.apps.get(&r.application_id) {
+                if r.attempt > 0 && r.attempt < a.attempt {
+                    return Err(Status::failed_precondition(format!(
+                        "attempt: {} of {} was replaced by attempt {}",
+                        r.attempt, r.application_id, a.attempt
+                    )));
+                }
+            }
+        }
         let state = match pb::FinalStatus::try_from(r.final_status) {
             Ok(pb::FinalStatus::Succeeded) => AppState::Succeeded,
             Ok(pb::FinalStatus::Failed) => AppState::Failed,

@@ -95,6 +95,9 @@ pub struct Allocation {
     /// A share of one GPU (with a GPU-memory quota), for fractional asks.
     #[serde(default)]
     pub gpu_share: Option<GpuShare>,
+    /// The master's ask this allocation answers.
+    #[serde(default)]
+    pub ask_id: String,
 }
 
 /// Part of one device: `milli` thousandths of it and `memory_bytes` of its memory.
@@ -466,6 +469,25 @@ impl ClusterState {
                     a.attempt = *attempt;
                     a.am_container = am_container.clone();
                     a.state = AppState::Running;
+                    // A new attempt starts from scratch: the previous
+                    // attempt's containers end (not work-preserving yet).
+                    let keep = am_container.clone().unwrap_or_default();
+                    for c in self.containers.values_mut() {
+                        if c.alloc.app_id == *app_id
+                            && c.phase != ContainerPhase::Completed
+                            && c.alloc.container_id != keep
+                        {
+                            c.phase = ContainerPhase::Completed;
+                            c.end = Some(Completion {
+                                container_id: c.alloc.container_id.clone(),
+                                state: ContainerEnd::Killed,
+                                exit_status: -105,
+                                diagnostic: format!(
+                                    "attempt {attempt} replaced the attempt that ran it"
+                                ),
+                            });
+                        }
+                    }
                     Outcome::Done
                 }
                 None => Outcome::Rejected(format!("application_id: no application {app_id}")),
@@ -874,6 +896,7 @@ mod tests {
             memory_bytes: mem,
             gpus: gpus.to_vec(),
             gpu_share: None,
+            ask_id: String::new(),
         }
     }
 

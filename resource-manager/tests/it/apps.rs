@@ -232,3 +232,107 @@ async fn the_rm_starts_masters_and_a_killed_job_leaves_nothing_running() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Running containers per node id.
+async fn running_by_node(client: &weft_client::RmClient) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
+    for node in client.list_nodes().await.unwrap() {
+        if node.state() != pb::NodeState::Running {
+            continue;
+        }
+        let Ok(mut cm) = weft_proto::v1::container_manager_client::ContainerManagerClient::connect(
+            format!("http://{}", node.address),
+        )
+        .await
+        else {
+            continue;
+        };
+        if let Ok(r) = cm
+            .list_containers(pb::ListContainersRequest {
+                include_finished: false,
+            })
+            .await
+        {
+            out.push((node.node_id.clone(), r.into_inner().containers.len()));
+        }
+    }
+    out
+}
+
+const STEADY: &str = "name: steady\nmax_attempts: 2\nstages:\n  - name: work\n    instances: 4\n    command: 'sleep 3'\n    resources: { vcores: 0.5, memory: 64MiB }\n  - name: after\n    after: [work]\n    instances: 2\n    command: 'sleep 1'\n    resources: { vcores: 0.5, memory: 64MiB }\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_finish_through_a_leader_kill_and_a_node_kill() {
+    let extra = format!(
+        "[masters]\nlaunch = true\ncommand = {:?}\n",
+        app_master().display().to_string()
+    );
+    let mut cluster = Cluster::start_with(3, 1000, &extra);
+    cluster.leader().await;
+    let names = ["node-a", "node-b", "node-c"];
+    let mut agents: Vec<AgentProcess> = names
+        .iter()
+        .map(|n| AgentProcess::start(n, &cluster.addrs()))
+        .collect();
+    let client = cluster.client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.list_nodes().await.unwrap().len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agents did not register"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let busy = |min: usize| {
+        let client = &client;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let by = running_by_node(client).await;
+                if by.iter().map(|x| x.1).sum::<usize>() >= min {
+                    return by;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the job never got {min} containers running"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    // The leader dies while the job runs.
+    let app = client.submit(STEADY, "yaml", "ops").await.unwrap();
+    busy(3).await;
+    let leader = cluster.leader().await;
+    cluster.kill(leader);
+    let client = cluster.client();
+    let r = wait_state(&client, &app, Duration::from_secs(90)).await;
+    assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
+
+    // The busiest node dies while the job runs: its work runs again elsewhere.
+    let app = client.submit(STEADY, "yaml", "ops").await.unwrap();
+    let by = busy(3).await;
+    let (victim, _) = by.iter().max_by_key(|x| x.1).unwrap().clone();
+    let i = names.iter().position(|n| *n == victim).unwrap();
+    agents[i].kill9();
+    let r = wait_state(&client, &app, Duration::from_secs(90)).await;
+    assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
+    // The node comes back (and cleans what its killed agent left).
+    drop(agents.remove(i)); // clears what the killed agent left
+    agents.insert(i, AgentProcess::start(&victim, &cluster.addrs()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !client
+        .list_nodes()
+        .await
+        .unwrap()
+        .iter()
+        .any(|n| n.node_id == victim && n.state() == pb::NodeState::Running)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{victim} did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

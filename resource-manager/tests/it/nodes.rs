@@ -102,6 +102,8 @@ pub fn agent_binary() -> std::path::PathBuf {
 /// A node-agent process; killed (SIGKILL) when dropped.
 pub struct AgentProcess {
     child: std::process::Child,
+    /// The agent's cgroup parent and environment scope.
+    parent: String,
     _work: tempfile::TempDir,
 }
 
@@ -127,10 +129,14 @@ impl AgentProcess {
             .stdin(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        AgentProcess { child, _work: work }
+        AgentProcess {
+            child,
+            parent: format!("weft-rm-it-{}-{node_id}", std::process::id()),
+            _work: work,
+        }
     }
 
-    fn kill9(&mut self) {
+    pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -152,6 +158,39 @@ impl Drop for AgentProcess {
             }
         }
         self.kill9();
+        force_clean(&self.parent);
+    }
+}
+
+/// Kills what an agent killed with SIGKILL left running (processes carrying
+/// its scope marker) and removes its cgroups; a clean stop leaves nothing.
+fn force_clean(parent: &str) {
+    let marker = format!("WEFT_CONTAINER_SCOPE={parent}/");
+    for pid in weft_node_agent::procfs::all_pids() {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if env
+            .split(|b| *b == 0)
+            .any(|kv| kv.starts_with(marker.as_bytes()))
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let mounts = weft_node_agent::driver::cgroupfs::Mounts::read();
+    let mut roots: Vec<std::path::PathBuf> = mounts.v1.iter().map(|(p, _)| p.clone()).collect();
+    roots.extend(mounts.v2.clone());
+    for root in roots {
+        let dir = root.join(parent);
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.flatten() {
+                if e.path().is_dir() {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&dir);
     }
 }
 
