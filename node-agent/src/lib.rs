@@ -11,13 +11,15 @@
 //! - [`logs`]: reading and following logs, retention;
 //! - [`service`]: the ContainerManager gRPC service;
 //! - [`tracker`]: registration and heartbeats to the resource manager;
-//! - [`procfs`]: process-tree reading shared by all of the above.
+//! - [`procfs`]: process-tree reading shared by all of the above;
+//! - [`daemon`], [`telemetry`]: what the Weft daemons' `main`s share.
 //!
 //! [`run`] assembles them and returns only after every container has been
 //! stopped and its group removed.
 
 pub mod capacity;
 pub mod config;
+pub mod daemon;
 pub mod driver;
 pub mod error;
 pub mod gpu;

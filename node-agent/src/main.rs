@@ -91,15 +91,6 @@ fn config(args: &Args) -> anyhow::Result<AgentConfig> {
     Ok(c)
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     telemetry::init(args.log_format);
@@ -117,24 +108,8 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(16)
-        .enable_all()
-        .build()
-        .expect("building the tokio runtime");
-    let result = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("listen {}: {e}", cfg.listen))?;
-        weft_node_agent::run(cfg, listener, shutdown_signal()).await?;
-        anyhow::Ok(())
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("node-agent: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let addr = cfg.listen;
+    weft_node_agent::daemon::serve_main("node-agent", addr, |listener| {
+        weft_node_agent::run(cfg, listener, weft_node_agent::daemon::shutdown_signal())
+    })
 }

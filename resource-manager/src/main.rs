@@ -69,15 +69,6 @@ fn config(args: &Args) -> anyhow::Result<RmConfig> {
     Ok(c)
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     telemetry::init(args.log_format);
@@ -95,23 +86,8 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("building the tokio runtime");
-    let result = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|e| anyhow::anyhow!("listen {}: {e}", cfg.listen))?;
-        weft_resource_manager::run(cfg, listener, shutdown_signal()).await?;
-        anyhow::Ok(())
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("resource-manager: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let addr = cfg.listen;
+    weft_node_agent::daemon::serve_main("resource-manager", addr, |listener| {
+        weft_resource_manager::run(cfg, listener, weft_node_agent::daemon::shutdown_signal())
+    })
 }

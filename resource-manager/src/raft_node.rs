@@ -351,17 +351,29 @@ impl Member {
         }
     }
 
+    /// A request number for a leader-only input and its reply channel; None
+    /// (the caller answered NotLeader) when this member is not the leader.
+    fn leader_request<T>(
+        &mut self,
+        reply: oneshot::Sender<Result<T>>,
+    ) -> Option<(u64, oneshot::Sender<Result<T>>)> {
+        if self.raw.raft.state != StateRole::Leader {
+            let _ = reply.send(Err(Error::NotLeader {
+                leader: self.leader_address(),
+            }));
+            return None;
+        }
+        let request = self.next_request;
+        self.next_request += 1;
+        Some((request, reply))
+    }
+
     fn handle(&mut self, input: Input) {
         match input {
             Input::Propose { command, reply } => {
-                if self.raw.raft.state != StateRole::Leader {
-                    let _ = reply.send(Err(Error::NotLeader {
-                        leader: self.leader_address(),
-                    }));
+                let Some((request, reply)) = self.leader_request(reply) else {
                     return;
-                }
-                let request = self.next_request;
-                self.next_request += 1;
+                };
                 let env = Envelope {
                     version: COMMAND_VERSION,
                     origin: self.settings.id,
@@ -380,14 +392,9 @@ impl Member {
                 }
             }
             Input::ChangeMembers { change, reply } => {
-                if self.raw.raft.state != StateRole::Leader {
-                    let _ = reply.send(Err(Error::NotLeader {
-                        leader: self.leader_address(),
-                    }));
+                let Some((request, reply)) = self.leader_request(reply) else {
                     return;
-                }
-                let request = self.next_request;
-                self.next_request += 1;
+                };
                 let mut cc = ConfChange::default();
                 match &change {
                     MemberChange::Add { id, address } => {
@@ -418,14 +425,9 @@ impl Member {
                 }
             }
             Input::ReadIndex { reply } => {
-                if self.raw.raft.state != StateRole::Leader {
-                    let _ = reply.send(Err(Error::NotLeader {
-                        leader: self.leader_address(),
-                    }));
+                let Some((request, reply)) = self.leader_request(reply) else {
                     return;
-                }
-                let request = self.next_request;
-                self.next_request += 1;
+                };
                 self.raw.read_index(request.to_be_bytes().to_vec());
                 self.reads.insert(request, reply);
             }
