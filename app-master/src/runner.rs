@@ -48,6 +48,8 @@ pub struct Runner {
     tasks: Vec<Task>,
     /// Failures so far per stage (a gang's restarts count once per restart).
     failures: Vec<u32>,
+    /// Containers on unreachable nodes, to release with the next call.
+    unreachable: Vec<String>,
 }
 
 /// exit status of a memory-quota kill (weft_proto::exit_codes::OVER_MEMORY_QUOTA).
@@ -94,6 +96,7 @@ impl Runner {
             rm: RmAmClient::new(rm_addresses),
             tasks,
             failures: vec![0; n],
+            unreachable: Vec::new(),
         }
     }
 
@@ -164,6 +167,15 @@ impl Runner {
                 })
                 .await?;
             for a in resp.allocations {
+                // A new leader re-sends allocations it cannot know were
+                // delivered: the ones this master already holds are kept.
+                if self.tasks.iter().any(|t| {
+                    t.alloc
+                        .as_ref()
+                        .is_some_and(|x| x.container_id == a.container_id)
+                }) {
+                    continue;
+                }
                 match self
                     .tasks
                     .iter_mut()
@@ -177,6 +189,7 @@ impl Runner {
                 }
             }
             self.start_ready().await;
+            releases.append(&mut self.unreachable);
             for c in resp.completed {
                 self.completed(&c, &mut releases);
             }
@@ -324,6 +337,22 @@ impl Runner {
                 let t = &mut self.tasks[i];
                 match started {
                     Ok(()) => t.state = State::Running,
+                    // The node is unreachable (it may be dying): give the
+                    // container back and ask again; not the task's fault.
+                    Err(e)
+                        if matches!(
+                            e.code(),
+                            tonic::Code::Unavailable
+                                | tonic::Code::Unknown
+                                | tonic::Code::DeadlineExceeded
+                                | tonic::Code::Cancelled
+                        ) =>
+                    {
+                        warn!(container = %a.container_id, node = %a.node_id, error = %e.message(), "node unreachable; asking again");
+                        self.unreachable.push(a.container_id.clone());
+                        t.state = State::Asking;
+                        t.alloc = None;
+                    }
                     Err(e) => {
                         warn!(container = %a.container_id, error = %e.message(), "starting a task failed");
                         t.state = State::Failed(format!(

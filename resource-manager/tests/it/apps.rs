@@ -259,7 +259,7 @@ async fn running_by_node(client: &weft_client::RmClient) -> Vec<(String, usize)>
     out
 }
 
-const STEADY: &str = "name: steady\nmax_attempts: 2\nstages:\n  - name: work\n    instances: 4\n    command: 'sleep 3'\n    resources: { vcores: 0.5, memory: 64MiB }\n  - name: after\n    after: [work]\n    instances: 2\n    command: 'sleep 1'\n    resources: { vcores: 0.5, memory: 64MiB }\n";
+const STEADY: &str = "name: steady\nmax_attempts: 3\nstages:\n  - name: work\n    instances: 4\n    command: 'sleep 3'\n    resources: { vcores: 0.5, memory: 64MiB }\n  - name: after\n    after: [work]\n    instances: 2\n    command: 'sleep 1'\n    resources: { vcores: 0.5, memory: 64MiB }\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_finish_through_a_leader_kill_and_a_node_kill() {
