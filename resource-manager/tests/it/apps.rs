@@ -87,14 +87,7 @@ async fn a_pipeline_with_a_tensorflow_gang_succeeds_and_a_memory_hog_fails_with_
     let _a = AgentProcess::start("node-a", &cluster.addrs());
     let _b = AgentProcess::start("node-b", &cluster.addrs());
     let client = cluster.client();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while client.list_nodes().await.unwrap().len() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "agents did not register"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::cluster::wait_nodes(&client, 2).await;
 
     let (app, out) = run_job(&cluster, PIPELINE).await;
     assert!(
@@ -188,14 +181,7 @@ async fn the_rm_starts_masters_and_a_killed_job_leaves_nothing_running() {
     let _a = AgentProcess::start("node-a", &cluster.addrs());
     let _b = AgentProcess::start("node-b", &cluster.addrs());
     let client = cluster.client();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while client.list_nodes().await.unwrap().len() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "agents did not register"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::cluster::wait_nodes(&client, 2).await;
 
     // Submitted, nothing else: the RM starts the master, which runs the job.
     let app = client.submit(PIPELINE, "yaml", "mia").await.unwrap();
@@ -275,14 +261,7 @@ async fn jobs_finish_through_a_leader_kill_and_a_node_kill() {
         .map(|n| AgentProcess::start(n, &cluster.addrs()))
         .collect();
     let client = cluster.client();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while client.list_nodes().await.unwrap().len() < 3 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "agents did not register"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::cluster::wait_nodes(&client, 3).await;
     let busy = |min: usize| {
         let client = &client;
         async move {

@@ -253,3 +253,25 @@ pub fn job(name: &str, queue: &str) -> String {
         "name: {name}\nqueue: {queue}\nstages:\n  - name: run\n    instances: 1\n    command: 'true'\n    resources: {{ vcores: 1, memory: 64MiB }}\n"
     )
 }
+
+/// Waits (up to 20 s) until `n` nodes are RUNNING.
+pub async fn wait_nodes(client: &RmClient, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let running = client
+            .list_nodes()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|x| x.state() == weft_client::proto::NodeState::Running)
+            .count();
+        if running >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{running} of {n} agents registered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -12,6 +12,42 @@ use weft_proto::v1::container_manager_client::ContainerManagerClient;
 use crate::cluster::Cluster;
 use crate::nodes::AgentProcess;
 
+/// Calls Allocate with `asks` (counts lowered as allocations arrive) until
+/// `want` allocations came, within 20 s.
+async fn allocate_until(
+    am: &mut ApplicationMasterServiceClient<tonic::transport::Channel>,
+    app: &str,
+    asks: &mut [pb::ResourceAsk],
+    want: usize,
+) -> Vec<pb::Allocation> {
+    let mut got: Vec<pb::Allocation> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < want {
+        assert!(
+            Instant::now() < deadline,
+            "only {} allocations: {got:?}",
+            got.len()
+        );
+        let r = am
+            .allocate(pb::AllocateRequest {
+                application_id: app.to_string(),
+                asks: asks.to_vec(),
+                wait_ms: 2000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for a in &r.allocations {
+            if let Some(x) = asks.iter_mut().find(|x| x.ask_id == a.ask_id) {
+                x.count -= 1;
+            }
+        }
+        got.extend(r.allocations);
+    }
+    got
+}
+
 fn ask(id: &str, count: u32, cores: u64, gpus: u32, gang: &str) -> pb::ResourceAsk {
     pb::ResourceAsk {
         ask_id: id.into(),
@@ -39,19 +75,7 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
     let client = cluster.client();
     let _a1 = AgentProcess::start("node-a", &cluster.addrs());
     let _a2 = AgentProcess::start("node-b", &cluster.addrs());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client
-        .list_nodes()
-        .await
-        .unwrap()
-        .iter()
-        .filter(|n| n.state() == pb::NodeState::Running)
-        .count()
-        < 2
-    {
-        assert!(Instant::now() < deadline, "agents did not register");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::cluster::wait_nodes(&client, 2).await;
     // A task bigger than any registered node is refused at submit.
     let big = "name: big\nstages:\n  - name: train\n    gang: true\n    framework: pytorch\n    command: x\n    roles:\n      worker: { instances: 2, resources: { vcores: 64, memory: 1GiB } }\n";
     let e = client.submit(big, "yaml", "eve").await.unwrap_err();
@@ -99,31 +123,7 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
 
     // Three workers and a two-member gang, one GPU each (each node has one).
     let mut asks = vec![ask("worker", 3, 1, 0, ""), ask("ps", 2, 1, 1, "ps-gang")];
-    let mut got: Vec<pb::Allocation> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while got.len() < 5 {
-        assert!(
-            Instant::now() < deadline,
-            "only {} allocations: {got:?}",
-            got.len()
-        );
-        let r = am
-            .allocate(pb::AllocateRequest {
-                application_id: app.clone(),
-                asks: asks.clone(),
-                wait_ms: 2000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for a in &r.allocations {
-            if let Some(x) = asks.iter_mut().find(|x| x.ask_id == a.ask_id) {
-                x.count -= 1;
-            }
-        }
-        got.extend(r.allocations);
-    }
+    let got = allocate_until(&mut am, &app, &mut asks, 5).await;
     let ids: HashSet<&String> = got.iter().map(|a| &a.container_id).collect();
     assert_eq!(ids.len(), 5, "container ids are unique");
     let ps: Vec<&pb::Allocation> = got.iter().filter(|a| a.ask_id == "ps").collect();
@@ -190,23 +190,7 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
         r.gpu_memory_bytes = 10 << 30;
     }
     let mut asks = vec![nb];
-    let mut shares: Vec<pb::Allocation> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while shares.len() < 2 {
-        assert!(Instant::now() < deadline, "shares: {shares:?}");
-        let r = am
-            .allocate(pb::AllocateRequest {
-                application_id: app.clone(),
-                asks: asks.clone(),
-                wait_ms: 2000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        asks[0].count -= r.allocations.len() as u32;
-        shares.extend(r.allocations);
-    }
+    let shares = allocate_until(&mut am, &app, &mut asks, 2).await;
     assert_eq!(shares[0].node_id, shares[1].node_id);
     assert_eq!(shares[0].gpu_indices, shares[1].gpu_indices);
     assert!(shares
@@ -239,22 +223,7 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
 
     // A released container is stopped by its agent.
     let mut one = vec![ask("extra", 1, 1, 0, "")];
-    let extra = loop {
-        let r = am
-            .allocate(pb::AllocateRequest {
-                application_id: app.clone(),
-                asks: one.clone(),
-                wait_ms: 2000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if let Some(a) = r.allocations.into_iter().next() {
-            one[0].count = 0;
-            break a;
-        }
-    };
+    let extra = allocate_until(&mut am, &app, &mut one, 1).await.remove(0);
     let mut cm = ContainerManagerClient::connect(format!("http://{}", extra.node_address))
         .await
         .unwrap();
