@@ -90,6 +90,11 @@ impl Driver for CgroupV2 {
     }
 
     fn create(&self, id: &str, limits: &Limits) -> Result<Arc<dyn Group>> {
+        // The parent may have been removed under us (an operator, another
+        // agent's cleanup): a recreated one needs its controllers again, or
+        // the group would have no memory.max to write.
+        cgroupfs::mkdir(&self.parent_dir)?;
+        enable_controllers(&self.parent_dir)?;
         let g = V2Group {
             dir: self.parent_dir.join(id),
             peak_seen: AtomicU64::new(0),
@@ -274,6 +279,17 @@ mod tests {
         assert_eq!(d.leftovers(), vec!["c1".to_string()]);
         assert!(g.pids().is_empty());
         assert!(g.kill_all().is_empty());
+        g.destroy().unwrap();
+        // The parent removed under the agent: the next group still gets its limits.
+        d.cleanup();
+        assert!(!d.parent_dir.exists());
+        let g = d.create("c2", &limits).unwrap();
+        assert_eq!(
+            cgroupfs::read(&d.parent_dir.join("c2").join("memory.max"))
+                .unwrap()
+                .trim(),
+            (64u64 << 20).to_string()
+        );
         g.destroy().unwrap();
         d.cleanup();
         assert!(!d.parent_dir.exists());

@@ -22,11 +22,11 @@ impl Agent {
             listen: "127.0.0.1:0".parse().unwrap(),
             work_dir: work.path().to_path_buf(),
             node_id: Some(node_id.into()),
-            rm_addresses: rm,
+            rm_addresses: rm.clone(),
             ..Default::default()
         };
         cfg.heartbeat.max_backoff = Duration::from_millis(300);
-        cfg.containers.cgroup_parent = format!("weft-rm-it-{}-{node_id}", std::process::id());
+        cfg.containers.cgroup_parent = parent_name(node_id, &rm);
         cfg.gpu.probe = weft_node_agent::config::GpuProbeChoice::Fake;
         cfg.gpu
             .fake
@@ -100,6 +100,14 @@ pub fn agent_binary() -> std::path::PathBuf {
 }
 
 /// A node-agent process; killed (SIGKILL) when dropped.
+/// The cgroup parent of a test agent: unique to this test binary, this
+/// cluster (its first member's port) and the node, so agents of tests running
+/// side by side never share one, while a restarted node finds its leftovers.
+fn parent_name(node_id: &str, rm: &[String]) -> String {
+    let port = rm.first().and_then(|a| a.rsplit(':').next()).unwrap_or("0");
+    format!("weft-rm-it-{}-{port}-{node_id}", std::process::id())
+}
+
 pub struct AgentProcess {
     child: std::process::Child,
     /// The agent's cgroup parent and environment scope.
@@ -115,11 +123,11 @@ impl AgentProcess {
             &config,
             format!(
                 "node_id = {node_id:?}\nlisten = \"127.0.0.1:0\"\nwork_dir = {:?}\nlabels = {{ gpu = \"h100\" }}\n\
-                 [resources]\nvcores = 8.0\n[containers]\ncgroup_parent = \"weft-rm-it-{}-{node_id}\"\n\
+                 [resources]\nvcores = 8.0\n[containers]\ncgroup_parent = {:?}\n\
                  [heartbeat]\nmax_backoff = \"300ms\"\n[gpu]\nprobe = \"fake\"\n\
                  [[gpu.fake.devices]]\nuuid = \"GPU-0\"\nmodel = \"Fake H100\"\nmemory = \"80GiB\"\n",
                 work.path().join("agent").display().to_string(),
-                std::process::id()
+                parent_name(node_id, rm)
             ),
         )
         .unwrap();
@@ -131,7 +139,7 @@ impl AgentProcess {
             .unwrap();
         AgentProcess {
             child,
-            parent: format!("weft-rm-it-{}-{node_id}", std::process::id()),
+            parent: parent_name(node_id, rm),
             _work: work,
         }
     }
