@@ -75,16 +75,7 @@ pub fn validate_ask(nodes: &[Node], queues: &Queues, ask: &Ask) -> Result<(), St
         ));
     }
     // On an empty node, with every GPU free.
-    let mut empty: Vec<Node> = labelled.into_iter().cloned().collect();
-    for n in &mut empty {
-        n.free_vcores = n.capacity_vcores;
-        n.free_memory = n.capacity_memory;
-        n.schedulable = true;
-        for g in &mut n.gpus {
-            g.free_milli = 1000;
-            g.free_memory = g.memory;
-        }
-    }
+    let empty: Vec<Node> = labelled.into_iter().map(Node::emptied).collect();
     if empty.iter().any(|n| Cluster::fit(n, ask).is_some()) {
         return Ok(());
     }

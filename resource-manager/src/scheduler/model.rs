@@ -131,6 +131,19 @@ impl Node {
         self
     }
 
+    /// This node as it would be with nothing running on it.
+    pub fn emptied(&self) -> Node {
+        let mut n = self.clone();
+        n.free_vcores = n.capacity_vcores;
+        n.free_memory = n.capacity_memory;
+        n.schedulable = true;
+        for g in &mut n.gpus {
+            g.free_milli = 1000;
+            g.free_memory = g.memory;
+        }
+        n
+    }
+
     pub fn capacity(&self) -> Res {
         Res::new(
             self.capacity_vcores,

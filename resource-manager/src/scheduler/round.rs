@@ -584,23 +584,10 @@ fn hold_nodes(
                 }
                 break;
             }
-            let i = next.by_ref().find(|&i| {
-                let mut e = cluster.nodes[i].clone();
-                e.free_vcores = e.capacity_vcores;
-                e.free_memory = e.capacity_memory;
-                for g in &mut e.gpus {
-                    g.free_milli = 1000;
-                    g.free_memory = g.memory;
-                }
-                Cluster::fit(&e, a).is_some()
-            })?;
-            let mut e = cluster.nodes[i].clone();
-            e.free_vcores = e.capacity_vcores;
-            e.free_memory = e.capacity_memory;
-            for g in &mut e.gpus {
-                g.free_milli = 1000;
-                g.free_memory = g.memory;
-            }
+            let i = next
+                .by_ref()
+                .find(|&i| Cluster::fit(&cluster.nodes[i].emptied(), a).is_some())?;
+            let e = cluster.nodes[i].emptied();
             chosen.push(i);
             empty.push(e);
         }
