@@ -80,6 +80,10 @@ async fn main() -> anyhow::Result<()> {
     };
     config.containers.cgroup_parent = format!("weft-example-{}", std::process::id());
     config.gpu.probe = GpuProbeChoice::Nvml;
+    // The agent starts only containers with a signed token; here this
+    // program stands in for the resource manager and holds the key.
+    let signer = weft_proto::token::TokenSigner::generate();
+    config.security.token_public_key = Some(hex::encode(signer.public_key()));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -94,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
             Err(e) => bail!("the agent did not start: {e}"),
         }
     };
-    let req = pb::StartContainerRequest {
+    let mut req = pb::StartContainerRequest {
         container_id: "example-1".into(),
         command: args.command[0].clone(),
         args: args.command[1..].to_vec(),
@@ -107,6 +111,17 @@ async fn main() -> anyhow::Result<()> {
         }),
         token: vec![],
     };
+    let r = req.resources.clone().unwrap_or_default();
+    let now = weft_proto::token::now_ms();
+    req.token = signer.sign_container(&pb::ContainerTokenBody {
+        container_id: req.container_id.clone(),
+        node_id: "example".into(),
+        vcores_milli: r.vcores_milli,
+        memory_bytes: r.memory_bytes,
+        issued_at_ms: now,
+        expires_at_ms: now + 60_000,
+        ..Default::default()
+    });
     let result = async {
         let started = client
             .start_container(req)

@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "weft/v1/application_master.proto",
         "weft/v1/client.proto",
         "weft/v1/raft_transport.proto",
+        "weft/v1/token.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -28,6 +28,8 @@ fn channel(addr: &str) -> Result<Channel, Status> {
 /// The RM as an application master sees it.
 pub struct RmAmClient {
     addresses: Vec<String>,
+    /// The application token every call carries.
+    token: Vec<u8>,
     leader: Option<String>,
     next: usize,
     /// How long a call keeps retrying across failovers.
@@ -35,9 +37,13 @@ pub struct RmAmClient {
 }
 
 impl RmAmClient {
-    pub fn new(addresses: Vec<String>) -> Self {
+    /// `token`: the application token the RM issued for this attempt (to
+    /// masters it starts, in `WEFT_APP_TOKEN`; to an unmanaged master's
+    /// submitter, in the SubmitApplication answer).
+    pub fn new(addresses: Vec<String>, token: Vec<u8>) -> Self {
         RmAmClient {
             addresses,
+            token,
             leader: None,
             next: 0,
             deadline: Duration::from_secs(60),
@@ -90,10 +96,17 @@ impl RmAmClient {
         }
     }
 
-    pub async fn register(&mut self, app: &str, attempt: u32) -> Result<(), Status> {
+    /// Registers this attempt; the answer lists what earlier attempts left
+    /// running and what they finished.
+    pub async fn register(
+        &mut self,
+        app: &str,
+        attempt: u32,
+    ) -> Result<pb::RegisterApplicationMasterResponse, Status> {
         let req = pb::RegisterApplicationMasterRequest {
             application_id: app.into(),
             attempt,
+            application_token: self.token.clone(),
             ..Default::default()
         };
         self.call(|mut c| {
@@ -101,13 +114,14 @@ impl RmAmClient {
             async move { c.register_application_master(req).await }
         })
         .await
-        .map(|_| ())
     }
 
+    /// One Allocate call (the token is filled in).
     pub async fn allocate(
         &mut self,
-        req: pb::AllocateRequest,
+        mut req: pb::AllocateRequest,
     ) -> Result<pb::AllocateResponse, Status> {
+        req.application_token = self.token.clone();
         self.call(|mut c| {
             let req = req.clone();
             async move { c.allocate(req).await }
@@ -127,7 +141,7 @@ impl RmAmClient {
             attempt,
             final_status: status as i32,
             diagnostics: diagnostics.into(),
-            ..Default::default()
+            application_token: self.token.clone(),
         };
         self.call(|mut c| {
             let req = req.clone();

@@ -28,6 +28,9 @@ struct Args {
     /// as the RM hands it to the masters it starts.
     #[arg(long)]
     spec_env: bool,
+    /// This attempt's application token (hex), as the RM issued it.
+    #[arg(long, env = "WEFT_APP_TOKEN", hide_env_values = true)]
+    token: String,
     #[arg(long, value_enum, default_value = "human")]
     log_format: LogFormat,
 }
@@ -67,6 +70,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let token = match hex::decode(args.token.trim()) {
+        Ok(t) if !t.is_empty() => t,
+        _ => {
+            eprintln!("app-master: --token (WEFT_APP_TOKEN): give the application token, in hex");
+            return ExitCode::from(2);
+        }
+    };
     if args.rm.is_empty() {
         eprintln!("app-master: --rm: give the resource-manager addresses");
         return ExitCode::from(2);
@@ -75,7 +85,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("building the tokio runtime");
-    match rt.block_on(Runner::new(args.app_id, args.attempt, spec, args.rm).run()) {
+    match rt.block_on(Runner::new(args.app_id, args.attempt, spec, args.rm, token).run()) {
         Ok(f) if f.status == weft_proto::v1::FinalStatus::Succeeded => ExitCode::SUCCESS,
         Ok(f) => {
             eprintln!("app-master: {}", f.diagnostics);

@@ -56,7 +56,14 @@ pub struct Runner {
 const OVER_MEMORY: i32 = weft_proto::exit_codes::OVER_MEMORY_QUOTA;
 
 impl Runner {
-    pub fn new(app: String, attempt: u32, spec: JobSpec, rm_addresses: Vec<String>) -> Runner {
+    /// `token`: this attempt's application token.
+    pub fn new(
+        app: String,
+        attempt: u32,
+        spec: JobSpec,
+        rm_addresses: Vec<String>,
+        token: Vec<u8>,
+    ) -> Runner {
         let mut tasks = Vec::new();
         for (si, s) in spec.stages.iter().enumerate() {
             match &s.roles {
@@ -67,7 +74,9 @@ impl Runner {
                                 stage: si,
                                 role: Some(role.clone()),
                                 index: i,
-                                ask_id: format!("{}.{role}", s.name),
+                                // One ask per task: a later attempt tells
+                                // which task a container ran from its ask id.
+                                ask_id: format!("{}.{role}/{i}", s.name),
                                 state: State::Waiting,
                                 alloc: None,
                             });
@@ -80,7 +89,7 @@ impl Runner {
                             stage: si,
                             role: None,
                             index: i,
-                            ask_id: s.name.clone(),
+                            ask_id: format!("{}/{i}", s.name),
                             state: State::Waiting,
                             alloc: None,
                         });
@@ -93,7 +102,7 @@ impl Runner {
             app,
             attempt,
             spec,
-            rm: RmAmClient::new(rm_addresses),
+            rm: RmAmClient::new(rm_addresses, token),
             tasks,
             failures: vec![0; n],
             unreachable: Vec::new(),
@@ -120,9 +129,9 @@ impl Runner {
 
     /// Runs the job to its end and tells the RM.
     pub async fn run(mut self) -> Result<Finished, tonic::Status> {
-        self.rm.register(&self.app, self.attempt).await?;
+        let reg = self.rm.register(&self.app, self.attempt).await?;
+        let mut releases = self.adopt(reg);
         info!(app = %self.app, attempt = self.attempt, tasks = self.tasks.len(), "application master registered");
-        let mut releases: Vec<String> = Vec::new();
         loop {
             // Stages whose dependencies all succeeded start asking.
             for si in 0..self.spec.stages.len() {
@@ -162,6 +171,7 @@ impl Runner {
                     asks: self.asks(),
                     releases: std::mem::take(&mut releases),
                     progress: self.progress(),
+                    stages: self.stage_progress(),
                     wait_ms: 1000,
                     ..Default::default()
                 })
@@ -226,6 +236,91 @@ impl Runner {
             status,
             diagnostics: diagnostics.to_string(),
         })
+    }
+
+    /// Takes over what earlier attempts did: tasks whose container
+    /// succeeded are done, running ones are adopted (a gang only when all its
+    /// members run or are done; else its runners are released and the gang
+    /// starts again). Returns the containers to release.
+    fn adopt(&mut self, reg: pb::RegisterApplicationMasterResponse) -> Vec<String> {
+        let mut releases = Vec::new();
+        for a in reg.succeeded_containers {
+            if let Some(t) = self
+                .tasks
+                .iter_mut()
+                .find(|t| t.ask_id == a.ask_id && t.state == State::Waiting)
+            {
+                t.state = State::Succeeded;
+            }
+        }
+        for a in reg.running_containers {
+            match self
+                .tasks
+                .iter_mut()
+                .find(|t| t.ask_id == a.ask_id && t.state == State::Waiting)
+            {
+                Some(t) => {
+                    t.state = State::Running;
+                    t.alloc = Some(a);
+                }
+                None => releases.push(a.container_id),
+            }
+        }
+        for si in 0..self.spec.stages.len() {
+            let members = self.tasks.iter().filter(|t| t.stage == si);
+            let whole = members
+                .clone()
+                .all(|t| matches!(t.state, State::Running | State::Succeeded));
+            if self.spec.stages[si].gang && !whole {
+                for t in self.tasks.iter_mut().filter(|t| t.stage == si) {
+                    if let (State::Running, Some(a)) = (&t.state, &t.alloc) {
+                        releases.push(a.container_id.clone());
+                    }
+                    t.state = State::Waiting;
+                    t.alloc = None;
+                }
+            }
+        }
+        let kept = self
+            .tasks
+            .iter()
+            .filter(|t| t.state != State::Waiting)
+            .count();
+        if kept > 0 {
+            info!(
+                app = %self.app,
+                attempt = self.attempt,
+                done = self.tasks.iter().filter(|t| t.state == State::Succeeded).count(),
+                running = self.tasks.iter().filter(|t| t.state == State::Running).count(),
+                released = releases.len(),
+                "took over the previous attempt's tasks"
+            );
+        }
+        releases
+    }
+
+    /// Tasks done, running and failed per stage.
+    fn stage_progress(&self) -> Vec<pb::StageProgress> {
+        self.spec
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(si, s)| {
+                let of = |f: &dyn Fn(&State) -> bool| {
+                    self.tasks
+                        .iter()
+                        .filter(|t| t.stage == si && f(&t.state))
+                        .count() as u32
+                };
+                pb::StageProgress {
+                    name: s.name.clone(),
+                    done: of(&|st| *st == State::Succeeded),
+                    total: of(&|_| true),
+                    running: of(&|st| *st == State::Running),
+                    failed: self.failures[si],
+                }
+            })
+            .collect()
     }
 
     fn progress(&self) -> f32 {

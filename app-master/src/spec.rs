@@ -38,7 +38,15 @@ pub struct JobSpec {
     /// Resources of the application master's own container.
     #[serde(default)]
     pub am: Option<ResourcesSpec>,
+    /// Work-preserving restarts: a new master attempt adopts the tasks the
+    /// previous one left running (false: they are stopped and rerun).
+    #[serde(default = "yes")]
+    pub keep_containers: bool,
     pub stages: Vec<StageSpec>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn root() -> String {

@@ -209,18 +209,33 @@ impl RmClient {
     /// Submits a job spec; returns the application id. Retries reuse one
     /// request id, so at most one application is created.
     pub async fn submit(&self, spec: &str, format: &str, user: &str) -> Result<String, Error> {
+        self.submit_with(spec, format, user, false)
+            .await
+            .map(|r| r.application_id)
+    }
+
+    /// Submits a job spec. With `unmanaged_master` the caller runs the
+    /// application master itself: the answer carries the application token
+    /// that master must present (attempt 1).
+    pub async fn submit_with(
+        &self,
+        spec: &str,
+        format: &str,
+        user: &str,
+        unmanaged_master: bool,
+    ) -> Result<pb::SubmitApplicationResponse, Error> {
         let req = pb::SubmitApplicationRequest {
             spec: spec.to_string(),
             spec_format: format.to_string(),
             user: user.to_string(),
             request_id: request_id(),
+            unmanaged_master,
         };
         self.call(|mut c| {
             let req = req.clone();
             async move { c.submit_application(req).await }
         })
         .await
-        .map(|r| r.application_id)
     }
 
     pub async fn get_application(&self, id: &str) -> Result<pb::ApplicationReport, Error> {

@@ -56,13 +56,28 @@ fn mkfifo(path: &std::path::Path) {
     nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
 }
 
+/// The key the bench's agent trusts, standing in for the RM's.
+fn signer() -> weft_proto::token::TokenSigner {
+    weft_proto::token::TokenSigner::from_seed([9; 32])
+}
+
+/// A request with the container token an RM would sign for it.
 fn req(id: &str, script: &str, memory: u64) -> pb::StartContainerRequest {
+    let now = weft_proto::token::now_ms();
     pb::StartContainerRequest {
         container_id: id.into(),
         command: "sh".into(),
         args: vec!["-c".into(), script.into()],
         resources: Some(pb::ContainerResources {
             memory_bytes: memory,
+            ..Default::default()
+        }),
+        token: signer().sign_container(&pb::ContainerTokenBody {
+            container_id: id.into(),
+            node_id: "bench".into(),
+            memory_bytes: memory,
+            issued_at_ms: now,
+            expires_at_ms: now + 600_000,
             ..Default::default()
         }),
         ..Default::default()
@@ -107,8 +122,9 @@ async fn main() {
     std::fs::write(
         &config,
         format!(
-            "work_dir = {:?}\n[resources]\nmemory = \"64GiB\"\nvcores = 64.0\n[containers]\ncgroup_parent = {parent:?}\n[gpu]\nprobe = \"none\"\n",
-            work.path().join("agent").display().to_string()
+            "work_dir = {:?}\nnode_id = \"bench\"\n[resources]\nmemory = \"64GiB\"\nvcores = 64.0\n[containers]\ncgroup_parent = {parent:?}\n[gpu]\nprobe = \"none\"\n[security]\ntoken_public_key = {:?}\n",
+            work.path().join("agent").display().to_string(),
+            hex::encode(signer().public_key()),
         ),
     )
     .unwrap();

@@ -33,6 +33,18 @@ pub struct AgentConfig {
     pub logs: LogsConfig,
     pub gpu: GpuConfig,
     pub heartbeat: HeartbeatConfig,
+    pub security: SecurityConfig,
+}
+
+/// Container tokens: the agent starts a container only with a token the
+/// resource manager signed for it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// The RM group's public key (hex, 64 digits). When set, only it is
+    /// trusted; when not, the key the RM hands out at registration is used
+    /// (and until then nothing can start).
+    pub token_public_key: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -49,6 +61,7 @@ impl Default for AgentConfig {
             logs: LogsConfig::default(),
             gpu: GpuConfig::default(),
             heartbeat: HeartbeatConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -247,6 +260,11 @@ impl AgentConfig {
         if let Some(v) = self.resources.vcores {
             if v.is_nan() || v <= 0.0 {
                 return bad("resources.vcores", "must be greater than zero");
+            }
+        }
+        if let Some(k) = &self.security.token_public_key {
+            if let Err(e) = weft_proto::token::TokenVerifier::from_hex(k) {
+                return bad("security.token_public_key", &e.to_string());
             }
         }
         if self.gpu.probe == GpuProbeChoice::Fake {

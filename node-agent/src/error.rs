@@ -30,6 +30,9 @@ pub enum Error {
     Gpu(String),
     #[error("agent is shutting down")]
     ShuttingDown,
+    /// The container token is missing, forged, expired or not for this request.
+    #[error("token: {0}")]
+    PermissionDenied(String),
 }
 
 /// The agent's result type.
@@ -64,6 +67,7 @@ impl From<Error> for tonic::Status {
             Error::NotFound(_) => tonic::Status::not_found(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::ShuttingDown => tonic::Status::unavailable(msg),
+            Error::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             Error::Io { .. } | Error::Gpu(_) => tonic::Status::internal(msg),
         }
     }

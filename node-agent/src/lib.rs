@@ -29,6 +29,7 @@ pub mod model;
 pub mod procfs;
 pub mod service;
 pub mod telemetry;
+pub mod tokens;
 pub mod tracker;
 pub mod validate;
 
@@ -80,7 +81,18 @@ pub async fn run(
     .await;
     let driver = driver?;
     let capacity = capacity::compute(host?, &config.resources);
+    let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "localhost".into());
+    let node_id = config.node_id.clone().unwrap_or_else(|| hostname.clone());
+    let configured_key = match &config.security.token_public_key {
+        Some(k) => Some(
+            weft_proto::token::TokenVerifier::from_hex(k)
+                .map_err(|e| Error::Config(format!("security.token_public_key: {e}")))?,
+        ),
+        None => None,
+    };
+    let tokens = Arc::new(tokens::Tokens::new(node_id.clone(), configured_key));
     let mgr = Manager::new(manager::ManagerParts {
+        tokens,
         containers: config.containers.clone(),
         logs: config.logs.clone(),
         driver: driver.clone(),
@@ -92,7 +104,6 @@ pub async fn run(
     let local = listener
         .local_addr()
         .map_err(|e| Error::io("reading listener address", &config.work_dir, e))?;
-    let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "localhost".into());
     let address = config.advertise_address.clone().unwrap_or_else(|| {
         if local.ip().is_unspecified() {
             format!("{hostname}:{}", local.port())
@@ -100,7 +111,6 @@ pub async fn run(
             local.to_string()
         }
     });
-    let node_id = config.node_id.clone().unwrap_or_else(|| hostname.clone());
     info!(
         node_id = %node_id,
         %address,

@@ -57,6 +57,7 @@ struct Shared {
     closing: AtomicBool,
     /// Supervisor tasks, awaited at shutdown.
     tasks: TaskTracker,
+    tokens: Arc<crate::tokens::Tokens>,
 }
 
 /// One container: its record plus the channels to its supervisor.
@@ -96,6 +97,8 @@ pub struct ManagerParts {
     pub gpu: Arc<dyn GpuProbe>,
     pub capacity: Capacity,
     pub work_dir: PathBuf,
+    /// Checks container tokens.
+    pub tokens: Arc<crate::tokens::Tokens>,
 }
 
 impl Manager {
@@ -119,8 +122,14 @@ impl Manager {
                 state: Mutex::new(HashMap::new()),
                 closing: AtomicBool::new(false),
                 tasks: TaskTracker::new(),
+                tokens: p.tokens,
             }),
         })
+    }
+
+    /// The container-token checker (the tracker hands it the RM's key).
+    pub fn tokens(&self) -> &crate::tokens::Tokens {
+        &self.sh.tokens
     }
 
     pub fn capacity(&self) -> Capacity {
@@ -246,12 +255,22 @@ impl Manager {
     }
 
     /// Admits, launches and starts supervising a container.
-    pub async fn start(&self, req: pb::StartContainerRequest) -> Result<pb::ContainerStatus> {
+    pub async fn start(&self, mut req: pb::StartContainerRequest) -> Result<pb::ContainerStatus> {
         if self.sh.closing.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
+        let token = std::mem::take(&mut req.token);
         let spec = validate::start_request(req, self.sh.gpus.len())?;
+        let expires = self.sh.tokens.check(&token, &spec)?;
         let (c, stop_rx) = self.admit(&spec)?;
+        if let Err(e) = self.sh.tokens.spend(&spec.id, expires) {
+            self.sh
+                .state
+                .lock()
+                .expect("state lock poisoned")
+                .remove(&spec.id);
+            return Err(e);
+        }
         match self.launch(&spec, &c, stop_rx).await {
             Ok(()) => Ok(c.record().to_proto()),
             Err(e) => {
@@ -260,6 +279,8 @@ impl Manager {
                     .lock()
                     .expect("state lock poisoned")
                     .remove(&spec.id);
+                // Nothing ran: the token may be used again.
+                self.sh.tokens.unspend(&spec.id);
                 Err(e)
             }
         }

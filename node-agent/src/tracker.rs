@@ -69,6 +69,7 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
         match register(&mut client, &mgr, &node).await {
             Ok(resp) => {
                 info!(rm = %addr, node_id = %node.node_id, "registered with the resource manager");
+                mgr.tokens().learn(&resp.token_public_key);
                 attempt = 0;
                 if resp.heartbeat_interval_ms > 0 {
                     interval = Duration::from_millis(resp.heartbeat_interval_ms);
@@ -111,6 +112,7 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
             match client.node_heartbeat(req).await {
                 Ok(resp) => {
                     let r = resp.into_inner();
+                    mgr.tokens().learn(&r.token_public_key);
                     for id in &r.containers_to_stop {
                         info!(container_id = %id, "resource manager asks to stop container");
                         let _ = mgr.stop(id, None, false).await;

@@ -37,3 +37,5 @@ pub mod exit_codes {
     /// The process could not be started at all.
     pub const LAUNCH_FAILED: i32 = -110;
 }
+
+pub mod token;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
+use weft_proto::token::TokenSigner;
 use weft_proto::v1 as pb;
 
 use crate::error::Error;
@@ -27,6 +28,9 @@ use crate::service::now_ms;
 
 /// Longest an Allocate call is held when nothing changes.
 pub const MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a container token lets an agent start its container.
+pub const CONTAINER_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 
 #[derive(Default)]
 struct Table {
@@ -42,10 +46,11 @@ struct Table {
     /// state holds for it (a new leader re-sends what its predecessor may
     /// not have delivered; masters release what they do not need).
     synced: HashSet<String>,
+    /// app -> when its master last called (launched masters only).
+    last_seen: HashMap<String, std::time::Instant>,
 }
 
-/// Ask id of an application master's own container.
-pub const MASTER_ASK: &str = "__master__";
+pub use crate::fsm::MASTER_ASK;
 
 /// A round's allocations to propose, each with its (app, ask id).
 type Planned = (Vec<Allocation>, Vec<(String, String)>);
@@ -61,6 +66,8 @@ pub struct Scheduling {
     wake: Arc<Notify>,
     /// Wakes Allocate long polls (new allocations or completions).
     delivered: Arc<Notify>,
+    /// The token signer built from the replicated key (seed hex, signer).
+    signer: Arc<Mutex<Option<(String, TokenSigner)>>>,
 }
 
 impl Scheduling {
@@ -71,7 +78,50 @@ impl Scheduling {
             table: Arc::default(),
             wake: Arc::new(Notify::new()),
             delivered: Arc::new(Notify::new()),
+            signer: Arc::default(),
         }
+    }
+
+    /// The signer for the replicated token key, if the group has one yet.
+    pub fn signer(&self) -> Option<TokenSigner> {
+        let seed = self.raft.state().token_key.clone()?;
+        let mut cache = self.signer.lock().expect("signer lock");
+        if let Some((s, signer)) = cache.as_ref() {
+            if *s == seed {
+                return Some(signer.clone());
+            }
+        }
+        let signer = TokenSigner::from_seed_hex(&seed).ok()?;
+        *cache = Some((seed, signer.clone()));
+        Some(signer)
+    }
+
+    /// The signer, making the group's key first if it has none (leader only).
+    pub async fn ensure_signer(&self) -> Result<TokenSigner, Error> {
+        if let Some(s) = self.signer() {
+            return Ok(s);
+        }
+        self.raft
+            .propose(Command::SetTokenKey {
+                seed_hex: TokenSigner::generate().seed_hex(),
+            })
+            .await?;
+        self.signer()
+            .ok_or_else(|| Error::Unavailable("the token key is not applied yet".into()))
+    }
+
+    /// An application token for `attempt` of `app`.
+    pub fn application_token(signer: &TokenSigner, app: &str, attempt: u32) -> Vec<u8> {
+        signer.sign_application(&pb::ApplicationTokenBody {
+            application_id: app.to_string(),
+            attempt,
+            issued_at_ms: now_ms(),
+        })
+    }
+
+    /// Whether this RM starts application masters for submitted jobs.
+    pub fn launches_masters(&self) -> bool {
+        self.masters.is_some()
     }
 
     /// Asks for a round soon (containers ended, a node changed...).
@@ -96,6 +146,11 @@ impl Scheduling {
                 *self.table.lock().expect("table lock") = Table::default();
                 continue;
             }
+            if self.signer().is_none() {
+                if let Err(e) = self.ensure_signer().await {
+                    debug!(error = %e, "token key not made yet");
+                }
+            }
             if self.masters.is_some() {
                 self.manage_masters().await;
             }
@@ -114,6 +169,7 @@ impl Scheduling {
                 .await
             {
                 Ok(Outcome::Done) => {
+                    let signer = self.signer();
                     let launch = {
                         let mut launch = Vec::new();
                         let mut t = self.table.lock().expect("table lock");
@@ -128,7 +184,7 @@ impl Scheduling {
                                     e.1 = e.1.saturating_sub(1);
                                 }
                             }
-                            let pa = pb_allocation(&self.raft.state(), &a);
+                            let pa = pb_allocation(&self.raft.state(), &a, signer.as_ref());
                             t.undelivered.entry(app).or_default().push(pa);
                         }
                         launch
@@ -159,7 +215,12 @@ impl Scheduling {
         {
             let state = self.raft.state();
             let mut t = self.table.lock().expect("table lock");
-            for app in state.apps.values().filter(|a| !a.state.is_terminal()) {
+            let now = std::time::Instant::now();
+            for app in state
+                .apps
+                .values()
+                .filter(|a| !a.state.is_terminal() && !a.unmanaged)
+            {
                 if app.state == AppState::Submitted {
                     commands.push(Command::ApplicationAccepted {
                         app_id: app.id.clone(),
@@ -171,10 +232,31 @@ impl Scheduling {
                     .am_container
                     .as_ref()
                     .and_then(|c| state.containers.get(c));
-                if last.is_some_and(|c| c.phase != ContainerPhase::Completed)
-                    || t.masters.contains_key(&app.id)
-                {
-                    continue; // running, or already asked for
+                if let Some(c) = last.filter(|c| c.phase != ContainerPhase::Completed) {
+                    // A master that stopped calling is ended (its agent stops
+                    // it) and replaced; a new leader gives every master a
+                    // full expiry from its election.
+                    let seen = *t.last_seen.entry(app.id.clone()).or_insert(now);
+                    if now.duration_since(seen) > cfg.expiry {
+                        warn!(app = %app.id, attempt = app.attempt, expiry = ?cfg.expiry, "application master stopped calling; ending it");
+                        t.last_seen.remove(&app.id);
+                        commands.push(Command::ContainersCompleted {
+                            completions: vec![Completion {
+                                container_id: c.alloc.container_id.clone(),
+                                state: ContainerEnd::Killed,
+                                exit_status: weft_proto::exit_codes::USER_REQUESTED,
+                                diagnostic: format!(
+                                    "the application master made no call for {}",
+                                    humantime::format_duration(cfg.expiry)
+                                ),
+                            }],
+                            at_ms: now_ms(),
+                        });
+                    }
+                    continue;
+                }
+                if t.masters.contains_key(&app.id) {
+                    continue; // already asked for
                 }
                 if app.am_container.is_some() && last.is_none() {
                     continue; // its allocation is not applied here yet
@@ -183,7 +265,7 @@ impl Scheduling {
                 else {
                     continue;
                 };
-                if app.attempt >= spec.max_attempts {
+                if app.attempt.saturating_sub(app.free_attempts) >= spec.max_attempts {
                     let why = last
                         .and_then(|c| c.end.as_ref())
                         .map(|e| e.diagnostic.clone())
@@ -193,7 +275,7 @@ impl Scheduling {
                         state: AppState::Failed,
                         diagnostics: format!(
                             "the application master failed {} time(s); last: {why}",
-                            app.attempt
+                            app.attempt.saturating_sub(app.free_attempts)
                         ),
                         at_ms: now_ms(),
                     });
@@ -247,18 +329,29 @@ impl Scheduling {
             (app, node_addr, rm)
         };
         let attempt = app.attempt + 1;
+        let keep_containers = weft_app_master::spec::JobSpec::parse(&app.spec, &app.spec_format)
+            .map_or(true, |s| s.keep_containers);
+        let Ok(signer) = self.ensure_signer().await else {
+            return; // the next round asks again
+        };
         let started = self
             .raft
             .propose(Command::AttemptStarted {
                 app_id: app_id.to_string(),
                 attempt,
                 am_container: Some(a.container_id.clone()),
+                keep_containers,
                 at_ms: now_ms(),
             })
             .await;
         if !matches!(started, Ok(Outcome::Done)) {
             return;
         }
+        self.table
+            .lock()
+            .expect("table lock")
+            .last_seen
+            .insert(app_id.to_string(), std::time::Instant::now());
         let req = pb::StartContainerRequest {
             container_id: a.container_id.clone(),
             command: cfg.command.clone(),
@@ -276,6 +369,10 @@ impl Scheduling {
                 ("WEFT_JOB_SPEC_FORMAT".to_string(), app.spec_format.clone()),
                 ("WEFT_APP_ID".to_string(), app_id.to_string()),
                 ("WEFT_ATTEMPT".to_string(), attempt.to_string()),
+                (
+                    "WEFT_APP_TOKEN".to_string(),
+                    hex::encode(Self::application_token(&signer, app_id, attempt)),
+                ),
             ]
             .into_iter()
             .collect(),
@@ -284,7 +381,7 @@ impl Scheduling {
                 memory_bytes: a.memory_bytes,
                 ..Default::default()
             }),
-            token: vec![],
+            token: container_token(&signer, &a),
         };
         let result = match tonic::transport::Endpoint::from_shared(format!("http://{node_addr}")) {
             Ok(ep) => {
@@ -408,8 +505,32 @@ impl Scheduling {
     }
 }
 
-/// An allocation as its master receives it.
-fn pb_allocation(state: &ClusterState, a: &Allocation) -> pb::Allocation {
+/// The container token an agent needs to start `a`.
+fn container_token(signer: &TokenSigner, a: &Allocation) -> Vec<u8> {
+    let now = now_ms();
+    signer.sign_container(&pb::ContainerTokenBody {
+        container_id: a.container_id.clone(),
+        application_id: a.app_id.clone(),
+        node_id: a.node_id.clone(),
+        vcores_milli: a.vcores_milli,
+        memory_bytes: a.memory_bytes,
+        gpu_indices: match a.gpu_share {
+            Some(sh) => vec![sh.device],
+            None => a.gpus.clone(),
+        },
+        gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
+        gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
+        issued_at_ms: now,
+        expires_at_ms: now + CONTAINER_TOKEN_LIFETIME.as_millis() as u64,
+    })
+}
+
+/// An allocation as its master receives it, with its container token.
+fn pb_allocation(
+    state: &ClusterState,
+    a: &Allocation,
+    signer: Option<&TokenSigner>,
+) -> pb::Allocation {
     pb::Allocation {
         container_id: a.container_id.clone(),
         ask_id: a.ask_id.clone(),
@@ -430,7 +551,7 @@ fn pb_allocation(state: &ClusterState, a: &Allocation) -> pb::Allocation {
             Some(sh) => vec![sh.device],
             None => a.gpus.clone(),
         },
-        container_token: vec![],
+        container_token: signer.map(|s| container_token(s, a)).unwrap_or_default(),
         gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
         gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
     }
@@ -542,6 +663,38 @@ impl AmService {
         AmService { s }
     }
 
+    /// Checks an application token: signed by this group, for this
+    /// application and (when the call names one) this attempt. Returns the
+    /// attempt the token is for.
+    fn authorize(&self, token: &[u8], app: &str, attempt: u32) -> Result<u32, Status> {
+        let signer = self
+            .s
+            .signer()
+            .ok_or_else(|| Status::unavailable("the resource manager has no token key yet"))?;
+        let body = signer
+            .verify_application(token)
+            .map_err(|e| Status::permission_denied(format!("application_token: {e}")))?;
+        if body.application_id != app {
+            return Err(Status::permission_denied(format!(
+                "application_token: issued for {}, not {app}",
+                body.application_id
+            )));
+        }
+        if attempt != 0 && attempt != body.attempt {
+            return Err(Status::permission_denied(format!(
+                "application_token: issued for attempt {}, not {attempt}",
+                body.attempt
+            )));
+        }
+        self.s
+            .table
+            .lock()
+            .expect("table lock")
+            .last_seen
+            .insert(app.to_string(), std::time::Instant::now());
+        Ok(body.attempt)
+    }
+
     /// The application, if it is live and `attempt` (when given) is current.
     fn live_app(&self, id: &str, attempt: u32) -> Result<crate::fsm::App, Status> {
         let st = self.s.raft.state();
@@ -568,10 +721,14 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         &self,
         req: Request<pb::RegisterApplicationMasterRequest>,
     ) -> Result<Response<pb::RegisterApplicationMasterResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         self.s.raft.ensure_leader()?;
+        r.attempt = self.authorize(&r.application_token, &r.application_id, r.attempt)?;
         let app = self.live_app(&r.application_id, r.attempt)?;
         if r.attempt > app.attempt {
+            let keep_containers =
+                weft_app_master::spec::JobSpec::parse(&app.spec, &app.spec_format)
+                    .map_or(true, |s| s.keep_containers);
             let started = self
                 .s
                 .raft
@@ -579,6 +736,7 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                     app_id: r.application_id.clone(),
                     attempt: r.attempt,
                     am_container: None,
+                    keep_containers,
                     at_ms: now_ms(),
                 })
                 .await?;
@@ -586,18 +744,85 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                 return Err(Status::failed_precondition(why));
             }
         }
-        Ok(Response::new(
-            pb::RegisterApplicationMasterResponse::default(),
-        ))
+        // Work-preserving restart: what earlier attempts left running, and
+        // what they finished.
+        let signer = self.s.signer();
+        let st = self.s.raft.state();
+        let mut resp = pb::RegisterApplicationMasterResponse {
+            max_container: st
+                .nodes
+                .values()
+                .map(|n| (n.vcores_milli, n.memory_bytes))
+                .max()
+                .map(|(v, m)| pb::Resources {
+                    vcores_milli: v,
+                    memory_bytes: m,
+                    ..Default::default()
+                }),
+            ..Default::default()
+        };
+        // Ends already known to the new attempt are not reported again.
+        let mut delivered = Vec::new();
+        for c in st.containers.values() {
+            if c.alloc.app_id != r.application_id || c.alloc.ask_id == MASTER_ASK {
+                continue;
+            }
+            match c.phase {
+                ContainerPhase::Running => {
+                    resp.running_containers
+                        .push(pb_allocation(&st, &c.alloc, signer.as_ref()));
+                }
+                ContainerPhase::Completed
+                    if c.end
+                        .as_ref()
+                        .is_some_and(|e| e.state == ContainerEnd::Succeeded) =>
+                {
+                    delivered.push(c.alloc.container_id.clone());
+                    resp.succeeded_containers
+                        .push(pb_allocation(&st, &c.alloc, None));
+                }
+                _ => {}
+            }
+        }
+        drop(st);
+        let mut t = self.s.table.lock().expect("table lock");
+        t.reported.extend(delivered);
+        drop(t);
+        Ok(Response::new(resp))
     }
 
     async fn allocate(
         &self,
         req: Request<pb::AllocateRequest>,
     ) -> Result<Response<pb::AllocateResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         self.s.raft.ensure_leader()?;
+        r.attempt = self.authorize(&r.application_token, &r.application_id, r.attempt)?;
         let app = self.live_app(&r.application_id, r.attempt)?;
+        // Progress, replicated when it changed.
+        if !r.stages.is_empty() && r.attempt == app.attempt {
+            let stages: Vec<crate::fsm::StageProgress> = r
+                .stages
+                .iter()
+                .map(|p| crate::fsm::StageProgress {
+                    name: p.name.clone(),
+                    done: p.done,
+                    total: p.total,
+                    running: p.running,
+                    failed: p.failed,
+                })
+                .collect();
+            if stages != app.stages {
+                self.s
+                    .raft
+                    .propose(Command::ReportProgress {
+                        app_id: r.application_id.clone(),
+                        attempt: r.attempt,
+                        stages,
+                    })
+                    .await?;
+            }
+        }
         // Check every ask before taking any.
         {
             let state = self.s.raft.state();
@@ -663,6 +888,7 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                 .await?;
         }
         {
+            let signer = self.s.signer();
             let mut t = self.s.table.lock().expect("table lock");
             if t.synced.insert(r.application_id.clone()) {
                 let st = self.s.raft.state();
@@ -674,7 +900,7 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                             && c.phase == ContainerPhase::Allocated
                             && c.alloc.ask_id != MASTER_ASK
                     })
-                    .map(|c| pb_allocation(&st, &c.alloc))
+                    .map(|c| pb_allocation(&st, &c.alloc, signer.as_ref()))
                     .collect();
                 let list = t.undelivered.entry(r.application_id.clone()).or_default();
                 for a in waiting {
@@ -719,7 +945,9 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         &self,
         req: Request<pb::FinishApplicationMasterRequest>,
     ) -> Result<Response<pb::FinishApplicationMasterResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        self.s.raft.ensure_leader()?;
+        r.attempt = self.authorize(&r.application_token, &r.application_id, r.attempt)?;
         {
             let st = self.s.raft.state();
             if let Some(a) = st.apps.get(&r.application_id) {

@@ -147,6 +147,10 @@ pub struct MastersConfig {
     /// Resources of a master whose job spec names none (`am:`).
     pub vcores: f64,
     pub memory: bytesize::ByteSize,
+    /// A master that makes no call for this long is ended and replaced
+    /// (its Allocate calls come at least every 10 s).
+    #[serde(with = "humantime_serde")]
+    pub expiry: Duration,
 }
 
 impl Default for MastersConfig {
@@ -156,6 +160,7 @@ impl Default for MastersConfig {
             command: "app-master".into(),
             vcores: 0.5,
             memory: bytesize::ByteSize::mib(256),
+            expiry: Duration::from_secs(60),
         }
     }
 }

@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// Ask id of an application master's own container.
+pub const MASTER_ASK: &str = "__master__";
+
 /// Version of the command encoding written into every entry.
 pub const COMMAND_VERSION: u32 = 1;
 
@@ -39,6 +42,9 @@ pub enum Command {
         user: String,
         spec: String,
         spec_format: String,
+        /// The submitter runs the master itself (the RM launches none).
+        #[serde(default)]
+        unmanaged: bool,
         at_ms: u64,
     },
     KillApplication {
@@ -54,7 +60,21 @@ pub enum Command {
         attempt: u32,
         /// Container running the attempt's application master, if any.
         am_container: Option<String>,
+        /// Work-preserving: the previous attempt's task containers keep
+        /// running for the new attempt to adopt (else they end).
+        #[serde(default)]
+        keep_containers: bool,
         at_ms: u64,
+    },
+    /// Per-stage progress an application master reported.
+    ReportProgress {
+        app_id: String,
+        attempt: u32,
+        stages: Vec<StageProgress>,
+    },
+    /// The key the RM group signs tokens with (the first one proposed wins).
+    SetTokenKey {
+        seed_hex: String,
     },
     ApplicationFinished {
         app_id: String,
@@ -272,6 +292,28 @@ pub struct App {
     pub attempt: u32,
     #[serde(default)]
     pub am_container: Option<String>,
+    /// The submitter runs the master itself: the RM launches none.
+    #[serde(default)]
+    pub unmanaged: bool,
+    /// Attempts whose master ended through no fault of its own (its node
+    /// was lost): they do not count against `max_attempts`.
+    #[serde(default)]
+    pub free_attempts: u32,
+    /// Latest per-stage progress from the master.
+    #[serde(default)]
+    pub stages: Vec<StageProgress>,
+}
+
+/// Tasks done out of the total of one stage.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageProgress {
+    pub name: String,
+    pub done: u32,
+    pub total: u32,
+    #[serde(default)]
+    pub running: u32,
+    #[serde(default)]
+    pub failed: u32,
 }
 
 /// The whole replicated state.
@@ -292,6 +334,10 @@ pub struct ClusterState {
     pub containers: BTreeMap<String, Container>,
     #[serde(default)]
     pub queues: BTreeMap<String, QueueSpec>,
+    /// Seed (hex) of the ed25519 key tokens are signed with; set once by the
+    /// first leader.
+    #[serde(default)]
+    pub token_key: Option<String>,
 }
 
 /// Resources in use on a node by its containers that have not ended.
@@ -386,7 +432,20 @@ impl ClusterState {
                         n.state_changed_at_ms = *at_ms;
                     }
                     if *state == NodeState::Lost {
-                        self.end_containers_on(node_id, &[], ContainerEnd::NodeLost, *at_ms);
+                        let ended =
+                            self.end_containers_on(node_id, &[], ContainerEnd::NodeLost, *at_ms);
+                        // A master lost with its node did not fail: that
+                        // attempt does not count against max_attempts.
+                        for id in ended {
+                            let c = &self.containers[&id];
+                            if c.alloc.ask_id == MASTER_ASK {
+                                if let Some(a) = self.apps.get_mut(&c.alloc.app_id) {
+                                    if a.am_container.as_deref() == Some(id.as_str()) {
+                                        a.free_attempts += 1;
+                                    }
+                                }
+                            }
+                        }
                     }
                     Outcome::Done
                 }
@@ -399,6 +458,7 @@ impl ClusterState {
                 user,
                 spec,
                 spec_format,
+                unmanaged,
                 at_ms,
             } => {
                 if !request_id.is_empty() {
@@ -423,6 +483,9 @@ impl ClusterState {
                         diagnostics: String::new(),
                         attempt: 0,
                         am_container: None,
+                        unmanaged: *unmanaged,
+                        free_attempts: 0,
+                        stages: Vec::new(),
                     },
                 );
                 if !request_id.is_empty() {
@@ -456,6 +519,7 @@ impl ClusterState {
                 app_id,
                 attempt,
                 am_container,
+                keep_containers,
                 ..
             } => match self.apps.get_mut(app_id) {
                 Some(a) if a.state.is_terminal() => {
@@ -469,13 +533,18 @@ impl ClusterState {
                     a.attempt = *attempt;
                     a.am_container = am_container.clone();
                     a.state = AppState::Running;
-                    // A new attempt starts from scratch: the previous
-                    // attempt's containers end (not work-preserving yet).
+                    // The previous attempt's running task containers: kept
+                    // for the new attempt to adopt (work-preserving), or
+                    // ended. Ones not known to run yet end either way (the
+                    // new attempt cannot tell whether they were started).
                     let keep = am_container.clone().unwrap_or_default();
                     for c in self.containers.values_mut() {
                         if c.alloc.app_id == *app_id
                             && c.phase != ContainerPhase::Completed
                             && c.alloc.container_id != keep
+                            && !(*keep_containers
+                                && c.alloc.ask_id != MASTER_ASK
+                                && c.phase == ContainerPhase::Running)
                         {
                             c.phase = ContainerPhase::Completed;
                             c.end = Some(Completion {
@@ -557,6 +626,26 @@ impl ClusterState {
                 }
                 Outcome::Done
             }
+            Command::ReportProgress {
+                app_id,
+                attempt,
+                stages,
+            } => match self.apps.get_mut(app_id) {
+                Some(a) if !a.state.is_terminal() && a.attempt == *attempt => {
+                    a.stages = stages.clone();
+                    Outcome::Done
+                }
+                Some(_) => Outcome::Rejected(format!(
+                    "attempt: {attempt} of {app_id} is not its live attempt"
+                )),
+                None => Outcome::Rejected(format!("application_id: no application {app_id}")),
+            },
+            Command::SetTokenKey { seed_hex } => {
+                if self.token_key.is_none() {
+                    self.token_key = Some(seed_hex.clone());
+                }
+                Outcome::Done
+            }
             Command::SetQueues { queues } => {
                 let mut names = std::collections::BTreeSet::new();
                 for q in queues {
@@ -594,7 +683,15 @@ impl ClusterState {
     }
 
     /// Ends every unfinished container on `node_id` except those in `keep`.
-    fn end_containers_on(&mut self, node_id: &str, keep: &[String], end: ContainerEnd, at_ms: u64) {
+    /// Returns the ids of the containers it ended.
+    fn end_containers_on(
+        &mut self,
+        node_id: &str,
+        keep: &[String],
+        end: ContainerEnd,
+        at_ms: u64,
+    ) -> Vec<String> {
+        let mut ended = Vec::new();
         for c in self.containers.values_mut() {
             if c.alloc.node_id == node_id
                 && c.phase != ContainerPhase::Completed
@@ -614,8 +711,10 @@ impl ClusterState {
                         _ => format!("node {node_id} registered again without it"),
                     },
                 });
+                ended.push(c.alloc.container_id.clone());
             }
         }
+        ended
     }
 
     /// What the containers that have not ended use on `node_id`.
@@ -791,6 +890,7 @@ mod tests {
             user: "u".into(),
             spec: "s".into(),
             spec_format: "yaml".into(),
+            unmanaged: false,
             at_ms: at,
         }
     }
@@ -1061,6 +1161,7 @@ mod tests {
             app_id: id.clone(),
             attempt,
             am_container: Some(format!("am-{attempt}")),
+            keep_containers: false,
             at_ms: 3,
         };
         assert_eq!(s.apply(&start(1)), Outcome::Done);
@@ -1088,6 +1189,128 @@ mod tests {
         s.apply(&finish(AppState::Succeeded));
         assert_eq!(s.apps[&id].state, AppState::Failed);
         assert!(matches!(s.apply(&start(3)), Outcome::Rejected(_)));
+    }
+
+    #[test]
+    fn a_new_attempt_keeps_or_ends_the_previous_attempts_tasks() {
+        for keep in [true, false] {
+            let mut s = ClusterState::default();
+            s.apply(&node("n1", 8000, 8 << 30, 0));
+            s.apply(&submit("r", 1));
+            let id = "app-000001";
+            let mut am = alloc("am-1", id, "n1", 500, 1 << 20, &[]);
+            am.ask_id = MASTER_ASK.into();
+            let mut task = alloc("t-1", id, "n1", 500, 1 << 20, &[]);
+            task.ask_id = "work/0".into();
+            let mut idle = alloc("t-2", id, "n1", 500, 1 << 20, &[]);
+            idle.ask_id = "work/1".into();
+            assert_eq!(allocate(&mut s, vec![am, task, idle]), Outcome::Done);
+            s.apply(&Command::ContainersLaunched {
+                container_ids: vec!["am-1".into(), "t-1".into()],
+                at_ms: 2,
+            });
+            let start = |attempt: u32, am: &str| Command::AttemptStarted {
+                app_id: id.into(),
+                attempt,
+                am_container: Some(am.into()),
+                keep_containers: keep,
+                at_ms: 3,
+            };
+            assert_eq!(s.apply(&start(1, "am-1")), Outcome::Done);
+            // Attempt 1's master dies; attempt 2 starts in a new container.
+            s.apply(&Command::ContainersCompleted {
+                completions: vec![Completion {
+                    container_id: "am-1".into(),
+                    state: ContainerEnd::Failed,
+                    exit_status: 1,
+                    diagnostic: "crashed".into(),
+                }],
+                at_ms: 4,
+            });
+            let mut am2 = alloc("am-2", id, "n1", 500, 1 << 20, &[]);
+            am2.ask_id = MASTER_ASK.into();
+            assert_eq!(allocate(&mut s, vec![am2]), Outcome::Done);
+            assert_eq!(s.apply(&start(2, "am-2")), Outcome::Done);
+            assert_eq!(
+                s.containers["t-1"].phase != ContainerPhase::Completed,
+                keep,
+                "keep_containers={keep}"
+            );
+            assert_eq!(
+                s.containers["t-2"].phase,
+                ContainerPhase::Completed,
+                "never known to run: ended"
+            );
+            assert_eq!(s.containers["am-2"].phase, ContainerPhase::Allocated);
+            s.check_invariants().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_master_lost_with_its_node_is_a_free_attempt() {
+        let mut s = ClusterState::default();
+        s.apply(&node("n1", 8000, 8 << 30, 0));
+        s.apply(&submit("r", 1));
+        let id = "app-000001";
+        let mut am = alloc("am-1", id, "n1", 500, 1 << 20, &[]);
+        am.ask_id = MASTER_ASK.into();
+        assert_eq!(allocate(&mut s, vec![am]), Outcome::Done);
+        s.apply(&Command::AttemptStarted {
+            app_id: id.into(),
+            attempt: 1,
+            am_container: Some("am-1".into()),
+            keep_containers: true,
+            at_ms: 3,
+        });
+        assert_eq!(s.apps[id].free_attempts, 0);
+        s.apply(&Command::SetNodeState {
+            node_id: "n1".into(),
+            state: NodeState::Lost,
+            at_ms: 5,
+        });
+        assert_eq!(s.apps[id].free_attempts, 1);
+        assert_eq!(
+            s.containers["am-1"].end.as_ref().unwrap().state,
+            ContainerEnd::NodeLost
+        );
+    }
+
+    #[test]
+    fn progress_is_kept_for_the_live_attempt_and_the_token_key_is_set_once() {
+        let mut s = ClusterState::default();
+        s.apply(&submit("r", 1));
+        let id = "app-000001";
+        s.apply(&Command::AttemptStarted {
+            app_id: id.into(),
+            attempt: 2,
+            am_container: None,
+            keep_containers: true,
+            at_ms: 3,
+        });
+        let stages = vec![StageProgress {
+            name: "prep".into(),
+            done: 3,
+            total: 4,
+            running: 1,
+            failed: 0,
+        }];
+        let report = |attempt| Command::ReportProgress {
+            app_id: id.into(),
+            attempt,
+            stages: stages.clone(),
+        };
+        assert!(matches!(s.apply(&report(1)), Outcome::Rejected(_)));
+        assert!(s.apps[id].stages.is_empty());
+        assert_eq!(s.apply(&report(2)), Outcome::Done);
+        assert_eq!(s.apps[id].stages, stages);
+
+        s.apply(&Command::SetTokenKey {
+            seed_hex: "aa".into(),
+        });
+        s.apply(&Command::SetTokenKey {
+            seed_hex: "bb".into(),
+        });
+        assert_eq!(s.token_key.as_deref(), Some("aa"), "the first key wins");
     }
 
     #[test]

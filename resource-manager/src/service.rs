@@ -180,6 +180,14 @@ impl RmService {
         }
     }
 
+    /// The public half of the token key (empty until the group has one).
+    fn token_public_key(&self) -> Vec<u8> {
+        self.scheduling
+            .signer()
+            .map(|s| s.public_key().to_vec())
+            .unwrap_or_default()
+    }
+
     fn app_report(&self, a: &App) -> pb::ApplicationReport {
         pb::ApplicationReport {
             application_id: a.id.clone(),
@@ -191,9 +199,23 @@ impl RmService {
             progress: if a.state == AppState::Succeeded {
                 1.0
             } else {
-                0.0
+                let (done, total) = a
+                    .stages
+                    .iter()
+                    .fold((0u32, 0u32), |(d, t), p| (d + p.done, t + p.total));
+                done as f32 / total.max(1) as f32
             },
-            stages: vec![],
+            stages: a
+                .stages
+                .iter()
+                .map(|p| pb::StageProgress {
+                    name: p.name.clone(),
+                    done: p.done,
+                    total: p.total,
+                    running: p.running,
+                    failed: p.failed,
+                })
+                .collect(),
             diagnostics: a.diagnostics.clone(),
             submitted_at_ms: a.submitted_at_ms,
             finished_at_ms: a.finished_at_ms,
@@ -290,6 +312,14 @@ impl pb::client_service_server::ClientService for RmService {
             }
         }
         self.check_fits(&spec, &queue, &user)?;
+        // Without launched masters every application's master is the
+        // submitter's to run.
+        let unmanaged = r.unmanaged_master || !self.scheduling.launches_masters();
+        let signer = if unmanaged {
+            Some(self.scheduling.ensure_signer().await?)
+        } else {
+            None
+        };
         let cmd = Command::SubmitApplication {
             request_id: r.request_id,
             name,
@@ -305,10 +335,14 @@ impl pb::client_service_server::ClientService for RmService {
             },
             spec: r.spec,
             spec_format: format,
+            unmanaged,
             at_ms: now_ms(),
         };
         match self.raft.propose(cmd).await? {
             Outcome::Submitted { app_id } => Ok(Response::new(pb::SubmitApplicationResponse {
+                application_token: signer
+                    .map(|s| crate::am::Scheduling::application_token(&s, &app_id, 1))
+                    .unwrap_or_default(),
                 application_id: app_id,
             })),
             other => Err(Status::internal(format!("submission applied as {other:?}"))),
@@ -782,6 +816,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
             .last_heartbeat
             .insert(r.node_id, Instant::now());
         Ok(Response::new(pb::RegisterNodeResponse {
+            token_public_key: self.token_public_key(),
             heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
             leader_address: self
                 .raft
@@ -881,6 +916,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                 .unwrap_or_default(),
             heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
             reregister: !known,
+            token_public_key: self.token_public_key(),
         }))
     }
 }

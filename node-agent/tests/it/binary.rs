@@ -48,8 +48,9 @@ async fn binary_recovers_leftovers_and_cleans_up_on_sigterm() {
     std::fs::write(
         &config,
         format!(
-            "work_dir = {:?}\nnode_id = \"bin\"\n[containers]\ncgroup_parent = {parent:?}\nstop_grace_period = \"300ms\"\n[gpu]\nprobe = \"none\"\n",
-            work.path().join("agent").display().to_string()
+            "work_dir = {:?}\nnode_id = {TEST_NODE:?}\n[containers]\ncgroup_parent = {parent:?}\nstop_grace_period = \"300ms\"\n[gpu]\nprobe = \"none\"\n[security]\ntoken_public_key = {:?}\n",
+            work.path().join("agent").display().to_string(),
+            hex::encode(test_signer().public_key()),
         ),
     )
     .unwrap();

@@ -34,9 +34,10 @@ pub fn test_config(work: &std::path::Path, tag: &str) -> AgentConfig {
     let mut c = AgentConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         work_dir: work.to_path_buf(),
-        node_id: Some(format!("test-{tag}")),
+        node_id: Some(TEST_NODE.into()),
         ..Default::default()
     };
+    c.security.token_public_key = Some(hex::encode(test_signer().public_key()));
     c.containers.cgroup_parent = unique_parent(tag);
     c.containers.monitor_interval = Duration::from_millis(100);
     c.containers.stop_grace_period = Duration::from_millis(500);
@@ -214,6 +215,40 @@ pub fn assert_nothing_left(parent: &str) {
     }
 }
 
+/// Node id of test agents (container tokens name it).
+pub const TEST_NODE: &str = "test-node";
+
+/// The key test agents trust (as an RM group's would be).
+pub fn test_signer() -> weft_proto::token::TokenSigner {
+    weft_proto::token::TokenSigner::from_seed([7; 32])
+}
+
+/// The token an RM would sign for `req` on `node`, valid for a minute.
+pub fn token_for(req: &pb::StartContainerRequest, node: &str) -> Vec<u8> {
+    let r = req.resources.clone().unwrap_or_default();
+    let now = weft_proto::token::now_ms();
+    test_signer().sign_container(&pb::ContainerTokenBody {
+        container_id: req.container_id.clone(),
+        application_id: "app-test".into(),
+        node_id: node.into(),
+        vcores_milli: r.vcores_milli,
+        memory_bytes: r.memory_bytes,
+        gpu_indices: r.gpu_indices.clone(),
+        gpu_share_milli: r.gpu_share_milli,
+        gpu_memory_bytes: r.gpu_memory_bytes,
+        issued_at_ms: now,
+        expires_at_ms: now + 60_000,
+    })
+}
+
+/// `req` with a valid token for a test agent (unless it has one).
+pub fn signed(mut req: pb::StartContainerRequest) -> pb::StartContainerRequest {
+    if req.token.is_empty() {
+        req.token = token_for(&req, TEST_NODE);
+    }
+    req
+}
+
 pub fn spec(id: &str, script: &str, memory: u64) -> pb::StartContainerRequest {
     pb::StartContainerRequest {
         container_id: id.into(),
@@ -232,7 +267,7 @@ pub const MIB: u64 = 1 << 20;
 
 pub async fn start(client: &mut Client, req: pb::StartContainerRequest) -> pb::ContainerStatus {
     client
-        .start_container(req)
+        .start_container(signed(req))
         .await
         .expect("start_container")
         .into_inner()

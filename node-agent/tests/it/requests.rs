@@ -9,7 +9,7 @@ use crate::harness::*;
 
 async fn refused(client: &mut Client, req: weft_proto::v1::StartContainerRequest) -> tonic::Status {
     client
-        .start_container(req)
+        .start_container(signed(req))
         .await
         .expect_err("request should be refused")
 }
@@ -149,5 +149,77 @@ async fn bad_requests_are_refused_with_the_field() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     assert_eq!(e.message(), "container_id: no container nope on this node");
+    agent.shutdown().await;
+}
+
+/// The agent starts nothing without a token the RM signed for exactly that
+/// container on this node; forged, expired and stretched tokens are refused.
+#[tokio::test]
+async fn container_tokens_are_checked() {
+    let mut agent = TestAgent::start("tokens", |_| {}).await;
+    let c = &mut agent.client;
+    let deny = |e: tonic::Status| {
+        assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+        e.message().to_string()
+    };
+    let req = spec("t1", "true", 16 * MIB);
+
+    let e = c.start_container(req.clone()).await.unwrap_err();
+    assert!(deny(e).starts_with("token: no token was given"));
+
+    let mut forged = req.clone();
+    let now = weft_proto::token::now_ms();
+    forged.token = weft_proto::token::TokenSigner::generate().sign_container(
+        &weft_proto::v1::ContainerTokenBody {
+            container_id: "t1".into(),
+            node_id: TEST_NODE.into(),
+            memory_bytes: 16 * MIB,
+            expires_at_ms: now + 60_000,
+            ..Default::default()
+        },
+    );
+    let e = c.start_container(forged).await.unwrap_err();
+    assert_eq!(
+        deny(e),
+        "token: the token's signature is not the resource manager's"
+    );
+
+    let mut expired = req.clone();
+    expired.token = test_signer().sign_container(&weft_proto::v1::ContainerTokenBody {
+        container_id: "t1".into(),
+        node_id: TEST_NODE.into(),
+        memory_bytes: 16 * MIB,
+        expires_at_ms: now - 5_000,
+        ..Default::default()
+    });
+    let e = c.start_container(expired).await.unwrap_err();
+    assert!(deny(e).starts_with("token: the token expired"));
+
+    // A real token, but the request asks for more memory than it grants.
+    let mut stretched = req.clone();
+    stretched.token = token_for(&req, TEST_NODE);
+    stretched.resources.as_mut().unwrap().memory_bytes = 64 * MIB;
+    let e = c.start_container(stretched).await.unwrap_err();
+    assert!(deny(e).contains("grants memory_bytes 16777216"));
+
+    // Another node's token.
+    let mut foreign = req.clone();
+    foreign.token = token_for(&req, "other-node");
+    let e = c.start_container(foreign).await.unwrap_err();
+    assert!(deny(e).contains("grants node other-node"));
+
+    // Nothing refused ran or was kept; the right token starts it.
+    assert!(c
+        .list_containers(weft_proto::v1::ListContainersRequest {
+            include_finished: true
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers
+        .is_empty());
+    start(c, req).await;
+    let s = wait_end(c, "t1", Duration::from_secs(5)).await;
+    assert_eq!(s.state(), weft_proto::v1::ContainerState::Succeeded);
     agent.shutdown().await;
 }

@@ -34,6 +34,7 @@ impl ResourceTracker for FakeRm {
         Ok(Response::new(pb::RegisterNodeResponse {
             heartbeat_interval_ms: 100,
             leader_address: String::new(),
+            token_public_key: test_signer().public_key().to_vec(),
         }))
     }
 
@@ -62,10 +63,25 @@ async fn registers_when_an_rm_appears_and_heartbeats() {
         c.rm_addresses = vec![rm_addr.to_string()];
         c.heartbeat.max_backoff = Duration::from_millis(300);
         c.labels.insert("zone".into(), "a".into());
+        c.node_id = Some("test-tracker".into());
+        // No configured key: the agent learns the RM's at registration.
+        c.security.token_public_key = None;
     })
     .await;
-    // No RM: the agent still serves.
-    start(&mut agent.client, spec("work", "exec sleep 30", 16 * MIB)).await;
+    // No RM yet: the agent serves, but cannot check a token, so starts nothing.
+    let mut work = spec("work", "exec sleep 30", 16 * MIB);
+    work.token = token_for(&work, "test-tracker");
+    let e = agent
+        .client
+        .start_container(work.clone())
+        .await
+        .expect_err("no key yet");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(
+        e.message().contains("no resource-manager key yet"),
+        "{}",
+        e.message()
+    );
     tokio::time::sleep(Duration::from_millis(700)).await;
 
     let rm = FakeRm::default();
@@ -95,7 +111,16 @@ async fn registers_when_an_rm_appears_and_heartbeats() {
         assert_eq!(cap.vcores_milli, 4000);
         assert_eq!(cap.memory_bytes, 4 << 30);
         assert_eq!(reg.labels.get("zone").map(String::as_str), Some("a"));
-        assert!(reg.containers.iter().any(|c| c.container_id == "work"));
+    }
+    // Registered: the RM's key is known (once the answer is read) and the
+    // same token now works.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while let Err(e) = agent.client.start_container(work.clone()).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still refused after registration: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eventually(
         "heartbeats with the running container",

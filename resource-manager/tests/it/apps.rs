@@ -58,7 +58,9 @@ stages:
 
 async fn run_job(cluster: &Cluster, spec: &str) -> (String, std::process::Output) {
     let client = cluster.client();
-    let app = client.submit(spec, "yaml", "mia").await.unwrap();
+    let submitted = client.submit_with(spec, "yaml", "mia", true).await.unwrap();
+    let app = submitted.application_id;
+    let token = hex::encode(submitted.application_token);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("job.yaml");
     std::fs::write(&file, spec).unwrap();
@@ -70,6 +72,7 @@ async fn run_job(cluster: &Cluster, spec: &str) -> (String, std::process::Output
             Command::new(app_master())
                 .args(["--app-id", &a, "--rm", &rm, "--spec", f.to_str().unwrap()])
                 .env("RUST_LOG", "warn")
+                .env("WEFT_APP_TOKEN", &token)
                 .output()
                 .unwrap()
         }),

@@ -146,6 +146,7 @@ async fn followers_send_callers_to_the_leader_and_bad_input_is_named() {
             spec_format: "yaml".into(),
             user: "x".into(),
             request_id: "r1".into(),
+            unmanaged_master: false,
         })
         .await
         .unwrap_err();

@@ -17,6 +17,7 @@ use crate::nodes::AgentProcess;
 async fn allocate_until(
     am: &mut ApplicationMasterServiceClient<tonic::transport::Channel>,
     app: &str,
+    token: &[u8],
     asks: &mut [pb::ResourceAsk],
     want: usize,
 ) -> Vec<pb::Allocation> {
@@ -31,6 +32,7 @@ async fn allocate_until(
         let r = am
             .allocate(pb::AllocateRequest {
                 application_id: app.to_string(),
+                application_token: token.to_vec(),
                 asks: asks.to_vec(),
                 wait_ms: 2000,
                 ..Default::default()
@@ -83,21 +85,60 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
         e.to_string(),
         "stages[0].roles.worker.resources.vcores: 64 is more than any node has (largest 8)"
     );
-    let app = client
-        .submit(&crate::cluster::job("sched", "root"), "yaml", "eve")
+    // The submitter runs the master: the answer carries its token.
+    let submitted = client
+        .submit_with(&crate::cluster::job("sched", "root"), "yaml", "eve", true)
         .await
         .unwrap();
+    let (app, token) = (submitted.application_id, submitted.application_token);
+    assert!(!token.is_empty(), "an unmanaged master gets its token");
     let mut am =
         ApplicationMasterServiceClient::connect(format!("http://{}", cluster.members[leader].addr))
             .await
             .unwrap();
-    am.register_application_master(pb::RegisterApplicationMasterRequest {
+    // No token, a forged one, or another application's: refused.
+    let other = client
+        .submit_with(&crate::cluster::job("other", "root"), "yaml", "eve", true)
+        .await
+        .unwrap();
+    let register = |token: Vec<u8>| pb::RegisterApplicationMasterRequest {
         application_id: app.clone(),
         attempt: 1,
+        application_token: token,
         ..Default::default()
-    })
-    .await
-    .unwrap();
+    };
+    for (bad, why) in [
+        (vec![], "application_token: no token was given"),
+        (
+            b"not a token".to_vec(),
+            "application_token: the token is malformed",
+        ),
+        (
+            other.application_token.clone(),
+            "application_token: issued for app-000002, not app-000001",
+        ),
+    ] {
+        let e = am
+            .register_application_master(register(bad))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+        assert!(e.message().starts_with(why), "{}", e.message());
+    }
+    am.register_application_master(register(token.clone()))
+        .await
+        .unwrap();
+    // The other application's master cannot allocate for this one.
+    let e = am
+        .allocate(pb::AllocateRequest {
+            application_id: app.clone(),
+            application_token: other.application_token.clone(),
+            asks: vec![ask("stolen", 1, 1, 0, "")],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
     assert_eq!(
         client.get_application(&app).await.unwrap().state(),
         pb::ApplicationState::Running
@@ -107,6 +148,7 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
     let e = am
         .allocate(pb::AllocateRequest {
             application_id: app.clone(),
+            application_token: token.clone(),
             asks: vec![ask("huge", 1, 64, 0, "")],
             ..Default::default()
         })
@@ -123,7 +165,7 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
 
     // Three workers and a two-member gang, one GPU each (each node has one).
     let mut asks = vec![ask("worker", 3, 1, 0, ""), ask("ps", 2, 1, 1, "ps-gang")];
-    let got = allocate_until(&mut am, &app, &mut asks, 5).await;
+    let got = allocate_until(&mut am, &app, &token, &mut asks, 5).await;
     let ids: HashSet<&String> = got.iter().map(|a| &a.container_id).collect();
     assert_eq!(ids.len(), 5, "container ids are unique");
     let ps: Vec<&pb::Allocation> = got.iter().filter(|a| a.ask_id == "ps").collect();
@@ -144,10 +186,12 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
             command: "sh".into(),
             args: vec!["-c".into(), "sleep 0.5".into()],
             resources: Some(pb::ContainerResources {
+                vcores_milli: a.resources.unwrap().vcores_milli,
                 memory_bytes: 64 << 20,
                 gpu_indices: a.gpu_indices.clone(),
                 ..Default::default()
             }),
+            token: a.container_token.clone(),
             ..Default::default()
         })
         .await
@@ -161,6 +205,7 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
         let r = am
             .allocate(pb::AllocateRequest {
                 application_id: app.clone(),
+                application_token: token.clone(),
                 wait_ms: 2000,
                 ..Default::default()
             })
@@ -190,7 +235,7 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
         r.gpu_memory_bytes = 10 << 30;
     }
     let mut asks = vec![nb];
-    let shares = allocate_until(&mut am, &app, &mut asks, 2).await;
+    let shares = allocate_until(&mut am, &app, &token, &mut asks, 2).await;
     assert_eq!(shares[0].node_id, shares[1].node_id);
     assert_eq!(shares[0].gpu_indices, shares[1].gpu_indices);
     assert!(shares
@@ -209,12 +254,14 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
             container_id: a.container_id.clone(),
             command: "true".into(),
             resources: Some(pb::ContainerResources {
+                vcores_milli: a.resources.unwrap().vcores_milli,
                 memory_bytes: 64 << 20,
                 gpu_indices: a.gpu_indices.clone(),
                 gpu_share_milli: a.gpu_share_milli,
                 gpu_memory_bytes: a.gpu_memory_bytes,
                 ..Default::default()
             }),
+            token: a.container_token.clone(),
             ..Default::default()
         })
         .await
@@ -223,7 +270,9 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
 
     // A released container is stopped by its agent.
     let mut one = vec![ask("extra", 1, 1, 0, "")];
-    let extra = allocate_until(&mut am, &app, &mut one, 1).await.remove(0);
+    let extra = allocate_until(&mut am, &app, &token, &mut one, 1)
+        .await
+        .remove(0);
     let mut cm = ContainerManagerClient::connect(format!("http://{}", extra.node_address))
         .await
         .unwrap();
@@ -232,15 +281,18 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
         command: "sleep".into(),
         args: vec!["1000".into()],
         resources: Some(pb::ContainerResources {
+            vcores_milli: extra.resources.unwrap().vcores_milli,
             memory_bytes: 64 << 20,
             ..Default::default()
         }),
+        token: extra.container_token.clone(),
         ..Default::default()
     })
     .await
     .unwrap();
     am.allocate(pb::AllocateRequest {
         application_id: app.clone(),
+        application_token: token.clone(),
         releases: vec![extra.container_id.clone()],
         ..Default::default()
     })
@@ -268,6 +320,7 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
 
     am.finish_application_master(pb::FinishApplicationMasterRequest {
         application_id: app.clone(),
+        application_token: token.clone(),
         final_status: pb::FinalStatus::Succeeded as i32,
         ..Default::default()
     })

@@ -1,0 +1,245 @@
+//! Container tokens: a container starts only under a token the resource
+//! manager signed for exactly it (its id, this node, at most these
+//! resources), before the token expires, and only once.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+
+use tracing::{info, warn};
+use weft_proto::token::{now_ms, TokenError, TokenVerifier};
+
+use crate::error::{Error, Result};
+use crate::model::ContainerSpec;
+
+/// What the agent checks tokens with.
+pub struct Tokens {
+    node_id: String,
+    key: RwLock<Option<TokenVerifier>>,
+    /// Set from the configuration: keys handed out by an RM are ignored.
+    pinned: bool,
+    /// Container id -> expiry of tokens already used (a token starts its
+    /// container once).
+    used: Mutex<HashMap<String, u64>>,
+}
+
+impl Tokens {
+    pub fn new(node_id: String, configured: Option<TokenVerifier>) -> Self {
+        Tokens {
+            node_id,
+            pinned: configured.is_some(),
+            key: RwLock::new(configured),
+            used: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The key an RM handed out (at registration or in a heartbeat).
+    pub fn learn(&self, public_key: &[u8]) {
+        if public_key.is_empty() {
+            return;
+        }
+        let v = match TokenVerifier::from_bytes(public_key) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "the resource manager sent an unusable token key");
+                return;
+            }
+        };
+        let mut key = self.key.write().expect("token key lock");
+        if key.as_ref() == Some(&v) {
+            return;
+        }
+        if self.pinned {
+            warn!("the resource manager's token key differs from security.token_public_key; keeping the configured one");
+            return;
+        }
+        info!(public_key = %hex::encode(v.to_bytes()), "container token key from the resource manager");
+        *key = Some(v);
+    }
+
+    /// Checks `token` for `spec`; returns the token's expiry, for
+    /// [`Tokens::spend`] once the container is admitted.
+    pub fn check(&self, token: &[u8], spec: &ContainerSpec) -> Result<u64> {
+        let deny = |m: String| Err(Error::PermissionDenied(m));
+        let Some(key) = self.key.read().expect("token key lock").clone() else {
+            return deny(
+                "this agent has no resource-manager key yet (set security.token_public_key, or wait until it has registered)".into(),
+            );
+        };
+        let now = now_ms();
+        let body = match key.verify_container(token, now) {
+            Ok(b) => b,
+            Err(e @ TokenError::Missing) => {
+                return deny(format!(
+                    "{e}: a container starts only with a token the resource manager signed"
+                ))
+            }
+            Err(e) => return deny(e.to_string()),
+        };
+        let mismatch = |what: &str, granted: String, asked: String| {
+            Err(Error::PermissionDenied(format!(
+                "the token grants {what} {granted}, the request asks for {asked}"
+            )))
+        };
+        if body.container_id != spec.id {
+            return mismatch("container", body.container_id, spec.id.clone());
+        }
+        if body.node_id != self.node_id {
+            return mismatch("node", body.node_id, self.node_id.clone());
+        }
+        let r = &spec.resources;
+        if r.memory_bytes > body.memory_bytes {
+            return mismatch(
+                "memory_bytes",
+                body.memory_bytes.to_string(),
+                r.memory_bytes.to_string(),
+            );
+        }
+        // 0 vcores asks for no CPU limit at all.
+        if body.vcores_milli > 0 && (r.vcores_milli == 0 || r.vcores_milli > body.vcores_milli) {
+            return mismatch(
+                "vcores_milli",
+                body.vcores_milli.to_string(),
+                r.vcores_milli.to_string(),
+            );
+        }
+        let mut asked = r.gpu_indices.clone();
+        asked.sort_unstable();
+        let mut granted = body.gpu_indices.clone();
+        granted.sort_unstable();
+        if asked != granted {
+            return mismatch("GPUs", format!("{granted:?}"), format!("{asked:?}"));
+        }
+        if r.gpu_share_milli != body.gpu_share_milli {
+            return mismatch(
+                "gpu_share_milli",
+                body.gpu_share_milli.to_string(),
+                r.gpu_share_milli.to_string(),
+            );
+        }
+        if body.gpu_memory_bytes > 0
+            && (r.gpu_memory_bytes == 0 || r.gpu_memory_bytes > body.gpu_memory_bytes)
+        {
+            return mismatch(
+                "gpu_memory_bytes",
+                body.gpu_memory_bytes.to_string(),
+                r.gpu_memory_bytes.to_string(),
+            );
+        }
+        Ok(body.expires_at_ms)
+    }
+
+    /// Marks the token of container `id` used; refuses one used before (a
+    /// replay after the agent forgot the container it started).
+    pub fn spend(&self, id: &str, expires_at_ms: u64) -> Result<()> {
+        let now = now_ms();
+        let mut used = self.used.lock().expect("used tokens lock");
+        used.retain(|_, exp| *exp > now);
+        if used.contains_key(id) {
+            return Err(Error::PermissionDenied(format!(
+                "the token of container {id} was already used"
+            )));
+        }
+        used.insert(id.to_string(), expires_at_ms);
+        Ok(())
+    }
+
+    /// Gives back a token whose container could not be launched.
+    pub fn unspend(&self, id: &str) {
+        self.used.lock().expect("used tokens lock").remove(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ResourceRequest;
+    use weft_proto::token::TokenSigner;
+    use weft_proto::v1::ContainerTokenBody;
+
+    fn spec(id: &str, memory: u64, vcores: u64) -> ContainerSpec {
+        ContainerSpec {
+            id: id.into(),
+            command: "true".into(),
+            args: vec![],
+            env: Default::default(),
+            resources: ResourceRequest {
+                vcores_milli: vcores,
+                memory_bytes: memory,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn token(s: &TokenSigner, id: &str, node: &str, memory: u64, expires: u64) -> Vec<u8> {
+        s.sign_container(&ContainerTokenBody {
+            container_id: id.into(),
+            node_id: node.into(),
+            vcores_milli: 500,
+            memory_bytes: memory,
+            expires_at_ms: expires,
+            ..Default::default()
+        })
+    }
+
+    fn denied(r: Result<u64>) -> String {
+        match r {
+            Err(Error::PermissionDenied(m)) => m,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_a_token_for_this_container_node_and_size_passes_and_only_once() {
+        let rm = TokenSigner::generate();
+        let t = Tokens::new("n1".into(), Some(rm.verifier()));
+        let later = now_ms() + 60_000;
+        let ok = token(&rm, "c1", "n1", 64 << 20, later);
+        let exp = t.check(&ok, &spec("c1", 64 << 20, 500)).unwrap();
+        assert_eq!(exp, later);
+        // Less than granted is fine; more is not; no CPU limit is more.
+        t.check(&ok, &spec("c1", 32 << 20, 250)).unwrap();
+        assert_eq!(
+            denied(t.check(&ok, &spec("c1", 65 << 20, 500))),
+            "the token grants memory_bytes 67108864, the request asks for 68157440"
+        );
+        assert!(denied(t.check(&ok, &spec("c1", 64 << 20, 0))).contains("vcores_milli"));
+        assert!(denied(t.check(&ok, &spec("c2", 64 << 20, 500))).contains("grants container c1"));
+        let elsewhere = token(&rm, "c1", "n2", 64 << 20, later);
+        assert!(denied(t.check(&elsewhere, &spec("c1", 64 << 20, 500))).contains("grants node n2"));
+        let forged = token(&TokenSigner::generate(), "c1", "n1", 64 << 20, later);
+        assert!(denied(t.check(&forged, &spec("c1", 64 << 20, 500))).contains("signature"));
+        let old = token(&rm, "c1", "n1", 64 << 20, now_ms() - 1);
+        assert!(denied(t.check(&old, &spec("c1", 64 << 20, 500))).contains("expired"));
+        assert!(denied(t.check(&[], &spec("c1", 64 << 20, 500))).contains("no token"));
+        t.spend("c1", later).unwrap();
+        assert!(matches!(
+            t.spend("c1", later),
+            Err(Error::PermissionDenied(m)) if m.contains("already used")
+        ));
+    }
+
+    #[test]
+    fn a_configured_key_is_not_replaced_and_a_learned_one_is() {
+        let rm = TokenSigner::generate();
+        let other = TokenSigner::generate();
+        let later = now_ms() + 60_000;
+        let pinned = Tokens::new("n1".into(), Some(rm.verifier()));
+        pinned.learn(&other.public_key());
+        pinned
+            .check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500))
+            .unwrap();
+        let learning = Tokens::new("n1".into(), None);
+        assert!(
+            denied(learning.check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500)))
+                .contains("no resource-manager key yet")
+        );
+        learning.learn(&rm.public_key());
+        learning
+            .check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500))
+            .unwrap();
+    }
+}
