@@ -135,6 +135,7 @@ impl RmAmClient {
         attempt: u32,
         status: pb::FinalStatus,
         diagnostics: &str,
+        stages: Vec<pb::StageProgress>,
     ) -> Result<(), Status> {
         let req = pb::FinishApplicationMasterRequest {
             application_id: app.into(),
@@ -142,6 +143,7 @@ impl RmAmClient {
             final_status: status as i32,
             diagnostics: diagnostics.into(),
             application_token: self.token.clone(),
+            stages,
         };
         self.call(|mut c| {
             let req = req.clone();

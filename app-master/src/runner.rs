@@ -228,8 +228,9 @@ impl Runner {
                 })
                 .await?;
         }
+        let stages = self.stage_progress();
         self.rm
-            .finish(&self.app, self.attempt, status, diagnostics)
+            .finish(&self.app, self.attempt, status, diagnostics, stages)
             .await?;
         info!(app = %self.app, ?status, diagnostics, "application finished");
         Ok(Finished {

@@ -277,6 +277,7 @@ impl Scheduling {
                             "the application master failed {} time(s); last: {why}",
                             app.attempt.saturating_sub(app.free_attempts)
                         ),
+                        stages: vec![],
                         at_ms: now_ms(),
                     });
                     continue;
@@ -978,6 +979,17 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                 app_id: r.application_id.clone(),
                 state,
                 diagnostics: r.diagnostics,
+                stages: r
+                    .stages
+                    .iter()
+                    .map(|p| crate::fsm::StageProgress {
+                        name: p.name.clone(),
+                        done: p.done,
+                        total: p.total,
+                        running: p.running,
+                        failed: p.failed,
+                    })
+                    .collect(),
                 at_ms: now_ms(),
             })
             .await?

@@ -81,6 +81,9 @@ pub enum Command {
         /// Succeeded, Failed or Killed.
         state: AppState,
         diagnostics: String,
+        /// Final per-stage progress (empty: keep the last reported).
+        #[serde(default)]
+        stages: Vec<StageProgress>,
         at_ms: u64,
     },
     /// One scheduling round's placements: all applied, or none.
@@ -565,6 +568,7 @@ impl ClusterState {
                 app_id,
                 state,
                 diagnostics,
+                stages,
                 at_ms,
             } => {
                 if !state.is_terminal() {
@@ -576,6 +580,9 @@ impl ClusterState {
                         a.state = *state;
                         a.diagnostics = diagnostics.clone();
                         a.finished_at_ms = *at_ms;
+                        if !stages.is_empty() {
+                            a.stages = stages.clone();
+                        }
                         self.end_app_containers(app_id, *at_ms, "its application ended");
                         Outcome::Done
                     }
@@ -1176,6 +1183,7 @@ mod tests {
             app_id: id.clone(),
             state,
             diagnostics: "task t3 over its memory quota".into(),
+            stages: vec![],
             at_ms: 9,
         };
         assert!(matches!(

@@ -188,8 +188,15 @@ impl RmService {
             .unwrap_or_default()
     }
 
-    fn app_report(&self, a: &App) -> pb::ApplicationReport {
+    fn app_report(&self, st: &crate::fsm::ClusterState, a: &App) -> pb::ApplicationReport {
         pb::ApplicationReport {
+            am_container_id: a.am_container.clone().unwrap_or_default(),
+            am_node_id: a
+                .am_container
+                .as_ref()
+                .and_then(|c| st.containers.get(c))
+                .map(|c| c.alloc.node_id.clone())
+                .unwrap_or_default(),
             application_id: a.id.clone(),
             name: a.name.clone(),
             queue: a.queue.clone(),
@@ -227,7 +234,7 @@ impl RmService {
         let st = self.raft.state();
         st.apps
             .get(id)
-            .map(|a| self.app_report(a))
+            .map(|a| self.app_report(&st, a))
             .ok_or_else(|| Error::NotFound(format!("application_id: no application {id}")))
     }
 }
@@ -371,7 +378,7 @@ impl pb::client_service_server::ClientService for RmService {
             .filter(|a| r.queue.is_empty() || a.queue == r.queue)
             .filter(|a| r.user.is_empty() || a.user == r.user)
             .filter(|a| r.states.is_empty() || r.states.contains(&(app_state(a.state) as i32)))
-            .map(|a| self.app_report(a))
+            .map(|a| self.app_report(&st, a))
             .collect();
         Ok(Response::new(pb::ListApplicationsResponse { applications }))
     }

@@ -181,16 +181,35 @@ async fn the_rm_starts_masters_and_a_killed_job_leaves_nothing_running() {
     );
     let cluster = Cluster::start_with(3, 1000, &extra);
     cluster.leader().await;
-    let _a = AgentProcess::start("node-a", &cluster.addrs());
-    let _b = AgentProcess::start("node-b", &cluster.addrs());
+    let _agents: Vec<AgentProcess> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| AgentProcess::start(n, &cluster.addrs()))
+        .collect();
     let client = cluster.client();
-    crate::cluster::wait_nodes(&client, 2).await;
+    crate::cluster::wait_nodes(&client, 3).await;
 
-    // Submitted, nothing else: the RM starts the master, which runs the job.
+    // Submitted, nothing else: the RM starts the master, which runs the job
+    // (preprocess x4 -> a 3-task TensorFlow gang checking its own TF_CONFIG
+    // -> evaluate).
     let app = client.submit(PIPELINE, "yaml", "mia").await.unwrap();
     let done = wait_state(&client, &app, Duration::from_secs(90)).await;
     assert_eq!(done.state(), pb::ApplicationState::Succeeded, "{done:?}");
     assert_eq!(done.attempt, 1, "one master attempt ran it");
+    assert!(!done.am_node_id.is_empty(), "{done:?}");
+    let stages: Vec<(String, u32, u32)> = done
+        .stages
+        .iter()
+        .map(|s| (s.name.clone(), s.done, s.total))
+        .collect();
+    assert_eq!(
+        stages,
+        vec![
+            ("preprocess".to_string(), 4, 4),
+            ("train".to_string(), 3, 3),
+            ("evaluate".to_string(), 1, 1)
+        ]
+    );
+    assert_eq!(done.progress, 1.0);
 
     // A long job killed mid-run: its master and tasks are stopped everywhere.
     let long = "name: long\nstages:\n  - name: sleep\n    instances: 2\n    command: 'exec sleep 1000'\n    resources: { vcores: 0.5, memory: 64MiB }\n";
@@ -317,4 +336,72 @@ async fn jobs_finish_through_a_leader_kill_and_a_node_kill() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The node running a job's master dies: the master's attempt does not count
+/// against `max_attempts` (1 here), a second attempt starts elsewhere, adopts
+/// the tasks still running on the other nodes (each task records its starts
+/// in a shared file) and finishes the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_masters_node_dies_and_a_second_attempt_adopts_the_running_tasks() {
+    let extra = format!(
+        "[masters]\nlaunch = true\ncommand = {:?}\n",
+        app_master().display().to_string()
+    );
+    let cluster = Cluster::start_with(3, 1000, &extra);
+    cluster.leader().await;
+    let names = ["node-a", "node-b", "node-c"];
+    let mut agents: Vec<AgentProcess> = names
+        .iter()
+        .map(|n| AgentProcess::start(n, &cluster.addrs()))
+        .collect();
+    let client = cluster.client();
+    crate::cluster::wait_nodes(&client, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let starts = dir.path().join("starts");
+    let spec = format!(
+        "name: adopt\nmax_attempts: 1\nstages:\n  - name: work\n    instances: 4\n    placement: spread\n    command: 'echo $WEFT_TASK_INDEX >> {p}; sleep 6'\n    resources: {{ vcores: 0.5, memory: 64MiB }}\n  - name: report\n    after: [work]\n    instances: 1\n    command: 'echo done >> {p}'\n    resources: {{ vcores: 0.5, memory: 64MiB }}\n",
+        p = starts.display()
+    );
+    let app = client.submit(&spec, "yaml", "mia").await.unwrap();
+    // All four tasks run; find the master's node and what else runs there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (victim, on_victim) = loop {
+        let r = client.get_application(&app).await.unwrap();
+        let started = std::fs::read_to_string(&starts).unwrap_or_default();
+        if started.lines().count() >= 4 && !r.am_node_id.is_empty() {
+            let by = running_by_node(&client).await;
+            let n = by
+                .iter()
+                .find(|(node, _)| *node == r.am_node_id)
+                .map_or(0, |x| x.1);
+            break (r.am_node_id.clone(), n - 1); // less the master itself
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tasks never all ran: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(on_victim < 4, "spread placement put tasks on other nodes");
+    let i = names.iter().position(|n| *n == victim).unwrap();
+    agents[i].kill9();
+
+    let r = wait_state(&client, &app, Duration::from_secs(90)).await;
+    assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
+    assert_eq!(r.attempt, 2, "a second master attempt finished it");
+    assert_ne!(r.am_node_id, victim);
+    let started = std::fs::read_to_string(&starts).unwrap();
+    let work: Vec<&str> = started.lines().filter(|l| *l != "done").collect();
+    for t in ["0", "1", "2", "3"] {
+        assert!(work.contains(&t), "task {t} never ran: {work:?}");
+    }
+    // Tasks on the surviving nodes were adopted, not started again; only
+    // the dead node's ran twice.
+    assert_eq!(
+        work.len(),
+        4 + on_victim,
+        "starts {work:?} with {on_victim} task(s) on the dead node"
+    );
+    assert_eq!(started.lines().filter(|l| *l == "done").count(), 1);
 }
