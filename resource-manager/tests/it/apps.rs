@@ -181,7 +181,7 @@ async fn the_rm_starts_masters_and_a_killed_job_leaves_nothing_running() {
     );
     let cluster = Cluster::start_with(3, 1000, &extra);
     cluster.leader().await;
-    let _agents: Vec<AgentProcess> = ["node-a", "node-b", "node-c"]
+    let agents: Vec<AgentProcess> = ["node-a", "node-b", "node-c"]
         .iter()
         .map(|n| AgentProcess::start(n, &cluster.addrs()))
         .collect();
@@ -238,6 +238,19 @@ async fn the_rm_starts_masters_and_a_killed_job_leaves_nothing_running() {
             "{n} containers still run after the kill"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And no process of them is left on any node.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<i32> = agents.iter().flat_map(|a| a.container_processes()).collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes left after the kill: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -144,6 +144,24 @@ impl AgentProcess {
         }
     }
 
+    /// Live processes of this agent's containers (by their scope marker).
+    pub fn container_processes(&self) -> Vec<i32> {
+        let marker = format!("WEFT_CONTAINER_SCOPE={}/", self.parent);
+        weft_node_agent::procfs::all_pids()
+            .into_iter()
+            .filter(|pid| {
+                let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+                let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+                    .unwrap_or(true);
+                !zombie
+                    && env
+                        .split(|b| *b == 0)
+                        .any(|kv| kv.starts_with(marker.as_bytes()))
+            })
+            .collect()
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
