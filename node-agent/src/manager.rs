@@ -58,6 +58,8 @@ struct Shared {
     /// Supervisor tasks, awaited at shutdown.
     tasks: TaskTracker,
     tokens: Arc<crate::tokens::Tokens>,
+    /// Signalled when a container ends (the tracker reports it early).
+    ended: tokio::sync::Notify,
 }
 
 /// One container: its record plus the channels to its supervisor.
@@ -123,8 +125,14 @@ impl Manager {
                 closing: AtomicBool::new(false),
                 tasks: TaskTracker::new(),
                 tokens: p.tokens,
+                ended: tokio::sync::Notify::new(),
             }),
         })
+    }
+
+    /// Resolves when a container has ended since the last call.
+    pub async fn container_ended(&self) {
+        self.sh.ended.notified().await
     }
 
     /// The container-token checker (the tracker hands it the RM's key).
@@ -826,6 +834,7 @@ async fn supervise(
         r.phase = Phase::Done(exit);
     });
     c.done.send_replace(true);
+    sh.ended.notify_one();
     let (work_dir, keep) = (rec.work_dir.clone(), sh.cfg.keep_work_dirs);
     blocking(move || {
         if let Err(e) = group.destroy() {

@@ -2,6 +2,7 @@
 //! status of every container; stop what the RM says to stop. While no RM
 //! answers, the agent keeps serving its containers and retries with backoff.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,10 @@ fn endpoint(addr: &str) -> Option<Endpoint> {
             .timeout(Duration::from_secs(5))
     })
 }
+
+/// How long the tracker waits after a container ends before its early
+/// heartbeat, so that ends close together share one.
+const EARLY_HEARTBEAT_DELAY: Duration = Duration::from_millis(5);
 
 /// Runs until `cancel` fires.
 pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: CancellationToken) {
@@ -97,15 +102,28 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
                 }
             }
         }
+        // Ended containers the RM has stored: not reported again.
+        let mut acknowledged: HashSet<String> = HashSet::new();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
+                // A container ended: report it now (after a moment, so
+                // ends close together go in one heartbeat).
+                _ = mgr.container_ended() => {
+                    tokio::time::sleep(EARLY_HEARTBEAT_DELAY).await;
+                }
                 _ = cancel.cancelled() => return,
             }
             sequence += 1;
+            let all = mgr.list(true);
+            acknowledged.retain(|id| all.iter().any(|r| r.spec.id == *id));
             let req = pb::NodeHeartbeatRequest {
                 node_id: node.node_id.clone(),
-                containers: mgr.list(true).iter().map(|r| r.to_proto()).collect(),
+                containers: all
+                    .iter()
+                    .filter(|r| !acknowledged.contains(&r.spec.id))
+                    .map(|r| r.to_proto())
+                    .collect(),
                 utilization: Some(utilization(&mgr)),
                 sequence,
             };
@@ -113,6 +131,7 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
                 Ok(resp) => {
                     let r = resp.into_inner();
                     mgr.tokens().learn(&r.token_public_key);
+                    acknowledged.extend(r.containers_acknowledged.iter().cloned());
                     for id in &r.containers_to_stop {
                         info!(container_id = %id, "resource manager asks to stop container");
                         let _ = mgr.stop(id, None, false).await;

@@ -68,6 +68,8 @@ pub struct Scheduling {
     delivered: Arc<Notify>,
     /// The token signer built from the replicated key (seed hex, signer).
     signer: Arc<Mutex<Option<(String, TokenSigner)>>>,
+    /// Connections to node agents (masters are started through them).
+    channels: Arc<Mutex<HashMap<String, tonic::transport::Channel>>>,
 }
 
 impl Scheduling {
@@ -79,7 +81,23 @@ impl Scheduling {
             wake: Arc::new(Notify::new()),
             delivered: Arc::new(Notify::new()),
             signer: Arc::default(),
+            channels: Arc::default(),
         }
+    }
+
+    /// A (shared, reconnecting) connection to the agent at `addr`.
+    fn node_channel(&self, addr: &str) -> Result<tonic::transport::Channel, Status> {
+        let mut map = self.channels.lock().expect("channels lock");
+        if let Some(ch) = map.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::invalid_argument(format!("node address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
     }
 
     /// The signer for the replicated token key, if the group has one yet.
@@ -191,8 +209,11 @@ impl Scheduling {
                     };
                     info!(containers = n, "scheduling round committed");
                     self.delivered.notify_waiters();
+                    // Masters start side by side (their attempts commit
+                    // together); the loop goes on meanwhile.
                     for (app, a) in launch {
-                        self.launch_master(&app, a).await;
+                        let s = self.clone();
+                        tokio::spawn(async move { s.launch_master(&app, a).await });
                     }
                 }
                 Ok(other) => {
@@ -222,11 +243,11 @@ impl Scheduling {
                 .filter(|a| !a.state.is_terminal() && !a.unmanaged)
             {
                 if app.state == AppState::Submitted {
+                    // Accepted, and its master asked for, in one pass.
                     commands.push(Command::ApplicationAccepted {
                         app_id: app.id.clone(),
                         at_ms: now_ms(),
                     });
-                    continue;
                 }
                 let last = app
                     .am_container
@@ -384,14 +405,13 @@ impl Scheduling {
             }),
             token: container_token(&signer, &a),
         };
-        let result = match tonic::transport::Endpoint::from_shared(format!("http://{node_addr}")) {
-            Ok(ep) => {
-                let mut c = weft_proto::v1::container_manager_client::ContainerManagerClient::new(
-                    ep.connect_lazy(),
-                );
+        let result = match self.node_channel(&node_addr) {
+            Ok(ch) => {
+                let mut c =
+                    weft_proto::v1::container_manager_client::ContainerManagerClient::new(ch);
                 c.start_container(req).await.map(|_| ())
             }
-            Err(e) => Err(Status::invalid_argument(e.to_string())),
+            Err(e) => Err(e),
         };
         match result {
             Ok(()) => {
@@ -764,8 +784,8 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         };
         // Ends already known to the new attempt are not reported again.
         let mut delivered = Vec::new();
-        for c in st.containers.values() {
-            if c.alloc.app_id != r.application_id || c.alloc.ask_id == MASTER_ASK {
+        for c in st.containers_of(&r.application_id) {
+            if c.alloc.ask_id == MASTER_ASK {
                 continue;
             }
             match c.phase {
@@ -894,12 +914,9 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
             if t.synced.insert(r.application_id.clone()) {
                 let st = self.s.raft.state();
                 let waiting: Vec<pb::Allocation> = st
-                    .containers
-                    .values()
+                    .containers_of(&r.application_id)
                     .filter(|c| {
-                        c.alloc.app_id == r.application_id
-                            && c.phase == ContainerPhase::Allocated
-                            && c.alloc.ask_id != MASTER_ASK
+                        c.phase == ContainerPhase::Allocated && c.alloc.ask_id != MASTER_ASK
                     })
                     .map(|c| pb_allocation(&st, &c.alloc, signer.as_ref()))
                     .collect();
@@ -1015,11 +1032,8 @@ impl AmService {
         let mut t = self.s.table.lock().expect("table lock");
         let allocations = t.undelivered.remove(app).unwrap_or_default();
         let mut completed = Vec::new();
-        for c in state.containers.values() {
-            if c.alloc.app_id == app
-                && c.phase == ContainerPhase::Completed
-                && !t.reported.contains(&c.alloc.container_id)
-            {
+        for c in state.containers_of(app) {
+            if c.phase == ContainerPhase::Completed && !t.reported.contains(&c.alloc.container_id) {
                 t.reported.insert(c.alloc.container_id.clone());
                 let end = c.end.clone();
                 completed.push(pb::ContainerStatus {

@@ -341,6 +341,10 @@ pub struct ClusterState {
     /// first leader.
     #[serde(default)]
     pub token_key: Option<String>,
+    /// Derived index: application id -> its containers' ids (not stored;
+    /// rebuilt from `containers` when a snapshot is read).
+    #[serde(skip)]
+    pub app_containers: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 /// Resources in use on a node by its containers that have not ended.
@@ -541,9 +545,12 @@ impl ClusterState {
                     // ended. Ones not known to run yet end either way (the
                     // new attempt cannot tell whether they were started).
                     let keep = am_container.clone().unwrap_or_default();
-                    for c in self.containers.values_mut() {
-                        if c.alloc.app_id == *app_id
-                            && c.phase != ContainerPhase::Completed
+                    let ids = self.app_containers.get(app_id).cloned().unwrap_or_default();
+                    for id in &ids {
+                        let Some(c) = self.containers.get_mut(id) else {
+                            continue;
+                        };
+                        if c.phase != ContainerPhase::Completed
                             && c.alloc.container_id != keep
                             && !(*keep_containers
                                 && c.alloc.ask_id != MASTER_ASK
@@ -594,6 +601,10 @@ impl ClusterState {
                     return Outcome::Rejected(why);
                 }
                 for a in allocations {
+                    self.app_containers
+                        .entry(a.app_id.clone())
+                        .or_default()
+                        .insert(a.container_id.clone());
                     self.containers.insert(
                         a.container_id.clone(),
                         Container {
@@ -675,8 +686,12 @@ impl ClusterState {
     /// Ends every unfinished container of `app_id` (agents stop them at their
     /// next heartbeat).
     fn end_app_containers(&mut self, app_id: &str, at_ms: u64, why: &str) {
-        for c in self.containers.values_mut() {
-            if c.alloc.app_id == app_id && c.phase != ContainerPhase::Completed {
+        let ids = self.app_containers.get(app_id).cloned().unwrap_or_default();
+        for id in &ids {
+            let Some(c) = self.containers.get_mut(id) else {
+                continue;
+            };
+            if c.phase != ContainerPhase::Completed {
                 c.phase = ContainerPhase::Completed;
                 c.changed_at_ms = at_ms;
                 c.end = Some(Completion {
@@ -814,6 +829,18 @@ impl ClusterState {
     /// GPU); containers belong to known applications and nodes; application
     /// ids within the handed-out sequence. Returns the first violation.
     pub fn check_invariants(&self) -> Result<(), String> {
+        let indexed: usize = self.app_containers.values().map(|s| s.len()).sum();
+        if indexed != self.containers.len()
+            || self.app_containers.iter().any(|(app, ids)| {
+                ids.iter().any(|id| {
+                    self.containers
+                        .get(id)
+                        .is_none_or(|c| c.alloc.app_id != *app)
+                })
+            })
+        {
+            return Err("the application -> containers index disagrees with the containers".into());
+        }
         for (id, n) in &self.nodes {
             let u = self.node_use(id);
             if u.vcores_milli > n.vcores_milli || u.memory_bytes > n.memory_bytes {
@@ -881,7 +908,23 @@ impl ClusterState {
     }
 
     pub fn from_snapshot(bytes: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+        let mut s: ClusterState = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        for c in s.containers.values() {
+            s.app_containers
+                .entry(c.alloc.app_id.clone())
+                .or_default()
+                .insert(c.alloc.container_id.clone());
+        }
+        Ok(s)
+    }
+
+    /// The containers of `app_id`, granted under any attempt.
+    pub fn containers_of<'a>(&'a self, app_id: &str) -> impl Iterator<Item = &'a Container> + 'a {
+        self.app_containers
+            .get(app_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.containers.get(id))
     }
 }
 

@@ -346,11 +346,14 @@ impl pb::client_service_server::ClientService for RmService {
             at_ms: now_ms(),
         };
         match self.raft.propose(cmd).await? {
-            Outcome::Submitted { app_id } => Ok(Response::new(pb::SubmitApplicationResponse {
-                application_token: signer
-                    .map(|s| crate::am::Scheduling::application_token(&s, &app_id, 1))
-                    .unwrap_or_default(),
-                application_id: app_id,
+            Outcome::Submitted { app_id } => Ok(Response::new({
+                self.scheduling.poke();
+                pb::SubmitApplicationResponse {
+                    application_token: signer
+                        .map(|s| crate::am::Scheduling::application_token(&s, &app_id, 1))
+                        .unwrap_or_default(),
+                    application_id: app_id,
+                }
             })),
             other => Err(Status::internal(format!("submission applied as {other:?}"))),
         }
@@ -781,6 +784,9 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
             }
             .into());
         }
+        // The group's token key exists before any node can register, so
+        // every registered agent can check container tokens.
+        let signer = self.scheduling.ensure_signer().await?;
         let cap = r.capacity.unwrap_or_default();
         let cmd = Command::RegisterNode {
             node_id: r.node_id.clone(),
@@ -823,7 +829,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
             .last_heartbeat
             .insert(r.node_id, Instant::now());
         Ok(Response::new(pb::RegisterNodeResponse {
-            token_public_key: self.token_public_key(),
+            token_public_key: signer.public_key().to_vec(),
             heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
             leader_address: self
                 .raft
@@ -854,24 +860,30 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                 .insert(r.node_id, Instant::now());
         }
         // Reconcile the agent's containers with the replicated ones.
+        // Ends stored in the replicated state are acknowledged: the agent
+        // stops reporting them.
+        let mut acknowledged = Vec::new();
         let (launched, completed, to_stop) = if known {
             let st = self.raft.state();
             let mut launched = Vec::new();
             let mut completed = Vec::new();
             let mut to_stop = Vec::new();
             for c in &r.containers {
-                let Some(mine) = st.containers.get(&c.container_id) else {
-                    continue;
-                };
                 let running = matches!(
                     c.state(),
                     pb::ContainerState::Starting
                         | pb::ContainerState::Running
                         | pb::ContainerState::Stopping
                 );
+                let Some(mine) = st.containers.get(&c.container_id) else {
+                    if !running {
+                        acknowledged.push(c.container_id.clone());
+                    }
+                    continue;
+                };
                 match mine.phase {
                     ContainerPhase::Completed if running => to_stop.push(c.container_id.clone()),
-                    ContainerPhase::Completed => {}
+                    ContainerPhase::Completed => acknowledged.push(c.container_id.clone()),
                     phase if running => {
                         if phase == ContainerPhase::Allocated {
                             launched.push(c.container_id.clone());
@@ -906,17 +918,19 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                 .await?;
         }
         if !completed.is_empty() {
+            let ids: Vec<String> = completed.iter().map(|c| c.container_id.clone()).collect();
             self.raft
                 .propose(Command::ContainersCompleted {
                     completions: completed,
                     at_ms: now_ms(),
                 })
                 .await?;
+            acknowledged.extend(ids);
             self.scheduling.poke();
         }
         Ok(Response::new(pb::NodeHeartbeatResponse {
             containers_to_stop: to_stop,
-            containers_acknowledged: vec![],
+            containers_acknowledged: acknowledged,
             leader_address: self
                 .raft
                 .address_of(self.raft.status().id)

@@ -242,7 +242,10 @@ async fn the_rm_starts_masters_and_a_killed_job_leaves_nothing_running() {
     // And no process of them is left on any node.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let left: Vec<i32> = agents.iter().flat_map(|a| a.container_processes()).collect();
+        let left: Vec<i32> = agents
+            .iter()
+            .flat_map(|a| a.container_processes())
+            .collect();
         if left.is_empty() {
             break;
         }

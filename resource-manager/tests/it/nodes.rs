@@ -152,7 +152,10 @@ impl AgentProcess {
             .filter(|pid| {
                 let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
                 let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .map(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+                    .map(|s| {
+                        s.rsplit_once(')')
+                            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+                    })
                     .unwrap_or(true);
                 !zombie
                     && env

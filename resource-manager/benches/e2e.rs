@@ -1,0 +1,373 @@
+//! Jobs end to end on a real cluster of processes on loopback: a 3-member RM
+//! group launching the `app-master` binary for every job, and 4 node agents
+//! (cgroup-limited containers). Prints:
+//!
+//! - for a 100-task trivial job (p50 over several runs): submit to the
+//!   master running, submit to the first task running, submit to the job's
+//!   end;
+//! - jobs per second for 1,000 one-task jobs submitted at once;
+//! - tasks per second for one 1,000-task job;
+//! - resident memory of every daemon afterwards.
+//!
+//! Times come from the daemons' own clocks (the agents' container start
+//! times, the RM's finish time), all on this machine.
+//!
+//! Run: `cargo build --release --workspace --bins && cargo bench -p
+//! weft-resource-manager --bench e2e` (`cargo test` runs a short version on
+//! the debug binaries).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weft_client::proto as pb;
+use weft_client::RmClient;
+
+fn bin(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries of this profile first (cargo build --release --workspace --bins)",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn now_ms() -> u64 {
+    weft_proto::token::now_ms()
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+struct Cluster {
+    rms: Vec<Child>,
+    agents: Vec<Child>,
+    addrs: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Agents first, with SIGTERM: they stop their containers and remove
+        // their cgroups.
+        for c in &self.agents {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        for c in &mut self.agents {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for c in &mut self.rms {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start(nodes: usize) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let peers: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect();
+    let rm_config = dir.path().join("rm.toml");
+    std::fs::write(
+        &rm_config,
+        format!(
+            "[masters]\nlaunch = true\ncommand = {:?}\nvcores = 0.1\nmemory = \"64MiB\"\n",
+            bin("app-master").display().to_string()
+        ),
+    )
+    .unwrap();
+    let rms = (0..3)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_resource-manager"))
+                .args(["--config", rm_config.to_str().unwrap()])
+                .args(["--id", &(i + 1).to_string(), "--listen", &addrs[i]])
+                .args([
+                    "--data-dir",
+                    dir.path().join(format!("rm{i}")).to_str().unwrap(),
+                ])
+                .args(["--peers", &peers.join(",")])
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let agents = (0..nodes)
+        .map(|i| {
+            let config = dir.path().join(format!("agent{i}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "node_id = \"n{i}\"\nlisten = \"127.0.0.1:0\"\nwork_dir = {:?}\n\
+                     [resources]\nvcores = 16.0\nmemory = \"32GiB\"\n\
+                     [containers]\ncgroup_parent = \"weft-bench-e2e-{}-{i}\"\n[gpu]\nprobe = \"none\"\n",
+                    dir.path().join(format!("agent{i}")).display().to_string(),
+                    std::process::id()
+                ),
+            )
+            .unwrap();
+            Command::new(bin("node-agent"))
+                .args(["--config", config.to_str().unwrap(), "--rm", &addrs.join(",")])
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    Cluster {
+        rms,
+        agents,
+        addrs,
+        _dir: dir,
+    }
+}
+
+fn p50(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+fn job(name: &str, tasks: u32) -> String {
+    format!(
+        "name: {name}\nam: {{ vcores: 0.1, memory: 64MiB }}\nstages:\n  - name: run\n    instances: {tasks}\n    command: 'true'\n    resources: {{ vcores: 0.1, memory: 32MiB }}\n"
+    )
+}
+
+/// Polls until `app` ended; returns its report.
+async fn wait_end(client: &RmClient, app: &str, poll: Duration) -> pb::ApplicationReport {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let r = client.get_application(app).await.unwrap();
+        if r.state() as i32 >= pb::ApplicationState::Succeeded as i32 {
+            assert_eq!(
+                r.state(),
+                pb::ApplicationState::Succeeded,
+                "{app}: {}",
+                r.diagnostics
+            );
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{app} did not end");
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// Every container the agents know (ended ones included).
+async fn containers(client: &RmClient) -> Vec<pb::ContainerStatus> {
+    let mut out = Vec::new();
+    for n in client.list_nodes().await.unwrap() {
+        let mut cm = weft_proto::v1::container_manager_client::ContainerManagerClient::connect(
+            format!("http://{}", n.address),
+        )
+        .await
+        .unwrap();
+        out.extend(
+            cm.list_containers(pb::ListContainersRequest {
+                include_finished: true,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .containers,
+        );
+    }
+    out
+}
+
+fn main() {
+    let quick =
+        std::env::var("WEFT_BENCH_QUICK").is_ok() || std::env::args().any(|a| a == "--test");
+    let (runs, wide, jobs, many) = if quick {
+        (1, 10, 10, 50)
+    } else {
+        (7, 100, 1000, 1000)
+    };
+    let nodes = 4;
+    let cluster = start(nodes);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = std::sync::Arc::new(RmClient::new(cluster.addrs.clone()));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let up = client
+                .list_nodes()
+                .await
+                .map(|n| {
+                    n.iter()
+                        .filter(|n| n.state() == pb::NodeState::Running)
+                        .count()
+                })
+                .unwrap_or(0);
+            if up == nodes {
+                break;
+            }
+            assert!(Instant::now() < deadline, "only {up} of {nodes} nodes registered");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Warm up (connections, page cache of the binaries).
+        let app = client.submit(&job("warm", 4), "yaml", "bench").await.unwrap();
+        wait_end(&client, &app, Duration::from_millis(20)).await;
+
+        // 1. Latency of one job of `wide` trivial tasks, run alone.
+        let (mut am, mut first, mut whole) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..runs {
+            let t0 = now_ms();
+            let app = client
+                .submit(&job(&format!("lat{i}"), wide), "yaml", "bench")
+                .await
+                .unwrap();
+            let r = wait_end(&client, &app, Duration::from_millis(5)).await;
+            let all = containers(&client).await;
+            let am_start = all
+                .iter()
+                .find(|c| c.container_id == r.am_container_id)
+                .expect("the master's container")
+                .started_at_ms;
+            let first_task = all
+                .iter()
+                .filter(|c| c.started_at_ms >= t0 && c.container_id != r.am_container_id)
+                .map(|c| c.started_at_ms)
+                .min()
+                .expect("tasks ran");
+            am.push(am_start.saturating_sub(t0));
+            first.push(first_task.saturating_sub(t0));
+            whole.push(r.finished_at_ms.saturating_sub(t0));
+        }
+        println!("{wide}-task trivial job, {runs} runs, {nodes} nodes (ms: p50 [min..max]):");
+        for (name, v) in [
+            ("submit -> master running", &mut am),
+            ("submit -> first task running", &mut first),
+            ("submit -> job finished", &mut whole),
+        ] {
+            let med = p50(v);
+            println!(
+                "  {name:<30} {med:>6} [{}..{}]",
+                v.first().unwrap(),
+                v.last().unwrap()
+            );
+        }
+
+        // 2. Many one-task jobs submitted at once.
+        let t0 = now_ms();
+        let started = Instant::now();
+        let mut ids = Vec::with_capacity(jobs);
+        let mut pending = tokio::task::JoinSet::new();
+        for i in 0..jobs {
+            if pending.len() >= 16 {
+                ids.push(pending.join_next().await.unwrap().unwrap());
+            }
+            let c = client.clone();
+            pending.spawn(async move {
+                c.submit(&job(&format!("one{i}"), 1), "yaml", "bench")
+                    .await
+                    .unwrap()
+            });
+        }
+        while let Some(id) = pending.join_next().await {
+            ids.push(id.unwrap());
+        }
+        let submitted_in = started.elapsed();
+        let mut last_finish = 0;
+        loop {
+            let apps = client
+                .list_applications(pb::ListApplicationsRequest::default())
+                .await
+                .unwrap();
+            let mine: Vec<&pb::ApplicationReport> = apps
+                .iter()
+                .filter(|a| a.name.starts_with("one"))
+                .collect();
+            let ended = mine
+                .iter()
+                .filter(|a| a.state() as i32 >= pb::ApplicationState::Succeeded as i32)
+                .count();
+            if ended == jobs {
+                let failed: Vec<_> = mine
+                    .iter()
+                    .filter(|a| a.state() != pb::ApplicationState::Succeeded)
+                    .map(|a| (a.application_id.clone(), a.diagnostics.clone()))
+                    .collect();
+                assert!(failed.is_empty(), "failed jobs: {failed:?}");
+                last_finish = mine.iter().map(|a| a.finished_at_ms).max().unwrap();
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(900), "{ended}/{jobs} ended");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let secs = (last_finish - t0) as f64 / 1000.0;
+        println!(
+            "{jobs} one-task jobs: all submitted in {:.2} s, all finished in {secs:.2} s: {:.1} jobs/s",
+            submitted_in.as_secs_f64(),
+            jobs as f64 / secs
+        );
+
+        // 3. One job of many tasks.
+        let t0 = now_ms();
+        let app = client
+            .submit(&job("many", many), "yaml", "bench")
+            .await
+            .unwrap();
+        let r = wait_end(&client, &app, Duration::from_millis(20)).await;
+        let secs = (r.finished_at_ms - t0) as f64 / 1000.0;
+        println!(
+            "one {many}-task job: finished in {secs:.2} s: {:.1} tasks/s",
+            many as f64 / secs
+        );
+
+        let rss: Vec<String> = cluster
+            .rms
+            .iter()
+            .map(|c| format!("{:.1}", rss_mib(c.id())))
+            .collect();
+        let arss: Vec<String> = cluster
+            .agents
+            .iter()
+            .map(|c| format!("{:.1}", rss_mib(c.id())))
+            .collect();
+        println!(
+            "resident memory after the runs (MiB): RMs {}, agents {}",
+            rss.join(" / "),
+            arss.join(" / ")
+        );
+    });
+}
