@@ -158,3 +158,21 @@ impl RmAmClient {
 pub async fn node(addr: &str) -> Result<ContainerManagerClient<Channel>, Status> {
     Ok(ContainerManagerClient::new(channel(addr)?))
 }
+
+/// Node agents' ContainerManagers, one shared connection per address.
+#[derive(Default)]
+pub struct NodeClients {
+    channels: std::sync::Mutex<std::collections::HashMap<String, Channel>>,
+}
+
+impl NodeClients {
+    pub fn get(&self, addr: &str) -> Result<ContainerManagerClient<Channel>, Status> {
+        let mut map = self.channels.lock().expect("channels lock");
+        if let Some(ch) = map.get(addr) {
+            return Ok(ContainerManagerClient::new(ch.clone()));
+        }
+        let ch = channel(addr)?;
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ContainerManagerClient::new(ch))
+    }
+}

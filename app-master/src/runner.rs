@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use tracing::{info, warn};
 use weft_proto::v1 as pb;
 
-use crate::client::{node, RmAmClient};
+use crate::client::{NodeClients, RmAmClient};
 use crate::spec::{Framework, JobSpec, PlacementSpec, ResourcesSpec};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -50,7 +50,12 @@ pub struct Runner {
     failures: Vec<u32>,
     /// Containers on unreachable nodes, to release with the next call.
     unreachable: Vec<String>,
+    /// Connections to node agents.
+    nodes: NodeClients,
 }
+
+/// Container starts in flight at once.
+const START_CONCURRENCY: usize = 32;
 
 /// exit status of a memory-quota kill (weft_proto::exit_codes::OVER_MEMORY_QUOTA).
 const OVER_MEMORY: i32 = weft_proto::exit_codes::OVER_MEMORY_QUOTA;
@@ -106,6 +111,7 @@ impl Runner {
             tasks,
             failures: vec![0; n],
             unreachable: Vec::new(),
+            nodes: NodeClients::default(),
         }
     }
 
@@ -380,6 +386,8 @@ impl Runner {
     /// Starts allocated tasks: at once, or for a gang once all members have
     /// a container, with the cluster layout.
     async fn start_ready(&mut self) {
+        use futures::StreamExt;
+        let mut starts = Vec::new();
         for si in 0..self.spec.stages.len() {
             let gang = self.spec.stages[si].gang;
             let members: Vec<usize> = (0..self.tasks.len())
@@ -426,39 +434,51 @@ impl Runner {
                     }),
                     token: a.container_token.clone(),
                 };
-                let started = match node(&a.node_address).await {
+                starts.push((i, a, req));
+            }
+        }
+        // Side by side, a bounded number at a time, over one connection per node.
+        let nodes = &self.nodes;
+        let results: Vec<_> = futures::stream::iter(starts)
+            .map(|(i, a, req)| async move {
+                let started = match nodes.get(&a.node_address) {
                     Ok(mut c) => c.start_container(req).await.map(|_| ()),
                     Err(e) => Err(e),
                 };
-                let t = &mut self.tasks[i];
-                match started {
-                    Ok(()) => t.state = State::Running,
-                    // The node is unreachable (it may be dying): give the
-                    // container back and ask again; not the task's fault.
-                    Err(e)
-                        if matches!(
-                            e.code(),
-                            tonic::Code::Unavailable
-                                | tonic::Code::Unknown
-                                | tonic::Code::DeadlineExceeded
-                                | tonic::Code::Cancelled
-                        ) =>
-                    {
-                        warn!(container = %a.container_id, node = %a.node_id, error = %e.message(), "node unreachable; asking again");
-                        self.unreachable.push(a.container_id.clone());
-                        t.state = State::Asking;
-                        t.alloc = None;
-                    }
-                    Err(e) => {
-                        warn!(container = %a.container_id, error = %e.message(), "starting a task failed");
-                        t.state = State::Failed(format!(
-                            "stage {} task {}: could not start on {}: {}",
-                            self.spec.stages[t.stage].name,
-                            t.index,
-                            a.node_id,
-                            e.message()
-                        ));
-                    }
+                (i, a, started)
+            })
+            .buffer_unordered(START_CONCURRENCY)
+            .collect()
+            .await;
+        for (i, a, started) in results {
+            let t = &mut self.tasks[i];
+            match started {
+                Ok(()) => t.state = State::Running,
+                // The node is unreachable (it may be dying): give the
+                // container back and ask again; not the task's fault.
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::Unknown
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Cancelled
+                    ) =>
+                {
+                    warn!(container = %a.container_id, node = %a.node_id, error = %e.message(), "node unreachable; asking again");
+                    self.unreachable.push(a.container_id.clone());
+                    t.state = State::Asking;
+                    t.alloc = None;
+                }
+                Err(e) => {
+                    warn!(container = %a.container_id, error = %e.message(), "starting a task failed");
+                    t.state = State::Failed(format!(
+                        "stage {} task {}: could not start on {}: {}",
+                        self.spec.stages[t.stage].name,
+                        t.index,
+                        a.node_id,
+                        e.message()
+                    ));
                 }
             }
         }

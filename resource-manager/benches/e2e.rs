@@ -211,8 +211,9 @@ async fn containers(client: &RmClient) -> Vec<pb::ContainerStatus> {
 }
 
 fn main() {
+    // `cargo bench` passes --bench; `cargo test` runs a short version.
     let quick =
-        std::env::var("WEFT_BENCH_QUICK").is_ok() || std::env::args().any(|a| a == "--test");
+        std::env::var("WEFT_BENCH_QUICK").is_ok() || !std::env::args().any(|a| a == "--bench");
     let (runs, wide, jobs, many) = if quick {
         (1, 10, 10, 50)
     } else {
@@ -226,7 +227,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let client = std::sync::Arc::new(RmClient::new(cluster.addrs.clone()));
+        let client = std::sync::Arc::new(RmClient::new(cluster.addrs.clone()).unwrap());
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let up = client

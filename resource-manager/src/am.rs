@@ -48,6 +48,9 @@ struct Table {
     synced: HashSet<String>,
     /// app -> when its master last called (launched masters only).
     last_seen: HashMap<String, std::time::Instant>,
+    /// Apps whose master container is granted and being started (its
+    /// attempt not recorded yet): no other master is asked for.
+    launching: HashSet<String>,
 }
 
 pub use crate::fsm::MASTER_ASK;
@@ -194,6 +197,7 @@ impl Scheduling {
                         for (a, (app, ask_id)) in allocations.into_iter().zip(keys) {
                             if ask_id == MASTER_ASK {
                                 t.masters.remove(&app);
+                                t.launching.insert(app.clone());
                                 launch.push((app, a));
                                 continue;
                             }
@@ -213,7 +217,10 @@ impl Scheduling {
                     // together); the loop goes on meanwhile.
                     for (app, a) in launch {
                         let s = self.clone();
-                        tokio::spawn(async move { s.launch_master(&app, a).await });
+                        tokio::spawn(async move {
+                            s.launch_master(&app, a).await;
+                            s.table.lock().expect("table lock").launching.remove(&app);
+                        });
                     }
                 }
                 Ok(other) => {
@@ -276,8 +283,8 @@ impl Scheduling {
                     }
                     continue;
                 }
-                if t.masters.contains_key(&app.id) {
-                    continue; // already asked for
+                if t.masters.contains_key(&app.id) || t.launching.contains(&app.id) {
+                    continue; // already asked for, or starting
                 }
                 if app.am_container.is_some() && last.is_none() {
                     continue; // its allocation is not applied here yet
