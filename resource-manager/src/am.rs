@@ -32,6 +32,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(10);
 /// How long a container token lets an agent start its container.
 pub const CONTAINER_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 
+/// The leader's scheduling table. Lock order: the replicated state's read
+/// lock first, then this table (a reader waiting on the state behind the
+/// raft thread's write while holding the table would deadlock).
 #[derive(Default)]
 struct Table {
     /// app -> its outstanding asks (ask as sent, count still wanted).
@@ -191,8 +194,10 @@ impl Scheduling {
             {
                 Ok(Outcome::Done) => {
                     let signer = self.signer();
+                    // Lock order everywhere: the state, then the table.
                     let launch = {
                         let mut launch = Vec::new();
+                        let st = self.raft.state();
                         let mut t = self.table.lock().expect("table lock");
                         for (a, (app, ask_id)) in allocations.into_iter().zip(keys) {
                             if ask_id == MASTER_ASK {
@@ -206,7 +211,7 @@ impl Scheduling {
                                     e.1 = e.1.saturating_sub(1);
                                 }
                             }
-                            let pa = pb_allocation(&self.raft.state(), &a, signer.as_ref());
+                            let pa = pb_allocation(&st, &a, signer.as_ref());
                             t.undelivered.entry(app).or_default().push(pa);
                         }
                         launch
@@ -917,9 +922,10 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         }
         {
             let signer = self.s.signer();
+            // Lock order everywhere: the state, then the table.
+            let st = self.s.raft.state();
             let mut t = self.s.table.lock().expect("table lock");
             if t.synced.insert(r.application_id.clone()) {
-                let st = self.s.raft.state();
                 let waiting: Vec<pb::Allocation> = st
                     .containers_of(&r.application_id)
                     .filter(|c| {

@@ -206,7 +206,17 @@ impl Cluster {
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "no leader elected within 20s");
+            if Instant::now() >= deadline {
+                for m in &self.members {
+                    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                    eprintln!("--- member {} log tail:", m.id);
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+                panic!("no leader elected within 20s");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
