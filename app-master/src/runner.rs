@@ -454,7 +454,8 @@ impl Runner {
             let t = &mut self.tasks[i];
             match started {
                 Ok(()) => t.state = State::Running,
-                // The node is unreachable (it may be dying): give the
+                // The node is unreachable (it may be dying), or still busy
+                // with containers the RM already counts as ended: give the
                 // container back and ask again; not the task's fault.
                 Err(e)
                     if matches!(
@@ -463,6 +464,7 @@ impl Runner {
                             | tonic::Code::Unknown
                             | tonic::Code::DeadlineExceeded
                             | tonic::Code::Cancelled
+                            | tonic::Code::ResourceExhausted
                     ) =>
                 {
                     warn!(container = %a.container_id, node = %a.node_id, error = %e.message(), "node unreachable; asking again");

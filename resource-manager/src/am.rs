@@ -29,6 +29,10 @@ use crate::service::now_ms;
 /// Longest an Allocate call is held when nothing changes.
 pub const MAX_WAIT: Duration = Duration::from_secs(10);
 
+/// Master attempts lost with their node that do not count against
+/// `max_attempts` (beyond these they do, so a job cannot retry forever).
+pub const FREE_ATTEMPTS: u32 = 5;
+
 /// How long a container token lets an agent start its container.
 pub const CONTAINER_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 
@@ -283,6 +287,7 @@ impl Scheduling {
                                     humantime::format_duration(cfg.expiry)
                                 ),
                             }],
+                            still_running: true,
                             at_ms: now_ms(),
                         });
                     }
@@ -298,7 +303,11 @@ impl Scheduling {
                 else {
                     continue;
                 };
-                if app.attempt.saturating_sub(app.free_attempts) >= spec.max_attempts {
+                if app
+                    .attempt
+                    .saturating_sub(app.free_attempts.min(FREE_ATTEMPTS))
+                    >= spec.max_attempts
+                {
                     let why = last
                         .and_then(|c| c.end.as_ref())
                         .map(|e| e.diagnostic.clone())
@@ -308,7 +317,8 @@ impl Scheduling {
                         state: AppState::Failed,
                         diagnostics: format!(
                             "the application master failed {} time(s); last: {why}",
-                            app.attempt.saturating_sub(app.free_attempts)
+                            app.attempt
+                                .saturating_sub(app.free_attempts.min(FREE_ATTEMPTS))
                         ),
                         stages: vec![],
                         at_ms: now_ms(),
@@ -431,18 +441,31 @@ impl Scheduling {
             }
             Err(e) => {
                 warn!(app = %app_id, attempt, error = %e.message(), "application master could not start");
+                // An unreachable node is not the job's fault (a free attempt).
+                let unreachable = matches!(
+                    e.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                        | tonic::Code::ResourceExhausted
+                );
                 let _ = self
                     .raft
                     .propose(Command::ContainersCompleted {
                         completions: vec![Completion {
                             container_id: a.container_id,
-                            state: ContainerEnd::Failed,
+                            state: if unreachable {
+                                ContainerEnd::Lost
+                            } else {
+                                ContainerEnd::Failed
+                            },
                             exit_status: weft_proto::exit_codes::LAUNCH_FAILED,
                             diagnostic: format!(
                                 "could not start the application master: {}",
                                 e.message()
                             ),
                         }],
+                        still_running: false,
                         at_ms: now_ms(),
                     })
                     .await;
@@ -916,6 +939,7 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                 .raft
                 .propose(Command::ContainersCompleted {
                     completions,
+                    still_running: true,
                     at_ms: now_ms(),
                 })
                 .await?;

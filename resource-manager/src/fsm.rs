@@ -95,10 +95,20 @@ pub enum Command {
         container_ids: Vec<String>,
         at_ms: u64,
     },
-    /// Ends reported by node agents, batched per heartbeat round.
+    /// Ends reported by node agents (batched per heartbeat), or decided by
+    /// the RM (released, a master expired, a launch failed).
     ContainersCompleted {
         completions: Vec<Completion>,
+        /// Decided by the RM: a container known to run keeps holding its
+        /// node's resources until its agent reports it stopped.
+        #[serde(default)]
+        still_running: bool,
         at_ms: u64,
+    },
+    /// Agents reported these RM-ended containers stopped: their resources
+    /// are free.
+    ContainersStopped {
+        container_ids: Vec<String>,
     },
     SetQueues {
         queues: Vec<QueueSpec>,
@@ -165,6 +175,18 @@ pub struct Container {
     pub end: Option<Completion>,
     pub allocated_at_ms: u64,
     pub changed_at_ms: u64,
+    /// Ended in the state by the RM while its process ran: it holds its
+    /// node's resources until the agent reports it stopped (or the node is
+    /// lost, or registers again without it).
+    #[serde(default)]
+    pub holding: bool,
+}
+
+impl Container {
+    /// Whether it counts against its node's resources.
+    pub fn occupies_node(&self) -> bool {
+        self.phase != ContainerPhase::Completed || self.holding
+    }
 }
 
 /// A queue's configuration (the scheduler reads it).
@@ -397,7 +419,9 @@ impl ClusterState {
                 at_ms,
             } => {
                 // Containers the agent no longer runs ended while it was away.
-                self.end_containers_on(node_id, running, ContainerEnd::Lost, *at_ms);
+                for id in self.end_containers_on(node_id, running, ContainerEnd::Lost, *at_ms) {
+                    self.note_master_end(&id);
+                }
                 let u = self.node_use(node_id);
                 if u.vcores_milli > *vcores_milli
                     || u.memory_bytes > *memory_bytes
@@ -441,17 +465,8 @@ impl ClusterState {
                     if *state == NodeState::Lost {
                         let ended =
                             self.end_containers_on(node_id, &[], ContainerEnd::NodeLost, *at_ms);
-                        // A master lost with its node did not fail: that
-                        // attempt does not count against max_attempts.
                         for id in ended {
-                            let c = &self.containers[&id];
-                            if c.alloc.ask_id == MASTER_ASK {
-                                if let Some(a) = self.apps.get_mut(&c.alloc.app_id) {
-                                    if a.am_container.as_deref() == Some(id.as_str()) {
-                                        a.free_attempts += 1;
-                                    }
-                                }
-                            }
+                            self.note_master_end(&id);
                         }
                     }
                     Outcome::Done
@@ -556,6 +571,7 @@ impl ClusterState {
                                 && c.alloc.ask_id != MASTER_ASK
                                 && c.phase == ContainerPhase::Running)
                         {
+                            c.holding = c.phase == ContainerPhase::Running;
                             c.phase = ContainerPhase::Completed;
                             c.end = Some(Completion {
                                 container_id: c.alloc.container_id.clone(),
@@ -613,6 +629,7 @@ impl ClusterState {
                             end: None,
                             allocated_at_ms: *at_ms,
                             changed_at_ms: *at_ms,
+                            holding: false,
                         },
                     );
                 }
@@ -632,13 +649,19 @@ impl ClusterState {
                 }
                 Outcome::Done
             }
-            Command::ContainersCompleted { completions, at_ms } => {
+            Command::ContainersCompleted {
+                completions,
+                still_running,
+                at_ms,
+            } => {
                 for done in completions {
                     if let Some(c) = self.containers.get_mut(&done.container_id) {
                         if c.phase != ContainerPhase::Completed {
+                            c.holding = *still_running && c.phase == ContainerPhase::Running;
                             c.phase = ContainerPhase::Completed;
                             c.end = Some(done.clone());
                             c.changed_at_ms = *at_ms;
+                            self.note_master_end(&done.container_id);
                         }
                     }
                 }
@@ -658,6 +681,16 @@ impl ClusterState {
                 )),
                 None => Outcome::Rejected(format!("application_id: no application {app_id}")),
             },
+            Command::ContainersStopped { container_ids } => {
+                for id in container_ids {
+                    if let Some(c) = self.containers.get_mut(id) {
+                        if c.phase == ContainerPhase::Completed {
+                            c.holding = false;
+                        }
+                    }
+                }
+                Outcome::Done
+            }
             Command::SetTokenKey { seed_hex } => {
                 if self.token_key.is_none() {
                     self.token_key = Some(seed_hex.clone());
@@ -683,6 +716,28 @@ impl ClusterState {
         }
     }
 
+    /// A master that ended through no fault of its own (its node lost or
+    /// unreachable, its agent gone or shutting down) does not use one of
+    /// its application's `max_attempts`.
+    fn note_master_end(&mut self, container_id: &str) {
+        let Some(c) = self.containers.get(container_id) else {
+            return;
+        };
+        let Some(end) = &c.end else {
+            return;
+        };
+        let not_its_fault = matches!(end.state, ContainerEnd::NodeLost | ContainerEnd::Lost)
+            || end.exit_status == weft_proto::exit_codes::AGENT_SHUTDOWN;
+        if c.alloc.ask_id != MASTER_ASK || !not_its_fault {
+            return;
+        }
+        if let Some(a) = self.apps.get_mut(&c.alloc.app_id) {
+            if a.am_container.as_deref() == Some(container_id) {
+                a.free_attempts += 1;
+            }
+        }
+    }
+
     /// Ends every unfinished container of `app_id` (agents stop them at their
     /// next heartbeat).
     fn end_app_containers(&mut self, app_id: &str, at_ms: u64, why: &str) {
@@ -692,6 +747,7 @@ impl ClusterState {
                 continue;
             };
             if c.phase != ContainerPhase::Completed {
+                c.holding = c.phase == ContainerPhase::Running;
                 c.phase = ContainerPhase::Completed;
                 c.changed_at_ms = at_ms;
                 c.end = Some(Completion {
@@ -715,10 +771,12 @@ impl ClusterState {
     ) -> Vec<String> {
         let mut ended = Vec::new();
         for c in self.containers.values_mut() {
-            if c.alloc.node_id == node_id
-                && c.phase != ContainerPhase::Completed
-                && !keep.contains(&c.alloc.container_id)
-            {
+            if c.alloc.node_id != node_id || keep.contains(&c.alloc.container_id) {
+                continue;
+            }
+            // Whatever the RM ended there no longer runs either.
+            c.holding = false;
+            if c.phase != ContainerPhase::Completed {
                 c.phase = ContainerPhase::Completed;
                 c.changed_at_ms = at_ms;
                 c.end = Some(Completion {
@@ -743,7 +801,7 @@ impl ClusterState {
     pub fn node_use(&self, node_id: &str) -> NodeUse {
         let mut u = NodeUse::default();
         for c in self.containers.values() {
-            if c.alloc.node_id == node_id && c.phase != ContainerPhase::Completed {
+            if c.alloc.node_id == node_id && c.occupies_node() {
                 u.vcores_milli += c.alloc.vcores_milli;
                 u.memory_bytes += c.alloc.memory_bytes;
                 u.gpus.extend(&c.alloc.gpus);
@@ -1164,6 +1222,7 @@ mod tests {
                 exit_status: 0,
                 diagnostic: String::new(),
             }],
+            still_running: false,
             at_ms: 2,
         });
         assert_eq!(s.node_use("n1"), NodeUse::default());
@@ -1276,6 +1335,7 @@ mod tests {
                     exit_status: 1,
                     diagnostic: "crashed".into(),
                 }],
+                still_running: false,
                 at_ms: 4,
             });
             let mut am2 = alloc("am-2", id, "n1", 500, 1 << 20, &[]);
@@ -1295,6 +1355,63 @@ mod tests {
             assert_eq!(s.containers["am-2"].phase, ContainerPhase::Allocated);
             s.check_invariants().unwrap();
         }
+    }
+
+    #[test]
+    fn a_container_the_rm_ended_holds_its_node_until_the_agent_stops_it() {
+        let mut s = ClusterState::default();
+        s.apply(&node("n1", 1000, 1 << 30, 0));
+        s.apply(&submit("r", 1));
+        let id = "app-000001";
+        let a = |c: &str| alloc(c, id, "n1", 500, 1 << 20, &[]);
+        assert_eq!(allocate(&mut s, vec![a("run"), a("idle")]), Outcome::Done);
+        s.apply(&Command::ContainersLaunched {
+            container_ids: vec!["run".into()],
+            at_ms: 2,
+        });
+        let release = |c: &str| Command::ContainersCompleted {
+            completions: vec![Completion {
+                container_id: c.into(),
+                state: ContainerEnd::Killed,
+                exit_status: -105,
+                diagnostic: "released".into(),
+            }],
+            still_running: true,
+            at_ms: 3,
+        };
+        // Released: the one never known to run frees its share at once, the
+        // running one only once its agent reports it stopped.
+        s.apply(&release("idle"));
+        s.apply(&release("run"));
+        assert_eq!(s.node_use("n1").vcores_milli, 500);
+        assert!(matches!(
+            allocate(&mut s, vec![a("x"), a("y")]),
+            Outcome::Rejected(_)
+        ));
+        s.apply(&Command::ContainersStopped {
+            container_ids: vec!["run".into()],
+        });
+        assert_eq!(s.node_use("n1").vcores_milli, 0);
+        // Ended with its application while running: held until the node is
+        // lost (or the agent reports it stopped).
+        assert_eq!(allocate(&mut s, vec![a("z")]), Outcome::Done);
+        s.apply(&Command::ContainersLaunched {
+            container_ids: vec!["z".into()],
+            at_ms: 4,
+        });
+        s.apply(&Command::KillApplication {
+            app_id: id.into(),
+            at_ms: 5,
+        });
+        assert!(s.containers["z"].holding);
+        assert_eq!(s.node_use("n1").vcores_milli, 500);
+        s.apply(&Command::SetNodeState {
+            node_id: "n1".into(),
+            state: NodeState::Lost,
+            at_ms: 6,
+        });
+        assert_eq!(s.node_use("n1").vcores_milli, 0);
+        s.check_invariants().unwrap();
     }
 
     #[test]
@@ -1442,6 +1559,7 @@ mod tests {
                             exit_status: 0,
                             diagnostic: String::new(),
                         }],
+                        still_running: false,
                         at_ms: step,
                     },
                     _ => Command::ContainersAllocated {

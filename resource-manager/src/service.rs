@@ -863,6 +863,8 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         // Ends stored in the replicated state are acknowledged: the agent
         // stops reporting them.
         let mut acknowledged = Vec::new();
+        // Containers the RM ended that the agent now reports stopped.
+        let mut stopped = Vec::new();
         let (launched, completed, to_stop) = if known {
             let st = self.raft.state();
             let mut launched = Vec::new();
@@ -883,7 +885,12 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                 };
                 match mine.phase {
                     ContainerPhase::Completed if running => to_stop.push(c.container_id.clone()),
-                    ContainerPhase::Completed => acknowledged.push(c.container_id.clone()),
+                    ContainerPhase::Completed => {
+                        if mine.holding {
+                            stopped.push(c.container_id.clone());
+                        }
+                        acknowledged.push(c.container_id.clone());
+                    }
                     phase if running => {
                         if phase == ContainerPhase::Allocated {
                             launched.push(c.container_id.clone());
@@ -922,10 +929,19 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
             self.raft
                 .propose(Command::ContainersCompleted {
                     completions: completed,
+                    still_running: false,
                     at_ms: now_ms(),
                 })
                 .await?;
             acknowledged.extend(ids);
+            self.scheduling.poke();
+        }
+        if !stopped.is_empty() {
+            self.raft
+                .propose(Command::ContainersStopped {
+                    container_ids: stopped,
+                })
+                .await?;
             self.scheduling.poke();
         }
         Ok(Response::new(pb::NodeHeartbeatResponse {

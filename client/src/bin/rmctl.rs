@@ -165,6 +165,13 @@ fn app_json(a: &pb::ApplicationReport) -> serde_json::Value {
         "user": a.user,
         "state": short_state(a.state().as_str_name(), "APPLICATION_STATE_"),
         "progress": a.progress,
+        "attempt": a.attempt,
+        "am_container_id": a.am_container_id,
+        "am_node_id": a.am_node_id,
+        "stages": a.stages.iter().map(|s| json!({
+            "name": s.name, "done": s.done, "total": s.total,
+            "running": s.running, "failed": s.failed,
+        })).collect::<Vec<_>>(),
         "diagnostics": a.diagnostics,
         "submitted_at_ms": a.submitted_at_ms,
         "finished_at_ms": a.finished_at_ms,
@@ -382,13 +389,40 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             if json_out {
                 app_json(&a).to_string()
             } else {
+                let stages = if a.stages.is_empty() {
+                    String::new()
+                } else {
+                    let rows = a
+                        .stages
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.name.clone(),
+                                format!("{}/{}", s.done, s.total),
+                                s.running.to_string(),
+                                s.failed.to_string(),
+                            ]
+                        })
+                        .collect();
+                    format!(
+                        "\n\n{}",
+                        table(&["STAGE", "DONE", "RUNNING", "FAILURES"], rows)
+                    )
+                };
                 format!(
-                    "{}  {}  queue {}  user {}  {}{}",
+                    "{}  {}  queue {}  user {}  {}  attempt {}{}{}{}",
                     a.application_id,
                     a.name,
                     a.queue,
                     a.user,
                     short_state(a.state().as_str_name(), "APPLICATION_STATE_"),
+                    a.attempt,
+                    if a.am_node_id.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  master on {}", a.am_node_id)
+                    },
+                    stages,
                     if a.diagnostics.is_empty() {
                         String::new()
                     } else {
