@@ -59,6 +59,7 @@ impl RmAmClient {
     {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(50);
+        let mut redirects = 0;
         loop {
             let addr = match &self.leader {
                 Some(l) => l.clone(),
@@ -88,6 +89,12 @@ impl RmAmClient {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
                 .filter(|l| *l != addr);
+            // A follower named the leader: go there at once (a few times;
+            // then back off, as the hint may be stale).
+            if self.leader.is_some() && redirects < 3 {
+                redirects += 1;
+                continue;
+            }
             if start.elapsed() > self.deadline {
                 return Err(err);
             }

@@ -176,6 +176,7 @@ impl RmClient {
     {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(20);
+        let mut redirects = 0;
         loop {
             let addr = self.pick();
             let client = ClientServiceClient::new(self.channel(&addr)?);
@@ -193,7 +194,15 @@ impl RmClient {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
             tracing::debug!(rm = %addr, error = %err.message(), leader_hint = ?hint, "retrying");
-            *self.leader.lock().expect("leader lock") = hint.filter(|h| *h != addr);
+            let hint = hint.filter(|h| *h != addr);
+            let redirected = hint.is_some();
+            *self.leader.lock().expect("leader lock") = hint;
+            // A follower named the leader: go there at once (a few times;
+            // then back off, as the hint may be stale).
+            if redirected && redirects < 3 {
+                redirects += 1;
+                continue;
+            }
             if start.elapsed() >= self.deadline {
                 return Err(Error::Unreachable {
                     tried: self.addresses.join(","),

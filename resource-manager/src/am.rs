@@ -359,6 +359,8 @@ impl Scheduling {
             .masters
             .clone()
             .expect("called only when masters are launched");
+        // This leader first: the master's first call goes straight here.
+        let me = self.raft.address_of(self.raft.status().id);
         let (app, node_addr, rm) = {
             let st = self.raft.state();
             let Some(app) = st.apps.get(app_id).cloned() else {
@@ -369,7 +371,11 @@ impl Scheduling {
                 .get(&a.node_id)
                 .map(|n| n.address.clone())
                 .unwrap_or_default();
-            let rm: Vec<String> = st.members.values().cloned().collect();
+            let mut rm: Vec<String> = st.members.values().cloned().collect();
+            if let Some(me) = me {
+                rm.retain(|a| *a != me);
+                rm.insert(0, me);
+            }
             (app, node_addr, rm)
         };
         let attempt = app.attempt + 1;
@@ -869,14 +875,20 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                 })
                 .collect();
             if stages != app.stages {
-                self.s
-                    .raft
-                    .propose(Command::ReportProgress {
+                // Off the call's path: progress is advisory.
+                let (raft, cmd) = (
+                    self.s.raft.clone(),
+                    Command::ReportProgress {
                         app_id: r.application_id.clone(),
                         attempt: r.attempt,
                         stages,
-                    })
-                    .await?;
+                    },
+                );
+                tokio::spawn(async move {
+                    if let Err(e) = raft.propose(cmd).await {
+                        debug!(error = %e, "progress not recorded");
+                    }
+                });
             }
         }
         // Check every ask before taking any.
