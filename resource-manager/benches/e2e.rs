@@ -308,8 +308,7 @@ fn main() {
             ids.push(id.unwrap());
         }
         let submitted_in = started.elapsed();
-        let mut last_finish = 0;
-        loop {
+        let last_finish = loop {
             let apps = client
                 .list_applications(pb::ListApplicationsRequest::default())
                 .await
@@ -329,12 +328,11 @@ fn main() {
                     .map(|a| (a.application_id.clone(), a.diagnostics.clone()))
                     .collect();
                 assert!(failed.is_empty(), "failed jobs: {failed:?}");
-                last_finish = mine.iter().map(|a| a.finished_at_ms).max().unwrap();
-                break;
+                break mine.iter().map(|a| a.finished_at_ms).max().unwrap();
             }
             assert!(started.elapsed() < Duration::from_secs(900), "{ended}/{jobs} ended");
             tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        };
         let secs = (last_finish - t0) as f64 / 1000.0;
         println!(
             "{jobs} one-task jobs: all submitted in {:.2} s, all finished in {secs:.2} s: {:.1} jobs/s",
@@ -350,9 +348,20 @@ fn main() {
             .unwrap();
         let r = wait_end(&client, &app, Duration::from_millis(20)).await;
         let secs = (r.finished_at_ms - t0) as f64 / 1000.0;
+        let tasks: Vec<pb::ContainerStatus> = containers(&client)
+            .await
+            .into_iter()
+            .filter(|c| c.started_at_ms >= t0 && c.container_id != r.am_container_id)
+            .collect();
+        let first = tasks.iter().map(|c| c.started_at_ms).min().unwrap_or(t0);
+        let last = tasks.iter().map(|c| c.started_at_ms).max().unwrap_or(t0);
+        let ended = tasks.iter().map(|c| c.finished_at_ms).max().unwrap_or(t0);
         println!(
-            "one {many}-task job: finished in {secs:.2} s: {:.1} tasks/s",
-            many as f64 / secs
+            "one {many}-task job: finished in {secs:.2} s: {:.1} tasks/s (tasks started from {} ms to {} ms, the last ended at {} ms)",
+            many as f64 / secs,
+            first.saturating_sub(t0),
+            last.saturating_sub(t0),
+            ended.saturating_sub(t0),
         );
 
         let rss: Vec<String> = cluster

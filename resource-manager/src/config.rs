@@ -251,6 +251,9 @@ impl RmConfig {
         if self.raft.snapshot_every == 0 {
             return Err(Error::Config("raft.snapshot_every: must be above 0".into()));
         }
+        if self.masters.expiry < Duration::from_secs(1) {
+            return Err(Error::Config("masters.expiry: must be at least 1s".into()));
+        }
         Ok(())
     }
 }

@@ -130,6 +130,38 @@ async fn a_pipeline_with_a_tensorflow_gang_succeeds_and_a_memory_hog_fails_with_
         0,
         "nothing left running"
     );
+
+    // The custom application master of examples/ runs its own job.
+    let example = std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager"))
+        .with_file_name("examples")
+        .join("custom-am");
+    assert!(
+        example.exists(),
+        "{} is missing: run `cargo test --workspace --all-targets` (it builds the examples)",
+        example.display()
+    );
+    let rm = cluster.addrs().join(",");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(example)
+            .args(["--rm", &rm, "--tasks", "3"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..3 {
+        assert!(stdout.contains(&format!("task {i} succeeded")), "{stdout}");
+    }
+    assert!(
+        stdout.contains(": Succeeded: every task succeeded"),
+        "{stdout}"
+    );
 }
 
 async fn running_containers(client: &weft_client::RmClient) -> usize {
@@ -420,4 +452,45 @@ async fn the_masters_node_dies_and_a_second_attempt_adopts_the_running_tasks() {
         "starts {work:?} with {on_victim} task(s) on the dead node"
     );
     assert_eq!(started.lines().filter(|l| *l == "done").count(), 1);
+}
+
+/// A master that runs but never calls the RM is ended after `[masters]
+/// expiry` and replaced; when attempts run out the job fails saying why, and
+/// the silent masters' processes are stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_master_expires_and_the_job_fails_when_attempts_run_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = dir.path().join("silent-master");
+    std::fs::write(&silent, "#!/bin/sh\nexec sleep 1000\n").unwrap();
+    let mut perms = std::fs::metadata(&silent).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&silent, perms).unwrap();
+    let extra = format!(
+        "[masters]\nlaunch = true\nexpiry = \"1s\"\ncommand = {:?}\n",
+        silent.display().to_string()
+    );
+    let cluster = Cluster::start_with(3, 1000, &extra);
+    cluster.leader().await;
+    let agent = AgentProcess::start("node-a", &cluster.addrs());
+    let client = cluster.client();
+    crate::cluster::wait_nodes(&client, 1).await;
+    let spec = "name: silent\nmax_attempts: 2\nstages:\n  - name: s\n    instances: 1\n    command: 'true'\n    resources: { vcores: 0.5, memory: 64MiB }\n";
+    let app = client.submit(spec, "yaml", "mia").await.unwrap();
+    let r = wait_state(&client, &app, Duration::from_secs(60)).await;
+    assert_eq!(r.state(), pb::ApplicationState::Failed, "{r:?}");
+    assert_eq!(r.attempt, 2, "{r:?}");
+    assert!(
+        r.diagnostics
+            .contains("failed 2 time(s); last: the application master made no call for 1s"),
+        "{}",
+        r.diagnostics
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !agent.container_processes().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the silent masters still run"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
