@@ -604,8 +604,11 @@ impl Runner {
                 exit.diagnostic.clone()
             }
         );
-        // A lost node is not the task's fault: it reruns without using a retry.
-        if exit.exit_status != weft_proto::exit_codes::NODE_LOST {
+        // A lost node, an agent that lost track of it or shut down: not the
+        // task's fault; it reruns without using a retry.
+        use weft_proto::exit_codes::{AGENT_SHUTDOWN, LOST, NODE_LOST};
+        let not_its_fault = matches!(exit.exit_status, NODE_LOST | LOST | AGENT_SHUTDOWN);
+        if !not_its_fault {
             self.failures[si] += 1;
         }
         if exit.exit_status == OVER_MEMORY {
@@ -614,9 +617,7 @@ impl Runner {
             ));
             return;
         }
-        if exit.exit_status != weft_proto::exit_codes::NODE_LOST
-            && self.failures[si] > stage.max_retries
-        {
+        if !not_its_fault && self.failures[si] > stage.max_retries {
             self.tasks[i].state =
                 State::Failed(format!("{reason} (after {} retries)", stage.max_retries));
             return;

@@ -80,6 +80,14 @@ pub struct Scheduling {
     signer: Arc<Mutex<Option<(String, TokenSigner)>>>,
     /// Connections to node agents (masters are started through them).
     channels: Arc<Mutex<HashMap<String, tonic::transport::Channel>>>,
+    /// In-process masters (standalone mode): app -> its runner task and,
+    /// once it ended without finishing its job, why.
+    local: Arc<Mutex<HashMap<String, LocalMaster>>>,
+}
+
+struct LocalMaster {
+    task: tokio::task::JoinHandle<()>,
+    failure: Arc<Mutex<Option<String>>>,
 }
 
 impl Scheduling {
@@ -92,6 +100,7 @@ impl Scheduling {
             delivered: Arc::new(Notify::new()),
             signer: Arc::default(),
             channels: Arc::default(),
+            local: Arc::default(),
         }
     }
 
@@ -170,8 +179,12 @@ impl Scheduling {
             }
             let status = self.raft.status();
             if !status.is_leader {
-                // A new leader rebuilds the table from the masters' next calls.
+                // A new leader rebuilds the table from the masters' next calls
+                // (and runs its own in-process masters).
                 *self.table.lock().expect("table lock") = Table::default();
+                for (_, m) in self.local.lock().expect("local masters lock").drain() {
+                    m.task.abort();
+                }
                 continue;
             }
             if self.signer().is_none() {
@@ -248,6 +261,9 @@ impl Scheduling {
             .masters
             .clone()
             .expect("called only when masters are launched");
+        if cfg.in_process {
+            return self.manage_local_masters().await;
+        }
         let mut commands = Vec::new();
         {
             let state = self.raft.state();
@@ -352,6 +368,118 @@ impl Scheduling {
         }
     }
 
+    /// Standalone mode: every live job has a master task inside this
+    /// leader. A job found running without one (this process restarted)
+    /// gets a new attempt that does not count against `max_attempts` and
+    /// adopts what still runs; a master task that ended without finishing
+    /// its job counts.
+    async fn manage_local_masters(&self) {
+        let mut commands = Vec::new();
+        let mut start = Vec::new();
+        {
+            let state = self.raft.state();
+            let mut local = self.local.lock().expect("local masters lock");
+            local.retain(|id, m| {
+                !m.task.is_finished() || state.apps.get(id).is_some_and(|a| !a.state.is_terminal())
+            });
+            for app in state
+                .apps
+                .values()
+                .filter(|a| !a.state.is_terminal() && !a.unmanaged)
+            {
+                if app.state == AppState::Submitted {
+                    commands.push(Command::ApplicationAccepted {
+                        app_id: app.id.clone(),
+                        at_ms: now_ms(),
+                    });
+                }
+                let failure = match local.get(&app.id) {
+                    Some(m) if !m.task.is_finished() => continue,
+                    Some(m) => Some(
+                        m.failure
+                            .lock()
+                            .expect("failure lock")
+                            .clone()
+                            .unwrap_or_else(|| "the master ended early".into()),
+                    ),
+                    None => None,
+                };
+                let Ok(spec) = weft_app_master::spec::JobSpec::parse(&app.spec, &app.spec_format)
+                else {
+                    continue;
+                };
+                let previous_lost = failure.is_none() && app.attempt > 0;
+                let free = (app.free_attempts + previous_lost as u32).min(FREE_ATTEMPTS);
+                if app.attempt.saturating_sub(free) >= spec.max_attempts {
+                    commands.push(Command::ApplicationFinished {
+                        app_id: app.id.clone(),
+                        state: AppState::Failed,
+                        diagnostics: format!(
+                            "the application master failed {} time(s); last: {}",
+                            app.attempt.saturating_sub(free),
+                            failure.unwrap_or_default()
+                        ),
+                        stages: vec![],
+                        at_ms: now_ms(),
+                    });
+                    continue;
+                }
+                start.push((app.id.clone(), app.attempt + 1, spec, previous_lost));
+            }
+        }
+        for c in commands {
+            if let Err(e) = self.raft.propose(c).await {
+                debug!(error = %e, "master bookkeeping not committed");
+            }
+        }
+        if start.is_empty() {
+            return;
+        }
+        let (Ok(signer), Some(me)) = (
+            self.ensure_signer().await,
+            self.raft.address_of(self.raft.status().id),
+        ) else {
+            return;
+        };
+        for (app_id, attempt, spec, previous_lost) in start {
+            let started = self
+                .raft
+                .propose(Command::AttemptStarted {
+                    app_id: app_id.clone(),
+                    attempt,
+                    am_container: None,
+                    keep_containers: spec.keep_containers,
+                    previous_lost,
+                    at_ms: now_ms(),
+                })
+                .await;
+            if !matches!(started, Ok(Outcome::Done)) {
+                continue;
+            }
+            let token = Self::application_token(&signer, &app_id, attempt);
+            let failure: Arc<Mutex<Option<String>>> = Arc::default();
+            let (id, why, rm) = (app_id.clone(), failure.clone(), vec![me.clone()]);
+            let task = tokio::spawn(async move {
+                let runner =
+                    weft_app_master::runner::Runner::new(id.clone(), attempt, spec, rm, token);
+                match runner.run().await {
+                    Ok(f) => {
+                        info!(app = %id, attempt, status = ?f.status, "in-process master finished")
+                    }
+                    Err(e) => {
+                        warn!(app = %id, attempt, error = %e.message(), "in-process master failed");
+                        *why.lock().expect("failure lock") = Some(e.message().to_string());
+                    }
+                }
+            });
+            info!(app = %app_id, attempt, "in-process application master started");
+            self.local
+                .lock()
+                .expect("local masters lock")
+                .insert(app_id, LocalMaster { task, failure });
+        }
+    }
+
     /// Starts a job's master in its container and records the attempt; a
     /// master that cannot start counts as a failed attempt.
     async fn launch_master(&self, app_id: &str, a: Allocation) {
@@ -391,6 +519,7 @@ impl Scheduling {
                 attempt,
                 am_container: Some(a.container_id.clone()),
                 keep_containers,
+                previous_lost: false,
                 at_ms: now_ms(),
             })
             .await;
@@ -799,6 +928,7 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                     attempt: r.attempt,
                     am_container: None,
                     keep_containers,
+                    previous_lost: false,
                     at_ms: now_ms(),
                 })
                 .await?;

@@ -151,6 +151,10 @@ pub struct MastersConfig {
     /// (its Allocate calls come at least every 10 s).
     #[serde(with = "humantime_serde")]
     pub expiry: Duration,
+    /// Run each job's master as a task inside the leader instead of in a
+    /// container (standalone mode); `command`, `vcores`, `memory` and
+    /// `expiry` then do not apply.
+    pub in_process: bool,
 }
 
 impl Default for MastersConfig {
@@ -161,6 +165,7 @@ impl Default for MastersConfig {
             vcores: 0.5,
             memory: bytesize::ByteSize::mib(256),
             expiry: Duration::from_secs(60),
+            in_process: false,
         }
     }
 }

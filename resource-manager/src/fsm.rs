@@ -64,6 +64,10 @@ pub enum Command {
         /// running for the new attempt to adopt (else they end).
         #[serde(default)]
         keep_containers: bool,
+        /// The previous attempt ended through no fault of its own (its RM
+        /// stopped while running it in-process): it does not count.
+        #[serde(default)]
+        previous_lost: bool,
         at_ms: u64,
     },
     /// Per-stage progress an application master reported.
@@ -542,6 +546,7 @@ impl ClusterState {
                 attempt,
                 am_container,
                 keep_containers,
+                previous_lost,
                 ..
             } => match self.apps.get_mut(app_id) {
                 Some(a) if a.state.is_terminal() => {
@@ -552,6 +557,9 @@ impl ClusterState {
                     a.attempt
                 )),
                 Some(a) => {
+                    if *previous_lost && a.attempt > 0 {
+                        a.free_attempts += 1;
+                    }
                     a.attempt = *attempt;
                     a.am_container = am_container.clone();
                     a.state = AppState::Running;
@@ -1271,6 +1279,7 @@ mod tests {
             attempt,
             am_container: Some(format!("am-{attempt}")),
             keep_containers: false,
+            previous_lost: false,
             at_ms: 3,
         };
         assert_eq!(s.apply(&start(1)), Outcome::Done);
@@ -1324,6 +1333,7 @@ mod tests {
                 attempt,
                 am_container: Some(am.into()),
                 keep_containers: keep,
+                previous_lost: false,
                 at_ms: 3,
             };
             assert_eq!(s.apply(&start(1, "am-1")), Outcome::Done);
@@ -1428,6 +1438,7 @@ mod tests {
             attempt: 1,
             am_container: Some("am-1".into()),
             keep_containers: true,
+            previous_lost: false,
             at_ms: 3,
         });
         assert_eq!(s.apps[id].free_attempts, 0);
@@ -1453,6 +1464,7 @@ mod tests {
             attempt: 2,
             am_container: None,
             keep_containers: true,
+            previous_lost: false,
             at_ms: 3,
         });
         let stages = vec![StageProgress {

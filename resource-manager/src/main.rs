@@ -37,6 +37,118 @@ struct Args {
     /// Print the effective config as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Mode {
+    /// One master process with no Raft peers (state persisted in sled; a
+    /// restart loses nothing) that runs each job's application master inside
+    /// itself. Workers are ordinary node agents; --local-agent embeds one, so
+    /// one process is a working single-machine cluster.
+    Standalone(StandaloneArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct StandaloneArgs {
+    /// Directory of the state (and of the local agent's work).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Address rmctl, agents and masters reach it on.
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    listen: SocketAddr,
+    /// Run a node agent inside this process too.
+    #[arg(long)]
+    local_agent: bool,
+    /// The local agent's config (TOML, as node-agent's); its work dir,
+    /// listen address and RM address are set here unless given.
+    #[arg(long, requires = "local_agent")]
+    agent_config: Option<PathBuf>,
+    /// Address the local agent listens on.
+    #[arg(long, default_value = "127.0.0.1:0", requires = "local_agent")]
+    agent_listen: SocketAddr,
+}
+
+/// The config of a standalone master: this process is the whole group.
+fn standalone_config(args: &Args, s: &StandaloneArgs) -> anyhow::Result<RmConfig> {
+    let mut c = match &args.config {
+        Some(p) => RmConfig::load(p)?,
+        None => RmConfig::default(),
+    };
+    c.id = 1;
+    c.listen = s.listen;
+    c.data_dir = s.data_dir.join("rm");
+    c.peers.clear();
+    c.peers.insert("1".into(), s.listen.to_string());
+    c.join = false;
+    c.masters.launch = true;
+    c.masters.in_process = true;
+    c.validate()?;
+    Ok(c)
+}
+
+fn agent_config(s: &StandaloneArgs) -> anyhow::Result<weft_node_agent::config::AgentConfig> {
+    let mut a = match &s.agent_config {
+        Some(p) => weft_node_agent::config::AgentConfig::load(p)?,
+        None => {
+            let mut a = weft_node_agent::config::AgentConfig {
+                work_dir: s.data_dir.join("agent"),
+                ..Default::default()
+            };
+            a.containers.cgroup_parent = format!("weft-standalone-{}", s.listen.port());
+            a
+        }
+    };
+    a.listen = s.agent_listen;
+    if a.rm_addresses.is_empty() {
+        a.rm_addresses = vec![s.listen.to_string()];
+    }
+    a.validate()?;
+    Ok(a)
+}
+
+fn standalone(args: &Args, s: &StandaloneArgs) -> ExitCode {
+    let (cfg, agent) = match standalone_config(args, s).and_then(|c| {
+        let a = if s.local_agent {
+            Some(agent_config(s)?)
+        } else {
+            None
+        };
+        Ok((c, a))
+    }) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("resource-manager standalone: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let addr = cfg.listen;
+    weft_node_agent::daemon::serve_main(
+        "resource-manager standalone",
+        addr,
+        |listener| async move {
+            let stop = tokio_util::sync::CancellationToken::new();
+            {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    weft_node_agent::daemon::shutdown_signal().await;
+                    stop.cancel();
+                });
+            }
+            let rm = weft_resource_manager::run(cfg, listener, stop.clone().cancelled_owned());
+            let Some(acfg) = agent else {
+                return rm.await.map_err(|e| e.to_string());
+            };
+            let agent_listener = tokio::net::TcpListener::bind(acfg.listen)
+                .await
+                .map_err(|e| format!("local agent: listen {}: {e}", acfg.listen))?;
+            let agent = weft_node_agent::run(acfg, agent_listener, stop.clone().cancelled_owned());
+            let (r, a) = tokio::join!(rm, agent);
+            r.map_err(|e| e.to_string())?;
+            a.map_err(|e| format!("local agent: {e}"))
+        },
+    )
 }
 
 fn config(args: &Args) -> anyhow::Result<RmConfig> {
@@ -72,6 +184,9 @@ fn config(args: &Args) -> anyhow::Result<RmConfig> {
 fn main() -> ExitCode {
     let args = Args::parse();
     telemetry::init(args.log_format);
+    if let Some(Mode::Standalone(s)) = &args.mode {
+        return standalone(&args, s);
+    }
     let cfg = match config(&args) {
         Ok(c) => c,
         Err(e) => {

@@ -11,3 +11,4 @@ mod nodes;
 mod queues;
 mod rmctl;
 mod scheduling;
+mod standalone;

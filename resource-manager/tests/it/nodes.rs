@@ -193,7 +193,7 @@ impl Drop for AgentProcess {
 
 /// Kills what an agent killed with SIGKILL left running (processes carrying
 /// its scope marker) and removes its cgroups; a clean stop leaves nothing.
-fn force_clean(parent: &str) {
+pub fn force_clean(parent: &str) {
     let marker = format!("WEFT_CONTAINER_SCOPE={parent}/");
     for pid in weft_node_agent::procfs::all_pids() {
         let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();

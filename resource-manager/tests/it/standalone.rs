@@ -1,0 +1,162 @@
+//! Standalone mode: one `resource-manager standalone --local-agent` process
+//! is a whole cluster (state in sled, masters in-process, an embedded node
+//! agent). Restarted mid-job, it still knows the job, and a new master
+//! attempt (not counted against max_attempts) finishes it.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weft_client::proto as pb;
+
+struct Standalone {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    addr: String,
+    parent: String,
+}
+
+impl Standalone {
+    fn start() -> Standalone {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let parent = format!("weft-rm-it-{}-standalone-{port}", std::process::id());
+        let mut s = Standalone {
+            child: None,
+            dir,
+            addr: format!("127.0.0.1:{port}"),
+            parent,
+        };
+        std::fs::write(
+            s.dir.path().join("agent.toml"),
+            format!(
+                "node_id = \"solo\"\nwork_dir = {:?}\n[resources]\nvcores = 4.0\nmemory = \"4GiB\"\n\
+                 [containers]\ncgroup_parent = {:?}\n[gpu]\nprobe = \"none\"\n",
+                s.dir.path().join("agent").display().to_string(),
+                s.parent
+            ),
+        )
+        .unwrap();
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("standalone.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_resource-manager"))
+            .args(["standalone", "--data-dir"])
+            .arg(self.dir.path())
+            .args(["--listen", &self.addr, "--local-agent", "--agent-config"])
+            .arg(self.dir.path().join("agent.toml"))
+            .env("RUST_LOG", "info,raft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// SIGTERM, and wait for the process to end.
+    fn stop(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    fn client(&self) -> weft_client::RmClient {
+        weft_client::RmClient::new([self.addr.clone()])
+            .unwrap()
+            .with_deadline(Duration::from_secs(30))
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        self.stop();
+        crate::nodes::force_clean(&self.parent);
+    }
+}
+
+async fn wait_end(client: &weft_client::RmClient, app: &str) -> pb::ApplicationReport {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = client.get_application(app).await.unwrap();
+        if r.state() as i32 >= pb::ApplicationState::Succeeded as i32 {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{app} still {:?}", r.state());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_runs_jobs_in_one_process_and_a_restart_loses_none() {
+    let mut solo = Standalone::start();
+    let client = solo.client();
+    crate::cluster::wait_nodes(&client, 1).await;
+
+    // A pipeline with a gang runs to its end; quotas hold as on a cluster.
+    let pipeline = "name: demo\nstages:\n  - name: prep\n    instances: 3\n    command: 'test -n \"$WEFT_APP_ID\"'\n    resources: { vcores: 0.2, memory: 64MiB }\n  - name: train\n    after: [prep]\n    gang: true\n    framework: pytorch\n    roles:\n      worker: { instances: 2, resources: { vcores: 0.2, memory: 64MiB } }\n    command: 'test \"$WORLD_SIZE\" = 2'\n";
+    let app = client.submit(pipeline, "yaml", "solo").await.unwrap();
+    let r = wait_end(&client, &app).await;
+    assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
+    assert_eq!(r.stages.iter().map(|s| s.done).sum::<u32>(), 5);
+    let hog = "name: hog\nstages:\n  - name: load\n    instances: 1\n    command: 'exec tail /dev/zero'\n    resources: { vcores: 0.2, memory: 32MiB }\n";
+    let app = client.submit(hog, "yaml", "solo").await.unwrap();
+    let r = wait_end(&client, &app).await;
+    assert_eq!(r.state(), pb::ApplicationState::Failed);
+    assert!(
+        r.diagnostics.contains("over its memory quota"),
+        "{}",
+        r.diagnostics
+    );
+
+    // Restarted mid-job: the job is still there and a new attempt finishes it.
+    let long = "name: long\nstages:\n  - name: work\n    instances: 2\n    command: 'sleep 3'\n    resources: { vcores: 0.2, memory: 64MiB }\n  - name: after\n    after: [work]\n    instances: 1\n    command: 'true'\n    resources: { vcores: 0.2, memory: 64MiB }\n";
+    let app = client.submit(long, "yaml", "solo").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = client.get_application(&app).await.unwrap();
+        if r.stages.first().is_some_and(|s| s.running == 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tasks never ran: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    solo.stop();
+    solo.spawn();
+    let client = solo.client();
+    let r = wait_end(&client, &app).await;
+    assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
+    assert_eq!(r.attempt, 2, "a second in-process master finished it");
+    // And the earlier jobs are remembered.
+    assert_eq!(
+        client
+            .list_applications(Default::default())
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+}
