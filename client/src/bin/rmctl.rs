@@ -4,12 +4,14 @@
 //! rmctl [--rm ADDR[,ADDR...]] [-o table|json] cluster status
 //! rmctl cluster add-member ID ADDR | cluster remove-member ID
 //! rmctl node list | node drain ID
-//! rmctl app list | app status ID | app kill ID
+//! rmctl app list | app status ID | app wait ID | app kill ID
 //! rmctl queue list | queue set -f queues.toml
-//! rmctl submit -f job.yaml
+//! rmctl submit -f job.yaml [--wait]
+//! rmctl submit [--name N] [--instances N] [--vcores V] [--memory M] [--wait] -- CMD ARGS...
 //! ```
 //! Addresses come from `--rm`, else `WEFT_RM`, else 127.0.0.1:7100. Errors are
-//! one line on stderr and a non-zero exit.
+//! one line on stderr and a non-zero exit; `app wait` and `submit --wait` exit
+//! 0 only when the application succeeded.
 
 use std::process::ExitCode;
 
@@ -68,13 +70,40 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AppCmd,
     },
-    /// Submits a job spec (YAML or TOML, by extension); prints the application id.
+    /// Submits a job spec (YAML or TOML, by extension), or one command run
+    /// as a one-stage job (`-- CMD ARGS...`); prints the application id.
     Submit {
-        #[arg(short, long)]
-        file: std::path::PathBuf,
+        #[arg(
+            short,
+            long,
+            required_unless_present = "command",
+            conflicts_with = "command"
+        )]
+        file: Option<std::path::PathBuf>,
         /// Submitting user (default: $USER).
         #[arg(long)]
         user: Option<String>,
+        /// Wait for the end (see `app wait`).
+        #[arg(long)]
+        wait: bool,
+        /// Quick form: the job's name.
+        #[arg(long, default_value = "job")]
+        name: String,
+        /// Quick form: how many copies run ($WEFT_TASK_INDEX tells them apart).
+        #[arg(long, default_value_t = 1)]
+        instances: u32,
+        /// Quick form: cores per task.
+        #[arg(long, default_value_t = 1.0)]
+        vcores: f64,
+        /// Quick form: memory per task (e.g. 512MiB, 2GiB).
+        #[arg(long, default_value = "512MiB")]
+        memory: String,
+        /// Quick form: the queue.
+        #[arg(long, default_value = "root")]
+        queue: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true)]
+        command: Vec<String>,
     },
 }
 
@@ -107,8 +136,73 @@ enum QueueCmd {
 #[derive(Debug, Subcommand)]
 enum AppCmd {
     List,
-    Status { id: String },
-    Kill { id: String },
+    Status {
+        id: String,
+    },
+    /// Waits for the application's end, showing its stages' progress; exits 0
+    /// only if it succeeded (else prints why).
+    Wait {
+        id: String,
+    },
+    Kill {
+        id: String,
+    },
+}
+
+/// Quotes one word for `sh -c`.
+fn sh_quote(w: &str) -> String {
+    if !w.is_empty()
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
+}
+
+/// The one-stage job spec of `submit -- CMD ARGS...`.
+fn quick_spec(
+    name: &str,
+    queue: &str,
+    instances: u32,
+    vcores: f64,
+    memory: &str,
+    command: &[String],
+) -> String {
+    let cmd: Vec<String> = command.iter().map(|w| sh_quote(w)).collect();
+    format!(
+        "name: {}\nqueue: {}\nstages:\n  - name: run\n    instances: {instances}\n    command: {}\n    resources: {{ vcores: {vcores}, memory: {} }}\n",
+        serde_json::to_string(name).expect("a string"),
+        serde_json::to_string(queue).expect("a string"),
+        serde_json::to_string(&cmd.join(" ")).expect("a string"),
+        serde_json::to_string(memory).expect("a string"),
+    )
+}
+
+/// Polls `id` until it ends, printing each change of its stages' progress
+/// (as lines, so logs and pipes read well). Returns the final report.
+async fn wait_for(rm: &RmClient, id: &str, quiet: bool) -> anyhow::Result<pb::ApplicationReport> {
+    let mut last = String::new();
+    loop {
+        let a = rm.get_application(id).await?;
+        let state = short_state(a.state().as_str_name(), "APPLICATION_STATE_");
+        let line = format!(
+            "{id} {state}{}",
+            a.stages
+                .iter()
+                .map(|s| format!("  {} {}/{}", s.name, s.done, s.total))
+                .collect::<String>()
+        );
+        if !quiet && line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        if a.state() as i32 >= pb::ApplicationState::Succeeded as i32 {
+            return Ok(a);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 /// Aligned columns, headers first.
@@ -178,11 +272,28 @@ fn app_json(a: &pb::ApplicationReport) -> serde_json::Value {
     })
 }
 
-async fn run(cli: Cli) -> anyhow::Result<String> {
+/// The last word on an application that ended: its report (JSON), or its
+/// state and, unless it succeeded, why.
+fn ended(a: &pb::ApplicationReport, json_out: bool) -> String {
+    if json_out {
+        return app_json(a).to_string();
+    }
+    let state = short_state(a.state().as_str_name(), "APPLICATION_STATE_");
+    if a.state() == pb::ApplicationState::Succeeded {
+        format!("{} {state}", a.application_id)
+    } else {
+        format!("{} {state}: {}", a.application_id, a.diagnostics)
+    }
+}
+
+/// The output, and whether the command's outcome is a success (`app wait`
+/// of an application that failed is not).
+async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
     let rm =
         RmClient::new(cli.rm.clone())?.with_deadline(std::time::Duration::from_secs(cli.timeout));
     let json_out = matches!(cli.output, Output::Json);
-    Ok(match cli.command {
+    let mut ok = true;
+    let out = match cli.command {
         Cmd::Cluster {
             cmd: ClusterCmd::Status,
         } => {
@@ -437,33 +548,71 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
             rm.kill_application(&id).await?;
             format!("application {id} killed")
         }
-        Cmd::Submit { file, user } => {
-            let spec = std::fs::read_to_string(&file)
-                .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
-            let format = match file.extension().and_then(|e| e.to_str()) {
-                Some("toml") => "toml",
-                _ => "yaml",
+        Cmd::App {
+            cmd: AppCmd::Wait { id },
+        } => {
+            let a = wait_for(&rm, &id, json_out).await?;
+            ok = a.state() == pb::ApplicationState::Succeeded;
+            ended(&a, json_out)
+        }
+        Cmd::Submit {
+            file,
+            user,
+            wait,
+            name,
+            instances,
+            vcores,
+            memory,
+            queue,
+            command,
+        } => {
+            let (spec, format) = match &file {
+                Some(file) => {
+                    let spec = std::fs::read_to_string(file)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+                    let format = match file.extension().and_then(|e| e.to_str()) {
+                        Some("toml") => "toml",
+                        _ => "yaml",
+                    };
+                    (spec, format)
+                }
+                None => (
+                    quick_spec(&name, &queue, instances, vcores, &memory, &command),
+                    "yaml",
+                ),
             };
             let user = user
                 .or_else(|| std::env::var("USER").ok())
                 .unwrap_or_else(|| "anonymous".into());
             let id = rm.submit(&spec, format, &user).await?;
-            if json_out {
+            if wait {
+                if !json_out {
+                    eprintln!("submitted {id}");
+                }
+                let a = wait_for(&rm, &id, json_out).await?;
+                ok = a.state() == pb::ApplicationState::Succeeded;
+                ended(&a, json_out)
+            } else if json_out {
                 json!({ "id": id }).to_string()
             } else {
                 id
             }
         }
-    })
+    };
+    Ok((out, ok))
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
-        Ok(out) => {
+        Ok((out, true)) => {
             println!("{out}");
             ExitCode::SUCCESS
+        }
+        Ok((out, false)) => {
+            println!("{out}");
+            ExitCode::FAILURE
         }
         Err(e) => {
             eprintln!("rmctl: {e:#}");

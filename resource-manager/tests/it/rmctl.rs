@@ -17,7 +17,7 @@ fn rmctl() -> Command {
     Command::new(path)
 }
 
-fn run(args: &[&str], rm: &str) -> Output {
+pub fn run(args: &[&str], rm: &str) -> Output {
     rmctl()
         .args(["--rm", rm])
         .args(args)
@@ -26,7 +26,7 @@ fn run(args: &[&str], rm: &str) -> Output {
         .unwrap()
 }
 
-fn stdout(o: &Output) -> String {
+pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 

@@ -132,6 +132,56 @@ async fn standalone_runs_jobs_in_one_process_and_a_restart_loses_none() {
         r.diagnostics
     );
 
+    // rmctl against it: the quick form waits and exits 0 on success, 1 with
+    // the reason on failure; status in JSON; kill.
+    let addr = solo.addr.clone();
+    let rmctl = |args: Vec<String>| {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::rmctl::run(&args, &addr)
+        })
+    };
+    let words = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<_>>();
+    let ok = rmctl(words(
+        "submit --wait --name quick --instances 2 --vcores 0.2 --memory 64MiB -- test -n $WEFT_CONTAINER_ID",
+    ))
+    .await
+    .unwrap();
+    assert!(ok.status.success(), "{ok:?}");
+    let id = crate::rmctl::stdout(&ok)
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(crate::rmctl::stdout(&ok).ends_with("SUCCEEDED\n"), "{ok:?}");
+    let mut bad = words("submit --wait --vcores 0.2 --memory 64MiB -- sh -c");
+    bad.push("exit 3".into());
+    let bad = rmctl(bad).await.unwrap();
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    assert!(
+        crate::rmctl::stdout(&bad).contains("FAILED: stage run task 0: exited with code 3"),
+        "{bad:?}"
+    );
+    let status = rmctl(words(&format!("app status {id} -o json")))
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["state"], "SUCCEEDED");
+    assert_eq!(v["stages"][0]["done"], 2);
+    let sleeper = rmctl(words("submit --vcores 0.2 --memory 64MiB -- sleep 100"))
+        .await
+        .unwrap();
+    let sid = crate::rmctl::stdout(&sleeper).trim().to_string();
+    let killed = rmctl(words(&format!("app kill {sid}"))).await.unwrap();
+    assert!(killed.status.success(), "{killed:?}");
+    let waited = rmctl(words(&format!("app wait {sid}"))).await.unwrap();
+    assert_eq!(waited.status.code(), Some(1));
+    assert!(
+        crate::rmctl::stdout(&waited).contains("KILLED"),
+        "{waited:?}"
+    );
+
     // Restarted mid-job: the job is still there and a new attempt finishes it.
     let long = "name: long\nstages:\n  - name: work\n    instances: 2\n    command: 'sleep 3'\n    resources: { vcores: 0.2, memory: 64MiB }\n  - name: after\n    after: [work]\n    instances: 1\n    command: 'true'\n    resources: { vcores: 0.2, memory: 64MiB }\n";
     let app = client.submit(long, "yaml", "solo").await.unwrap();
@@ -157,6 +207,6 @@ async fn standalone_runs_jobs_in_one_process_and_a_restart_loses_none() {
             .await
             .unwrap()
             .len(),
-        3
+        6
     );
 }
