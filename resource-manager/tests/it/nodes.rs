@@ -210,16 +210,26 @@ pub fn force_clean(parent: &str) {
     let mounts = weft_node_agent::driver::cgroupfs::Mounts::read();
     let mut roots: Vec<std::path::PathBuf> = mounts.v1.iter().map(|(p, _)| p.clone()).collect();
     roots.extend(mounts.v2.clone());
-    for root in roots {
-        let dir = root.join(parent);
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            for e in rd.flatten() {
-                if e.path().is_dir() {
-                    let _ = std::fs::remove_dir(e.path());
+    // Killed processes leave their groups once reaped: retry for a while.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut left = false;
+        for root in &roots {
+            let dir = root.join(parent);
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for e in rd.flatten() {
+                    if e.path().is_dir() {
+                        let _ = std::fs::remove_dir(e.path());
+                    }
                 }
             }
+            let _ = std::fs::remove_dir(&dir);
+            left |= dir.exists();
         }
-        let _ = std::fs::remove_dir(&dir);
+        if !left || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -210,3 +210,30 @@ async fn standalone_runs_jobs_in_one_process_and_a_restart_loses_none() {
         6
     );
 }
+
+/// The quickstart's ML pipeline (examples/pipeline, python3 standard library
+/// only) on a standalone cluster: generate, preprocess in 4 shards, train a
+/// 2-rank gang exchanging gradients over TCP, evaluate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_ml_pipeline_trains_a_model_on_a_standalone_cluster() {
+    let solo = Standalone::start();
+    let client = solo.client();
+    crate::cluster::wait_nodes(&client, 1).await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let pipeline = root.join("examples/pipeline");
+    let data = solo.dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let spec = std::fs::read_to_string(pipeline.join("pipeline.yaml"))
+        .unwrap()
+        .replace("@PIPELINE@", pipeline.to_str().unwrap())
+        .replace("@DATA@", data.to_str().unwrap());
+    let app = client.submit(&spec, "yaml", "solo").await.unwrap();
+    let r = wait_end(&client, &app).await;
+    assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
+    let accuracy: f64 = std::fs::read_to_string(data.join("accuracy.txt"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(accuracy > 0.9, "accuracy {accuracy}");
+}

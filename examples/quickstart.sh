@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Weft's quickstart: builds Weft, brings up a standalone single-machine
+# cluster (one `resource-manager standalone --local-agent` process), submits
+# the example ML pipeline (examples/pipeline: generate -> preprocess x4 ->
+# a 2-rank data-parallel training gang -> evaluate), follows it to its end,
+# prints the model's accuracy and takes the cluster down.
+#
+# Needs the Rust toolchain and python3. As root the tasks run in cgroups;
+# otherwise the node agent watches them through /proc.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+cargo build --bins
+bin="$root/target/debug"
+
+work=$(mktemp -d -t weft-quickstart.XXXXXX)
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export WEFT_RM="127.0.0.1:$port"
+log="$work/standalone.log"
+
+"$bin/resource-manager" standalone --data-dir "$work/weft" --listen "$WEFT_RM" --local-agent \
+  >"$log" 2>&1 &
+cluster=$!
+stop() {
+  kill -TERM "$cluster" 2>/dev/null || true
+  wait "$cluster" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap stop EXIT
+
+echo "standalone cluster at $WEFT_RM (log: $log)"
+for _ in $(seq 1 100); do
+  if "$bin/rmctl" --timeout 1 node list 2>/dev/null | grep -q RUNNING; then
+    break
+  fi
+  sleep 0.2
+done
+"$bin/rmctl" node list
+
+mkdir -p "$work/data"
+sed -e "s|@PIPELINE@|$root/examples/pipeline|g" -e "s|@DATA@|$work/data|g" \
+  examples/pipeline/pipeline.yaml >"$work/pipeline.yaml"
+
+if "$bin/rmctl" submit -f "$work/pipeline.yaml" --wait; then
+  app=$("$bin/rmctl" app list | awk 'NR > 1 { print $1 }' | tail -1)
+  "$bin/rmctl" app status "$app"
+  echo
+  echo "pipeline accuracy: $(cat "$work/data/accuracy.txt")"
+else
+  echo "the pipeline did not succeed; the cluster's log:" >&2
+  tail -n 30 "$log" >&2
+  exit 1
+fi
