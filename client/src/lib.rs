@@ -282,6 +282,32 @@ impl RmClient {
         .map(|_| ())
     }
 
+    /// A task's stdout (or stderr) from `offset`, read from the node that
+    /// ran it; with `follow`, the stream goes on until the task ends. `task`
+    /// is `stage/index` (`stage.role/index` in a gang with roles), a
+    /// container id, or empty for the application master.
+    pub async fn task_logs(
+        &self,
+        app: &str,
+        task: &str,
+        stderr: bool,
+        offset: u64,
+        follow: bool,
+    ) -> Result<tonic::Streaming<pb::TaskLogChunk>, Error> {
+        let req = pb::GetTaskLogsRequest {
+            application_id: app.into(),
+            task: task.into(),
+            stderr,
+            offset,
+            follow,
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.get_task_logs(req).await }
+        })
+        .await
+    }
+
     pub async fn list_nodes(&self) -> Result<Vec<pb::NodeReport>, Error> {
         self.call(|mut c| async move { c.list_nodes(pb::ListNodesRequest {}).await })
             .await

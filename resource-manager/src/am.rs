@@ -1048,6 +1048,11 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                     }
                     .into());
                 }
+                // With no node registered yet (a cluster starting), asks wait
+                // for nodes rather than being judged against none.
+                if cluster.nodes.is_empty() {
+                    continue;
+                }
                 scheduler::validate_ask(&cluster.nodes, &queues, &to_ask(ra, 0, q, &app.user))
                     .map_err(|e| {
                         Status::invalid_argument(format!("asks[{i}] ({}): {e}", ra.ask_id))

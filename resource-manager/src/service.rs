@@ -699,13 +699,100 @@ impl pb::client_service_server::ClientService for RmService {
 
     type GetTaskLogsStream = ReceiverStream<Result<pb::TaskLogChunk, Status>>;
 
+    /// A task's stdout or stderr, read from (and, with `follow`, followed
+    /// on) the node agent that ran it. `task` is a container id, a task
+    /// (`stage/index` or `stage.role/index`: its latest container), or empty
+    /// for the application master's container.
     async fn get_task_logs(
         &self,
-        _req: Request<pb::GetTaskLogsRequest>,
+        req: Request<pb::GetTaskLogsRequest>,
     ) -> Result<Response<Self::GetTaskLogsStream>, Status> {
-        Err(Status::unimplemented(
-            "task logs are read from the node agents once applications run containers; read them there with ReadLogs",
-        ))
+        let r = req.into_inner();
+        self.raft.read_barrier().await?;
+        let (container, address) = {
+            let st = self.raft.state();
+            let app = st.apps.get(&r.application_id).ok_or_else(|| {
+                Error::NotFound(format!(
+                    "application_id: no application {}",
+                    r.application_id
+                ))
+            })?;
+            let c = if r.task.is_empty() {
+                app.am_container
+                    .as_ref()
+                    .and_then(|id| st.containers.get(id))
+                    .ok_or_else(|| {
+                        Status::failed_precondition(format!(
+                            "task: {} has no master container (it runs inside the RM); name a task, e.g. stage/0",
+                            r.application_id
+                        ))
+                    })?
+            } else {
+                st.containers_of(&r.application_id)
+                    .filter(|c| c.alloc.container_id == r.task || c.alloc.ask_id == r.task)
+                    .max_by_key(|c| (c.allocated_at_ms, c.alloc.container_id.clone()))
+                    .ok_or_else(|| {
+                        Error::NotFound(format!(
+                            "task: {} has no task or container {:?} (tasks are named stage/index, e.g. {}/0)",
+                            r.application_id,
+                            r.task,
+                            weft_app_master::spec::JobSpec::parse(&app.spec, &app.spec_format)
+                                .ok()
+                                .and_then(|s| s.stages.first().map(|s| s.name.clone()))
+                                .unwrap_or_else(|| "stage".into())
+                        ))
+                    })?
+            };
+            let address = st
+                .nodes
+                .get(&c.alloc.node_id)
+                .map(|n| n.address.clone())
+                .ok_or_else(|| {
+                    Status::unavailable(format!("node {} is not known", c.alloc.node_id))
+                })?;
+            (c.alloc.container_id.clone(), address)
+        };
+        let mut agent = weft_proto::v1::container_manager_client::ContainerManagerClient::new(
+            tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+                .map_err(|e| Status::internal(format!("node address {address:?}: {e}")))?
+                .connect_timeout(Duration::from_secs(2))
+                .connect_lazy(),
+        );
+        let mut upstream = agent
+            .read_logs(pb::ReadLogsRequest {
+                container_id: container,
+                stream: if r.stderr {
+                    pb::LogStream::Stderr as i32
+                } else {
+                    pb::LogStream::Stdout as i32
+                },
+                offset: r.offset,
+                follow: r.follow,
+            })
+            .await?
+            .into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                match upstream.message().await {
+                    Ok(Some(chunk)) => {
+                        let out = pb::TaskLogChunk {
+                            offset: chunk.offset,
+                            data: chunk.data,
+                        };
+                        if tx.send(Ok(out)).await.is_err() {
+                            return; // the caller went away
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 

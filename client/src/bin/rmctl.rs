@@ -144,6 +144,19 @@ enum AppCmd {
     Wait {
         id: String,
     },
+    /// A task's output, from the node that ran it: TASK is stage/index
+    /// (stage.role/index in a gang with roles) or a container id; none: the
+    /// application master's.
+    Logs {
+        id: String,
+        task: Option<String>,
+        /// stderr instead of stdout.
+        #[arg(long)]
+        stderr: bool,
+        /// Keep printing new output until the task ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
     Kill {
         id: String,
     },
@@ -549,6 +562,42 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
             format!("application {id} killed")
         }
         Cmd::App {
+            cmd:
+                AppCmd::Logs {
+                    id,
+                    task,
+                    stderr,
+                    follow,
+                },
+        } => {
+            use std::io::Write;
+            // Following a task that has no container yet: wait for it.
+            let started = std::time::Instant::now();
+            let mut stream = loop {
+                match rm
+                    .task_logs(&id, task.as_deref().unwrap_or(""), stderr, 0, follow)
+                    .await
+                {
+                    Ok(s) => break s,
+                    Err(weft_client::Error::Rpc(s))
+                        if follow
+                            && s.code() == tonic::Code::NotFound
+                            && s.message().starts_with("task:")
+                            && started.elapsed().as_secs() < cli.timeout =>
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = stream.message().await.map_err(weft_client::Error::Rpc)? {
+                out.write_all(&chunk.data)?;
+                out.flush()?;
+            }
+            return Ok((String::new(), true));
+        }
+        Cmd::App {
             cmd: AppCmd::Wait { id },
         } => {
             let a = wait_for(&rm, &id, json_out).await?;
@@ -607,7 +656,9 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok((out, true)) => {
-            println!("{out}");
+            if !out.is_empty() {
+                println!("{out}");
+            }
             ExitCode::SUCCESS
         }
         Ok((out, false)) => {

@@ -169,6 +169,29 @@ async fn standalone_runs_jobs_in_one_process_and_a_restart_loses_none() {
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(v["state"], "SUCCEEDED");
     assert_eq!(v["stages"][0]["done"], 2);
+    // Logs of a task, followed from before it starts until it ends, and
+    // stderr; an unknown task is named.
+    let mut ticker = words("submit --vcores 0.2 --memory 64MiB -- sh -c");
+    ticker.push("for i in 1 2 3; do echo tick $i; sleep 0.3; done; echo oops >&2".into());
+    let tid = rmctl(ticker).await.unwrap();
+    let tid = crate::rmctl::stdout(&tid).trim().to_string();
+    let followed = rmctl(words(&format!("app logs {tid} run/0 --follow")))
+        .await
+        .unwrap();
+    assert!(followed.status.success(), "{followed:?}");
+    assert_eq!(crate::rmctl::stdout(&followed), "tick 1\ntick 2\ntick 3\n");
+    let err = rmctl(words(&format!("app logs {tid} run/0 --stderr")))
+        .await
+        .unwrap();
+    assert_eq!(crate::rmctl::stdout(&err), "oops\n");
+    let unknown = rmctl(words(&format!("app logs {tid} train/7")))
+        .await
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("has no task or container \"train/7\""),
+        "{unknown:?}"
+    );
     let sleeper = rmctl(words("submit --vcores 0.2 --memory 64MiB -- sleep 100"))
         .await
         .unwrap();
@@ -207,7 +230,7 @@ async fn standalone_runs_jobs_in_one_process_and_a_restart_loses_none() {
             .await
             .unwrap()
             .len(),
-        6
+        7
     );
 }
 
