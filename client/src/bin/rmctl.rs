@@ -23,15 +23,11 @@ use weft_client::RmClient;
 #[derive(Debug, Parser)]
 #[command(name = "rmctl", version, about = "Talk to a Weft resource manager")]
 struct Cli {
-    /// Resource-manager members, comma-separated host:port.
-    #[arg(
-        long,
-        env = "WEFT_RM",
-        value_delimiter = ',',
-        default_value = "127.0.0.1:7100",
-        global = true
-    )]
-    rm: Vec<String>,
+    /// Resource-manager members, comma-separated host:port. Else WEFT_RM,
+    /// else `rm = [...]` in $WEFT_CONFIG, ~/.config/weft/rmctl.toml or
+    /// /etc/weft/rmctl.toml, else 127.0.0.1:7100.
+    #[arg(long, env = "WEFT_RM", value_delimiter = ',', global = true)]
+    rm: Option<Vec<String>>,
     /// Output format.
     #[arg(short, long, value_enum, default_value = "table", global = true)]
     output: Output,
@@ -40,6 +36,34 @@ struct Cli {
     timeout: u64,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// `rmctl.toml`: where the RM group is.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    rm: Vec<String>,
+}
+
+/// Addresses from the first config file found, if any.
+fn config_addresses() -> anyhow::Result<Option<Vec<String>>> {
+    let mut candidates = Vec::new();
+    if let Ok(p) = std::env::var("WEFT_CONFIG") {
+        candidates.push(std::path::PathBuf::from(p));
+    }
+    if let Ok(home) = std::env::var("HOME") {
+        candidates.push(std::path::Path::new(&home).join(".config/weft/rmctl.toml"));
+    }
+    candidates.push("/etc/weft/rmctl.toml".into());
+    for p in candidates {
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            continue;
+        };
+        let c: FileConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?;
+        return Ok(Some(c.rm));
+    }
+    Ok(None)
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -70,6 +94,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AppCmd,
     },
+    /// Prints a completion script for a shell (e.g. `rmctl completions bash >
+    /// /etc/bash_completion.d/rmctl`).
+    Completions { shell: clap_complete::Shell },
     /// Submits a job spec (YAML or TOML, by extension), or one command run
     /// as a one-stage job (`-- CMD ARGS...`); prints the application id.
     Submit {
@@ -120,7 +147,13 @@ enum ClusterCmd {
 #[derive(Debug, Subcommand)]
 enum NodeCmd {
     List,
-    Drain { id: String },
+    /// One node: capacity, use, GPUs, labels, last heartbeat.
+    Status {
+        id: String,
+    },
+    Drain {
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,9 +226,55 @@ fn quick_spec(
     )
 }
 
+/// Like `wait_for`, with a live progress bar per stage (on a terminal).
+async fn wait_with_bars(rm: &RmClient, id: &str) -> anyhow::Result<pb::ApplicationReport> {
+    let multi = indicatif::MultiProgress::new();
+    let style =
+        indicatif::ProgressStyle::with_template("{prefix:>14} [{bar:30}] {pos}/{len} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> ");
+    let head = multi.add(indicatif::ProgressBar::new_spinner());
+    let mut bars: Vec<indicatif::ProgressBar> = Vec::new();
+    loop {
+        let a = rm.get_application(id).await?;
+        head.set_message(format!(
+            "{id} {}",
+            short_state(a.state().as_str_name(), "APPLICATION_STATE_")
+        ));
+        head.tick();
+        for (i, s) in a.stages.iter().enumerate() {
+            if bars.len() <= i {
+                let b = multi.add(indicatif::ProgressBar::new(s.total as u64));
+                b.set_style(style.clone());
+                b.set_prefix(s.name.clone());
+                bars.push(b);
+            }
+            bars[i].set_length(s.total as u64);
+            bars[i].set_position(s.done as u64);
+            bars[i].set_message(if s.running > 0 {
+                format!("{} running", s.running)
+            } else {
+                String::new()
+            });
+        }
+        if a.state() as i32 >= pb::ApplicationState::Succeeded as i32 {
+            head.finish();
+            for b in &bars {
+                b.finish();
+            }
+            return Ok(a);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 /// Polls `id` until it ends, printing each change of its stages' progress
 /// (as lines, so logs and pipes read well). Returns the final report.
 async fn wait_for(rm: &RmClient, id: &str, quiet: bool) -> anyhow::Result<pb::ApplicationReport> {
+    use std::io::IsTerminal;
+    if !quiet && std::io::stderr().is_terminal() {
+        return wait_with_bars(rm, id).await;
+    }
     let mut last = String::new();
     loop {
         let a = rm.get_application(id).await?;
@@ -302,8 +381,17 @@ fn ended(a: &pb::ApplicationReport, json_out: bool) -> String {
 /// The output, and whether the command's outcome is a success (`app wait`
 /// of an application that failed is not).
 async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
-    let rm =
-        RmClient::new(cli.rm.clone())?.with_deadline(std::time::Duration::from_secs(cli.timeout));
+    if let Cmd::Completions { shell } = cli.command {
+        use clap::CommandFactory;
+        let mut out = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "rmctl", &mut out);
+        return Ok((String::from_utf8_lossy(&out).trim_end().to_string(), true));
+    }
+    let addresses = match cli.rm.clone() {
+        Some(a) => a,
+        None => config_addresses()?.unwrap_or_else(|| vec!["127.0.0.1:7100".into()]),
+    };
+    let rm = RmClient::new(addresses)?.with_deadline(std::time::Duration::from_secs(cli.timeout));
     let json_out = matches!(cli.output, Output::Json);
     let mut ok = true;
     let out = match cli.command {
@@ -366,6 +454,63 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
         } => {
             rm.remove_member(id).await?;
             format!("member {id} removed")
+        }
+        Cmd::Completions { .. } => unreachable!("answered above"),
+        Cmd::Node {
+            cmd: NodeCmd::Status { id },
+        } => {
+            let nodes = rm.list_nodes().await?;
+            let n = nodes
+                .iter()
+                .find(|n| n.node_id == id)
+                .ok_or_else(|| anyhow::anyhow!("no such node {id}"))?;
+            let c = n.capacity.clone().unwrap_or_default();
+            let u = n.used.unwrap_or_default();
+            if json_out {
+                json!({
+                    "id": n.node_id,
+                    "address": n.address,
+                    "state": short_state(n.state().as_str_name(), "NODE_STATE_"),
+                    "capacity": {"vcores_milli": c.vcores_milli, "memory_bytes": c.memory_bytes, "gpus": c.gpus.len()},
+                    "used": {"vcores_milli": u.vcores_milli, "memory_bytes": u.memory_bytes, "gpus": u.gpus, "gpu_share_milli": u.gpu_share_milli},
+                    "gpus": c.gpus.iter().map(|g| json!({"index": g.index, "uuid": g.uuid, "model": g.model, "memory_bytes": g.memory_bytes})).collect::<Vec<_>>(),
+                    "labels": n.labels,
+                    "containers": n.containers,
+                    "last_heartbeat_ms": n.last_heartbeat_ms,
+                })
+                .to_string()
+            } else {
+                let mut labels: Vec<String> =
+                    n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                labels.sort();
+                let gpus = c
+                    .gpus
+                    .iter()
+                    .map(|g| {
+                        format!(
+                            "\n  gpu {}  {}  {}  {}",
+                            g.index,
+                            g.model,
+                            human_bytes(g.memory_bytes),
+                            g.uuid
+                        )
+                    })
+                    .collect::<String>();
+                format!(
+                    "{}  {}  {}\nvcores {} of {}  memory {} of {}  gpus {} of {}  containers {}\nlabels {}{gpus}",
+                    n.node_id,
+                    n.address,
+                    short_state(n.state().as_str_name(), "NODE_STATE_"),
+                    vcores(u.vcores_milli),
+                    vcores(c.vcores_milli),
+                    human_bytes(u.memory_bytes),
+                    human_bytes(c.memory_bytes),
+                    u.gpus,
+                    c.gpus.len(),
+                    n.containers,
+                    if labels.is_empty() { "-".into() } else { labels.join(",") },
+                )
+            }
         }
         Cmd::Node { cmd: NodeCmd::List } => {
             let nodes = rm.list_nodes().await?;
