@@ -426,6 +426,20 @@ fn check_resources(field: &str, r: &ResourcesSpec) -> Result<(), SpecError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_example_job_specs_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for f in [
+            "jobs/gpu.yaml",
+            "jobs/over-quota.yaml",
+            "pipeline/pipeline.yaml",
+        ] {
+            let text = std::fs::read_to_string(dir.join(f)).unwrap();
+            let spec = JobSpec::parse(&text, "yaml").unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(!spec.stages.is_empty(), "{f}");
+        }
+    }
+
     const PIPELINE: &str = r#"
 name: mnist-pipeline
 queue: root.research

@@ -299,6 +299,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_deployment_example_is_a_valid_config() {
+        let p =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/deploy/agent.toml");
+        let c = AgentConfig::load(&p).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.rm_addresses.len(), 3);
+    }
+
+    #[test]
     fn parses_a_full_file_and_validates() {
         let c = AgentConfig::from_toml(
             r#"

@@ -268,6 +268,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_deployment_examples_are_valid_configs() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/deploy");
+        for i in 1..=3 {
+            let c = RmConfig::load(&dir.join(format!("rm-{i}.toml"))).unwrap();
+            c.validate().unwrap();
+            assert_eq!(c.id, i);
+            assert_eq!(c.peers.len(), 3);
+            assert_eq!(c.queues.len(), 2);
+        }
+    }
+
+    #[test]
     fn parses_and_validates() {
         let c = RmConfig::from_toml(
             "id = 2\nlisten = \"127.0.0.1:7102\"\ndata_dir = \"/tmp/rm2\"\n[peers]\n1 = \"127.0.0.1:7101\"\n2 = \"127.0.0.1:7102\"\n3 = \"127.0.0.1:7103\"\n[raft]\ntick = \"50ms\"\nsnapshot_every = 10\n",

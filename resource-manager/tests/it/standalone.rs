@@ -259,4 +259,43 @@ async fn the_example_ml_pipeline_trains_a_model_on_a_standalone_cluster() {
         .parse()
         .unwrap();
     assert!(accuracy > 0.9, "accuracy {accuracy}");
+
+    // The submit-job scripts of examples/, with the real rmctl.
+    let rmctl =
+        std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name("rmctl");
+    let script = |args: Vec<String>| {
+        let (rmctl, addr, root) = (rmctl.clone(), solo.addr.clone(), root.clone());
+        tokio::task::spawn_blocking(move || {
+            Command::new("bash")
+                .args(&args)
+                .current_dir(root)
+                .env("RMCTL", rmctl)
+                .env("WEFT_RM", addr)
+                .output()
+                .unwrap()
+        })
+    };
+    let array = script(vec![
+        "examples/submit-array.sh".into(),
+        "3".into(),
+        "echo shard $WEFT_TASK_INDEX".into(),
+    ])
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&array.stdout);
+    assert!(array.status.success(), "{array:?}");
+    for i in 0..3 {
+        assert!(out.contains(&format!("--- task {i}\nshard {i}\n")), "{out}");
+    }
+    let sweep = script(vec![
+        "examples/submit-sweep.sh".into(),
+        "0.1".into(),
+        "0.5".into(),
+        "1.0".into(),
+    ])
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&sweep.stdout);
+    assert!(sweep.status.success(), "{sweep:?}");
+    assert!(out.contains("best learning rate: 0.5 (loss 0)"), "{out}");
 }
