@@ -308,6 +308,41 @@ impl RmClient {
         .await
     }
 
+    /// The application's report now and at every change, until it ends.
+    pub async fn watch_application(
+        &self,
+        id: &str,
+    ) -> Result<tonic::Streaming<pb::ApplicationReport>, Error> {
+        let req = pb::GetApplicationRequest {
+            application_id: id.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.watch_application(req).await }
+        })
+        .await
+    }
+
+    /// Waits for the application's end (following its watch stream, and
+    /// watching again from another member if the stream breaks); returns
+    /// the final report.
+    pub async fn wait_application(&self, id: &str) -> Result<pb::ApplicationReport, Error> {
+        loop {
+            let mut stream = self.watch_application(id).await?;
+            loop {
+                match stream.message().await {
+                    Ok(Some(r)) if r.state >= pb::ApplicationState::Succeeded as i32 => {
+                        return Ok(r)
+                    }
+                    Ok(Some(_)) => {}
+                    // The stream ended or broke (a failover): watch again.
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn list_nodes(&self) -> Result<Vec<pb::NodeReport>, Error> {
         self.call(|mut c| async move { c.list_nodes(pb::ListNodesRequest {}).await })
             .await

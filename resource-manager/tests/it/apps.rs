@@ -243,6 +243,57 @@ async fn the_rm_starts_masters_and_a_killed_job_leaves_nothing_running() {
     );
     assert_eq!(done.progress, 1.0);
 
+    // rmctl on the 3-member group: wait (exit status), a task's logs, drain.
+    let rm = cluster.addrs().join(",");
+    let rmctl = |args: Vec<String>| {
+        let rm = rm.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            crate::rmctl::run(&args, &rm)
+        })
+    };
+    let mut quick: Vec<String> = "submit --wait --instances 3 --vcores 0.5 --memory 64MiB -- sh -c"
+        .split(' ')
+        .map(str::to_string)
+        .collect();
+    quick.push("echo out $WEFT_TASK_INDEX; test $WEFT_TASK_INDEX != 2".into());
+    let failed = rmctl(quick).await.unwrap();
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    let text = crate::rmctl::stdout(&failed);
+    assert!(
+        text.contains("FAILED: stage run task 2: exited with code 1"),
+        "{text}"
+    );
+    let id = text.split(' ').next().unwrap().to_string();
+    let logs = rmctl(vec![
+        "app".into(),
+        "logs".into(),
+        id.clone(),
+        "run/1".into(),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(crate::rmctl::stdout(&logs), "out 1\n");
+    let master = rmctl(vec!["app".into(), "logs".into(), id, "--stderr".into()])
+        .await
+        .unwrap();
+    assert!(master.status.success(), "{master:?}");
+    let drained = rmctl(vec!["node".into(), "drain".into(), "node-c".into()])
+        .await
+        .unwrap();
+    assert!(drained.status.success(), "{drained:?}");
+    let node = rmctl(vec![
+        "node".into(),
+        "status".into(),
+        "node-c".into(),
+        "-o".into(),
+        "json".into(),
+    ])
+    .await
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&node.stdout).unwrap();
+    assert_eq!(v["state"], "DRAINING", "{v}");
+
     // A long job killed mid-run: its master and tasks are stopped everywhere.
     let long = "name: long\nstages:\n  - name: sleep\n    instances: 2\n    command: 'exec sleep 1000'\n    resources: { vcores: 0.5, memory: 64MiB }\n";
     let app = client.submit(long, "yaml", "mia").await.unwrap();

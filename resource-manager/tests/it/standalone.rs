@@ -260,6 +260,32 @@ async fn the_example_ml_pipeline_trains_a_model_on_a_standalone_cluster() {
         .unwrap();
     assert!(accuracy > 0.9, "accuracy {accuracy}");
 
+    // The client library example.
+    let example = std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager"))
+        .with_file_name("examples")
+        .join("client");
+    assert!(
+        example.exists(),
+        "{} is missing: run `cargo test --workspace --all-targets` (it builds the examples)",
+        example.display()
+    );
+    let addr = solo.addr.clone();
+    let out =
+        tokio::task::spawn_blocking(move || Command::new(example).arg(addr).output().unwrap())
+            .await
+            .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Succeeded greet 2/2"), "{stdout}");
+    assert!(
+        stdout.contains("greet/1: hello from task 1 of app-"),
+        "{stdout}"
+    );
+
     // The submit-job scripts of examples/, with the real rmctl.
     let rmctl =
         std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name("rmctl");
