@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 root=$(pwd)
 
 cargo build --bins
-bin="$root/target/debug"
+bin="${CARGO_TARGET_DIR:-$root/target}/debug"
 
 work=$(mktemp -d -t weft-quickstart.XXXXXX)
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -31,6 +31,11 @@ trap stop EXIT
 
 echo "standalone cluster at $WEFT_RM (log: $log)"
 for _ in $(seq 1 100); do
+  if ! kill -0 "$cluster" 2>/dev/null; then
+    echo "the standalone cluster stopped; its log:" >&2
+    cat "$log" >&2
+    exit 1
+  fi
   if "$bin/rmctl" --timeout 1 node list 2>/dev/null | grep -q RUNNING; then
     break
   fi
