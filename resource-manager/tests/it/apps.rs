@@ -305,7 +305,14 @@ async fn the_rm_starts_masters_and_a_killed_job_leaves_nothing_running() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    client.kill_application(&app).await.unwrap();
+    let killed = rmctl(vec!["app".into(), "kill".into(), app.clone()])
+        .await
+        .unwrap();
+    assert!(killed.status.success(), "{killed:?}");
+    assert_eq!(
+        crate::rmctl::stdout(&killed),
+        format!("application {app} killed\n")
+    );
     assert_eq!(
         client.get_application(&app).await.unwrap().state(),
         pb::ApplicationState::Killed
