@@ -108,8 +108,9 @@ async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` lists benchmarks; nothing to list.
     }
+    // `cargo bench` passes --bench; `cargo test` runs a short version.
     let quick =
-        std::env::var("WEFT_BENCH_QUICK").is_ok() || std::env::args().any(|a| a == "--test");
+        std::env::var("WEFT_BENCH_QUICK").is_ok() || !std::env::args().any(|a| a == "--bench");
     let rounds = if quick { 5 } else { 50 };
     let work = tempfile::tempdir().unwrap();
     let parent = format!("weft-bench-{}", std::process::id());
