@@ -38,6 +38,10 @@ pub struct RmConfig {
     /// this long itself, so an election never causes false losses.
     #[serde(with = "humantime_serde")]
     pub node_expiry: Duration,
+    /// How long the state keeps the containers of finished applications
+    /// (their reports, task logs by name); then they are dropped.
+    #[serde(with = "humantime_serde")]
+    pub container_retention: Duration,
 }
 
 impl Default for RmConfig {
@@ -52,6 +56,7 @@ impl Default for RmConfig {
             masters: MastersConfig::default(),
             heartbeat_interval: Duration::from_secs(1),
             node_expiry: Duration::from_secs(10),
+            container_retention: Duration::from_secs(3600),
             queues: Vec::new(),
         }
     }

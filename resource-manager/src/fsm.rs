@@ -76,6 +76,11 @@ pub enum Command {
         attempt: u32,
         stages: Vec<StageProgress>,
     },
+    /// Drops the ended containers of applications that finished before
+    /// this time (ones still holding a node's resources stay).
+    PruneContainers {
+        finished_before_ms: u64,
+    },
     /// The key the RM group signs tokens with (the first one proposed wins).
     SetTokenKey {
         seed_hex: String,
@@ -695,6 +700,30 @@ impl ClusterState {
                         if c.phase == ContainerPhase::Completed {
                             c.holding = false;
                         }
+                    }
+                }
+                Outcome::Done
+            }
+            Command::PruneContainers { finished_before_ms } => {
+                let done: Vec<String> = self
+                    .apps
+                    .values()
+                    .filter(|a| a.state.is_terminal() && a.finished_at_ms < *finished_before_ms)
+                    .map(|a| a.id.clone())
+                    .collect();
+                for app in done {
+                    let Some(ids) = self.app_containers.get_mut(&app) else {
+                        continue;
+                    };
+                    ids.retain(|id| match self.containers.get(id) {
+                        Some(c) if !c.occupies_node() => {
+                            self.containers.remove(id);
+                            false
+                        }
+                        _ => true,
+                    });
+                    if ids.is_empty() {
+                        self.app_containers.remove(&app);
                     }
                 }
                 Outcome::Done
@@ -1422,6 +1451,51 @@ mod tests {
         });
         assert_eq!(s.node_use("n1").vcores_milli, 0);
         s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn containers_of_long_finished_applications_are_pruned() {
+        let mut s = ClusterState::default();
+        s.apply(&node("n1", 8000, 8 << 30, 0));
+        s.apply(&submit("a", 1));
+        s.apply(&submit("b", 1));
+        let (a, b) = ("app-000001", "app-000002");
+        let c = |id: &str, app: &str| alloc(id, app, "n1", 500, 1 << 20, &[]);
+        assert_eq!(
+            allocate(&mut s, vec![c("a1", a), c("a2", a), c("b1", b)]),
+            Outcome::Done
+        );
+        s.apply(&Command::ContainersLaunched {
+            container_ids: vec!["a2".into()],
+            at_ms: 2,
+        });
+        // a ends at 5 while a2 still runs (it holds its node until stopped).
+        s.apply(&Command::ApplicationFinished {
+            app_id: a.into(),
+            state: AppState::Succeeded,
+            diagnostics: String::new(),
+            stages: vec![],
+            at_ms: 5,
+        });
+        let prune = |before| Command::PruneContainers {
+            finished_before_ms: before,
+        };
+        s.apply(&prune(5));
+        assert_eq!(s.containers.len(), 3, "not finished before 5");
+        s.apply(&prune(10));
+        assert!(!s.containers.contains_key("a1"));
+        assert!(s.containers.contains_key("a2"), "still holding its node");
+        assert!(s.containers.contains_key("b1"), "b has not finished");
+        s.check_invariants().unwrap();
+        s.apply(&Command::ContainersStopped {
+            container_ids: vec!["a2".into()],
+        });
+        s.apply(&prune(10));
+        assert_eq!(s.containers.keys().collect::<Vec<_>>(), vec!["b1"]);
+        assert!(!s.app_containers.contains_key(a));
+        s.check_invariants().unwrap();
+        // The state read back from a snapshot is the same.
+        assert_eq!(ClusterState::from_snapshot(&s.to_snapshot()).unwrap(), s);
     }
 
     #[test]

@@ -75,7 +75,8 @@ pub async fn run(
         config.node_expiry,
         config::queue_specs(&config.queues),
         config.masters.launch.then(|| config.masters.clone()),
-    );
+    )
+    .with_container_retention(config.container_retention);
     let cancel = tokio_util::sync::CancellationToken::new();
     let liveness = tokio::spawn(svc.clone().run_liveness(cancel.clone()));
     let scheduling = tokio::spawn(svc.scheduling.clone().run(cancel.clone()));

@@ -74,6 +74,8 @@ pub struct RmService {
     queues: Arc<Vec<QueueSpec>>,
     /// The scheduling loop, poked when containers end or nodes change.
     pub scheduling: crate::am::Scheduling,
+    /// How long containers of finished applications stay in the state.
+    container_retention: Duration,
 }
 
 impl RmService {
@@ -91,6 +93,39 @@ impl RmService {
             queues: Arc::new(queues),
             scheduling: crate::am::Scheduling::new(raft.clone(), masters),
             raft,
+            container_retention: Duration::from_secs(3600),
+        }
+    }
+
+    pub fn with_container_retention(mut self, d: Duration) -> Self {
+        self.container_retention = d;
+        self
+    }
+
+    /// Leader-only: drops the containers of applications that finished
+    /// more than `container_retention` ago from the state (its size, and
+    /// every scan over containers, then follow what runs, not history).
+    async fn prune_containers(&self) {
+        let before = now_ms().saturating_sub(self.container_retention.as_millis() as u64);
+        let due = {
+            let st = self.raft.state();
+            st.apps.values().any(|a| {
+                a.state.is_terminal()
+                    && a.finished_at_ms < before
+                    && st.containers_of(&a.id).any(|c| !c.occupies_node())
+            })
+        };
+        if due {
+            match self
+                .raft
+                .propose(Command::PruneContainers {
+                    finished_before_ms: before,
+                })
+                .await
+            {
+                Ok(_) => tracing::debug!("containers of finished applications pruned"),
+                Err(e) => tracing::debug!(error = %e, "pruning not committed"),
+            }
         }
     }
 
@@ -126,10 +161,18 @@ impl RmService {
     /// Leader-only: declares silent nodes LOST, until `cancel` fires.
     pub async fn run_liveness(self, cancel: tokio_util::sync::CancellationToken) {
         let every = (self.node_expiry / 8).max(Duration::from_millis(50));
+        let mut last_prune = Instant::now();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = cancel.cancelled() => return,
+            }
+            if self.raft.status().is_leader
+                && last_prune.elapsed()
+                    >= (self.container_retention / 10).min(Duration::from_secs(60))
+            {
+                last_prune = Instant::now();
+                self.prune_containers().await;
             }
             let lost = {
                 let is_leader = self.raft.status().is_leader;
@@ -965,7 +1008,12 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                         | pb::ContainerState::Stopping
                 );
                 let Some(mine) = st.containers.get(&c.container_id) else {
-                    if !running {
+                    // Not in the state: an agent can only have started it
+                    // after its grant was committed, so it was pruned (its
+                    // application finished long ago). Nothing may run for it.
+                    if running {
+                        to_stop.push(c.container_id.clone());
+                    } else {
                         acknowledged.push(c.container_id.clone());
                     }
                     continue;
