@@ -137,7 +137,7 @@ async fn a_pipeline_with_a_tensorflow_gang_succeeds_and_a_memory_hog_fails_with_
         .join("custom-am");
     assert!(
         example.exists(),
-        "{} is missing: run `cargo test --workspace --all-targets` (it builds the examples)",
+        "{} is missing: run `cargo build --workspace --bins --examples` first (README's test command does)",
         example.display()
     );
     let rm = cluster.addrs().join(",");

@@ -266,7 +266,7 @@ async fn the_example_ml_pipeline_trains_a_model_on_a_standalone_cluster() {
         .join("client");
     assert!(
         example.exists(),
-        "{} is missing: run `cargo test --workspace --all-targets` (it builds the examples)",
+        "{} is missing: run `cargo build --workspace --bins --examples` first (README's test command does)",
         example.display()
     );
     let addr = solo.addr.clone();
