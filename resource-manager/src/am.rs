@@ -319,26 +319,12 @@ impl Scheduling {
                 else {
                     continue;
                 };
-                if app
-                    .attempt
-                    .saturating_sub(app.free_attempts.min(FREE_ATTEMPTS))
-                    >= spec.max_attempts
-                {
-                    let why = last
-                        .and_then(|c| c.end.as_ref())
-                        .map(|e| e.diagnostic.clone())
-                        .unwrap_or_default();
-                    commands.push(Command::ApplicationFinished {
-                        app_id: app.id.clone(),
-                        state: AppState::Failed,
-                        diagnostics: format!(
-                            "the application master failed {} time(s); last: {why}",
-                            app.attempt
-                                .saturating_sub(app.free_attempts.min(FREE_ATTEMPTS))
-                        ),
-                        stages: vec![],
-                        at_ms: now_ms(),
-                    });
+                let why = last
+                    .and_then(|c| c.end.as_ref())
+                    .map(|e| e.diagnostic.clone())
+                    .unwrap_or_default();
+                if let Some(end) = attempts_exhausted(app, &spec, 0, &why) {
+                    commands.push(end);
                     continue;
                 }
                 let (vcores, memory) = match &spec.am {
@@ -409,19 +395,9 @@ impl Scheduling {
                     continue;
                 };
                 let previous_lost = failure.is_none() && app.attempt > 0;
-                let free = (app.free_attempts + previous_lost as u32).min(FREE_ATTEMPTS);
-                if app.attempt.saturating_sub(free) >= spec.max_attempts {
-                    commands.push(Command::ApplicationFinished {
-                        app_id: app.id.clone(),
-                        state: AppState::Failed,
-                        diagnostics: format!(
-                            "the application master failed {} time(s); last: {}",
-                            app.attempt.saturating_sub(free),
-                            failure.unwrap_or_default()
-                        ),
-                        stages: vec![],
-                        at_ms: now_ms(),
-                    });
+                let why = failure.unwrap_or_default();
+                if let Some(end) = attempts_exhausted(app, &spec, previous_lost as u32, &why) {
+                    commands.push(end);
                     continue;
                 }
                 start.push((app.id.clone(), app.attempt + 1, spec, previous_lost));
@@ -694,6 +670,25 @@ impl Scheduling {
         }
         Some((allocations, out_keys))
     }
+}
+
+/// The end of a job whose master attempts ran out (`extra_free`: attempts
+/// not yet recorded as free), or None while it may try again.
+fn attempts_exhausted(
+    app: &crate::fsm::App,
+    spec: &weft_app_master::spec::JobSpec,
+    extra_free: u32,
+    why: &str,
+) -> Option<Command> {
+    let free = (app.free_attempts + extra_free).min(FREE_ATTEMPTS);
+    let failed = app.attempt.saturating_sub(free);
+    (failed >= spec.max_attempts).then(|| Command::ApplicationFinished {
+        app_id: app.id.clone(),
+        state: AppState::Failed,
+        diagnostics: format!("the application master failed {failed} time(s); last: {why}"),
+        stages: vec![],
+        at_ms: now_ms(),
+    })
 }
 
 /// The container token an agent needs to start `a`.
@@ -993,17 +988,7 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         let app = self.live_app(&r.application_id, r.attempt)?;
         // Progress, replicated when it changed.
         if !r.stages.is_empty() && r.attempt == app.attempt {
-            let stages: Vec<crate::fsm::StageProgress> = r
-                .stages
-                .iter()
-                .map(|p| crate::fsm::StageProgress {
-                    name: p.name.clone(),
-                    done: p.done,
-                    total: p.total,
-                    running: p.running,
-                    failed: p.failed,
-                })
-                .collect();
+            let stages: Vec<crate::fsm::StageProgress> = r.stages.iter().map(Into::into).collect();
             if stages != app.stages {
                 // Off the call's path: progress is advisory.
                 let (raft, cmd) = (
@@ -1180,17 +1165,7 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                 app_id: r.application_id.clone(),
                 state,
                 diagnostics: r.diagnostics,
-                stages: r
-                    .stages
-                    .iter()
-                    .map(|p| crate::fsm::StageProgress {
-                        name: p.name.clone(),
-                        done: p.done,
-                        total: p.total,
-                        running: p.running,
-                        failed: p.failed,
-                    })
-                    .collect(),
+                stages: r.stages.iter().map(Into::into).collect(),
                 at_ms: now_ms(),
             })
             .await?

@@ -350,6 +350,30 @@ pub struct StageProgress {
     pub failed: u32,
 }
 
+impl From<&weft_proto::v1::StageProgress> for StageProgress {
+    fn from(p: &weft_proto::v1::StageProgress) -> Self {
+        StageProgress {
+            name: p.name.clone(),
+            done: p.done,
+            total: p.total,
+            running: p.running,
+            failed: p.failed,
+        }
+    }
+}
+
+impl From<&StageProgress> for weft_proto::v1::StageProgress {
+    fn from(p: &StageProgress) -> Self {
+        weft_proto::v1::StageProgress {
+            name: p.name.clone(),
+            done: p.done,
+            total: p.total,
+            running: p.running,
+            failed: p.failed,
+        }
+    }
+}
+
 /// The whole replicated state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {

@@ -255,17 +255,7 @@ impl RmService {
                     .fold((0u32, 0u32), |(d, t), p| (d + p.done, t + p.total));
                 done as f32 / total.max(1) as f32
             },
-            stages: a
-                .stages
-                .iter()
-                .map(|p| pb::StageProgress {
-                    name: p.name.clone(),
-                    done: p.done,
-                    total: p.total,
-                    running: p.running,
-                    failed: p.failed,
-                })
-                .collect(),
+            stages: a.stages.iter().map(Into::into).collect(),
             diagnostics: a.diagnostics.clone(),
             submitted_at_ms: a.submitted_at_ms,
             finished_at_ms: a.finished_at_ms,
