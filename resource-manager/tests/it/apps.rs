@@ -21,6 +21,25 @@ fn app_master() -> std::path::PathBuf {
     p
 }
 
+const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
+
+/// A 3-member group that launches the real `app-master` for every job, with
+/// an agent per name, all registered.
+async fn launching_cluster(names: &[&str]) -> (Cluster, Vec<AgentProcess>) {
+    let extra = format!(
+        "[masters]\nlaunch = true\ncommand = {:?}\n",
+        app_master().display().to_string()
+    );
+    let cluster = Cluster::start_with(3, 1000, &extra);
+    cluster.leader().await;
+    let agents = names
+        .iter()
+        .map(|n| AgentProcess::start(n, &cluster.addrs()))
+        .collect();
+    crate::cluster::wait_nodes(&cluster.client(), names.len()).await;
+    (cluster, agents)
+}
+
 const PIPELINE: &str = r#"
 name: pipeline
 stages:
@@ -207,18 +226,8 @@ async fn wait_state(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rm_starts_masters_and_a_killed_job_leaves_nothing_running() {
-    let extra = format!(
-        "[masters]\nlaunch = true\ncommand = {:?}\n",
-        app_master().display().to_string()
-    );
-    let cluster = Cluster::start_with(3, 1000, &extra);
-    cluster.leader().await;
-    let agents: Vec<AgentProcess> = ["node-a", "node-b", "node-c"]
-        .iter()
-        .map(|n| AgentProcess::start(n, &cluster.addrs()))
-        .collect();
+    let (cluster, agents) = launching_cluster(&NODES).await;
     let client = cluster.client();
-    crate::cluster::wait_nodes(&client, 3).await;
 
     // Submitted, nothing else: the RM starts the master, which runs the job
     // (preprocess x4 -> a 3-task TensorFlow gang checking its own TF_CONFIG
@@ -377,19 +386,9 @@ const STEADY: &str = "name: steady\nmax_attempts: 3\nstages:\n  - name: work\n  
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_finish_through_a_leader_kill_and_a_node_kill() {
-    let extra = format!(
-        "[masters]\nlaunch = true\ncommand = {:?}\n",
-        app_master().display().to_string()
-    );
-    let mut cluster = Cluster::start_with(3, 1000, &extra);
-    cluster.leader().await;
-    let names = ["node-a", "node-b", "node-c"];
-    let mut agents: Vec<AgentProcess> = names
-        .iter()
-        .map(|n| AgentProcess::start(n, &cluster.addrs()))
-        .collect();
+    let names = NODES;
+    let (mut cluster, mut agents) = launching_cluster(&names).await;
     let client = cluster.client();
-    crate::cluster::wait_nodes(&client, 3).await;
     let busy = |min: usize| {
         let client = &client;
         async move {
@@ -450,19 +449,9 @@ async fn jobs_finish_through_a_leader_kill_and_a_node_kill() {
 /// in a shared file) and finishes the job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_masters_node_dies_and_a_second_attempt_adopts_the_running_tasks() {
-    let extra = format!(
-        "[masters]\nlaunch = true\ncommand = {:?}\n",
-        app_master().display().to_string()
-    );
-    let cluster = Cluster::start_with(3, 1000, &extra);
-    cluster.leader().await;
-    let names = ["node-a", "node-b", "node-c"];
-    let mut agents: Vec<AgentProcess> = names
-        .iter()
-        .map(|n| AgentProcess::start(n, &cluster.addrs()))
-        .collect();
+    let names = NODES;
+    let (cluster, mut agents) = launching_cluster(&names).await;
     let client = cluster.client();
-    crate::cluster::wait_nodes(&client, 3).await;
     let dir = tempfile::tempdir().unwrap();
     let starts = dir.path().join("starts");
     let spec = format!(
