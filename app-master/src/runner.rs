@@ -378,6 +378,7 @@ impl Runner {
                         PlacementSpec::Pack => pb::PlacementPolicy::Pack as i32,
                         PlacementSpec::Spread => pb::PlacementPolicy::Spread as i32,
                     },
+                    ports: ports_asked(s),
                 }
             })
             .collect()
@@ -429,6 +430,7 @@ impl Runner {
                         pids_limit: 0,
                         gpu_indices: a.gpu_indices.clone(),
                         gpu_memory_bytes: a.gpu_memory_bytes,
+                        ports: a.ports.clone(),
                         max_runtime_ms: s.max_runtime.map_or(0, |d| d.as_millis() as u64),
                         gpu_share_milli: a.gpu_share_milli,
                     }),
@@ -499,12 +501,9 @@ impl Runner {
                     .node_address
                     .rsplit_once(':')
                     .map_or(a.node_address.as_str(), |(h, _)| h);
-                // A port per container, from a range the cluster keeps for jobs.
-                let port = 20000
-                    + (a.container_id
-                        .bytes()
-                        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32))
-                        % 20000);
+                // The gang's port: the first the RM gave this container on
+                // its node (free there, and no other container's).
+                let port = a.ports.first().copied().unwrap_or_default();
                 (i, format!("{host}:{port}"))
             })
             .collect()
@@ -521,6 +520,18 @@ impl Runner {
         env.insert("WEFT_ROLE".into(), t.role.clone().unwrap_or_default());
         env.insert("WEFT_TASK_INDEX".into(), t.index.to_string());
         env.insert("WEFT_CONTAINER_ID".into(), a.container_id.clone());
+        // Ports: the gang's own first (its address in the layout), then
+        // the stage's named ones in order.
+        let named = a.ports.iter().skip(s.gang as usize);
+        for (name, port) in s.ports.iter().zip(named) {
+            env.insert(
+                format!("WEFT_PORT_{}", name.to_uppercase()),
+                port.to_string(),
+            );
+        }
+        if let Some(p) = a.ports.first() {
+            env.insert("WEFT_PORT".into(), p.to_string());
+        }
         if layout.is_empty() {
             return env;
         }
@@ -637,4 +648,10 @@ impl Runner {
             self.tasks[i].alloc = None;
         }
     }
+}
+
+/// Ports each task of stage `s` needs: one for a gang's address, plus the
+/// stage's named ones.
+fn ports_asked(s: &crate::spec::StageSpec) -> u32 {
+    s.gang as u32 + s.ports.len() as u32
 }

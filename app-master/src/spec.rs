@@ -123,7 +123,14 @@ pub struct StageSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub placement: PlacementSpec,
+    /// Named ports each task gets on its node (`WEFT_PORT_<NAME>`), chosen
+    /// by the RM from the node's port range: never one in use there.
+    #[serde(default)]
+    pub ports: Vec<String>,
 }
+
+/// Most named ports a stage may ask for.
+pub const MAX_PORTS: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -202,6 +209,32 @@ impl JobSpec {
             }
             if s.command.trim().is_empty() {
                 return Err(bad(format!("{f}.command"), "must not be empty"));
+            }
+            if s.ports.len() > MAX_PORTS {
+                return Err(bad(
+                    format!("{f}.ports"),
+                    format!("{} ports; at most {MAX_PORTS}", s.ports.len()),
+                ));
+            }
+            let mut port_names = std::collections::BTreeSet::new();
+            for (k, p) in s.ports.iter().enumerate() {
+                let ok = !p.is_empty()
+                    && p.len() <= 32
+                    && p.starts_with(|c: char| c.is_ascii_lowercase())
+                    && p.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                if !ok {
+                    return Err(bad(
+                        format!("{f}.ports[{k}]"),
+                        format!("{p:?} must be 1-32 lowercase letters, digits or '_', starting with a letter"),
+                    ));
+                }
+                if !port_names.insert(p.as_str()) {
+                    return Err(bad(
+                        format!("{f}.ports[{k}]"),
+                        format!("{p} is named twice"),
+                    ));
+                }
             }
             match (&s.instances, &s.roles) {
                 (Some(_), Some(_)) => {
@@ -540,6 +573,29 @@ resources = { vcores = 1, memory = "256MiB" }
         assert_eq!(
             err(&base("  - name: t\n    framework: pytorch\n    command: x\n    instances: 2\n    resources: { vcores: 1, memory: 1GiB }\n")),
             "stages[0].gang: distributed training (framework) stages must be gang: true"
+        );
+        let ports = |p: &str| {
+            err(&base(&format!(
+                "  - name: a\n    instances: 1\n    command: x\n    ports: {p}\n    resources: {{ vcores: 1, memory: 1GiB }}\n"
+            )))
+        };
+        assert_eq!(
+            ports("[http, Grpc]"),
+            "stages[0].ports[1]: \"Grpc\" must be 1-32 lowercase letters, digits or '_', starting with a letter"
+        );
+        assert_eq!(
+            ports("[http, http]"),
+            "stages[0].ports[1]: http is named twice"
+        );
+        assert_eq!(
+            ports(&format!(
+                "[{}]",
+                (0..17)
+                    .map(|i| format!("p{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            "stages[0].ports: 17 ports; at most 16"
         );
         assert!(JobSpec::parse("x", "json")
             .unwrap_err()

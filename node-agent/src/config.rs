@@ -34,6 +34,28 @@ pub struct AgentConfig {
     pub gpu: GpuConfig,
     pub heartbeat: HeartbeatConfig,
     pub security: SecurityConfig,
+    pub ports: PortsConfig,
+}
+
+/// Ports the RM hands to this node's containers (gang addresses, named
+/// `ports:` of a stage): each container gets its own, never one bound on
+/// the node by anything else.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PortsConfig {
+    /// First port of the range (inclusive).
+    pub first: u16,
+    /// Last port of the range (inclusive).
+    pub last: u16,
+}
+
+impl Default for PortsConfig {
+    fn default() -> Self {
+        PortsConfig {
+            first: 20000,
+            last: 32000,
+        }
+    }
 }
 
 /// Container tokens: the agent starts a container only with a token the
@@ -62,6 +84,7 @@ impl Default for AgentConfig {
             gpu: GpuConfig::default(),
             heartbeat: HeartbeatConfig::default(),
             security: SecurityConfig::default(),
+            ports: PortsConfig::default(),
         }
     }
 }
@@ -261,6 +284,12 @@ impl AgentConfig {
             if v.is_nan() || v <= 0.0 {
                 return bad("resources.vcores", "must be greater than zero");
             }
+        }
+        if self.ports.first == 0 || self.ports.first > self.ports.last {
+            return bad(
+                "ports",
+                "first must be 1 or more and at most last (the range is inclusive)",
+            );
         }
         if let Some(k) = &self.security.token_public_key {
             if let Err(e) = weft_proto::token::TokenVerifier::from_hex(k) {

@@ -30,6 +30,10 @@ pub enum Error {
     Gpu(String),
     #[error("agent is shutting down")]
     ShuttingDown,
+    /// The agent cannot start work yet (no token key): a transient refusal,
+    /// answered UNAVAILABLE so callers try again later or elsewhere.
+    #[error("not ready: {0}")]
+    NotReady(String),
     /// The container token is missing, forged, expired or not for this request.
     #[error("token: {0}")]
     PermissionDenied(String),
@@ -66,7 +70,7 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
             Error::NotFound(_) => tonic::Status::not_found(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
-            Error::ShuttingDown => tonic::Status::unavailable(msg),
+            Error::ShuttingDown | Error::NotReady(_) => tonic::Status::unavailable(msg),
             Error::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             Error::Io { .. } | Error::Gpu(_) => tonic::Status::internal(msg),
         }

@@ -26,6 +26,7 @@ pub mod gpu;
 pub mod logs;
 pub mod manager;
 pub mod model;
+pub mod ports;
 pub mod procfs;
 pub mod service;
 pub mod telemetry;
@@ -137,6 +138,7 @@ pub async fn run(
             rm_addresses: config.rm_addresses.clone(),
             interval: config.heartbeat.interval,
             max_backoff: config.heartbeat.max_backoff,
+            ports: config.ports.clone(),
         };
         background.push(tokio::spawn(tracker::run(
             mgr.clone(),

@@ -268,8 +268,16 @@ impl Manager {
             return Err(Error::ShuttingDown);
         }
         let token = std::mem::take(&mut req.token);
+        let ports = req
+            .resources
+            .as_ref()
+            .map(|r| r.ports.clone())
+            .unwrap_or_default();
         let spec = validate::start_request(req, self.sh.gpus.len())?;
         let expires = self.sh.tokens.check(&token, &spec)?;
+        // A port given to it and bound on the node by something else: a
+        // transient refusal (the RM hears of the port and gives another).
+        crate::ports::check_free(&ports)?;
         let (c, stop_rx) = self.admit(&spec)?;
         if let Err(e) = self.sh.tokens.spend(&spec.id, expires) {
             self.sh

@@ -36,6 +36,17 @@ impl Tokens {
         &self.node_id
     }
 
+    /// The public key this agent checks tokens with (empty: none yet). The
+    /// agent reports it, and the RM offers work only once it is the group's.
+    pub fn public_key(&self) -> Vec<u8> {
+        self.key
+            .read()
+            .expect("token key lock")
+            .as_ref()
+            .map(|k| k.to_bytes().to_vec())
+            .unwrap_or_default()
+    }
+
     /// The key an RM handed out (at registration or in a heartbeat).
     pub fn learn(&self, public_key: &[u8]) {
         if public_key.is_empty() {
@@ -65,9 +76,10 @@ impl Tokens {
     pub fn check(&self, token: &[u8], spec: &ContainerSpec) -> Result<u64> {
         let deny = |m: String| Err(Error::PermissionDenied(m));
         let Some(key) = self.key.read().expect("token key lock").clone() else {
-            return deny(
+            // Transient: the caller tries again later or elsewhere.
+            return Err(Error::NotReady(
                 "this agent has no resource-manager key yet (set security.token_public_key, or wait until it has registered)".into(),
-            );
+            ));
         };
         let now = now_ms();
         let body = match key.verify_container(token, now) {
@@ -233,11 +245,16 @@ mod tests {
             .check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500))
             .unwrap();
         let learning = Tokens::new("n1".into(), None);
-        assert!(
-            denied(learning.check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500)))
-                .contains("no resource-manager key yet")
-        );
+        assert!(learning.public_key().is_empty());
+        match learning.check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500)) {
+            Err(e @ Error::NotReady(_)) => {
+                assert!(e.to_string().contains("no resource-manager key yet"));
+                assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unavailable);
+            }
+            other => panic!("not a transient refusal: {other:?}"),
+        }
         learning.learn(&rm.public_key());
+        assert_eq!(learning.public_key(), rm.public_key());
         learning
             .check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500))
             .unwrap();

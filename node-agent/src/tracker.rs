@@ -28,6 +28,8 @@ pub struct TrackerConfig {
     pub rm_addresses: Vec<String>,
     pub interval: Duration,
     pub max_backoff: Duration,
+    /// The port range reported at registration, and scanned for bound ports.
+    pub ports: crate::config::PortsConfig,
 }
 
 /// Exponential backoff: `base * 2^attempt`, capped.
@@ -71,7 +73,7 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
             continue;
         };
         let mut client = ResourceTrackerClient::new(ep.connect_lazy());
-        match register(&mut client, &mgr, &node).await {
+        match register(&mut client, &mgr, &node, &cfg.ports).await {
             Ok(resp) => {
                 info!(rm = %addr, node_id = %node.node_id, "registered with the resource manager");
                 mgr.tokens().learn(&resp.token_public_key);
@@ -104,9 +106,17 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
         }
         // Ended containers the RM has stored: not reported again.
         let mut acknowledged: HashSet<String> = HashSet::new();
+        // The first heartbeat goes at once: it tells the RM this agent holds
+        // the token key, which is when the node is first offered work.
+        let mut first = true;
         loop {
+            let wait = if std::mem::take(&mut first) {
+                Duration::ZERO
+            } else {
+                interval
+            };
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(wait) => {}
                 // A container ended: report it now (after a moment, so
                 // ends close together go in one heartbeat).
                 _ = mgr.container_ended() => {
@@ -117,6 +127,10 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
             sequence += 1;
             let all = mgr.list(true);
             acknowledged.retain(|id| all.iter().any(|r| r.spec.id == *id));
+            let range = cfg.ports.clone();
+            let ports_in_use = tokio::task::spawn_blocking(move || crate::ports::in_use(&range))
+                .await
+                .unwrap_or_default();
             let req = pb::NodeHeartbeatRequest {
                 node_id: node.node_id.clone(),
                 containers: all
@@ -126,6 +140,8 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
                     .collect(),
                 utilization: Some(utilization(&mgr)),
                 sequence,
+                token_public_key: mgr.tokens().public_key(),
+                ports_in_use,
             };
             match client.node_heartbeat(req).await {
                 Ok(resp) => {
@@ -171,7 +187,12 @@ async fn register(
     client: &mut ResourceTrackerClient<Channel>,
     mgr: &Manager,
     node: &NodeIdentity,
+    ports: &crate::config::PortsConfig,
 ) -> Result<pb::RegisterNodeResponse, tonic::Status> {
+    let range = ports.clone();
+    let ports_in_use = tokio::task::spawn_blocking(move || crate::ports::in_use(&range))
+        .await
+        .unwrap_or_default();
     let cap = mgr.capacity();
     let req = pb::RegisterNodeRequest {
         node_id: node.node_id.clone(),
@@ -194,6 +215,10 @@ async fn register(
         labels: node.labels.clone().into_iter().collect(),
         containers: mgr.list(true).iter().map(|r| r.to_proto()).collect(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
+        token_public_key: mgr.tokens().public_key(),
+        port_range_first: ports.first as u32,
+        port_range_last: ports.last as u32,
+        ports_in_use,
     };
     client.register_node(req).await.map(|r| r.into_inner())
 }

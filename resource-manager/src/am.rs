@@ -8,7 +8,8 @@
 //! command; the allocations then go to their masters, whose Allocate long
 //! poll answers early.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,6 +66,31 @@ pub use crate::fsm::MASTER_ASK;
 /// A round's allocations to propose, each with its (app, ask id).
 type Planned = (Vec<Allocation>, Vec<(String, String)>);
 
+/// Counters of the scheduling loop (this member's, since it started).
+#[derive(Default)]
+struct Counters {
+    rounds: AtomicU64,
+    committed: AtomicU64,
+    placed: AtomicU64,
+    refused_at_verify: AtomicU64,
+    refused_at_apply: AtomicU64,
+}
+
+/// What the scheduling loop did, as `ClusterStatus` reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    /// Rounds that placed something.
+    pub rounds: u64,
+    /// Rounds whose (verified part of the) plan was committed.
+    pub committed: u64,
+    /// Containers granted.
+    pub placed: u64,
+    /// Allocations dropped by the leader's check against the latest state.
+    pub refused_at_verify: u64,
+    /// Allocations refused when the committed round was applied.
+    pub refused_at_apply: u64,
+}
+
 /// Shared by the ApplicationMasterService and the scheduling loop.
 #[derive(Clone)]
 pub struct Scheduling {
@@ -83,6 +109,11 @@ pub struct Scheduling {
     /// In-process masters (standalone mode): app -> its runner task and,
     /// once it ended without finishing its job, why.
     local: Arc<Mutex<HashMap<String, LocalMaster>>>,
+    /// What the loop has done (rounds, placements, refusals).
+    stats: Arc<Counters>,
+    /// node -> ports of its range bound there, as its agent last reported
+    /// (by anything): never handed out.
+    busy_ports: Arc<Mutex<HashMap<String, BTreeSet<u16>>>>,
 }
 
 struct LocalMaster {
@@ -101,6 +132,23 @@ impl Scheduling {
             signer: Arc::default(),
             channels: Arc::default(),
             local: Arc::default(),
+            stats: Arc::default(),
+            busy_ports: Arc::default(),
+        }
+    }
+
+    /// Records the ports of `node`'s range bound there now (from its
+    /// registration or heartbeat); wakes the loop when they changed.
+    pub fn note_ports_in_use(&self, node: &str, ports: &[u32]) {
+        let now: BTreeSet<u16> = ports
+            .iter()
+            .filter_map(|&p| u16::try_from(p).ok())
+            .collect();
+        let mut busy = self.busy_ports.lock().expect("busy ports lock");
+        if busy.get(node) != Some(&now) {
+            busy.insert(node.to_string(), now);
+            drop(busy);
+            self.wake.notify_one();
         }
     }
 
@@ -195,13 +243,30 @@ impl Scheduling {
             if self.masters.is_some() {
                 self.manage_masters().await;
             }
-            let Some((allocations, keys)) =
-                self.round(&mut reservations, status.term, &mut counter)
+            let Some((plan, keys)) = self.round(&mut reservations, status.term, &mut counter)
             else {
                 continue;
             };
-            let n = allocations.len();
-            match self
+            self.stats.rounds.fetch_add(1, Relaxed);
+            // Verify against the latest applied state (the round was made
+            // from a view that may be older) and propose the part that
+            // still fits; the rest stays asked for and is planned again.
+            let verdict = self.raft.state().verify_plan(&plan);
+            if !verdict.refused.is_empty() {
+                self.stats
+                    .refused_at_verify
+                    .fetch_add(verdict.refused.len() as u64, Relaxed);
+                debug!(refused = ?verdict.refused, "allocations refused before proposing");
+            }
+            let (allocations, keys): (Vec<Allocation>, Vec<(String, String)>) = plan
+                .into_iter()
+                .zip(keys)
+                .filter(|(a, _)| !verdict.is_refused(&a.container_id))
+                .unzip();
+            if allocations.is_empty() {
+                continue;
+            }
+            let refused: Vec<crate::fsm::Refusal> = match self
                 .raft
                 .propose(Command::ContainersAllocated {
                     allocations: allocations.clone(),
@@ -209,47 +274,74 @@ impl Scheduling {
                 })
                 .await
             {
-                Ok(Outcome::Done) => {
-                    let signer = self.signer();
-                    // Lock order everywhere: the state, then the table.
-                    let launch = {
-                        let mut launch = Vec::new();
-                        let st = self.raft.state();
-                        let mut t = self.table.lock().expect("table lock");
-                        for (a, (app, ask_id)) in allocations.into_iter().zip(keys) {
-                            if ask_id == MASTER_ASK {
-                                t.masters.remove(&app);
-                                t.launching.insert(app.clone());
-                                launch.push((app, a));
-                                continue;
-                            }
-                            if let Some(list) = t.asks.get_mut(&app) {
-                                if let Some(e) = list.iter_mut().find(|(x, _)| x.ask_id == ask_id) {
-                                    e.1 = e.1.saturating_sub(1);
-                                }
-                            }
-                            let pa = pb_allocation(&st, &a, signer.as_ref());
-                            t.undelivered.entry(app).or_default().push(pa);
-                        }
-                        launch
-                    };
-                    info!(containers = n, "scheduling round committed");
-                    self.delivered.notify_waiters();
-                    // Masters start side by side (their attempts commit
-                    // together); the loop goes on meanwhile.
-                    for (app, a) in launch {
-                        let s = self.clone();
-                        tokio::spawn(async move {
-                            s.launch_master(&app, a).await;
-                            s.table.lock().expect("table lock").launching.remove(&app);
-                        });
-                    }
+                Ok(Outcome::Done) => Vec::new(),
+                Ok(Outcome::PartlyApplied { refused }) => {
+                    self.stats
+                        .refused_at_apply
+                        .fetch_add(refused.len() as u64, Relaxed);
+                    warn!(refused = ?refused, "allocations refused at apply; they are planned again");
+                    refused
                 }
                 Ok(other) => {
-                    warn!(outcome = ?other, "scheduling round refused at apply; next round replans")
+                    warn!(outcome = ?other, "scheduling round refused at apply; next round replans");
+                    continue;
                 }
-                Err(e) => debug!(error = %e, "scheduling round not committed"),
+                Err(e) => {
+                    debug!(error = %e, "scheduling round not committed");
+                    continue;
+                }
+            };
+            let granted = allocations.len() - refused.len();
+            self.stats.placed.fetch_add(granted as u64, Relaxed);
+            self.stats.committed.fetch_add(1, Relaxed);
+            let signer = self.signer();
+            // Lock order everywhere: the state, then the table.
+            let launch = {
+                let mut launch = Vec::new();
+                let st = self.raft.state();
+                let mut t = self.table.lock().expect("table lock");
+                for (a, (app, ask_id)) in allocations.into_iter().zip(keys) {
+                    if refused.iter().any(|r| r.container_id == a.container_id) {
+                        continue;
+                    }
+                    if ask_id == MASTER_ASK {
+                        t.masters.remove(&app);
+                        t.launching.insert(app.clone());
+                        launch.push((app, a));
+                        continue;
+                    }
+                    if let Some(list) = t.asks.get_mut(&app) {
+                        if let Some(e) = list.iter_mut().find(|(x, _)| x.ask_id == ask_id) {
+                            e.1 = e.1.saturating_sub(1);
+                        }
+                    }
+                    let pa = pb_allocation(&st, &a, signer.as_ref());
+                    t.undelivered.entry(app).or_default().push(pa);
+                }
+                launch
+            };
+            info!(containers = granted, "scheduling round committed");
+            self.delivered.notify_waiters();
+            // Masters start side by side (their attempts commit together);
+            // the loop goes on meanwhile.
+            for (app, a) in launch {
+                let s = self.clone();
+                tokio::spawn(async move {
+                    s.launch_master(&app, a).await;
+                    s.table.lock().expect("table lock").launching.remove(&app);
+                });
             }
+        }
+    }
+
+    /// What the scheduling loop has done under this member's leaderships.
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            rounds: self.stats.rounds.load(Relaxed),
+            committed: self.stats.committed.load(Relaxed),
+            placed: self.stats.placed.load(Relaxed),
+            refused_at_verify: self.stats.refused_at_verify.load(Relaxed),
+            refused_at_apply: self.stats.refused_at_apply.load(Relaxed),
         }
     }
 
@@ -593,11 +685,19 @@ impl Scheduling {
         counter: &mut u64,
     ) -> Option<Planned> {
         let state = self.raft.state();
-        let (mut cluster, node_ids) = cluster_view(&state);
+        let busy = self.busy_ports.lock().expect("busy ports lock").clone();
+        let (mut cluster, node_ids) = cluster_view_with(&state, &busy);
         let mut queues = queue_view(&state);
-        let t = self.table.lock().expect("table lock");
+        let mut t = self.table.lock().expect("table lock");
+        // Asks of applications that ended leave the table with the round
+        // that first sees them ended: nothing is planned for them again.
+        let live = |id: &String| state.apps.get(id).is_some_and(|a| !a.state.is_terminal());
+        t.asks.retain(|id, _| live(id));
+        t.masters.retain(|id, _| live(id));
+        t.undelivered.retain(|id, _| live(id));
         let mut asks = Vec::new();
         let mut keys = Vec::new();
+        let mut gangs: Vec<Option<String>> = Vec::new();
         for (app_id, list) in &t.asks {
             let Some(app) = state.apps.get(app_id) else {
                 continue;
@@ -614,6 +714,8 @@ impl Scheduling {
                     a.seq = app.submitted_at_ms;
                     asks.push(a);
                     keys.push((app_id.clone(), ra.ask_id.clone()));
+                    gangs
+                        .push((!ra.gang_id.is_empty()).then(|| format!("{app_id}/{}", ra.gang_id)));
                 }
             }
         }
@@ -628,6 +730,7 @@ impl Scheduling {
             a.seq = app.submitted_at_ms;
             asks.push(a);
             keys.push((app_id.clone(), MASTER_ASK.to_string()));
+            gangs.push(None);
         }
         drop(t);
         if asks.is_empty() {
@@ -639,6 +742,9 @@ impl Scheduling {
         }
         let mut allocations = Vec::with_capacity(out.len());
         let mut out_keys = Vec::with_capacity(out.len());
+        // Ports taken on each node so far: given to its containers, bound
+        // there by anything, or given earlier in this round.
+        let mut taken: HashMap<usize, BTreeSet<u16>> = HashMap::new();
         for p in out {
             let i = p.ask as usize;
             *counter += 1;
@@ -665,6 +771,25 @@ impl Scheduling {
                     None
                 },
                 ask_id: ask_id.clone(),
+                gang: gangs[i].clone(),
+                ports: if asks[i].ports == 0 {
+                    Vec::new()
+                } else {
+                    let node = &state.nodes[&node_ids[p.node]];
+                    let used = taken.entry(p.node).or_insert_with(|| {
+                        let mut u = state.node_use(&node.id).ports;
+                        u.extend(busy.get(&node.id).into_iter().flatten());
+                        u
+                    });
+                    let free: Vec<u16> = (node.ports.first..=node.ports.last)
+                        .filter(|q| !used.contains(q))
+                        .take(asks[i].ports as usize)
+                        .collect();
+                    // The scheduler counted them free: they are there.
+                    debug_assert_eq!(free.len(), asks[i].ports as usize);
+                    used.extend(&free);
+                    free
+                },
             });
             out_keys.push((app, ask_id));
         }
@@ -740,6 +865,7 @@ fn pb_allocation(
         container_token: signer.map(|s| container_token(s, a)).unwrap_or_default(),
         gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
         gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
+        ports: a.ports.iter().map(|&p| p as u32).collect(),
     }
 }
 
@@ -775,6 +901,7 @@ fn to_ask(ra: &pb::ResourceAsk, id: u64, queue: usize, user: &str) -> Ask {
     a.gpu_model = (!ra.gpu_model.is_empty()).then(|| ra.gpu_model.clone());
     a.gpu_min_memory = ra.gpu_min_memory_bytes;
     a.labels = labels(&ra.node_labels);
+    a.ports = ra.ports;
     a.placement = if ra.placement == pb::PlacementPolicy::Spread as i32 {
         Placement::Spread
     } else {
@@ -786,10 +913,29 @@ fn to_ask(ra: &pb::ResourceAsk, id: u64, queue: usize, user: &str) -> Ask {
 /// The scheduler's view of the running nodes: free = capacity minus what
 /// unfinished containers hold. Returns the nodes and their ids by index.
 pub fn cluster_view(state: &ClusterState) -> (scheduler::Cluster, Vec<String>) {
+    cluster_view_with(state, &HashMap::new())
+}
+
+/// [`cluster_view`], with each node's ports bound by anything (`busy`)
+/// counted as taken.
+pub fn cluster_view_with(
+    state: &ClusterState,
+    busy: &HashMap<String, BTreeSet<u16>>,
+) -> (scheduler::Cluster, Vec<String>) {
     let mut nodes = Vec::new();
     let mut ids = Vec::new();
     for n in state.nodes.values() {
         let u = state.node_use(&n.id);
+        let held = busy.get(&n.id).map_or(0, |b| {
+            b.iter()
+                .filter(|p| n.ports.contains(**p) && !u.ports.contains(p))
+                .count() as u32
+        });
+        let free_ports = n
+            .ports
+            .len()
+            .saturating_sub(u.ports.len() as u32)
+            .saturating_sub(held);
         let mut node = scheduler::Node::new(&n.id, n.vcores_milli, n.memory_bytes);
         for g in &n.gpus {
             let mut slot = scheduler::GpuSlot::new(&g.model, g.memory_bytes);
@@ -810,7 +956,8 @@ pub fn cluster_view(state: &ClusterState) -> (scheduler::Cluster, Vec<String>) {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         node.labels.sort();
-        node.schedulable = n.state == crate::fsm::NodeState::Running;
+        node.schedulable = n.state == crate::fsm::NodeState::Running && n.ready;
+        node.free_ports = free_ports;
         nodes.push(node);
         ids.push(n.id.clone());
     }

@@ -3,7 +3,7 @@
 //! followers answer NotLeader with the leader's address (message and the
 //! `weft-leader` metadata), and clients follow it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -521,6 +521,7 @@ impl pb::client_service_server::ClientService for RmService {
                     .get(&n.id)
                     .map(|t| now_ms().saturating_sub(t.elapsed().as_millis() as u64))
                     .unwrap_or(0),
+                ready: n.ready,
             })
             .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
@@ -637,6 +638,16 @@ impl pb::client_service_server::ClientService for RmService {
             used: Some(used),
             snapshot_index: s.snapshot_index,
             member_id: s.id,
+            scheduler: Some({
+                let x = self.scheduling.stats();
+                pb::SchedulerStats {
+                    rounds: x.rounds,
+                    committed: x.committed,
+                    placed: x.placed,
+                    refused_at_verify: x.refused_at_verify,
+                    refused_at_apply: x.refused_at_apply,
+                }
+            }),
         }))
     }
 
@@ -907,6 +918,27 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         // The group's token key exists before any node can register, so
         // every registered agent can check container tokens.
         let signer = self.scheduling.ensure_signer().await?;
+        let ports = match (
+            u16::try_from(r.port_range_first),
+            u16::try_from(r.port_range_last),
+        ) {
+            (Ok(0), Ok(0)) => crate::fsm::PortRange::default(),
+            (Ok(first), Ok(last)) if first > 0 && first <= last => {
+                crate::fsm::PortRange { first, last }
+            }
+            _ => {
+                return Err(Error::InvalidArgument {
+                    field: "port_range_first",
+                    reason: format!(
+                        "{}-{} is not a port range (1-65535, first at most last)",
+                        r.port_range_first, r.port_range_last
+                    ),
+                }
+                .into())
+            }
+        };
+        self.scheduling
+            .note_ports_in_use(&r.node_id, &r.ports_in_use);
         let cap = r.capacity.unwrap_or_default();
         let cmd = Command::RegisterNode {
             node_id: r.node_id.clone(),
@@ -924,6 +956,9 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                 })
                 .collect(),
             labels: r.labels.into_iter().collect(),
+            ports,
+            ready: !r.token_public_key.is_empty()
+                && r.token_public_key == signer.public_key().as_slice(),
             running: r
                 .containers
                 .iter()
@@ -966,18 +1001,34 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         self.raft.ensure_leader()?;
         let r = req.into_inner();
         // A node declared lost must register again (and report its containers).
-        let known = self
+        let (known, unready) = self
             .raft
             .state()
             .nodes
             .get(&r.node_id)
-            .is_some_and(|n| n.state != NodeState::Lost);
+            .filter(|n| n.state != NodeState::Lost)
+            .map_or((false, false), |n| (true, !n.ready));
+        // The agent now holds the group's key: the node can be offered work.
+        if unready
+            && !r.token_public_key.is_empty()
+            && r.token_public_key == self.token_public_key()
+        {
+            self.raft
+                .propose(Command::NodeReady {
+                    node_id: r.node_id.clone(),
+                    at_ms: now_ms(),
+                })
+                .await?;
+            self.scheduling.poke();
+        }
         if known {
+            self.scheduling
+                .note_ports_in_use(&r.node_id, &r.ports_in_use);
             self.liveness
                 .lock()
                 .expect("liveness lock")
                 .last_heartbeat
-                .insert(r.node_id, Instant::now());
+                .insert(r.node_id.clone(), Instant::now());
         }
         // Reconcile the agent's containers with the replicated ones.
         // Ends stored in the replicated state are acknowledged: the agent
@@ -1035,6 +1086,21 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                             diagnostic: exit.diagnostic,
                         });
                     }
+                }
+            }
+            // Ended by the RM while it may have been starting, and the agent
+            // does not have it: nothing holds its resources any more.
+            let listed: HashSet<&str> = r
+                .containers
+                .iter()
+                .map(|c| c.container_id.as_str())
+                .collect();
+            for c in st.containers_on(&r.node_id) {
+                if c.phase == ContainerPhase::Completed
+                    && c.holding
+                    && !listed.contains(c.alloc.container_id.as_str())
+                {
+                    stopped.push(c.alloc.container_id.clone());
                 }
             }
             (launched, completed, to_stop)

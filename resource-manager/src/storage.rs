@@ -51,14 +51,40 @@ fn store_err(e: sled::Error) -> raft::Error {
     raft::Error::Store(StorageError::Other(Box::new(e)))
 }
 
+/// How long [`open_db`] waits for the data dir's lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens the sled database in `dir`. sled drops its file lock only once its
+/// background threads let go of the database, a moment after the last
+/// handle is dropped: a member reopened in the same process (a restart in
+/// place) waits for the lock, up to [`LOCK_WAIT`], rather than failing. A
+/// lock still held after that is another process's.
+fn open_db(dir: &Path) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(dir).flush_every_ms(None).open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(Error::Storage(format!(
+                    "opening {}: the data dir is locked by another process (another member running on it?): {e}",
+                    dir.display()
+                )))
+            }
+            Err(e) => return Err(Error::Storage(format!("opening {}: {e}", dir.display()))),
+        }
+    }
+}
+
 impl SledStorage {
     /// Opens (or creates) the storage in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| Error::Storage(format!("opening {}: {e}", dir.display())))?;
+        let db = open_db(dir)?;
         let log = db.open_tree("log").map_err(Error::sled)?;
         let meta = db.open_tree("meta").map_err(Error::sled)?;
         let snap_meta = match meta.get(SNAP_META).map_err(Error::sled)? {

@@ -68,7 +68,8 @@ async fn registers_when_an_rm_appears_and_heartbeats() {
         c.security.token_public_key = None;
     })
     .await;
-    // No RM yet: the agent serves, but cannot check a token, so starts nothing.
+    // No RM yet: the agent serves, but cannot check a token, so starts
+    // nothing; the refusal is transient (UNAVAILABLE: try later or elsewhere).
     let mut work = spec("work", "exec sleep 30", 16 * MIB);
     work.token = token_for(&work, "test-tracker");
     let e = agent
@@ -76,7 +77,7 @@ async fn registers_when_an_rm_appears_and_heartbeats() {
         .start_container(work.clone())
         .await
         .expect_err("no key yet");
-    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert_eq!(e.code(), tonic::Code::Unavailable);
     assert!(
         e.message().contains("no resource-manager key yet"),
         "{}",
@@ -111,6 +112,7 @@ async fn registers_when_an_rm_appears_and_heartbeats() {
         assert_eq!(cap.vcores_milli, 4000);
         assert_eq!(cap.memory_bytes, 4 << 30);
         assert_eq!(reg.labels.get("zone").map(String::as_str), Some("a"));
+        assert!(reg.token_public_key.is_empty(), "it held no key yet");
     }
     // Registered: the RM's key is known (once the answer is read) and the
     // same token now works.
@@ -134,6 +136,14 @@ async fn registers_when_an_rm_appears_and_heartbeats() {
         },
     )
     .await;
+    // Heartbeats say which key the agent holds: the RM's (so the RM can
+    // offer it work).
+    assert!(seen
+        .lock()
+        .unwrap()
+        .heartbeats
+        .iter()
+        .all(|h| h.token_public_key == test_signer().public_key()));
     // The RM asks for the container to be stopped.
     rm.stop.lock().unwrap().push("work".into());
     let s = wait_end(&mut agent.client, "work", Duration::from_secs(10)).await;

@@ -103,6 +103,8 @@ pub struct Node {
     pub labels: Vec<(String, String)>,
     /// False for nodes not RUNNING (lost, draining...).
     pub schedulable: bool,
+    /// Ports of its range still free (`u32::MAX`: not counted).
+    pub free_ports: u32,
 }
 
 impl Node {
@@ -116,6 +118,7 @@ impl Node {
             gpus: Vec::new(),
             labels: Vec::new(),
             schedulable: true,
+            free_ports: u32::MAX,
         }
     }
 
@@ -217,6 +220,8 @@ pub struct Ask {
     /// Asks with the same gang id are placed in one round or not at all.
     pub gang: Option<u64>,
     pub placement: Placement,
+    /// Ports of the node each container needs.
+    pub ports: u32,
 }
 
 impl Ask {
@@ -236,6 +241,7 @@ impl Ask {
             labels: Vec::new(),
             gang: None,
             placement: Placement::Pack,
+            ports: 0,
         }
     }
 

@@ -128,6 +128,7 @@ impl Cluster {
         if !n.schedulable
             || n.free_vcores < ask.vcores
             || n.free_memory < ask.memory
+            || n.free_ports < ask.ports
             || !n.has_labels(&ask.labels)
         {
             return None;
@@ -221,6 +222,7 @@ impl Cluster {
         let n = &mut self.nodes[i];
         n.free_vcores -= ask.vcores;
         n.free_memory -= ask.memory;
+        n.free_ports -= ask.ports;
         for g in grants {
             let d = &mut n.gpus[g.device];
             d.free_milli -= g.milli;
@@ -237,6 +239,7 @@ impl Cluster {
         let n = &mut self.nodes[i];
         n.free_vcores += ask.vcores;
         n.free_memory += ask.memory;
+        n.free_ports += ask.ports;
         for g in grants {
             let d = &mut n.gpus[g.device];
             d.free_milli += g.milli;
@@ -577,6 +580,7 @@ fn hold_nodes(
                 let n = &mut empty[k];
                 n.free_vcores -= a.vcores;
                 n.free_memory -= a.memory;
+                n.free_ports = n.free_ports.saturating_sub(a.ports);
                 for g in grants {
                     n.gpus[g.device].free_milli -= g.milli;
                     n.gpus[g.device].free_memory =

@@ -17,6 +17,11 @@ struct Standalone {
 
 impl Standalone {
     fn start() -> Standalone {
+        Self::start_with("")
+    }
+
+    /// With `agent_extra` appended to the embedded agent's config.
+    fn start_with(agent_extra: &str) -> Standalone {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -34,7 +39,7 @@ impl Standalone {
             s.dir.path().join("agent.toml"),
             format!(
                 "node_id = \"solo\"\nwork_dir = {:?}\n[resources]\nvcores = 4.0\nmemory = \"4GiB\"\n\
-                 [containers]\ncgroup_parent = {:?}\n[gpu]\nprobe = \"none\"\n",
+                 [containers]\ncgroup_parent = {:?}\n[gpu]\nprobe = \"none\"\n{agent_extra}",
                 s.dir.path().join("agent").display().to_string(),
                 s.parent
             ),
@@ -232,6 +237,191 @@ async fn standalone_runs_jobs_in_one_process_and_a_restart_loses_none() {
             .len(),
         7
     );
+}
+
+/// A script's first job on a brand-new cluster: `rmctl submit --wait` the
+/// moment `rmctl cluster status` first answers, on five fresh clusters. The
+/// node is offered work only once its agent can start it, so every job
+/// succeeds, first try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_job_submitted_the_moment_a_fresh_cluster_answers_succeeds() {
+    for round in 0..5 {
+        let solo = Standalone::start();
+        let addr = solo.addr.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let st = crate::rmctl::run(&["--timeout", "1", "cluster", "status"], &addr);
+                if st.status.success() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster never answered: {st:?}"
+                );
+            }
+            crate::rmctl::run(
+                &[
+                    "submit", "--wait", "--vcores", "0.2", "--memory", "64MiB", "--", "true",
+                ],
+                &addr,
+            )
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "fresh cluster {round}: {out:?}\n{}",
+            std::fs::read_to_string(solo.dir.path().join("standalone.log")).unwrap_or_default()
+        );
+        assert!(
+            crate::rmctl::stdout(&out).ends_with("SUCCEEDED\n"),
+            "{out:?}"
+        );
+        let r = solo
+            .client()
+            .list_applications(Default::default())
+            .await
+            .unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].attempt, 1, "no master attempt was used up: {r:?}");
+    }
+}
+
+/// A full cluster, a pending job killed, then capacity freed: the job
+/// behind it is placed in the very next round, and no allocation is ever
+/// refused (the killed job's asks left the leader's table with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_pending_job_does_not_stall_the_jobs_behind_it() {
+    let solo = Standalone::start();
+    let client = solo.client();
+    crate::cluster::wait_nodes(&client, 1).await;
+    let job = |name: &str, cmd: &str| {
+        format!(
+            "name: {name}\nstages:\n  - name: run\n    instances: 1\n    command: '{cmd}'\n    resources: {{ vcores: 4, memory: 1GiB }}\n"
+        )
+    };
+    let solo_ref = &solo;
+    let wait = move |app: String, what: &'static str, done: fn(&pb::ApplicationReport) -> bool| {
+        let client = solo_ref.client();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let r = client.get_application(&app).await.unwrap();
+                if done(&r) {
+                    return r;
+                }
+                assert!(Instant::now() < deadline, "{app} never {what}: {r:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // The node's 4 vcores all go to the first job.
+    let full = client
+        .submit(&job("full", "sleep 600"), "yaml", "solo")
+        .await
+        .unwrap();
+    wait(full.clone(), "ran", |r| {
+        r.stages.first().is_some_and(|s| s.running == 1)
+    })
+    .await;
+    // The second waits for room (its master has asked), and is killed.
+    let pending = client
+        .submit(&job("pending", "true"), "yaml", "solo")
+        .await
+        .unwrap();
+    wait(pending.clone(), "asked", |r| {
+        r.state() == pb::ApplicationState::Running && !r.stages.is_empty()
+    })
+    .await;
+    client.kill_application(&pending).await.unwrap();
+    let next = client
+        .submit(&job("next", "true"), "yaml", "solo")
+        .await
+        .unwrap();
+    wait(next.clone(), "asked", |r| {
+        r.state() == pb::ApplicationState::Running && !r.stages.is_empty()
+    })
+    .await;
+    let before = client.cluster_status().await.unwrap().scheduler.unwrap();
+    // Room again: the next job runs, placed by the first round after.
+    client.kill_application(&full).await.unwrap();
+    let r = wait(next.clone(), "ended", |r| {
+        r.state() as i32 >= pb::ApplicationState::Succeeded as i32
+    })
+    .await;
+    assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
+    let after = client.cluster_status().await.unwrap().scheduler.unwrap();
+    let log =
+        || std::fs::read_to_string(solo.dir.path().join("standalone.log")).unwrap_or_default();
+    assert_eq!(
+        after.rounds,
+        before.rounds + 1,
+        "one round placed it: {before:?} -> {after:?}\n{}",
+        log()
+    );
+    assert_eq!(after.placed, before.placed + 1, "{after:?}");
+    assert_eq!(
+        (after.refused_at_verify, after.refused_at_apply),
+        (0, 0),
+        "{after:?}"
+    );
+    let killed = client.get_application(&pending).await.unwrap();
+    assert_eq!(killed.state(), pb::ApplicationState::Killed);
+}
+
+/// Ports are scheduled: a 50-member gang on one node, each member with its
+/// gang port and a named one, while the test holds a port of the node's
+/// range open. Every member binds both of its ports at once: 100 distinct
+/// ports, none the held one, all in the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gang_on_one_node_gets_distinct_free_ports() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let first = held.local_addr().unwrap().port();
+    let last = first + 150;
+    let solo = Standalone::start_with(&format!("[ports]\nfirst = {first}\nlast = {last}\n"));
+    let client = solo.client();
+    crate::cluster::wait_nodes(&client, 1).await;
+    let out = solo.dir.path().join("ports");
+    std::fs::create_dir_all(&out).unwrap();
+    // Each member binds its two ports (all members are up together), then
+    // records them.
+    let script = format!(
+        "import os, socket, time\n\
+         ps = [int(os.environ['WEFT_PORT']), int(os.environ['WEFT_PORT_HTTP'])]\n\
+         ss = [socket.socket() for _ in ps]\n\
+         [s.bind(('0.0.0.0', p)) for s, p in zip(ss, ps)]\n\
+         [s.listen() for s in ss]\n\
+         assert os.environ['MASTER_PORT'] != '0'\n\
+         open('{}/' + os.environ['WEFT_TASK_INDEX'], 'w').write(' '.join(map(str, ps)))\n\
+         time.sleep(1)\n",
+        out.display()
+    );
+    std::fs::write(solo.dir.path().join("bind.py"), script).unwrap();
+    let spec = format!(
+        "name: ports\nstages:\n  - name: train\n    gang: true\n    instances: 50\n    ports: [http]\n    command: 'python3 {}'\n    resources: {{ vcores: 0.05, memory: 32MiB }}\n",
+        solo.dir.path().join("bind.py").display()
+    );
+    let app = client.submit(&spec, "yaml", "solo").await.unwrap();
+    let r = wait_end(&client, &app).await;
+    assert_eq!(
+        r.state(),
+        pb::ApplicationState::Succeeded,
+        "{r:?}\n{}",
+        std::fs::read_to_string(solo.dir.path().join("standalone.log")).unwrap_or_default()
+    );
+    let mut ports = std::collections::BTreeSet::new();
+    for i in 0..50 {
+        let line = std::fs::read_to_string(out.join(i.to_string())).unwrap();
+        for p in line.split(' ') {
+            let p: u16 = p.parse().unwrap();
+            assert!((first..=last).contains(&p), "{p} outside {first}-{last}");
+            assert_ne!(p, first, "the held port was handed out");
+            assert!(ports.insert(p), "port {p} handed out twice");
+        }
+    }
+    assert_eq!(ports.len(), 100);
+    drop(held);
 }
 
 /// The quickstart's ML pipeline (examples/pipeline, python3 standard library

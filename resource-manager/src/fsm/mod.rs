@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+mod verify;
+pub use verify::{Refusal, Verdict};
+
 /// Ask id of an application master's own container.
 pub const MASTER_ASK: &str = "__master__";
 
@@ -27,6 +30,19 @@ pub enum Command {
         /// unfinished containers end as lost.
         #[serde(default)]
         running: Vec<String>,
+        /// The agent already holds the group's token key (it registered
+        /// before, or has it configured): it can start work at once.
+        #[serde(default)]
+        ready: bool,
+        /// Ports the agent hands to containers.
+        #[serde(default)]
+        ports: PortRange,
+        at_ms: u64,
+    },
+    /// The node's agent confirmed it holds the group's token key: from now
+    /// on it can be offered work.
+    NodeReady {
+        node_id: String,
         at_ms: u64,
     },
     SetNodeState {
@@ -95,7 +111,9 @@ pub enum Command {
         stages: Vec<StageProgress>,
         at_ms: u64,
     },
-    /// One scheduling round's placements: all applied, or none.
+    /// One scheduling round's placements. Apply verifies them again and
+    /// grants the part that fits (a gang whole or not at all), answering
+    /// `Outcome::PartlyApplied` with what it refused.
     ContainersAllocated {
         allocations: Vec<Allocation>,
         at_ms: u64,
@@ -140,6 +158,39 @@ pub struct Allocation {
     /// The master's ask this allocation answers.
     #[serde(default)]
     pub ask_id: String,
+    /// Gang key: the allocations of one gang are granted together or not
+    /// at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<String>,
+    /// Ports of the node given to it (from the node's range).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+}
+
+/// An inclusive range of ports a node hands to containers (`first` 0: none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    /// How many ports it holds.
+    pub fn len(&self) -> u32 {
+        if self.first == 0 || self.last < self.first {
+            0
+        } else {
+            (self.last - self.first) as u32 + 1
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        !self.is_empty() && (self.first..=self.last).contains(&port)
+    }
 }
 
 /// Part of one device: `milli` thousandths of it and `memory_bytes` of its memory.
@@ -255,7 +306,14 @@ impl Envelope {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Done,
-    Submitted { app_id: String },
+    /// A scheduling round of which these allocations were refused (the
+    /// rest was granted).
+    PartlyApplied {
+        refused: Vec<Refusal>,
+    },
+    Submitted {
+        app_id: String,
+    },
     Rejected(String),
 }
 
@@ -286,6 +344,13 @@ pub struct Node {
     pub gpus: Vec<Gpu>,
     pub labels: BTreeMap<String, String>,
     pub state: NodeState,
+    /// Its agent can start work (it holds the group's token key): only a
+    /// ready node is offered work.
+    #[serde(default)]
+    pub ready: bool,
+    /// Ports it hands to containers.
+    #[serde(default)]
+    pub ports: PortRange,
     pub registered_at_ms: u64,
     pub state_changed_at_ms: u64,
 }
@@ -400,6 +465,10 @@ pub struct ClusterState {
     /// rebuilt from `containers` when a snapshot is read).
     #[serde(skip)]
     pub app_containers: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Derived index: node id -> its containers' ids (not stored; rebuilt
+    /// like `app_containers`), so per-node work costs that node's share.
+    #[serde(skip)]
+    pub node_containers: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 /// Resources in use on a node by its containers that have not ended.
@@ -412,6 +481,8 @@ pub struct NodeUse {
     /// Shares given: device -> (thousandths, memory).
     pub shares: BTreeMap<u32, (u32, u64)>,
     pub containers: u32,
+    /// Ports given.
+    pub ports: std::collections::BTreeSet<u16>,
 }
 
 impl NodeUse {
@@ -449,6 +520,8 @@ impl ClusterState {
                 gpus,
                 labels,
                 running,
+                ready,
+                ports,
                 at_ms,
             } => {
                 // Containers the agent no longer runs ended while it was away.
@@ -479,12 +552,27 @@ impl ClusterState {
                         gpus: gpus.clone(),
                         labels: labels.clone(),
                         state: NodeState::Running,
+                        ready: *ready,
+                        ports: *ports,
                         registered_at_ms,
                         state_changed_at_ms: *at_ms,
                     },
                 );
                 Outcome::Done
             }
+            Command::NodeReady { node_id, at_ms } => match self.nodes.get_mut(node_id) {
+                Some(n) if n.state == NodeState::Lost => Outcome::Rejected(format!(
+                    "node_id: {node_id} is lost: it must register again"
+                )),
+                Some(n) => {
+                    if !n.ready {
+                        n.ready = true;
+                        n.state_changed_at_ms = *at_ms;
+                    }
+                    Outcome::Done
+                }
+                None => Outcome::Rejected(format!("node_id: no node {node_id}")),
+            },
             Command::SetNodeState {
                 node_id,
                 state,
@@ -608,7 +696,7 @@ impl ClusterState {
                                 && c.alloc.ask_id != MASTER_ASK
                                 && c.phase == ContainerPhase::Running)
                         {
-                            c.holding = c.phase == ContainerPhase::Running;
+                            c.holding = true; // it may run (or be starting) until its agent says not
                             c.phase = ContainerPhase::Completed;
                             c.end = Some(Completion {
                                 container_id: c.alloc.container_id.clone(),
@@ -650,12 +738,14 @@ impl ClusterState {
                 }
             }
             Command::ContainersAllocated { allocations, at_ms } => {
-                if let Err(why) = self.check_allocations(allocations) {
-                    return Outcome::Rejected(why);
-                }
-                for a in allocations {
+                let verdict = self.verify_plan(allocations);
+                for a in &verdict.accepted {
                     self.app_containers
                         .entry(a.app_id.clone())
+                        .or_default()
+                        .insert(a.container_id.clone());
+                    self.node_containers
+                        .entry(a.node_id.clone())
                         .or_default()
                         .insert(a.container_id.clone());
                     self.containers.insert(
@@ -670,7 +760,13 @@ impl ClusterState {
                         },
                     );
                 }
-                Outcome::Done
+                if verdict.refused.is_empty() {
+                    Outcome::Done
+                } else {
+                    Outcome::PartlyApplied {
+                        refused: verdict.refused,
+                    }
+                }
             }
             Command::ContainersLaunched {
                 container_ids,
@@ -694,7 +790,7 @@ impl ClusterState {
                 for done in completions {
                     if let Some(c) = self.containers.get_mut(&done.container_id) {
                         if c.phase != ContainerPhase::Completed {
-                            c.holding = *still_running && c.phase == ContainerPhase::Running;
+                            c.holding = *still_running;
                             c.phase = ContainerPhase::Completed;
                             c.end = Some(done.clone());
                             c.changed_at_ms = *at_ms;
@@ -741,6 +837,12 @@ impl ClusterState {
                     };
                     ids.retain(|id| match self.containers.get(id) {
                         Some(c) if !c.occupies_node() => {
+                            if let Some(on) = self.node_containers.get_mut(&c.alloc.node_id) {
+                                on.remove(id);
+                                if on.is_empty() {
+                                    self.node_containers.remove(&c.alloc.node_id);
+                                }
+                            }
                             self.containers.remove(id);
                             false
                         }
@@ -808,7 +910,7 @@ impl ClusterState {
                 continue;
             };
             if c.phase != ContainerPhase::Completed {
-                c.holding = c.phase == ContainerPhase::Running;
+                c.holding = true; // it may run (or be starting) until its agent says not
                 c.phase = ContainerPhase::Completed;
                 c.changed_at_ms = at_ms;
                 c.end = Some(Completion {
@@ -831,8 +933,16 @@ impl ClusterState {
         at_ms: u64,
     ) -> Vec<String> {
         let mut ended = Vec::new();
-        for c in self.containers.values_mut() {
-            if c.alloc.node_id != node_id || keep.contains(&c.alloc.container_id) {
+        let on = self
+            .node_containers
+            .get(node_id)
+            .cloned()
+            .unwrap_or_default();
+        for id in &on {
+            let Some(c) = self.containers.get_mut(id) else {
+                continue;
+            };
+            if keep.contains(&c.alloc.container_id) {
                 continue;
             }
             // Whatever the RM ended there no longer runs either.
@@ -861,8 +971,8 @@ impl ClusterState {
     /// What the containers that have not ended use on `node_id`.
     pub fn node_use(&self, node_id: &str) -> NodeUse {
         let mut u = NodeUse::default();
-        for c in self.containers.values() {
-            if c.alloc.node_id == node_id && c.occupies_node() {
+        for c in self.containers_on(node_id) {
+            if c.occupies_node() {
                 u.vcores_milli += c.alloc.vcores_milli;
                 u.memory_bytes += c.alloc.memory_bytes;
                 u.gpus.extend(&c.alloc.gpus);
@@ -872,76 +982,10 @@ impl ClusterState {
                     e.1 += sh.memory_bytes;
                 }
                 u.containers += 1;
+                u.ports.extend(&c.alloc.ports);
             }
         }
         u
-    }
-
-    /// Verifies a scheduling round against the current state (the plan may
-    /// have been made from an older view): new ids, live application, running
-    /// node, and every node's resources and GPUs still free.
-    fn check_allocations(&self, allocations: &[Allocation]) -> Result<(), String> {
-        let mut round_use: BTreeMap<&str, NodeUse> = BTreeMap::new();
-        let mut ids = std::collections::BTreeSet::new();
-        for a in allocations {
-            if self.containers.contains_key(&a.container_id) || !ids.insert(a.container_id.as_str())
-            {
-                return Err(format!(
-                    "container_id: {} was already granted",
-                    a.container_id
-                ));
-            }
-            match self.apps.get(&a.app_id) {
-                Some(app) if !app.state.is_terminal() => {}
-                Some(_) => return Err(format!("app_id: {} already ended", a.app_id)),
-                None => return Err(format!("app_id: no application {}", a.app_id)),
-            }
-            let node = self
-                .nodes
-                .get(&a.node_id)
-                .ok_or_else(|| format!("node_id: no node {}", a.node_id))?;
-            if node.state != NodeState::Running {
-                return Err(format!(
-                    "node_id: {} is {:?}, not running",
-                    a.node_id, node.state
-                ));
-            }
-            let u = round_use
-                .entry(a.node_id.as_str())
-                .or_insert_with(|| self.node_use(&a.node_id));
-            u.vcores_milli += a.vcores_milli;
-            u.memory_bytes += a.memory_bytes;
-            if u.vcores_milli > node.vcores_milli || u.memory_bytes > node.memory_bytes {
-                return Err(format!("node_id: {} would be over-committed", a.node_id));
-            }
-            for g in &a.gpus {
-                if *g as usize >= node.gpus.len() {
-                    return Err(format!("gpus: node {} has no GPU {g}", a.node_id));
-                }
-                if u.gpus.contains(g) || u.shares.contains_key(g) {
-                    return Err(format!(
-                        "gpus: GPU {g} of node {} is already given",
-                        a.node_id
-                    ));
-                }
-                u.gpus.push(*g);
-            }
-            if let Some(sh) = &a.gpu_share {
-                let Some(dev) = node.gpus.get(sh.device as usize) else {
-                    return Err(format!(
-                        "gpu_share: node {} has no GPU {}",
-                        a.node_id, sh.device
-                    ));
-                };
-                if sh.milli == 0 || !u.take_share(sh, dev.memory_bytes) {
-                    return Err(format!(
-                        "gpu_share: GPU {} of node {} cannot take {}/1000 and {} bytes more",
-                        sh.device, a.node_id, sh.milli, sh.memory_bytes
-                    ));
-                }
-            }
-        }
-        Ok(())
     }
 
     /// DESIGN §4's invariants: no node over-committed (per resource, per
@@ -960,8 +1004,31 @@ impl ClusterState {
         {
             return Err("the application -> containers index disagrees with the containers".into());
         }
+        let on_nodes: usize = self.node_containers.values().map(|s| s.len()).sum();
+        if on_nodes != self.containers.len()
+            || self.node_containers.iter().any(|(node, ids)| {
+                ids.iter().any(|id| {
+                    self.containers
+                        .get(id)
+                        .is_none_or(|c| c.alloc.node_id != *node)
+                })
+            })
+        {
+            return Err("the node -> containers index disagrees with the containers".into());
+        }
         for (id, n) in &self.nodes {
             let u = self.node_use(id);
+            let given: usize = self
+                .containers_on(id)
+                .filter(|c| c.occupies_node())
+                .map(|c| c.alloc.ports.len())
+                .sum();
+            if given != u.ports.len() || u.ports.iter().any(|&p| !n.ports.contains(p)) {
+                return Err(format!(
+                    "node {id}: ports given twice or outside its range {:?}: {:?}",
+                    n.ports, u.ports
+                ));
+            }
             if u.vcores_milli > n.vcores_milli || u.memory_bytes > n.memory_bytes {
                 return Err(format!(
                     "node {id} over-committed: {u:?} of {} vcores_milli, {} bytes",
@@ -1033,8 +1100,21 @@ impl ClusterState {
                 .entry(c.alloc.app_id.clone())
                 .or_default()
                 .insert(c.alloc.container_id.clone());
+            s.node_containers
+                .entry(c.alloc.node_id.clone())
+                .or_default()
+                .insert(c.alloc.container_id.clone());
         }
         Ok(s)
+    }
+
+    /// The containers granted on `node_id` that the state still holds.
+    pub fn containers_on<'a>(&'a self, node_id: &str) -> impl Iterator<Item = &'a Container> + 'a {
+        self.node_containers
+            .get(node_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.containers.get(id))
     }
 
     /// The containers of `app_id`, granted under any attempt.
@@ -1051,7 +1131,7 @@ impl ClusterState {
 mod tests {
     use super::*;
 
-    fn submit(req: &str, at: u64) -> Command {
+    pub(super) fn submit(req: &str, at: u64) -> Command {
         Command::SubmitApplication {
             request_id: req.into(),
             name: "n".into(),
@@ -1106,6 +1186,12 @@ mod tests {
                 gpus: vec![],
                 labels: BTreeMap::new(),
                 running: vec![],
+                ready: false,
+                ports: PortRange::default(),
+                at_ms: 2,
+            },
+            Command::NodeReady {
+                node_id: "n1".into(),
                 at_ms: 2,
             },
             Command::KillApplication {
@@ -1128,15 +1214,16 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(ra, rb);
         assert_eq!(
-            ra[4],
+            ra[5],
             Outcome::Rejected("application_id: no application app-999999".into())
         );
         assert_eq!(a.apps["app-000001"].state, AppState::Killed);
         assert_eq!(a.nodes["n1"].state, NodeState::Draining);
+        assert!(a.nodes["n1"].ready);
         assert_eq!(ClusterState::from_snapshot(&a.to_snapshot()).unwrap(), a);
     }
 
-    fn node(id: &str, vcores: u64, mem: u64, gpus: u32) -> Command {
+    pub(super) fn node(id: &str, vcores: u64, mem: u64, gpus: u32) -> Command {
         Command::RegisterNode {
             node_id: id.into(),
             address: format!("{id}:7200"),
@@ -1152,11 +1239,23 @@ mod tests {
                 .collect(),
             labels: BTreeMap::new(),
             running: vec![],
+            ready: true,
+            ports: PortRange {
+                first: 20000,
+                last: 20009,
+            },
             at_ms: 0,
         }
     }
 
-    fn alloc(id: &str, app: &str, node: &str, vcores: u64, mem: u64, gpus: &[u32]) -> Allocation {
+    pub(super) fn alloc(
+        id: &str,
+        app: &str,
+        node: &str,
+        vcores: u64,
+        mem: u64,
+        gpus: &[u32],
+    ) -> Allocation {
         Allocation {
             container_id: id.into(),
             app_id: app.into(),
@@ -1166,6 +1265,8 @@ mod tests {
             gpus: gpus.to_vec(),
             gpu_share: None,
             ask_id: String::new(),
+            gang: None,
+            ports: vec![],
         }
     }
 
@@ -1196,11 +1297,11 @@ mod tests {
         // Over the device's thousandths, or its memory: refused.
         assert!(matches!(
             allocate(&mut s, vec![share("s3", 0, 500, 1 << 30)]),
-            Outcome::Rejected(_)
+            Outcome::PartlyApplied { .. }
         ));
         assert!(matches!(
             allocate(&mut s, vec![share("s4", 0, 100, 30 << 30)]),
-            Outcome::Rejected(_)
+            Outcome::PartlyApplied { .. }
         ));
         // A shared device cannot be given whole; a whole one cannot be shared.
         assert!(matches!(
@@ -1208,7 +1309,7 @@ mod tests {
                 &mut s,
                 vec![alloc("w1", "app-000001", "n1", 100, 1 << 20, &[0])]
             ),
-            Outcome::Rejected(_)
+            Outcome::PartlyApplied { .. }
         ));
         assert_eq!(
             allocate(
@@ -1219,7 +1320,7 @@ mod tests {
         );
         assert!(matches!(
             allocate(&mut s, vec![share("s5", 1, 100, 1 << 20)]),
-            Outcome::Rejected(_)
+            Outcome::PartlyApplied { .. }
         ));
         assert_eq!(
             allocate(&mut s, vec![share("s6", 0, 250, 20 << 30)]),
@@ -1247,7 +1348,8 @@ mod tests {
             ),
             Outcome::Done
         );
-        // Over-commit within one round: the whole round is refused.
+        // Over-commit within one round: what no longer fits is refused, the
+        // rest is granted.
         let r = allocate(
             &mut s,
             vec![
@@ -1257,24 +1359,49 @@ mod tests {
         );
         assert_eq!(
             r,
-            Outcome::Rejected("node_id: n1 would be over-committed".into())
+            Outcome::PartlyApplied {
+                refused: vec![Refusal {
+                    container_id: "c3".into(),
+                    reason: "node_id: n1 would be over-committed".into()
+                }]
+            }
         );
-        assert!(!s.containers.contains_key("c2"), "all or nothing");
+        assert!(s.containers.contains_key("c2") && !s.containers.contains_key("c3"));
+        let refused = |o: Outcome| match o {
+            Outcome::PartlyApplied { refused } if refused.len() == 1 => refused[0].reason.clone(),
+            o => panic!("not one refusal: {o:?}"),
+        };
         assert_eq!(
-            allocate(
+            refused(allocate(
                 &mut s,
                 vec![alloc("c4", "app-000001", "n1", 100, 1 << 20, &[0])]
-            ),
-            Outcome::Rejected("gpus: GPU 0 of node n1 is already given".into())
+            )),
+            "gpus: GPU 0 of node n1 is already given"
         );
         assert_eq!(
-            allocate(&mut s, vec![alloc("c1", "app-000001", "n1", 1, 1, &[])]),
-            Outcome::Rejected("container_id: c1 was already granted".into())
+            refused(allocate(
+                &mut s,
+                vec![alloc("c1", "app-000001", "n1", 1, 1, &[])]
+            )),
+            "container_id: c1 was already granted"
         );
         assert_eq!(
-            allocate(&mut s, vec![alloc("c5", "app-000009", "n1", 1, 1, &[])]),
-            Outcome::Rejected("app_id: no application app-000009".into())
+            refused(allocate(
+                &mut s,
+                vec![alloc("c5", "app-000009", "n1", 1, 1, &[])]
+            )),
+            "app_id: no application app-000009"
         );
+        s.apply(&Command::ContainersCompleted {
+            completions: vec![Completion {
+                container_id: "c2".into(),
+                state: ContainerEnd::Succeeded,
+                exit_status: 0,
+                diagnostic: String::new(),
+            }],
+            still_running: false,
+            at_ms: 2,
+        });
         // Completion frees the resources; the id stays taken.
         s.apply(&Command::ContainersCompleted {
             completions: vec![Completion {
@@ -1295,8 +1422,11 @@ mod tests {
             Outcome::Done
         );
         assert_eq!(
-            allocate(&mut s, vec![alloc("c1", "app-000001", "n1", 1, 1, &[])]),
-            Outcome::Rejected("container_id: c1 was already granted".into())
+            refused(allocate(
+                &mut s,
+                vec![alloc("c1", "app-000001", "n1", 1, 1, &[])]
+            )),
+            "container_id: c1 was already granted"
         );
         // A lost node's containers end as NodeLost and free the node.
         s.apply(&Command::SetNodeState {
@@ -1309,8 +1439,11 @@ mod tests {
             ContainerEnd::NodeLost
         );
         assert_eq!(
-            allocate(&mut s, vec![alloc("c7", "app-000001", "n1", 1, 1, &[])]),
-            Outcome::Rejected("node_id: n1 is Lost, not running".into())
+            refused(allocate(
+                &mut s,
+                vec![alloc("c7", "app-000001", "n1", 1, 1, &[])]
+            )),
+            "node_id: n1 is Lost, not running"
         );
         s.check_invariants().unwrap();
     }
@@ -1442,17 +1575,24 @@ mod tests {
             still_running: true,
             at_ms: 3,
         };
-        // Released: the one never known to run frees its share at once, the
-        // running one only once its agent reports it stopped.
+        // Released: both hold their shares until the agent reports them
+        // stopped (or reports not having the one never known to run: it may
+        // have been starting).
         s.apply(&release("idle"));
         s.apply(&release("run"));
+        assert_eq!(s.node_use("n1").vcores_milli, 1000);
+        s.apply(&Command::ContainersStopped {
+            container_ids: vec!["idle".into()],
+        });
         assert_eq!(s.node_use("n1").vcores_milli, 500);
+        // Room for one more, not two: the second is refused, the first granted.
         assert!(matches!(
             allocate(&mut s, vec![a("x"), a("y")]),
-            Outcome::Rejected(_)
+            Outcome::PartlyApplied { refused } if refused.len() == 1 && refused[0].container_id == "y"
         ));
+        s.apply(&release("x"));
         s.apply(&Command::ContainersStopped {
-            container_ids: vec!["run".into()],
+            container_ids: vec!["run".into(), "x".into()],
         });
         assert_eq!(s.node_use("n1").vcores_milli, 0);
         // Ended with its application while running: held until the node is
@@ -1506,6 +1646,13 @@ mod tests {
         };
         s.apply(&prune(5));
         assert_eq!(s.containers.len(), 3, "not finished before 5");
+        // a1 was never reported running: it holds too, until its agent is
+        // heard not to have it.
+        s.apply(&prune(10));
+        assert_eq!(s.containers.len(), 3, "both of a's still hold the node");
+        s.apply(&Command::ContainersStopped {
+            container_ids: vec!["a1".into()],
+        });
         s.apply(&prune(10));
         assert!(!s.containers.contains_key("a1"));
         assert!(s.containers.contains_key("a2"), "still holding its node");
