@@ -452,6 +452,9 @@ impl Runner {
             .buffer_unordered(START_CONCURRENCY)
             .collect()
             .await;
+        // Gang stages one of whose members could not start (transiently):
+        // the whole gang starts again, together, without using a retry.
+        let mut regang = std::collections::BTreeSet::new();
         for (i, a, started) in results {
             let t = &mut self.tasks[i];
             match started {
@@ -473,6 +476,9 @@ impl Runner {
                     self.unreachable.push(a.container_id.clone());
                     t.state = State::Asking;
                     t.alloc = None;
+                    if self.spec.stages[t.stage].gang {
+                        regang.insert(t.stage);
+                    }
                 }
                 Err(e) => {
                     warn!(container = %a.container_id, error = %e.message(), "starting a task failed");
@@ -484,6 +490,16 @@ impl Runner {
                         e.message()
                     ));
                 }
+            }
+        }
+        for si in regang {
+            warn!(stage = %self.spec.stages[si].name, "a gang member could not start; starting the gang again");
+            for t in self.tasks.iter_mut().filter(|t| t.stage == si) {
+                if let (State::Running | State::Allocated, Some(a)) = (&t.state, &t.alloc) {
+                    self.unreachable.push(a.container_id.clone());
+                }
+                t.state = State::Asking;
+                t.alloc = None;
             }
         }
     }

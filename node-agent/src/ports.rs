@@ -9,20 +9,22 @@ use std::net::{Ipv4Addr, TcpListener};
 use crate::config::PortsConfig;
 use crate::error::{Error, Result};
 
-/// The ports in `range` bound on this node now: TCP sockets listening and
-/// UDP sockets bound, IPv4 and IPv6, from `/proc/net` (empty where it
-/// cannot be read). Blocking: call it off the async runtime.
+/// The ports in `range` bound on this node now: the local port of every
+/// TCP socket (listening, or an outgoing connection's, which blocks a
+/// server's bind just the same) and every bound UDP socket, IPv4 and IPv6,
+/// from `/proc/net` (empty where it cannot be read). Blocking: call it off
+/// the async runtime.
 pub fn in_use(range: &PortsConfig) -> Vec<u32> {
     let mut ports = BTreeSet::new();
-    for (file, listen_only) in [
-        ("/proc/net/tcp", true),
-        ("/proc/net/tcp6", true),
-        ("/proc/net/udp", false),
-        ("/proc/net/udp6", false),
+    for file in [
+        "/proc/net/tcp",
+        "/proc/net/tcp6",
+        "/proc/net/udp",
+        "/proc/net/udp6",
     ] {
         if let Ok(text) = std::fs::read_to_string(file) {
             ports.extend(
-                parse_proc_net(&text, listen_only)
+                parse_proc_net(&text, false)
                     .into_iter()
                     .filter(|p| (range.first..=range.last).contains(p)),
             );

@@ -802,19 +802,46 @@ impl pb::client_service_server::ClientService for RmService {
                 .connect_timeout(Duration::from_secs(2))
                 .connect_lazy(),
         );
-        let mut upstream = agent
-            .read_logs(pb::ReadLogsRequest {
-                container_id: container,
-                stream: if r.stderr {
-                    pb::LogStream::Stderr as i32
-                } else {
-                    pb::LogStream::Stdout as i32
-                },
-                offset: r.offset,
-                follow: r.follow,
-            })
-            .await?
-            .into_inner();
+        let read = pb::ReadLogsRequest {
+            container_id: container.clone(),
+            stream: if r.stderr {
+                pb::LogStream::Stderr as i32
+            } else {
+                pb::LogStream::Stdout as i32
+            },
+            offset: r.offset,
+            follow: r.follow,
+        };
+        // A container granted but not started on its agent yet (its master
+        // is starting it) has no logs there: a follower waits for it to
+        // start, for as long as its token lets it start; a reader is told.
+        let deadline = tokio::time::Instant::now() + crate::am::CONTAINER_TOKEN_LIFETIME;
+        let mut upstream = loop {
+            match agent.read_logs(read.clone()).await {
+                Ok(s) => break s.into_inner(),
+                Err(e) if e.code() == tonic::Code::NotFound => {
+                    let starting = self
+                        .raft
+                        .state()
+                        .containers
+                        .get(&container)
+                        .is_some_and(|c| c.phase == ContainerPhase::Allocated);
+                    if !starting {
+                        return Err(e);
+                    }
+                    if !r.follow {
+                        return Err(Status::failed_precondition(format!(
+                            "task: container {container} has not started yet (no logs); --follow waits for it"
+                        )));
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             loop {

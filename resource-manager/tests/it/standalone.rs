@@ -104,13 +104,28 @@ impl Drop for Standalone {
 }
 
 async fn wait_end(client: &weft_client::RmClient, app: &str) -> pb::ApplicationReport {
+    wait_end_logged(client, app, None).await
+}
+
+/// [`wait_end`], with the cluster's log in the failure message.
+async fn wait_end_logged(
+    client: &weft_client::RmClient,
+    app: &str,
+    log: Option<&std::path::Path>,
+) -> pb::ApplicationReport {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let r = client.get_application(app).await.unwrap();
         if r.state() as i32 >= pb::ApplicationState::Succeeded as i32 {
             return r;
         }
-        assert!(Instant::now() < deadline, "{app} still {:?}", r.state());
+        assert!(
+            Instant::now() < deadline,
+            "{app} still {:?}: {r:?}\n{}",
+            r.state(),
+            log.and_then(|l| std::fs::read_to_string(l).ok())
+                .unwrap_or_default()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -376,8 +391,16 @@ async fn killing_a_pending_job_does_not_stall_the_jobs_behind_it() {
 /// ports, none the held one, all in the range.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gang_on_one_node_gets_distinct_free_ports() {
-    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let first = held.local_addr().unwrap().port();
+    // A range below the kernel's ephemeral ports (as the agent's default
+    // 20000-32000 is), starting at the port the test holds.
+    let (held, first) = (0..200u16)
+        .map(|k| 20000 + (std::process::id() as u16 % 50 + k) * 50)
+        .find_map(|p| {
+            std::net::TcpListener::bind(("127.0.0.1", p))
+                .ok()
+                .map(|l| (l, p))
+        })
+        .expect("a free port to hold");
     let last = first + 150;
     let solo = Standalone::start_with(&format!("[ports]\nfirst = {first}\nlast = {last}\n"));
     let client = solo.client();
@@ -403,7 +426,7 @@ async fn a_gang_on_one_node_gets_distinct_free_ports() {
         solo.dir.path().join("bind.py").display()
     );
     let app = client.submit(&spec, "yaml", "solo").await.unwrap();
-    let r = wait_end(&client, &app).await;
+    let r = wait_end_logged(&client, &app, Some(&solo.dir.path().join("standalone.log"))).await;
     assert_eq!(
         r.state(),
         pb::ApplicationState::Succeeded,
