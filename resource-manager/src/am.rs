@@ -924,8 +924,9 @@ pub fn cluster_view_with(
 ) -> (scheduler::Cluster, Vec<String>) {
     let mut nodes = Vec::new();
     let mut ids = Vec::new();
+    let none = crate::fsm::NodeUse::default();
     for n in state.nodes.values() {
-        let u = state.node_use(&n.id);
+        let u = state.node_use_ref(&n.id).unwrap_or(&none);
         let held = busy.get(&n.id).map_or(0, |b| {
             b.iter()
                 .filter(|p| n.ports.contains(**p) && !u.ports.contains(p))
@@ -969,18 +970,17 @@ pub fn queue_view(state: &ClusterState) -> Queues {
     let mut specs: Vec<crate::fsm::QueueSpec> = state.queues.values().cloned().collect();
     specs.sort_by_key(|q| q.name.matches('.').count());
     let mut q = Queues::from_specs(&specs).unwrap_or_else(|_| Queues::root_only());
-    for c in state
-        .containers
-        .values()
-        .filter(|c| c.phase != ContainerPhase::Completed)
-    {
-        if let Some(app) = state.apps.get(&c.alloc.app_id) {
-            if let Some(i) = q.index(&app.queue) {
-                let gpu = 1000 * c.alloc.gpus.len() as u64
-                    + c.alloc.gpu_share.map_or(0, |sh| sh.milli as u64);
-                let r = scheduler::Res::new(c.alloc.vcores_milli, c.alloc.memory_bytes, gpu);
-                q.charge(i, &app.user, r);
-            }
+    // Kept per queue and user on apply: O(queues x users), not O(containers).
+    for (queue, users) in &state.queue_usage {
+        let Some(i) = q.index(queue) else {
+            continue;
+        };
+        for (user, u) in users {
+            q.charge(
+                i,
+                user,
+                scheduler::Res::new(u.vcores_milli, u.memory_bytes, u.gpu_milli),
+            );
         }
     }
     q

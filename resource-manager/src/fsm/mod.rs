@@ -469,6 +469,24 @@ pub struct ClusterState {
     /// like `app_containers`), so per-node work costs that node's share.
     #[serde(skip)]
     pub node_containers: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Derived: node id -> what its containers that occupy it use, kept on
+    /// apply (O(change)); `check_invariants` recomputes it from scratch.
+    #[serde(skip)]
+    pub usage: BTreeMap<String, NodeUse>,
+    /// Derived: queue -> user -> what their unfinished containers use, kept
+    /// like `usage`.
+    #[serde(skip)]
+    pub queue_usage: BTreeMap<String, BTreeMap<String, QueueUse>>,
+}
+
+/// What one user's unfinished containers in one queue use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueUse {
+    pub vcores_milli: u64,
+    pub memory_bytes: u64,
+    /// Thousandths of a GPU (a whole one counts 1000).
+    pub gpu_milli: u64,
+    pub containers: u32,
 }
 
 /// Resources in use on a node by its containers that have not ended.
@@ -486,6 +504,52 @@ pub struct NodeUse {
 }
 
 impl NodeUse {
+    /// Adds (`add`) or takes away what `a` uses. Whole GPUs stay
+    /// sorted, and empty shares are dropped, so equal use compares equal.
+    fn charge(&mut self, a: &Allocation, add: bool) {
+        if add {
+            self.vcores_milli += a.vcores_milli;
+            self.memory_bytes += a.memory_bytes;
+            for &g in &a.gpus {
+                let at = self.gpus.partition_point(|&x| x <= g);
+                self.gpus.insert(at, g);
+            }
+            if let Some(sh) = a.gpu_share {
+                let e = self.shares.entry(sh.device).or_insert((0, 0));
+                e.0 += sh.milli;
+                e.1 += sh.memory_bytes;
+            }
+            self.containers += 1;
+            self.ports.extend(&a.ports);
+        } else {
+            self.vcores_milli -= a.vcores_milli;
+            self.memory_bytes -= a.memory_bytes;
+            for g in &a.gpus {
+                let at = self
+                    .gpus
+                    .iter()
+                    .position(|x| x == g)
+                    .expect("a charged GPU is in the use");
+                self.gpus.remove(at);
+            }
+            if let Some(sh) = a.gpu_share {
+                let e = self
+                    .shares
+                    .get_mut(&sh.device)
+                    .expect("a charged share is in the use");
+                e.0 -= sh.milli;
+                e.1 -= sh.memory_bytes;
+                if *e == (0, 0) {
+                    self.shares.remove(&sh.device);
+                }
+            }
+            self.containers -= 1;
+            for p in &a.ports {
+                self.ports.remove(p);
+            }
+        }
+    }
+
     /// GPU use in thousandths of a device (whole devices count 1000).
     pub fn gpu_milli(&self) -> u64 {
         1000 * self.gpus.len() as u64 + self.shares.values().map(|s| s.0 as u64).sum::<u64>()
@@ -687,26 +751,25 @@ impl ClusterState {
                     let keep = am_container.clone().unwrap_or_default();
                     let ids = self.app_containers.get(app_id).cloned().unwrap_or_default();
                     for id in &ids {
-                        let Some(c) = self.containers.get_mut(id) else {
-                            continue;
-                        };
-                        if c.phase != ContainerPhase::Completed
-                            && c.alloc.container_id != keep
-                            && !(*keep_containers
-                                && c.alloc.ask_id != MASTER_ASK
-                                && c.phase == ContainerPhase::Running)
-                        {
-                            c.holding = true; // it may run (or be starting) until its agent says not
-                            c.phase = ContainerPhase::Completed;
-                            c.end = Some(Completion {
-                                container_id: c.alloc.container_id.clone(),
-                                state: ContainerEnd::Killed,
-                                exit_status: -105,
-                                diagnostic: format!(
-                                    "attempt {attempt} replaced the attempt that ran it"
-                                ),
-                            });
-                        }
+                        self.touch(id, |c| {
+                            if c.phase != ContainerPhase::Completed
+                                && c.alloc.container_id != keep
+                                && !(*keep_containers
+                                    && c.alloc.ask_id != MASTER_ASK
+                                    && c.phase == ContainerPhase::Running)
+                            {
+                                c.holding = true; // it may run (or be starting) until its agent says not
+                                c.phase = ContainerPhase::Completed;
+                                c.end = Some(Completion {
+                                    container_id: c.alloc.container_id.clone(),
+                                    state: ContainerEnd::Killed,
+                                    exit_status: -105,
+                                    diagnostic: format!(
+                                        "attempt {attempt} replaced the attempt that ran it"
+                                    ),
+                                });
+                            }
+                        });
                     }
                     Outcome::Done
                 }
@@ -759,6 +822,8 @@ impl ClusterState {
                             holding: false,
                         },
                     );
+                    Self::charge_node(&mut self.usage, a, true);
+                    Self::charge_queue(&mut self.queue_usage, &self.apps, a, true);
                 }
                 if verdict.refused.is_empty() {
                     Outcome::Done
@@ -788,14 +853,18 @@ impl ClusterState {
                 at_ms,
             } => {
                 for done in completions {
-                    if let Some(c) = self.containers.get_mut(&done.container_id) {
-                        if c.phase != ContainerPhase::Completed {
+                    let ended = self.touch(&done.container_id, |c| {
+                        let ends = c.phase != ContainerPhase::Completed;
+                        if ends {
                             c.holding = *still_running;
                             c.phase = ContainerPhase::Completed;
                             c.end = Some(done.clone());
                             c.changed_at_ms = *at_ms;
-                            self.note_master_end(&done.container_id);
                         }
+                        ends
+                    });
+                    if ended == Some(true) {
+                        self.note_master_end(&done.container_id);
                     }
                 }
                 Outcome::Done
@@ -816,11 +885,11 @@ impl ClusterState {
             },
             Command::ContainersStopped { container_ids } => {
                 for id in container_ids {
-                    if let Some(c) = self.containers.get_mut(id) {
+                    self.touch(id, |c| {
                         if c.phase == ContainerPhase::Completed {
                             c.holding = false;
                         }
-                    }
+                    });
                 }
                 Outcome::Done
             }
@@ -879,6 +948,87 @@ impl ClusterState {
         }
     }
 
+    /// Changes container `id` with `f`, keeping the derived usage in step
+    /// (O(change)). None when there is no such container.
+    fn touch<R>(&mut self, id: &str, f: impl FnOnce(&mut Container) -> R) -> Option<R> {
+        let c = self.containers.get_mut(id)?;
+        let (occupied, active) = (c.occupies_node(), c.phase != ContainerPhase::Completed);
+        let r = f(c);
+        let c = &self.containers[id];
+        let (now_occupied, now_active) = (c.occupies_node(), c.phase != ContainerPhase::Completed);
+        if occupied != now_occupied {
+            Self::charge_node(&mut self.usage, &c.alloc, now_occupied);
+        }
+        if active != now_active {
+            Self::charge_queue(&mut self.queue_usage, &self.apps, &c.alloc, now_active);
+        }
+        Some(r)
+    }
+
+    fn charge_node(usage: &mut BTreeMap<String, NodeUse>, a: &Allocation, add: bool) {
+        let u = usage.entry(a.node_id.clone()).or_default();
+        u.charge(a, add);
+        if u.containers == 0 {
+            usage.remove(&a.node_id);
+        }
+    }
+
+    fn charge_queue(
+        usage: &mut BTreeMap<String, BTreeMap<String, QueueUse>>,
+        apps: &BTreeMap<String, App>,
+        a: &Allocation,
+        add: bool,
+    ) {
+        let Some(app) = apps.get(&a.app_id) else {
+            return;
+        };
+        let gpu = 1000 * a.gpus.len() as u64 + a.gpu_share.map_or(0, |sh| sh.milli as u64);
+        let users = usage.entry(app.queue.clone()).or_default();
+        let u = users.entry(app.user.clone()).or_default();
+        if add {
+            u.vcores_milli += a.vcores_milli;
+            u.memory_bytes += a.memory_bytes;
+            u.gpu_milli += gpu;
+            u.containers += 1;
+        } else {
+            u.vcores_milli -= a.vcores_milli;
+            u.memory_bytes -= a.memory_bytes;
+            u.gpu_milli -= gpu;
+            u.containers -= 1;
+        }
+        if u.containers == 0 {
+            users.remove(&app.user);
+            if users.is_empty() {
+                usage.remove(&app.queue);
+            }
+        }
+    }
+
+    /// Rebuilds every derived index and usage from `containers` (after a
+    /// snapshot is read).
+    fn rebuild_derived(&mut self) {
+        self.app_containers.clear();
+        self.node_containers.clear();
+        self.usage.clear();
+        self.queue_usage.clear();
+        for c in self.containers.values() {
+            self.app_containers
+                .entry(c.alloc.app_id.clone())
+                .or_default()
+                .insert(c.alloc.container_id.clone());
+            self.node_containers
+                .entry(c.alloc.node_id.clone())
+                .or_default()
+                .insert(c.alloc.container_id.clone());
+            if c.occupies_node() {
+                Self::charge_node(&mut self.usage, &c.alloc, true);
+            }
+            if c.phase != ContainerPhase::Completed {
+                Self::charge_queue(&mut self.queue_usage, &self.apps, &c.alloc, true);
+            }
+        }
+    }
+
     /// A master that ended through no fault of its own (its node lost or
     /// unreachable, its agent gone or shutting down) does not use one of
     /// its application's `max_attempts`.
@@ -906,20 +1056,19 @@ impl ClusterState {
     fn end_app_containers(&mut self, app_id: &str, at_ms: u64, why: &str) {
         let ids = self.app_containers.get(app_id).cloned().unwrap_or_default();
         for id in &ids {
-            let Some(c) = self.containers.get_mut(id) else {
-                continue;
-            };
-            if c.phase != ContainerPhase::Completed {
-                c.holding = true; // it may run (or be starting) until its agent says not
-                c.phase = ContainerPhase::Completed;
-                c.changed_at_ms = at_ms;
-                c.end = Some(Completion {
-                    container_id: c.alloc.container_id.clone(),
-                    state: ContainerEnd::Killed,
-                    exit_status: -105,
-                    diagnostic: why.to_string(),
-                });
-            }
+            self.touch(id, |c| {
+                if c.phase != ContainerPhase::Completed {
+                    c.holding = true; // it may run (or be starting) until its agent says not
+                    c.phase = ContainerPhase::Completed;
+                    c.changed_at_ms = at_ms;
+                    c.end = Some(Completion {
+                        container_id: c.alloc.container_id.clone(),
+                        state: ContainerEnd::Killed,
+                        exit_status: -105,
+                        diagnostic: why.to_string(),
+                    });
+                }
+            });
         }
     }
 
@@ -939,37 +1088,49 @@ impl ClusterState {
             .cloned()
             .unwrap_or_default();
         for id in &on {
-            let Some(c) = self.containers.get_mut(id) else {
-                continue;
-            };
-            if keep.contains(&c.alloc.container_id) {
+            if keep.contains(id) {
                 continue;
             }
-            // Whatever the RM ended there no longer runs either.
-            c.holding = false;
-            if c.phase != ContainerPhase::Completed {
-                c.phase = ContainerPhase::Completed;
-                c.changed_at_ms = at_ms;
-                c.end = Some(Completion {
-                    container_id: c.alloc.container_id.clone(),
-                    state: end,
-                    exit_status: match end {
-                        ContainerEnd::NodeLost => -100,
-                        _ => -109,
-                    },
-                    diagnostic: match end {
-                        ContainerEnd::NodeLost => format!("node {node_id} was lost (no heartbeat)"),
-                        _ => format!("node {node_id} registered again without it"),
-                    },
-                });
-                ended.push(c.alloc.container_id.clone());
-            }
+            self.touch(id, |c| {
+                // Whatever the RM ended there no longer runs either.
+                c.holding = false;
+                if c.phase != ContainerPhase::Completed {
+                    c.phase = ContainerPhase::Completed;
+                    c.changed_at_ms = at_ms;
+                    c.end = Some(Completion {
+                        container_id: c.alloc.container_id.clone(),
+                        state: end,
+                        exit_status: match end {
+                            ContainerEnd::NodeLost => -100,
+                            _ => -109,
+                        },
+                        diagnostic: match end {
+                            ContainerEnd::NodeLost => {
+                                format!("node {node_id} was lost (no heartbeat)")
+                            }
+                            _ => format!("node {node_id} registered again without it"),
+                        },
+                    });
+                    ended.push(c.alloc.container_id.clone());
+                }
+            });
         }
         ended
     }
 
-    /// What the containers that have not ended use on `node_id`.
+    /// What the containers that occupy `node_id` use (kept on apply).
     pub fn node_use(&self, node_id: &str) -> NodeUse {
+        self.usage.get(node_id).cloned().unwrap_or_default()
+    }
+
+    /// [`ClusterState::node_use`] without a copy (None: nothing in use).
+    pub fn node_use_ref(&self, node_id: &str) -> Option<&NodeUse> {
+        self.usage.get(node_id)
+    }
+
+    /// What the containers that occupy `node_id` use, counted from scratch
+    /// (the check of the kept usage).
+    fn scan_node_use(&self, node_id: &str) -> NodeUse {
         let mut u = NodeUse::default();
         for c in self.containers_on(node_id) {
             if c.occupies_node() {
@@ -985,6 +1146,7 @@ impl ClusterState {
                 u.ports.extend(&c.alloc.ports);
             }
         }
+        u.gpus.sort_unstable();
         u
     }
 
@@ -1015,6 +1177,31 @@ impl ClusterState {
             })
         {
             return Err("the node -> containers index disagrees with the containers".into());
+        }
+        for (node, kept) in &self.usage {
+            if *kept != self.scan_node_use(node) {
+                return Err(format!(
+                    "node {node}: kept usage {kept:?} is not what its containers use {:?}",
+                    self.scan_node_use(node)
+                ));
+            }
+        }
+        for node in self.node_containers.keys() {
+            if !self.usage.contains_key(node) && self.scan_node_use(node) != NodeUse::default() {
+                return Err(format!("node {node}: no usage kept for its containers"));
+            }
+        }
+        let mut queues: BTreeMap<String, BTreeMap<String, QueueUse>> = BTreeMap::new();
+        for c in self.containers.values() {
+            if c.phase != ContainerPhase::Completed {
+                Self::charge_queue(&mut queues, &self.apps, &c.alloc, true);
+            }
+        }
+        if queues != self.queue_usage {
+            return Err(format!(
+                "queue usage kept {:?} is not what the containers use {queues:?}",
+                self.queue_usage
+            ));
         }
         for (id, n) in &self.nodes {
             let u = self.node_use(id);
@@ -1095,16 +1282,7 @@ impl ClusterState {
 
     pub fn from_snapshot(bytes: &[u8]) -> Result<Self, String> {
         let mut s: ClusterState = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        for c in s.containers.values() {
-            s.app_containers
-                .entry(c.alloc.app_id.clone())
-                .or_default()
-                .insert(c.alloc.container_id.clone());
-            s.node_containers
-                .entry(c.alloc.node_id.clone())
-                .or_default()
-                .insert(c.alloc.container_id.clone());
-        }
+        s.rebuild_derived();
         Ok(s)
     }
 
@@ -1792,7 +1970,7 @@ mod tests {
             let mut s = ClusterState::default();
             let mut accepted = 0;
             for step in 0..300 {
-                let cmd = match rnd(7) {
+                let cmd = match rnd(12) {
                     0 => node(
                         &format!("n{}", rnd(4)),
                         1000 * (1 + rnd(8)),
@@ -1819,6 +1997,39 @@ mod tests {
                         still_running: false,
                         at_ms: step,
                     },
+                    // The RM ends one that may run: it holds its node.
+                    4 => Command::ContainersCompleted {
+                        completions: vec![Completion {
+                            container_id: format!("c{}", rnd(200)),
+                            state: ContainerEnd::Killed,
+                            exit_status: -105,
+                            diagnostic: String::new(),
+                        }],
+                        still_running: true,
+                        at_ms: step,
+                    },
+                    5 => Command::ContainersLaunched {
+                        container_ids: vec![format!("c{}", rnd(200))],
+                        at_ms: step,
+                    },
+                    6 => Command::ContainersStopped {
+                        container_ids: vec![format!("c{}", rnd(200))],
+                    },
+                    7 => Command::KillApplication {
+                        app_id: format!("app-{:06}", 1 + rnd(s.app_seq.max(1))),
+                        at_ms: step,
+                    },
+                    8 => Command::AttemptStarted {
+                        app_id: format!("app-{:06}", 1 + rnd(s.app_seq.max(1))),
+                        attempt: 1 + rnd(3) as u32,
+                        am_container: None,
+                        keep_containers: rnd(2) == 0,
+                        previous_lost: false,
+                        at_ms: step,
+                    },
+                    9 => Command::PruneContainers {
+                        finished_before_ms: step,
+                    },
                     _ => Command::ContainersAllocated {
                         allocations: (0..1 + rnd(3))
                             .map(|_| {
@@ -1840,8 +2051,9 @@ mod tests {
                         at_ms: step,
                     },
                 };
-                if s.apply(&cmd) == Outcome::Done
-                    && matches!(cmd, Command::ContainersAllocated { .. })
+                let before = s.containers.len();
+                s.apply(&cmd);
+                if matches!(cmd, Command::ContainersAllocated { .. }) && s.containers.len() > before
                 {
                     accepted += 1;
                 }
