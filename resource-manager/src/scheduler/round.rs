@@ -350,6 +350,7 @@ struct Shape<'a> {
     model: Option<&'a str>,
     min_memory: u64,
     labels: &'a [(String, String)],
+    ports: u32,
 }
 
 impl<'a> Shape<'a> {
@@ -361,6 +362,7 @@ impl<'a> Shape<'a> {
             model: a.gpu_model.as_deref(),
             min_memory: a.gpu_min_memory,
             labels: &a.labels,
+            ports: a.ports,
         }
     }
 }

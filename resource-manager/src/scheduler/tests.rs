@@ -532,3 +532,26 @@ fn a_big_ask_is_not_starved_by_a_stream_of_small_ones() {
     let r = rounds_until_big_placed(true, 100).expect("placed");
     assert!(r <= 3 + 3 + 2 + 1, "placed in round {r}");
 }
+
+#[test]
+fn ports_are_counted_per_node_and_a_shape_without_them_still_fits() {
+    let mut a = Node::new("a", 8000, 32 * GIB);
+    a.free_ports = 3;
+    let mut b = Node::new("b", 8000, 32 * GIB);
+    b.free_ports = 0;
+    let mut c = cluster(vec![a, b]);
+    let mut q = Queues::root_only();
+    let with_ports = |id| Ask {
+        ports: 2,
+        ..Ask::new(id, 0, 1000, GIB)
+    };
+    // Two asks of two ports: only one fits (node a has 3, b none); the
+    // same shape without ports is not held back by the failed one.
+    let asks = vec![with_ports(0), with_ports(1), Ask::new(2, 0, 1000, GIB)];
+    let (out, st) = schedule(&mut c, &mut q, &asks);
+    assert_eq!(placed_on(&out, 0), Some(0));
+    assert_eq!(placed_on(&out, 1), None);
+    assert!(placed_on(&out, 2).is_some(), "{out:?}");
+    assert_eq!(st.placed, 2);
+    assert_eq!(c.nodes[0].free_ports, 1);
+}
