@@ -243,7 +243,9 @@ impl Scheduling {
             if self.masters.is_some() {
                 self.manage_masters().await;
             }
-            let Some((plan, keys)) = self.round(&mut reservations, status.term, &mut counter)
+            let Some((plan, keys)) = self
+                .round(&mut reservations, status.term, &mut counter)
+                .await
             else {
                 continue;
             };
@@ -295,27 +297,47 @@ impl Scheduling {
             self.stats.placed.fetch_add(granted as u64, Relaxed);
             self.stats.committed.fetch_add(1, Relaxed);
             let signer = self.signer();
-            // Lock order everywhere: the state, then the table.
+            let granted_now: Vec<(Allocation, (String, String))> = allocations
+                .into_iter()
+                .zip(keys)
+                .filter(|(a, _)| !refused.iter().any(|r| r.container_id == a.container_id))
+                .collect();
+            // Node addresses under the state's lock; tokens signed with no
+            // lock held, off the runtime.
+            let addresses: Vec<String> = {
+                let st = self.raft.state();
+                granted_now
+                    .iter()
+                    .map(|(a, _)| node_address(&st, &a.node_id))
+                    .collect()
+            };
+            let (granted_now, delivered) = tokio::task::spawn_blocking(move || {
+                let delivered: Vec<Option<pb::Allocation>> = granted_now
+                    .iter()
+                    .zip(&addresses)
+                    .map(|((a, (_, ask_id)), addr)| {
+                        (ask_id != MASTER_ASK).then(|| pb_allocation_at(addr, a, signer.as_ref()))
+                    })
+                    .collect();
+                (granted_now, delivered)
+            })
+            .await
+            .expect("signing tokens does not panic");
             let launch = {
                 let mut launch = Vec::new();
-                let st = self.raft.state();
                 let mut t = self.table.lock().expect("table lock");
-                for (a, (app, ask_id)) in allocations.into_iter().zip(keys) {
-                    if refused.iter().any(|r| r.container_id == a.container_id) {
-                        continue;
-                    }
-                    if ask_id == MASTER_ASK {
+                for ((a, (app, ask_id)), pa) in granted_now.into_iter().zip(delivered) {
+                    let Some(pa) = pa else {
                         t.masters.remove(&app);
                         t.launching.insert(app.clone());
                         launch.push((app, a));
                         continue;
-                    }
+                    };
                     if let Some(list) = t.asks.get_mut(&app) {
                         if let Some(e) = list.iter_mut().find(|(x, _)| x.ask_id == ask_id) {
                             e.1 = e.1.saturating_sub(1);
                         }
                     }
-                    let pa = pb_allocation(&st, &a, signer.as_ref());
                     t.undelivered.entry(app).or_default().push(pa);
                 }
                 launch
@@ -677,17 +699,122 @@ impl Scheduling {
     }
 
     /// One round over the table: the allocations to propose and, for each,
-    /// its (app, ask id). None when nothing is placed.
-    fn round(
+    /// its (app, ask id). None when nothing is placed. The view is taken
+    /// under the state's lock; the scheduler runs on a blocking thread with
+    /// no lock held (the raft thread applies meanwhile); ports are then
+    /// numbered against the latest state.
+    async fn round(
         &self,
         reservations: &mut Reservations,
         term: u64,
         counter: &mut u64,
     ) -> Option<Planned> {
+        let mut input = self.round_input()?;
+        let mut held = std::mem::take(reservations);
+        let (out, input, held) = tokio::task::spawn_blocking(move || {
+            let (out, _) = scheduler::schedule_with(
+                &mut input.cluster,
+                &mut input.queues,
+                &input.asks,
+                &mut held,
+            );
+            (out, input, held)
+        })
+        .await
+        .expect("the scheduler does not panic");
+        *reservations = held;
+        if out.is_empty() {
+            return None;
+        }
+        let RoundInput {
+            asks,
+            keys,
+            gangs,
+            node_ids,
+            busy,
+            ..
+        } = input;
+        let state = self.raft.state();
+        let mut allocations = Vec::with_capacity(out.len());
+        let mut out_keys = Vec::with_capacity(out.len());
+        // Ports taken on each node so far: given to its containers, bound
+        // there by anything, or given earlier in this round.
+        let mut taken: HashMap<usize, BTreeSet<u16>> = HashMap::new();
+        // Gangs a member of which found too few ports (the state moved on
+        // while the round ran): dropped whole, asked again next round.
+        let mut short: HashSet<String> = HashSet::new();
+        for p in out {
+            let i = p.ask as usize;
+            let ports = if asks[i].ports == 0 {
+                Vec::new()
+            } else {
+                let Some(node) = state.nodes.get(&node_ids[p.node]) else {
+                    continue;
+                };
+                let used = taken.entry(p.node).or_insert_with(|| {
+                    let mut u = state.node_use(&node.id).ports;
+                    u.extend(busy.get(&node.id).into_iter().flatten());
+                    u
+                });
+                let free: Vec<u16> = (node.ports.first..=node.ports.last)
+                    .filter(|q| !used.contains(q))
+                    .take(asks[i].ports as usize)
+                    .collect();
+                if free.len() < asks[i].ports as usize {
+                    short.extend(gangs[i].clone());
+                    continue;
+                }
+                used.extend(&free);
+                free
+            };
+            *counter += 1;
+            let (app, ask_id) = keys[i].clone();
+            let share = matches!(asks[i].gpu, GpuAsk::Share { .. });
+            allocations.push(Allocation {
+                container_id: format!("c{term:x}-{counter}"),
+                app_id: app.clone(),
+                node_id: node_ids[p.node].clone(),
+                vcores_milli: asks[i].vcores,
+                memory_bytes: asks[i].memory,
+                gpus: if share {
+                    vec![]
+                } else {
+                    p.gpus.iter().map(|g| g.device as u32).collect()
+                },
+                gpu_share: if share {
+                    p.gpus.first().map(|g| crate::fsm::GpuShare {
+                        device: g.device as u32,
+                        milli: g.milli,
+                        memory_bytes: g.memory,
+                    })
+                } else {
+                    None
+                },
+                ask_id: ask_id.clone(),
+                gang: gangs[i].clone(),
+                ports,
+            });
+            out_keys.push((app, ask_id));
+        }
+        drop(state);
+        if !short.is_empty() {
+            let (a, k): (Vec<Allocation>, Vec<(String, String)>) = allocations
+                .into_iter()
+                .zip(out_keys)
+                .filter(|(a, _)| a.gang.as_ref().is_none_or(|g| !short.contains(g)))
+                .unzip();
+            (allocations, out_keys) = (a, k);
+        }
+        (!allocations.is_empty()).then_some((allocations, out_keys))
+    }
+
+    /// The scheduler's input, taken from the state and the table (locks
+    /// held only here). None when nothing is asked for.
+    fn round_input(&self) -> Option<RoundInput> {
         let state = self.raft.state();
         let busy = self.busy_ports.lock().expect("busy ports lock").clone();
-        let (mut cluster, node_ids) = cluster_view_with(&state, &busy);
-        let mut queues = queue_view(&state);
+        let (cluster, node_ids) = cluster_view_with(&state, &busy);
+        let queues = queue_view(&state);
         let mut t = self.table.lock().expect("table lock");
         // Asks of applications that ended leave the table with the round
         // that first sees them ended: nothing is planned for them again.
@@ -733,68 +860,29 @@ impl Scheduling {
             gangs.push(None);
         }
         drop(t);
-        if asks.is_empty() {
-            return None;
-        }
-        let (out, _) = scheduler::schedule_with(&mut cluster, &mut queues, &asks, reservations);
-        if out.is_empty() {
-            return None;
-        }
-        let mut allocations = Vec::with_capacity(out.len());
-        let mut out_keys = Vec::with_capacity(out.len());
-        // Ports taken on each node so far: given to its containers, bound
-        // there by anything, or given earlier in this round.
-        let mut taken: HashMap<usize, BTreeSet<u16>> = HashMap::new();
-        for p in out {
-            let i = p.ask as usize;
-            *counter += 1;
-            let (app, ask_id) = keys[i].clone();
-            let share = matches!(asks[i].gpu, GpuAsk::Share { .. });
-            allocations.push(Allocation {
-                container_id: format!("c{term:x}-{counter}"),
-                app_id: app.clone(),
-                node_id: node_ids[p.node].clone(),
-                vcores_milli: asks[i].vcores,
-                memory_bytes: asks[i].memory,
-                gpus: if share {
-                    vec![]
-                } else {
-                    p.gpus.iter().map(|g| g.device as u32).collect()
-                },
-                gpu_share: if share {
-                    p.gpus.first().map(|g| crate::fsm::GpuShare {
-                        device: g.device as u32,
-                        milli: g.milli,
-                        memory_bytes: g.memory,
-                    })
-                } else {
-                    None
-                },
-                ask_id: ask_id.clone(),
-                gang: gangs[i].clone(),
-                ports: if asks[i].ports == 0 {
-                    Vec::new()
-                } else {
-                    let node = &state.nodes[&node_ids[p.node]];
-                    let used = taken.entry(p.node).or_insert_with(|| {
-                        let mut u = state.node_use(&node.id).ports;
-                        u.extend(busy.get(&node.id).into_iter().flatten());
-                        u
-                    });
-                    let free: Vec<u16> = (node.ports.first..=node.ports.last)
-                        .filter(|q| !used.contains(q))
-                        .take(asks[i].ports as usize)
-                        .collect();
-                    // The scheduler counted them free: they are there.
-                    debug_assert_eq!(free.len(), asks[i].ports as usize);
-                    used.extend(&free);
-                    free
-                },
-            });
-            out_keys.push((app, ask_id));
-        }
-        Some((allocations, out_keys))
+        (!asks.is_empty()).then_some(RoundInput {
+            cluster,
+            queues,
+            asks,
+            keys,
+            gangs,
+            node_ids,
+            busy,
+        })
     }
+}
+
+/// What one scheduling round works on.
+struct RoundInput {
+    cluster: scheduler::Cluster,
+    queues: Queues,
+    asks: Vec<Ask>,
+    /// Per ask: (app, ask id).
+    keys: Vec<(String, String)>,
+    /// Per ask: its gang key (app/gang id), if in a gang.
+    gangs: Vec<Option<String>>,
+    node_ids: Vec<String>,
+    busy: HashMap<String, BTreeSet<u16>>,
 }
 
 /// The end of a job whose master attempts ran out (`extra_free`: attempts
@@ -842,15 +930,26 @@ fn pb_allocation(
     a: &Allocation,
     signer: Option<&TokenSigner>,
 ) -> pb::Allocation {
+    pb_allocation_at(&node_address(state, &a.node_id), a, signer)
+}
+
+/// The address of `node`'s agent (empty when unknown).
+fn node_address(state: &ClusterState, node: &str) -> String {
+    state
+        .nodes
+        .get(node)
+        .map(|n| n.address.clone())
+        .unwrap_or_default()
+}
+
+/// [`pb_allocation`] for an agent at `address` (no state needed: callers
+/// sign outside the state's lock).
+fn pb_allocation_at(address: &str, a: &Allocation, signer: Option<&TokenSigner>) -> pb::Allocation {
     pb::Allocation {
         container_id: a.container_id.clone(),
         ask_id: a.ask_id.clone(),
         node_id: a.node_id.clone(),
-        node_address: state
-            .nodes
-            .get(&a.node_id)
-            .map(|n| n.address.clone())
-            .unwrap_or_default(),
+        node_address: address.to_string(),
         resources: Some(pb::Resources {
             vcores_milli: a.vcores_milli,
             memory_bytes: a.memory_bytes,

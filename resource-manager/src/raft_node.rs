@@ -292,7 +292,18 @@ struct Member {
 
 /// Persistence failed: raft cannot go on from memory. Crash; restart from disk.
 fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
-    panic!("raft storage failure while {what}: {e}; the member must restart from disk")
+    stop_member(&format!(
+        "raft storage failure while {what}: {e}; the member must restart from disk"
+    ))
+}
+
+/// Ends the whole process: a member that cannot go on must not keep
+/// answering as if it could (the RM exits; a supervisor restarts it, and it
+/// recovers from disk).
+fn stop_member(why: &str) -> ! {
+    tracing::error!(reason = %why, "resource manager member stopping");
+    eprintln!("resource-manager: fatal: {why}");
+    std::process::exit(70)
 }
 
 impl Member {
@@ -538,9 +549,12 @@ impl Member {
                     let env = match Envelope::decode(&e.data) {
                         Ok(env) => env,
                         Err(err) => {
-                            // Every member skips it alike, so states stay equal.
-                            warn!(index = e.index, error = %err, "skipping an entry this member cannot decode");
-                            continue;
+                            // Skipping it would let this member's state part
+                            // from the others' for good: stop instead.
+                            stop_member(&format!(
+                                "log entry {} cannot be decoded by this member ({err}): it was written by a newer version, or the log is corrupt; upgrade this member (it stops rather than skip the entry and diverge)",
+                                e.index
+                            ))
                         }
                     };
                     let outcome = state.apply(&env.command);

@@ -30,7 +30,8 @@ pub struct QueueConf {
 pub struct Queues {
     pub confs: Vec<QueueConf>,
     pub usage: Vec<Res>,
-    user_usage: HashMap<(usize, String), Res>,
+    /// queue -> user -> usage (looked up by `&str`: no allocation per ask).
+    user_usage: HashMap<usize, HashMap<String, Res>>,
     children: Vec<usize>,
 }
 
@@ -148,21 +149,31 @@ impl Queues {
         {
             return false;
         }
+        if self.confs[q].user_limit == Res::UNLIMITED {
+            return true;
+        }
         let used = self
             .user_usage
-            .get(&(q, user.to_string()))
+            .get(&q)
+            .and_then(|users| users.get(user))
             .copied()
             .unwrap_or_default();
         used.plus(res).fits_in(self.confs[q].user_limit)
     }
 
     pub fn charge(&mut self, q: usize, user: &str, res: Res) {
-        let chain: Vec<usize> = self.chain(q).collect();
-        for i in chain {
-            self.usage[i] = self.usage[i].plus(res);
+        let mut i = Some(q);
+        while let Some(k) = i {
+            self.usage[k] = self.usage[k].plus(res);
+            i = self.confs[k].parent;
         }
-        let u = self.user_usage.entry((q, user.to_string())).or_default();
-        *u = u.plus(res);
+        let users = self.user_usage.entry(q).or_default();
+        match users.get_mut(user) {
+            Some(u) => *u = u.plus(res),
+            None => {
+                users.insert(user.to_string(), res);
+            }
+        }
     }
 
     pub fn refund(&mut self, q: usize, user: &str, res: Res) {
@@ -170,7 +181,11 @@ impl Queues {
         for i in chain {
             self.usage[i] = self.usage[i].minus(res);
         }
-        if let Some(u) = self.user_usage.get_mut(&(q, user.to_string())) {
+        if let Some(u) = self
+            .user_usage
+            .get_mut(&q)
+            .and_then(|users| users.get_mut(user))
+        {
             *u = u.minus(res);
         }
     }

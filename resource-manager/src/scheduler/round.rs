@@ -11,7 +11,9 @@
 //! within a round).
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::model::{Ask, Assignment, GpuAsk, GpuGrant, Node, Placement, Res};
 use super::queues::Queues;
@@ -312,13 +314,40 @@ impl Reservations {
     }
 }
 
+/// Units per queue whose waiting is counted for starvation control (the
+/// first ones in the queue's order that found no room, and every unit that
+/// has nodes held): the units behind them wait behind them anyway, and a
+/// round over a million asks does not keep a million counters.
+pub const WAITS_TRACKED: usize = 256;
+
 /// A single ask or a whole gang, placed together or not at all.
 struct Unit {
     key: UnitKey,
-    asks: Vec<usize>,
+    asks: Members,
+    /// Interned search shape of a lone ask ([`NO_SHAPE`] for a gang), so
+    /// a unit whose shape already failed is passed over without reading
+    /// its ask.
+    shape: u32,
     priority: i32,
     seq: u64,
     res: Res,
+}
+
+const NO_SHAPE: u32 = u32::MAX;
+
+/// The asks of a unit: one (most units, no allocation) or a gang's.
+enum Members {
+    One(usize),
+    Gang(Vec<usize>),
+}
+
+impl Members {
+    fn as_slice(&self) -> &[usize] {
+        match self {
+            Members::One(i) => std::slice::from_ref(i),
+            Members::Gang(v) => v,
+        }
+    }
 }
 
 #[derive(PartialEq)]
@@ -388,14 +417,27 @@ pub fn schedule_with(
     reservations: &mut Reservations,
 ) -> (Vec<Assignment>, RoundStats) {
     let nq = queues.confs.len();
-    let mut units: Vec<Vec<Unit>> = (0..nq).map(|_| Vec::new()).collect();
-    let mut gangs: HashMap<(usize, u64), (usize, usize)> = HashMap::new();
+    let mut units: Vec<Vec<Unit>> = (0..nq)
+        .map(|_| Vec::with_capacity(asks.len() / nq.max(1) + 16))
+        .collect();
+    let mut gangs: FxHashMap<(usize, u64), (usize, usize)> = FxHashMap::default();
+    let mut shapes: FxHashMap<Shape, u32> = FxHashMap::default();
+    // Every ask's interned search shape (gang members' too).
+    let mut ask_shape: Vec<u32> = Vec::with_capacity(asks.len());
     for (i, a) in asks.iter().enumerate() {
+        let shape = {
+            let next = shapes.len() as u32;
+            *shapes.entry(Shape::of(a)).or_insert(next)
+        };
+        ask_shape.push(shape);
         match a.gang {
             Some(g) => match gangs.get(&(a.queue, g)) {
                 Some(&(q, u)) => {
                     let unit = &mut units[q][u];
-                    unit.asks.push(i);
+                    match &mut unit.asks {
+                        Members::Gang(v) => v.push(i),
+                        Members::One(_) => unreachable!("gang units are made as gangs"),
+                    }
                     unit.priority = unit.priority.max(a.priority);
                     unit.seq = unit.seq.min(a.seq);
                     unit.res = unit.res.plus(a.res());
@@ -404,7 +446,8 @@ pub fn schedule_with(
                     gangs.insert((a.queue, g), (a.queue, units[a.queue].len()));
                     units[a.queue].push(Unit {
                         key: UnitKey::Gang(a.queue, g),
-                        asks: vec![i],
+                        asks: Members::Gang(vec![i]),
+                        shape: NO_SHAPE,
                         priority: a.priority,
                         seq: a.seq,
                         res: a.res(),
@@ -413,26 +456,35 @@ pub fn schedule_with(
             },
             None => units[a.queue].push(Unit {
                 key: UnitKey::Ask(a.id),
-                asks: vec![i],
+                asks: Members::One(i),
+                shape,
                 priority: a.priority,
                 seq: a.seq,
                 res: a.res(),
             }),
         }
     }
-    for u in &mut units {
-        u.sort_unstable_by_key(|x| (Reverse(x.priority), x.seq));
+    // Each queue's units in order (priority, then submission), as indexes:
+    // the units themselves are not moved.
+    let order: Vec<Vec<u32>> = units.iter().map(|u| unit_order(u)).collect();
+    // Holds of units no longer asked for go (waits are counted afresh
+    // below for the units still waiting).
+    if !reservations.held.is_empty() {
+        let mut present: FxHashSet<UnitKey> = FxHashSet::default();
+        for u in units.iter().flatten() {
+            if reservations.held.contains_key(&u.key) {
+                present.insert(u.key);
+            }
+        }
+        reservations.held.retain(|k, _| present.contains(k));
     }
-    let present: HashSet<UnitKey> = units.iter().flatten().map(|u| u.key).collect();
-    reservations.waits.retain(|k, _| present.contains(k));
-    reservations.held.retain(|k, _| present.contains(k));
     for nodes in reservations.held.values() {
         for &n in nodes {
             cluster.set_reserved(n, true);
         }
     }
     let mut unplaced_keys: Vec<(usize, usize)> = Vec::new();
-    let mut placed_keys: Vec<UnitKey> = Vec::new();
+    let mut unplaced_per_queue = vec![0usize; nq];
 
     let total = cluster.capacity();
     let mut heap: BinaryHeap<Reverse<Key>> = (0..nq)
@@ -443,22 +495,37 @@ pub fn schedule_with(
         })
         .collect();
     let mut cursor = vec![0usize; nq];
-    let mut failed: HashSet<Shape> = HashSet::new();
+    // Shapes that found no node this round (free room only shrinks).
+    let mut failed = vec![false; shapes.len()];
+    drop(shapes);
     let mut out = Vec::new();
     let mut stats = RoundStats::default();
     let mut taken: Vec<(usize, usize, Vec<GpuGrant>)> = Vec::new();
 
     while let Some(Reverse(Key(_, _, q))) = heap.pop() {
-        while cursor[q] < units[q].len() {
-            let unit = &units[q][cursor[q]];
+        while cursor[q] < order[q].len() {
+            let ui = order[q][cursor[q]] as usize;
+            let unit = &units[q][ui];
             cursor[q] += 1;
-            let first = &asks[unit.asks[0]];
-            let held = reservations.held.contains_key(&unit.key);
-            if unit.asks.len() == 1 && !held && failed.contains(&Shape::of(first)) {
+            let held = !reservations.held.is_empty() && reservations.held.contains_key(&unit.key);
+            // A shape that found no node finds none later in the round
+            // (room only shrinks): a lone ask, or a gang with a member of
+            // that shape, is passed over without a search.
+            let dead = !held
+                && match &unit.asks {
+                    Members::One(_) => failed[unit.shape as usize],
+                    Members::Gang(v) => v.iter().any(|&ai| failed[ask_shape[ai] as usize]),
+                };
+            if dead {
                 stats.unplaced += 1;
-                unplaced_keys.push((q, cursor[q] - 1));
+                if unplaced_per_queue[q] < WAITS_TRACKED {
+                    unplaced_per_queue[q] += 1;
+                    unplaced_keys.push((q, ui));
+                }
                 continue;
             }
+            let members = unit.asks.as_slice();
+            let first = &asks[members[0]];
             if !queues.can_take(q, &first.user, unit.res) {
                 stats.limited += 1;
                 continue;
@@ -466,7 +533,7 @@ pub fn schedule_with(
             taken.clear();
             let mut ok = true;
             let mine = reservations.held.get(&unit.key);
-            for &ai in &unit.asks {
+            for &ai in members {
                 let a = &asks[ai];
                 let on_held = mine.and_then(|nodes| {
                     nodes
@@ -480,8 +547,10 @@ pub fn schedule_with(
                     }
                     None => {
                         ok = false;
-                        if unit.asks.len() == 1 && !held {
-                            failed.insert(Shape::of(a));
+                        // Only a search over the round's true room counts
+                        // (not one made while this gang held some of it).
+                        if taken.is_empty() && !held {
+                            failed[ask_shape[ai] as usize] = true;
                         }
                         break;
                     }
@@ -493,10 +562,13 @@ pub fn schedule_with(
                     cluster.give_back(node, &asks[ai], &grants);
                 }
                 stats.unplaced += 1;
-                unplaced_keys.push((q, cursor[q] - 1));
+                if unplaced_per_queue[q] < WAITS_TRACKED || held {
+                    unplaced_per_queue[q] += 1;
+                    unplaced_keys.push((q, ui));
+                }
                 continue;
             }
-            placed_keys.push(unit.key);
+            reservations.held.remove(&unit.key);
             queues.charge(q, &first.user, unit.res);
             for (ai, node, grants) in taken.drain(..) {
                 out.push(Assignment {
@@ -506,7 +578,7 @@ pub fn schedule_with(
                 });
                 stats.placed += 1;
             }
-            if cursor[q] < units[q].len() {
+            if cursor[q] < order[q].len() {
                 let (a, b) = queues.fairness_key(q, total);
                 heap.push(Reverse(Key(a, b, q)));
             }
@@ -516,32 +588,66 @@ pub fn schedule_with(
 
     // Units the loop never reached (the queue ran dry of chances) wait too.
     for (q, list) in units.iter().enumerate() {
-        for i in cursor[q]..list.len() {
-            unplaced_keys.push((q, i));
+        let rest = &order[q][cursor[q]..];
+        let room = WAITS_TRACKED.saturating_sub(unplaced_per_queue[q]);
+        unplaced_keys.extend(rest.iter().take(room).map(|&i| (q, i as usize)));
+        if !reservations.held.is_empty() {
+            unplaced_keys.extend(
+                rest.iter()
+                    .skip(room)
+                    .filter(|&&i| reservations.held.contains_key(&list[i as usize].key))
+                    .map(|&i| (q, i as usize)),
+            );
         }
     }
     for n in 0..cluster.nodes.len() {
         cluster.set_reserved(n, false);
     }
-    for k in placed_keys {
-        reservations.waits.remove(&k);
-        reservations.held.remove(&k);
-    }
+    // Waits counted afresh: a placed unit, or one no longer tracked, starts
+    // again from zero.
+    let mut before = std::mem::take(&mut reservations.waits);
     for (q, i) in unplaced_keys {
         let unit = &units[q][i];
-        let w = reservations.waits.entry(unit.key).or_insert(0);
-        *w += 1;
-        if *w >= reservations.after_rounds
+        let w = before.remove(&unit.key).unwrap_or(0) + 1;
+        reservations.waits.insert(unit.key, w);
+        if w >= reservations.after_rounds
             && !reservations.held.contains_key(&unit.key)
             && reservations.held.len() < reservations.max_held
         {
-            let members: Vec<&Ask> = unit.asks.iter().map(|&a| &asks[a]).collect();
+            let members: Vec<&Ask> = unit.asks.as_slice().iter().map(|&a| &asks[a]).collect();
             if let Some(nodes) = hold_nodes(cluster, &members, reservations) {
                 reservations.held.insert(unit.key, nodes);
             }
         }
     }
     (out, stats)
+}
+
+/// The order a queue's units are served in: priority (higher first), then
+/// submission order, as indexes into `units`.
+fn unit_order(units: &[Unit]) -> Vec<u32> {
+    if units.is_sorted_by_key(|x| (Reverse(x.priority), x.seq)) {
+        return (0..units.len() as u32).collect();
+    }
+    if units.is_sorted_by_key(|x| x.seq) {
+        // In submission order with a few priorities: one bucket per
+        // priority keeps that order, in O(n).
+        let mut by_priority: BTreeMap<Reverse<i32>, Vec<u32>> = BTreeMap::new();
+        for (i, x) in units.iter().enumerate() {
+            by_priority
+                .entry(Reverse(x.priority))
+                .or_default()
+                .push(i as u32);
+        }
+        return by_priority.into_values().flatten().collect();
+    }
+    let mut keys: Vec<(Reverse<i32>, u64, u32)> = units
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (Reverse(x.priority), x.seq, i as u32))
+        .collect();
+    keys.sort_unstable();
+    keys.into_iter().map(|k| k.2).collect()
 }
 
 /// Nodes that could hold all of `members` once they drain: the least busy
