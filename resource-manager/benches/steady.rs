@@ -27,9 +27,10 @@ fn main() {
         (100, 1_000, 50, 5)
     };
     let mut st = ClusterState::default();
-    let queues: Vec<QueueSpec> = (0..4)
-        .map(|i| QueueSpec {
-            name: format!("root.q{i}"),
+    let queues: Vec<QueueSpec> = std::iter::once("root".to_string())
+        .chain((0..4).map(|i| format!("root.q{i}")))
+        .map(|name| QueueSpec {
+            name,
             guaranteed_vcores_milli: 0,
             guaranteed_memory_bytes: 0,
             guaranteed_gpus: 0,
@@ -108,6 +109,7 @@ fn main() {
         rng
     };
     let (mut round_t, mut apply_t) = (Vec::new(), Vec::new());
+    let (mut view_t, mut sched_t, mut verify_t) = (Vec::new(), Vec::new(), Vec::new());
     let mut placed_total = 0usize;
     for r in 0..rounds {
         // 1,000 containers end, as agents' heartbeats report.
@@ -133,6 +135,7 @@ fn main() {
         let t = Instant::now();
         let (mut cluster, ids) = cluster_view_with(&st, &busy);
         let mut qv = queue_view(&st);
+        view_t.push(t.elapsed());
         let asks: Vec<Ask> = (0..per_round)
             .map(|k| {
                 let q = qv.index(&format!("root.q{}", k % 4)).expect("queue exists");
@@ -141,7 +144,9 @@ fn main() {
                 a
             })
             .collect();
+        let s0 = Instant::now();
         let (out, _) = schedule_with(&mut cluster, &mut qv, &asks, &mut reservations);
+        sched_t.push(s0.elapsed());
         let plan: Vec<Allocation> = out
             .iter()
             .map(|p| {
@@ -161,7 +166,9 @@ fn main() {
                 }
             })
             .collect();
+        let v0 = Instant::now();
         let verdict = st.verify_plan(&plan);
+        verify_t.push(v0.elapsed());
         round_t.push(t.elapsed());
         assert!(verdict.refused.is_empty(), "a fresh plan fits");
         placed_total += verdict.accepted.len();
@@ -188,5 +195,8 @@ fn main() {
         live.len()
     );
     show("leader round (view + schedule + verify)", &mut round_t);
+    show("  of which the view", &mut view_t);
+    show("  of which schedule", &mut sched_t);
+    show("  of which verify", &mut verify_t);
     show("apply (ends + allocations)", &mut apply_t);
 }

@@ -1024,8 +1024,17 @@ pub fn cluster_view_with(
     let mut nodes = Vec::new();
     let mut ids = Vec::new();
     let none = crate::fsm::NodeUse::default();
+    // Nodes and their usage are both ordered by node id: walked together,
+    // with no lookup per node.
+    let mut usage = state.usage.iter().peekable();
     for n in state.nodes.values() {
-        let u = state.node_use_ref(&n.id).unwrap_or(&none);
+        while usage
+            .next_if(|(id, _)| id.as_str() < n.id.as_str())
+            .is_some()
+        {}
+        let u = usage
+            .next_if(|(id, _)| **id == n.id)
+            .map_or(&none, |(_, u)| u);
         let held = busy.get(&n.id).map_or(0, |b| {
             b.iter()
                 .filter(|p| n.ports.contains(**p) && !u.ports.contains(p))

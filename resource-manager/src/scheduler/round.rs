@@ -196,25 +196,38 @@ impl Cluster {
             };
         }
         let pick = |iter: &mut dyn Iterator<Item = u32>| iter.take(CANDIDATES).find_map(try_node);
+        // The index orders nodes by one resource; the fullest ones by it can
+        // all be out of another (packed nodes run out of cores while memory
+        // is left): when the preferred end has no fit among its candidates,
+        // the other end (the emptiest nodes) is tried before giving up.
+        let both = |fwd: &mut dyn Iterator<Item = u32>, back: &mut dyn Iterator<Item = u32>| {
+            pick(fwd).or_else(|| pick(back))
+        };
         match (ask.gpu, ask.placement) {
-            (GpuAsk::None, Placement::Pack) => {
-                pick(&mut self.by_memory.range((ask.memory, 0)..).map(|k| k.1))
-            }
-            (GpuAsk::None, Placement::Spread) => {
-                pick(&mut self.by_memory.range((ask.memory, 0)..).rev().map(|k| k.1))
-            }
-            (GpuAsk::Whole(k), Placement::Pack) => {
-                pick(&mut self.by_whole_gpus.range((k, 0)..).map(|x| x.1))
-            }
-            (GpuAsk::Whole(k), Placement::Spread) => {
-                pick(&mut self.by_whole_gpus.range((k, 0)..).rev().map(|x| x.1))
-            }
-            (GpuAsk::Share { milli, .. }, Placement::Pack) => {
-                pick(&mut self.by_gpu_share.range((milli, 0)..).map(|x| x.1))
-            }
-            (GpuAsk::Share { milli, .. }, Placement::Spread) => {
-                pick(&mut self.by_gpu_share.range((milli, 0)..).rev().map(|x| x.1))
-            }
+            (GpuAsk::None, Placement::Pack) => both(
+                &mut self.by_memory.range((ask.memory, 0)..).map(|k| k.1),
+                &mut self.by_memory.range((ask.memory, 0)..).rev().map(|k| k.1),
+            ),
+            (GpuAsk::None, Placement::Spread) => both(
+                &mut self.by_memory.range((ask.memory, 0)..).rev().map(|k| k.1),
+                &mut self.by_memory.range((ask.memory, 0)..).map(|k| k.1),
+            ),
+            (GpuAsk::Whole(k), Placement::Pack) => both(
+                &mut self.by_whole_gpus.range((k, 0)..).map(|x| x.1),
+                &mut self.by_whole_gpus.range((k, 0)..).rev().map(|x| x.1),
+            ),
+            (GpuAsk::Whole(k), Placement::Spread) => both(
+                &mut self.by_whole_gpus.range((k, 0)..).rev().map(|x| x.1),
+                &mut self.by_whole_gpus.range((k, 0)..).map(|x| x.1),
+            ),
+            (GpuAsk::Share { milli, .. }, Placement::Pack) => both(
+                &mut self.by_gpu_share.range((milli, 0)..).map(|x| x.1),
+                &mut self.by_gpu_share.range((milli, 0)..).rev().map(|x| x.1),
+            ),
+            (GpuAsk::Share { milli, .. }, Placement::Spread) => both(
+                &mut self.by_gpu_share.range((milli, 0)..).rev().map(|x| x.1),
+                &mut self.by_gpu_share.range((milli, 0)..).map(|x| x.1),
+            ),
         }
     }
 

@@ -555,3 +555,22 @@ fn ports_are_counted_per_node_and_a_shape_without_them_still_fits() {
     assert_eq!(st.placed, 2);
     assert_eq!(c.nodes[0].free_ports, 1);
 }
+
+#[test]
+fn packed_nodes_out_of_cores_do_not_hide_an_empty_one() {
+    // 300 nodes with memory left but every core taken: the fullest by
+    // memory, all examined first under pack; one empty node after them.
+    let mut nodes: Vec<Node> = (0..300)
+        .map(|i| {
+            let mut n = Node::new(&format!("full-{i}"), 8000, 32 * GIB);
+            n.free_vcores = 0;
+            n.free_memory = 8 * GIB;
+            n
+        })
+        .collect();
+    nodes.push(Node::new("empty", 8000, 32 * GIB));
+    let mut c = cluster(nodes);
+    let mut q = Queues::root_only();
+    let (out, _) = schedule(&mut c, &mut q, &[Ask::new(0, 0, 1000, GIB)]);
+    assert_eq!(placed_on(&out, 0), Some(300), "{out:?}");
+}
