@@ -19,6 +19,28 @@ use weft_resource_manager::scheduler::{schedule_with, Ask, Reservations};
 
 const GIB: u64 = 1 << 30;
 
+/// Container `c{seq}` of a plain task.
+fn task(
+    seq: u64,
+    app_id: String,
+    node_id: String,
+    vcores_milli: u64,
+    memory_bytes: u64,
+) -> Allocation {
+    Allocation {
+        container_id: format!("c{seq}"),
+        app_id,
+        node_id,
+        vcores_milli,
+        memory_bytes,
+        gpus: vec![],
+        gpu_share: None,
+        ask_id: "task".into(),
+        gang: None,
+        ports: vec![],
+    }
+}
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let (nodes, running, per_round, rounds) = if full {
@@ -29,20 +51,7 @@ fn main() {
     let mut st = ClusterState::default();
     let queues: Vec<QueueSpec> = std::iter::once("root".to_string())
         .chain((0..4).map(|i| format!("root.q{i}")))
-        .map(|name| QueueSpec {
-            name,
-            guaranteed_vcores_milli: 0,
-            guaranteed_memory_bytes: 0,
-            guaranteed_gpus: 0,
-            max_vcores_milli: 0,
-            max_memory_bytes: 0,
-            max_gpus: 0,
-            weight: 1,
-            submit_acl: vec![],
-            user_limit_vcores_milli: 0,
-            user_limit_memory_bytes: 0,
-            user_limit_gpus: 0,
-        })
+        .map(|name| QueueSpec::named(&name))
         .collect();
     st.apply(&Command::SetQueues { queues });
     for i in 0..nodes {
@@ -80,18 +89,7 @@ fn main() {
     let fill: Vec<Allocation> = (0..running)
         .map(|k| {
             seq += 1;
-            Allocation {
-                container_id: format!("c{seq}"),
-                app_id: app(k),
-                node_id: format!("n{:05}", k % nodes),
-                vcores_milli: 1000,
-                memory_bytes: 2 * GIB,
-                gpus: vec![],
-                gpu_share: None,
-                ask_id: "task".into(),
-                gang: None,
-                ports: vec![],
-            }
+            task(seq, app(k), format!("n{:05}", k % nodes), 1000, 2 * GIB)
         })
         .collect();
     live.extend(fill.iter().map(|a| a.container_id.clone()));
@@ -152,18 +150,13 @@ fn main() {
             .map(|p| {
                 seq += 1;
                 let a = &asks[p.ask as usize];
-                Allocation {
-                    container_id: format!("c{seq}"),
-                    app_id: app(p.ask as usize),
-                    node_id: ids[p.node].clone(),
-                    vcores_milli: a.vcores,
-                    memory_bytes: a.memory,
-                    gpus: vec![],
-                    gpu_share: None,
-                    ask_id: "task".into(),
-                    gang: None,
-                    ports: vec![],
-                }
+                task(
+                    seq,
+                    app(p.ask as usize),
+                    ids[p.node].clone(),
+                    a.vcores,
+                    a.memory,
+                )
             })
             .collect();
         let v0 = Instant::now();

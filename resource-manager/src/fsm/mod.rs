@@ -273,6 +273,27 @@ pub struct QueueSpec {
     pub user_limit_gpus: u32,
 }
 
+impl QueueSpec {
+    /// A queue with no guarantee, no maximum, no limits, weight 1, open to
+    /// everyone.
+    pub fn named(name: &str) -> QueueSpec {
+        QueueSpec {
+            name: name.to_string(),
+            guaranteed_vcores_milli: 0,
+            guaranteed_memory_bytes: 0,
+            guaranteed_gpus: 0,
+            max_vcores_milli: 0,
+            max_memory_bytes: 0,
+            max_gpus: 0,
+            weight: 1,
+            submit_acl: vec![],
+            user_limit_vcores_milli: 0,
+            user_limit_memory_bytes: 0,
+            user_limit_gpus: 0,
+        }
+    }
+}
+
 /// What the raft log holds: a command plus who proposed it, so the proposer
 /// (and only it) can answer its waiting caller.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1154,28 +1175,22 @@ impl ClusterState {
     /// GPU); containers belong to known applications and nodes; application
     /// ids within the handed-out sequence. Returns the first violation.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let indexed: usize = self.app_containers.values().map(|s| s.len()).sum();
-        if indexed != self.containers.len()
-            || self.app_containers.iter().any(|(app, ids)| {
-                ids.iter().any(|id| {
-                    self.containers
-                        .get(id)
-                        .is_none_or(|c| c.alloc.app_id != *app)
+        // Each derived index holds every container once, under its owner.
+        let agrees = |index: &BTreeMap<String, std::collections::BTreeSet<String>>,
+                      owner: fn(&Allocation) -> &str| {
+            index.values().map(|s| s.len()).sum::<usize>() == self.containers.len()
+                && index.iter().all(|(key, ids)| {
+                    ids.iter().all(|id| {
+                        self.containers
+                            .get(id)
+                            .is_some_and(|c| owner(&c.alloc) == key)
+                    })
                 })
-            })
-        {
+        };
+        if !agrees(&self.app_containers, |a| &a.app_id) {
             return Err("the application -> containers index disagrees with the containers".into());
         }
-        let on_nodes: usize = self.node_containers.values().map(|s| s.len()).sum();
-        if on_nodes != self.containers.len()
-            || self.node_containers.iter().any(|(node, ids)| {
-                ids.iter().any(|id| {
-                    self.containers
-                        .get(id)
-                        .is_none_or(|c| c.alloc.node_id != *node)
-                })
-            })
-        {
+        if !agrees(&self.node_containers, |a| &a.node_id) {
             return Err("the node -> containers index disagrees with the containers".into());
         }
         for (node, kept) in &self.usage {
@@ -1918,20 +1933,7 @@ mod tests {
 
     #[test]
     fn queue_configuration_is_validated() {
-        let q = |name: &str| QueueSpec {
-            name: name.into(),
-            guaranteed_vcores_milli: 0,
-            guaranteed_memory_bytes: 0,
-            guaranteed_gpus: 0,
-            max_vcores_milli: 0,
-            max_memory_bytes: 0,
-            max_gpus: 0,
-            weight: 1,
-            submit_acl: vec![],
-            user_limit_vcores_milli: 0,
-            user_limit_memory_bytes: 0,
-            user_limit_gpus: 0,
-        };
+        let q = QueueSpec::named;
         let mut s = ClusterState::default();
         assert_eq!(
             s.apply(&Command::SetQueues {
