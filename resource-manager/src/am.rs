@@ -215,26 +215,34 @@ impl Scheduling {
         self.delivered.notify_waiters();
     }
 
-    /// Leader-only loop until `cancel` fires.
+    /// What this member kept as leader goes when it steps down: a new
+    /// leader rebuilds the table from the masters' next calls (and runs its
+    /// own in-process masters).
+    pub fn step_down(&self) {
+        *self.table.lock().expect("table lock") = Table::default();
+        for (_, m) in self.local.lock().expect("local masters lock").drain() {
+            m.task.abort();
+        }
+    }
+
+    /// The scheduling loop of one leadership (the leader supervisor starts
+    /// and stops it), until `cancel` fires. Rounds run on events (asks,
+    /// ends, node changes) and every half second.
     pub async fn run(self, cancel: tokio_util::sync::CancellationToken) {
         let mut reservations = Reservations::default();
         let mut counter = 0u64;
+        // A leadership starts from an empty table.
+        *self.table.lock().expect("table lock") = Table::default();
+        let mut first = true;
         loop {
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = cancel.cancelled() => return,
+            if !std::mem::take(&mut first) {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = cancel.cancelled() => return,
+                }
             }
             let status = self.raft.status();
-            if !status.is_leader {
-                // A new leader rebuilds the table from the masters' next calls
-                // (and runs its own in-process masters).
-                *self.table.lock().expect("table lock") = Table::default();
-                for (_, m) in self.local.lock().expect("local masters lock").drain() {
-                    m.task.abort();
-                }
-                continue;
-            }
             if self.signer().is_none() {
                 if let Err(e) = self.ensure_signer().await {
                     debug!(error = %e, "token key not made yet");

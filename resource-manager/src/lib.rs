@@ -1,6 +1,8 @@
 //! Weft's resource manager: the cluster's truth, replicated with Raft.
 //!
 //! Layout:
+//! - [`leader`]: the leader supervisor: starts every leader-only task on
+//!   election and stops them together on step-down (role from a watch);
 //! - [`am`]: the leader's scheduling loop and the ApplicationMasterService;
 //! - [`fsm`]: the replicated state machine (commands, deterministic apply, snapshots);
 //! - [`storage`]: raft log, hard state, conf state and snapshots in sled;
@@ -17,6 +19,7 @@ pub mod am;
 pub mod config;
 pub mod error;
 pub mod fsm;
+pub mod leader;
 pub mod raft_node;
 pub mod scheduler;
 pub mod service;
@@ -78,8 +81,8 @@ pub async fn run(
     )
     .with_container_retention(config.container_retention);
     let cancel = tokio_util::sync::CancellationToken::new();
-    let liveness = tokio::spawn(svc.clone().run_liveness(cancel.clone()));
-    let scheduling = tokio::spawn(svc.scheduling.clone().run(cancel.clone()));
+    // Leader-only work starts and stops with this member's leaderships.
+    let leader = tokio::spawn(leader::supervise(svc.clone(), cancel.clone()));
     let am = am::AmService::new(svc.scheduling.clone());
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -118,8 +121,7 @@ pub async fn run(
         r = &mut server => r,
     };
     cancel.cancel();
-    let _ = liveness.await;
-    let _ = scheduling.await;
+    let _ = leader.await;
     // The raft thread ends when the last handle is gone.
     drop(raft);
     let _ = tokio::time::timeout(

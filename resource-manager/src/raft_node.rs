@@ -61,6 +61,16 @@ pub struct RaftStatus {
 pub struct Shared {
     pub state: RwLock<ClusterState>,
     pub status: RwLock<RaftStatus>,
+    /// This member's role, published by the raft thread on every change:
+    /// leader-only work starts and stops on it (nothing polls).
+    pub role: tokio::sync::watch::Sender<Leadership>,
+}
+
+/// Whether this member leads, and in which term.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Leadership {
+    pub is_leader: bool,
+    pub term: u64,
 }
 
 /// A change of the group's membership.
@@ -154,6 +164,11 @@ impl RaftHandle {
         self.shared.status.read().expect("status lock").clone()
     }
 
+    /// This member's role as it changes (the current one first).
+    pub fn leadership(&self) -> tokio::sync::watch::Receiver<Leadership> {
+        self.shared.role.subscribe()
+    }
+
     pub fn state(&self) -> std::sync::RwLockReadGuard<'_, ClusterState> {
         self.shared.state.read().expect("state lock")
     }
@@ -245,6 +260,7 @@ pub fn start(
             snapshot_index: storage.snapshot_index(),
             ..Default::default()
         }),
+        role: tokio::sync::watch::Sender::new(Leadership::default()),
     });
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = RaftHandle {
@@ -676,6 +692,15 @@ impl Member {
         let r = &self.raw.raft;
         let mut members: Vec<u64> = r.prs().iter().map(|(id, _)| *id).collect();
         members.sort_unstable();
+        let role = Leadership {
+            is_leader: r.state == StateRole::Leader,
+            term: r.term,
+        };
+        self.shared.role.send_if_modified(|now| {
+            let changed = *now != role;
+            *now = role;
+            changed
+        });
         *self.shared.status.write().expect("status lock") = RaftStatus {
             id: self.settings.id,
             is_leader: r.state == StateRole::Leader,

@@ -158,31 +158,38 @@ impl RmService {
         }
     }
 
-    /// Leader-only: declares silent nodes LOST, until `cancel` fires.
+    /// The raft handle (the leader supervisor watches its role).
+    pub fn raft(&self) -> &RaftHandle {
+        &self.raft
+    }
+
+    /// A later leadership starts from nothing (and a grace period).
+    pub fn forget_heartbeats(&self) {
+        let mut l = self.liveness.lock().expect("liveness lock");
+        l.leader_since = None;
+        l.last_heartbeat.clear();
+    }
+
+    /// Node liveness of one leadership (the leader supervisor starts and
+    /// stops it): declares silent nodes LOST and prunes old containers,
+    /// until `cancel` fires. It first brings the queue configuration in line.
     pub async fn run_liveness(self, cancel: tokio_util::sync::CancellationToken) {
         let every = (self.node_expiry / 8).max(Duration::from_millis(50));
         let mut last_prune = Instant::now();
+        self.liveness.lock().expect("liveness lock").leader_since = Some(Instant::now());
+        self.apply_queue_config().await;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = cancel.cancelled() => return,
             }
-            if self.raft.status().is_leader
-                && last_prune.elapsed()
-                    >= (self.container_retention / 10).min(Duration::from_secs(60))
+            if last_prune.elapsed() >= (self.container_retention / 10).min(Duration::from_secs(60))
             {
                 last_prune = Instant::now();
                 self.prune_containers().await;
             }
             let lost = {
-                let is_leader = self.raft.status().is_leader;
-                let mut l = self.liveness.lock().expect("liveness lock");
-                if !is_leader {
-                    // A later leadership starts from nothing (and a grace period).
-                    l.leader_since = None;
-                    l.last_heartbeat.clear();
-                    continue;
-                }
+                let l = self.liveness.lock().expect("liveness lock");
                 if let Some(since) = l.leader_since {
                     let nodes: Vec<(String, NodeState)> = self
                         .raft
@@ -199,13 +206,10 @@ impl RmService {
                         self.node_expiry,
                     ))
                 } else {
-                    l.leader_since = Some(Instant::now());
                     None
                 }
             };
             let Some(lost) = lost else {
-                // Just took office: bring the queue configuration in line.
-                self.apply_queue_config().await;
                 continue;
             };
             for node_id in lost {

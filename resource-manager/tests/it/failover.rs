@@ -222,6 +222,23 @@ async fn an_isolated_leader_serves_no_writes_and_rejoins_when_healed() {
         .await
         .unwrap();
     assert_ne!(s.leader_id, cluster.members[old].id, "{s:?}");
+    // Its leader-only tasks stopped together when it stepped down, and the
+    // new leader's started on its election (from the role watch).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !cluster
+        .log_text(old)
+        .contains("stepped down: leader tasks stopped")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the isolated member never stopped its leader tasks:\n{}",
+            cluster.log_text(old)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(cluster
+        .log_text(new)
+        .contains("elected: leader tasks starting"));
     // Healed, it follows the new leader and catches up.
     cluster.isolate(old, false);
     let commit = majority.cluster_status().await.unwrap().commit_index;
