@@ -64,13 +64,10 @@ fn open_db(dir: &Path) -> Result<sled::Db> {
     loop {
         match sled::Config::new().path(dir).flush_every_ms(None).open() {
             Ok(db) => return Ok(db),
-            Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    && std::time::Instant::now() < deadline =>
-            {
+            Err(sled::Error::Io(e)) if is_lock_held(&e) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            Err(sled::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            Err(sled::Error::Io(e)) if is_lock_held(&e) => {
                 return Err(Error::Storage(format!(
                     "opening {}: the data dir is locked by another process (another member running on it?): {e}",
                     dir.display()
@@ -79,6 +76,12 @@ fn open_db(dir: &Path) -> Result<sled::Db> {
             Err(e) => return Err(Error::Storage(format!("opening {}: {e}", dir.display()))),
         }
     }
+}
+
+/// Whether sled failed to open because its file lock is held. sled wraps
+/// the `WouldBlock` of the lock in an error of kind `Other` that names it.
+fn is_lock_held(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 
 impl SledStorage {
@@ -418,6 +421,25 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn a_data_dir_in_use_is_waited_for_then_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        // Reopened right after the last handle goes: the lock is waited for.
+        for _ in 0..20 {
+            let s = SledStorage::open(dir.path()).unwrap();
+            s.sync().unwrap();
+        }
+        // Held for good (another member on the same dir): refused, named.
+        let held = SledStorage::open(dir.path()).unwrap();
+        let t = std::time::Instant::now();
+        let e = SledStorage::open(dir.path())
+            .err()
+            .expect("a held dir is refused");
+        assert!(t.elapsed() >= LOCK_WAIT, "it waited {:?}", t.elapsed());
+        assert!(e.to_string().contains("locked by another process"), "{e}");
+        drop(held);
     }
 
     #[test]
