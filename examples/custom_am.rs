@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
     println!("submitted {app}");
 
     // 2. Register as attempt 1 with the token the submission returned.
-    let mut rm = RmAmClient::new(args.rm.clone(), submitted.application_token);
+    let mut rm = RmAmClient::new(args.rm.clone(), submitted.application_token)?;
     rm.register(&app, 1).await?;
 
     // 3. Ask until every container is granted, starting each as it comes.

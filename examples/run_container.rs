@@ -66,10 +66,7 @@ fn parse_args() -> anyhow::Result<Args> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    weft_node_agent::telemetry::init_with_default(
-        weft_node_agent::telemetry::LogFormat::Human,
-        "warn",
-    );
+    weft_common::telemetry::init_with_default(weft_common::telemetry::LogFormat::Human, "warn");
     let args = parse_args()?;
     let work = tempfile::tempdir()?;
     let mut config = AgentConfig {

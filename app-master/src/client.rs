@@ -1,10 +1,11 @@
 //! Clients an application master uses: the RM's ApplicationMasterService
 //! (following the leader across failovers) and node agents' ContainerManager.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use tonic::Status;
+use weft_common::leader::LeaderClient;
 use weft_proto::v1 as pb;
 use weft_proto::v1::application_master_service_client::ApplicationMasterServiceClient;
 use weft_proto::v1::container_manager_client::ContainerManagerClient;
@@ -25,29 +26,24 @@ fn channel(addr: &str) -> Result<Channel, Status> {
         .connect_lazy())
 }
 
-/// The RM as an application master sees it.
+/// The RM as an application master sees it: calls go through the shared
+/// leader-following loop (60 s deadline; 30 s per request for long polls).
 pub struct RmAmClient {
-    addresses: Vec<String>,
+    rm: LeaderClient,
     /// The application token every call carries.
     token: Vec<u8>,
-    leader: Option<String>,
-    next: usize,
-    /// How long a call keeps retrying across failovers.
-    pub deadline: Duration,
 }
 
 impl RmAmClient {
     /// `token`: the application token the RM issued for this attempt (to
     /// masters it starts, in `WEFT_APP_TOKEN`; to an unmanaged master's
     /// submitter, in the SubmitApplication answer).
-    pub fn new(addresses: Vec<String>, token: Vec<u8>) -> Self {
-        RmAmClient {
-            addresses,
-            token,
-            leader: None,
-            next: 0,
-            deadline: Duration::from_secs(60),
-        }
+    pub fn new(addresses: Vec<String>, token: Vec<u8>) -> Result<Self, weft_common::leader::Error> {
+        let rm = LeaderClient::new(addresses)?
+            .with_deadline(Some(Duration::from_secs(60)))
+            .with_request_timeout(Duration::from_secs(30))
+            .with_backoff(Duration::from_millis(50), Duration::from_secs(1));
+        Ok(RmAmClient { rm, token })
     }
 
     /// Calls `f` on the leader, following NotLeader hints and retrying
@@ -57,50 +53,10 @@ impl RmAmClient {
         F: Fn(ApplicationMasterServiceClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let start = Instant::now();
-        let mut backoff = Duration::from_millis(50);
-        let mut redirects = 0;
-        loop {
-            let addr = match &self.leader {
-                Some(l) => l.clone(),
-                None => {
-                    self.next += 1;
-                    self.addresses[self.next % self.addresses.len()].clone()
-                }
-            };
-            let err = match f(ApplicationMasterServiceClient::new(channel(&addr)?)).await {
-                Ok(r) => {
-                    self.leader = Some(addr);
-                    return Ok(r.into_inner());
-                }
-                Err(s)
-                    if matches!(
-                        s.code(),
-                        Code::Unavailable | Code::Unknown | Code::Cancelled
-                    ) =>
-                {
-                    s
-                }
-                Err(s) => return Err(s),
-            };
-            self.leader = err
-                .metadata()
-                .get("weft-leader")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-                .filter(|l| *l != addr);
-            // A follower named the leader: go there at once (a few times;
-            // then back off, as the hint may be stale).
-            if self.leader.is_some() && redirects < 3 {
-                redirects += 1;
-                continue;
-            }
-            if start.elapsed() > self.deadline {
-                return Err(err);
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
-        }
+        self.rm
+            .call(|ch| f(ApplicationMasterServiceClient::new(ch)))
+            .await
+            .map_err(|e| e.into_status())
     }
 
     /// Registers this attempt; the answer lists what earlier attempts left

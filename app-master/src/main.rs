@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use weft_app_master::runner::Runner;
-use weft_app_master::spec::JobSpec;
-use weft_node_agent::telemetry::{self, LogFormat};
+use weft_common::telemetry::{self, LogFormat};
+use weft_spec::JobSpec;
 
 /// Weft application master: runs a job's stages on containers the resource
 /// manager grants, and reports the job's end.
@@ -77,15 +77,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if args.rm.is_empty() {
-        eprintln!("app-master: --rm: give the resource-manager addresses");
-        return ExitCode::from(2);
-    }
+    let rm = match weft_app_master::client::RmAmClient::new(args.rm, token) {
+        Ok(rm) => rm,
+        Err(e) => {
+            eprintln!("app-master: --rm (WEFT_RM): {e}");
+            return ExitCode::from(2);
+        }
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("building the tokio runtime");
-    match rt.block_on(Runner::new(args.app_id, args.attempt, spec, args.rm, token).run()) {
+    match rt.block_on(Runner::new(args.app_id, args.attempt, spec, rm).run()) {
         Ok(f) if f.status == weft_proto::v1::FinalStatus::Succeeded => ExitCode::SUCCESS,
         Ok(f) => {
             eprintln!("app-master: {}", f.diagnostics);

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 use weft_proto::v1 as pb;
 
 use crate::client::{NodeClients, RmAmClient};
-use crate::spec::{Framework, JobSpec, PlacementSpec, ResourcesSpec};
+use weft_spec::{Framework, JobSpec, PlacementSpec, ResourcesSpec};
 
 #[derive(Debug, Clone, PartialEq)]
 enum State {
@@ -62,13 +62,7 @@ const OVER_MEMORY: i32 = weft_proto::exit_codes::OVER_MEMORY_QUOTA;
 
 impl Runner {
     /// `token`: this attempt's application token.
-    pub fn new(
-        app: String,
-        attempt: u32,
-        spec: JobSpec,
-        rm_addresses: Vec<String>,
-        token: Vec<u8>,
-    ) -> Runner {
+    pub fn new(app: String, attempt: u32, spec: JobSpec, rm: RmAmClient) -> Runner {
         let mut tasks = Vec::new();
         for (si, s) in spec.stages.iter().enumerate() {
             match &s.roles {
@@ -107,7 +101,7 @@ impl Runner {
             app,
             attempt,
             spec,
-            rm: RmAmClient::new(rm_addresses, token),
+            rm,
             tasks,
             failures: vec![0; n],
             unreachable: Vec::new(),
@@ -462,16 +456,7 @@ impl Runner {
                 // The node is unreachable (it may be dying), or still busy
                 // with containers the RM already counts as ended: give the
                 // container back and ask again; not the task's fault.
-                Err(e)
-                    if matches!(
-                        e.code(),
-                        tonic::Code::Unavailable
-                            | tonic::Code::Unknown
-                            | tonic::Code::DeadlineExceeded
-                            | tonic::Code::Cancelled
-                            | tonic::Code::ResourceExhausted
-                    ) =>
-                {
+                Err(e) if weft_common::codes::start_refused_transiently(&e) => {
                     warn!(container = %a.container_id, node = %a.node_id, error = %e.message(), "node unreachable; asking again");
                     self.unreachable.push(a.container_id.clone());
                     t.state = State::Asking;
@@ -668,6 +653,6 @@ impl Runner {
 
 /// Ports each task of stage `s` needs: one for a gang's address, plus the
 /// stage's named ones.
-fn ports_asked(s: &crate::spec::StageSpec) -> u32 {
+fn ports_asked(s: &weft_spec::StageSpec) -> u32 {
     s.gang as u32 + s.ports.len() as u32
 }

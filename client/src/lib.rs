@@ -17,65 +17,24 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Status};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tonic::transport::Channel;
+use tonic::Status;
 use weft_proto::v1 as pb;
 use weft_proto::v1::client_service_client::ClientServiceClient;
 
 pub use weft_proto::v1 as proto;
 
-/// gRPC metadata key carrying the leader's address on NotLeader answers.
-pub const LEADER_HEADER: &str = "weft-leader";
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{0}: no address given")]
-    NoAddress(&'static str),
-    #[error("{address:?} is not a valid address: {reason}")]
-    InvalidAddress { address: String, reason: String },
-    /// The RM answered with an error that retrying cannot fix.
-    #[error("{}", .0.message())]
-    Rpc(Status),
-    /// No member answered as leader before the deadline.
-    #[error("cannot reach a resource-manager leader at {tried} within {deadline:?}: {last}")]
-    Unreachable {
-        tried: String,
-        deadline: Duration,
-        last: String,
-    },
-}
-
-impl Error {
-    /// The gRPC code, where the RM answered.
-    pub fn code(&self) -> Option<Code> {
-        match self {
-            Error::Rpc(s) => Some(s.code()),
-            _ => None,
-        }
-    }
-}
+use weft_common::leader::LeaderClient;
+pub use weft_common::leader::{Error, LEADER_HEADER};
 
 /// A client of the RM group.
 pub struct RmClient {
-    addresses: Vec<String>,
-    channels: Mutex<HashMap<String, Channel>>,
-    leader: Mutex<Option<String>>,
-    next: AtomicU64,
-    deadline: Duration,
-}
-
-fn uri(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
+    rm: LeaderClient,
 }
 
 /// A request id unique to this process and moment.
@@ -93,18 +52,6 @@ fn request_id() -> String {
     )
 }
 
-/// Whether an error means "ask again, maybe elsewhere".
-fn retryable(s: &Status) -> bool {
-    matches!(
-        s.code(),
-        Code::Unavailable
-            | Code::Unknown
-            | Code::Cancelled
-            | Code::DeadlineExceeded
-            | Code::Aborted
-    )
-}
-
 impl RmClient {
     /// A client of the members at `addresses` (host:port), retrying for 30 s.
     pub fn new<I, S>(addresses: I) -> Result<Self, Error>
@@ -112,59 +59,19 @@ impl RmClient {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        let addresses: Vec<String> = addresses
-            .into_iter()
-            .map(Into::into)
-            .map(|a| a.trim().to_string())
-            .filter(|a| !a.is_empty())
-            .collect();
-        if addresses.is_empty() {
-            return Err(Error::NoAddress("resource manager addresses"));
-        }
-        for a in &addresses {
-            Endpoint::from_shared(uri(a)).map_err(|e| Error::InvalidAddress {
-                address: a.clone(),
-                reason: e.to_string(),
-            })?;
-        }
         Ok(RmClient {
-            addresses,
-            channels: Mutex::new(HashMap::new()),
-            leader: Mutex::new(None),
-            next: AtomicU64::new(0),
-            deadline: Duration::from_secs(30),
+            rm: LeaderClient::new(addresses)?,
         })
     }
 
     /// Sets how long a call keeps retrying across failovers.
     pub fn with_deadline(mut self, deadline: Duration) -> Self {
-        self.deadline = deadline;
+        self.rm = self.rm.with_deadline(Some(deadline));
         self
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, Error> {
-        let mut ch = self.channels.lock().expect("channels lock");
-        if let Some(c) = ch.get(addr) {
-            return Ok(c.clone());
-        }
-        let c = Endpoint::from_shared(uri(addr))
-            .map_err(|e| Error::InvalidAddress {
-                address: addr.to_string(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy();
-        ch.insert(addr.to_string(), c.clone());
-        Ok(c)
-    }
-
-    fn pick(&self) -> String {
-        if let Some(l) = self.leader.lock().expect("leader lock").clone() {
-            return l;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize;
-        self.addresses[i % self.addresses.len()].clone()
+        self.rm.channel(addr)
     }
 
     /// Calls `f` on the leader, following redirects and retrying retryable
@@ -174,45 +81,7 @@ impl RmClient {
         F: Fn(ClientServiceClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let start = Instant::now();
-        let mut backoff = Duration::from_millis(20);
-        let mut redirects = 0;
-        loop {
-            let addr = self.pick();
-            let client = ClientServiceClient::new(self.channel(&addr)?);
-            let err = match f(client).await {
-                Ok(r) => {
-                    *self.leader.lock().expect("leader lock") = Some(addr);
-                    return Ok(r.into_inner());
-                }
-                Err(s) if retryable(&s) => s,
-                Err(s) => return Err(Error::Rpc(s)),
-            };
-            let hint = err
-                .metadata()
-                .get(LEADER_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            tracing::debug!(rm = %addr, error = %err.message(), leader_hint = ?hint, "retrying");
-            let hint = hint.filter(|h| *h != addr);
-            let redirected = hint.is_some();
-            *self.leader.lock().expect("leader lock") = hint;
-            // A follower named the leader: go there at once (a few times;
-            // then back off, as the hint may be stale).
-            if redirected && redirects < 3 {
-                redirects += 1;
-                continue;
-            }
-            if start.elapsed() >= self.deadline {
-                return Err(Error::Unreachable {
-                    tried: self.addresses.join(","),
-                    deadline: self.deadline,
-                    last: err.message().to_string(),
-                });
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
-        }
+        self.rm.call(|ch| f(ClientServiceClient::new(ch))).await
     }
 
     /// Submits a job spec; returns the application id. Retries reuse one

@@ -12,14 +12,12 @@
 //! - [`service`]: the ContainerManager gRPC service;
 //! - [`tracker`]: registration and heartbeats to the resource manager;
 //! - [`procfs`]: process-tree reading shared by all of the above;
-//! - [`daemon`], [`telemetry`]: what the Weft daemons' `main`s share.
 //!
 //! [`run`] assembles them and returns only after every container has been
 //! stopped and its group removed.
 
 pub mod capacity;
 pub mod config;
-pub mod daemon;
 pub mod driver;
 pub mod error;
 pub mod gpu;
@@ -29,7 +27,6 @@ pub mod model;
 pub mod ports;
 pub mod procfs;
 pub mod service;
-pub mod telemetry;
 pub mod tokens;
 pub mod tracker;
 pub mod validate;

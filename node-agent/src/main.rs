@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use weft_common::telemetry::{self, LogFormat};
 use weft_node_agent::config::{AgentConfig, DriverChoice, GpuProbeChoice};
-use weft_node_agent::telemetry::{self, LogFormat};
 
 /// Weft node agent: runs containers in cgroups on this machine and reports to
 /// the resource manager. Flags override the config file.
@@ -109,7 +109,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let addr = cfg.listen;
-    weft_node_agent::daemon::serve_main("node-agent", addr, |listener| {
-        weft_node_agent::run(cfg, listener, weft_node_agent::daemon::shutdown_signal())
+    weft_common::daemon::serve_main("node-agent", addr, |listener| {
+        weft_node_agent::run(cfg, listener, weft_common::daemon::shutdown_signal())
     })
 }

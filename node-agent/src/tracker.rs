@@ -6,8 +6,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
-use tracing::{debug, info, warn};
+use tonic::transport::Channel;
+use tracing::{info, warn};
+use weft_common::backoff::Backoff;
+use weft_common::leader::{leader_hint, LeaderClient};
 use weft_proto::v1 as pb;
 use weft_proto::v1::resource_tracker_client::ResourceTrackerClient;
 
@@ -32,78 +34,58 @@ pub struct TrackerConfig {
     pub ports: crate::config::PortsConfig,
 }
 
-/// Exponential backoff: `base * 2^attempt`, capped.
-pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
-    base.saturating_mul(1u32 << attempt.min(16)).min(max)
-}
-
-fn endpoint(addr: &str) -> Option<Endpoint> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Endpoint::from_shared(uri).ok().map(|e| {
-        e.connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(5))
-    })
-}
-
 /// How long the tracker waits after a container ends before its early
 /// heartbeat, so that ends close together share one.
 const EARLY_HEARTBEAT_DELAY: Duration = Duration::from_millis(5);
 
 /// Runs until `cancel` fires.
 pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: CancellationToken) {
-    let mut current = 0usize;
-    let mut attempt = 0u32;
-    let mut leader_hint: Option<String> = None;
+    // Registration retries for good (jittered backoff, one warning when it
+    // takes a while), following NotLeader answers to the leader.
+    let rm = match LeaderClient::new(cfg.rm_addresses.clone()) {
+        Ok(c) => c
+            .with_deadline(None)
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_request_timeout(Duration::from_secs(5))
+            .with_backoff(Duration::from_millis(200), cfg.max_backoff)
+            .warn_after(3),
+        Err(e) => {
+            warn!(error = %e, "no valid resource-manager address; the agent runs unregistered");
+            cancel.cancelled().await;
+            return;
+        }
+    };
+    let mut refused = Backoff::new(Duration::from_millis(200), cfg.max_backoff);
     let mut interval = cfg.interval;
     let mut sequence = 0u64;
     'outer: loop {
-        if cancel.is_cancelled() {
-            return;
-        }
-        let addr = leader_hint
-            .take()
-            .unwrap_or_else(|| cfg.rm_addresses[current % cfg.rm_addresses.len()].clone());
-        let Some(ep) = endpoint(&addr) else {
-            warn!(address = %addr, "not a valid RM address");
-            current += 1;
-            continue;
+        let registered = tokio::select! {
+            r = rm.call(|ch| register(ResourceTrackerClient::new(ch), &mgr, &node, &cfg.ports)) => r,
+            _ = cancel.cancelled() => return,
         };
-        let mut client = ResourceTrackerClient::new(ep.connect_lazy());
-        match register(&mut client, &mgr, &node, &cfg.ports).await {
-            Ok(resp) => {
-                info!(rm = %addr, node_id = %node.node_id, "registered with the resource manager");
-                mgr.tokens().learn(&resp.token_public_key);
-                attempt = 0;
-                if resp.heartbeat_interval_ms > 0 {
-                    interval = Duration::from_millis(resp.heartbeat_interval_ms);
-                }
-            }
+        let resp = match registered {
+            Ok(resp) => resp,
             Err(e) => {
-                // A follower names the leader: go there at once.
-                if let Some(leader) = leader_from(&e) {
-                    if leader != addr {
-                        debug!(rm = %addr, leader = %leader, "following the leader");
-                        leader_hint = Some(leader);
-                        continue;
-                    }
-                }
-                let wait = backoff(attempt, Duration::from_millis(200), cfg.max_backoff);
-                debug!(rm = %addr, error = %e, ?wait, "registration failed; retrying");
-                if attempt == 3 {
-                    warn!(rm = %addr, error = %e, "no resource manager answers yet; still retrying");
-                }
-                attempt += 1;
-                current += 1;
+                let wait = refused.next_wait();
+                warn!(error = %e, ?wait, "the resource manager refused registration; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => continue,
                     _ = cancel.cancelled() => return,
                 }
             }
+        };
+        refused.reset();
+        let addr = rm.leader().unwrap_or_default();
+        info!(rm = %addr, node_id = %node.node_id, "registered with the resource manager");
+        mgr.tokens().learn(&resp.token_public_key);
+        if resp.heartbeat_interval_ms > 0 {
+            interval = Duration::from_millis(resp.heartbeat_interval_ms);
         }
+        let Ok(channel) = rm.channel(&addr) else {
+            rm.forget_leader();
+            continue;
+        };
+        let mut client = ResourceTrackerClient::new(channel);
         // Ended containers the RM has stored: not reported again.
         let mut acknowledged: HashSet<String> = HashSet::new();
         // The first heartbeat goes at once: it tells the RM this agent holds
@@ -156,7 +138,7 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
                         interval = Duration::from_millis(r.heartbeat_interval_ms);
                     }
                     if !r.leader_address.is_empty() && r.leader_address != addr {
-                        leader_hint = Some(r.leader_address);
+                        rm.follow(r.leader_address);
                         continue 'outer;
                     }
                     if r.reregister {
@@ -165,8 +147,10 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
                 }
                 Err(e) => {
                     warn!(rm = %addr, error = %e.message(), "heartbeat failed; finding the resource manager leader again");
-                    leader_hint = leader_from(&e).filter(|l| *l != addr);
-                    current += 1;
+                    match leader_hint(&e).filter(|l| *l != addr) {
+                        Some(leader) => rm.follow(leader),
+                        None => rm.forget_leader(),
+                    }
                     continue 'outer;
                 }
             }
@@ -174,21 +158,12 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
     }
 }
 
-/// The leader address a NotLeader answer carries (metadata `weft-leader`).
-fn leader_from(status: &tonic::Status) -> Option<String> {
-    status
-        .metadata()
-        .get("weft-leader")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
-
 async fn register(
-    client: &mut ResourceTrackerClient<Channel>,
+    mut client: ResourceTrackerClient<Channel>,
     mgr: &Manager,
     node: &NodeIdentity,
     ports: &crate::config::PortsConfig,
-) -> Result<pb::RegisterNodeResponse, tonic::Status> {
+) -> Result<tonic::Response<pb::RegisterNodeResponse>, tonic::Status> {
     let range = ports.clone();
     let ports_in_use = tokio::task::spawn_blocking(move || crate::ports::in_use(&range))
         .await
@@ -220,7 +195,7 @@ async fn register(
         port_range_last: ports.last as u32,
         ports_in_use,
     };
-    client.register_node(req).await.map(|r| r.into_inner())
+    client.register_node(req).await
 }
 
 fn utilization(mgr: &Manager) -> pb::NodeUtilization {
@@ -229,20 +204,5 @@ fn utilization(mgr: &Manager) -> pb::NodeUtilization {
         vcores_used_milli: running.iter().map(|r| r.spec.resources.vcores_milli).sum(),
         memory_used_bytes: running.iter().map(|r| r.memory_bytes).sum(),
         running_containers: running.len() as u32,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let b = Duration::from_millis(200);
-        let max = Duration::from_secs(10);
-        assert_eq!(backoff(0, b, max), Duration::from_millis(200));
-        assert_eq!(backoff(3, b, max), Duration::from_millis(1600));
-        assert_eq!(backoff(10, b, max), max);
-        assert_eq!(backoff(100, b, max), max);
     }
 }

@@ -437,8 +437,7 @@ impl Scheduling {
                 if app.am_container.is_some() && last.is_none() {
                     continue; // its allocation is not applied here yet
                 }
-                let Ok(spec) = weft_app_master::spec::JobSpec::parse(&app.spec, &app.spec_format)
-                else {
+                let Ok(spec) = weft_spec::JobSpec::parse(&app.spec, &app.spec_format) else {
                     continue;
                 };
                 let why = last
@@ -512,8 +511,7 @@ impl Scheduling {
                     ),
                     None => None,
                 };
-                let Ok(spec) = weft_app_master::spec::JobSpec::parse(&app.spec, &app.spec_format)
-                else {
+                let Ok(spec) = weft_spec::JobSpec::parse(&app.spec, &app.spec_format) else {
                     continue;
                 };
                 let previous_lost = failure.is_none() && app.attempt > 0;
@@ -558,9 +556,15 @@ impl Scheduling {
             let failure: Arc<Mutex<Option<String>>> = Arc::default();
             let (id, why, rm) = (app_id.clone(), failure.clone(), vec![me.clone()]);
             let task = tokio::spawn(async move {
-                let runner =
-                    weft_app_master::runner::Runner::new(id.clone(), attempt, spec, rm, token);
-                match runner.run().await {
+                let result = match weft_app_master::client::RmAmClient::new(rm, token) {
+                    Ok(rm) => {
+                        weft_app_master::runner::Runner::new(id.clone(), attempt, spec, rm)
+                            .run()
+                            .await
+                    }
+                    Err(e) => Err(e.into_status()),
+                };
+                match result {
                     Ok(f) => {
                         info!(app = %id, attempt, status = ?f.status, "in-process master finished")
                     }
@@ -605,7 +609,7 @@ impl Scheduling {
             (app, node_addr, rm)
         };
         let attempt = app.attempt + 1;
-        let keep_containers = weft_app_master::spec::JobSpec::parse(&app.spec, &app.spec_format)
+        let keep_containers = weft_spec::JobSpec::parse(&app.spec, &app.spec_format)
             .map_or(true, |s| s.keep_containers);
         let Ok(signer) = self.ensure_signer().await else {
             return; // the next round asks again
@@ -675,13 +679,7 @@ impl Scheduling {
             Err(e) => {
                 warn!(app = %app_id, attempt, error = %e.message(), "application master could not start");
                 // An unreachable node is not the job's fault (a free attempt).
-                let unreachable = matches!(
-                    e.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Cancelled
-                        | tonic::Code::ResourceExhausted
-                );
+                let unreachable = weft_common::codes::start_refused_transiently(&e);
                 let _ = self
                     .raft
                     .propose(Command::ContainersCompleted {
@@ -897,7 +895,7 @@ struct RoundInput {
 /// not yet recorded as free), or None while it may try again.
 fn attempts_exhausted(
     app: &crate::fsm::App,
-    spec: &weft_app_master::spec::JobSpec,
+    spec: &weft_spec::JobSpec,
     extra_free: u32,
     why: &str,
 ) -> Option<Command> {
@@ -1175,9 +1173,8 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         r.attempt = self.authorize(&r.application_token, &r.application_id, r.attempt)?;
         let app = self.live_app(&r.application_id, r.attempt)?;
         if r.attempt > app.attempt {
-            let keep_containers =
-                weft_app_master::spec::JobSpec::parse(&app.spec, &app.spec_format)
-                    .map_or(true, |s| s.keep_containers);
+            let keep_containers = weft_spec::JobSpec::parse(&app.spec, &app.spec_format)
+                .map_or(true, |s| s.keep_containers);
             let started = self
                 .s
                 .raft

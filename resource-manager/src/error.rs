@@ -1,7 +1,7 @@
 //! The resource manager's error type and its one mapping to `tonic::Status`.
 
 /// gRPC metadata key carrying the leader's address on NotLeader answers.
-pub const LEADER_HEADER: &str = "weft-leader";
+pub use weft_common::leader::LEADER_HEADER;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

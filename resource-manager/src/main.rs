@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use weft_node_agent::telemetry::{self, LogFormat};
+use weft_common::telemetry::{self, LogFormat};
 use weft_resource_manager::RmConfig;
 
 /// Weft resource manager: one member of the Raft group that holds the
@@ -124,31 +124,27 @@ fn standalone(args: &Args, s: &StandaloneArgs) -> ExitCode {
         }
     };
     let addr = cfg.listen;
-    weft_node_agent::daemon::serve_main(
-        "resource-manager standalone",
-        addr,
-        |listener| async move {
-            let stop = tokio_util::sync::CancellationToken::new();
-            {
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    weft_node_agent::daemon::shutdown_signal().await;
-                    stop.cancel();
-                });
-            }
-            let rm = weft_resource_manager::run(cfg, listener, stop.clone().cancelled_owned());
-            let Some(acfg) = agent else {
-                return rm.await.map_err(|e| e.to_string());
-            };
-            let agent_listener = tokio::net::TcpListener::bind(acfg.listen)
-                .await
-                .map_err(|e| format!("local agent: listen {}: {e}", acfg.listen))?;
-            let agent = weft_node_agent::run(acfg, agent_listener, stop.clone().cancelled_owned());
-            let (r, a) = tokio::join!(rm, agent);
-            r.map_err(|e| e.to_string())?;
-            a.map_err(|e| format!("local agent: {e}"))
-        },
-    )
+    weft_common::daemon::serve_main("resource-manager standalone", addr, |listener| async move {
+        let stop = tokio_util::sync::CancellationToken::new();
+        {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                weft_common::daemon::shutdown_signal().await;
+                stop.cancel();
+            });
+        }
+        let rm = weft_resource_manager::run(cfg, listener, stop.clone().cancelled_owned());
+        let Some(acfg) = agent else {
+            return rm.await.map_err(|e| e.to_string());
+        };
+        let agent_listener = tokio::net::TcpListener::bind(acfg.listen)
+            .await
+            .map_err(|e| format!("local agent: listen {}: {e}", acfg.listen))?;
+        let agent = weft_node_agent::run(acfg, agent_listener, stop.clone().cancelled_owned());
+        let (r, a) = tokio::join!(rm, agent);
+        r.map_err(|e| e.to_string())?;
+        a.map_err(|e| format!("local agent: {e}"))
+    })
 }
 
 fn config(args: &Args) -> anyhow::Result<RmConfig> {
@@ -202,7 +198,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let addr = cfg.listen;
-    weft_node_agent::daemon::serve_main("resource-manager", addr, |listener| {
-        weft_resource_manager::run(cfg, listener, weft_node_agent::daemon::shutdown_signal())
+    weft_common::daemon::serve_main("resource-manager", addr, |listener| {
+        weft_resource_manager::run(cfg, listener, weft_common::daemon::shutdown_signal())
     })
 }

@@ -316,7 +316,7 @@ impl pb::client_service_server::ClientService for RmService {
         } else {
             r.spec_format.to_lowercase()
         };
-        let spec = weft_app_master::spec::JobSpec::parse(&r.spec, &format)
+        let spec = weft_spec::JobSpec::parse(&r.spec, &format)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (name, queue) = (spec.name.clone(), spec.queue.clone());
         let user = if r.user.is_empty() {
@@ -784,7 +784,7 @@ impl pb::client_service_server::ClientService for RmService {
                             "task: {} has no task or container {:?} (tasks are named stage/index, e.g. {}/0)",
                             r.application_id,
                             r.task,
-                            weft_app_master::spec::JobSpec::parse(&app.spec, &app.spec_format)
+                            weft_spec::JobSpec::parse(&app.spec, &app.spec_format)
                                 .ok()
                                 .and_then(|s| s.stages.first().map(|s| s.name.clone()))
                                 .unwrap_or_else(|| "stage".into())
@@ -874,12 +874,7 @@ impl pb::client_service_server::ClientService for RmService {
 impl RmService {
     /// Refuses a job whose tasks could never be placed on the nodes known now
     /// (skipped while no node has registered), naming the task's field.
-    fn check_fits(
-        &self,
-        spec: &weft_app_master::spec::JobSpec,
-        queue: &str,
-        user: &str,
-    ) -> Result<(), Status> {
+    fn check_fits(&self, spec: &weft_spec::JobSpec, queue: &str, user: &str) -> Result<(), Status> {
         let st = self.raft.state();
         if st.nodes.is_empty() {
             return Ok(());

@@ -59,10 +59,7 @@ pub struct TestAgent {
 impl TestAgent {
     /// Starts an agent with `test_config` changed by `f`.
     pub async fn start(tag: &str, f: impl FnOnce(&mut AgentConfig)) -> TestAgent {
-        weft_node_agent::telemetry::init_with_default(
-            weft_node_agent::telemetry::LogFormat::Human,
-            "warn",
-        );
+        weft_common::telemetry::init_with_default(weft_common::telemetry::LogFormat::Human, "warn");
         let work = tempfile::tempdir().unwrap();
         let mut config = test_config(work.path(), tag);
         f(&mut config);

@@ -207,14 +207,6 @@ impl Cluster {
                 }
             }
             if Instant::now() >= deadline {
-                for m in &self.members {
-                    let log = std::fs::read_to_string(&m.log).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(15).collect();
-                    eprintln!("--- member {} log tail:", m.id);
-                    for l in tail.iter().rev() {
-                        eprintln!("{l}");
-                    }
-                }
                 panic!("no leader elected within 20s");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -249,8 +241,26 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Prints the last `n` lines of every member's log to stderr.
+    pub fn print_log_tails(&self, n: usize) {
+        for m in &self.members {
+            let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(n).collect();
+            eprintln!("--- member {} log tail:", m.id);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
+        // A failed test shows what each member was doing.
+        if std::thread::panicking() {
+            self.print_log_tails(40);
+        }
         for i in 0..self.members.len() {
             self.kill(i);
         }

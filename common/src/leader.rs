@@ -1,0 +1,261 @@
+//! The one client loop every caller of the resource manager uses: it takes
+//! any subset of the members' addresses, finds the leader, follows NotLeader
+//! answers (the leader's address in [`LEADER_HEADER`] metadata) and retries
+//! retryable errors with jittered exponential backoff until a deadline (or
+//! for good, for daemons), so callers do not see a failover.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::backoff::Backoff;
+
+/// gRPC metadata key carrying the leader's address on NotLeader answers.
+pub const LEADER_HEADER: &str = "weft-leader";
+
+/// Redirects followed at once before backing off (a hint may be stale).
+const MAX_REDIRECTS: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}: no address given")]
+    NoAddress(&'static str),
+    #[error("{address:?} is not a valid address: {reason}")]
+    InvalidAddress { address: String, reason: String },
+    /// The RM answered with an error that retrying cannot fix.
+    #[error("{}", .0.message())]
+    Rpc(Status),
+    /// No member answered as leader before the deadline.
+    #[error("cannot reach a resource-manager leader at {tried} within {deadline:?}: {last}")]
+    Unreachable {
+        tried: String,
+        deadline: Duration,
+        last: String,
+    },
+}
+
+impl Error {
+    /// The gRPC code, where the RM answered.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Error::Rpc(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+
+    /// As a gRPC status (an unreachable leader is UNAVAILABLE).
+    pub fn into_status(self) -> Status {
+        match self {
+            Error::Rpc(s) => s,
+            Error::Unreachable { .. } => Status::unavailable(self.to_string()),
+            e => Status::invalid_argument(e.to_string()),
+        }
+    }
+}
+
+pub use crate::codes::retryable;
+
+/// The leader address a NotLeader answer names, if any.
+pub fn leader_hint(s: &Status) -> Option<String> {
+    s.metadata()
+        .get(LEADER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn uri(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// A client of the RM group that follows its leader.
+#[derive(Debug)]
+pub struct LeaderClient {
+    addresses: Vec<String>,
+    channels: Mutex<HashMap<String, Channel>>,
+    leader: Mutex<Option<String>>,
+    next: AtomicUsize,
+    /// None: retry for good (daemons); Some: give up after this long.
+    deadline: Option<Duration>,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    /// Log a warning once a call has failed this many times in a row.
+    warn_after: Option<u32>,
+}
+
+impl LeaderClient {
+    /// A client of the members at `addresses` (host:port or a URI): 30 s
+    /// deadline, 10 s per request, backoff 20 ms doubling to 500 ms.
+    pub fn new<I, S>(addresses: I) -> Result<Self, Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let addresses: Vec<String> = addresses
+            .into_iter()
+            .map(Into::into)
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if addresses.is_empty() {
+            return Err(Error::NoAddress("resource manager addresses"));
+        }
+        for a in &addresses {
+            Endpoint::from_shared(uri(a)).map_err(|e| Error::InvalidAddress {
+                address: a.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(LeaderClient {
+            addresses,
+            channels: Mutex::new(HashMap::new()),
+            leader: Mutex::new(None),
+            next: AtomicUsize::new(0),
+            deadline: Some(Duration::from_secs(30)),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(10),
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(500),
+            warn_after: None,
+        })
+    }
+
+    /// How long a call keeps retrying; `None` retries until the caller drops it.
+    pub fn with_deadline(mut self, deadline: Option<Duration>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Per-request timeout (long polls need more than the default 10 s).
+    pub fn with_request_timeout(mut self, t: Duration) -> Self {
+        self.request_timeout = t;
+        self.channels.lock().expect("channels lock").clear();
+        self
+    }
+
+    /// Connect timeout per attempt (default 1 s).
+    pub fn with_connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self.channels.lock().expect("channels lock").clear();
+        self
+    }
+
+    /// Backoff between failed attempts.
+    pub fn with_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.initial_backoff = initial;
+        self.max_backoff = max;
+        self
+    }
+
+    /// Log one warning when a call has failed `n` times in a row.
+    pub fn warn_after(mut self, n: u32) -> Self {
+        self.warn_after = Some(n);
+        self
+    }
+
+    pub fn addresses(&self) -> &[String] {
+        &self.addresses
+    }
+
+    pub fn deadline(&self) -> Option<Duration> {
+        self.deadline
+    }
+
+    /// The member that answered last, if it is still believed to lead.
+    pub fn leader(&self) -> Option<String> {
+        self.leader.lock().expect("leader lock").clone()
+    }
+
+    /// Go to `addr` next (a leader named in an answer body).
+    pub fn follow(&self, addr: String) {
+        *self.leader.lock().expect("leader lock") = Some(addr);
+    }
+
+    /// Forget the leader: the next call tries the members in turn.
+    pub fn forget_leader(&self) {
+        *self.leader.lock().expect("leader lock") = None;
+    }
+
+    /// A channel to `addr` (cached; connects lazily).
+    pub fn channel(&self, addr: &str) -> Result<Channel, Error> {
+        let mut ch = self.channels.lock().expect("channels lock");
+        if let Some(c) = ch.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Endpoint::from_shared(uri(addr))
+            .map_err(|e| Error::InvalidAddress {
+                address: addr.to_string(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(self.connect_timeout)
+            .timeout(self.request_timeout)
+            .connect_lazy();
+        ch.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn pick(&self) -> String {
+        if let Some(l) = self.leader() {
+            return l;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.addresses[i % self.addresses.len()].clone()
+    }
+
+    /// Calls `f` on the leader's channel, following redirects and retrying
+    /// retryable errors with backoff until the deadline.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, Error>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let start = Instant::now();
+        let mut backoff = Backoff::new(self.initial_backoff, self.max_backoff);
+        let mut redirects = 0;
+        loop {
+            let addr = self.pick();
+            let err = match f(self.channel(&addr)?).await {
+                Ok(r) => {
+                    self.follow(addr);
+                    return Ok(r.into_inner());
+                }
+                Err(s) if retryable(&s) => s,
+                Err(s) => return Err(Error::Rpc(s)),
+            };
+            let hint = leader_hint(&err);
+            tracing::debug!(rm = %addr, error = %err.message(), leader_hint = ?hint, "retrying");
+            let hint = hint.filter(|h| *h != addr);
+            let redirected = hint.is_some();
+            *self.leader.lock().expect("leader lock") = hint;
+            // A follower named the leader: go there at once (a few times;
+            // then back off, as the hint may be stale).
+            if redirected && redirects < MAX_REDIRECTS {
+                redirects += 1;
+                continue;
+            }
+            if let Some(deadline) = self.deadline {
+                if start.elapsed() >= deadline {
+                    return Err(Error::Unreachable {
+                        tried: self.addresses.join(","),
+                        deadline,
+                        last: err.message().to_string(),
+                    });
+                }
+            }
+            if self.warn_after == Some(backoff.attempts()) {
+                tracing::warn!(rm = %addr, error = %err.message(), "no resource-manager leader answers yet; still retrying");
+            }
+            tokio::time::sleep(backoff.next_wait()).await;
+        }
+    }
+}

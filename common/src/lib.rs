@@ -1,0 +1,18 @@
+//! What every Weft process shares.
+//!
+//! - [`daemon`]: a daemon's `main` (runtime, listener, shutdown on SIGTERM).
+//! - [`telemetry`]: `tracing` setup, human or JSON lines.
+//! - [`backoff`]: jittered exponential backoff; [`codes`]: which errors are retried.
+//! - [`leader`]: the one client loop that finds the resource-manager leader,
+//!   follows its NotLeader answers and retries across elections; `rmctl` and
+//!   the client library, the node agent's tracker and the application master
+//!   all call the RM through it.
+//! - [`clock`]: the time source the resource manager's timers read, so tests
+//!   can move it by hand.
+
+pub mod backoff;
+pub mod clock;
+pub mod codes;
+pub mod daemon;
+pub mod leader;
+pub mod telemetry;
