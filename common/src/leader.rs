@@ -224,7 +224,21 @@ impl LeaderClient {
         let mut redirects = 0;
         loop {
             let addr = self.pick();
-            let err = match f(self.channel(&addr)?).await {
+            // No attempt outlives the call's deadline (a frozen member
+            // accepts connections and never answers).
+            let remaining = self.deadline.map(|d| d.saturating_sub(start.elapsed()));
+            let attempt = f(self.channel(&addr)?);
+            let answer = match remaining {
+                Some(left) => tokio::time::timeout(left, attempt)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Status::deadline_exceeded(format!(
+                            "{addr} did not answer within the call's deadline"
+                        )))
+                    }),
+                None => attempt.await,
+            };
+            let err = match answer {
                 Ok(r) => {
                     self.follow(addr);
                     return Ok(r.into_inner());
@@ -255,7 +269,43 @@ impl LeaderClient {
             if self.warn_after == Some(backoff.attempts()) {
                 tracing::warn!(rm = %addr, error = %err.message(), "no resource-manager leader answers yet; still retrying");
             }
-            tokio::time::sleep(backoff.next_wait()).await;
+            let wait = backoff.next_wait();
+            let wait = match self.deadline {
+                Some(d) => wait.min(d.saturating_sub(start.elapsed())),
+                None => wait,
+            };
+            tokio::time::sleep(wait).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_member_that_never_answers_holds_a_call_no_longer_than_its_deadline() {
+        // A frozen member: its kernel accepts the connection, nothing answers.
+        let frozen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = frozen.local_addr().unwrap().to_string();
+        let client = LeaderClient::new([addr.clone()])
+            .unwrap()
+            .with_deadline(Some(Duration::from_millis(300)));
+        let start = Instant::now();
+        let r: Result<(), Error> = client
+            .call(|_ch| async {
+                std::future::pending::<Result<tonic::Response<()>, Status>>().await
+            })
+            .await;
+        let took = start.elapsed();
+        match r {
+            Err(Error::Unreachable { tried, last, .. }) => {
+                assert_eq!(tried, addr);
+                assert!(last.contains("did not answer"), "{last}");
+            }
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+        // The request timeout (10 s) is not what ends it.
+        assert!(took < Duration::from_secs(5), "took {took:?}");
     }
 }

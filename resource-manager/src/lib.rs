@@ -7,7 +7,8 @@
 //! - [`fsm`]: the replicated state machine (commands, deterministic apply, snapshots);
 //! - [`storage`]: raft log, hard state, conf state and snapshots in sled;
 //! - [`raft_node`]: the thread that owns the `RawNode` and runs the ready loop;
-//! - [`transport`]: raft messages between members over gRPC;
+//! - [`transport`]: raft messages between members: the [`transport::Network`]
+//!   seam, over gRPC in production and in memory (with partitions) in tests;
 //! - [`scheduler`]: the pure scheduler (cluster view + asks in, placements out);
 //! - [`service`]: ClientService and ResourceTracker, answering writes once
 //!   committed and sending followers' callers to the leader;
@@ -54,12 +55,7 @@ pub async fn run(
     let storage = tokio::task::spawn_blocking(move || storage::SledStorage::open(&dir))
         .await
         .expect("opening storage panicked")?;
-    let isolation = transport::Isolation::from_env(&tokio::runtime::Handle::current());
-    let transport = transport::Transport::start(
-        config.id,
-        &tokio::runtime::Handle::current(),
-        isolation.clone(),
-    );
+    let transport = transport::Transport::start(config.id, &tokio::runtime::Handle::current());
     let settings = raft_node::RaftSettings {
         id: config.id,
         peers: peers.clone(),
@@ -69,7 +65,7 @@ pub async fn run(
         snapshot_every: config.raft.snapshot_every,
         join: config.join,
     };
-    let (raft, thread) = raft_node::start(settings, storage, transport)?;
+    let (raft, thread) = raft_node::start(settings, storage, Box::new(transport))?;
     info!(id = config.id, listen = %config.listen, peers = ?peers, "resource manager member started");
 
     let svc = service::RmService::new(
@@ -98,7 +94,6 @@ pub async fn run(
             .add_service(
                 pb::raft_transport_server::RaftTransportServer::new(transport::RaftService::new(
                     raft.clone(),
-                    isolation,
                 ))
                 .max_decoding_message_size(transport::MAX_MESSAGE),
             )

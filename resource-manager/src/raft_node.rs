@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 use crate::error::{Error, Result};
 use crate::fsm::{ClusterState, Command, Envelope, Outcome, COMMAND_VERSION};
 use crate::storage::SledStorage;
-use crate::transport::Transport;
+use crate::transport::Network;
 
 /// Raft settings of one member.
 #[derive(Debug, Clone)]
@@ -206,7 +206,7 @@ impl RaftHandle {
 pub fn start(
     settings: RaftSettings,
     storage: SledStorage,
-    transport: Transport,
+    transport: Box<dyn Network>,
 ) -> Result<(RaftHandle, std::thread::JoinHandle<()>)> {
     if storage.is_empty()? {
         if settings.join {
@@ -293,7 +293,7 @@ struct Member {
     raw: RawNode<SledStorage>,
     storage: SledStorage,
     shared: Arc<Shared>,
-    transport: Transport,
+    transport: Box<dyn Network>,
     settings: RaftSettings,
     /// Proposals of this member waiting for their entry to apply.
     pending: HashMap<u64, oneshot::Sender<Result<Outcome>>>,

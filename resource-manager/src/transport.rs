@@ -8,8 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use protobuf::Message as _;
@@ -28,38 +26,22 @@ pub const PEER_QUEUE: usize = 4096;
 /// Largest raft message (snapshots included) accepted or sent.
 pub const MAX_MESSAGE: usize = 256 << 20;
 
-/// Fault switch for tests of network partitions: while the file named by this
-/// environment variable exists, the member drops every raft message it would
-/// send or receive, as if cut off from its peers (its clients still reach it).
-pub const FAULT_FILE_ENV: &str = "WEFT_RAFT_ISOLATE_FILE";
+/// Where the raft thread's outgoing messages go: the real gRPC
+/// [`Transport`], or [`memory::MemoryNetwork`] for in-process tests (with
+/// partitions). The raft thread calls it and never blocks on it.
+pub trait Network: Send + 'static {
+    /// Makes the peer set `members` (raft id -> address; this member's own
+    /// entry is ignored).
+    fn sync(&mut self, members: &BTreeMap<u64, String>);
 
-/// Whether the fault switch is on; polled from the file every 50 ms.
-#[derive(Clone, Default)]
-pub struct Isolation(Arc<AtomicBool>);
-
-impl Isolation {
-    /// Watches the file named by [`FAULT_FILE_ENV`], if set.
-    pub fn from_env(runtime: &tokio::runtime::Handle) -> Self {
-        let iso = Isolation::default();
-        if let Ok(path) = std::env::var(FAULT_FILE_ENV) {
-            let flag = iso.0.clone();
-            runtime.spawn(async move {
-                loop {
-                    let on = tokio::fs::try_exists(&path).await.unwrap_or(false);
-                    if flag.swap(on, Ordering::Relaxed) != on {
-                        tracing::warn!(isolated = on, "raft fault switch changed");
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            });
-        }
-        iso
-    }
-
-    pub fn is_on(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
+    /// Hands `msgs` on for delivery (a message that cannot be delivered is
+    /// dropped: raft retransmits). Returns, for every snapshot among them,
+    /// its recipient and whether it was handed on (the raft thread reports
+    /// each to raft, or the recipient's progress would wait on it forever).
+    fn send(&self, msgs: Vec<Message>) -> Vec<(u64, bool)>;
 }
+
+pub mod memory;
 
 /// Outgoing side, owned by the raft thread.
 pub struct Transport {
@@ -67,24 +49,23 @@ pub struct Transport {
     runtime: tokio::runtime::Handle,
     /// Peer id -> (address, queue of its sender task).
     peers: HashMap<u64, (String, mpsc::Sender<Message>)>,
-    isolation: Isolation,
 }
 
 impl Transport {
     /// A transport with no peers yet; [`Transport::sync`] adds them. Sender
     /// tasks run on `runtime`.
-    pub fn start(me: u64, runtime: &tokio::runtime::Handle, isolation: Isolation) -> Self {
+    pub fn start(me: u64, runtime: &tokio::runtime::Handle) -> Self {
         Transport {
             me,
             runtime: runtime.clone(),
             peers: HashMap::new(),
-            isolation,
         }
     }
+}
 
-    /// Makes the peer set `members` (minus this member): starts senders for
-    /// new or moved peers, stops those of removed ones.
-    pub fn sync(&mut self, members: &BTreeMap<u64, String>) {
+impl Network for Transport {
+    /// Starts senders for new or moved peers, stops those of removed ones.
+    fn sync(&mut self, members: &BTreeMap<u64, String>) {
         self.peers
             .retain(|id, (addr, _)| members.get(id).is_some_and(|a| a == addr));
         for (&id, addr) in members {
@@ -97,23 +78,21 @@ impl Transport {
         }
     }
 
-    /// Queues `msgs` for their peers. Returns, for every snapshot among them,
-    /// its recipient and whether it was queued (the raft thread reports each
-    /// to raft, or the recipient's progress would wait on it forever).
-    pub fn send(&self, msgs: Vec<Message>) -> Vec<(u64, bool)> {
+    /// Queues each message for its peer's sender task (`try_send`: a full
+    /// queue drops it).
+    fn send(&self, msgs: Vec<Message>) -> Vec<(u64, bool)> {
         let mut snapshots = Vec::new();
         for m in msgs {
             let to = m.to;
             let is_snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
-            let queued = !self.isolation.is_on()
-                && self
-                    .peers
-                    .get(&to)
-                    .is_some_and(|(_, q)| q.try_send(m).is_ok());
+            let queued = self
+                .peers
+                .get(&to)
+                .is_some_and(|(_, q)| q.try_send(m).is_ok());
             if !queued {
                 debug!(
                     peer = to,
-                    "raft message dropped (peer queue full, unknown, or isolated)"
+                    "raft message dropped (peer queue full or unknown)"
                 );
             }
             if is_snapshot {
@@ -179,12 +158,11 @@ async fn peer_loop(from: u64, to: u64, addr: String, mut rx: mpsc::Receiver<Mess
 /// Incoming side: the RaftTransport gRPC service.
 pub struct RaftService {
     raft: RaftHandle,
-    isolation: Isolation,
 }
 
 impl RaftService {
-    pub fn new(raft: RaftHandle, isolation: Isolation) -> Self {
-        RaftService { raft, isolation }
+    pub fn new(raft: RaftHandle) -> Self {
+        RaftService { raft }
     }
 }
 
@@ -206,9 +184,7 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
             let m = Message::parse_from_bytes(&env.message).map_err(|e| {
                 Status::invalid_argument(format!("message: not a raft message: {e}"))
             })?;
-            if !self.isolation.is_on() {
-                self.raft.step(m);
-            }
+            self.raft.step(m);
         }
         Ok(Response::new(pb::RaftSendResponse {}))
     }

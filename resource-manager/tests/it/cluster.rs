@@ -104,7 +104,6 @@ impl Cluster {
             .args(["--id", &m.id.to_string(), "--listen", &m.addr])
             .args(["--data-dir", m.dir.to_str().unwrap(), "--peers", &peers])
             .env("RUST_LOG", "info,raft=warn")
-            .env("WEFT_RAFT_ISOLATE_FILE", m.dir.with_extension("isolate"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -164,17 +163,20 @@ impl Cluster {
         }
     }
 
-    /// Cuts member `i` off from its peers (its raft messages are dropped both
-    /// ways), or heals it.
-    pub fn isolate(&self, i: usize, on: bool) {
-        let f = self.members[i].dir.with_extension("isolate");
-        if on {
-            std::fs::write(f, b"").unwrap();
-        } else {
-            let _ = std::fs::remove_file(f);
-        }
-        // The member polls the switch every 50 ms.
-        std::thread::sleep(Duration::from_millis(200));
+    /// SIGSTOP: member `i` freezes (a GC pause, a stalled VM): its kernel
+    /// still accepts connections, nothing answers them.
+    pub fn freeze(&self, i: usize) {
+        self.signal(i, nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONT: a frozen member goes on where it stopped.
+    pub fn thaw(&self, i: usize) {
+        self.signal(i, nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, i: usize, sig: nix::sys::signal::Signal) {
+        let c = self.members[i].child.as_ref().expect("member runs");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig).unwrap();
     }
 
     pub fn is_running(&self, i: usize) -> bool {
@@ -193,14 +195,25 @@ impl Cluster {
 
     /// Index of the member every running member agrees leads, waiting up to 20 s.
     pub async fn leader(&self) -> usize {
+        self.leader_among(&(0..self.members.len()).collect::<Vec<_>>())
+            .await
+    }
+
+    /// Index of the member among `among` that says it leads, waiting up to
+    /// 20 s; a member that does not answer within 1 s is passed over.
+    pub async fn leader_among(&self, among: &[usize]) -> usize {
         let probe = self.client();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            for (i, m) in self.members.iter().enumerate() {
+            for &i in among {
+                let m = &self.members[i];
                 if !self.is_running(i) {
                     continue;
                 }
-                if let Ok(s) = probe.member_status(&m.addr).await {
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(1), probe.member_status(&m.addr))
+                        .await;
+                if let Ok(Ok(s)) = answer {
                     if s.leader_id == m.id && s.member_id == m.id {
                         return i;
                     }

@@ -184,63 +184,57 @@ async fn followers_send_callers_to_the_leader_and_bad_input_is_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_isolated_leader_serves_no_writes_and_rejoins_when_healed() {
+async fn a_frozen_leader_acknowledges_nothing_and_follows_the_new_leader_when_thawed() {
+    // A real fault, not a switch in the code: the leader process is stopped
+    // (SIGSTOP) while its peers and clients go on. Partitions proper are
+    // tested in-process over the in-memory network (transport::memory).
     let cluster = Cluster::start(3, 1000);
     let old = cluster.leader().await;
     let client = cluster.client();
     let mut acked = vec![client.submit(SPEC, "yaml", "erin").await.unwrap()];
-    cluster.isolate(old, true);
-    // Straight to the isolated member: its writes are never acknowledged.
+    cluster.freeze(old);
+    // Straight to the frozen member: nothing is acknowledged.
     let lonely = weft_client::RmClient::new([cluster.members[old].addr.clone()])
         .unwrap()
-        .with_deadline(Duration::from_secs(3));
-    // Reads too: it cannot confirm its leadership, so it serves no read.
-    let e = lonely.get_application(&acked[0]).await.unwrap_err();
-    eprintln!("isolated member answered a read: {e}");
+        .with_deadline(Duration::from_secs(2));
     let e = lonely.submit(SPEC, "yaml", "erin").await.unwrap_err();
-    eprintln!("isolated member answered: {e}");
-    // The majority elects another leader and goes on.
-    let new = loop {
-        let l = cluster.leader().await;
-        if l != old {
-            break l;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let majority = weft_client::RmClient::new(
-        (0..3)
-            .filter(|&i| i != old)
-            .map(|i| cluster.members[i].addr.clone()),
-    )
-    .unwrap();
+    eprintln!("frozen member answered: {e}");
+    // The other two elect a leader and go on.
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let new = cluster.leader_among(&others).await;
+    let majority =
+        weft_client::RmClient::new(others.iter().map(|&i| cluster.members[i].addr.clone()))
+            .unwrap()
+            .with_deadline(Duration::from_secs(30));
     for _ in 0..10 {
         acked.push(majority.submit(SPEC, "yaml", "erin").await.unwrap());
     }
-    // The isolated member no longer claims to lead.
-    let s = client
-        .member_status(&cluster.members[old].addr)
-        .await
-        .unwrap();
-    assert_ne!(s.leader_id, cluster.members[old].id, "{s:?}");
+    // Thawed, it still believes it leads until it hears the new term: a
+    // client that reaches it at once is answered by the new leader (sent on,
+    // or the stale leader's proposal fails and the client retries).
+    cluster.thaw(old);
+    let thawed = weft_client::RmClient::new([cluster.members[old].addr.clone()])
+        .unwrap()
+        .with_deadline(Duration::from_secs(30));
+    acked.push(thawed.submit(SPEC, "yaml", "erin").await.unwrap());
     // Its leader-only tasks stopped together when it stepped down, and the
     // new leader's started on its election (from the role watch).
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !cluster
         .log_text(old)
         .contains("stepped down: leader tasks stopped")
     {
         assert!(
             std::time::Instant::now() < deadline,
-            "the isolated member never stopped its leader tasks:\n{}",
-            cluster.log_text(old)
+            "the thawed member never stopped its leader tasks"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(cluster
         .log_text(new)
         .contains("elected: leader tasks starting"));
-    // Healed, it follows the new leader and catches up.
-    cluster.isolate(old, false);
+    // It follows the new leader and catches up; exactly the acknowledged
+    // submissions exist, each once.
     let commit = majority.cluster_status().await.unwrap().commit_index;
     let back = cluster.wait_applied(old, commit).await;
     assert_eq!(back.leader_id, cluster.members[new].id);
