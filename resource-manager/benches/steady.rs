@@ -1,21 +1,23 @@
 //! The steady state users live in: 10,000 nodes with 100,000 containers
 //! running, and 1,000 new asks arriving per round while 1,000 containers end.
-//! Each round is what the leader does: build the scheduler's view from the
-//! replicated state (`cluster_view_with`, `queue_view`), schedule, verify the
-//! plan against the state (`verify_plan`), and apply it as the raft thread
-//! would (`ContainersAllocated`, `ContainersCompleted`). Prints p50 / p99 /
-//! max of the round (view + schedule + verify) and of the apply, over 300
-//! rounds (`cargo bench -p weft-resource-manager --bench steady`). Under
+//! Each round is what the leader does: bring its kept scheduler view up to
+//! the replicated state (`View::refresh`: the nodes changed since the last
+//! round are patched) and build the queue view (`queue_view`), schedule,
+//! verify the plan against the state (`verify_plan`), and apply it as the
+//! raft thread would (`ContainersAllocated`, `ContainersCompleted`). Prints
+//! p50 / p99 / max of the round (view + schedule + verify) and of the apply,
+//! over 300 rounds, and, for comparison, of a view built from every node
+//! (`cluster_view_with`, what each round did before the view was kept) (`cargo bench -p weft-resource-manager --bench steady`). Under
 //! `cargo test` it runs a few rounds on a small cluster.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use weft_resource_manager::am::{cluster_view_with, queue_view};
 use weft_resource_manager::fsm::{
     Allocation, ClusterState, Command, Completion, ContainerEnd, PortRange, QueueSpec,
 };
 use weft_resource_manager::scheduler::{schedule_with, Ask, Reservations};
+use weft_resource_manager::view::{cluster_view_with, queue_view, View};
 
 const GIB: u64 = 1 << 30;
 
@@ -108,6 +110,9 @@ fn main() {
     };
     let (mut round_t, mut apply_t) = (Vec::new(), Vec::new());
     let (mut view_t, mut sched_t, mut verify_t) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rebuild_t = Vec::new();
+    let mut view = View::new();
+    view.refresh(&st, &busy);
     let mut placed_total = 0usize;
     for r in 0..rounds {
         // 1,000 containers end, as agents' heartbeats report.
@@ -131,7 +136,7 @@ fn main() {
         let completed = t.elapsed();
         // The leader's round.
         let t = Instant::now();
-        let (mut cluster, ids) = cluster_view_with(&st, &busy);
+        view.refresh(&st, &busy);
         let mut qv = queue_view(&st);
         view_t.push(t.elapsed());
         let asks: Vec<Ask> = (0..per_round)
@@ -143,8 +148,9 @@ fn main() {
             })
             .collect();
         let s0 = Instant::now();
-        let (out, _) = schedule_with(&mut cluster, &mut qv, &asks, &mut reservations);
+        let (out, _) = schedule_with(view.cluster(), &mut qv, &asks, &mut reservations);
         sched_t.push(s0.elapsed());
+        let ids = view.ids();
         let plan: Vec<Allocation> = out
             .iter()
             .map(|p| {
@@ -163,6 +169,10 @@ fn main() {
         let verdict = st.verify_plan(&plan);
         verify_t.push(v0.elapsed());
         round_t.push(t.elapsed());
+        // For comparison only: the view built from every node.
+        let b0 = Instant::now();
+        std::hint::black_box(cluster_view_with(&st, &busy));
+        rebuild_t.push(b0.elapsed());
         assert!(verdict.refused.is_empty(), "a fresh plan fits");
         placed_total += verdict.accepted.len();
         live.extend(verdict.accepted.iter().map(|a| a.container_id.clone()));
@@ -192,4 +202,8 @@ fn main() {
     show("  of which schedule", &mut sched_t);
     show("  of which verify", &mut verify_t);
     show("apply (ends + allocations)", &mut apply_t);
+    show(
+        "for comparison: a view built from every node",
+        &mut rebuild_t,
+    );
 }

@@ -230,6 +230,8 @@ impl Scheduling {
     /// ends, node changes) and every half second.
     pub async fn run(self, cancel: tokio_util::sync::CancellationToken) {
         let mut reservations = Reservations::default();
+        // The scheduler's view of this leadership, patched round to round.
+        let mut view = crate::view::View::new();
         let mut counter = 0u64;
         // A leadership starts from an empty table.
         *self.table.lock().expect("table lock") = Table::default();
@@ -252,7 +254,7 @@ impl Scheduling {
                 self.manage_masters().await;
             }
             let Some((plan, keys)) = self
-                .round(&mut reservations, status.term, &mut counter)
+                .round(&mut reservations, &mut view, status.term, &mut counter)
                 .await
             else {
                 continue;
@@ -705,29 +707,30 @@ impl Scheduling {
     }
 
     /// One round over the table: the allocations to propose and, for each,
-    /// its (app, ask id). None when nothing is placed. The view is taken
-    /// under the state's lock; the scheduler runs on a blocking thread with
+    /// its (app, ask id). None when nothing is placed. The view kept
+    /// from the last round is patched under the state's lock (the nodes
+    /// that changed since); the scheduler runs on a blocking thread with
     /// no lock held (the raft thread applies meanwhile); ports are then
     /// numbered against the latest state.
     async fn round(
         &self,
         reservations: &mut Reservations,
+        view: &mut crate::view::View,
         term: u64,
         counter: &mut u64,
     ) -> Option<Planned> {
-        let mut input = self.round_input()?;
+        let mut input = self.round_input(view)?;
         let mut held = std::mem::take(reservations);
-        let (out, input, held) = tokio::task::spawn_blocking(move || {
-            let (out, _) = scheduler::schedule_with(
-                &mut input.cluster,
-                &mut input.queues,
-                &input.asks,
-                &mut held,
-            );
-            (out, input, held)
+        let mut kept = std::mem::take(view);
+        let (out, input, held, kept) = tokio::task::spawn_blocking(move || {
+            let (out, _) =
+                scheduler::schedule_with(kept.cluster(), &mut input.queues, &input.asks, &mut held);
+            (out, input, held, kept)
         })
         .await
         .expect("the scheduler does not panic");
+        *view = kept;
+        let node_ids = view.ids();
         *reservations = held;
         if out.is_empty() {
             return None;
@@ -736,7 +739,6 @@ impl Scheduling {
             asks,
             keys,
             gangs,
-            node_ids,
             busy,
             ..
         } = input;
@@ -816,10 +818,8 @@ impl Scheduling {
 
     /// The scheduler's input, taken from the state and the table (locks
     /// held only here). None when nothing is asked for.
-    fn round_input(&self) -> Option<RoundInput> {
+    fn round_input(&self, view: &mut crate::view::View) -> Option<RoundInput> {
         let state = self.raft.state();
-        let busy = self.busy_ports.lock().expect("busy ports lock").clone();
-        let (cluster, node_ids) = cluster_view_with(&state, &busy);
         let queues = queue_view(&state);
         let mut t = self.table.lock().expect("table lock");
         // Asks of applications that ended leave the table with the round
@@ -866,13 +866,16 @@ impl Scheduling {
             gangs.push(None);
         }
         drop(t);
-        (!asks.is_empty()).then_some(RoundInput {
-            cluster,
+        if asks.is_empty() {
+            return None;
+        }
+        let busy = self.busy_ports.lock().expect("busy ports lock").clone();
+        view.refresh(&state, &busy);
+        Some(RoundInput {
             queues,
             asks,
             keys,
             gangs,
-            node_ids,
             busy,
         })
     }
@@ -880,14 +883,12 @@ impl Scheduling {
 
 /// What one scheduling round works on.
 struct RoundInput {
-    cluster: scheduler::Cluster,
     queues: Queues,
     asks: Vec<Ask>,
     /// Per ask: (app, ask id).
     keys: Vec<(String, String)>,
     /// Per ask: its gang key (app/gang id), if in a gang.
     gangs: Vec<Option<String>>,
-    node_ids: Vec<String>,
     busy: HashMap<String, BTreeSet<u16>>,
 }
 
@@ -1015,90 +1016,7 @@ fn to_ask(ra: &pb::ResourceAsk, id: u64, queue: usize, user: &str) -> Ask {
     a
 }
 
-/// The scheduler's view of the running nodes: free = capacity minus what
-/// unfinished containers hold. Returns the nodes and their ids by index.
-pub fn cluster_view(state: &ClusterState) -> (scheduler::Cluster, Vec<String>) {
-    cluster_view_with(state, &HashMap::new())
-}
-
-/// [`cluster_view`], with each node's ports bound by anything (`busy`)
-/// counted as taken.
-pub fn cluster_view_with(
-    state: &ClusterState,
-    busy: &HashMap<String, BTreeSet<u16>>,
-) -> (scheduler::Cluster, Vec<String>) {
-    let mut nodes = Vec::new();
-    let mut ids = Vec::new();
-    let none = crate::fsm::NodeUse::default();
-    // Nodes and their usage are both ordered by node id: walked together,
-    // with no lookup per node.
-    let mut usage = state.usage.iter().peekable();
-    for n in state.nodes.values() {
-        while usage
-            .next_if(|(id, _)| id.as_str() < n.id.as_str())
-            .is_some()
-        {}
-        let u = usage
-            .next_if(|(id, _)| **id == n.id)
-            .map_or(&none, |(_, u)| u);
-        let held = busy.get(&n.id).map_or(0, |b| {
-            b.iter()
-                .filter(|p| n.ports.contains(**p) && !u.ports.contains(p))
-                .count() as u32
-        });
-        let free_ports = n
-            .ports
-            .len()
-            .saturating_sub(u.ports.len() as u32)
-            .saturating_sub(held);
-        let mut node = scheduler::Node::new(&n.id, n.vcores_milli, n.memory_bytes);
-        for g in &n.gpus {
-            let mut slot = scheduler::GpuSlot::new(&g.model, g.memory_bytes);
-            if u.gpus.contains(&g.index) {
-                slot.free_milli = 0;
-                slot.free_memory = 0;
-            } else if let Some((milli, mem)) = u.shares.get(&g.index) {
-                slot.free_milli = 1000u32.saturating_sub(*milli);
-                slot.free_memory = g.memory_bytes.saturating_sub(*mem);
-            }
-            node.gpus.push(slot);
-        }
-        node.free_vcores = n.vcores_milli.saturating_sub(u.vcores_milli);
-        node.free_memory = n.memory_bytes.saturating_sub(u.memory_bytes);
-        node.labels = n
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        node.labels.sort();
-        node.schedulable = n.state == crate::fsm::NodeState::Running && n.ready;
-        node.free_ports = free_ports;
-        nodes.push(node);
-        ids.push(n.id.clone());
-    }
-    (scheduler::Cluster::new(nodes), ids)
-}
-
-/// The queue tree with each queue's usage from unfinished containers.
-pub fn queue_view(state: &ClusterState) -> Queues {
-    let mut specs: Vec<crate::fsm::QueueSpec> = state.queues.values().cloned().collect();
-    specs.sort_by_key(|q| q.name.matches('.').count());
-    let mut q = Queues::from_specs(&specs).unwrap_or_else(|_| Queues::root_only());
-    // Kept per queue and user on apply: O(queues x users), not O(containers).
-    for (queue, users) in &state.queue_usage {
-        let Some(i) = q.index(queue) else {
-            continue;
-        };
-        for (user, u) in users {
-            q.charge(
-                i,
-                user,
-                scheduler::Res::new(u.vcores_milli, u.memory_bytes, u.gpu_milli),
-            );
-        }
-    }
-    q
-}
+pub use crate::view::{cluster_view, cluster_view_with, queue_view};
 
 /// The ApplicationMasterService.
 pub struct AmService {

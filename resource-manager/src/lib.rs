@@ -9,6 +9,8 @@
 //! - [`raft_node`]: the thread that owns the `RawNode` and runs the ready loop;
 //! - [`transport`]: raft messages between members: the [`transport::Network`]
 //!   seam, over gRPC in production and in memory (with partitions) in tests;
+//! - [`view`]: the replicated state as the scheduler's input, kept across
+//!   rounds and patched where nodes changed;
 //! - [`scheduler`]: the pure scheduler (cluster view + asks in, placements out);
 //! - [`service`]: ClientService and ResourceTracker, answering writes once
 //!   committed and sending followers' callers to the leader;
@@ -27,6 +29,7 @@ pub mod service;
 pub mod slog_bridge;
 pub mod storage;
 pub mod transport;
+pub mod view;
 
 use std::future::Future;
 use std::time::Duration;

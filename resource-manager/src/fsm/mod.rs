@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub mod changes;
 mod verify;
 pub use verify::{Refusal, Verdict};
 
@@ -498,6 +499,9 @@ pub struct ClusterState {
     /// like `usage`.
     #[serde(skip)]
     pub queue_usage: BTreeMap<String, BTreeMap<String, QueueUse>>,
+    /// Derived: which nodes changed, in apply order (see [`changes`]).
+    #[serde(skip)]
+    pub node_changes: changes::NodeChanges,
 }
 
 /// What one user's unfinished containers in one queue use.
@@ -627,6 +631,7 @@ impl ClusterState {
                     .nodes
                     .get(node_id)
                     .map_or(*at_ms, |n| n.registered_at_ms);
+                self.node_changes.mark(node_id);
                 self.nodes.insert(
                     node_id.clone(),
                     Node {
@@ -653,6 +658,7 @@ impl ClusterState {
                     if !n.ready {
                         n.ready = true;
                         n.state_changed_at_ms = *at_ms;
+                        self.node_changes.mark(node_id);
                     }
                     Outcome::Done
                 }
@@ -667,6 +673,7 @@ impl ClusterState {
                     if n.state != *state {
                         n.state = *state;
                         n.state_changed_at_ms = *at_ms;
+                        self.node_changes.mark(node_id);
                     }
                     if *state == NodeState::Lost {
                         let ended =
@@ -843,7 +850,7 @@ impl ClusterState {
                             holding: false,
                         },
                     );
-                    Self::charge_node(&mut self.usage, a, true);
+                    Self::charge_node(&mut self.usage, &mut self.node_changes, a, true);
                     Self::charge_queue(&mut self.queue_usage, &self.apps, a, true);
                 }
                 if verdict.refused.is_empty() {
@@ -978,7 +985,12 @@ impl ClusterState {
         let c = &self.containers[id];
         let (now_occupied, now_active) = (c.occupies_node(), c.phase != ContainerPhase::Completed);
         if occupied != now_occupied {
-            Self::charge_node(&mut self.usage, &c.alloc, now_occupied);
+            Self::charge_node(
+                &mut self.usage,
+                &mut self.node_changes,
+                &c.alloc,
+                now_occupied,
+            );
         }
         if active != now_active {
             Self::charge_queue(&mut self.queue_usage, &self.apps, &c.alloc, now_active);
@@ -986,7 +998,13 @@ impl ClusterState {
         Some(r)
     }
 
-    fn charge_node(usage: &mut BTreeMap<String, NodeUse>, a: &Allocation, add: bool) {
+    fn charge_node(
+        usage: &mut BTreeMap<String, NodeUse>,
+        changes: &mut changes::NodeChanges,
+        a: &Allocation,
+        add: bool,
+    ) {
+        changes.mark(&a.node_id);
         let u = usage.entry(a.node_id.clone()).or_default();
         u.charge(a, add);
         if u.containers == 0 {
@@ -1032,6 +1050,8 @@ impl ClusterState {
         self.node_containers.clear();
         self.usage.clear();
         self.queue_usage.clear();
+        // Readers of the old log rebuild.
+        self.node_changes = changes::NodeChanges::default();
         for c in self.containers.values() {
             self.app_containers
                 .entry(c.alloc.app_id.clone())
@@ -1042,7 +1062,7 @@ impl ClusterState {
                 .or_default()
                 .insert(c.alloc.container_id.clone());
             if c.occupies_node() {
-                Self::charge_node(&mut self.usage, &c.alloc, true);
+                Self::charge_node(&mut self.usage, &mut self.node_changes, &c.alloc, true);
             }
             if c.phase != ContainerPhase::Completed {
                 Self::charge_queue(&mut self.queue_usage, &self.apps, &c.alloc, true);

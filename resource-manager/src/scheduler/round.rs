@@ -36,6 +36,10 @@ pub struct Cluster {
     /// Nodes held for a starving unit this round: out of the indexes, so
     /// only their owner is placed there.
     reserved: Vec<bool>,
+    /// Nodes whose free room [`Cluster::take`] or [`Cluster::give_back`]
+    /// changed since [`Cluster::take_touched`] last drained it: a view kept
+    /// across rounds refreshes them from the state.
+    touched: Vec<u32>,
 }
 
 fn max_share(n: &Node) -> u32 {
@@ -51,6 +55,7 @@ impl Cluster {
             by_gpu_share: BTreeSet::new(),
             by_label: HashMap::new(),
             reserved: Vec::new(),
+            touched: Vec::new(),
         };
         c.reserved = vec![false; c.nodes.len()];
         for i in 0..c.nodes.len() {
@@ -87,6 +92,36 @@ impl Cluster {
             self.by_whole_gpus.remove(&(n.whole_free_gpus(), i as u32));
             self.by_gpu_share.remove(&(max_share(n), i as u32));
         }
+    }
+
+    /// Puts `node` in place of node `i`, keeping every index in step (a view
+    /// kept across rounds patches what changed). Not during a round: no node
+    /// is reserved between rounds.
+    pub fn replace_node(&mut self, i: usize, node: Node) {
+        debug_assert!(!self.reserved[i], "replace_node during a round");
+        self.unindex(i);
+        let was = &self.nodes[i];
+        if was.labels != node.labels || was.schedulable != node.schedulable {
+            if was.schedulable {
+                for l in &was.labels {
+                    if let Some(list) = self.by_label.get_mut(l) {
+                        list.retain(|&x| x != i as u32);
+                    }
+                }
+            }
+            if node.schedulable {
+                for l in &node.labels {
+                    self.by_label.entry(l.clone()).or_default().push(i as u32);
+                }
+            }
+        }
+        self.nodes[i] = node;
+        self.index(i);
+    }
+
+    /// The nodes placed on (or given back to) since the last call.
+    pub fn take_touched(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.touched)
     }
 
     /// Holds node `i` out of (or back into) general placement.
@@ -233,6 +268,7 @@ impl Cluster {
 
     /// Takes `ask`'s resources and `grants` on node `i`.
     pub fn take(&mut self, i: usize, ask: &Ask, grants: &[GpuGrant]) {
+        self.touched.push(i as u32);
         self.unindex(i);
         let n = &mut self.nodes[i];
         n.free_vcores -= ask.vcores;
@@ -250,6 +286,7 @@ impl Cluster {
 
     /// Gives back what [`Cluster::take`] took.
     pub fn give_back(&mut self, i: usize, ask: &Ask, grants: &[GpuGrant]) {
+        self.touched.push(i as u32);
         self.unindex(i);
         let n = &mut self.nodes[i];
         n.free_vcores += ask.vcores;
