@@ -48,39 +48,68 @@ pub fn cluster_view_with(state: &ClusterState, busy: &Busy) -> (scheduler::Clust
 
 /// One node as the scheduler sees it, given what its containers use.
 fn node_view(n: &crate::fsm::Node, u: &NodeUse, busy: &Busy) -> scheduler::Node {
-    let held = busy.get(&n.id).map_or(0, |b| {
-        b.iter()
-            .filter(|p| n.ports.contains(**p) && !u.ports.contains(p))
-            .count() as u32
-    });
-    let free_ports = n
-        .ports
-        .len()
-        .saturating_sub(u.ports.len() as u32)
-        .saturating_sub(held);
     let mut node = scheduler::Node::new(&n.id, n.vcores_milli, n.memory_bytes);
-    for g in &n.gpus {
-        let mut slot = scheduler::GpuSlot::new(&g.model, g.memory_bytes);
-        if u.gpus.contains(&g.index) {
-            slot.free_milli = 0;
-            slot.free_memory = 0;
-        } else if let Some((milli, mem)) = u.shares.get(&g.index) {
-            slot.free_milli = 1000u32.saturating_sub(*milli);
-            slot.free_memory = g.memory_bytes.saturating_sub(*mem);
-        }
-        node.gpus.push(slot);
-    }
-    node.free_vcores = n.vcores_milli.saturating_sub(u.vcores_milli);
-    node.free_memory = n.memory_bytes.saturating_sub(u.memory_bytes);
+    node.gpus = n
+        .gpus
+        .iter()
+        .map(|g| scheduler::GpuSlot::new(&g.model, g.memory_bytes))
+        .collect();
     node.labels = n
         .labels
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     node.labels.sort();
-    node.schedulable = n.state == crate::fsm::NodeState::Running && n.ready;
-    node.free_ports = free_ports;
+    set_free(&mut node, n, u, busy);
     node
+}
+
+/// Whether `view` has `n`'s capacity, GPUs and labels (then only its free
+/// room and schedulability can differ, and are set in place).
+fn same_shape(view: &scheduler::Node, n: &crate::fsm::Node) -> bool {
+    view.capacity_vcores == n.vcores_milli
+        && view.capacity_memory == n.memory_bytes
+        && view.gpus.len() == n.gpus.len()
+        && view
+            .gpus
+            .iter()
+            .zip(&n.gpus)
+            .all(|(s, g)| s.model == g.model && s.memory == g.memory_bytes)
+        && view.labels.len() == n.labels.len()
+        && view
+            .labels
+            .iter()
+            .zip(&n.labels)
+            .all(|((a, b), (k, v))| a == k && b == v)
+}
+
+/// Sets what is free on `node` (and whether it takes work) from the state.
+fn set_free(node: &mut scheduler::Node, n: &crate::fsm::Node, u: &NodeUse, busy: &Busy) {
+    let held = busy.get(&n.id).map_or(0, |b| {
+        b.iter()
+            .filter(|p| n.ports.contains(**p) && !u.ports.contains(p))
+            .count() as u32
+    });
+    node.free_ports = n
+        .ports
+        .len()
+        .saturating_sub(u.ports.len() as u32)
+        .saturating_sub(held);
+    for (slot, g) in node.gpus.iter_mut().zip(&n.gpus) {
+        if u.gpus.contains(&g.index) {
+            slot.free_milli = 0;
+            slot.free_memory = 0;
+        } else if let Some((milli, mem)) = u.shares.get(&g.index) {
+            slot.free_milli = 1000u32.saturating_sub(*milli);
+            slot.free_memory = g.memory_bytes.saturating_sub(*mem);
+        } else {
+            slot.free_milli = 1000;
+            slot.free_memory = g.memory_bytes;
+        }
+    }
+    node.free_vcores = n.vcores_milli.saturating_sub(u.vcores_milli);
+    node.free_memory = n.memory_bytes.saturating_sub(u.memory_bytes);
+    node.schedulable = n.state == crate::fsm::NodeState::Running && n.ready;
 }
 
 /// The queue tree with each queue's usage from unfinished containers.
@@ -119,7 +148,7 @@ pub enum Refresh {
 pub struct View {
     cluster: Option<scheduler::Cluster>,
     ids: Vec<String>,
-    pos: HashMap<String, usize>,
+    pos: rustc_hash::FxHashMap<String, usize>,
     at: Option<Cursor>,
     busy: Busy,
 }
@@ -168,28 +197,57 @@ impl View {
         if state.nodes.len() != self.ids.len() {
             return None;
         }
-        let mut dirty: BTreeSet<usize> = cluster
-            .take_touched()
-            .into_iter()
-            .map(|i| i as usize)
-            .collect();
+        // Each node once: a flag per node, a list of those flagged.
+        let mut flagged = vec![false; self.ids.len()];
+        let mut dirty: Vec<usize> = Vec::new();
+        let mut flag = |i: usize| {
+            if !std::mem::replace(&mut flagged[i], true) {
+                dirty.push(i);
+            }
+        };
+        for i in cluster.take_touched() {
+            flag(i as usize);
+        }
         for id in changed {
-            dirty.insert(*self.pos.get(id)?);
+            flag(*self.pos.get(id)?);
         }
         if self.busy != *busy {
             for id in self.busy.keys().chain(busy.keys()) {
                 if self.busy.get(id) != busy.get(id) {
                     if let Some(&i) = self.pos.get(id) {
-                        dirty.insert(i);
+                        flag(i);
                     }
                 }
             }
         }
+        // The view's nodes are the state's, in the same (id) order: the
+        // flagged ones are found by one walk over both maps, not by a
+        // string-keyed search each.
+        dirty.sort_unstable();
         let none = NodeUse::default();
+        let mut nodes = state.nodes.values();
+        let mut usage = state.usage.iter().peekable();
+        let mut next = 0usize;
         for &i in &dirty {
-            let n = state.nodes.get(&self.ids[i])?;
-            let u = state.usage.get(&n.id).unwrap_or(&none);
-            cluster.replace_node(i, node_view(n, u, busy));
+            let n = nodes.nth(i - next)?;
+            next = i + 1;
+            if n.id != self.ids[i] {
+                return None;
+            }
+            while usage
+                .next_if(|(id, _)| id.as_str() < n.id.as_str())
+                .is_some()
+            {}
+            let u = usage
+                .next_if(|(id, _)| **id == n.id)
+                .map_or(&none, |(_, u)| u);
+            let current = &cluster.nodes[i];
+            let schedulable = n.state == crate::fsm::NodeState::Running && n.ready;
+            if current.schedulable == schedulable && same_shape(current, n) {
+                cluster.update_node(i, |node| set_free(node, n, u, busy));
+            } else {
+                cluster.replace_node(i, node_view(n, u, busy));
+            }
         }
         Some(Refresh::Patched(dirty.len()))
     }

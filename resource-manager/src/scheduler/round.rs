@@ -119,6 +119,21 @@ impl Cluster {
         self.index(i);
     }
 
+    /// Changes node `i`'s free room in place with `f` (which must leave its
+    /// schedulability and labels as they are), keeping the indexes in step.
+    pub fn update_node(&mut self, i: usize, f: impl FnOnce(&mut Node)) {
+        debug_assert!(!self.reserved[i], "update_node during a round");
+        self.unindex(i);
+        let (schedulable, labels) = (self.nodes[i].schedulable, self.nodes[i].labels.len());
+        f(&mut self.nodes[i]);
+        debug_assert_eq!(
+            (schedulable, labels),
+            (self.nodes[i].schedulable, self.nodes[i].labels.len()),
+            "update_node changed what the label index depends on"
+        );
+        self.index(i);
+    }
+
     /// The nodes placed on (or given back to) since the last call.
     pub fn take_touched(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.touched)
