@@ -1,24 +1,29 @@
 //! Weft's resource manager: the cluster's truth, replicated with Raft.
 //!
-//! Layout:
-//! - [`leader`]: the leader supervisor: starts every leader-only task on
-//!   election and stops them together on step-down (role from a watch);
-//! - [`am`]: the leader's scheduling loop and the ApplicationMasterService;
-//! - [`fsm`]: the replicated state machine (commands, deterministic apply, snapshots);
-//! - [`storage`]: raft log, hard state, conf state and snapshots in sled;
-//! - [`raft_node`]: the thread that owns the `RawNode` and runs the ready loop;
-//! - [`transport`]: raft messages between members: the [`transport::Network`]
-//!   seam, over gRPC in production and in memory (with partitions) in tests;
+//! Layout (a member, from the outside in):
+//! - [`service`]: one file per gRPC service: [`service::client`]
+//!   (ClientService, users), [`service::tracker`] (ResourceTracker, node
+//!   agents), [`service::am`] (ApplicationMasterService, masters); writes
+//!   are answered once committed, followers send callers to the leader;
+//! - [`leader`]: the leader supervisor, which starts every leader-only task
+//!   on election and stops them together on step-down (role from a watch):
+//!   [`leader::scheduling`] (the scheduling loop, plan verification and
+//!   commit; its masters and round) and
+//!   [`leader::liveness`] (node expiry, pruning, queue seeding);
 //! - [`view`]: the replicated state as the scheduler's input, kept across
 //!   rounds and patched where nodes changed;
 //! - [`scheduler`]: the pure scheduler (cluster view + asks in, placements out);
-//! - [`service`]: ClientService and ResourceTracker, answering writes once
-//!   committed and sending followers' callers to the leader;
+//! - [`tokens`]: container and application tokens, signed outside every lock;
+//! - [`fsm`]: the replicated state machine (commands, deterministic apply,
+//!   plan verification, invariants, snapshots, the node change log);
+//! - [`raft_node`]: the thread that owns the `RawNode` and runs the ready loop;
+//! - [`transport`]: raft messages between members: the [`transport::Network`]
+//!   seam, over gRPC in production and in memory (with partitions) in tests;
+//! - [`storage`]: raft log, hard state, conf state and snapshots in sled;
 //! - [`config`]: the TOML config.
 //!
 //! [`run`] assembles a member and returns once it has stopped.
 
-pub mod am;
 pub mod config;
 pub mod error;
 pub mod fsm;
@@ -28,6 +33,7 @@ pub mod scheduler;
 pub mod service;
 pub mod slog_bridge;
 pub mod storage;
+pub mod tokens;
 pub mod transport;
 pub mod view;
 
@@ -82,7 +88,7 @@ pub async fn run(
     let cancel = tokio_util::sync::CancellationToken::new();
     // Leader-only work starts and stops with this member's leaderships.
     let leader = tokio::spawn(leader::supervise(svc.clone(), cancel.clone()));
-    let am = am::AmService::new(svc.scheduling.clone());
+    let am = service::am::AmService::new(svc.scheduling.clone());
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(

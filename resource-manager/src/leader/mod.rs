@@ -5,6 +5,9 @@
 //! step-down it stops them together and drops what they kept in memory, so
 //! a later leadership starts clean. Nothing polls `is_leader`.
 
+pub mod liveness;
+pub mod scheduling;
+
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 

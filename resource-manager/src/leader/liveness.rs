@@ -1,0 +1,203 @@
+//! Node liveness of one leadership (started and stopped by the supervisor):
+//! declares nodes not heard from within `node_expiry` LOST (counting from the
+//! election at the earliest), prunes the containers of long-finished
+//! applications, and seeds the queue configuration once per leadership.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::fsm::{Command, NodeState, Outcome, QueueSpec};
+
+use crate::service::{now_ms, RmService};
+
+/// Liveness bookkeeping of the leader (not replicated: a new leader rebuilds
+/// it from the next heartbeats).
+#[derive(Default)]
+pub struct Liveness {
+    pub last_heartbeat: HashMap<String, Instant>,
+    /// When this member last became leader; none while it follows.
+    pub leader_since: Option<Instant>,
+}
+
+/// Nodes to declare lost: RUNNING, DRAINING or UNHEALTHY nodes not heard
+/// from for `expiry`, counting from when this leader took over at the
+/// earliest (the grace period after an election). Pure, for testing.
+pub fn expired_nodes(
+    nodes: &[(String, NodeState)],
+    last_heartbeat: &HashMap<String, Instant>,
+    leader_since: Instant,
+    now: Instant,
+    expiry: Duration,
+) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|(_, s)| {
+            matches!(
+                s,
+                NodeState::Running | NodeState::Draining | NodeState::Unhealthy
+            )
+        })
+        .filter(|(id, _)| {
+            let seen = last_heartbeat
+                .get(id)
+                .copied()
+                .unwrap_or(leader_since)
+                .max(leader_since);
+            now.saturating_duration_since(seen) > expiry
+        })
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+impl RmService {
+    /// Leader-only: drops the containers of applications that finished
+    /// more than `container_retention` ago from the state (its size, and
+    /// every scan over containers, then follow what runs, not history).
+    async fn prune_containers(&self) {
+        let before = now_ms().saturating_sub(self.container_retention.as_millis() as u64);
+        let due = {
+            let st = self.raft.state();
+            st.apps.values().any(|a| {
+                a.state.is_terminal()
+                    && a.finished_at_ms < before
+                    && st.containers_of(&a.id).any(|c| !c.occupies_node())
+            })
+        };
+        if due {
+            match self
+                .raft
+                .propose(Command::PruneContainers {
+                    finished_before_ms: before,
+                })
+                .await
+            {
+                Ok(_) => tracing::debug!("containers of finished applications pruned"),
+                Err(e) => tracing::debug!(error = %e, "pruning not committed"),
+            }
+        }
+    }
+
+    /// Leader-only, once per leadership: makes the replicated queue
+    /// configuration match this member's config.
+    async fn apply_queue_config(&self) {
+        // The config seeds the queue tree; once the state has one, runtime
+        // changes (SetQueues) win over any member's file.
+        if self.queues.is_empty() || !self.raft.state().queues.is_empty() {
+            return;
+        }
+        let mut want: Vec<QueueSpec> = self.queues.to_vec();
+        want.sort_by(|a, b| a.name.cmp(&b.name));
+        let have: Vec<QueueSpec> = self.raft.state().queues.values().cloned().collect();
+        if have == want {
+            return;
+        }
+        match self
+            .raft
+            .propose(Command::SetQueues {
+                queues: self.queues.to_vec(),
+            })
+            .await
+        {
+            Ok(Outcome::Rejected(why)) => {
+                tracing::error!(reason = %why, "queue configuration refused")
+            }
+            Ok(_) => tracing::info!(queues = self.queues.len(), "queue configuration applied"),
+            Err(e) => tracing::debug!(error = %e, "queue configuration not applied yet"),
+        }
+    }
+
+    /// A later leadership starts from nothing (and a grace period).
+    pub fn forget_heartbeats(&self) {
+        let mut l = self.liveness.lock().expect("liveness lock");
+        l.leader_since = None;
+        l.last_heartbeat.clear();
+    }
+
+    /// Node liveness of one leadership (the leader supervisor starts and
+    /// stops it): declares silent nodes LOST and prunes old containers,
+    /// until `cancel` fires. It first brings the queue configuration in line.
+    pub async fn run_liveness(self, cancel: tokio_util::sync::CancellationToken) {
+        let every = (self.node_expiry / 8).max(Duration::from_millis(50));
+        let mut last_prune = Instant::now();
+        self.liveness.lock().expect("liveness lock").leader_since = Some(Instant::now());
+        self.apply_queue_config().await;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = cancel.cancelled() => return,
+            }
+            if last_prune.elapsed() >= (self.container_retention / 10).min(Duration::from_secs(60))
+            {
+                last_prune = Instant::now();
+                self.prune_containers().await;
+            }
+            let lost = {
+                let l = self.liveness.lock().expect("liveness lock");
+                if let Some(since) = l.leader_since {
+                    let nodes: Vec<(String, NodeState)> = self
+                        .raft
+                        .state()
+                        .nodes
+                        .values()
+                        .map(|n| (n.id.clone(), n.state))
+                        .collect();
+                    Some(expired_nodes(
+                        &nodes,
+                        &l.last_heartbeat,
+                        since,
+                        Instant::now(),
+                        self.node_expiry,
+                    ))
+                } else {
+                    None
+                }
+            };
+            let Some(lost) = lost else {
+                continue;
+            };
+            for node_id in lost {
+                tracing::warn!(node_id = %node_id, expiry = ?self.node_expiry, "node lost: no heartbeat");
+                let cmd = Command::SetNodeState {
+                    node_id,
+                    state: NodeState::Lost,
+                    at_ms: now_ms(),
+                };
+                if let Err(e) = self.raft.propose(cmd).await {
+                    tracing::debug!(error = %e, "could not record a lost node");
+                }
+                self.scheduling.poke();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_counts_from_the_later_of_heartbeat_and_leadership() {
+        let t0 = Instant::now();
+        let exp = Duration::from_secs(10);
+        let nodes = vec![
+            ("a".to_string(), NodeState::Running),
+            ("b".to_string(), NodeState::Running),
+            ("c".to_string(), NodeState::Lost),
+            ("d".to_string(), NodeState::Draining),
+        ];
+        let mut hb = HashMap::new();
+        hb.insert("a".to_string(), t0 + Duration::from_secs(5));
+        // A fresh leader at t0: nobody expires before t0 + 10 s, heard from or not.
+        assert!(expired_nodes(&nodes, &hb, t0, t0 + Duration::from_secs(9), exp).is_empty());
+        // At t0 + 11 s: b and d were never heard from; a was, 6 s ago.
+        assert_eq!(
+            expired_nodes(&nodes, &hb, t0, t0 + Duration::from_secs(11), exp),
+            vec!["b", "d"]
+        );
+        // Lost nodes are not lost again; a expires 10 s after its heartbeat.
+        assert_eq!(
+            expired_nodes(&nodes, &hb, t0, t0 + Duration::from_secs(16), exp),
+            vec!["a", "b", "d"]
+        );
+    }
+}

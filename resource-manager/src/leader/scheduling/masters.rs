@@ -1,0 +1,355 @@
+//! Starting and watching application masters: accepted jobs get a master
+//! container (or an in-process master in standalone mode); a master that
+//! fails uses one of its job's attempts.
+
+use super::*;
+
+impl Scheduling {
+    /// Accepts submitted jobs, asks for a master container for every job
+    /// whose master is not running, and fails jobs whose masters failed
+    /// `max_attempts` times.
+    pub(super) async fn manage_masters(&self) {
+        let cfg = self
+            .masters
+            .clone()
+            .expect("called only when masters are launched");
+        if cfg.in_process {
+            return self.manage_local_masters().await;
+        }
+        let mut commands = Vec::new();
+        {
+            let state = self.raft.state();
+            let mut t = self.table.lock().expect("table lock");
+            let now = std::time::Instant::now();
+            for app in state
+                .apps
+                .values()
+                .filter(|a| !a.state.is_terminal() && !a.unmanaged)
+            {
+                if app.state == AppState::Submitted {
+                    // Accepted, and its master asked for, in one pass.
+                    commands.push(Command::ApplicationAccepted {
+                        app_id: app.id.clone(),
+                        at_ms: now_ms(),
+                    });
+                }
+                let last = app
+                    .am_container
+                    .as_ref()
+                    .and_then(|c| state.containers.get(c));
+                if let Some(c) = last.filter(|c| c.phase != ContainerPhase::Completed) {
+                    // A master that stopped calling is ended (its agent stops
+                    // it) and replaced; a new leader gives every master a
+                    // full expiry from its election.
+                    let seen = *t.last_seen.entry(app.id.clone()).or_insert(now);
+                    if now.duration_since(seen) > cfg.expiry {
+                        warn!(app = %app.id, attempt = app.attempt, expiry = ?cfg.expiry, "application master stopped calling; ending it");
+                        t.last_seen.remove(&app.id);
+                        commands.push(Command::ContainersCompleted {
+                            completions: vec![Completion {
+                                container_id: c.alloc.container_id.clone(),
+                                state: ContainerEnd::Killed,
+                                exit_status: weft_proto::exit_codes::USER_REQUESTED,
+                                diagnostic: format!(
+                                    "the application master made no call for {}",
+                                    humantime::format_duration(cfg.expiry)
+                                ),
+                            }],
+                            still_running: true,
+                            at_ms: now_ms(),
+                        });
+                    }
+                    continue;
+                }
+                if t.masters.contains_key(&app.id) || t.launching.contains(&app.id) {
+                    continue; // already asked for, or starting
+                }
+                if app.am_container.is_some() && last.is_none() {
+                    continue; // its allocation is not applied here yet
+                }
+                let Ok(spec) = weft_spec::JobSpec::parse(&app.spec, &app.spec_format) else {
+                    continue;
+                };
+                let why = last
+                    .and_then(|c| c.end.as_ref())
+                    .map(|e| e.diagnostic.clone())
+                    .unwrap_or_default();
+                if let Some(end) = attempts_exhausted(app, &spec, 0, &why) {
+                    commands.push(end);
+                    continue;
+                }
+                let (vcores, memory) = match &spec.am {
+                    Some(r) => (r.vcores_milli(), r.memory.as_u64()),
+                    None => ((cfg.vcores * 1000.0) as u64, cfg.memory.as_u64()),
+                };
+                t.masters.insert(
+                    app.id.clone(),
+                    pb::ResourceAsk {
+                        ask_id: MASTER_ASK.into(),
+                        count: 1,
+                        resources: Some(pb::Resources {
+                            vcores_milli: vcores,
+                            memory_bytes: memory,
+                            ..Default::default()
+                        }),
+                        placement: pb::PlacementPolicy::Spread as i32,
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        for c in commands {
+            if let Err(e) = self.raft.propose(c).await {
+                debug!(error = %e, "master bookkeeping not committed");
+            }
+        }
+    }
+
+    /// Standalone mode: every live job has a master task inside this
+    /// leader. A job found running without one (this process restarted)
+    /// gets a new attempt that does not count against `max_attempts` and
+    /// adopts what still runs; a master task that ended without finishing
+    /// its job counts.
+    pub(super) async fn manage_local_masters(&self) {
+        let mut commands = Vec::new();
+        let mut start = Vec::new();
+        {
+            let state = self.raft.state();
+            let mut local = self.local.lock().expect("local masters lock");
+            local.retain(|id, m| {
+                !m.task.is_finished() || state.apps.get(id).is_some_and(|a| !a.state.is_terminal())
+            });
+            for app in state
+                .apps
+                .values()
+                .filter(|a| !a.state.is_terminal() && !a.unmanaged)
+            {
+                if app.state == AppState::Submitted {
+                    commands.push(Command::ApplicationAccepted {
+                        app_id: app.id.clone(),
+                        at_ms: now_ms(),
+                    });
+                }
+                let failure = match local.get(&app.id) {
+                    Some(m) if !m.task.is_finished() => continue,
+                    Some(m) => Some(
+                        m.failure
+                            .lock()
+                            .expect("failure lock")
+                            .clone()
+                            .unwrap_or_else(|| "the master ended early".into()),
+                    ),
+                    None => None,
+                };
+                let Ok(spec) = weft_spec::JobSpec::parse(&app.spec, &app.spec_format) else {
+                    continue;
+                };
+                let previous_lost = failure.is_none() && app.attempt > 0;
+                let why = failure.unwrap_or_default();
+                if let Some(end) = attempts_exhausted(app, &spec, previous_lost as u32, &why) {
+                    commands.push(end);
+                    continue;
+                }
+                start.push((app.id.clone(), app.attempt + 1, spec, previous_lost));
+            }
+        }
+        for c in commands {
+            if let Err(e) = self.raft.propose(c).await {
+                debug!(error = %e, "master bookkeeping not committed");
+            }
+        }
+        if start.is_empty() {
+            return;
+        }
+        let (Ok(signer), Some(me)) = (
+            self.ensure_signer().await,
+            self.raft.address_of(self.raft.status().id),
+        ) else {
+            return;
+        };
+        for (app_id, attempt, spec, previous_lost) in start {
+            let started = self
+                .raft
+                .propose(Command::AttemptStarted {
+                    app_id: app_id.clone(),
+                    attempt,
+                    am_container: None,
+                    keep_containers: spec.keep_containers,
+                    previous_lost,
+                    at_ms: now_ms(),
+                })
+                .await;
+            if !matches!(started, Ok(Outcome::Done)) {
+                continue;
+            }
+            let token = application_token(&signer, &app_id, attempt);
+            let failure: Arc<Mutex<Option<String>>> = Arc::default();
+            let (id, why, rm) = (app_id.clone(), failure.clone(), vec![me.clone()]);
+            let task = tokio::spawn(async move {
+                let result = match weft_app_master::client::RmAmClient::new(rm, token) {
+                    Ok(rm) => {
+                        weft_app_master::runner::Runner::new(id.clone(), attempt, spec, rm)
+                            .run()
+                            .await
+                    }
+                    Err(e) => Err(e.into_status()),
+                };
+                match result {
+                    Ok(f) => {
+                        info!(app = %id, attempt, status = ?f.status, "in-process master finished")
+                    }
+                    Err(e) => {
+                        warn!(app = %id, attempt, error = %e.message(), "in-process master failed");
+                        *why.lock().expect("failure lock") = Some(e.message().to_string());
+                    }
+                }
+            });
+            info!(app = %app_id, attempt, "in-process application master started");
+            self.local
+                .lock()
+                .expect("local masters lock")
+                .insert(app_id, LocalMaster { task, failure });
+        }
+    }
+
+    /// Starts a job's master in its container and records the attempt; a
+    /// master that cannot start counts as a failed attempt.
+    pub(super) async fn launch_master(&self, app_id: &str, a: Allocation) {
+        let cfg = self
+            .masters
+            .clone()
+            .expect("called only when masters are launched");
+        // This leader first: the master's first call goes straight here.
+        let me = self.raft.address_of(self.raft.status().id);
+        let (app, node_addr, rm) = {
+            let st = self.raft.state();
+            let Some(app) = st.apps.get(app_id).cloned() else {
+                return;
+            };
+            let node_addr = st
+                .nodes
+                .get(&a.node_id)
+                .map(|n| n.address.clone())
+                .unwrap_or_default();
+            let mut rm: Vec<String> = st.members.values().cloned().collect();
+            if let Some(me) = me {
+                rm.retain(|a| *a != me);
+                rm.insert(0, me);
+            }
+            (app, node_addr, rm)
+        };
+        let attempt = app.attempt + 1;
+        let keep_containers = weft_spec::JobSpec::parse(&app.spec, &app.spec_format)
+            .map_or(true, |s| s.keep_containers);
+        let Ok(signer) = self.ensure_signer().await else {
+            return; // the next round asks again
+        };
+        let started = self
+            .raft
+            .propose(Command::AttemptStarted {
+                app_id: app_id.to_string(),
+                attempt,
+                am_container: Some(a.container_id.clone()),
+                keep_containers,
+                previous_lost: false,
+                at_ms: now_ms(),
+            })
+            .await;
+        if !matches!(started, Ok(Outcome::Done)) {
+            return;
+        }
+        self.table
+            .lock()
+            .expect("table lock")
+            .last_seen
+            .insert(app_id.to_string(), std::time::Instant::now());
+        let req = pb::StartContainerRequest {
+            container_id: a.container_id.clone(),
+            command: cfg.command.clone(),
+            args: vec![
+                "--app-id".into(),
+                app_id.to_string(),
+                "--attempt".into(),
+                attempt.to_string(),
+                "--rm".into(),
+                rm.join(","),
+                "--spec-env".into(),
+            ],
+            env: [
+                ("WEFT_JOB_SPEC".to_string(), app.spec.clone()),
+                ("WEFT_JOB_SPEC_FORMAT".to_string(), app.spec_format.clone()),
+                ("WEFT_APP_ID".to_string(), app_id.to_string()),
+                ("WEFT_ATTEMPT".to_string(), attempt.to_string()),
+                (
+                    "WEFT_APP_TOKEN".to_string(),
+                    hex::encode(application_token(&signer, app_id, attempt)),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+            resources: Some(pb::ContainerResources {
+                vcores_milli: a.vcores_milli,
+                memory_bytes: a.memory_bytes,
+                ..Default::default()
+            }),
+            token: container_token(&signer, &a),
+        };
+        let result = match self.node_channel(&node_addr) {
+            Ok(ch) => {
+                let mut c =
+                    weft_proto::v1::container_manager_client::ContainerManagerClient::new(ch);
+                c.start_container(req).await.map(|_| ())
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                info!(app = %app_id, attempt, node = %a.node_id, "application master started")
+            }
+            Err(e) => {
+                warn!(app = %app_id, attempt, error = %e.message(), "application master could not start");
+                // An unreachable node is not the job's fault (a free attempt).
+                let unreachable = weft_common::codes::start_refused_transiently(&e);
+                let _ = self
+                    .raft
+                    .propose(Command::ContainersCompleted {
+                        completions: vec![Completion {
+                            container_id: a.container_id,
+                            state: if unreachable {
+                                ContainerEnd::Lost
+                            } else {
+                                ContainerEnd::Failed
+                            },
+                            exit_status: weft_proto::exit_codes::LAUNCH_FAILED,
+                            diagnostic: format!(
+                                "could not start the application master: {}",
+                                e.message()
+                            ),
+                        }],
+                        still_running: false,
+                        at_ms: now_ms(),
+                    })
+                    .await;
+            }
+        }
+    }
+}
+
+/// The end of a job whose master attempts ran out (`extra_free`: attempts
+/// not yet recorded as free), or None while it may try again.
+pub(crate) fn attempts_exhausted(
+    app: &crate::fsm::App,
+    spec: &weft_spec::JobSpec,
+    extra_free: u32,
+    why: &str,
+) -> Option<Command> {
+    let free = (app.free_attempts + extra_free).min(FREE_ATTEMPTS);
+    let failed = app.attempt.saturating_sub(free);
+    (failed >= spec.max_attempts).then(|| Command::ApplicationFinished {
+        app_id: app.id.clone(),
+        state: AppState::Failed,
+        diagnostics: format!("the application master failed {failed} time(s); last: {why}"),
+        stages: vec![],
+        at_ms: now_ms(),
+    })
+}

@@ -1,0 +1,465 @@
+//! The leader's scheduling loop (one per leadership, started and stopped by
+//! the supervisor in [`crate::leader`]).
+//!
+//! Application masters send their outstanding asks with every Allocate call
+//! (absolute counts, so a new leader rebuilds the table from the next call;
+//! the service is [`crate::service::am`]). The loop runs a scheduler round
+//! when asks arrive, containers end or nodes change (and every half second),
+//! over the view [`crate::view::View`] keeps, verifies each round's plan
+//! against the latest applied state and commits the part that fits as one
+//! `ContainersAllocated` command; the allocations then go to their masters,
+//! whose Allocate long poll answers early. [`masters`] starts and watches
+//! application masters; [`round`] makes one round's plan.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tonic::Status;
+use tracing::{debug, info, warn};
+use weft_proto::token::TokenSigner;
+use weft_proto::v1 as pb;
+
+use crate::error::Error;
+use crate::fsm::{
+    Allocation, AppState, ClusterState, Command, Completion, ContainerEnd, ContainerPhase, Outcome,
+};
+use crate::raft_node::RaftHandle;
+use crate::scheduler::{self, Ask, GpuAsk, Placement, Queues, Reservations};
+use crate::service::now_ms;
+use crate::view::queue_view;
+
+pub mod masters;
+pub mod round;
+
+/// Longest an Allocate call is held when nothing changes.
+pub const MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// Master attempts lost with their node that do not count against
+/// `max_attempts` (beyond these they do, so a job cannot retry forever).
+pub const FREE_ATTEMPTS: u32 = 5;
+
+pub use crate::tokens::{application_token, container_token, CONTAINER_TOKEN_LIFETIME};
+
+/// The leader's scheduling table. Lock order: the replicated state's read
+/// lock first, then this table (a reader waiting on the state behind the
+/// raft thread's write while holding the table would deadlock).
+#[derive(Default)]
+pub(crate) struct Table {
+    /// app -> its outstanding asks (ask as sent, count still wanted).
+    pub(crate) asks: HashMap<String, Vec<(pb::ResourceAsk, u32)>>,
+    /// app -> allocations granted but not yet handed to its master.
+    pub(crate) undelivered: HashMap<String, Vec<pb::Allocation>>,
+    /// Completed containers already reported to their masters.
+    pub(crate) reported: HashSet<String>,
+    /// app -> the ask for its next master's container.
+    pub(crate) masters: HashMap<String, pb::ResourceAsk>,
+    /// Apps whose master heard, under this leader, of every container the
+    /// state holds for it (a new leader re-sends what its predecessor may
+    /// not have delivered; masters release what they do not need).
+    pub(crate) synced: HashSet<String>,
+    /// app -> when its master last called (launched masters only).
+    pub(crate) last_seen: HashMap<String, std::time::Instant>,
+    /// Apps whose master container is granted and being started (its
+    /// attempt not recorded yet): no other master is asked for.
+    pub(crate) launching: HashSet<String>,
+}
+
+pub use crate::fsm::MASTER_ASK;
+
+/// A round's allocations to propose, each with its (app, ask id).
+pub(crate) type Planned = (Vec<Allocation>, Vec<(String, String)>);
+
+/// Counters of the scheduling loop (this member's, since it started).
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) rounds: AtomicU64,
+    pub(crate) committed: AtomicU64,
+    pub(crate) placed: AtomicU64,
+    pub(crate) refused_at_verify: AtomicU64,
+    pub(crate) refused_at_apply: AtomicU64,
+}
+
+/// What the scheduling loop did, as `ClusterStatus` reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    /// Rounds that placed something.
+    pub rounds: u64,
+    /// Rounds whose (verified part of the) plan was committed.
+    pub committed: u64,
+    /// Containers granted.
+    pub placed: u64,
+    /// Allocations dropped by the leader's check against the latest state.
+    pub refused_at_verify: u64,
+    /// Allocations refused when the committed round was applied.
+    pub refused_at_apply: u64,
+}
+
+/// Shared by the ApplicationMasterService and the scheduling loop.
+#[derive(Clone)]
+pub struct Scheduling {
+    pub(crate) raft: RaftHandle,
+    /// Present when the leader starts application masters.
+    pub(crate) masters: Option<Arc<crate::config::MastersConfig>>,
+    pub(crate) table: Arc<Mutex<Table>>,
+    /// Wakes the loop (new asks, ended containers, node changes).
+    pub(crate) wake: Arc<Notify>,
+    /// Wakes Allocate long polls (new allocations or completions).
+    pub(crate) delivered: Arc<Notify>,
+    /// The token signer built from the replicated key (seed hex, signer).
+    pub(crate) signer: Arc<Mutex<Option<(String, TokenSigner)>>>,
+    /// Connections to node agents (masters are started through them).
+    pub(crate) channels: Arc<Mutex<HashMap<String, tonic::transport::Channel>>>,
+    /// In-process masters (standalone mode): app -> its runner task and,
+    /// once it ended without finishing its job, why.
+    pub(crate) local: Arc<Mutex<HashMap<String, LocalMaster>>>,
+    /// What the loop has done (rounds, placements, refusals).
+    pub(crate) stats: Arc<Counters>,
+    /// node -> ports of its range bound there, as its agent last reported
+    /// (by anything): never handed out.
+    pub(crate) busy_ports: Arc<Mutex<HashMap<String, BTreeSet<u16>>>>,
+}
+
+pub(crate) struct LocalMaster {
+    pub(crate) task: tokio::task::JoinHandle<()>,
+    pub(crate) failure: Arc<Mutex<Option<String>>>,
+}
+
+impl Scheduling {
+    pub fn new(raft: RaftHandle, masters: Option<crate::config::MastersConfig>) -> Self {
+        Scheduling {
+            raft,
+            masters: masters.map(Arc::new),
+            table: Arc::default(),
+            wake: Arc::new(Notify::new()),
+            delivered: Arc::new(Notify::new()),
+            signer: Arc::default(),
+            channels: Arc::default(),
+            local: Arc::default(),
+            stats: Arc::default(),
+            busy_ports: Arc::default(),
+        }
+    }
+
+    /// Records the ports of `node`'s range bound there now (from its
+    /// registration or heartbeat); wakes the loop when they changed.
+    pub fn note_ports_in_use(&self, node: &str, ports: &[u32]) {
+        let now: BTreeSet<u16> = ports
+            .iter()
+            .filter_map(|&p| u16::try_from(p).ok())
+            .collect();
+        let mut busy = self.busy_ports.lock().expect("busy ports lock");
+        if busy.get(node) != Some(&now) {
+            busy.insert(node.to_string(), now);
+            drop(busy);
+            self.wake.notify_one();
+        }
+    }
+
+    /// A (shared, reconnecting) connection to the agent at `addr`.
+    fn node_channel(&self, addr: &str) -> Result<tonic::transport::Channel, Status> {
+        let mut map = self.channels.lock().expect("channels lock");
+        if let Some(ch) = map.get(addr) {
+            return Ok(ch.clone());
+        }
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::invalid_argument(format!("node address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        map.insert(addr.to_string(), ch.clone());
+        Ok(ch)
+    }
+
+    /// The signer for the replicated token key, if the group has one yet.
+    pub fn signer(&self) -> Option<TokenSigner> {
+        let seed = self.raft.state().token_key.clone()?;
+        let mut cache = self.signer.lock().expect("signer lock");
+        if let Some((s, signer)) = cache.as_ref() {
+            if *s == seed {
+                return Some(signer.clone());
+            }
+        }
+        let signer = TokenSigner::from_seed_hex(&seed).ok()?;
+        *cache = Some((seed, signer.clone()));
+        Some(signer)
+    }
+
+    /// The signer, making the group's key first if it has none (leader only).
+    pub async fn ensure_signer(&self) -> Result<TokenSigner, Error> {
+        if let Some(s) = self.signer() {
+            return Ok(s);
+        }
+        self.raft
+            .propose(Command::SetTokenKey {
+                seed_hex: TokenSigner::generate().seed_hex(),
+            })
+            .await?;
+        self.signer()
+            .ok_or_else(|| Error::Unavailable("the token key is not applied yet".into()))
+    }
+
+    /// Whether this RM starts application masters for submitted jobs.
+    pub fn launches_masters(&self) -> bool {
+        self.masters.is_some()
+    }
+
+    /// Asks for a round soon (containers ended, a node changed...).
+    pub fn poke(&self) {
+        self.wake.notify_one();
+        self.delivered.notify_waiters();
+    }
+
+    /// What this member kept as leader goes when it steps down: a new
+    /// leader rebuilds the table from the masters' next calls (and runs its
+    /// own in-process masters).
+    pub fn step_down(&self) {
+        *self.table.lock().expect("table lock") = Table::default();
+        for (_, m) in self.local.lock().expect("local masters lock").drain() {
+            m.task.abort();
+        }
+    }
+
+    /// The scheduling loop of one leadership (the leader supervisor starts
+    /// and stops it), until `cancel` fires. Rounds run on events (asks,
+    /// ends, node changes) and every half second.
+    pub async fn run(self, cancel: tokio_util::sync::CancellationToken) {
+        let mut reservations = Reservations::default();
+        // The scheduler's view of this leadership, patched round to round.
+        let mut view = crate::view::View::new();
+        let mut counter = 0u64;
+        // A leadership starts from an empty table.
+        *self.table.lock().expect("table lock") = Table::default();
+        let mut first = true;
+        loop {
+            if !std::mem::take(&mut first) {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = cancel.cancelled() => return,
+                }
+            }
+            let status = self.raft.status();
+            if self.signer().is_none() {
+                if let Err(e) = self.ensure_signer().await {
+                    debug!(error = %e, "token key not made yet");
+                }
+            }
+            if self.masters.is_some() {
+                self.manage_masters().await;
+            }
+            let Some((plan, keys)) = self
+                .round(&mut reservations, &mut view, status.term, &mut counter)
+                .await
+            else {
+                continue;
+            };
+            self.stats.rounds.fetch_add(1, Relaxed);
+            // Verify against the latest applied state (the round was made
+            // from a view that may be older) and propose the part that
+            // still fits; the rest stays asked for and is planned again.
+            let verdict = self.raft.state().verify_plan(&plan);
+            if !verdict.refused.is_empty() {
+                self.stats
+                    .refused_at_verify
+                    .fetch_add(verdict.refused.len() as u64, Relaxed);
+                debug!(refused = ?verdict.refused, "allocations refused before proposing");
+            }
+            let (allocations, keys): (Vec<Allocation>, Vec<(String, String)>) = plan
+                .into_iter()
+                .zip(keys)
+                .filter(|(a, _)| !verdict.is_refused(&a.container_id))
+                .unzip();
+            if allocations.is_empty() {
+                continue;
+            }
+            let refused: Vec<crate::fsm::Refusal> = match self
+                .raft
+                .propose(Command::ContainersAllocated {
+                    allocations: allocations.clone(),
+                    at_ms: now_ms(),
+                })
+                .await
+            {
+                Ok(Outcome::Done) => Vec::new(),
+                Ok(Outcome::PartlyApplied { refused }) => {
+                    self.stats
+                        .refused_at_apply
+                        .fetch_add(refused.len() as u64, Relaxed);
+                    warn!(refused = ?refused, "allocations refused at apply; they are planned again");
+                    refused
+                }
+                Ok(other) => {
+                    warn!(outcome = ?other, "scheduling round refused at apply; next round replans");
+                    continue;
+                }
+                Err(e) => {
+                    debug!(error = %e, "scheduling round not committed");
+                    continue;
+                }
+            };
+            let granted = allocations.len() - refused.len();
+            self.stats.placed.fetch_add(granted as u64, Relaxed);
+            self.stats.committed.fetch_add(1, Relaxed);
+            let signer = self.signer();
+            let granted_now: Vec<(Allocation, (String, String))> = allocations
+                .into_iter()
+                .zip(keys)
+                .filter(|(a, _)| !refused.iter().any(|r| r.container_id == a.container_id))
+                .collect();
+            // Node addresses under the state's lock; tokens signed with no
+            // lock held, off the runtime.
+            let addresses: Vec<String> = {
+                let st = self.raft.state();
+                granted_now
+                    .iter()
+                    .map(|(a, _)| node_address(&st, &a.node_id))
+                    .collect()
+            };
+            let (granted_now, delivered) = tokio::task::spawn_blocking(move || {
+                let delivered: Vec<Option<pb::Allocation>> = granted_now
+                    .iter()
+                    .zip(&addresses)
+                    .map(|((a, (_, ask_id)), addr)| {
+                        (ask_id != MASTER_ASK).then(|| pb_allocation_at(addr, a, signer.as_ref()))
+                    })
+                    .collect();
+                (granted_now, delivered)
+            })
+            .await
+            .expect("signing tokens does not panic");
+            let launch = {
+                let mut launch = Vec::new();
+                let mut t = self.table.lock().expect("table lock");
+                for ((a, (app, ask_id)), pa) in granted_now.into_iter().zip(delivered) {
+                    let Some(pa) = pa else {
+                        t.masters.remove(&app);
+                        t.launching.insert(app.clone());
+                        launch.push((app, a));
+                        continue;
+                    };
+                    if let Some(list) = t.asks.get_mut(&app) {
+                        if let Some(e) = list.iter_mut().find(|(x, _)| x.ask_id == ask_id) {
+                            e.1 = e.1.saturating_sub(1);
+                        }
+                    }
+                    t.undelivered.entry(app).or_default().push(pa);
+                }
+                launch
+            };
+            info!(containers = granted, "scheduling round committed");
+            self.delivered.notify_waiters();
+            // Masters start side by side (their attempts commit together);
+            // the loop goes on meanwhile.
+            for (app, a) in launch {
+                let s = self.clone();
+                tokio::spawn(async move {
+                    s.launch_master(&app, a).await;
+                    s.table.lock().expect("table lock").launching.remove(&app);
+                });
+            }
+        }
+    }
+
+    /// What the scheduling loop has done under this member's leaderships.
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            rounds: self.stats.rounds.load(Relaxed),
+            committed: self.stats.committed.load(Relaxed),
+            placed: self.stats.placed.load(Relaxed),
+            refused_at_verify: self.stats.refused_at_verify.load(Relaxed),
+            refused_at_apply: self.stats.refused_at_apply.load(Relaxed),
+        }
+    }
+}
+
+/// An allocation as its master receives it, with its container token.
+pub(crate) fn pb_allocation(
+    state: &ClusterState,
+    a: &Allocation,
+    signer: Option<&TokenSigner>,
+) -> pb::Allocation {
+    pb_allocation_at(&node_address(state, &a.node_id), a, signer)
+}
+
+/// The address of `node`'s agent (empty when unknown).
+pub(crate) fn node_address(state: &ClusterState, node: &str) -> String {
+    state
+        .nodes
+        .get(node)
+        .map(|n| n.address.clone())
+        .unwrap_or_default()
+}
+
+/// [`pb_allocation`] for an agent at `address` (no state needed: callers
+/// sign outside the state's lock).
+pub(crate) fn pb_allocation_at(
+    address: &str,
+    a: &Allocation,
+    signer: Option<&TokenSigner>,
+) -> pb::Allocation {
+    pb::Allocation {
+        container_id: a.container_id.clone(),
+        ask_id: a.ask_id.clone(),
+        node_id: a.node_id.clone(),
+        node_address: address.to_string(),
+        resources: Some(pb::Resources {
+            vcores_milli: a.vcores_milli,
+            memory_bytes: a.memory_bytes,
+            gpus: a.gpus.len() as u32,
+            gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
+            gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
+        }),
+        gpu_indices: match a.gpu_share {
+            Some(sh) => vec![sh.device],
+            None => a.gpus.clone(),
+        },
+        container_token: signer.map(|s| container_token(s, a)).unwrap_or_default(),
+        gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
+        gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
+        ports: a.ports.iter().map(|&p| p as u32).collect(),
+    }
+}
+
+pub(crate) fn gang_key(app: &str, gang: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (app, gang).hash(&mut h);
+    h.finish()
+}
+
+pub(crate) fn labels(expr: &str) -> Vec<(String, String)> {
+    expr.split(',')
+        .filter_map(|kv| kv.trim().split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+pub(crate) fn to_ask(ra: &pb::ResourceAsk, id: u64, queue: usize, user: &str) -> Ask {
+    let r = ra.resources.unwrap_or_default();
+    let mut a = Ask::new(id, queue, r.vcores_milli, r.memory_bytes);
+    a.user = user.to_string();
+    a.priority = ra.priority as i32;
+    a.gpu = if r.gpu_share_milli > 0 {
+        GpuAsk::Share {
+            milli: r.gpu_share_milli,
+            memory: r.gpu_memory_bytes,
+        }
+    } else if r.gpus > 0 {
+        GpuAsk::Whole(r.gpus)
+    } else {
+        GpuAsk::None
+    };
+    a.gpu_model = (!ra.gpu_model.is_empty()).then(|| ra.gpu_model.clone());
+    a.gpu_min_memory = ra.gpu_min_memory_bytes;
+    a.labels = labels(&ra.node_labels);
+    a.ports = ra.ports;
+    a.placement = if ra.placement == pb::PlacementPolicy::Spread as i32 {
+        Placement::Spread
+    } else {
+        Placement::Pack
+    };
+    a
+}

@@ -1,0 +1,191 @@
+//! One scheduling round: the table's asks and the kept view in, the
+//! allocations to propose out (ports numbered against the latest state).
+
+use super::*;
+
+impl Scheduling {
+    /// One round over the table: the allocations to propose and, for each,
+    /// its (app, ask id). None when nothing is placed. The view kept
+    /// from the last round is patched under the state's lock (the nodes
+    /// that changed since); the scheduler runs on a blocking thread with
+    /// no lock held (the raft thread applies meanwhile); ports are then
+    /// numbered against the latest state.
+    pub(super) async fn round(
+        &self,
+        reservations: &mut Reservations,
+        view: &mut crate::view::View,
+        term: u64,
+        counter: &mut u64,
+    ) -> Option<Planned> {
+        let mut input = self.round_input(view)?;
+        let mut held = std::mem::take(reservations);
+        let mut kept = std::mem::take(view);
+        let (out, input, held, kept) = tokio::task::spawn_blocking(move || {
+            let (out, _) =
+                scheduler::schedule_with(kept.cluster(), &mut input.queues, &input.asks, &mut held);
+            (out, input, held, kept)
+        })
+        .await
+        .expect("the scheduler does not panic");
+        *view = kept;
+        let node_ids = view.ids();
+        *reservations = held;
+        if out.is_empty() {
+            return None;
+        }
+        let RoundInput {
+            asks,
+            keys,
+            gangs,
+            busy,
+            ..
+        } = input;
+        let state = self.raft.state();
+        let mut allocations = Vec::with_capacity(out.len());
+        let mut out_keys = Vec::with_capacity(out.len());
+        // Ports taken on each node so far: given to its containers, bound
+        // there by anything, or given earlier in this round.
+        let mut taken: HashMap<usize, BTreeSet<u16>> = HashMap::new();
+        // Gangs a member of which found too few ports (the state moved on
+        // while the round ran): dropped whole, asked again next round.
+        let mut short: HashSet<String> = HashSet::new();
+        for p in out {
+            let i = p.ask as usize;
+            let ports = if asks[i].ports == 0 {
+                Vec::new()
+            } else {
+                let Some(node) = state.nodes.get(&node_ids[p.node]) else {
+                    continue;
+                };
+                let used = taken.entry(p.node).or_insert_with(|| {
+                    let mut u = state.node_use(&node.id).ports;
+                    u.extend(busy.get(&node.id).into_iter().flatten());
+                    u
+                });
+                let free: Vec<u16> = (node.ports.first..=node.ports.last)
+                    .filter(|q| !used.contains(q))
+                    .take(asks[i].ports as usize)
+                    .collect();
+                if free.len() < asks[i].ports as usize {
+                    short.extend(gangs[i].clone());
+                    continue;
+                }
+                used.extend(&free);
+                free
+            };
+            *counter += 1;
+            let (app, ask_id) = keys[i].clone();
+            let share = matches!(asks[i].gpu, GpuAsk::Share { .. });
+            allocations.push(Allocation {
+                container_id: format!("c{term:x}-{counter}"),
+                app_id: app.clone(),
+                node_id: node_ids[p.node].clone(),
+                vcores_milli: asks[i].vcores,
+                memory_bytes: asks[i].memory,
+                gpus: if share {
+                    vec![]
+                } else {
+                    p.gpus.iter().map(|g| g.device as u32).collect()
+                },
+                gpu_share: if share {
+                    p.gpus.first().map(|g| crate::fsm::GpuShare {
+                        device: g.device as u32,
+                        milli: g.milli,
+                        memory_bytes: g.memory,
+                    })
+                } else {
+                    None
+                },
+                ask_id: ask_id.clone(),
+                gang: gangs[i].clone(),
+                ports,
+            });
+            out_keys.push((app, ask_id));
+        }
+        drop(state);
+        if !short.is_empty() {
+            let (a, k): (Vec<Allocation>, Vec<(String, String)>) = allocations
+                .into_iter()
+                .zip(out_keys)
+                .filter(|(a, _)| a.gang.as_ref().is_none_or(|g| !short.contains(g)))
+                .unzip();
+            (allocations, out_keys) = (a, k);
+        }
+        (!allocations.is_empty()).then_some((allocations, out_keys))
+    }
+
+    /// The scheduler's input, taken from the state and the table (locks
+    /// held only here). None when nothing is asked for.
+    pub(super) fn round_input(&self, view: &mut crate::view::View) -> Option<RoundInput> {
+        let state = self.raft.state();
+        let queues = queue_view(&state);
+        let mut t = self.table.lock().expect("table lock");
+        // Asks of applications that ended leave the table with the round
+        // that first sees them ended: nothing is planned for them again.
+        let live = |id: &String| state.apps.get(id).is_some_and(|a| !a.state.is_terminal());
+        t.asks.retain(|id, _| live(id));
+        t.masters.retain(|id, _| live(id));
+        t.undelivered.retain(|id, _| live(id));
+        let mut asks = Vec::new();
+        let mut keys = Vec::new();
+        let mut gangs: Vec<Option<String>> = Vec::new();
+        for (app_id, list) in &t.asks {
+            let Some(app) = state.apps.get(app_id) else {
+                continue;
+            };
+            let Some(q) = queues.index(&app.queue) else {
+                continue;
+            };
+            for (ra, count) in list {
+                for _ in 0..*count {
+                    let mut a = to_ask(ra, asks.len() as u64, q, &app.user);
+                    if !ra.gang_id.is_empty() {
+                        a.gang = Some(gang_key(app_id, &ra.gang_id));
+                    }
+                    a.seq = app.submitted_at_ms;
+                    asks.push(a);
+                    keys.push((app_id.clone(), ra.ask_id.clone()));
+                    gangs
+                        .push((!ra.gang_id.is_empty()).then(|| format!("{app_id}/{}", ra.gang_id)));
+                }
+            }
+        }
+        for (app_id, ra) in &t.masters {
+            let Some(app) = state.apps.get(app_id) else {
+                continue;
+            };
+            let Some(q) = queues.index(&app.queue) else {
+                continue;
+            };
+            let mut a = to_ask(ra, asks.len() as u64, q, &app.user);
+            a.seq = app.submitted_at_ms;
+            asks.push(a);
+            keys.push((app_id.clone(), MASTER_ASK.to_string()));
+            gangs.push(None);
+        }
+        drop(t);
+        if asks.is_empty() {
+            return None;
+        }
+        let busy = self.busy_ports.lock().expect("busy ports lock").clone();
+        view.refresh(&state, &busy);
+        Some(RoundInput {
+            queues,
+            asks,
+            keys,
+            gangs,
+            busy,
+        })
+    }
+}
+
+/// What one scheduling round works on.
+pub(crate) struct RoundInput {
+    queues: Queues,
+    asks: Vec<Ask>,
+    /// Per ask: (app, ask id).
+    keys: Vec<(String, String)>,
+    /// Per ask: its gang key (app/gang id), if in a gang.
+    gangs: Vec<Option<String>>,
+    busy: HashMap<String, BTreeSet<u16>>,
+}

@@ -1,0 +1,400 @@
+//! The ApplicationMasterService: masters register, send their asks and
+//! receive their allocations and completions (Allocate long-polls), and
+//! finish. Answers come from the leader's scheduling table.
+
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+use tracing::debug;
+use weft_proto::v1 as pb;
+
+use crate::error::Error;
+use crate::fsm::{AppState, Command, Completion, ContainerEnd, ContainerPhase, Outcome};
+use crate::scheduler::{self};
+use crate::service::now_ms;
+
+use crate::leader::scheduling::*;
+use crate::view::{cluster_view, queue_view};
+
+/// The ApplicationMasterService.
+pub struct AmService {
+    s: Scheduling,
+}
+
+impl AmService {
+    pub fn new(s: Scheduling) -> Self {
+        AmService { s }
+    }
+
+    /// Checks an application token: signed by this group, for this
+    /// application and (when the call names one) this attempt. Returns the
+    /// attempt the token is for.
+    fn authorize(&self, token: &[u8], app: &str, attempt: u32) -> Result<u32, Status> {
+        let signer = self
+            .s
+            .signer()
+            .ok_or_else(|| Status::unavailable("the resource manager has no token key yet"))?;
+        let body = signer
+            .verify_application(token)
+            .map_err(|e| Status::permission_denied(format!("application_token: {e}")))?;
+        if body.application_id != app {
+            return Err(Status::permission_denied(format!(
+                "application_token: issued for {}, not {app}",
+                body.application_id
+            )));
+        }
+        if attempt != 0 && attempt != body.attempt {
+            return Err(Status::permission_denied(format!(
+                "application_token: issued for attempt {}, not {attempt}",
+                body.attempt
+            )));
+        }
+        self.s
+            .table
+            .lock()
+            .expect("table lock")
+            .last_seen
+            .insert(app.to_string(), std::time::Instant::now());
+        Ok(body.attempt)
+    }
+
+    /// The application, if it is live and `attempt` (when given) is current.
+    fn live_app(&self, id: &str, attempt: u32) -> Result<crate::fsm::App, Status> {
+        let st = self.s.raft.state();
+        match st.apps.get(id) {
+            None => Err(Error::NotFound(format!("application_id: no application {id}")).into()),
+            Some(a) if a.state.is_terminal() => Err(Status::failed_precondition(format!(
+                "application_id: {id} already ended ({:?})",
+                a.state
+            ))),
+            Some(a) if attempt > 0 && attempt < a.attempt => {
+                Err(Status::failed_precondition(format!(
+                    "attempt: {attempt} of {id} was replaced by attempt {}",
+                    a.attempt
+                )))
+            }
+            Some(a) => Ok(a.clone()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::application_master_service_server::ApplicationMasterService for AmService {
+    async fn register_application_master(
+        &self,
+        req: Request<pb::RegisterApplicationMasterRequest>,
+    ) -> Result<Response<pb::RegisterApplicationMasterResponse>, Status> {
+        let mut r = req.into_inner();
+        self.s.raft.ensure_leader()?;
+        r.attempt = self.authorize(&r.application_token, &r.application_id, r.attempt)?;
+        let app = self.live_app(&r.application_id, r.attempt)?;
+        if r.attempt > app.attempt {
+            let keep_containers = weft_spec::JobSpec::parse(&app.spec, &app.spec_format)
+                .map_or(true, |s| s.keep_containers);
+            let started = self
+                .s
+                .raft
+                .propose(Command::AttemptStarted {
+                    app_id: r.application_id.clone(),
+                    attempt: r.attempt,
+                    am_container: None,
+                    keep_containers,
+                    previous_lost: false,
+                    at_ms: now_ms(),
+                })
+                .await?;
+            if let Outcome::Rejected(why) = started {
+                return Err(Status::failed_precondition(why));
+            }
+        }
+        // Work-preserving restart: what earlier attempts left running, and
+        // what they finished.
+        let signer = self.s.signer();
+        let st = self.s.raft.state();
+        let mut resp = pb::RegisterApplicationMasterResponse {
+            max_container: st
+                .nodes
+                .values()
+                .map(|n| (n.vcores_milli, n.memory_bytes))
+                .max()
+                .map(|(v, m)| pb::Resources {
+                    vcores_milli: v,
+                    memory_bytes: m,
+                    ..Default::default()
+                }),
+            ..Default::default()
+        };
+        // Ends already known to the new attempt are not reported again.
+        let mut delivered = Vec::new();
+        for c in st.containers_of(&r.application_id) {
+            if c.alloc.ask_id == MASTER_ASK {
+                continue;
+            }
+            match c.phase {
+                ContainerPhase::Running => {
+                    resp.running_containers
+                        .push(pb_allocation(&st, &c.alloc, signer.as_ref()));
+                }
+                ContainerPhase::Completed
+                    if c.end
+                        .as_ref()
+                        .is_some_and(|e| e.state == ContainerEnd::Succeeded) =>
+                {
+                    delivered.push(c.alloc.container_id.clone());
+                    resp.succeeded_containers
+                        .push(pb_allocation(&st, &c.alloc, None));
+                }
+                _ => {}
+            }
+        }
+        drop(st);
+        let mut t = self.s.table.lock().expect("table lock");
+        t.reported.extend(delivered);
+        drop(t);
+        Ok(Response::new(resp))
+    }
+
+    async fn allocate(
+        &self,
+        req: Request<pb::AllocateRequest>,
+    ) -> Result<Response<pb::AllocateResponse>, Status> {
+        let mut r = req.into_inner();
+        self.s.raft.ensure_leader()?;
+        r.attempt = self.authorize(&r.application_token, &r.application_id, r.attempt)?;
+        let app = self.live_app(&r.application_id, r.attempt)?;
+        // Progress, replicated when it changed.
+        if !r.stages.is_empty() && r.attempt == app.attempt {
+            let stages: Vec<crate::fsm::StageProgress> = r.stages.iter().map(Into::into).collect();
+            if stages != app.stages {
+                // Off the call's path: progress is advisory.
+                let (raft, cmd) = (
+                    self.s.raft.clone(),
+                    Command::ReportProgress {
+                        app_id: r.application_id.clone(),
+                        attempt: r.attempt,
+                        stages,
+                    },
+                );
+                tokio::spawn(async move {
+                    if let Err(e) = raft.propose(cmd).await {
+                        debug!(error = %e, "progress not recorded");
+                    }
+                });
+            }
+        }
+        // Check every ask before taking any.
+        {
+            let state = self.s.raft.state();
+            let (cluster, _) = cluster_view(&state);
+            let queues = queue_view(&state);
+            let q = queues.index(&app.queue).ok_or_else(|| {
+                Status::failed_precondition(format!("queue: {} no longer exists", app.queue))
+            })?;
+            for (i, ra) in r.asks.iter().enumerate() {
+                let res = ra.resources.unwrap_or_default();
+                if res.gpu_share_milli > 1000 || (res.gpu_share_milli > 0 && res.gpus > 0) {
+                    return Err(Error::InvalidArgument {
+                        field: "asks.resources.gpu_share_milli",
+                        reason: format!(
+                            "ask {:?}: a share is of one GPU (1 to 1000 thousandths), not combined with whole gpus",
+                            ra.ask_id
+                        ),
+                    }
+                    .into());
+                }
+                if res.memory_bytes == 0 {
+                    return Err(Error::InvalidArgument {
+                        field: "asks.resources.memory_bytes",
+                        reason: format!("ask {:?} must ask for some memory", ra.ask_id),
+                    }
+                    .into());
+                }
+                // With no node registered yet (a cluster starting), asks wait
+                // for nodes rather than being judged against none.
+                if cluster.nodes.is_empty() {
+                    continue;
+                }
+                scheduler::validate_ask(&cluster.nodes, &queues, &to_ask(ra, 0, q, &app.user))
+                    .map_err(|e| {
+                        Status::invalid_argument(format!("asks[{i}] ({}): {e}", ra.ask_id))
+                    })?;
+            }
+        }
+        // Releases end their containers (the agents stop them at their next heartbeat).
+        if !r.releases.is_empty() {
+            let known: Vec<String> = {
+                let st = self.s.raft.state();
+                r.releases
+                    .iter()
+                    .filter(|id| {
+                        st.containers
+                            .get(*id)
+                            .is_some_and(|c| c.alloc.app_id == r.application_id)
+                    })
+                    .cloned()
+                    .collect()
+            };
+            let completions = known
+                .into_iter()
+                .map(|id| Completion {
+                    container_id: id,
+                    state: ContainerEnd::Killed,
+                    exit_status: weft_proto::exit_codes::USER_REQUESTED,
+                    diagnostic: "released by the application master".into(),
+                })
+                .collect();
+            self.s
+                .raft
+                .propose(Command::ContainersCompleted {
+                    completions,
+                    still_running: true,
+                    at_ms: now_ms(),
+                })
+                .await?;
+        }
+        {
+            let signer = self.s.signer();
+            // Lock order everywhere: the state, then the table.
+            let st = self.s.raft.state();
+            let mut t = self.s.table.lock().expect("table lock");
+            if t.synced.insert(r.application_id.clone()) {
+                let waiting: Vec<pb::Allocation> = st
+                    .containers_of(&r.application_id)
+                    .filter(|c| {
+                        c.phase == ContainerPhase::Allocated && c.alloc.ask_id != MASTER_ASK
+                    })
+                    .map(|c| pb_allocation(&st, &c.alloc, signer.as_ref()))
+                    .collect();
+                let list = t.undelivered.entry(r.application_id.clone()).or_default();
+                for a in waiting {
+                    if !list.iter().any(|x| x.container_id == a.container_id) {
+                        list.push(a);
+                    }
+                }
+            }
+            let undelivered: Vec<String> = t
+                .undelivered
+                .get(&r.application_id)
+                .map(|v| v.iter().map(|a| a.ask_id.clone()).collect())
+                .unwrap_or_default();
+            let list = r
+                .asks
+                .iter()
+                .map(|a| {
+                    let already = undelivered.iter().filter(|x| **x == a.ask_id).count() as u32;
+                    (a.clone(), a.count.saturating_sub(already))
+                })
+                .collect();
+            t.asks.insert(r.application_id.clone(), list);
+        }
+        self.s.wake.notify_one();
+        // Long poll: answer at once when something is waiting, else wait.
+        let wait = Duration::from_millis(r.wait_ms).min(MAX_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.s.delivered.notified();
+            if let Some(resp) = self.take_news(&r.application_id) {
+                return Ok(Response::new(resp));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Response::new(
+                    self.take_news(&r.application_id).unwrap_or_default(),
+                ));
+            }
+        }
+    }
+
+    async fn finish_application_master(
+        &self,
+        req: Request<pb::FinishApplicationMasterRequest>,
+    ) -> Result<Response<pb::FinishApplicationMasterResponse>, Status> {
+        let mut r = req.into_inner();
+        self.s.raft.ensure_leader()?;
+        r.attempt = self.authorize(&r.application_token, &r.application_id, r.attempt)?;
+        {
+            let st = self.s.raft.state();
+            if let Some(a) = st.apps.get(&r.application_id) {
+                if r.attempt > 0 && r.attempt < a.attempt {
+                    return Err(Status::failed_precondition(format!(
+                        "attempt: {} of {} was replaced by attempt {}",
+                        r.attempt, r.application_id, a.attempt
+                    )));
+                }
+            }
+        }
+        let state = match pb::FinalStatus::try_from(r.final_status) {
+            Ok(pb::FinalStatus::Succeeded) => AppState::Succeeded,
+            Ok(pb::FinalStatus::Failed) => AppState::Failed,
+            Ok(pb::FinalStatus::Killed) => AppState::Killed,
+            _ => {
+                return Err(Error::InvalidArgument {
+                    field: "final_status",
+                    reason: "must be SUCCEEDED, FAILED or KILLED".into(),
+                }
+                .into())
+            }
+        };
+        match self
+            .s
+            .raft
+            .propose(Command::ApplicationFinished {
+                app_id: r.application_id.clone(),
+                state,
+                diagnostics: r.diagnostics,
+                stages: r.stages.iter().map(Into::into).collect(),
+                at_ms: now_ms(),
+            })
+            .await?
+        {
+            Outcome::Rejected(why) => Err(Error::NotFound(why).into()),
+            _ => {
+                self.s
+                    .table
+                    .lock()
+                    .expect("table lock")
+                    .asks
+                    .remove(&r.application_id);
+                Ok(Response::new(pb::FinishApplicationMasterResponse {}))
+            }
+        }
+    }
+}
+
+impl AmService {
+    /// New allocations and newly completed containers of `app`, if any.
+    fn take_news(&self, app: &str) -> Option<pb::AllocateResponse> {
+        let state = self.s.raft.state();
+        let mut t = self.s.table.lock().expect("table lock");
+        let allocations = t.undelivered.remove(app).unwrap_or_default();
+        let mut completed = Vec::new();
+        for c in state.containers_of(app) {
+            if c.phase == ContainerPhase::Completed && !t.reported.contains(&c.alloc.container_id) {
+                t.reported.insert(c.alloc.container_id.clone());
+                let end = c.end.clone();
+                completed.push(pb::ContainerStatus {
+                    container_id: c.alloc.container_id.clone(),
+                    state: match end.as_ref().map(|e| e.state) {
+                        Some(ContainerEnd::Succeeded) => pb::ContainerState::Succeeded,
+                        Some(ContainerEnd::Failed) => pb::ContainerState::Failed,
+                        Some(ContainerEnd::Lost) => pb::ContainerState::Lost,
+                        _ => pb::ContainerState::Killed,
+                    } as i32,
+                    exit: end.map(|e| pb::ContainerExit {
+                        exit_status: e.exit_status,
+                        diagnostic: e.diagnostic,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            }
+        }
+        if allocations.is_empty() && completed.is_empty() {
+            return None;
+        }
+        Some(pb::AllocateResponse {
+            allocations,
+            completed,
+            lost_nodes: vec![],
+        })
+    }
+}

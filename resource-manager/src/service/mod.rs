@@ -1,0 +1,144 @@
+//! The gRPC services of a member, one file each: [`client`] (ClientService,
+//! for users), [`tracker`] (ResourceTracker, for node agents) and [`am`]
+//! (ApplicationMasterService, for masters). Writes go through raft and are
+//! answered once committed; followers answer NotLeader with the leader's
+//! address (message and the `weft-leader` metadata), and clients follow it.
+//! The member's raft messages arrive through [`crate::transport`].
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use weft_proto::v1 as pb;
+
+use crate::error::Error;
+use crate::fsm::{App, AppState, NodeState, QueueSpec};
+pub use crate::leader::liveness::{expired_nodes, Liveness};
+use crate::raft_node::RaftHandle;
+
+pub mod am;
+pub mod client;
+pub mod tracker;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Clone)]
+pub struct RmService {
+    pub(crate) raft: RaftHandle,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) node_expiry: Duration,
+    pub(crate) liveness: Arc<Mutex<Liveness>>,
+    /// Queue configuration from this member's config file.
+    pub(crate) queues: Arc<Vec<QueueSpec>>,
+    /// The scheduling loop, poked when containers end or nodes change.
+    pub scheduling: crate::leader::scheduling::Scheduling,
+    /// How long containers of finished applications stay in the state.
+    pub(crate) container_retention: Duration,
+}
+
+impl RmService {
+    pub fn new(
+        raft: RaftHandle,
+        heartbeat_interval: Duration,
+        node_expiry: Duration,
+        queues: Vec<QueueSpec>,
+        masters: Option<crate::config::MastersConfig>,
+    ) -> Self {
+        RmService {
+            heartbeat_interval,
+            node_expiry,
+            liveness: Arc::default(),
+            queues: Arc::new(queues),
+            scheduling: crate::leader::scheduling::Scheduling::new(raft.clone(), masters),
+            raft,
+            container_retention: Duration::from_secs(3600),
+        }
+    }
+
+    pub fn with_container_retention(mut self, d: Duration) -> Self {
+        self.container_retention = d;
+        self
+    }
+
+    /// The raft handle (the leader supervisor watches its role).
+    pub fn raft(&self) -> &RaftHandle {
+        &self.raft
+    }
+
+    /// The public half of the token key (empty until the group has one).
+    pub(crate) fn token_public_key(&self) -> Vec<u8> {
+        self.scheduling
+            .signer()
+            .map(|s| s.public_key().to_vec())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn app_report(
+        &self,
+        st: &crate::fsm::ClusterState,
+        a: &App,
+    ) -> pb::ApplicationReport {
+        pb::ApplicationReport {
+            am_container_id: a.am_container.clone().unwrap_or_default(),
+            am_node_id: a
+                .am_container
+                .as_ref()
+                .and_then(|c| st.containers.get(c))
+                .map(|c| c.alloc.node_id.clone())
+                .unwrap_or_default(),
+            application_id: a.id.clone(),
+            name: a.name.clone(),
+            queue: a.queue.clone(),
+            user: a.user.clone(),
+            state: app_state(a.state) as i32,
+            attempt: a.attempt,
+            progress: if a.state == AppState::Succeeded {
+                1.0
+            } else {
+                let (done, total) = a
+                    .stages
+                    .iter()
+                    .fold((0u32, 0u32), |(d, t), p| (d + p.done, t + p.total));
+                done as f32 / total.max(1) as f32
+            },
+            stages: a.stages.iter().map(Into::into).collect(),
+            diagnostics: a.diagnostics.clone(),
+            submitted_at_ms: a.submitted_at_ms,
+            finished_at_ms: a.finished_at_ms,
+        }
+    }
+
+    pub(crate) async fn get_app(&self, id: &str) -> Result<pb::ApplicationReport, Error> {
+        self.raft.read_barrier().await?;
+        let st = self.raft.state();
+        st.apps
+            .get(id)
+            .map(|a| self.app_report(&st, a))
+            .ok_or_else(|| Error::NotFound(format!("application_id: no application {id}")))
+    }
+}
+
+pub(crate) fn app_state(s: AppState) -> pb::ApplicationState {
+    match s {
+        AppState::Submitted => pb::ApplicationState::Submitted,
+        AppState::Accepted => pb::ApplicationState::Accepted,
+        AppState::Running => pb::ApplicationState::Running,
+        AppState::Succeeded => pb::ApplicationState::Succeeded,
+        AppState::Failed => pb::ApplicationState::Failed,
+        AppState::Killed => pb::ApplicationState::Killed,
+    }
+}
+
+pub(crate) fn node_state(s: NodeState) -> pb::NodeState {
+    match s {
+        NodeState::Running => pb::NodeState::Running,
+        NodeState::Unhealthy => pb::NodeState::Unhealthy,
+        NodeState::Lost => pb::NodeState::Lost,
+        NodeState::Draining => pb::NodeState::Draining,
+        NodeState::Decommissioned => pb::NodeState::Decommissioned,
+    }
+}

@@ -1,0 +1,261 @@
+//! ResourceTracker: node agents register and heartbeat (capacity, container
+//! states, busy ports); answered with what to stop and the token key.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+use weft_proto::v1 as pb;
+
+use crate::error::Error;
+use crate::fsm::{Command, Completion, ContainerEnd, ContainerPhase, Gpu, NodeState, Outcome};
+
+use super::*;
+
+#[tonic::async_trait]
+impl pb::resource_tracker_server::ResourceTracker for RmService {
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        let r = req.into_inner();
+        if r.node_id.is_empty() {
+            return Err(Error::InvalidArgument {
+                field: "node_id",
+                reason: "must not be empty".into(),
+            }
+            .into());
+        }
+        // The group's token key exists before any node can register, so
+        // every registered agent can check container tokens.
+        let signer = self.scheduling.ensure_signer().await?;
+        let ports = match (
+            u16::try_from(r.port_range_first),
+            u16::try_from(r.port_range_last),
+        ) {
+            (Ok(0), Ok(0)) => crate::fsm::PortRange::default(),
+            (Ok(first), Ok(last)) if first > 0 && first <= last => {
+                crate::fsm::PortRange { first, last }
+            }
+            _ => {
+                return Err(Error::InvalidArgument {
+                    field: "port_range_first",
+                    reason: format!(
+                        "{}-{} is not a port range (1-65535, first at most last)",
+                        r.port_range_first, r.port_range_last
+                    ),
+                }
+                .into())
+            }
+        };
+        self.scheduling
+            .note_ports_in_use(&r.node_id, &r.ports_in_use);
+        let cap = r.capacity.unwrap_or_default();
+        let cmd = Command::RegisterNode {
+            node_id: r.node_id.clone(),
+            address: r.container_manager_address,
+            vcores_milli: cap.vcores_milli,
+            memory_bytes: cap.memory_bytes,
+            gpus: cap
+                .gpus
+                .into_iter()
+                .map(|g| Gpu {
+                    index: g.index,
+                    uuid: g.uuid,
+                    model: g.model,
+                    memory_bytes: g.memory_bytes,
+                })
+                .collect(),
+            labels: r.labels.into_iter().collect(),
+            ports,
+            ready: !r.token_public_key.is_empty()
+                && r.token_public_key == signer.public_key().as_slice(),
+            running: r
+                .containers
+                .iter()
+                .filter(|c| {
+                    matches!(
+                        c.state(),
+                        pb::ContainerState::Starting
+                            | pb::ContainerState::Running
+                            | pb::ContainerState::Stopping
+                    )
+                })
+                .map(|c| c.container_id.clone())
+                .collect(),
+            at_ms: now_ms(),
+        };
+        if let Outcome::Rejected(why) = self.raft.propose(cmd).await? {
+            return Err(Status::failed_precondition(why));
+        }
+        self.scheduling.poke();
+        self.liveness
+            .lock()
+            .expect("liveness lock")
+            .last_heartbeat
+            .insert(r.node_id, Instant::now());
+        Ok(Response::new(pb::RegisterNodeResponse {
+            token_public_key: signer.public_key().to_vec(),
+            heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+            leader_address: self
+                .raft
+                .address_of(self.raft.status().id)
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn node_heartbeat(
+        &self,
+        req: Request<pb::NodeHeartbeatRequest>,
+    ) -> Result<Response<pb::NodeHeartbeatResponse>, Status> {
+        // Heartbeats only need to reach the leader, not a linearizable read.
+        self.raft.ensure_leader()?;
+        let r = req.into_inner();
+        // A node declared lost must register again (and report its containers).
+        let (known, unready) = self
+            .raft
+            .state()
+            .nodes
+            .get(&r.node_id)
+            .filter(|n| n.state != NodeState::Lost)
+            .map_or((false, false), |n| (true, !n.ready));
+        // The agent now holds the group's key: the node can be offered work.
+        if unready
+            && !r.token_public_key.is_empty()
+            && r.token_public_key == self.token_public_key()
+        {
+            self.raft
+                .propose(Command::NodeReady {
+                    node_id: r.node_id.clone(),
+                    at_ms: now_ms(),
+                })
+                .await?;
+            self.scheduling.poke();
+        }
+        if known {
+            self.scheduling
+                .note_ports_in_use(&r.node_id, &r.ports_in_use);
+            self.liveness
+                .lock()
+                .expect("liveness lock")
+                .last_heartbeat
+                .insert(r.node_id.clone(), Instant::now());
+        }
+        // Reconcile the agent's containers with the replicated ones.
+        // Ends stored in the replicated state are acknowledged: the agent
+        // stops reporting them.
+        let mut acknowledged = Vec::new();
+        // Containers the RM ended that the agent now reports stopped.
+        let mut stopped = Vec::new();
+        let (launched, completed, to_stop) = if known {
+            let st = self.raft.state();
+            let mut launched = Vec::new();
+            let mut completed = Vec::new();
+            let mut to_stop = Vec::new();
+            for c in &r.containers {
+                let running = matches!(
+                    c.state(),
+                    pb::ContainerState::Starting
+                        | pb::ContainerState::Running
+                        | pb::ContainerState::Stopping
+                );
+                let Some(mine) = st.containers.get(&c.container_id) else {
+                    // Not in the state: an agent can only have started it
+                    // after its grant was committed, so it was pruned (its
+                    // application finished long ago). Nothing may run for it.
+                    if running {
+                        to_stop.push(c.container_id.clone());
+                    } else {
+                        acknowledged.push(c.container_id.clone());
+                    }
+                    continue;
+                };
+                match mine.phase {
+                    ContainerPhase::Completed if running => to_stop.push(c.container_id.clone()),
+                    ContainerPhase::Completed => {
+                        if mine.holding {
+                            stopped.push(c.container_id.clone());
+                        }
+                        acknowledged.push(c.container_id.clone());
+                    }
+                    phase if running => {
+                        if phase == ContainerPhase::Allocated {
+                            launched.push(c.container_id.clone());
+                        }
+                    }
+                    _ => {
+                        let exit = c.exit.clone().unwrap_or_default();
+                        completed.push(Completion {
+                            container_id: c.container_id.clone(),
+                            state: match c.state() {
+                                pb::ContainerState::Succeeded => ContainerEnd::Succeeded,
+                                pb::ContainerState::Failed => ContainerEnd::Failed,
+                                pb::ContainerState::Lost => ContainerEnd::Lost,
+                                _ => ContainerEnd::Killed,
+                            },
+                            exit_status: exit.exit_status,
+                            diagnostic: exit.diagnostic,
+                        });
+                    }
+                }
+            }
+            // Ended by the RM while it may have been starting, and the agent
+            // does not have it: nothing holds its resources any more.
+            let listed: HashSet<&str> = r
+                .containers
+                .iter()
+                .map(|c| c.container_id.as_str())
+                .collect();
+            for c in st.containers_on(&r.node_id) {
+                if c.phase == ContainerPhase::Completed
+                    && c.holding
+                    && !listed.contains(c.alloc.container_id.as_str())
+                {
+                    stopped.push(c.alloc.container_id.clone());
+                }
+            }
+            (launched, completed, to_stop)
+        } else {
+            Default::default()
+        };
+        if !launched.is_empty() {
+            self.raft
+                .propose(Command::ContainersLaunched {
+                    container_ids: launched,
+                    at_ms: now_ms(),
+                })
+                .await?;
+        }
+        if !completed.is_empty() {
+            let ids: Vec<String> = completed.iter().map(|c| c.container_id.clone()).collect();
+            self.raft
+                .propose(Command::ContainersCompleted {
+                    completions: completed,
+                    still_running: false,
+                    at_ms: now_ms(),
+                })
+                .await?;
+            acknowledged.extend(ids);
+            self.scheduling.poke();
+        }
+        if !stopped.is_empty() {
+            self.raft
+                .propose(Command::ContainersStopped {
+                    container_ids: stopped,
+                })
+                .await?;
+            self.scheduling.poke();
+        }
+        Ok(Response::new(pb::NodeHeartbeatResponse {
+            containers_to_stop: to_stop,
+            containers_acknowledged: acknowledged,
+            leader_address: self
+                .raft
+                .address_of(self.raft.status().id)
+                .unwrap_or_default(),
+            heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+            reregister: !known,
+            token_public_key: self.token_public_key(),
+        }))
+    }
+}

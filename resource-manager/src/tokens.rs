@@ -1,0 +1,46 @@
+//! The tokens the leader signs with the group's ed25519 key (the seed is in
+//! the replicated state, set once by the first leader): container tokens,
+//! which an agent checks before it starts a container (what may run, where,
+//! with which resources, until when), and application tokens, which a
+//! master attempt presents on every ApplicationMasterService call. Signing
+//! happens outside every lock (callers copy what they sign first).
+
+use std::time::Duration;
+
+use weft_proto::token::TokenSigner;
+use weft_proto::v1 as pb;
+
+use crate::fsm::Allocation;
+use crate::service::now_ms;
+
+/// How long a container token lets an agent start its container.
+pub const CONTAINER_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
+
+/// The container token an agent needs to start `a`.
+pub fn container_token(signer: &TokenSigner, a: &Allocation) -> Vec<u8> {
+    let now = now_ms();
+    signer.sign_container(&pb::ContainerTokenBody {
+        container_id: a.container_id.clone(),
+        application_id: a.app_id.clone(),
+        node_id: a.node_id.clone(),
+        vcores_milli: a.vcores_milli,
+        memory_bytes: a.memory_bytes,
+        gpu_indices: match a.gpu_share {
+            Some(sh) => vec![sh.device],
+            None => a.gpus.clone(),
+        },
+        gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
+        gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
+        issued_at_ms: now,
+        expires_at_ms: now + CONTAINER_TOKEN_LIFETIME.as_millis() as u64,
+    })
+}
+
+/// An application token for `attempt` of `app`.
+pub fn application_token(signer: &TokenSigner, app: &str, attempt: u32) -> Vec<u8> {
+    signer.sign_application(&pb::ApplicationTokenBody {
+        application_id: app.to_string(),
+        attempt,
+        issued_at_ms: now_ms(),
+    })
+}
