@@ -102,6 +102,45 @@ struct ConfOrigin {
     request: u64,
 }
 
+thread_local! {
+    /// Read guards of the replicated state this thread holds.
+    static STATE_READS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// A read guard of the replicated state ([`RaftHandle::state`]).
+pub struct StateGuard<'a> {
+    guard: std::sync::RwLockReadGuard<'a, ClusterState>,
+}
+
+impl<'a> StateGuard<'a> {
+    fn enter(guard: std::sync::RwLockReadGuard<'a, ClusterState>) -> Self {
+        let held = STATE_READS.with(|n| n.replace(n.get() + 1));
+        if cfg!(debug_assertions) && held > 0 {
+            // Loud in every test: a panic in a request handler would only
+            // fail that request.
+            eprintln!(
+                "resource-manager: bug: the replicated state was read-locked twice on one thread (that deadlocks once the raft thread waits to write):\n{}",
+                std::backtrace::Backtrace::force_capture()
+            );
+            std::process::abort();
+        }
+        StateGuard { guard }
+    }
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = ClusterState;
+    fn deref(&self) -> &ClusterState {
+        &self.guard
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        STATE_READS.with(|n| n.set(n.get().saturating_sub(1)));
+    }
+}
+
 /// Cloneable access to the raft member.
 #[derive(Clone)]
 pub struct RaftHandle {
@@ -169,13 +208,22 @@ impl RaftHandle {
         self.shared.role.subscribe()
     }
 
-    pub fn state(&self) -> std::sync::RwLockReadGuard<'_, ClusterState> {
-        self.shared.state.read().expect("state lock")
+    /// The replicated state, read-locked until the guard drops. Never take
+    /// it twice on one thread (directly, or through a helper that reads the
+    /// state): once the raft thread waits to write, the second read waits
+    /// behind it and the first is never released. Debug builds panic on it.
+    pub fn state(&self) -> StateGuard<'_> {
+        StateGuard::enter(self.shared.state.read().expect("state lock"))
     }
 
     /// A member's address: from the replicated membership, else the config.
     pub fn address_of(&self, id: u64) -> Option<String> {
-        self.state()
+        self.address_in(&self.state(), id)
+    }
+
+    /// [`RaftHandle::address_of`] for a caller already holding the state.
+    pub fn address_in(&self, state: &ClusterState, id: u64) -> Option<String> {
+        state
             .members
             .get(&id)
             .cloned()

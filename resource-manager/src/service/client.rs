@@ -345,7 +345,7 @@ impl pb::client_service_server::ClientService for RmService {
                 .iter()
                 .map(|&id| pb::ClusterMember {
                     id,
-                    address: self.raft.address_of(id).unwrap_or_default(),
+                    address: self.raft.address_in(&st, id).unwrap_or_default(),
                     is_leader: id == s.leader_id,
                 })
                 .collect(),

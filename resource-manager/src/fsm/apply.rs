@@ -1,0 +1,544 @@
+//! Apply: each command changes the state deterministically (no clock, no
+//! randomness: the command carries its time), keeping the derived usage and
+//! indexes in step (O(change)).
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+impl ClusterState {
+    /// Applies one command. Deterministic: the same state and command give the
+    /// same result on every member.
+    pub fn apply(&mut self, cmd: &Command) -> Outcome {
+        match cmd {
+            Command::RegisterNode {
+                node_id,
+                address,
+                vcores_milli,
+                memory_bytes,
+                gpus,
+                labels,
+                running,
+                ready,
+                ports,
+                at_ms,
+            } => {
+                // Containers the agent no longer runs ended while it was away.
+                for id in self.end_containers_on(node_id, running, ContainerEnd::Lost, *at_ms) {
+                    self.note_master_end(&id);
+                }
+                let u = self.node_use(node_id);
+                if u.vcores_milli > *vcores_milli
+                    || u.memory_bytes > *memory_bytes
+                    || u.gpus.iter().any(|&g| g as usize >= gpus.len())
+                {
+                    return Outcome::Rejected(format!(
+                        "capacity: below what the node's running containers use ({} vcores_milli, {} bytes, GPUs {:?})",
+                        u.vcores_milli, u.memory_bytes, u.gpus
+                    ));
+                }
+                let registered_at_ms = self
+                    .nodes
+                    .get(node_id)
+                    .map_or(*at_ms, |n| n.registered_at_ms);
+                self.node_changes.mark(node_id);
+                self.nodes.insert(
+                    node_id.clone(),
+                    Node {
+                        id: node_id.clone(),
+                        address: address.clone(),
+                        vcores_milli: *vcores_milli,
+                        memory_bytes: *memory_bytes,
+                        gpus: gpus.clone(),
+                        labels: labels.clone(),
+                        state: NodeState::Running,
+                        ready: *ready,
+                        ports: *ports,
+                        registered_at_ms,
+                        state_changed_at_ms: *at_ms,
+                    },
+                );
+                Outcome::Done
+            }
+            Command::NodeReady { node_id, at_ms } => match self.nodes.get_mut(node_id) {
+                Some(n) if n.state == NodeState::Lost => Outcome::Rejected(format!(
+                    "node_id: {node_id} is lost: it must register again"
+                )),
+                Some(n) => {
+                    if !n.ready {
+                        n.ready = true;
+                        n.state_changed_at_ms = *at_ms;
+                        self.node_changes.mark(node_id);
+                    }
+                    Outcome::Done
+                }
+                None => Outcome::Rejected(format!("node_id: no node {node_id}")),
+            },
+            Command::SetNodeState {
+                node_id,
+                state,
+                at_ms,
+            } => match self.nodes.get_mut(node_id) {
+                Some(n) => {
+                    if n.state != *state {
+                        n.state = *state;
+                        n.state_changed_at_ms = *at_ms;
+                        self.node_changes.mark(node_id);
+                    }
+                    if *state == NodeState::Lost {
+                        let ended =
+                            self.end_containers_on(node_id, &[], ContainerEnd::NodeLost, *at_ms);
+                        for id in ended {
+                            self.note_master_end(&id);
+                        }
+                    }
+                    Outcome::Done
+                }
+                None => Outcome::Rejected(format!("node_id: no node {node_id}")),
+            },
+            Command::SubmitApplication {
+                request_id,
+                name,
+                queue,
+                user,
+                spec,
+                spec_format,
+                unmanaged,
+                at_ms,
+            } => {
+                if !request_id.is_empty() {
+                    if let Some(id) = self.submissions.get(request_id) {
+                        return Outcome::Submitted { app_id: id.clone() };
+                    }
+                }
+                self.app_seq += 1;
+                let id = format!("app-{:06}", self.app_seq);
+                self.apps.insert(
+                    id.clone(),
+                    App {
+                        id: id.clone(),
+                        name: name.clone(),
+                        queue: queue.clone(),
+                        user: user.clone(),
+                        state: AppState::Submitted,
+                        spec: spec.clone(),
+                        spec_format: spec_format.clone(),
+                        submitted_at_ms: *at_ms,
+                        finished_at_ms: 0,
+                        diagnostics: String::new(),
+                        attempt: 0,
+                        am_container: None,
+                        unmanaged: *unmanaged,
+                        free_attempts: 0,
+                        stages: Vec::new(),
+                    },
+                );
+                if !request_id.is_empty() {
+                    self.submissions.insert(request_id.clone(), id.clone());
+                }
+                Outcome::Submitted { app_id: id }
+            }
+            Command::KillApplication { app_id, at_ms } => match self.apps.get_mut(app_id) {
+                Some(a) if a.state.is_terminal() => Outcome::Done,
+                Some(a) => {
+                    a.state = AppState::Killed;
+                    a.finished_at_ms = *at_ms;
+                    a.diagnostics = "killed on request".into();
+                    self.end_app_containers(app_id, *at_ms, "its application was killed");
+                    Outcome::Done
+                }
+                None => Outcome::Rejected(format!("application_id: no application {app_id}")),
+            },
+            Command::ApplicationAccepted { app_id, .. } => match self.apps.get_mut(app_id) {
+                Some(a) if a.state == AppState::Submitted => {
+                    a.state = AppState::Accepted;
+                    Outcome::Done
+                }
+                Some(a) => Outcome::Rejected(format!(
+                    "application_id: {app_id} is {:?}, not submitted",
+                    a.state
+                )),
+                None => Outcome::Rejected(format!("application_id: no application {app_id}")),
+            },
+            Command::AttemptStarted {
+                app_id,
+                attempt,
+                am_container,
+                keep_containers,
+                previous_lost,
+                ..
+            } => match self.apps.get_mut(app_id) {
+                Some(a) if a.state.is_terminal() => {
+                    Outcome::Rejected(format!("application_id: {app_id} already ended"))
+                }
+                Some(a) if *attempt <= a.attempt => Outcome::Rejected(format!(
+                    "attempt: {attempt} is not after attempt {} of {app_id}",
+                    a.attempt
+                )),
+                Some(a) => {
+                    if *previous_lost && a.attempt > 0 {
+                        a.free_attempts += 1;
+                    }
+                    a.attempt = *attempt;
+                    a.am_container = am_container.clone();
+                    a.state = AppState::Running;
+                    // The previous attempt's running task containers: kept
+                    // for the new attempt to adopt (work-preserving), or
+                    // ended. Ones not known to run yet end either way (the
+                    // new attempt cannot tell whether they were started).
+                    let keep = am_container.clone().unwrap_or_default();
+                    let ids = self.app_containers.get(app_id).cloned().unwrap_or_default();
+                    for id in &ids {
+                        self.touch(id, |c| {
+                            if c.phase != ContainerPhase::Completed
+                                && c.alloc.container_id != keep
+                                && !(*keep_containers
+                                    && c.alloc.ask_id != MASTER_ASK
+                                    && c.phase == ContainerPhase::Running)
+                            {
+                                c.holding = true; // it may run (or be starting) until its agent says not
+                                c.phase = ContainerPhase::Completed;
+                                c.end = Some(Completion {
+                                    container_id: c.alloc.container_id.clone(),
+                                    state: ContainerEnd::Killed,
+                                    exit_status: -105,
+                                    diagnostic: format!(
+                                        "attempt {attempt} replaced the attempt that ran it"
+                                    ),
+                                });
+                            }
+                        });
+                    }
+                    Outcome::Done
+                }
+                None => Outcome::Rejected(format!("application_id: no application {app_id}")),
+            },
+            Command::ApplicationFinished {
+                app_id,
+                state,
+                diagnostics,
+                stages,
+                at_ms,
+            } => {
+                if !state.is_terminal() {
+                    return Outcome::Rejected(format!("state: {state:?} is not a final state"));
+                }
+                match self.apps.get_mut(app_id) {
+                    Some(a) if a.state.is_terminal() => Outcome::Done,
+                    Some(a) => {
+                        a.state = *state;
+                        a.diagnostics = diagnostics.clone();
+                        a.finished_at_ms = *at_ms;
+                        if !stages.is_empty() {
+                            a.stages = stages.clone();
+                        }
+                        self.end_app_containers(app_id, *at_ms, "its application ended");
+                        Outcome::Done
+                    }
+                    None => Outcome::Rejected(format!("application_id: no application {app_id}")),
+                }
+            }
+            Command::ContainersAllocated { allocations, at_ms } => {
+                let verdict = self.verify_plan(allocations);
+                for a in &verdict.accepted {
+                    self.app_containers
+                        .entry(a.app_id.clone())
+                        .or_default()
+                        .insert(a.container_id.clone());
+                    self.node_containers
+                        .entry(a.node_id.clone())
+                        .or_default()
+                        .insert(a.container_id.clone());
+                    self.containers.insert(
+                        a.container_id.clone(),
+                        Container {
+                            alloc: a.clone(),
+                            phase: ContainerPhase::Allocated,
+                            end: None,
+                            allocated_at_ms: *at_ms,
+                            changed_at_ms: *at_ms,
+                            holding: false,
+                        },
+                    );
+                    Self::charge_node(&mut self.usage, &mut self.node_changes, a, true);
+                    Self::charge_queue(&mut self.queue_usage, &self.apps, a, true);
+                }
+                if verdict.refused.is_empty() {
+                    Outcome::Done
+                } else {
+                    Outcome::PartlyApplied {
+                        refused: verdict.refused,
+                    }
+                }
+            }
+            Command::ContainersLaunched {
+                container_ids,
+                at_ms,
+            } => {
+                for id in container_ids {
+                    if let Some(c) = self.containers.get_mut(id) {
+                        if c.phase == ContainerPhase::Allocated {
+                            c.phase = ContainerPhase::Running;
+                            c.changed_at_ms = *at_ms;
+                        }
+                    }
+                }
+                Outcome::Done
+            }
+            Command::ContainersCompleted {
+                completions,
+                still_running,
+                at_ms,
+            } => {
+                for done in completions {
+                    let ended = self.touch(&done.container_id, |c| {
+                        let ends = c.phase != ContainerPhase::Completed;
+                        if ends {
+                            c.holding = *still_running;
+                            c.phase = ContainerPhase::Completed;
+                            c.end = Some(done.clone());
+                            c.changed_at_ms = *at_ms;
+                        }
+                        ends
+                    });
+                    if ended == Some(true) {
+                        self.note_master_end(&done.container_id);
+                    }
+                }
+                Outcome::Done
+            }
+            Command::ReportProgress {
+                app_id,
+                attempt,
+                stages,
+            } => match self.apps.get_mut(app_id) {
+                Some(a) if !a.state.is_terminal() && a.attempt == *attempt => {
+                    a.stages = stages.clone();
+                    Outcome::Done
+                }
+                Some(_) => Outcome::Rejected(format!(
+                    "attempt: {attempt} of {app_id} is not its live attempt"
+                )),
+                None => Outcome::Rejected(format!("application_id: no application {app_id}")),
+            },
+            Command::ContainersStopped { container_ids } => {
+                for id in container_ids {
+                    self.touch(id, |c| {
+                        if c.phase == ContainerPhase::Completed {
+                            c.holding = false;
+                        }
+                    });
+                }
+                Outcome::Done
+            }
+            Command::PruneContainers { finished_before_ms } => {
+                let done: Vec<String> = self
+                    .apps
+                    .values()
+                    .filter(|a| a.state.is_terminal() && a.finished_at_ms < *finished_before_ms)
+                    .map(|a| a.id.clone())
+                    .collect();
+                for app in done {
+                    let Some(ids) = self.app_containers.get_mut(&app) else {
+                        continue;
+                    };
+                    ids.retain(|id| match self.containers.get(id) {
+                        Some(c) if !c.occupies_node() => {
+                            if let Some(on) = self.node_containers.get_mut(&c.alloc.node_id) {
+                                on.remove(id);
+                                if on.is_empty() {
+                                    self.node_containers.remove(&c.alloc.node_id);
+                                }
+                            }
+                            self.containers.remove(id);
+                            false
+                        }
+                        _ => true,
+                    });
+                    if ids.is_empty() {
+                        self.app_containers.remove(&app);
+                    }
+                }
+                Outcome::Done
+            }
+            Command::SetTokenKey { seed_hex } => {
+                if self.token_key.is_none() {
+                    self.token_key = Some(seed_hex.clone());
+                }
+                Outcome::Done
+            }
+            Command::SetQueues { queues } => {
+                let mut names = std::collections::BTreeSet::new();
+                for q in queues {
+                    if q.name != "root" && !q.name.starts_with("root.") {
+                        return Outcome::Rejected(format!(
+                            "queues.name: {:?} must be root or start with \"root.\"",
+                            q.name
+                        ));
+                    }
+                    if !names.insert(q.name.as_str()) {
+                        return Outcome::Rejected(format!("queues.name: {} appears twice", q.name));
+                    }
+                }
+                self.queues = queues.iter().map(|q| (q.name.clone(), q.clone())).collect();
+                Outcome::Done
+            }
+        }
+    }
+
+    /// Changes container `id` with `f`, keeping the derived usage in step
+    /// (O(change)). None when there is no such container.
+    pub(super) fn touch<R>(&mut self, id: &str, f: impl FnOnce(&mut Container) -> R) -> Option<R> {
+        let c = self.containers.get_mut(id)?;
+        let (occupied, active) = (c.occupies_node(), c.phase != ContainerPhase::Completed);
+        let r = f(c);
+        let c = &self.containers[id];
+        let (now_occupied, now_active) = (c.occupies_node(), c.phase != ContainerPhase::Completed);
+        if occupied != now_occupied {
+            Self::charge_node(
+                &mut self.usage,
+                &mut self.node_changes,
+                &c.alloc,
+                now_occupied,
+            );
+        }
+        if active != now_active {
+            Self::charge_queue(&mut self.queue_usage, &self.apps, &c.alloc, now_active);
+        }
+        Some(r)
+    }
+
+    pub(super) fn charge_node(
+        usage: &mut BTreeMap<String, NodeUse>,
+        changes: &mut changes::NodeChanges,
+        a: &Allocation,
+        add: bool,
+    ) {
+        changes.mark(&a.node_id);
+        let u = usage.entry(a.node_id.clone()).or_default();
+        u.charge(a, add);
+        if u.containers == 0 {
+            usage.remove(&a.node_id);
+        }
+    }
+
+    pub(super) fn charge_queue(
+        usage: &mut BTreeMap<String, BTreeMap<String, QueueUse>>,
+        apps: &BTreeMap<String, App>,
+        a: &Allocation,
+        add: bool,
+    ) {
+        let Some(app) = apps.get(&a.app_id) else {
+            return;
+        };
+        let gpu = 1000 * a.gpus.len() as u64 + a.gpu_share.map_or(0, |sh| sh.milli as u64);
+        let users = usage.entry(app.queue.clone()).or_default();
+        let u = users.entry(app.user.clone()).or_default();
+        if add {
+            u.vcores_milli += a.vcores_milli;
+            u.memory_bytes += a.memory_bytes;
+            u.gpu_milli += gpu;
+            u.containers += 1;
+        } else {
+            u.vcores_milli -= a.vcores_milli;
+            u.memory_bytes -= a.memory_bytes;
+            u.gpu_milli -= gpu;
+            u.containers -= 1;
+        }
+        if u.containers == 0 {
+            users.remove(&app.user);
+            if users.is_empty() {
+                usage.remove(&app.queue);
+            }
+        }
+    }
+
+    /// A master that ended through no fault of its own (its node lost or
+    /// unreachable, its agent gone or shutting down) does not use one of
+    /// its application's `max_attempts`.
+    pub(super) fn note_master_end(&mut self, container_id: &str) {
+        let Some(c) = self.containers.get(container_id) else {
+            return;
+        };
+        let Some(end) = &c.end else {
+            return;
+        };
+        let not_its_fault = matches!(end.state, ContainerEnd::NodeLost | ContainerEnd::Lost)
+            || end.exit_status == weft_proto::exit_codes::AGENT_SHUTDOWN;
+        if c.alloc.ask_id != MASTER_ASK || !not_its_fault {
+            return;
+        }
+        if let Some(a) = self.apps.get_mut(&c.alloc.app_id) {
+            if a.am_container.as_deref() == Some(container_id) {
+                a.free_attempts += 1;
+            }
+        }
+    }
+
+    /// Ends every unfinished container of `app_id` (agents stop them at their
+    /// next heartbeat).
+    pub(super) fn end_app_containers(&mut self, app_id: &str, at_ms: u64, why: &str) {
+        let ids = self.app_containers.get(app_id).cloned().unwrap_or_default();
+        for id in &ids {
+            self.touch(id, |c| {
+                if c.phase != ContainerPhase::Completed {
+                    c.holding = true; // it may run (or be starting) until its agent says not
+                    c.phase = ContainerPhase::Completed;
+                    c.changed_at_ms = at_ms;
+                    c.end = Some(Completion {
+                        container_id: c.alloc.container_id.clone(),
+                        state: ContainerEnd::Killed,
+                        exit_status: -105,
+                        diagnostic: why.to_string(),
+                    });
+                }
+            });
+        }
+    }
+
+    /// Ends every unfinished container on `node_id` except those in `keep`.
+    /// Returns the ids of the containers it ended.
+    pub(super) fn end_containers_on(
+        &mut self,
+        node_id: &str,
+        keep: &[String],
+        end: ContainerEnd,
+        at_ms: u64,
+    ) -> Vec<String> {
+        let mut ended = Vec::new();
+        let on = self
+            .node_containers
+            .get(node_id)
+            .cloned()
+            .unwrap_or_default();
+        for id in &on {
+            if keep.contains(id) {
+                continue;
+            }
+            self.touch(id, |c| {
+                // Whatever the RM ended there no longer runs either.
+                c.holding = false;
+                if c.phase != ContainerPhase::Completed {
+                    c.phase = ContainerPhase::Completed;
+                    c.changed_at_ms = at_ms;
+                    c.end = Some(Completion {
+                        container_id: c.alloc.container_id.clone(),
+                        state: end,
+                        exit_status: match end {
+                            ContainerEnd::NodeLost => -100,
+                            _ => -109,
+                        },
+                        diagnostic: match end {
+                            ContainerEnd::NodeLost => {
+                                format!("node {node_id} was lost (no heartbeat)")
+                            }
+                            _ => format!("node {node_id} registered again without it"),
+                        },
+                    });
+                    ended.push(c.alloc.container_id.clone());
+                }
+            });
+        }
+        ended
+    }
+}

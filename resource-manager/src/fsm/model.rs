@@ -1,0 +1,448 @@
+//! The replicated model: nodes, applications, containers, queues, and the
+//! derived usage kept on apply.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+/// A container granted on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub container_id: String,
+    pub app_id: String,
+    pub node_id: String,
+    pub vcores_milli: u64,
+    pub memory_bytes: u64,
+    /// GPU indices on the node, given whole.
+    pub gpus: Vec<u32>,
+    /// A share of one GPU (with a GPU-memory quota), for fractional asks.
+    #[serde(default)]
+    pub gpu_share: Option<GpuShare>,
+    /// The master's ask this allocation answers.
+    #[serde(default)]
+    pub ask_id: String,
+    /// Gang key: the allocations of one gang are granted together or not
+    /// at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<String>,
+    /// Ports of the node given to it (from the node's range).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+}
+
+/// An inclusive range of ports a node hands to containers (`first` 0: none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    /// How many ports it holds.
+    pub fn len(&self) -> u32 {
+        if self.first == 0 || self.last < self.first {
+            0
+        } else {
+            (self.last - self.first) as u32 + 1
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        !self.is_empty() && (self.first..=self.last).contains(&port)
+    }
+}
+
+/// Part of one device: `milli` thousandths of it and `memory_bytes` of its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuShare {
+    pub device: u32,
+    pub milli: u32,
+    pub memory_bytes: u64,
+}
+
+/// How a container ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Completion {
+    pub container_id: String,
+    pub state: ContainerEnd,
+    pub exit_status: i32,
+    pub diagnostic: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerEnd {
+    Succeeded,
+    Failed,
+    Killed,
+    Lost,
+    NodeLost,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerPhase {
+    Allocated,
+    Running,
+    Completed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    pub alloc: Allocation,
+    pub phase: ContainerPhase,
+    pub end: Option<Completion>,
+    pub allocated_at_ms: u64,
+    pub changed_at_ms: u64,
+    /// Ended in the state by the RM while its process ran: it holds its
+    /// node's resources until the agent reports it stopped (or the node is
+    /// lost, or registers again without it).
+    #[serde(default)]
+    pub holding: bool,
+}
+
+impl Container {
+    /// Whether it counts against its node's resources.
+    pub fn occupies_node(&self) -> bool {
+        self.phase != ContainerPhase::Completed || self.holding
+    }
+}
+
+/// A queue's configuration (the scheduler reads it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSpec {
+    /// Dotted path, e.g. `root.research.vision`.
+    pub name: String,
+    pub guaranteed_vcores_milli: u64,
+    pub guaranteed_memory_bytes: u64,
+    pub guaranteed_gpus: u32,
+    /// 0 = no maximum.
+    pub max_vcores_milli: u64,
+    pub max_memory_bytes: u64,
+    pub max_gpus: u32,
+    pub weight: u32,
+    /// Users allowed to submit; empty = everyone.
+    pub submit_acl: Vec<String>,
+    /// Most one user may use in the queue; 0 = no limit.
+    #[serde(default)]
+    pub user_limit_vcores_milli: u64,
+    #[serde(default)]
+    pub user_limit_memory_bytes: u64,
+    #[serde(default)]
+    pub user_limit_gpus: u32,
+}
+
+impl QueueSpec {
+    /// A queue with no guarantee, no maximum, no limits, weight 1, open to
+    /// everyone.
+    pub fn named(name: &str) -> QueueSpec {
+        QueueSpec {
+            name: name.to_string(),
+            guaranteed_vcores_milli: 0,
+            guaranteed_memory_bytes: 0,
+            guaranteed_gpus: 0,
+            max_vcores_milli: 0,
+            max_memory_bytes: 0,
+            max_gpus: 0,
+            weight: 1,
+            submit_acl: vec![],
+            user_limit_vcores_milli: 0,
+            user_limit_memory_bytes: 0,
+            user_limit_gpus: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gpu {
+    pub index: u32,
+    pub uuid: String,
+    pub model: String,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    Running,
+    Unhealthy,
+    Lost,
+    Draining,
+    Decommissioned,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: String,
+    pub address: String,
+    pub vcores_milli: u64,
+    pub memory_bytes: u64,
+    pub gpus: Vec<Gpu>,
+    pub labels: BTreeMap<String, String>,
+    pub state: NodeState,
+    /// Its agent can start work (it holds the group's token key): only a
+    /// ready node is offered work.
+    #[serde(default)]
+    pub ready: bool,
+    /// Ports it hands to containers.
+    #[serde(default)]
+    pub ports: PortRange,
+    pub registered_at_ms: u64,
+    pub state_changed_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppState {
+    Submitted,
+    Accepted,
+    Running,
+    Succeeded,
+    Failed,
+    Killed,
+}
+
+impl AppState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            AppState::Succeeded | AppState::Failed | AppState::Killed
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct App {
+    pub id: String,
+    pub name: String,
+    pub queue: String,
+    pub user: String,
+    pub state: AppState,
+    pub spec: String,
+    pub spec_format: String,
+    pub submitted_at_ms: u64,
+    pub finished_at_ms: u64,
+    pub diagnostics: String,
+    #[serde(default)]
+    pub attempt: u32,
+    #[serde(default)]
+    pub am_container: Option<String>,
+    /// The submitter runs the master itself: the RM launches none.
+    #[serde(default)]
+    pub unmanaged: bool,
+    /// Attempts whose master ended through no fault of its own (its node
+    /// was lost): they do not count against `max_attempts`.
+    #[serde(default)]
+    pub free_attempts: u32,
+    /// Latest per-stage progress from the master.
+    #[serde(default)]
+    pub stages: Vec<StageProgress>,
+}
+
+/// Tasks done out of the total of one stage.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageProgress {
+    pub name: String,
+    pub done: u32,
+    pub total: u32,
+    #[serde(default)]
+    pub running: u32,
+    #[serde(default)]
+    pub failed: u32,
+}
+
+impl From<&weft_proto::v1::StageProgress> for StageProgress {
+    fn from(p: &weft_proto::v1::StageProgress) -> Self {
+        StageProgress {
+            name: p.name.clone(),
+            done: p.done,
+            total: p.total,
+            running: p.running,
+            failed: p.failed,
+        }
+    }
+}
+
+impl From<&StageProgress> for weft_proto::v1::StageProgress {
+    fn from(p: &StageProgress) -> Self {
+        weft_proto::v1::StageProgress {
+            name: p.name.clone(),
+            done: p.done,
+            total: p.total,
+            running: p.running,
+            failed: p.failed,
+        }
+    }
+}
+
+/// The whole replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<String, Node>,
+    pub apps: BTreeMap<String, App>,
+    /// Number of the last application id handed out.
+    pub app_seq: u64,
+    /// Submission request id -> application id, for idempotent retries.
+    pub submissions: BTreeMap<String, String>,
+    /// RM group members: raft id -> address. Changed only by applied conf
+    /// changes, and carried in snapshots so a new member learns everyone.
+    #[serde(default)]
+    pub members: BTreeMap<u64, String>,
+    /// Every container granted, running or ended: an id is never granted twice.
+    #[serde(default)]
+    pub containers: BTreeMap<String, Container>,
+    #[serde(default)]
+    pub queues: BTreeMap<String, QueueSpec>,
+    /// Seed (hex) of the ed25519 key tokens are signed with; set once by the
+    /// first leader.
+    #[serde(default)]
+    pub token_key: Option<String>,
+    /// Derived index: application id -> its containers' ids (not stored;
+    /// rebuilt from `containers` when a snapshot is read).
+    #[serde(skip)]
+    pub app_containers: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Derived index: node id -> its containers' ids (not stored; rebuilt
+    /// like `app_containers`), so per-node work costs that node's share.
+    #[serde(skip)]
+    pub node_containers: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Derived: node id -> what its containers that occupy it use, kept on
+    /// apply (O(change)); `check_invariants` recomputes it from scratch.
+    #[serde(skip)]
+    pub usage: BTreeMap<String, NodeUse>,
+    /// Derived: queue -> user -> what their unfinished containers use, kept
+    /// like `usage`.
+    #[serde(skip)]
+    pub queue_usage: BTreeMap<String, BTreeMap<String, QueueUse>>,
+    /// Derived: which nodes changed, in apply order (see [`changes`]).
+    #[serde(skip)]
+    pub node_changes: changes::NodeChanges,
+}
+
+/// What one user's unfinished containers in one queue use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueUse {
+    pub vcores_milli: u64,
+    pub memory_bytes: u64,
+    /// Thousandths of a GPU (a whole one counts 1000).
+    pub gpu_milli: u64,
+    pub containers: u32,
+}
+
+/// Resources in use on a node by its containers that have not ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeUse {
+    pub vcores_milli: u64,
+    pub memory_bytes: u64,
+    /// Devices given whole.
+    pub gpus: Vec<u32>,
+    /// Shares given: device -> (thousandths, memory).
+    pub shares: BTreeMap<u32, (u32, u64)>,
+    pub containers: u32,
+    /// Ports given.
+    pub ports: std::collections::BTreeSet<u16>,
+}
+
+impl NodeUse {
+    /// Adds (`add`) or takes away what `a` uses. Whole GPUs stay
+    /// sorted, and empty shares are dropped, so equal use compares equal.
+    pub(super) fn charge(&mut self, a: &Allocation, add: bool) {
+        if add {
+            self.vcores_milli += a.vcores_milli;
+            self.memory_bytes += a.memory_bytes;
+            for &g in &a.gpus {
+                let at = self.gpus.partition_point(|&x| x <= g);
+                self.gpus.insert(at, g);
+            }
+            if let Some(sh) = a.gpu_share {
+                let e = self.shares.entry(sh.device).or_insert((0, 0));
+                e.0 += sh.milli;
+                e.1 += sh.memory_bytes;
+            }
+            self.containers += 1;
+            self.ports.extend(&a.ports);
+        } else {
+            self.vcores_milli -= a.vcores_milli;
+            self.memory_bytes -= a.memory_bytes;
+            for g in &a.gpus {
+                let at = self
+                    .gpus
+                    .iter()
+                    .position(|x| x == g)
+                    .expect("a charged GPU is in the use");
+                self.gpus.remove(at);
+            }
+            if let Some(sh) = a.gpu_share {
+                let e = self
+                    .shares
+                    .get_mut(&sh.device)
+                    .expect("a charged share is in the use");
+                e.0 -= sh.milli;
+                e.1 -= sh.memory_bytes;
+                if *e == (0, 0) {
+                    self.shares.remove(&sh.device);
+                }
+            }
+            self.containers -= 1;
+            for p in &a.ports {
+                self.ports.remove(p);
+            }
+        }
+    }
+
+    /// GPU use in thousandths of a device (whole devices count 1000).
+    pub fn gpu_milli(&self) -> u64 {
+        1000 * self.gpus.len() as u64 + self.shares.values().map(|s| s.0 as u64).sum::<u64>()
+    }
+
+    /// Adds a share; false when the device cannot take it (given whole, or
+    /// its thousandths or memory would run over).
+    pub(super) fn take_share(&mut self, s: &GpuShare, device_memory: u64) -> bool {
+        if self.gpus.contains(&s.device) {
+            return false;
+        }
+        let e = self.shares.entry(s.device).or_insert((0, 0));
+        if e.0 + s.milli > 1000 || e.1 + s.memory_bytes > device_memory {
+            return false;
+        }
+        e.0 += s.milli;
+        e.1 += s.memory_bytes;
+        true
+    }
+}
+
+/// Queries.
+impl ClusterState {
+    /// What the containers that occupy `node_id` use (kept on apply).
+    pub fn node_use(&self, node_id: &str) -> NodeUse {
+        self.usage.get(node_id).cloned().unwrap_or_default()
+    }
+
+    /// [`ClusterState::node_use`] without a copy (None: nothing in use).
+    pub fn node_use_ref(&self, node_id: &str) -> Option<&NodeUse> {
+        self.usage.get(node_id)
+    }
+
+    /// The containers granted on `node_id` that the state still holds.
+    pub fn containers_on<'a>(&'a self, node_id: &str) -> impl Iterator<Item = &'a Container> + 'a {
+        self.node_containers
+            .get(node_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.containers.get(id))
+    }
+
+    /// The containers of `app_id`, granted under any attempt.
+    pub fn containers_of<'a>(&'a self, app_id: &str) -> impl Iterator<Item = &'a Container> + 'a {
+        self.app_containers
+            .get(app_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.containers.get(id))
+    }
+}

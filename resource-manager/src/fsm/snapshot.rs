@@ -1,0 +1,43 @@
+//! Snapshots: the stored part of the state in JSON; the derived indexes and
+//! usage are rebuilt when one is read.
+
+use super::*;
+
+impl ClusterState {
+    pub fn to_snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("state serialises")
+    }
+
+    pub fn from_snapshot(bytes: &[u8]) -> Result<Self, String> {
+        let mut s: ClusterState = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        s.rebuild_derived();
+        Ok(s)
+    }
+
+    /// Rebuilds every derived index and usage from `containers` (after a
+    /// snapshot is read).
+    pub(super) fn rebuild_derived(&mut self) {
+        self.app_containers.clear();
+        self.node_containers.clear();
+        self.usage.clear();
+        self.queue_usage.clear();
+        // Readers of the old log rebuild.
+        self.node_changes = changes::NodeChanges::default();
+        for c in self.containers.values() {
+            self.app_containers
+                .entry(c.alloc.app_id.clone())
+                .or_default()
+                .insert(c.alloc.container_id.clone());
+            self.node_containers
+                .entry(c.alloc.node_id.clone())
+                .or_default()
+                .insert(c.alloc.container_id.clone());
+            if c.occupies_node() {
+                Self::charge_node(&mut self.usage, &mut self.node_changes, &c.alloc, true);
+            }
+            if c.phase != ContainerPhase::Completed {
+                Self::charge_queue(&mut self.queue_usage, &self.apps, &c.alloc, true);
+            }
+        }
+    }
+}

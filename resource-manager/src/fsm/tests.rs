@@ -1,0 +1,765 @@
+//! Apply, snapshot and invariant tests of the state machine.
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+pub(super) fn submit(req: &str, at: u64) -> Command {
+    Command::SubmitApplication {
+        request_id: req.into(),
+        name: "n".into(),
+        queue: "root".into(),
+        user: "u".into(),
+        spec: "s".into(),
+        spec_format: "yaml".into(),
+        unmanaged: false,
+        at_ms: at,
+    }
+}
+
+#[test]
+fn submissions_get_sequential_ids_and_retries_are_idempotent() {
+    let mut s = ClusterState::default();
+    assert_eq!(
+        s.apply(&submit("r1", 10)),
+        Outcome::Submitted {
+            app_id: "app-000001".into()
+        }
+    );
+    assert_eq!(
+        s.apply(&submit("r2", 11)),
+        Outcome::Submitted {
+            app_id: "app-000002".into()
+        }
+    );
+    assert_eq!(
+        s.apply(&submit("r1", 12)),
+        Outcome::Submitted {
+            app_id: "app-000001".into()
+        }
+    );
+    assert_eq!(s.apps.len(), 2);
+    assert_eq!(
+        s.apply(&submit("", 13)),
+        Outcome::Submitted {
+            app_id: "app-000003".into()
+        }
+    );
+}
+
+#[test]
+fn apply_is_deterministic_and_snapshots_round_trip() {
+    let cmds = [
+        submit("a", 1),
+        Command::RegisterNode {
+            node_id: "n1".into(),
+            address: "h:1".into(),
+            vcores_milli: 4000,
+            memory_bytes: 1 << 30,
+            gpus: vec![],
+            labels: BTreeMap::new(),
+            running: vec![],
+            ready: false,
+            ports: PortRange::default(),
+            at_ms: 2,
+        },
+        Command::NodeReady {
+            node_id: "n1".into(),
+            at_ms: 2,
+        },
+        Command::KillApplication {
+            app_id: "app-000001".into(),
+            at_ms: 3,
+        },
+        Command::SetNodeState {
+            node_id: "n1".into(),
+            state: NodeState::Draining,
+            at_ms: 4,
+        },
+        Command::KillApplication {
+            app_id: "app-999999".into(),
+            at_ms: 5,
+        },
+    ];
+    let (mut a, mut b) = (ClusterState::default(), ClusterState::default());
+    let ra: Vec<Outcome> = cmds.iter().map(|c| a.apply(c)).collect();
+    let rb: Vec<Outcome> = cmds.iter().map(|c| b.apply(c)).collect();
+    assert_eq!(a, b);
+    assert_eq!(ra, rb);
+    assert_eq!(
+        ra[5],
+        Outcome::Rejected("application_id: no application app-999999".into())
+    );
+    assert_eq!(a.apps["app-000001"].state, AppState::Killed);
+    assert_eq!(a.nodes["n1"].state, NodeState::Draining);
+    assert!(a.nodes["n1"].ready);
+    assert_eq!(ClusterState::from_snapshot(&a.to_snapshot()).unwrap(), a);
+}
+
+pub(super) fn node(id: &str, vcores: u64, mem: u64, gpus: u32) -> Command {
+    Command::RegisterNode {
+        node_id: id.into(),
+        address: format!("{id}:7200"),
+        vcores_milli: vcores,
+        memory_bytes: mem,
+        gpus: (0..gpus)
+            .map(|i| Gpu {
+                index: i,
+                uuid: format!("GPU-{id}-{i}"),
+                model: "H100".into(),
+                memory_bytes: 80 << 30,
+            })
+            .collect(),
+        labels: BTreeMap::new(),
+        running: vec![],
+        ready: true,
+        ports: PortRange {
+            first: 20000,
+            last: 20009,
+        },
+        at_ms: 0,
+    }
+}
+
+pub(super) fn alloc(
+    id: &str,
+    app: &str,
+    node: &str,
+    vcores: u64,
+    mem: u64,
+    gpus: &[u32],
+) -> Allocation {
+    Allocation {
+        container_id: id.into(),
+        app_id: app.into(),
+        node_id: node.into(),
+        vcores_milli: vcores,
+        memory_bytes: mem,
+        gpus: gpus.to_vec(),
+        gpu_share: None,
+        ask_id: String::new(),
+        gang: None,
+        ports: vec![],
+    }
+}
+
+fn share(id: &str, device: u32, milli: u32, mem: u64) -> Allocation {
+    Allocation {
+        gpu_share: Some(GpuShare {
+            device,
+            milli,
+            memory_bytes: mem,
+        }),
+        ..alloc(id, "app-000001", "n1", 100, 1 << 20, &[])
+    }
+}
+
+#[test]
+fn gpu_shares_add_up_per_device() {
+    let mut s = ClusterState::default();
+    s.apply(&node("n1", 4000, 8 << 30, 2)); // two 80 GiB GPUs
+    s.apply(&submit("r", 1));
+    assert_eq!(
+        allocate(
+            &mut s,
+            vec![share("s1", 0, 500, 40 << 30), share("s2", 0, 250, 20 << 30)]
+        ),
+        Outcome::Done
+    );
+    assert_eq!(s.node_use("n1").gpu_milli(), 750);
+    // Over the device's thousandths, or its memory: refused.
+    assert!(matches!(
+        allocate(&mut s, vec![share("s3", 0, 500, 1 << 30)]),
+        Outcome::PartlyApplied { .. }
+    ));
+    assert!(matches!(
+        allocate(&mut s, vec![share("s4", 0, 100, 30 << 30)]),
+        Outcome::PartlyApplied { .. }
+    ));
+    // A shared device cannot be given whole; a whole one cannot be shared.
+    assert!(matches!(
+        allocate(
+            &mut s,
+            vec![alloc("w1", "app-000001", "n1", 100, 1 << 20, &[0])]
+        ),
+        Outcome::PartlyApplied { .. }
+    ));
+    assert_eq!(
+        allocate(
+            &mut s,
+            vec![alloc("w2", "app-000001", "n1", 100, 1 << 20, &[1])]
+        ),
+        Outcome::Done
+    );
+    assert!(matches!(
+        allocate(&mut s, vec![share("s5", 1, 100, 1 << 20)]),
+        Outcome::PartlyApplied { .. }
+    ));
+    assert_eq!(
+        allocate(&mut s, vec![share("s6", 0, 250, 20 << 30)]),
+        Outcome::Done
+    );
+    s.check_invariants().unwrap();
+}
+
+fn allocate(s: &mut ClusterState, a: Vec<Allocation>) -> Outcome {
+    s.apply(&Command::ContainersAllocated {
+        allocations: a,
+        at_ms: 1,
+    })
+}
+
+#[test]
+fn allocations_are_verified_against_current_state() {
+    let mut s = ClusterState::default();
+    s.apply(&node("n1", 4000, 8 << 30, 2));
+    s.apply(&submit("r", 1));
+    assert_eq!(
+        allocate(
+            &mut s,
+            vec![alloc("c1", "app-000001", "n1", 2000, 4 << 30, &[0])]
+        ),
+        Outcome::Done
+    );
+    // Over-commit within one round: what no longer fits is refused, the
+    // rest is granted.
+    let r = allocate(
+        &mut s,
+        vec![
+            alloc("c2", "app-000001", "n1", 1000, 1 << 30, &[]),
+            alloc("c3", "app-000001", "n1", 2000, 1 << 30, &[]),
+        ],
+    );
+    assert_eq!(
+        r,
+        Outcome::PartlyApplied {
+            refused: vec![Refusal {
+                container_id: "c3".into(),
+                reason: "node_id: n1 would be over-committed".into()
+            }]
+        }
+    );
+    assert!(s.containers.contains_key("c2") && !s.containers.contains_key("c3"));
+    let refused = |o: Outcome| match o {
+        Outcome::PartlyApplied { refused } if refused.len() == 1 => refused[0].reason.clone(),
+        o => panic!("not one refusal: {o:?}"),
+    };
+    assert_eq!(
+        refused(allocate(
+            &mut s,
+            vec![alloc("c4", "app-000001", "n1", 100, 1 << 20, &[0])]
+        )),
+        "gpus: GPU 0 of node n1 is already given"
+    );
+    assert_eq!(
+        refused(allocate(
+            &mut s,
+            vec![alloc("c1", "app-000001", "n1", 1, 1, &[])]
+        )),
+        "container_id: c1 was already granted"
+    );
+    assert_eq!(
+        refused(allocate(
+            &mut s,
+            vec![alloc("c5", "app-000009", "n1", 1, 1, &[])]
+        )),
+        "app_id: no application app-000009"
+    );
+    s.apply(&Command::ContainersCompleted {
+        completions: vec![Completion {
+            container_id: "c2".into(),
+            state: ContainerEnd::Succeeded,
+            exit_status: 0,
+            diagnostic: String::new(),
+        }],
+        still_running: false,
+        at_ms: 2,
+    });
+    // Completion frees the resources; the id stays taken.
+    s.apply(&Command::ContainersCompleted {
+        completions: vec![Completion {
+            container_id: "c1".into(),
+            state: ContainerEnd::Succeeded,
+            exit_status: 0,
+            diagnostic: String::new(),
+        }],
+        still_running: false,
+        at_ms: 2,
+    });
+    assert_eq!(s.node_use("n1"), NodeUse::default());
+    assert_eq!(
+        allocate(
+            &mut s,
+            vec![alloc("c6", "app-000001", "n1", 4000, 8 << 30, &[0, 1])]
+        ),
+        Outcome::Done
+    );
+    assert_eq!(
+        refused(allocate(
+            &mut s,
+            vec![alloc("c1", "app-000001", "n1", 1, 1, &[])]
+        )),
+        "container_id: c1 was already granted"
+    );
+    // A lost node's containers end as NodeLost and free the node.
+    s.apply(&Command::SetNodeState {
+        node_id: "n1".into(),
+        state: NodeState::Lost,
+        at_ms: 3,
+    });
+    assert_eq!(
+        s.containers["c6"].end.as_ref().unwrap().state,
+        ContainerEnd::NodeLost
+    );
+    assert_eq!(
+        refused(allocate(
+            &mut s,
+            vec![alloc("c7", "app-000001", "n1", 1, 1, &[])]
+        )),
+        "node_id: n1 is Lost, not running"
+    );
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn application_life_cycle() {
+    let mut s = ClusterState::default();
+    s.apply(&submit("r", 1));
+    let id = "app-000001".to_string();
+    assert_eq!(
+        s.apply(&Command::ApplicationAccepted {
+            app_id: id.clone(),
+            at_ms: 2
+        }),
+        Outcome::Done
+    );
+    let start = |attempt| Command::AttemptStarted {
+        app_id: id.clone(),
+        attempt,
+        am_container: Some(format!("am-{attempt}")),
+        keep_containers: false,
+        previous_lost: false,
+        at_ms: 3,
+    };
+    assert_eq!(s.apply(&start(1)), Outcome::Done);
+    assert_eq!(s.apps[&id].state, AppState::Running);
+    assert!(
+        matches!(s.apply(&start(1)), Outcome::Rejected(_)),
+        "attempts only move forward"
+    );
+    assert_eq!(s.apply(&start(2)), Outcome::Done);
+    assert_eq!(s.apps[&id].am_container.as_deref(), Some("am-2"));
+    let finish = |state| Command::ApplicationFinished {
+        app_id: id.clone(),
+        state,
+        diagnostics: "task t3 over its memory quota".into(),
+        stages: vec![],
+        at_ms: 9,
+    };
+    assert!(matches!(
+        s.apply(&finish(AppState::Running)),
+        Outcome::Rejected(_)
+    ));
+    assert_eq!(s.apply(&finish(AppState::Failed)), Outcome::Done);
+    assert_eq!(s.apps[&id].state, AppState::Failed);
+    assert_eq!(s.apps[&id].finished_at_ms, 9);
+    // Final is final.
+    s.apply(&finish(AppState::Succeeded));
+    assert_eq!(s.apps[&id].state, AppState::Failed);
+    assert!(matches!(s.apply(&start(3)), Outcome::Rejected(_)));
+}
+
+#[test]
+fn a_new_attempt_keeps_or_ends_the_previous_attempts_tasks() {
+    for keep in [true, false] {
+        let mut s = ClusterState::default();
+        s.apply(&node("n1", 8000, 8 << 30, 0));
+        s.apply(&submit("r", 1));
+        let id = "app-000001";
+        let mut am = alloc("am-1", id, "n1", 500, 1 << 20, &[]);
+        am.ask_id = MASTER_ASK.into();
+        let mut task = alloc("t-1", id, "n1", 500, 1 << 20, &[]);
+        task.ask_id = "work/0".into();
+        let mut idle = alloc("t-2", id, "n1", 500, 1 << 20, &[]);
+        idle.ask_id = "work/1".into();
+        assert_eq!(allocate(&mut s, vec![am, task, idle]), Outcome::Done);
+        s.apply(&Command::ContainersLaunched {
+            container_ids: vec!["am-1".into(), "t-1".into()],
+            at_ms: 2,
+        });
+        let start = |attempt: u32, am: &str| Command::AttemptStarted {
+            app_id: id.into(),
+            attempt,
+            am_container: Some(am.into()),
+            keep_containers: keep,
+            previous_lost: false,
+            at_ms: 3,
+        };
+        assert_eq!(s.apply(&start(1, "am-1")), Outcome::Done);
+        // Attempt 1's master dies; attempt 2 starts in a new container.
+        s.apply(&Command::ContainersCompleted {
+            completions: vec![Completion {
+                container_id: "am-1".into(),
+                state: ContainerEnd::Failed,
+                exit_status: 1,
+                diagnostic: "crashed".into(),
+            }],
+            still_running: false,
+            at_ms: 4,
+        });
+        let mut am2 = alloc("am-2", id, "n1", 500, 1 << 20, &[]);
+        am2.ask_id = MASTER_ASK.into();
+        assert_eq!(allocate(&mut s, vec![am2]), Outcome::Done);
+        assert_eq!(s.apply(&start(2, "am-2")), Outcome::Done);
+        assert_eq!(
+            s.containers["t-1"].phase != ContainerPhase::Completed,
+            keep,
+            "keep_containers={keep}"
+        );
+        assert_eq!(
+            s.containers["t-2"].phase,
+            ContainerPhase::Completed,
+            "never known to run: ended"
+        );
+        assert_eq!(s.containers["am-2"].phase, ContainerPhase::Allocated);
+        s.check_invariants().unwrap();
+    }
+}
+
+#[test]
+fn a_container_the_rm_ended_holds_its_node_until_the_agent_stops_it() {
+    let mut s = ClusterState::default();
+    s.apply(&node("n1", 1000, 1 << 30, 0));
+    s.apply(&submit("r", 1));
+    let id = "app-000001";
+    let a = |c: &str| alloc(c, id, "n1", 500, 1 << 20, &[]);
+    assert_eq!(allocate(&mut s, vec![a("run"), a("idle")]), Outcome::Done);
+    s.apply(&Command::ContainersLaunched {
+        container_ids: vec!["run".into()],
+        at_ms: 2,
+    });
+    let release = |c: &str| Command::ContainersCompleted {
+        completions: vec![Completion {
+            container_id: c.into(),
+            state: ContainerEnd::Killed,
+            exit_status: -105,
+            diagnostic: "released".into(),
+        }],
+        still_running: true,
+        at_ms: 3,
+    };
+    // Released: both hold their shares until the agent reports them
+    // stopped (or reports not having the one never known to run: it may
+    // have been starting).
+    s.apply(&release("idle"));
+    s.apply(&release("run"));
+    assert_eq!(s.node_use("n1").vcores_milli, 1000);
+    s.apply(&Command::ContainersStopped {
+        container_ids: vec!["idle".into()],
+    });
+    assert_eq!(s.node_use("n1").vcores_milli, 500);
+    // Room for one more, not two: the second is refused, the first granted.
+    assert!(matches!(
+        allocate(&mut s, vec![a("x"), a("y")]),
+        Outcome::PartlyApplied { refused } if refused.len() == 1 && refused[0].container_id == "y"
+    ));
+    s.apply(&release("x"));
+    s.apply(&Command::ContainersStopped {
+        container_ids: vec!["run".into(), "x".into()],
+    });
+    assert_eq!(s.node_use("n1").vcores_milli, 0);
+    // Ended with its application while running: held until the node is
+    // lost (or the agent reports it stopped).
+    assert_eq!(allocate(&mut s, vec![a("z")]), Outcome::Done);
+    s.apply(&Command::ContainersLaunched {
+        container_ids: vec!["z".into()],
+        at_ms: 4,
+    });
+    s.apply(&Command::KillApplication {
+        app_id: id.into(),
+        at_ms: 5,
+    });
+    assert!(s.containers["z"].holding);
+    assert_eq!(s.node_use("n1").vcores_milli, 500);
+    s.apply(&Command::SetNodeState {
+        node_id: "n1".into(),
+        state: NodeState::Lost,
+        at_ms: 6,
+    });
+    assert_eq!(s.node_use("n1").vcores_milli, 0);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn containers_of_long_finished_applications_are_pruned() {
+    let mut s = ClusterState::default();
+    s.apply(&node("n1", 8000, 8 << 30, 0));
+    s.apply(&submit("a", 1));
+    s.apply(&submit("b", 1));
+    let (a, b) = ("app-000001", "app-000002");
+    let c = |id: &str, app: &str| alloc(id, app, "n1", 500, 1 << 20, &[]);
+    assert_eq!(
+        allocate(&mut s, vec![c("a1", a), c("a2", a), c("b1", b)]),
+        Outcome::Done
+    );
+    s.apply(&Command::ContainersLaunched {
+        container_ids: vec!["a2".into()],
+        at_ms: 2,
+    });
+    // a ends at 5 while a2 still runs (it holds its node until stopped).
+    s.apply(&Command::ApplicationFinished {
+        app_id: a.into(),
+        state: AppState::Succeeded,
+        diagnostics: String::new(),
+        stages: vec![],
+        at_ms: 5,
+    });
+    let prune = |before| Command::PruneContainers {
+        finished_before_ms: before,
+    };
+    s.apply(&prune(5));
+    assert_eq!(s.containers.len(), 3, "not finished before 5");
+    // a1 was never reported running: it holds too, until its agent is
+    // heard not to have it.
+    s.apply(&prune(10));
+    assert_eq!(s.containers.len(), 3, "both of a's still hold the node");
+    s.apply(&Command::ContainersStopped {
+        container_ids: vec!["a1".into()],
+    });
+    s.apply(&prune(10));
+    assert!(!s.containers.contains_key("a1"));
+    assert!(s.containers.contains_key("a2"), "still holding its node");
+    assert!(s.containers.contains_key("b1"), "b has not finished");
+    s.check_invariants().unwrap();
+    s.apply(&Command::ContainersStopped {
+        container_ids: vec!["a2".into()],
+    });
+    s.apply(&prune(10));
+    assert_eq!(s.containers.keys().collect::<Vec<_>>(), vec!["b1"]);
+    assert!(!s.app_containers.contains_key(a));
+    s.check_invariants().unwrap();
+    // The state read back from a snapshot is the same.
+    assert_eq!(ClusterState::from_snapshot(&s.to_snapshot()).unwrap(), s);
+}
+
+#[test]
+fn a_master_lost_with_its_node_is_a_free_attempt() {
+    let mut s = ClusterState::default();
+    s.apply(&node("n1", 8000, 8 << 30, 0));
+    s.apply(&submit("r", 1));
+    let id = "app-000001";
+    let mut am = alloc("am-1", id, "n1", 500, 1 << 20, &[]);
+    am.ask_id = MASTER_ASK.into();
+    assert_eq!(allocate(&mut s, vec![am]), Outcome::Done);
+    s.apply(&Command::AttemptStarted {
+        app_id: id.into(),
+        attempt: 1,
+        am_container: Some("am-1".into()),
+        keep_containers: true,
+        previous_lost: false,
+        at_ms: 3,
+    });
+    assert_eq!(s.apps[id].free_attempts, 0);
+    s.apply(&Command::SetNodeState {
+        node_id: "n1".into(),
+        state: NodeState::Lost,
+        at_ms: 5,
+    });
+    assert_eq!(s.apps[id].free_attempts, 1);
+    assert_eq!(
+        s.containers["am-1"].end.as_ref().unwrap().state,
+        ContainerEnd::NodeLost
+    );
+}
+
+#[test]
+fn progress_is_kept_for_the_live_attempt_and_the_token_key_is_set_once() {
+    let mut s = ClusterState::default();
+    s.apply(&submit("r", 1));
+    let id = "app-000001";
+    s.apply(&Command::AttemptStarted {
+        app_id: id.into(),
+        attempt: 2,
+        am_container: None,
+        keep_containers: true,
+        previous_lost: false,
+        at_ms: 3,
+    });
+    let stages = vec![StageProgress {
+        name: "prep".into(),
+        done: 3,
+        total: 4,
+        running: 1,
+        failed: 0,
+    }];
+    let report = |attempt| Command::ReportProgress {
+        app_id: id.into(),
+        attempt,
+        stages: stages.clone(),
+    };
+    assert!(matches!(s.apply(&report(1)), Outcome::Rejected(_)));
+    assert!(s.apps[id].stages.is_empty());
+    assert_eq!(s.apply(&report(2)), Outcome::Done);
+    assert_eq!(s.apps[id].stages, stages);
+
+    s.apply(&Command::SetTokenKey {
+        seed_hex: "aa".into(),
+    });
+    s.apply(&Command::SetTokenKey {
+        seed_hex: "bb".into(),
+    });
+    assert_eq!(s.token_key.as_deref(), Some("aa"), "the first key wins");
+}
+
+#[test]
+fn queue_configuration_is_validated() {
+    let q = QueueSpec::named;
+    let mut s = ClusterState::default();
+    assert_eq!(
+        s.apply(&Command::SetQueues {
+            queues: vec![q("root"), q("root.a")]
+        }),
+        Outcome::Done
+    );
+    assert_eq!(s.queues.len(), 2);
+    assert!(matches!(
+        s.apply(&Command::SetQueues {
+            queues: vec![q("other")]
+        }),
+        Outcome::Rejected(_)
+    ));
+    assert!(matches!(
+        s.apply(&Command::SetQueues {
+            queues: vec![q("root.a"), q("root.a")]
+        }),
+        Outcome::Rejected(_)
+    ));
+    assert_eq!(s.queues.len(), 2, "a refused change changes nothing");
+}
+
+/// Random command streams (a small deterministic generator): after every
+/// command the invariants hold, whatever was accepted or refused.
+#[test]
+fn invariants_hold_under_random_command_streams() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for _run in 0..50 {
+        let mut s = ClusterState::default();
+        let mut accepted = 0;
+        for step in 0..300 {
+            let cmd = match rnd(12) {
+                0 => node(
+                    &format!("n{}", rnd(4)),
+                    1000 * (1 + rnd(8)),
+                    (1 + rnd(16)) << 30,
+                    rnd(4) as u32,
+                ),
+                1 => submit(&format!("r{}", rnd(50)), step),
+                2 => Command::SetNodeState {
+                    node_id: format!("n{}", rnd(4)),
+                    state: if rnd(2) == 0 {
+                        NodeState::Lost
+                    } else {
+                        NodeState::Running
+                    },
+                    at_ms: step,
+                },
+                3 => Command::ContainersCompleted {
+                    completions: vec![Completion {
+                        container_id: format!("c{}", rnd(200)),
+                        state: ContainerEnd::Succeeded,
+                        exit_status: 0,
+                        diagnostic: String::new(),
+                    }],
+                    still_running: false,
+                    at_ms: step,
+                },
+                // The RM ends one that may run: it holds its node.
+                4 => Command::ContainersCompleted {
+                    completions: vec![Completion {
+                        container_id: format!("c{}", rnd(200)),
+                        state: ContainerEnd::Killed,
+                        exit_status: -105,
+                        diagnostic: String::new(),
+                    }],
+                    still_running: true,
+                    at_ms: step,
+                },
+                5 => Command::ContainersLaunched {
+                    container_ids: vec![format!("c{}", rnd(200))],
+                    at_ms: step,
+                },
+                6 => Command::ContainersStopped {
+                    container_ids: vec![format!("c{}", rnd(200))],
+                },
+                7 => Command::KillApplication {
+                    app_id: format!("app-{:06}", 1 + rnd(s.app_seq.max(1))),
+                    at_ms: step,
+                },
+                8 => Command::AttemptStarted {
+                    app_id: format!("app-{:06}", 1 + rnd(s.app_seq.max(1))),
+                    attempt: 1 + rnd(3) as u32,
+                    am_container: None,
+                    keep_containers: rnd(2) == 0,
+                    previous_lost: false,
+                    at_ms: step,
+                },
+                9 => Command::PruneContainers {
+                    finished_before_ms: step,
+                },
+                _ => Command::ContainersAllocated {
+                    allocations: (0..1 + rnd(3))
+                        .map(|_| {
+                            let gpus: Vec<u32> = if rnd(3) == 0 {
+                                vec![rnd(4) as u32]
+                            } else {
+                                vec![]
+                            };
+                            alloc(
+                                &format!("c{}", rnd(200)),
+                                &format!("app-{:06}", 1 + rnd(s.app_seq.max(1))),
+                                &format!("n{}", rnd(4)),
+                                500 * (1 + rnd(4)),
+                                (1 + rnd(4)) << 30,
+                                &gpus,
+                            )
+                        })
+                        .collect(),
+                    at_ms: step,
+                },
+            };
+            let before = s.containers.len();
+            s.apply(&cmd);
+            if matches!(cmd, Command::ContainersAllocated { .. }) && s.containers.len() > before {
+                accepted += 1;
+            }
+            s.check_invariants()
+                .unwrap_or_else(|e| panic!("after {cmd:?}: {e}"));
+        }
+        assert!(
+            accepted > 0,
+            "the generator exercises successful allocations"
+        );
+    }
+}
+
+#[test]
+fn envelope_round_trip_and_version_check() {
+    let e = Envelope {
+        version: COMMAND_VERSION,
+        origin: 2,
+        request: 7,
+        command: submit("x", 1),
+    };
+    assert_eq!(Envelope::decode(&e.encode()).unwrap(), e);
+    let mut v2 = e.clone();
+    v2.version = 99;
+    assert!(Envelope::decode(&v2.encode())
+        .unwrap_err()
+        .contains("version 99"));
+}
