@@ -274,7 +274,7 @@ impl Manager {
             .map(|r| r.ports.clone())
             .unwrap_or_default();
         let spec = validate::start_request(req, self.sh.gpus.len())?;
-        let expires = self.sh.tokens.check(&token, &spec)?;
+        let expires = self.sh.tokens.check(&token, &spec, &ports)?;
         // A port given to it and bound on the node by something else: a
         // transient refusal (the RM hears of the port and gives another).
         crate::ports::check_free(&ports)?;

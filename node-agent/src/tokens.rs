@@ -73,7 +73,7 @@ impl Tokens {
 
     /// Checks `token` for `spec`; returns the token's expiry, for
     /// [`Tokens::spend`] once the container is admitted.
-    pub fn check(&self, token: &[u8], spec: &ContainerSpec) -> Result<u64> {
+    pub fn check(&self, token: &[u8], spec: &ContainerSpec, ports: &[u32]) -> Result<u64> {
         let deny = |m: String| Err(Error::PermissionDenied(m));
         let Some(key) = self.key.read().expect("token key lock").clone() else {
             // Transient: the caller tries again later or elsewhere.
@@ -141,6 +141,14 @@ impl Tokens {
                 r.gpu_memory_bytes.to_string(),
             );
         }
+        // Ports are given like GPUs: exactly those the token names.
+        let mut asked = ports.to_vec();
+        asked.sort_unstable();
+        let mut granted = body.ports.clone();
+        granted.sort_unstable();
+        if asked != granted {
+            return mismatch("ports", format!("{granted:?}"), format!("{asked:?}"));
+        }
         Ok(body.expires_at_ms)
     }
 
@@ -205,28 +213,57 @@ mod tests {
     }
 
     #[test]
+    fn ports_are_granted_exactly_as_the_token_names_them() {
+        let rm = TokenSigner::generate();
+        let t = Tokens::new("n1".into(), Some(rm.verifier()));
+        let later = now_ms() + 60_000;
+        let tok = rm.sign_container(&ContainerTokenBody {
+            container_id: "c1".into(),
+            node_id: "n1".into(),
+            vcores_milli: 500,
+            memory_bytes: 64 << 20,
+            expires_at_ms: later,
+            ports: vec![20001, 20007],
+            ..Default::default()
+        });
+        let s = spec("c1", 64 << 20, 500);
+        t.check(&tok, &s, &[20007, 20001]).unwrap();
+        let other = denied(t.check(&tok, &s, &[20001, 20002]));
+        assert!(other.contains("ports [20001, 20007]"), "{other}");
+        assert!(denied(t.check(&tok, &s, &[20001])).contains("ports"));
+        // A token with no ports lets the request ask for none.
+        let none = token(&rm, "c1", "n1", 64 << 20, later);
+        assert!(denied(t.check(&none, &s, &[22])).contains("grants ports [],"));
+        t.check(&none, &s, &[]).unwrap();
+    }
+
+    #[test]
     fn only_a_token_for_this_container_node_and_size_passes_and_only_once() {
         let rm = TokenSigner::generate();
         let t = Tokens::new("n1".into(), Some(rm.verifier()));
         let later = now_ms() + 60_000;
         let ok = token(&rm, "c1", "n1", 64 << 20, later);
-        let exp = t.check(&ok, &spec("c1", 64 << 20, 500)).unwrap();
+        let exp = t.check(&ok, &spec("c1", 64 << 20, 500), &[]).unwrap();
         assert_eq!(exp, later);
         // Less than granted is fine; more is not; no CPU limit is more.
-        t.check(&ok, &spec("c1", 32 << 20, 250)).unwrap();
+        t.check(&ok, &spec("c1", 32 << 20, 250), &[]).unwrap();
         assert_eq!(
-            denied(t.check(&ok, &spec("c1", 65 << 20, 500))),
+            denied(t.check(&ok, &spec("c1", 65 << 20, 500), &[])),
             "the token grants memory_bytes 67108864, the request asks for 68157440"
         );
-        assert!(denied(t.check(&ok, &spec("c1", 64 << 20, 0))).contains("vcores_milli"));
-        assert!(denied(t.check(&ok, &spec("c2", 64 << 20, 500))).contains("grants container c1"));
+        assert!(denied(t.check(&ok, &spec("c1", 64 << 20, 0), &[])).contains("vcores_milli"));
+        assert!(
+            denied(t.check(&ok, &spec("c2", 64 << 20, 500), &[])).contains("grants container c1")
+        );
         let elsewhere = token(&rm, "c1", "n2", 64 << 20, later);
-        assert!(denied(t.check(&elsewhere, &spec("c1", 64 << 20, 500))).contains("grants node n2"));
+        assert!(
+            denied(t.check(&elsewhere, &spec("c1", 64 << 20, 500), &[])).contains("grants node n2")
+        );
         let forged = token(&TokenSigner::generate(), "c1", "n1", 64 << 20, later);
-        assert!(denied(t.check(&forged, &spec("c1", 64 << 20, 500))).contains("signature"));
+        assert!(denied(t.check(&forged, &spec("c1", 64 << 20, 500), &[])).contains("signature"));
         let old = token(&rm, "c1", "n1", 64 << 20, now_ms() - 1);
-        assert!(denied(t.check(&old, &spec("c1", 64 << 20, 500))).contains("expired"));
-        assert!(denied(t.check(&[], &spec("c1", 64 << 20, 500))).contains("no token"));
+        assert!(denied(t.check(&old, &spec("c1", 64 << 20, 500), &[])).contains("expired"));
+        assert!(denied(t.check(&[], &spec("c1", 64 << 20, 500), &[])).contains("no token"));
         t.spend("c1", later).unwrap();
         assert!(matches!(
             t.spend("c1", later),
@@ -242,11 +279,11 @@ mod tests {
         let pinned = Tokens::new("n1".into(), Some(rm.verifier()));
         pinned.learn(&other.public_key());
         pinned
-            .check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500))
+            .check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500), &[])
             .unwrap();
         let learning = Tokens::new("n1".into(), None);
         assert!(learning.public_key().is_empty());
-        match learning.check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500)) {
+        match learning.check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500), &[]) {
             Err(e @ Error::NotReady(_)) => {
                 assert!(e.to_string().contains("no resource-manager key yet"));
                 assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unavailable);
@@ -256,7 +293,7 @@ mod tests {
         learning.learn(&rm.public_key());
         assert_eq!(learning.public_key(), rm.public_key());
         learning
-            .check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500))
+            .check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500), &[])
             .unwrap();
     }
 }

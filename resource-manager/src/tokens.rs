@@ -33,6 +33,7 @@ pub fn container_token(signer: &TokenSigner, a: &Allocation) -> Vec<u8> {
         gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
         issued_at_ms: now,
         expires_at_ms: now + CONTAINER_TOKEN_LIFETIME.as_millis() as u64,
+        ports: a.ports.iter().map(|&p| p as u32).collect(),
     })
 }
 

@@ -235,6 +235,7 @@ pub fn token_for(req: &pb::StartContainerRequest, node: &str) -> Vec<u8> {
         gpu_memory_bytes: r.gpu_memory_bytes,
         issued_at_ms: now,
         expires_at_ms: now + 60_000,
+        ports: r.ports.clone(),
     })
 }
 
