@@ -379,5 +379,30 @@ fn main() {
             rss.join(" / "),
             arss.join(" / ")
         );
+        // Of an agent's resident memory: its heap and stacks (anonymous) and
+        // the pages of its binary and libraries (file).
+        let split: Vec<String> = cluster
+            .agents
+            .iter()
+            .map(|c| {
+                let kib = |k: &str| {
+                    std::fs::read_to_string(format!("/proc/{}/status", c.id()))
+                        .ok()
+                        .and_then(|s| {
+                            s.lines()
+                                .find(|l| l.starts_with(k))
+                                .and_then(|l| l.split_whitespace().nth(1))
+                                .and_then(|v| v.parse::<f64>().ok())
+                        })
+                        .unwrap_or(0.0)
+                };
+                format!(
+                    "{:.1} anon + {:.1} file",
+                    kib("RssAnon:") / 1024.0,
+                    kib("RssFile:") / 1024.0
+                )
+            })
+            .collect();
+        println!("  agents' resident memory (MiB): {}", split.join(" / "));
     });
 }
