@@ -33,36 +33,18 @@ fn bin(name: &str) -> PathBuf {
     p
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod support;
+use support::{rss_mib, status_kib};
 
 fn now_ms() -> u64 {
     weft_proto::token::now_ms()
 }
 
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
 struct Cluster {
-    rms: Vec<Child>,
+    /// Dropped after the agents (fields drop after `drop`).
+    rms: support::Group,
     agents: Vec<Child>,
     addrs: Vec<String>,
-    _dir: tempfile::TempDir,
 }
 
 impl Drop for Cluster {
@@ -86,58 +68,25 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for c in &mut self.rms {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
 fn start(nodes: usize) -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let addrs: Vec<String> = (0..3)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let peers: Vec<String> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect();
-    let rm_config = dir.path().join("rm.toml");
-    std::fs::write(
-        &rm_config,
-        format!(
-            "[masters]\nlaunch = true\ncommand = {:?}\nvcores = 0.1\nmemory = \"64MiB\"\n",
-            bin("app-master").display().to_string()
-        ),
-    )
-    .unwrap();
-    let rms = (0..3)
-        .map(|i| {
-            Command::new(env!("CARGO_BIN_EXE_resource-manager"))
-                .args(["--config", rm_config.to_str().unwrap()])
-                .args(["--id", &(i + 1).to_string(), "--listen", &addrs[i]])
-                .args([
-                    "--data-dir",
-                    dir.path().join(format!("rm{i}")).to_str().unwrap(),
-                ])
-                .args(["--peers", &peers.join(",")])
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let rms = support::start_group(&format!(
+        "[masters]\nlaunch = true\ncommand = {:?}\nvcores = 0.1\nmemory = \"64MiB\"\n",
+        bin("app-master").display().to_string()
+    ));
+    let (addrs, dir) = (rms.addrs.clone(), rms.dir.path().to_path_buf());
     let agents = (0..nodes)
         .map(|i| {
-            let config = dir.path().join(format!("agent{i}.toml"));
+            let config = dir.join(format!("agent{i}.toml"));
             std::fs::write(
                 &config,
                 format!(
                     "node_id = \"n{i}\"\nlisten = \"127.0.0.1:0\"\nwork_dir = {:?}\n\
                      [resources]\nvcores = 16.0\nmemory = \"32GiB\"\n\
                      [containers]\ncgroup_parent = \"weft-bench-e2e-{}-{i}\"\n[gpu]\nprobe = \"none\"\n",
-                    dir.path().join(format!("agent{i}")).display().to_string(),
+                    dir.join(format!("agent{i}")).display().to_string(),
                     std::process::id()
                 ),
             )
@@ -150,12 +99,7 @@ fn start(nodes: usize) -> Cluster {
                 .unwrap()
         })
         .collect();
-    Cluster {
-        rms,
-        agents,
-        addrs,
-        _dir: dir,
-    }
+    Cluster { rms, agents, addrs }
 }
 
 fn p50(v: &mut [u64]) -> u64 {
@@ -366,6 +310,7 @@ fn main() {
 
         let rss: Vec<String> = cluster
             .rms
+            .children
             .iter()
             .map(|c| format!("{:.1}", rss_mib(c.id())))
             .collect();
@@ -385,17 +330,7 @@ fn main() {
             .agents
             .iter()
             .map(|c| {
-                let kib = |k: &str| {
-                    std::fs::read_to_string(format!("/proc/{}/status", c.id()))
-                        .ok()
-                        .and_then(|s| {
-                            s.lines()
-                                .find(|l| l.starts_with(k))
-                                .and_then(|l| l.split_whitespace().nth(1))
-                                .and_then(|v| v.parse::<f64>().ok())
-                        })
-                        .unwrap_or(0.0)
-                };
+                let kib = |k: &str| status_kib(c.id(), k);
                 format!(
                     "{:.1} anon + {:.1} file",
                     kib("RssAnon:") / 1024.0,

@@ -17,7 +17,6 @@
 //! `-- --bench --nodes N --containers M` to change them). `cargo test` runs a
 //! short version (200 nodes, 2,000 containers) on the debug binaries.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,29 +29,8 @@ use weft_proto::v1::resource_tracker_client::ResourceTrackerClient;
 
 const GIB: u64 = 1 << 30;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn proc_field(pid: u32, key: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    proc_field(pid, "VmRSS:") / 1024.0
-}
+mod support;
+use support::{rss_mib, status_kib};
 
 /// utime + stime of `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
@@ -72,60 +50,12 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-struct Group {
-    rms: Vec<Child>,
-    addrs: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        for c in &mut self.rms {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn start_group() -> Group {
-    let dir = tempfile::tempdir().unwrap();
-    let addrs: Vec<String> = (0..3)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let peers: Vec<String> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect();
-    let config = dir.path().join("rm.toml");
+fn start_group() -> support::Group {
     // Heartbeats every second; a node is lost after 30 s of silence (the
     // simulator shares two cores with the three members).
-    std::fs::write(
-        &config,
+    support::start_group(
         "heartbeat_interval = \"1s\"\nnode_expiry = \"30s\"\n[masters]\nlaunch = false\n",
     )
-    .unwrap();
-    let rms = (0..3)
-        .map(|i| {
-            Command::new(env!("CARGO_BIN_EXE_resource-manager"))
-                .args(["--config", config.to_str().unwrap()])
-                .args(["--id", &(i + 1).to_string(), "--listen", &addrs[i]])
-                .args([
-                    "--data-dir",
-                    dir.path().join(format!("rm{i}")).to_str().unwrap(),
-                ])
-                .args(["--peers", &peers.join(",")])
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    Group {
-        rms,
-        addrs,
-        _dir: dir,
-    }
 }
 
 /// Containers each simulated node runs (reported in its heartbeats).
@@ -449,7 +379,7 @@ fn main() {
 
         // Steady window: heartbeats only.
         let window = if full { Duration::from_secs(20) } else { Duration::from_secs(3) };
-        let pids: Vec<u32> = group.rms.iter().map(|c| c.id()).collect();
+        let pids: Vec<u32> = group.children.iter().map(|c| c.id()).collect();
         let ticks0: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect();
         let sent0 = sent.load(Ordering::Relaxed);
         let t = Instant::now();
@@ -508,7 +438,7 @@ fn main() {
                 "member {} ({role}): {cpu:.1}% of one core over {secs:.0} s of heartbeats only ({beats_per_s:.0}/s), RSS {:.1} MiB, peak {:.1} MiB{lagged}",
                 i + 1,
                 rss_mib(p),
-                proc_field(p, "VmHWM:") / 1024.0
+                status_kib(p, "VmHWM:") / 1024.0
             );
         }
         stop.cancel();

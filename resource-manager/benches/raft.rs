@@ -7,64 +7,15 @@
 //! `cargo bench -p weft-resource-manager --bench raft` prints the figures
 //! (`cargo test` runs a short version).
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use weft_client::RmClient;
 
-struct Group {
-    children: Vec<Child>,
-    addrs: Vec<String>,
-    _dir: tempfile::TempDir,
-}
+mod support;
 
-impl Drop for Group {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn start() -> Group {
-    let dir = tempfile::tempdir().unwrap();
-    let ports: Vec<u16> = (0..3)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
-    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let peers: Vec<String> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect();
-    let children = (0..3)
-        .map(|i| {
-            Command::new(env!("CARGO_BIN_EXE_resource-manager"))
-                .args(["--id", &(i + 1).to_string(), "--listen", &addrs[i]])
-                .args([
-                    "--data-dir",
-                    dir.path().join(format!("rm{i}")).to_str().unwrap(),
-                ])
-                .args(["--peers", &peers.join(",")])
-                .env("RUST_LOG", "warn")
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    Group {
-        children,
-        addrs,
-        _dir: dir,
-    }
+fn start() -> support::Group {
+    support::start_group("")
 }
 
 const SPEC: &str = "name: bench\nstages:\n  - name: run\n    instances: 1\n    command: 'true'\n    resources: { vcores: 1, memory: 64MiB }\n";

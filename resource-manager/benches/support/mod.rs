@@ -1,0 +1,85 @@
+//! What the benches that run real resource-manager groups share: a 3-member
+//! group of `resource-manager` processes on loopback ports, and reading a
+//! process's memory from /proc.
+
+#![allow(dead_code)] // each bench uses its own part
+
+use std::process::{Child, Command, Stdio};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `/proc/PID/status` field in KiB (0 when absent).
+pub fn status_kib(pid: u32, key: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+pub fn rss_mib(pid: u32) -> f64 {
+    status_kib(pid, "VmRSS:") / 1024.0
+}
+
+/// Three members (raft ids 1-3) in a temp dir; killed when dropped.
+pub struct Group {
+    pub children: Vec<Child>,
+    pub addrs: Vec<String>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts three members with `config` (TOML; may be empty) as their config
+/// file, logging warnings only.
+pub fn start_group(config: &str) -> Group {
+    let dir = tempfile::tempdir().unwrap();
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let peers: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect();
+    let file = dir.path().join("rm.toml");
+    std::fs::write(&file, config).unwrap();
+    let children = (0..3)
+        .map(|i| {
+            Command::new(env!("CARGO_BIN_EXE_resource-manager"))
+                .args(["--config", file.to_str().unwrap()])
+                .args(["--id", &(i + 1).to_string(), "--listen", &addrs[i]])
+                .args([
+                    "--data-dir",
+                    dir.path().join(format!("rm{i}")).to_str().unwrap(),
+                ])
+                .args(["--peers", &peers.join(",")])
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    Group {
+        children,
+        addrs,
+        dir,
+    }
+}
