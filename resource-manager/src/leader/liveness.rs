@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::fsm::{Command, NodeState, Outcome, QueueSpec};
 
-use crate::service::{now_ms, RmService};
+use crate::service::RmService;
 
 /// Liveness bookkeeping of the leader (not replicated: a new leader rebuilds
 /// it from the next heartbeats).
@@ -54,7 +54,10 @@ impl RmService {
     /// more than `container_retention` ago from the state (its size, and
     /// every scan over containers, then follow what runs, not history).
     async fn prune_containers(&self) {
-        let before = now_ms().saturating_sub(self.container_retention.as_millis() as u64);
+        let before = self
+            .clock
+            .wall_ms()
+            .saturating_sub(self.container_retention.as_millis() as u64);
         let due = {
             let st = self.raft.state();
             st.apps.values().any(|a| {
@@ -118,56 +121,76 @@ impl RmService {
     /// until `cancel` fires. It first brings the queue configuration in line.
     pub async fn run_liveness(self, cancel: tokio_util::sync::CancellationToken) {
         let every = (self.node_expiry / 8).max(Duration::from_millis(50));
-        let mut last_prune = Instant::now();
-        self.liveness.lock().expect("liveness lock").leader_since = Some(Instant::now());
+        let mut last_prune = self.clock.now();
+        self.start_liveness();
         self.apply_queue_config().await;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = cancel.cancelled() => return,
             }
-            if last_prune.elapsed() >= (self.container_retention / 10).min(Duration::from_secs(60))
+            let now = self.clock.now();
+            if now.saturating_duration_since(last_prune)
+                >= (self.container_retention / 10).min(Duration::from_secs(60))
             {
-                last_prune = Instant::now();
+                last_prune = now;
                 self.prune_containers().await;
             }
-            let lost = {
-                let l = self.liveness.lock().expect("liveness lock");
-                if let Some(since) = l.leader_since {
-                    let nodes: Vec<(String, NodeState)> = self
-                        .raft
-                        .state()
-                        .nodes
-                        .values()
-                        .map(|n| (n.id.clone(), n.state))
-                        .collect();
-                    Some(expired_nodes(
-                        &nodes,
-                        &l.last_heartbeat,
-                        since,
-                        Instant::now(),
-                        self.node_expiry,
-                    ))
-                } else {
-                    None
-                }
-            };
-            let Some(lost) = lost else {
-                continue;
-            };
-            for node_id in lost {
-                tracing::warn!(node_id = %node_id, expiry = ?self.node_expiry, "node lost: no heartbeat");
-                let cmd = Command::SetNodeState {
-                    node_id,
-                    state: NodeState::Lost,
-                    at_ms: now_ms(),
-                };
-                if let Err(e) = self.raft.propose(cmd).await {
-                    tracing::debug!(error = %e, "could not record a lost node");
-                }
-                self.scheduling.poke();
-            }
+            self.expire_silent_nodes().await;
         }
+    }
+
+    /// This leadership's grace period starts now.
+    pub fn start_liveness(&self) {
+        self.liveness.lock().expect("liveness lock").leader_since = Some(self.clock.now());
+    }
+
+    /// Records a heartbeat of `node_id` now.
+    pub fn heard_from(&self, node_id: &str) {
+        let now = self.clock.now();
+        self.liveness
+            .lock()
+            .expect("liveness lock")
+            .last_heartbeat
+            .insert(node_id.to_string(), now);
+    }
+
+    /// Declares LOST every node silent for `node_expiry` (counting from
+    /// this leadership's start at the earliest); returns them.
+    pub async fn expire_silent_nodes(&self) -> Vec<String> {
+        let lost = {
+            let l = self.liveness.lock().expect("liveness lock");
+            let Some(since) = l.leader_since else {
+                return Vec::new();
+            };
+            let nodes: Vec<(String, NodeState)> = self
+                .raft
+                .state()
+                .nodes
+                .values()
+                .map(|n| (n.id.clone(), n.state))
+                .collect();
+            expired_nodes(
+                &nodes,
+                &l.last_heartbeat,
+                since,
+                self.clock.now(),
+                self.node_expiry,
+            )
+        };
+        for node_id in &lost {
+            tracing::warn!(node_id = %node_id, expiry = ?self.node_expiry, "node lost: no heartbeat");
+            let cmd = Command::SetNodeState {
+                node_id: node_id.clone(),
+                state: NodeState::Lost,
+                at_ms: self.clock.wall_ms(),
+            };
+            if let Err(e) = self.raft.propose(cmd).await {
+                tracing::debug!(error = %e, "could not record a lost node");
+            }
+            self.scheduling.poke();
+        }
+        lost
     }
 }
 
@@ -199,5 +222,78 @@ mod tests {
             expired_nodes(&nodes, &hb, t0, t0 + Duration::from_secs(16), exp),
             vec!["a", "b", "d"]
         );
+    }
+
+    fn register(id: &str) -> Command {
+        Command::RegisterNode {
+            node_id: id.into(),
+            address: format!("{id}:1"),
+            vcores_milli: 1000,
+            memory_bytes: 1 << 30,
+            gpus: vec![],
+            labels: Default::default(),
+            running: vec![],
+            ready: true,
+            ports: Default::default(),
+            at_ms: 1,
+        }
+    }
+
+    /// Liveness on the leader's clock (a manual one): a one-member group
+    /// over the in-memory network, no sleeping through the expiry.
+    #[tokio::test]
+    async fn a_silent_node_is_lost_once_the_leaders_clock_passes_its_expiry() {
+        use crate::raft_node::{self, RaftSettings};
+        use crate::transport::memory::MemoryNetwork;
+        use weft_common::clock::ManualClock;
+
+        let dir = tempfile::tempdir().unwrap();
+        let net = MemoryNetwork::new();
+        let settings = RaftSettings {
+            id: 1,
+            peers: [(1, "mem-1".to_string())].into_iter().collect(),
+            tick: Duration::from_millis(10),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_every: 1000,
+            join: false,
+        };
+        let storage = crate::storage::SledStorage::open(&dir.path().join("m1")).unwrap();
+        let (raft, thread) = raft_node::start(settings, storage, net.endpoint(1)).unwrap();
+        net.attach(1, raft.clone());
+        let mut role = raft.leadership();
+        tokio::time::timeout(Duration::from_secs(10), role.wait_for(|r| r.is_leader))
+            .await
+            .expect("a one-member group elects itself")
+            .unwrap();
+        let clock = std::sync::Arc::new(ManualClock::new());
+        let expiry = Duration::from_secs(10);
+        let svc = RmService::new(raft.clone(), Duration::from_secs(1), expiry, vec![], None)
+            .with_clock(clock.clone());
+        for id in ["a", "b"] {
+            raft.propose(register(id)).await.unwrap();
+        }
+        let state_of = |id: &str| raft.state().nodes[id].state;
+
+        svc.start_liveness();
+        clock.advance(Duration::from_secs(6));
+        svc.heard_from("a");
+        // The election's grace: nobody is lost before the expiry has passed.
+        assert!(svc.expire_silent_nodes().await.is_empty());
+        clock.advance(Duration::from_secs(5));
+        // t = 11 s: b was never heard from; a was, 5 s ago.
+        assert_eq!(svc.expire_silent_nodes().await, ["b"]);
+        assert_eq!(state_of("b"), NodeState::Lost);
+        assert_eq!(state_of("a"), NodeState::Running);
+        clock.advance(Duration::from_secs(6));
+        assert_eq!(svc.expire_silent_nodes().await, ["a"]);
+        assert_eq!(state_of("a"), NodeState::Lost);
+        // A lost node is not declared lost again.
+        assert!(svc.expire_silent_nodes().await.is_empty());
+
+        drop(svc);
+        drop(raft);
+        net.shutdown();
+        thread.join().unwrap();
     }
 }

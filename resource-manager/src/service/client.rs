@@ -203,6 +203,7 @@ impl pb::client_service_server::ClientService for RmService {
             .expect("liveness lock")
             .last_heartbeat
             .clone();
+        let (now, wall) = (self.clock.now(), self.clock.wall_ms());
         let st = self.raft.state();
         let nodes = st
             .nodes
@@ -239,7 +240,9 @@ impl pb::client_service_server::ClientService for RmService {
                 containers: st.node_use(&n.id).containers,
                 last_heartbeat_ms: live
                     .get(&n.id)
-                    .map(|t| now_ms().saturating_sub(t.elapsed().as_millis() as u64))
+                    .map(|t| {
+                        wall.saturating_sub(now.saturating_duration_since(*t).as_millis() as u64)
+                    })
                     .unwrap_or(0),
                 ready: n.ready,
             })

@@ -38,6 +38,9 @@ pub struct RmService {
     pub scheduling: crate::leader::scheduling::Scheduling,
     /// How long containers of finished applications stay in the state.
     pub(crate) container_retention: Duration,
+    /// Time for liveness (heartbeat ages, the election grace, pruning's
+    /// cut-off): the system's, or a test's manual clock.
+    pub(crate) clock: Arc<dyn weft_common::clock::Clock>,
 }
 
 impl RmService {
@@ -56,7 +59,14 @@ impl RmService {
             scheduling: crate::leader::scheduling::Scheduling::new(raft.clone(), masters),
             raft,
             container_retention: Duration::from_secs(3600),
+            clock: Arc::new(weft_common::clock::SystemClock),
         }
+    }
+
+    /// Liveness on `clock` instead of the system's.
+    pub fn with_clock(mut self, clock: Arc<dyn weft_common::clock::Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     pub fn with_container_retention(mut self, d: Duration) -> Self {

@@ -2,7 +2,6 @@
 //! states, busy ports); answered with what to stop and the token key.
 
 use std::collections::HashSet;
-use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 use weft_proto::v1 as pb;
@@ -89,11 +88,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
             return Err(Status::failed_precondition(why));
         }
         self.scheduling.poke();
-        self.liveness
-            .lock()
-            .expect("liveness lock")
-            .last_heartbeat
-            .insert(r.node_id, Instant::now());
+        self.heard_from(&r.node_id);
         Ok(Response::new(pb::RegisterNodeResponse {
             token_public_key: signer.public_key().to_vec(),
             heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
@@ -135,11 +130,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         if known {
             self.scheduling
                 .note_ports_in_use(&r.node_id, &r.ports_in_use);
-            self.liveness
-                .lock()
-                .expect("liveness lock")
-                .last_heartbeat
-                .insert(r.node_id.clone(), Instant::now());
+            self.heard_from(&r.node_id);
         }
         // Reconcile the agent's containers with the replicated ones.
         // Ends stored in the replicated state are acknowledged: the agent

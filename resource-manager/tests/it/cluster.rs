@@ -165,8 +165,28 @@ impl Cluster {
 
     /// SIGSTOP: member `i` freezes (a GC pause, a stalled VM): its kernel
     /// still accepts connections, nothing answers them.
+    /// Returns once every thread of the process is stopped (SIGSTOP takes
+    /// effect per thread, a moment after `kill` returns): a request sent
+    /// after this reaches a member that cannot act on it until thawed.
     pub fn freeze(&self, i: usize) {
         self.signal(i, nix::sys::signal::Signal::SIGSTOP);
+        let pid = self.members[i].child.as_ref().expect("member runs").id();
+        let stopped = || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|tasks| {
+                    tasks.flatten().all(|t| {
+                        std::fs::read_to_string(t.path().join("status"))
+                            .map(|s| s.lines().any(|l| l.starts_with("State:\tT")))
+                            .unwrap_or(true)
+                    })
+                })
+                .unwrap_or(false)
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !stopped() {
+            assert!(Instant::now() < deadline, "member {} did not stop", i + 1);
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// SIGCONT: a frozen member goes on where it stopped.
