@@ -28,18 +28,9 @@ pub fn cluster_view(state: &ClusterState) -> (scheduler::Cluster, Vec<String>) {
 pub fn cluster_view_with(state: &ClusterState, busy: &Busy) -> (scheduler::Cluster, Vec<String>) {
     let mut nodes = Vec::with_capacity(state.nodes.len());
     let mut ids = Vec::with_capacity(state.nodes.len());
-    let none = NodeUse::default();
-    // Nodes and their usage are both ordered by node id: walked together,
-    // with no lookup per node.
-    let mut usage = state.usage.iter().peekable();
+    let mut usage = UsageWalk::new(state);
     for n in state.nodes.values() {
-        while usage
-            .next_if(|(id, _)| id.as_str() < n.id.as_str())
-            .is_some()
-        {}
-        let u = usage
-            .next_if(|(id, _)| **id == n.id)
-            .map_or(&none, |(_, u)| u);
+        let u = usage.of(&n.id);
         nodes.push(node_view(n, u, busy));
         ids.push(n.id.clone());
     }
@@ -109,7 +100,38 @@ fn set_free(node: &mut scheduler::Node, n: &crate::fsm::Node, u: &NodeUse, busy:
     }
     node.free_vcores = n.vcores_milli.saturating_sub(u.vcores_milli);
     node.free_memory = n.memory_bytes.saturating_sub(u.memory_bytes);
-    node.schedulable = n.state == crate::fsm::NodeState::Running && n.ready;
+    node.schedulable = takes_work(n);
+}
+
+/// Whether the scheduler may place on `n`: running, and its agent can start work.
+fn takes_work(n: &crate::fsm::Node) -> bool {
+    n.state == crate::fsm::NodeState::Running && n.ready
+}
+
+/// The state's usage looked up for node ids in ascending order: nodes and
+/// their usage are both ordered by node id, so one walk serves all, with no
+/// search per node.
+struct UsageWalk<'a> {
+    usage: std::iter::Peekable<std::collections::btree_map::Iter<'a, String, NodeUse>>,
+    none: NodeUse,
+}
+
+impl<'a> UsageWalk<'a> {
+    fn new(state: &'a ClusterState) -> Self {
+        UsageWalk {
+            usage: state.usage.iter().peekable(),
+            none: NodeUse::default(),
+        }
+    }
+
+    /// What node `id` uses; ids must come in ascending order.
+    fn of(&mut self, id: &str) -> &NodeUse {
+        while self.usage.next_if(|(k, _)| k.as_str() < id).is_some() {}
+        match self.usage.next_if(|(k, _)| k.as_str() == id) {
+            Some((_, u)) => u,
+            None => &self.none,
+        }
+    }
 }
 
 /// The queue tree with each queue's usage from unfinished containers.
@@ -224,9 +246,8 @@ impl View {
         // flagged ones are found by one walk over both maps, not by a
         // string-keyed search each.
         dirty.sort_unstable();
-        let none = NodeUse::default();
         let mut nodes = state.nodes.values();
-        let mut usage = state.usage.iter().peekable();
+        let mut usage = UsageWalk::new(state);
         let mut next = 0usize;
         for &i in &dirty {
             let n = nodes.nth(i - next)?;
@@ -234,16 +255,9 @@ impl View {
             if n.id != self.ids[i] {
                 return None;
             }
-            while usage
-                .next_if(|(id, _)| id.as_str() < n.id.as_str())
-                .is_some()
-            {}
-            let u = usage
-                .next_if(|(id, _)| **id == n.id)
-                .map_or(&none, |(_, u)| u);
+            let u = usage.of(&n.id);
             let current = &cluster.nodes[i];
-            let schedulable = n.state == crate::fsm::NodeState::Running && n.ready;
-            if current.schedulable == schedulable && same_shape(current, n) {
+            if current.schedulable == takes_work(n) && same_shape(current, n) {
                 cluster.update_node(i, |node| set_free(node, n, u, busy));
             } else {
                 cluster.replace_node(i, node_view(n, u, busy));

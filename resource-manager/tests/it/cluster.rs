@@ -189,6 +189,12 @@ impl Cluster {
         }
     }
 
+    /// SIGSTOP without waiting for it to take effect (what a stalled VM does
+    /// to requests already on their way).
+    pub fn freeze_now(&self, i: usize) {
+        self.signal(i, nix::sys::signal::Signal::SIGSTOP);
+    }
+
     /// SIGCONT: a frozen member goes on where it stopped.
     pub fn thaw(&self, i: usize) {
         self.signal(i, nix::sys::signal::Signal::SIGCONT);

@@ -241,3 +241,50 @@ async fn a_frozen_leader_acknowledges_nothing_and_follows_the_new_leader_when_th
     let ids = all_app_ids(&client).await;
     assert_eq!(ids, acked, "exactly the acknowledged submissions exist");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_racing_a_leader_freeze_takes_effect_at_most_once() {
+    // The impatient case of the test above: the submission leaves the
+    // instant the leader is signalled, so the leader may still replicate it
+    // before it stops. Unanswered, it may or may not take effect (Raft lets
+    // the next leader commit it); it must never take effect twice, and
+    // nothing acknowledged may be lost.
+    let cluster = Cluster::start(3, 1000);
+    let old = cluster.leader().await;
+    let client = cluster.client();
+    let mut acked = vec![client.submit(SPEC, "yaml", "erin").await.unwrap()];
+    let racing = weft_client::RmClient::new([cluster.members[old].addr.clone()])
+        .unwrap()
+        .with_deadline(Duration::from_secs(2));
+    cluster.freeze_now(old);
+    let in_doubt = racing.submit(SPEC, "yaml", "erin").await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let majority =
+        weft_client::RmClient::new(others.iter().map(|&i| cluster.members[i].addr.clone()))
+            .unwrap()
+            .with_deadline(Duration::from_secs(30));
+    for _ in 0..3 {
+        acked.push(majority.submit(SPEC, "yaml", "erin").await.unwrap());
+    }
+    cluster.thaw(old);
+    let commit = majority.cluster_status().await.unwrap().commit_index;
+    cluster.wait_applied(old, commit).await;
+    let ids = all_app_ids(&client).await;
+    match in_doubt {
+        Ok(id) => {
+            acked.push(id);
+            acked.sort();
+            assert_eq!(ids, acked, "an acknowledged submission is there once");
+        }
+        Err(e) => {
+            eprintln!("racing submission unanswered: {e}");
+            for id in &acked {
+                assert!(ids.contains(id), "acknowledged {id} lost: {ids:?}");
+            }
+            assert!(
+                ids.len() == acked.len() || ids.len() == acked.len() + 1,
+                "the unanswered submission took effect more than once: {ids:?} (acknowledged {acked:?})"
+            );
+        }
+    }
+}
