@@ -112,7 +112,7 @@ fn takes_work(n: &crate::fsm::Node) -> bool {
 /// their usage are both ordered by node id, so one walk serves all, with no
 /// search per node.
 struct UsageWalk<'a> {
-    usage: std::iter::Peekable<std::collections::btree_map::Iter<'a, String, NodeUse>>,
+    usage: std::iter::Peekable<std::collections::btree_map::Iter<'a, crate::fsm::Id, NodeUse>>,
     none: NodeUse,
 }
 

@@ -39,11 +39,11 @@ impl ClusterState {
                 }
                 let registered_at_ms = self
                     .nodes
-                    .get(node_id)
+                    .get(node_id.as_str())
                     .map_or(*at_ms, |n| n.registered_at_ms);
                 self.node_changes.mark(node_id);
                 self.nodes.insert(
-                    node_id.clone(),
+                    node_id.as_str().into(),
                     Node {
                         id: node_id.clone(),
                         address: address.clone(),
@@ -60,7 +60,7 @@ impl ClusterState {
                 );
                 Outcome::Done
             }
-            Command::NodeReady { node_id, at_ms } => match self.nodes.get_mut(node_id) {
+            Command::NodeReady { node_id, at_ms } => match self.nodes.get_mut(node_id.as_str()) {
                 Some(n) if n.state == NodeState::Lost => Outcome::Rejected(format!(
                     "node_id: {node_id} is lost: it must register again"
                 )),
@@ -78,7 +78,7 @@ impl ClusterState {
                 node_id,
                 state,
                 at_ms,
-            } => match self.nodes.get_mut(node_id) {
+            } => match self.nodes.get_mut(node_id.as_str()) {
                 Some(n) => {
                     if n.state != *state {
                         n.state = *state;
@@ -114,7 +114,7 @@ impl ClusterState {
                 self.app_seq += 1;
                 let id = format!("app-{:06}", self.app_seq);
                 self.apps.insert(
-                    id.clone(),
+                    id.as_str().into(),
                     App {
                         id: id.clone(),
                         name: name.clone(),
@@ -138,18 +138,21 @@ impl ClusterState {
                 }
                 Outcome::Submitted { app_id: id }
             }
-            Command::KillApplication { app_id, at_ms } => match self.apps.get_mut(app_id) {
-                Some(a) if a.state.is_terminal() => Outcome::Done,
-                Some(a) => {
-                    a.state = AppState::Killed;
-                    a.finished_at_ms = *at_ms;
-                    a.diagnostics = "killed on request".into();
-                    self.end_app_containers(app_id, *at_ms, "its application was killed");
-                    Outcome::Done
+            Command::KillApplication { app_id, at_ms } => {
+                match self.apps.get_mut(app_id.as_str()) {
+                    Some(a) if a.state.is_terminal() => Outcome::Done,
+                    Some(a) => {
+                        a.state = AppState::Killed;
+                        a.finished_at_ms = *at_ms;
+                        a.diagnostics = "killed on request".into();
+                        self.end_app_containers(app_id, *at_ms, "its application was killed");
+                        Outcome::Done
+                    }
+                    None => Outcome::Rejected(format!("application_id: no application {app_id}")),
                 }
-                None => Outcome::Rejected(format!("application_id: no application {app_id}")),
-            },
-            Command::ApplicationAccepted { app_id, .. } => match self.apps.get_mut(app_id) {
+            }
+            Command::ApplicationAccepted { app_id, .. } => match self.apps.get_mut(app_id.as_str())
+            {
                 Some(a) if a.state == AppState::Submitted => {
                     a.state = AppState::Accepted;
                     Outcome::Done
@@ -167,7 +170,7 @@ impl ClusterState {
                 keep_containers,
                 previous_lost,
                 ..
-            } => match self.apps.get_mut(app_id) {
+            } => match self.apps.get_mut(app_id.as_str()) {
                 Some(a) if a.state.is_terminal() => {
                     Outcome::Rejected(format!("application_id: {app_id} already ended"))
                 }
@@ -187,7 +190,11 @@ impl ClusterState {
                     // ended. Ones not known to run yet end either way (the
                     // new attempt cannot tell whether they were started).
                     let keep = am_container.clone().unwrap_or_default();
-                    let ids = self.app_containers.get(app_id).cloned().unwrap_or_default();
+                    let ids = self
+                        .app_containers
+                        .get(app_id.as_str())
+                        .cloned()
+                        .unwrap_or_default();
                     for id in &ids {
                         self.touch(id, |c| {
                             if c.phase != ContainerPhase::Completed
@@ -223,7 +230,7 @@ impl ClusterState {
                 if !state.is_terminal() {
                     return Outcome::Rejected(format!("state: {state:?} is not a final state"));
                 }
-                match self.apps.get_mut(app_id) {
+                match self.apps.get_mut(app_id.as_str()) {
                     Some(a) if a.state.is_terminal() => Outcome::Done,
                     Some(a) => {
                         a.state = *state;
@@ -242,15 +249,15 @@ impl ClusterState {
                 let verdict = self.verify_plan(allocations);
                 for a in &verdict.accepted {
                     self.app_containers
-                        .entry(a.app_id.clone())
+                        .entry(a.app_id.as_str().into())
                         .or_default()
-                        .insert(a.container_id.clone());
+                        .insert(a.container_id.as_str().into());
                     self.node_containers
-                        .entry(a.node_id.clone())
+                        .entry(a.node_id.as_str().into())
                         .or_default()
-                        .insert(a.container_id.clone());
+                        .insert(a.container_id.as_str().into());
                     self.containers.insert(
-                        a.container_id.clone(),
+                        a.container_id.as_str().into(),
                         Container {
                             alloc: a.clone(),
                             phase: ContainerPhase::Allocated,
@@ -276,7 +283,7 @@ impl ClusterState {
                 at_ms,
             } => {
                 for id in container_ids {
-                    if let Some(c) = self.containers.get_mut(id) {
+                    if let Some(c) = self.containers.get_mut(id.as_str()) {
                         if c.phase == ContainerPhase::Allocated {
                             c.phase = ContainerPhase::Running;
                             c.changed_at_ms = *at_ms;
@@ -311,7 +318,7 @@ impl ClusterState {
                 app_id,
                 attempt,
                 stages,
-            } => match self.apps.get_mut(app_id) {
+            } => match self.apps.get_mut(app_id.as_str()) {
                 Some(a) if !a.state.is_terminal() && a.attempt == *attempt => {
                     a.stages = stages.clone();
                     Outcome::Done
@@ -339,15 +346,16 @@ impl ClusterState {
                     .map(|a| a.id.clone())
                     .collect();
                 for app in done {
-                    let Some(ids) = self.app_containers.get_mut(&app) else {
+                    let Some(ids) = self.app_containers.get_mut(app.as_str()) else {
                         continue;
                     };
                     ids.retain(|id| match self.containers.get(id) {
                         Some(c) if !c.occupies_node() => {
-                            if let Some(on) = self.node_containers.get_mut(&c.alloc.node_id) {
+                            if let Some(on) = self.node_containers.get_mut(c.alloc.node_id.as_str())
+                            {
                                 on.remove(id);
                                 if on.is_empty() {
-                                    self.node_containers.remove(&c.alloc.node_id);
+                                    self.node_containers.remove(c.alloc.node_id.as_str());
                                 }
                             }
                             self.containers.remove(id);
@@ -356,7 +364,7 @@ impl ClusterState {
                         _ => true,
                     });
                     if ids.is_empty() {
-                        self.app_containers.remove(&app);
+                        self.app_containers.remove(app.as_str());
                     }
                 }
                 Outcome::Done
@@ -409,26 +417,26 @@ impl ClusterState {
     }
 
     pub(super) fn charge_node(
-        usage: &mut BTreeMap<String, NodeUse>,
+        usage: &mut BTreeMap<Id, NodeUse>,
         changes: &mut changes::NodeChanges,
         a: &Allocation,
         add: bool,
     ) {
         changes.mark(&a.node_id);
-        let u = usage.entry(a.node_id.clone()).or_default();
+        let u = usage.entry(a.node_id.as_str().into()).or_default();
         u.charge(a, add);
         if u.containers == 0 {
-            usage.remove(&a.node_id);
+            usage.remove(a.node_id.as_str());
         }
     }
 
     pub(super) fn charge_queue(
         usage: &mut BTreeMap<String, BTreeMap<String, QueueUse>>,
-        apps: &BTreeMap<String, App>,
+        apps: &BTreeMap<Id, App>,
         a: &Allocation,
         add: bool,
     ) {
-        let Some(app) = apps.get(&a.app_id) else {
+        let Some(app) = apps.get(a.app_id.as_str()) else {
             return;
         };
         let gpu = 1000 * a.gpus.len() as u64 + a.gpu_share.map_or(0, |sh| sh.milli as u64);
@@ -468,7 +476,7 @@ impl ClusterState {
         if c.alloc.ask_id != MASTER_ASK || !not_its_fault {
             return;
         }
-        if let Some(a) = self.apps.get_mut(&c.alloc.app_id) {
+        if let Some(a) = self.apps.get_mut(c.alloc.app_id.as_str()) {
             if a.am_container.as_deref() == Some(container_id) {
                 a.free_attempts += 1;
             }
@@ -512,7 +520,7 @@ impl ClusterState {
             .cloned()
             .unwrap_or_default();
         for id in &on {
-            if keep.contains(id) {
+            if keep.iter().any(|k| k == id.as_str()) {
                 continue;
             }
             self.touch(id, |c| {

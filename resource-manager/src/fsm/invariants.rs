@@ -33,13 +33,13 @@ impl ClusterState {
     /// ids within the handed-out sequence. Returns the first violation.
     pub fn check_invariants(&self) -> Result<(), String> {
         // Each derived index holds every container once, under its owner.
-        let agrees = |index: &BTreeMap<String, std::collections::BTreeSet<String>>,
+        let agrees = |index: &BTreeMap<Id, std::collections::BTreeSet<Id>>,
                       owner: fn(&Allocation) -> &str| {
             index.values().map(|s| s.len()).sum::<usize>() == self.containers.len()
                 && index.iter().all(|(key, ids)| {
                     ids.iter().all(|id| {
                         self.containers
-                            .get(id)
+                            .get(id.as_str())
                             .is_some_and(|c| owner(&c.alloc) == key)
                     })
                 })
@@ -115,13 +115,13 @@ impl ClusterState {
             if *id != c.alloc.container_id {
                 return Err(format!("container {id} stored under another id"));
             }
-            if !self.apps.contains_key(&c.alloc.app_id) {
+            if !self.apps.contains_key(c.alloc.app_id.as_str()) {
                 return Err(format!(
                     "container {id} of unknown application {}",
                     c.alloc.app_id
                 ));
             }
-            if !self.nodes.contains_key(&c.alloc.node_id) {
+            if !self.nodes.contains_key(c.alloc.node_id.as_str()) {
                 return Err(format!(
                     "container {id} on unknown node {}",
                     c.alloc.node_id
@@ -141,7 +141,7 @@ impl ClusterState {
             }
         }
         for (req, app) in &self.submissions {
-            if !self.apps.contains_key(app) {
+            if !self.apps.contains_key(app.as_str()) {
                 return Err(format!("submission {req} points at missing {app}"));
             }
         }

@@ -281,11 +281,17 @@ impl From<&StageProgress> for weft_proto::v1::StageProgress {
     }
 }
 
+/// The key of the state's maps of nodes, applications and containers: a
+/// string kept inline when short (ids are), so that a map search compares
+/// keys inside the tree's nodes instead of following a pointer per key.
+/// Serialized as a plain string.
+pub type Id = compact_str::CompactString;
+
 /// The whole replicated state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
-    pub nodes: BTreeMap<String, Node>,
-    pub apps: BTreeMap<String, App>,
+    pub nodes: BTreeMap<Id, Node>,
+    pub apps: BTreeMap<Id, App>,
     /// Number of the last application id handed out.
     pub app_seq: u64,
     /// Submission request id -> application id, for idempotent retries.
@@ -296,7 +302,7 @@ pub struct ClusterState {
     pub members: BTreeMap<u64, String>,
     /// Every container granted, running or ended: an id is never granted twice.
     #[serde(default)]
-    pub containers: BTreeMap<String, Container>,
+    pub containers: BTreeMap<Id, Container>,
     #[serde(default)]
     pub queues: BTreeMap<String, QueueSpec>,
     /// Seed (hex) of the ed25519 key tokens are signed with; set once by the
@@ -306,15 +312,15 @@ pub struct ClusterState {
     /// Derived index: application id -> its containers' ids (not stored;
     /// rebuilt from `containers` when a snapshot is read).
     #[serde(skip)]
-    pub app_containers: BTreeMap<String, std::collections::BTreeSet<String>>,
+    pub app_containers: BTreeMap<Id, std::collections::BTreeSet<Id>>,
     /// Derived index: node id -> its containers' ids (not stored; rebuilt
     /// like `app_containers`), so per-node work costs that node's share.
     #[serde(skip)]
-    pub node_containers: BTreeMap<String, std::collections::BTreeSet<String>>,
+    pub node_containers: BTreeMap<Id, std::collections::BTreeSet<Id>>,
     /// Derived: node id -> what its containers that occupy it use, kept on
     /// apply (O(change)); `check_invariants` recomputes it from scratch.
     #[serde(skip)]
-    pub usage: BTreeMap<String, NodeUse>,
+    pub usage: BTreeMap<Id, NodeUse>,
     /// Derived: queue -> user -> what their unfinished containers use, kept
     /// like `usage`.
     #[serde(skip)]
@@ -398,21 +404,6 @@ impl NodeUse {
     /// GPU use in thousandths of a device (whole devices count 1000).
     pub fn gpu_milli(&self) -> u64 {
         1000 * self.gpus.len() as u64 + self.shares.values().map(|s| s.0 as u64).sum::<u64>()
-    }
-
-    /// Adds a share; false when the device cannot take it (given whole, or
-    /// its thousandths or memory would run over).
-    pub(super) fn take_share(&mut self, s: &GpuShare, device_memory: u64) -> bool {
-        if self.gpus.contains(&s.device) {
-            return false;
-        }
-        let e = self.shares.entry(s.device).or_insert((0, 0));
-        if e.0 + s.milli > 1000 || e.1 + s.memory_bytes > device_memory {
-            return false;
-        }
-        e.0 += s.milli;
-        e.1 += s.memory_bytes;
-        true
     }
 }
 

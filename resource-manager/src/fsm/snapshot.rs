@@ -25,13 +25,13 @@ impl ClusterState {
         self.node_changes = changes::NodeChanges::default();
         for c in self.containers.values() {
             self.app_containers
-                .entry(c.alloc.app_id.clone())
+                .entry(c.alloc.app_id.as_str().into())
                 .or_default()
-                .insert(c.alloc.container_id.clone());
+                .insert(c.alloc.container_id.as_str().into());
             self.node_containers
-                .entry(c.alloc.node_id.clone())
+                .entry(c.alloc.node_id.as_str().into())
                 .or_default()
-                .insert(c.alloc.container_id.clone());
+                .insert(c.alloc.container_id.as_str().into());
             if c.occupies_node() {
                 Self::charge_node(&mut self.usage, &mut self.node_changes, &c.alloc, true);
             }

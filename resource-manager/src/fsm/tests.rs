@@ -342,13 +342,13 @@ fn application_life_cycle() {
         at_ms: 3,
     };
     assert_eq!(s.apply(&start(1)), Outcome::Done);
-    assert_eq!(s.apps[&id].state, AppState::Running);
+    assert_eq!(s.apps[id.as_str()].state, AppState::Running);
     assert!(
         matches!(s.apply(&start(1)), Outcome::Rejected(_)),
         "attempts only move forward"
     );
     assert_eq!(s.apply(&start(2)), Outcome::Done);
-    assert_eq!(s.apps[&id].am_container.as_deref(), Some("am-2"));
+    assert_eq!(s.apps[id.as_str()].am_container.as_deref(), Some("am-2"));
     let finish = |state| Command::ApplicationFinished {
         app_id: id.clone(),
         state,
@@ -361,11 +361,11 @@ fn application_life_cycle() {
         Outcome::Rejected(_)
     ));
     assert_eq!(s.apply(&finish(AppState::Failed)), Outcome::Done);
-    assert_eq!(s.apps[&id].state, AppState::Failed);
-    assert_eq!(s.apps[&id].finished_at_ms, 9);
+    assert_eq!(s.apps[id.as_str()].state, AppState::Failed);
+    assert_eq!(s.apps[id.as_str()].finished_at_ms, 9);
     // Final is final.
     s.apply(&finish(AppState::Succeeded));
-    assert_eq!(s.apps[&id].state, AppState::Failed);
+    assert_eq!(s.apps[id.as_str()].state, AppState::Failed);
     assert!(matches!(s.apply(&start(3)), Outcome::Rejected(_)));
 }
 

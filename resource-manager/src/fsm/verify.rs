@@ -8,9 +8,9 @@
 //! The check is a pure function of the state and the plan, so every member
 //! that applies the same command keeps the same part.
 
-use std::collections::{BTreeMap, BTreeSet};
+use rustc_hash::{FxHashMap, FxHashSet};
 
-use super::{Allocation, ClusterState, NodeState, NodeUse};
+use super::{Allocation, ClusterState, Node, NodeState, NodeUse};
 
 /// One allocation of a plan that was not granted, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +34,13 @@ impl Verdict {
     }
 }
 
+/// What a plan's allocations on one node are checked against: the node
+/// (None: the state has no such node) and its use so far.
+struct Slot<'a> {
+    node: Option<&'a Node>,
+    used: NodeUse,
+}
+
 impl ClusterState {
     /// Splits `plan` into what fits the current state and what does not:
     /// each allocation needs a new container id, a live application, a
@@ -41,62 +48,107 @@ impl ClusterState {
     /// memory, whole GPUs not given, shares that fit their device) after
     /// everything accepted before it. Allocations sharing a `gang` key are
     /// accepted together or refused together.
+    ///
+    /// Each node the plan names is looked up once (its record and its use),
+    /// and a lone allocation is checked against it in place: the cost is one
+    /// container-id search per allocation and one node search per node.
     pub fn verify_plan(&self, plan: &[Allocation]) -> Verdict {
         // Units in the plan's order: a lone allocation, or a whole gang
         // (placed where its first member stands).
-        let mut units: Vec<Vec<&Allocation>> = Vec::new();
-        let mut gang_unit: BTreeMap<&str, usize> = BTreeMap::new();
-        for a in plan {
+        let mut units: Vec<Unit> = Vec::with_capacity(plan.len());
+        let mut gang_unit: FxHashMap<&str, usize> = FxHashMap::default();
+        for (i, a) in plan.iter().enumerate() {
             match a.gang.as_deref() {
                 Some(g) => match gang_unit.get(g) {
-                    Some(&u) => units[u].push(a),
+                    Some(&u) => match &mut units[u] {
+                        Unit::Gang(members) => members.push(i),
+                        Unit::One(_) => unreachable!("a gang's unit is a gang"),
+                    },
                     None => {
                         gang_unit.insert(g, units.len());
-                        units.push(vec![a]);
+                        units.push(Unit::Gang(vec![i]));
                     }
                 },
-                None => units.push(vec![a]),
+                None => units.push(Unit::One(i)),
             }
         }
-        let mut used: BTreeMap<&str, NodeUse> = BTreeMap::new();
-        let mut ids: BTreeSet<&str> = BTreeSet::new();
-        let mut v = Verdict::default();
+        let mut slots: FxHashMap<&str, Slot> = FxHashMap::default();
+        let mut ids: FxHashSet<&str> = FxHashSet::default();
+        let mut v = Verdict {
+            accepted: Vec::with_capacity(plan.len()),
+            refused: Vec::new(),
+        };
         for unit in units {
-            // Tentative use of the nodes this unit touches.
-            let mut trial: BTreeMap<&str, NodeUse> = BTreeMap::new();
-            let mut trial_ids: BTreeSet<&str> = BTreeSet::new();
-            let mut failure: Option<(usize, String)> = None;
-            for (k, a) in unit.iter().enumerate() {
-                let u = trial.entry(a.node_id.as_str()).or_insert_with(|| {
-                    used.get(a.node_id.as_str())
-                        .cloned()
-                        .unwrap_or_else(|| self.node_use(&a.node_id))
-                });
-                let fresh = !ids.contains(a.container_id.as_str())
-                    && trial_ids.insert(a.container_id.as_str());
-                if let Err(why) = self.check_one(a, fresh, u) {
-                    failure = Some((k, why));
-                    break;
-                }
-            }
-            match failure {
-                None => {
-                    used.extend(trial);
-                    ids.extend(trial_ids);
-                    v.accepted.extend(unit.into_iter().cloned());
-                }
-                Some((k, why)) => {
-                    let culprit = unit[k].container_id.clone();
-                    for a in unit {
-                        let reason = if a.container_id == culprit {
-                            why.clone()
-                        } else {
-                            format!("gang: member {culprit} was refused ({why})")
-                        };
-                        v.refused.push(Refusal {
+            match unit {
+                Unit::One(i) => {
+                    let a = &plan[i];
+                    let slot = slots
+                        .entry(a.node_id.as_str())
+                        .or_insert_with(|| self.slot(&a.node_id));
+                    let fresh = !ids.contains(a.container_id.as_str());
+                    match self.check_one(a, fresh, slot.node, &slot.used) {
+                        Ok(()) => {
+                            slot.used.charge(a, true);
+                            ids.insert(a.container_id.as_str());
+                            v.accepted.push(a.clone());
+                        }
+                        Err(reason) => v.refused.push(Refusal {
                             container_id: a.container_id.clone(),
                             reason,
-                        });
+                        }),
+                    }
+                }
+                Unit::Gang(members) => {
+                    // Tentative use of the nodes the gang touches.
+                    let mut trial: Vec<(&str, Slot)> = Vec::new();
+                    let mut trial_ids: FxHashSet<&str> = FxHashSet::default();
+                    let mut failure: Option<(usize, String)> = None;
+                    for &i in &members {
+                        let a = &plan[i];
+                        let at = match trial.iter().position(|(n, _)| *n == a.node_id) {
+                            Some(at) => at,
+                            None => {
+                                let slot = match slots.get(a.node_id.as_str()) {
+                                    Some(s) => Slot {
+                                        node: s.node,
+                                        used: s.used.clone(),
+                                    },
+                                    None => self.slot(&a.node_id),
+                                };
+                                trial.push((a.node_id.as_str(), slot));
+                                trial.len() - 1
+                            }
+                        };
+                        let slot = &mut trial[at].1;
+                        let fresh = !ids.contains(a.container_id.as_str())
+                            && trial_ids.insert(a.container_id.as_str());
+                        if let Err(why) = self.check_one(a, fresh, slot.node, &slot.used) {
+                            failure = Some((i, why));
+                            break;
+                        }
+                        slot.used.charge(a, true);
+                    }
+                    match failure {
+                        None => {
+                            slots.extend(trial);
+                            ids.extend(trial_ids);
+                            v.accepted.extend(members.iter().map(|&i| plan[i].clone()));
+                        }
+                        Some((k, why)) => {
+                            let culprit = &plan[k].container_id;
+                            for &i in &members {
+                                let a = &plan[i];
+                                let reason = if i == k {
+                                    why.clone()
+                                } else {
+                                    format!("gang: member {culprit} was refused ({why})")
+                                };
+                                v.refused.push(Refusal {
+                                    container_id: a.container_id.clone(),
+                                    reason,
+                                });
+                            }
+                        }
                     }
                 }
             }
@@ -104,24 +156,34 @@ impl ClusterState {
         v
     }
 
+    fn slot(&self, node_id: &str) -> Slot<'_> {
+        Slot {
+            node: self.nodes.get(node_id),
+            used: self.node_use(node_id),
+        }
+    }
+
     /// Checks one allocation against the state and `u`, the node's use so
-    /// far (to which it adds the allocation when it fits).
-    fn check_one(&self, a: &Allocation, fresh_id: bool, u: &mut NodeUse) -> Result<(), String> {
-        if !fresh_id || self.containers.contains_key(&a.container_id) {
+    /// far (to which the caller adds the allocation when it fits).
+    fn check_one(
+        &self,
+        a: &Allocation,
+        fresh_id: bool,
+        node: Option<&Node>,
+        u: &NodeUse,
+    ) -> Result<(), String> {
+        if !fresh_id || self.containers.contains_key(a.container_id.as_str()) {
             return Err(format!(
                 "container_id: {} was already granted",
                 a.container_id
             ));
         }
-        match self.apps.get(&a.app_id) {
+        match self.apps.get(a.app_id.as_str()) {
             Some(app) if !app.state.is_terminal() => {}
             Some(_) => return Err(format!("app_id: {} already ended", a.app_id)),
             None => return Err(format!("app_id: no application {}", a.app_id)),
         }
-        let node = self
-            .nodes
-            .get(&a.node_id)
-            .ok_or_else(|| format!("node_id: no node {}", a.node_id))?;
+        let node = node.ok_or_else(|| format!("node_id: no node {}", a.node_id))?;
         if node.state != NodeState::Running {
             return Err(format!(
                 "node_id: {} is {:?}, not running",
@@ -134,23 +196,21 @@ impl ClusterState {
                 a.node_id
             ));
         }
-        let mut next = u.clone();
-        next.vcores_milli += a.vcores_milli;
-        next.memory_bytes += a.memory_bytes;
-        if next.vcores_milli > node.vcores_milli || next.memory_bytes > node.memory_bytes {
+        if u.vcores_milli + a.vcores_milli > node.vcores_milli
+            || u.memory_bytes + a.memory_bytes > node.memory_bytes
+        {
             return Err(format!("node_id: {} would be over-committed", a.node_id));
         }
-        for g in &a.gpus {
+        for (k, g) in a.gpus.iter().enumerate() {
             if *g as usize >= node.gpus.len() {
                 return Err(format!("gpus: node {} has no GPU {g}", a.node_id));
             }
-            if next.gpus.contains(g) || next.shares.contains_key(g) {
+            if u.gpus.contains(g) || u.shares.contains_key(g) || a.gpus[..k].contains(g) {
                 return Err(format!(
                     "gpus: GPU {g} of node {} is already given",
                     a.node_id
                 ));
             }
-            next.gpus.push(*g);
         }
         if let Some(sh) = &a.gpu_share {
             let Some(dev) = node.gpus.get(sh.device as usize) else {
@@ -159,31 +219,41 @@ impl ClusterState {
                     a.node_id, sh.device
                 ));
             };
-            if sh.milli == 0 || !next.take_share(sh, dev.memory_bytes) {
+            let (milli, memory) = u.shares.get(&sh.device).copied().unwrap_or((0, 0));
+            if sh.milli == 0
+                || u.gpus.contains(&sh.device)
+                || a.gpus.contains(&sh.device)
+                || milli + sh.milli > 1000
+                || memory + sh.memory_bytes > dev.memory_bytes
+            {
                 return Err(format!(
                     "gpu_share: GPU {} of node {} cannot take {}/1000 and {} bytes more",
                     sh.device, a.node_id, sh.milli, sh.memory_bytes
                 ));
             }
         }
-        for &p in &a.ports {
+        for (k, &p) in a.ports.iter().enumerate() {
             if !node.ports.contains(p) {
                 return Err(format!(
                     "ports: {p} is outside node {}'s port range",
                     a.node_id
                 ));
             }
-            if !next.ports.insert(p) {
+            if u.ports.contains(&p) || a.ports[..k].contains(&p) {
                 return Err(format!(
                     "ports: port {p} of node {} is already given",
                     a.node_id
                 ));
             }
         }
-        next.containers += 1;
-        *u = next;
         Ok(())
     }
+}
+
+/// A lone allocation or a whole gang, by plan index.
+enum Unit {
+    One(usize),
+    Gang(Vec<usize>),
 }
 
 #[cfg(test)]

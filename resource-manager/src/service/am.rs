@@ -228,7 +228,7 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                     .iter()
                     .filter(|id| {
                         st.containers
-                            .get(*id)
+                            .get(id.as_str())
                             .is_some_and(|c| c.alloc.app_id == r.application_id)
                     })
                     .cloned()
@@ -313,7 +313,7 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         r.attempt = self.authorize(&r.application_token, &r.application_id, r.attempt)?;
         {
             let st = self.s.raft.state();
-            if let Some(a) = st.apps.get(&r.application_id) {
+            if let Some(a) = st.apps.get(r.application_id.as_str()) {
                 if r.attempt > 0 && r.attempt < a.attempt {
                     return Err(Status::failed_precondition(format!(
                         "attempt: {} of {} was replaced by attempt {}",

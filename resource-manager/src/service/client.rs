@@ -478,7 +478,7 @@ impl pb::client_service_server::ClientService for RmService {
         self.raft.read_barrier().await?;
         let (container, address) = {
             let st = self.raft.state();
-            let app = st.apps.get(&r.application_id).ok_or_else(|| {
+            let app = st.apps.get(r.application_id.as_str()).ok_or_else(|| {
                 Error::NotFound(format!(
                     "application_id: no application {}",
                     r.application_id
@@ -487,7 +487,7 @@ impl pb::client_service_server::ClientService for RmService {
             let c = if r.task.is_empty() {
                 app.am_container
                     .as_ref()
-                    .and_then(|id| st.containers.get(id))
+                    .and_then(|id| st.containers.get(id.as_str()))
                     .ok_or_else(|| {
                         Status::failed_precondition(format!(
                             "task: {} has no master container (it runs inside the RM); name a task, e.g. stage/0",
@@ -512,7 +512,7 @@ impl pb::client_service_server::ClientService for RmService {
             };
             let address = st
                 .nodes
-                .get(&c.alloc.node_id)
+                .get(c.alloc.node_id.as_str())
                 .map(|n| n.address.clone())
                 .ok_or_else(|| {
                     Status::unavailable(format!("node {} is not known", c.alloc.node_id))
@@ -547,7 +547,7 @@ impl pb::client_service_server::ClientService for RmService {
                         .raft
                         .state()
                         .containers
-                        .get(&container)
+                        .get(container.as_str())
                         .is_some_and(|c| c.phase == ContainerPhase::Allocated);
                     if !starting {
                         return Err(e);

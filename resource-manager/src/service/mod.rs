@@ -97,7 +97,7 @@ impl RmService {
             am_node_id: a
                 .am_container
                 .as_ref()
-                .and_then(|c| st.containers.get(c))
+                .and_then(|c| st.containers.get(c.as_str()))
                 .map(|c| c.alloc.node_id.clone())
                 .unwrap_or_default(),
             application_id: a.id.clone(),

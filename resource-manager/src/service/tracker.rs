@@ -111,7 +111,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
             .raft
             .state()
             .nodes
-            .get(&r.node_id)
+            .get(r.node_id.as_str())
             .filter(|n| n.state != NodeState::Lost)
             .map_or((false, false), |n| (true, !n.ready));
         // The agent now holds the group's key: the node can be offered work.
@@ -150,7 +150,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                         | pb::ContainerState::Running
                         | pb::ContainerState::Stopping
                 );
-                let Some(mine) = st.containers.get(&c.container_id) else {
+                let Some(mine) = st.containers.get(c.container_id.as_str()) else {
                     // Not in the state: an agent can only have started it
                     // after its grant was committed, so it was pruned (its
                     // application finished long ago). Nothing may run for it.

@@ -318,7 +318,7 @@ mod tests {
     }
 
     fn nodes_of(h: &RaftHandle) -> Vec<String> {
-        h.state().nodes.keys().cloned().collect()
+        h.state().nodes.keys().map(|k| k.to_string()).collect()
     }
 
     #[tokio::test]

@@ -36,7 +36,7 @@ impl Scheduling {
                 let last = app
                     .am_container
                     .as_ref()
-                    .and_then(|c| state.containers.get(c));
+                    .and_then(|c| state.containers.get(c.as_str()));
                 if let Some(c) = last.filter(|c| c.phase != ContainerPhase::Completed) {
                     // A master that stopped calling is ended (its agent stops
                     // it) and replaced; a new leader gives every master a
@@ -117,7 +117,11 @@ impl Scheduling {
             let state = self.raft.state();
             let mut local = self.local.lock().expect("local masters lock");
             local.retain(|id, m| {
-                !m.task.is_finished() || state.apps.get(id).is_some_and(|a| !a.state.is_terminal())
+                !m.task.is_finished()
+                    || state
+                        .apps
+                        .get(id.as_str())
+                        .is_some_and(|a| !a.state.is_terminal())
             });
             for app in state
                 .apps
@@ -228,7 +232,7 @@ impl Scheduling {
             };
             let node_addr = st
                 .nodes
-                .get(&a.node_id)
+                .get(a.node_id.as_str())
                 .map(|n| n.address.clone())
                 .unwrap_or_default();
             let mut rm: Vec<String> = st.members.values().cloned().collect();

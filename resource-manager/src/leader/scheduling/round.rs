@@ -54,7 +54,7 @@ impl Scheduling {
             let ports = if asks[i].ports == 0 {
                 Vec::new()
             } else {
-                let Some(node) = state.nodes.get(&node_ids[p.node]) else {
+                let Some(node) = state.nodes.get(node_ids[p.node].as_str()) else {
                     continue;
                 };
                 let used = taken.entry(p.node).or_insert_with(|| {
@@ -122,7 +122,12 @@ impl Scheduling {
         let mut t = self.table.lock().expect("table lock");
         // Asks of applications that ended leave the table with the round
         // that first sees them ended: nothing is planned for them again.
-        let live = |id: &String| state.apps.get(id).is_some_and(|a| !a.state.is_terminal());
+        let live = |id: &String| {
+            state
+                .apps
+                .get(id.as_str())
+                .is_some_and(|a| !a.state.is_terminal())
+        };
         t.asks.retain(|id, _| live(id));
         t.masters.retain(|id, _| live(id));
         t.undelivered.retain(|id, _| live(id));
@@ -130,7 +135,7 @@ impl Scheduling {
         let mut keys = Vec::new();
         let mut gangs: Vec<Option<String>> = Vec::new();
         for (app_id, list) in &t.asks {
-            let Some(app) = state.apps.get(app_id) else {
+            let Some(app) = state.apps.get(app_id.as_str()) else {
                 continue;
             };
             let Some(q) = queues.index(&app.queue) else {
@@ -151,7 +156,7 @@ impl Scheduling {
             }
         }
         for (app_id, ra) in &t.masters {
-            let Some(app) = state.apps.get(app_id) else {
+            let Some(app) = state.apps.get(app_id.as_str()) else {
                 continue;
             };
             let Some(q) = queues.index(&app.queue) else {
