@@ -12,6 +12,7 @@
 //! - [`service`]: the ContainerManager gRPC service;
 //! - [`tracker`]: registration and heartbeats to the resource manager;
 //! - [`procfs`]: process-tree reading shared by all of the above;
+//! - [`memory`]: the agent's own heap (one arena, free pages given back);
 //!
 //! [`run`] assembles them and returns only after every container has been
 //! stopped and its group removed.
@@ -23,6 +24,7 @@ pub mod error;
 pub mod gpu;
 pub mod logs;
 pub mod manager;
+pub mod memory;
 pub mod model;
 pub mod ports;
 pub mod procfs;
@@ -154,6 +156,18 @@ pub async fn run(
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(every) => { logs::sweep(&mgr).await; }
+                    _ = cancel.cancelled() => return,
+                }
+            }
+        }));
+    }
+
+    {
+        let cancel = cancel.child_token();
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(memory::TRIM_EVERY) => { manager::blocking(memory::trim).await; }
                     _ = cancel.cancelled() => return,
                 }
             }

@@ -92,6 +92,7 @@ fn config(args: &Args) -> anyhow::Result<AgentConfig> {
 }
 
 fn main() -> ExitCode {
+    weft_node_agent::memory::single_arena();
     let args = Args::parse();
     telemetry::init(args.log_format);
     let cfg = match config(&args) {

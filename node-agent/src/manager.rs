@@ -183,8 +183,10 @@ impl Manager {
             .lock()
             .expect("state lock poisoned")
             .values()
-            .map(|c| c.record())
-            .filter(|r| include_finished || !r.is_done())
+            .filter_map(|c| {
+                let r = c.record.lock().expect("record lock poisoned");
+                (include_finished || !r.is_done()).then(|| r.clone())
+            })
             .collect();
         v.sort_by(|a, b| {
             a.is_done()
@@ -192,6 +194,35 @@ impl Manager {
                 .then(a.spec.id.cmp(&b.spec.id))
         });
         v
+    }
+
+    /// What a heartbeat reports, in one pass under the lock with no record
+    /// copied: the status of every container whose id is not in
+    /// `acknowledged` (ended ones the RM has stored), running first, then
+    /// by id, and what the running ones use. `acknowledged` drops the ids
+    /// the agent no longer knows.
+    pub fn heartbeat_report(
+        &self,
+        acknowledged: &mut HashSet<String>,
+    ) -> (Vec<pb::ContainerStatus>, pb::NodeUtilization) {
+        let st = self.sh.state.lock().expect("state lock poisoned");
+        acknowledged.retain(|id| st.contains_key(id));
+        let mut used = pb::NodeUtilization::default();
+        let mut out: Vec<(bool, pb::ContainerStatus)> = Vec::new();
+        for (id, c) in st.iter() {
+            let r = c.record.lock().expect("record lock poisoned");
+            if !r.is_done() {
+                used.vcores_used_milli += r.spec.resources.vcores_milli;
+                used.memory_used_bytes += r.memory_bytes;
+                used.running_containers += 1;
+            }
+            if !acknowledged.contains(id) {
+                out.push((r.is_done(), r.to_proto()));
+            }
+        }
+        drop(st);
+        out.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.container_id.cmp(&b.1.container_id)));
+        (out.into_iter().map(|(_, s)| s).collect(), used)
     }
 
     /// Forgets an ended container (its logs were removed).
@@ -840,6 +871,12 @@ async fn supervise(
         r.memory_peak_bytes = peak;
         r.finished_at = Some(SystemTime::now());
         r.phase = Phase::Done(exit);
+        // What started it (its command and environment, tokens among them)
+        // is not needed once it ended: the record keeps what reports use,
+        // so an agent's memory does not grow with every container it ran.
+        r.spec.command = String::new();
+        r.spec.args = Vec::new();
+        r.spec.env = Default::default();
     });
     c.done.send_replace(true);
     sh.ended.notify_one();

@@ -88,6 +88,7 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
         let mut client = ResourceTrackerClient::new(channel);
         // Ended containers the RM has stored: not reported again.
         let mut acknowledged: HashSet<String> = HashSet::new();
+        let mut ports = PortScan::default();
         // The first heartbeat goes at once: it tells the RM this agent holds
         // the token key, which is when the node is first offered work.
         let mut first = true;
@@ -107,20 +108,12 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
                 _ = cancel.cancelled() => return,
             }
             sequence += 1;
-            let all = mgr.list(true);
-            acknowledged.retain(|id| all.iter().any(|r| r.spec.id == *id));
-            let range = cfg.ports.clone();
-            let ports_in_use = tokio::task::spawn_blocking(move || crate::ports::in_use(&range))
-                .await
-                .unwrap_or_default();
+            let (containers, used) = mgr.heartbeat_report(&mut acknowledged);
+            let ports_in_use = ports.read(&cfg.ports, interval).await;
             let req = pb::NodeHeartbeatRequest {
                 node_id: node.node_id.clone(),
-                containers: all
-                    .iter()
-                    .filter(|r| !acknowledged.contains(&r.spec.id))
-                    .map(|r| r.to_proto())
-                    .collect(),
-                utilization: Some(utilization(&mgr)),
+                containers,
+                utilization: Some(used),
                 sequence,
                 token_public_key: mgr.tokens().public_key(),
                 ports_in_use,
@@ -198,11 +191,29 @@ async fn register(
     client.register_node(req).await
 }
 
-fn utilization(mgr: &Manager) -> pb::NodeUtilization {
-    let running = mgr.list(false);
-    pb::NodeUtilization {
-        vcores_used_milli: running.iter().map(|r| r.spec.resources.vcores_milli).sum(),
-        memory_used_bytes: running.iter().map(|r| r.memory_bytes).sum(),
-        running_containers: running.len() as u32,
+/// The ports of the range bound on the node, as the last scan found them.
+/// Reading `/proc/net` walks every socket's hash bucket, so a heartbeat
+/// sent early (a container just ended) reuses a scan younger than the
+/// heartbeat interval; the regular heartbeat scans again. A port bound in
+/// between is still caught when a container is started on it (the agent
+/// refuses, and the RM gives another).
+#[derive(Default)]
+struct PortScan {
+    last: Option<(tokio::time::Instant, Vec<u32>)>,
+}
+
+impl PortScan {
+    async fn read(&mut self, range: &crate::config::PortsConfig, interval: Duration) -> Vec<u32> {
+        if let Some((at, ports)) = &self.last {
+            if at.elapsed() < interval {
+                return ports.clone();
+            }
+        }
+        let range = range.clone();
+        let ports = tokio::task::spawn_blocking(move || crate::ports::in_use(&range))
+            .await
+            .unwrap_or_default();
+        self.last = Some((tokio::time::Instant::now(), ports.clone()));
+        ports
     }
 }

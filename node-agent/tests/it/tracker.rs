@@ -42,9 +42,18 @@ impl ResourceTracker for FakeRm {
         &self,
         r: Request<pb::NodeHeartbeatRequest>,
     ) -> Result<Response<pb::NodeHeartbeatResponse>, Status> {
-        self.seen.lock().unwrap().heartbeats.push(r.into_inner());
+        let hb = r.into_inner();
+        // Ended containers are stored at once, as the RM does: acknowledged.
+        let ended: Vec<String> = hb
+            .containers
+            .iter()
+            .filter(|c| is_terminal(c))
+            .map(|c| c.container_id.clone())
+            .collect();
+        self.seen.lock().unwrap().heartbeats.push(hb);
         Ok(Response::new(pb::NodeHeartbeatResponse {
             containers_to_stop: std::mem::take(&mut *self.stop.lock().unwrap()),
+            containers_acknowledged: ended,
             ..Default::default()
         }))
     }
@@ -71,6 +80,7 @@ async fn registers_when_an_rm_appears_and_heartbeats() {
     // No RM yet: the agent serves, but cannot check a token, so starts
     // nothing; the refusal is transient (UNAVAILABLE: try later or elsewhere).
     let mut work = spec("work", "exec sleep 30", 16 * MIB);
+    work.resources.as_mut().unwrap().vcores_milli = 500;
     work.token = token_for(&work, "test-tracker");
     let e = agent
         .client
@@ -156,6 +166,37 @@ async fn registers_when_an_rm_appears_and_heartbeats() {
         })
     })
     .await;
+    // Acknowledged: later heartbeats no longer carry it, and what they say
+    // is in use counts only running containers (none now; one before).
+    let acked_at = seen.lock().unwrap().heartbeats.len();
+    eventually(
+        "three heartbeats after the ack",
+        Duration::from_secs(5),
+        || seen.lock().unwrap().heartbeats.len() >= acked_at + 3,
+    )
+    .await;
+    {
+        let s = seen.lock().unwrap();
+        for h in &s.heartbeats[acked_at..] {
+            assert!(
+                h.containers.iter().all(|c| c.container_id != "work"),
+                "an acknowledged container was reported again: {h:?}"
+            );
+            assert_eq!(h.utilization.as_ref().unwrap().running_containers, 0);
+        }
+        let running = s
+            .heartbeats
+            .iter()
+            .find(|h| {
+                h.containers
+                    .iter()
+                    .any(|c| c.container_id == "work" && c.state() == pb::ContainerState::Running)
+            })
+            .unwrap();
+        let used = running.utilization.as_ref().unwrap();
+        assert_eq!(used.running_containers, 1);
+        assert_eq!(used.vcores_used_milli, 500);
+    }
     let seqs: Vec<u64> = seen
         .lock()
         .unwrap()
