@@ -332,7 +332,9 @@ pub fn start(
     member.sync_transport();
     let thread = std::thread::Builder::new()
         .name("raft".into())
-        .spawn(move || member.run(rx))
+        .spawn(move || {
+            stop_on_panic(|| member.run(rx), |why| stop_member(&why));
+        })
         .map_err(|e| Error::Storage(format!("starting the raft thread: {e}")))?;
     Ok((handle, thread))
 }
@@ -368,6 +370,21 @@ fn stop_member(why: &str) -> ! {
     tracing::error!(reason = %why, "resource manager member stopping");
     eprintln!("resource-manager: fatal: {why}");
     std::process::exit(70)
+}
+
+/// Runs `body`; if it panics, calls `stop` with the panic's message. The
+/// raft thread runs under it with [`stop_member`]: a member whose raft
+/// thread died (a bug in apply, an invariant check, raft-rs itself) would
+/// otherwise keep serving reads and taking proposals that never commit.
+fn stop_on_panic(body: impl FnOnce(), stop: impl FnOnce(String)) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".into());
+        stop(format!("the raft thread panicked: {what}"));
+    }
 }
 
 impl Member {
@@ -759,5 +776,34 @@ impl Member {
             snapshot_index: self.last_snapshot.max(self.storage.snapshot_index()),
             members,
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stop_on_panic;
+
+    #[test]
+    fn a_panicking_raft_thread_stops_the_member_and_says_why() {
+        let mut stopped = None;
+        stop_on_panic(|| panic!("apply failed"), |why| stopped = Some(why));
+        assert_eq!(
+            stopped.as_deref(),
+            Some("the raft thread panicked: apply failed")
+        );
+        let mut stopped = None;
+        let entry = 7;
+        stop_on_panic(
+            || panic!("cannot apply entry {entry}"),
+            |why| stopped = Some(why),
+        );
+        assert_eq!(
+            stopped.as_deref(),
+            Some("the raft thread panicked: cannot apply entry 7")
+        );
+        // A thread that returns stops nothing.
+        let mut stopped = None;
+        stop_on_panic(|| {}, |why| stopped = Some(why));
+        assert_eq!(stopped, None);
     }
 }
