@@ -131,6 +131,20 @@ pub struct StageSpec {
 
 /// Most named ports a stage may ask for.
 pub const MAX_PORTS: usize = 16;
+/// Largest spec text accepted (bytes).
+pub const MAX_SPEC_BYTES: usize = 1 << 20;
+/// Most stages in a job.
+pub const MAX_STAGES: usize = 256;
+/// Most tasks in one stage (instances, or all roles' instances together).
+pub const MAX_INSTANCES: u64 = 100_000;
+/// Most environment variables a stage may set.
+pub const MAX_ENV_VARS: usize = 256;
+/// Longest environment variable value (bytes).
+pub const MAX_ENV_VALUE_BYTES: usize = 32 << 10;
+/// Highest priority.
+pub const MAX_PRIORITY: u32 = 1000;
+/// Least memory a container may ask for (the agent refuses less).
+pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -158,6 +172,12 @@ const TORCH_ROLES: [&str; 2] = ["master", "worker"];
 impl JobSpec {
     /// Parses `text` as `format` (`yaml`, `yml` or `toml`) and checks it.
     pub fn parse(text: &str, format: &str) -> Result<JobSpec, SpecError> {
+        if text.len() > MAX_SPEC_BYTES {
+            return Err(bad(
+                "spec",
+                format!("{} bytes; at most {MAX_SPEC_BYTES}", text.len()),
+            ));
+        }
         let spec: JobSpec = match format {
             "yaml" | "yml" => serde_yaml_ng::from_str(text)
                 .map_err(|e| bad("spec", format!("not a valid job spec: {e}")))?,
@@ -180,6 +200,18 @@ impl JobSpec {
         }
         if self.max_attempts == 0 {
             return Err(bad("max_attempts", "must be at least 1"));
+        }
+        if self.priority > MAX_PRIORITY {
+            return Err(bad(
+                "priority",
+                format!("{} is above the highest, {MAX_PRIORITY}", self.priority),
+            ));
+        }
+        if self.stages.len() > MAX_STAGES {
+            return Err(bad(
+                "stages",
+                format!("{} stages; at most {MAX_STAGES}", self.stages.len()),
+            ));
         }
         if let Some(am) = &self.am {
             check_resources("am", am)?;
@@ -294,11 +326,46 @@ impl JobSpec {
                     "distributed training (framework) stages must be gang: true",
                 ));
             }
-            for env in s.env.keys() {
-                if env.is_empty() || env.contains('=') || env.starts_with("WEFT_") {
+            let tasks: u64 = match (&s.instances, &s.roles) {
+                (Some(n), _) => u64::from(*n),
+                (None, Some(roles)) => roles.values().map(|r| u64::from(r.instances)).sum(),
+                (None, None) => 0,
+            };
+            if tasks > MAX_INSTANCES {
+                let field = if s.instances.is_some() {
+                    format!("{f}.instances")
+                } else {
+                    format!("{f}.roles")
+                };
+                return Err(bad(
+                    field,
+                    format!("{tasks} tasks; at most {MAX_INSTANCES} in a stage"),
+                ));
+            }
+            if s.env.len() > MAX_ENV_VARS {
+                return Err(bad(
+                    format!("{f}.env"),
+                    format!("{} variables; at most {MAX_ENV_VARS}", s.env.len()),
+                ));
+            }
+            for (env, value) in &s.env {
+                if env.is_empty()
+                    || env.contains('=')
+                    || env.contains('\0')
+                    || env.starts_with("WEFT_")
+                {
                     return Err(bad(
                         format!("{f}.env"),
                         format!("{env:?} is not a variable a job may set"),
+                    ));
+                }
+                if value.len() > MAX_ENV_VALUE_BYTES || value.contains('\0') {
+                    return Err(bad(
+                        format!("{f}.env.{env}"),
+                        format!(
+                            "{} bytes; a value is at most {MAX_ENV_VALUE_BYTES} bytes, without NUL",
+                            value.len()
+                        ),
                     ));
                 }
             }
@@ -329,6 +396,8 @@ impl JobSpec {
     }
 
     /// A cycle in `after`, if any (stage names in order, first repeated last).
+    /// A depth-first walk with its own stack, not recursion: a long chain of
+    /// stages costs memory in the heap, never the thread's stack.
     fn cycle(&self) -> Option<Vec<String>> {
         let idx: BTreeMap<&str, usize> = self
             .stages
@@ -338,44 +407,40 @@ impl JobSpec {
             .collect();
         // 0 = unvisited, 1 = on the path, 2 = done.
         let mut mark = vec![0u8; self.stages.len()];
-        let mut path: Vec<usize> = Vec::new();
-        fn visit(
-            i: usize,
-            spec: &JobSpec,
-            idx: &BTreeMap<&str, usize>,
-            mark: &mut [u8],
-            path: &mut Vec<usize>,
-        ) -> Option<Vec<String>> {
-            mark[i] = 1;
-            path.push(i);
-            for a in &spec.stages[i].after {
+        for root in 0..self.stages.len() {
+            if mark[root] != 0 {
+                continue;
+            }
+            // The path: each stage with the next of its `after` to look at.
+            let mut path: Vec<(usize, usize)> = vec![(root, 0)];
+            mark[root] = 1;
+            while let Some(&mut (i, ref mut next)) = path.last_mut() {
+                let Some(a) = self.stages[i].after.get(*next) else {
+                    mark[i] = 2;
+                    path.pop();
+                    continue;
+                };
+                *next += 1;
                 let j = idx[a.as_str()];
-                if mark[j] == 1 {
-                    let start = path.iter().position(|&p| p == j).expect("on the path");
-                    let mut c: Vec<String> = path[start..]
-                        .iter()
-                        .map(|&p| spec.stages[p].name.clone())
-                        .collect();
-                    c.push(spec.stages[j].name.clone());
-                    return Some(c);
-                }
-                if mark[j] == 0 {
-                    if let Some(c) = visit(j, spec, idx, mark, path) {
+                match mark[j] {
+                    0 => {
+                        mark[j] = 1;
+                        path.push((j, 0));
+                    }
+                    1 => {
+                        let start = path.iter().position(|&(p, _)| p == j).expect("on the path");
+                        let mut c: Vec<String> = path[start..]
+                            .iter()
+                            .map(|&(p, _)| self.stages[p].name.clone())
+                            .collect();
+                        c.push(self.stages[j].name.clone());
                         return Some(c);
                     }
+                    _ => {}
                 }
             }
-            path.pop();
-            mark[i] = 2;
-            None
         }
-        (0..self.stages.len()).find_map(|i| {
-            if mark[i] == 0 {
-                visit(i, self, &idx, &mut mark, &mut path)
-            } else {
-                None
-            }
-        })
+        None
     }
 
     /// Every distinct task shape of the job, for fit checks.
@@ -431,8 +496,21 @@ fn check_resources(field: &str, r: &ResourcesSpec) -> Result<(), SpecError> {
             format!("must be above 0 (got {})", r.vcores),
         ));
     }
+    // A share that rounds to no thousandths would mean no CPU limit at all.
+    if r.vcores_milli() == 0 || r.vcores > 1e6 {
+        return Err(bad(
+            format!("{field}.vcores"),
+            format!("must be from 0.001 to 1000000 (got {})", r.vcores),
+        ));
+    }
     if r.memory.as_u64() == 0 {
         return Err(bad(format!("{field}.memory"), "must be above 0"));
+    }
+    if r.memory.as_u64() < MIN_MEMORY_BYTES {
+        return Err(bad(
+            format!("{field}.memory"),
+            format!("{} bytes; at least 1 MiB", r.memory.as_u64()),
+        ));
     }
     if r.gpus < 0.0 || !r.gpus.is_finite() {
         return Err(bad(
@@ -601,5 +679,78 @@ resources = { vcores = 1, memory = "256MiB" }
             .unwrap_err()
             .to_string()
             .starts_with("spec_format:"));
+    }
+    #[test]
+    fn sizes_and_counts_are_bounded_and_the_bound_is_named() {
+        let stage = |name: &str, after: &str, extra: &str| {
+            format!("  - name: {name}\n    after: [{after}]\n    instances: 1\n    command: x\n    resources: {{ vcores: 1, memory: 1GiB }}\n{extra}")
+        };
+        let job = |stages: String| format!("name: j\nstages:\n{stages}");
+        // The most stages, chained: accepted; one more: refused.
+        let chain = |n: usize| {
+            (0..n)
+                .map(|i| {
+                    let after = if i == 0 {
+                        String::new()
+                    } else {
+                        format!("s{}", i - 1)
+                    };
+                    stage(&format!("s{i}"), &after, "")
+                })
+                .collect::<String>()
+        };
+        JobSpec::parse(&job(chain(MAX_STAGES)), "yaml").unwrap();
+        assert_eq!(
+            err(&job(chain(MAX_STAGES + 1))),
+            "stages: 257 stages; at most 256"
+        );
+        // A cycle closing the longest chain is found (by a walk with its own
+        // stack) and named from where it starts.
+        let mut looped = chain(MAX_STAGES - 1);
+        looped = looped.replacen("after: []", &format!("after: [s{}]", MAX_STAGES - 2), 1);
+        let e = err(&job(looped));
+        assert!(
+            e.starts_with("stages.after: a cycle: s0 -> s254 -> s253 -> "),
+            "{e}"
+        );
+        assert!(e.ends_with(" -> s2 -> s1 -> s0"), "{e}");
+        assert_eq!(e.matches(" -> ").count(), MAX_STAGES - 1, "{e}");
+        let one = |extra: &str, head: &str| job(format!("{head}{}", stage("a", "", extra)));
+        assert_eq!(
+            err(&format!("priority: 1001\n{}", one("", ""))),
+            "priority: 1001 is above the highest, 1000"
+        );
+        assert_eq!(
+            err(&one("", "").replace("instances: 1", "instances: 100001")),
+            "stages[0].instances: 100001 tasks; at most 100000 in a stage"
+        );
+        assert_eq!(
+            err(&one("", "").replace("vcores: 1,", "vcores: 0.0004,")),
+            "stages[0].resources.vcores: must be from 0.001 to 1000000 (got 0.0004)"
+        );
+        assert_eq!(
+            err(&one("", "").replace("memory: 1GiB", "memory: 512KiB")),
+            "stages[0].resources.memory: 524288 bytes; at least 1 MiB"
+        );
+        let big = "v".repeat(MAX_ENV_VALUE_BYTES + 1);
+        assert_eq!(
+            err(&one(&format!("    env: {{ BIG: {big} }}\n"), "")),
+            "stages[0].env.BIG: 32769 bytes; a value is at most 32768 bytes, without NUL"
+        );
+        let many: String = (0..=MAX_ENV_VARS).map(|i| format!("V{i}: x, ")).collect();
+        assert_eq!(
+            err(&one(&format!("    env: {{ {many} }}\n"), "")),
+            "stages[0].env: 257 variables; at most 256"
+        );
+        let roles = "  - name: t\n    command: x\n    roles:\n      a: { instances: 60000, resources: { vcores: 1, memory: 1GiB } }\n      b: { instances: 60000, resources: { vcores: 1, memory: 1GiB } }\n";
+        assert_eq!(
+            err(&job(roles.to_string())),
+            "stages[0].roles: 120000 tasks; at most 100000 in a stage"
+        );
+        let huge = format!("# {}\n{}", "x".repeat(MAX_SPEC_BYTES), one("", ""));
+        assert_eq!(
+            JobSpec::parse(&huge, "toml").unwrap_err().to_string(),
+            format!("spec: {} bytes; at most 1048576", huge.len())
+        );
     }
 }
