@@ -161,6 +161,25 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                     }
                     continue;
                 };
+                if mine.alloc.node_id != r.node_id {
+                    // Granted to another node: this one can neither run it
+                    // (its token names that node) nor say how it ended.
+                    // Nothing of the report reaches the state; whatever runs
+                    // under that id here is stopped, an end is acknowledged
+                    // so that it is not sent again.
+                    tracing::warn!(
+                        node_id = %r.node_id,
+                        container_id = %c.container_id,
+                        granted_to = %mine.alloc.node_id,
+                        "a heartbeat reported another node's container; ignored"
+                    );
+                    if running {
+                        to_stop.push(c.container_id.clone());
+                    } else {
+                        acknowledged.push(c.container_id.clone());
+                    }
+                    continue;
+                }
                 match mine.phase {
                     ContainerPhase::Completed if running => to_stop.push(c.container_id.clone()),
                     ContainerPhase::Completed => {

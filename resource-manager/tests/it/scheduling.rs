@@ -176,6 +176,46 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
     );
     assert!(ps.iter().all(|a| a.gpu_indices == vec![0]));
 
+    // A node reports another node's container as failed: nothing of it
+    // reaches the state (the ends the master sees below are the real ones).
+    {
+        use weft_proto::v1::resource_tracker_client::ResourceTrackerClient;
+        let mut rt =
+            ResourceTrackerClient::connect(format!("http://{}", cluster.members[leader].addr))
+                .await
+                .unwrap();
+        // No token key: never offered work, so nothing is placed on it.
+        rt.register_node(pb::RegisterNodeRequest {
+            node_id: "node-x".into(),
+            hostname: "node-x".into(),
+            container_manager_address: "127.0.0.1:9".into(),
+            capacity: Some(pb::NodeCapacity {
+                vcores_milli: 1000,
+                memory_bytes: 1 << 30,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let forged = pb::ContainerStatus {
+            container_id: got[0].container_id.clone(),
+            state: pb::ContainerState::Failed as i32,
+            ..Default::default()
+        };
+        let r = rt
+            .node_heartbeat(pb::NodeHeartbeatRequest {
+                node_id: "node-x".into(),
+                containers: vec![forged],
+                sequence: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.containers_acknowledged, vec![got[0].container_id.clone()]);
+    }
+
     // Run them on their agents.
     for a in &got {
         let mut cm = ContainerManagerClient::connect(format!("http://{}", a.node_address))
