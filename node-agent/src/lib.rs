@@ -35,6 +35,7 @@ pub mod validate;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -146,33 +147,20 @@ pub async fn run(
             cancel.child_token(),
         )));
     }
-    {
-        let (mgr, cancel, every) = (
-            mgr.clone(),
-            cancel.child_token(),
-            config.logs.sweep_interval,
-        );
-        background.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => { logs::sweep(&mgr).await; }
-                    _ = cancel.cancelled() => return,
-                }
+    let sweep_mgr = mgr.clone();
+    background.push(every(
+        config.logs.sweep_interval,
+        cancel.child_token(),
+        move || {
+            let mgr = sweep_mgr.clone();
+            async move {
+                logs::sweep(&mgr).await;
             }
-        }));
-    }
-
-    {
-        let cancel = cancel.child_token();
-        background.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(memory::TRIM_EVERY) => { manager::blocking(memory::trim).await; }
-                    _ = cancel.cancelled() => return,
-                }
-            }
-        }));
-    }
+        },
+    ));
+    background.push(every(memory::TRIM_EVERY, cancel.child_token(), || {
+        manager::blocking(memory::trim)
+    }));
 
     let svc = weft_proto::v1::container_manager_server::ContainerManagerServer::new(
         service::ContainerService::new(mgr.clone()),
@@ -217,4 +205,24 @@ pub async fn run(
         Err(e) => return Err(Error::FailedPrecondition(format!("gRPC server task: {e}"))),
     }
     Ok(())
+}
+
+/// Runs `work` every `period` until `cancel` fires.
+fn every<F, Fut>(
+    period: Duration,
+    cancel: CancellationToken,
+    mut work: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => work().await,
+                _ = cancel.cancelled() => return,
+            }
+        }
+    })
 }
