@@ -3,31 +3,29 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Status;
 use weft_common::leader::LeaderClient;
 use weft_proto::v1 as pb;
 use weft_proto::v1::application_master_service_client::ApplicationMasterServiceClient;
 use weft_proto::v1::container_manager_client::ContainerManagerClient;
 
-fn uri(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
+fn channel(addr: &str) -> Result<Channel, Status> {
+    Ok(
+        weft_common::net::endpoint(addr, Duration::from_secs(1), Some(Duration::from_secs(30)))
+            .map_err(|e| Status::invalid_argument(format!("address {addr:?}: {e}")))?
+            .connect_lazy(),
+    )
 }
 
-fn channel(addr: &str) -> Result<Channel, Status> {
-    Ok(Endpoint::from_shared(uri(addr))
-        .map_err(|e| Status::invalid_argument(format!("address {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(30))
-        .connect_lazy())
-}
+/// How long a master keeps retrying the RM group by default before it gives
+/// up its attempt (YARN's AM resync): its tasks keep running on their nodes
+/// through an outage this long, and the job goes on when a leader answers.
+pub const DEFAULT_RM_RETRY_FOR: Duration = Duration::from_secs(15 * 60);
 
 /// The RM as an application master sees it: calls go through the shared
-/// leader-following loop (60 s deadline; 30 s per request for long polls).
+/// leader-following loop (retrying for `retry_for`; 30 s per request for
+/// long polls).
 pub struct RmAmClient {
     rm: LeaderClient,
     /// The application token every call carries.
@@ -37,13 +35,21 @@ pub struct RmAmClient {
 impl RmAmClient {
     /// `token`: the application token the RM issued for this attempt (to
     /// masters it starts, in `WEFT_APP_TOKEN`; to an unmanaged master's
-    /// submitter, in the SubmitApplication answer).
+    /// submitter, in the SubmitApplication answer). Calls retry for
+    /// [`DEFAULT_RM_RETRY_FOR`]; see [`RmAmClient::with_retry_for`].
     pub fn new(addresses: Vec<String>, token: Vec<u8>) -> Result<Self, weft_common::leader::Error> {
         let rm = LeaderClient::new(addresses)?
-            .with_deadline(Some(Duration::from_secs(60)))
+            .with_deadline(Some(DEFAULT_RM_RETRY_FOR))
+            .warn_after(5)
             .with_request_timeout(Duration::from_secs(30))
             .with_backoff(Duration::from_millis(50), Duration::from_secs(1));
         Ok(RmAmClient { rm, token })
+    }
+
+    /// How long one call keeps retrying while no RM leader answers.
+    pub fn with_retry_for(mut self, retry_for: Duration) -> Self {
+        self.rm = self.rm.with_deadline(Some(retry_for));
+        self
     }
 
     /// Calls `f` on the leader, following NotLeader hints and retrying

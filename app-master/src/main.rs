@@ -31,6 +31,11 @@ struct Args {
     /// This attempt's application token (hex), as the RM issued it.
     #[arg(long, env = "WEFT_APP_TOKEN", hide_env_values = true)]
     token: String,
+    /// How long to keep retrying while no resource-manager leader answers
+    /// (an outage of the whole group) before giving up this attempt; the
+    /// job's tasks keep running meanwhile (e.g. 15m, 1h).
+    #[arg(long, env = "WEFT_RM_RETRY_FOR", default_value = "15m", value_parser = humantime::parse_duration)]
+    rm_retry_for: std::time::Duration,
     #[arg(long, value_enum, default_value = "human")]
     log_format: LogFormat,
 }
@@ -78,7 +83,7 @@ fn main() -> ExitCode {
         }
     };
     let rm = match weft_app_master::client::RmAmClient::new(args.rm, token) {
-        Ok(rm) => rm,
+        Ok(rm) => rm.with_retry_for(args.rm_retry_for),
         Err(e) => {
             eprintln!("app-master: --rm (WEFT_RM): {e}");
             return ExitCode::from(2);

@@ -70,6 +70,14 @@ impl RmClient {
         self
     }
 
+    /// Sets how long one request may take before the call tries again
+    /// (default 10 s). A frozen member is left sooner than this: its
+    /// connection's keepalive pings go unanswered (`weft_common::net`).
+    pub fn with_request_timeout(mut self, t: Duration) -> Self {
+        self.rm = self.rm.with_request_timeout(t);
+        self
+    }
+
     fn channel(&self, addr: &str) -> Result<Channel, Error> {
         self.rm.channel(addr)
     }

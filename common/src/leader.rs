@@ -68,13 +68,11 @@ pub fn leader_hint(s: &Status) -> Option<String> {
         .map(str::to_string)
 }
 
-fn uri(addr: &str) -> String {
-    if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
+use crate::net::uri;
+
+/// How long a member that failed a call is passed over while another may
+/// answer (it may be frozen, partitioned or restarting).
+const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
 /// A client of the RM group that follows its leader.
 #[derive(Debug)]
@@ -82,6 +80,9 @@ pub struct LeaderClient {
     addresses: Vec<String>,
     channels: Mutex<HashMap<String, Channel>>,
     leader: Mutex<Option<String>>,
+    /// Members whose last attempt failed, and when: passed over by [`pick`]
+    /// for [`SUSPECT_FOR`] while another member is not.
+    suspects: Mutex<HashMap<String, Instant>>,
     next: AtomicUsize,
     /// None: retry for good (daemons); Some: give up after this long.
     deadline: Option<Duration>,
@@ -120,6 +121,7 @@ impl LeaderClient {
             addresses,
             channels: Mutex::new(HashMap::new()),
             leader: Mutex::new(None),
+            suspects: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
             deadline: Some(Duration::from_secs(30)),
             connect_timeout: Duration::from_secs(1),
@@ -192,24 +194,39 @@ impl LeaderClient {
         if let Some(c) = ch.get(addr) {
             return Ok(c.clone());
         }
-        let c = Endpoint::from_shared(uri(addr))
+        let c = crate::net::endpoint(addr, self.connect_timeout, Some(self.request_timeout))
             .map_err(|e| Error::InvalidAddress {
                 address: addr.to_string(),
                 reason: e.to_string(),
             })?
-            .connect_timeout(self.connect_timeout)
-            .timeout(self.request_timeout)
             .connect_lazy();
         ch.insert(addr.to_string(), c.clone());
         Ok(c)
     }
 
+    /// The member to try next: the known leader, else the members in turn,
+    /// passing over those that failed within [`SUSPECT_FOR`] while one has
+    /// not.
     fn pick(&self) -> String {
         if let Some(l) = self.leader() {
             return l;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        self.addresses[i % self.addresses.len()].clone()
+        let n = self.addresses.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut suspects = self.suspects.lock().expect("suspects lock");
+        suspects.retain(|_, at| at.elapsed() < SUSPECT_FOR);
+        (0..n)
+            .map(|k| &self.addresses[(first + k) % n])
+            .find(|a| !suspects.contains_key(*a))
+            .unwrap_or(&self.addresses[first % n])
+            .clone()
+    }
+
+    fn suspect(&self, addr: &str) {
+        self.suspects
+            .lock()
+            .expect("suspects lock")
+            .insert(addr.to_string(), Instant::now());
     }
 
     /// Calls `f` on the leader's channel, following redirects and retrying
@@ -240,6 +257,7 @@ impl LeaderClient {
             };
             let err = match answer {
                 Ok(r) => {
+                    self.suspects.lock().expect("suspects lock").remove(&addr);
                     self.follow(addr);
                     return Ok(r.into_inner());
                 }
@@ -250,6 +268,12 @@ impl LeaderClient {
             tracing::debug!(rm = %addr, error = %err.message(), leader_hint = ?hint, "retrying");
             let hint = hint.filter(|h| *h != addr);
             let redirected = hint.is_some();
+            if !redirected {
+                // Not a follower naming the leader: this member could not
+                // serve the call (down, frozen, electing); try the others
+                // before it again.
+                self.suspect(&addr);
+            }
             *self.leader.lock().expect("leader lock") = hint;
             // A follower named the leader: go there at once (a few times;
             // then back off, as the hint may be stale).

@@ -7,6 +7,8 @@
 //!   follows its NotLeader answers and retries across elections; `rmctl` and
 //!   the client library, the node agent's tracker and the application master
 //!   all call the RM through it.
+//! - [`net`]: gRPC endpoints and servers with connect deadlines and
+//!   keepalives, so a frozen peer holds no call for long.
 //! - [`clock`]: the time source the resource manager's timers read, so tests
 //!   can move it by hand.
 
@@ -15,4 +17,5 @@ pub mod clock;
 pub mod codes;
 pub mod daemon;
 pub mod leader;
+pub mod net;
 pub mod telemetry;

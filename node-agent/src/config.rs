@@ -224,7 +224,9 @@ pub struct HeartbeatConfig {
     /// Time between heartbeats (the RM may ask for another).
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// Longest wait between retries while no RM answers.
+    /// Longest wait between retries while no RM answers; keep it well under
+    /// the RM's `node_expiry`, which a new leader gives every node from its
+    /// election (tries against a member that is down cost next to nothing).
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
 }
@@ -233,7 +235,7 @@ impl Default for HeartbeatConfig {
     fn default() -> Self {
         HeartbeatConfig {
             interval: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(1),
         }
     }
 }

@@ -168,7 +168,7 @@ pub async fn run(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
+        weft_common::net::server()
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = serving_stopped.await;

@@ -156,6 +156,11 @@ pub struct MastersConfig {
     /// (its Allocate calls come at least every 10 s).
     #[serde(with = "humantime_serde")]
     pub expiry: Duration,
+    /// How long a master keeps retrying while no RM leader answers (a
+    /// whole-group outage) before it gives up its attempt; its tasks keep
+    /// running meanwhile. Handed to masters as `WEFT_RM_RETRY_FOR`.
+    #[serde(with = "humantime_serde")]
+    pub rm_retry_for: Duration,
     /// Run each job's master as a task inside the leader instead of in a
     /// container (standalone mode); `command`, `vcores`, `memory` and
     /// `expiry` then do not apply.
@@ -170,6 +175,7 @@ impl Default for MastersConfig {
             vcores: 0.5,
             memory: bytesize::ByteSize::mib(256),
             expiry: Duration::from_secs(60),
+            rm_retry_for: Duration::from_secs(15 * 60),
             in_process: false,
         }
     }
@@ -263,6 +269,11 @@ impl RmConfig {
         }
         if self.masters.expiry < Duration::from_secs(1) {
             return Err(Error::Config("masters.expiry: must be at least 1s".into()));
+        }
+        if self.masters.rm_retry_for < Duration::from_secs(1) {
+            return Err(Error::Config(
+                "masters.rm_retry_for: must be at least 1s".into(),
+            ));
         }
         Ok(())
     }

@@ -104,22 +104,14 @@ impl Network for Transport {
 }
 
 async fn peer_loop(from: u64, to: u64, addr: String, mut rx: mpsc::Receiver<Message>) {
-    let uri = if addr.contains("://") {
-        addr.clone()
-    } else {
-        format!("http://{addr}")
-    };
     let mut backoff = Duration::from_millis(50);
     loop {
-        let Ok(ep) = tonic::transport::Endpoint::from_shared(uri.clone()) else {
+        let Ok(ep) = weft_common::net::endpoint(&addr, Duration::from_secs(1), None) else {
             tracing::error!(peer = to, address = %addr, "invalid peer address; raft messages to it are dropped");
             while rx.recv().await.is_some() {}
             return;
         };
-        let channel = ep
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let channel = ep.connect_lazy();
         let mut client = RaftTransportClient::new(channel).max_encoding_message_size(MAX_MESSAGE);
         let (tx, stream_rx) = mpsc::channel::<pb::RaftEnvelope>(256);
         let mut call =

@@ -520,9 +520,8 @@ impl pb::client_service_server::ClientService for RmService {
             (c.alloc.container_id.clone(), address)
         };
         let mut agent = weft_proto::v1::container_manager_client::ContainerManagerClient::new(
-            tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            weft_common::net::endpoint(&address, Duration::from_secs(2), None)
                 .map_err(|e| Status::internal(format!("node address {address:?}: {e}")))?
-                .connect_timeout(Duration::from_secs(2))
                 .connect_lazy(),
         );
         let read = pb::ReadLogsRequest {

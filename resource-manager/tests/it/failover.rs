@@ -288,3 +288,52 @@ async fn a_submission_racing_a_leader_freeze_takes_effect_at_most_once() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_member_holds_no_client_that_was_given_the_others() {
+    // A frozen process's kernel still accepts connections; nothing answers.
+    // The request timeout is set far beyond the call's deadline, so a
+    // client can only succeed by leaving the frozen member early (its
+    // connection's keepalive pings go unanswered) and trying the others.
+    let cluster = Cluster::start(3, 1000);
+    let old = cluster.leader().await;
+    let client = weft_client::RmClient::new(cluster.addrs())
+        .unwrap()
+        .with_deadline(Duration::from_secs(15))
+        .with_request_timeout(Duration::from_secs(120));
+    // The client learns the leader, which then freezes.
+    let first = client.submit(SPEC, "yaml", "erin").await.unwrap();
+    cluster.freeze(old);
+    let started = std::time::Instant::now();
+    let second = client
+        .submit(SPEC, "yaml", "erin")
+        .await
+        .unwrap_or_else(|e| panic!("a submission after the leader froze failed: {e}"));
+    eprintln!(
+        "submission with the known leader frozen took {:?}",
+        started.elapsed()
+    );
+    // A new client that lists the frozen member first.
+    let mut frozen_first = cluster.addrs();
+    frozen_first.rotate_left(old);
+    let fresh = weft_client::RmClient::new(frozen_first)
+        .unwrap()
+        .with_deadline(Duration::from_secs(15))
+        .with_request_timeout(Duration::from_secs(120));
+    let started = std::time::Instant::now();
+    for id in [&first, &second] {
+        let r = fresh
+            .get_application(id)
+            .await
+            .unwrap_or_else(|e| panic!("reading {id} with the first member frozen failed: {e}"));
+        assert_eq!(&r.application_id, id);
+    }
+    let third = fresh.submit(SPEC, "yaml", "erin").await.unwrap();
+    eprintln!(
+        "two reads and a submission with the first-listed member frozen took {:?}",
+        started.elapsed()
+    );
+    cluster.thaw(old);
+    let ids = all_app_ids(&client).await;
+    assert_eq!(ids, vec![first, second, third]);
+}

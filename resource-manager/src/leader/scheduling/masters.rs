@@ -285,6 +285,10 @@ impl Scheduling {
                 ("WEFT_APP_ID".to_string(), app_id.to_string()),
                 ("WEFT_ATTEMPT".to_string(), attempt.to_string()),
                 (
+                    "WEFT_RM_RETRY_FOR".to_string(),
+                    humantime::format_duration(cfg.rm_retry_for).to_string(),
+                ),
+                (
                     "WEFT_APP_TOKEN".to_string(),
                     hex::encode(application_token(&signer, app_id, attempt)),
                 ),

@@ -164,11 +164,10 @@ impl Scheduling {
         if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::invalid_argument(format!("node address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy();
+        let ch =
+            weft_common::net::endpoint(addr, Duration::from_secs(2), Some(Duration::from_secs(10)))
+                .map_err(|e| Status::invalid_argument(format!("node address {addr:?}: {e}")))?
+                .connect_lazy();
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }
