@@ -65,6 +65,7 @@ fn main() {
             gpus: vec![],
             labels: BTreeMap::new(),
             running: vec![],
+            ended: vec![],
             ready: true,
             ports: PortRange {
                 first: 20000,

@@ -294,6 +294,7 @@ mod tests {
             gpus: vec![],
             labels: BTreeMap::from([("zone".to_string(), "a".to_string())]),
             running: vec![],
+            ended: vec![],
             ready: true,
             ports: PortRange {
                 first: 20000,

@@ -19,11 +19,36 @@ impl ClusterState {
                 gpus,
                 labels,
                 running,
+                ended,
                 ready,
                 ports,
                 at_ms,
             } => {
-                // Containers the agent no longer runs ended while it was away.
+                // Ends the agent could not report before: as it saw them.
+                for done in ended {
+                    let on_node = self
+                        .containers
+                        .get(done.container_id.as_str())
+                        .is_some_and(|c| c.alloc.node_id == *node_id);
+                    if !on_node || running.contains(&done.container_id) {
+                        continue;
+                    }
+                    let end = self.touch(&done.container_id, |c| {
+                        c.holding = false;
+                        let ends = c.phase != ContainerPhase::Completed;
+                        if ends {
+                            c.phase = ContainerPhase::Completed;
+                            c.end = Some(done.clone());
+                            c.changed_at_ms = *at_ms;
+                        }
+                        ends
+                    });
+                    if end == Some(true) {
+                        self.note_master_end(&done.container_id);
+                    }
+                }
+                // Containers the agent neither runs nor reports ended: lost
+                // while it was away.
                 for id in self.end_containers_on(node_id, running, ContainerEnd::Lost, *at_ms) {
                     self.note_master_end(&id);
                 }

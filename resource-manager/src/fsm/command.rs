@@ -29,6 +29,11 @@ pub enum Command {
         /// unfinished containers end as lost.
         #[serde(default)]
         running: Vec<String>,
+        /// How the agent's ended containers ended (they ended while it
+        /// could not report them, or before it restarted): those of this
+        /// node end so rather than as lost.
+        #[serde(default)]
+        ended: Vec<Completion>,
         /// The agent already holds the group's token key (it registered
         /// before, or has it configured): it can start work at once.
         #[serde(default)]

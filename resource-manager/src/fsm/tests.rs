@@ -59,6 +59,7 @@ fn apply_is_deterministic_and_snapshots_round_trip() {
             gpus: vec![],
             labels: BTreeMap::new(),
             running: vec![],
+            ended: vec![],
             ready: false,
             ports: PortRange::default(),
             at_ms: 2,
@@ -112,6 +113,7 @@ pub(super) fn node(id: &str, vcores: u64, mem: u64, gpus: u32) -> Command {
             .collect(),
         labels: BTreeMap::new(),
         running: vec![],
+        ended: vec![],
         ready: true,
         ports: PortRange {
             first: 20000,
@@ -487,6 +489,76 @@ fn a_container_the_rm_ended_holds_its_node_until_the_agent_stops_it() {
         at_ms: 6,
     });
     assert_eq!(s.node_use("n1").vcores_milli, 0);
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_node_registering_again_reports_how_its_containers_ended_while_away() {
+    let mut s = ClusterState::default();
+    s.apply(&node("n1", 4000, 1 << 30, 0));
+    s.apply(&node("n2", 4000, 1 << 30, 0));
+    s.apply(&submit("r", 1));
+    let id = "app-000001";
+    let a = |c: &str, n: &str| alloc(c, id, n, 500, 1 << 20, &[]);
+    assert_eq!(
+        allocate(
+            &mut s,
+            vec![
+                a("ok", "n1"),
+                a("bad", "n1"),
+                a("run", "n1"),
+                a("gone", "n1"),
+                a("other", "n2")
+            ]
+        ),
+        Outcome::Done
+    );
+    s.apply(&Command::ContainersLaunched {
+        container_ids: vec!["ok".into(), "run".into()],
+        at_ms: 2,
+    });
+    let end = |c: &str, state, exit_status| Completion {
+        container_id: c.into(),
+        state,
+        exit_status,
+        diagnostic: format!("{c} ended"),
+    };
+    let mut again = node("n1", 4000, 1 << 30, 0);
+    if let Command::RegisterNode {
+        running,
+        ended,
+        at_ms,
+        ..
+    } = &mut again
+    {
+        *running = vec!["run".into()];
+        // "ok" succeeded, "bad" failed while the agent could not report;
+        // "other" is n2's: n1 cannot say how it ended.
+        *ended = vec![
+            end("ok", ContainerEnd::Succeeded, 0),
+            end("bad", ContainerEnd::Failed, 3),
+            end("other", ContainerEnd::Succeeded, 0),
+        ];
+        *at_ms = 9;
+    }
+    assert_eq!(s.apply(&again), Outcome::Done);
+    let ended = |c: &str| {
+        s.containers[c]
+            .end
+            .clone()
+            .map(|e| (e.state, e.exit_status))
+    };
+    assert_eq!(ended("ok"), Some((ContainerEnd::Succeeded, 0)));
+    assert_eq!(ended("bad"), Some((ContainerEnd::Failed, 3)));
+    assert_eq!(ended("run"), None, "still running");
+    // Neither running nor reported: lost while the agent was away.
+    assert_eq!(ended("gone"), Some((ContainerEnd::Lost, -109)));
+    assert_eq!(
+        ended("other"),
+        None,
+        "another node's container is untouched"
+    );
+    assert_eq!(s.node_use("n1").vcores_milli, 500);
     s.check_invariants().unwrap();
 }
 

@@ -492,6 +492,7 @@ mod tests {
             gpus: vec![],
             labels: Default::default(),
             running: vec![],
+            ended: vec![],
             ready: false,
             ports: PortRange::default(),
             at_ms: 7,

@@ -233,6 +233,7 @@ mod tests {
             gpus: vec![],
             labels: Default::default(),
             running: vec![],
+            ended: vec![],
             ready: true,
             ports: Default::default(),
             at_ms: 1,

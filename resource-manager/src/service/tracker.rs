@@ -72,16 +72,28 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
             running: r
                 .containers
                 .iter()
-                .filter(|c| {
-                    matches!(
-                        c.state(),
-                        pb::ContainerState::Starting
-                            | pb::ContainerState::Running
-                            | pb::ContainerState::Stopping
-                    )
-                })
+                .filter(|c| is_running(c))
                 .map(|c| c.container_id.clone())
                 .collect(),
+            // Ends the agent holds (it kept them while no RM answered):
+            // they count as it saw them, not as lost.
+            // Only those the state has not ended yet go in the log.
+            ended: {
+                let st = self.raft.state();
+                r.containers
+                    .iter()
+                    .filter(|c| !is_running(c))
+                    .filter(|c| {
+                        st.containers
+                            .get(c.container_id.as_str())
+                            .is_some_and(|mine| {
+                                mine.alloc.node_id == r.node_id
+                                    && mine.phase != ContainerPhase::Completed
+                            })
+                    })
+                    .map(completion_of)
+                    .collect()
+            },
             at_ms: now_ms(),
         };
         if let Outcome::Rejected(why) = self.raft.propose(cmd).await? {
@@ -144,12 +156,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
             let mut completed = Vec::new();
             let mut to_stop = Vec::new();
             for c in &r.containers {
-                let running = matches!(
-                    c.state(),
-                    pb::ContainerState::Starting
-                        | pb::ContainerState::Running
-                        | pb::ContainerState::Stopping
-                );
+                let running = is_running(c);
                 let Some(mine) = st.containers.get(c.container_id.as_str()) else {
                     // Not in the state: an agent can only have started it
                     // after its grant was committed, so it was pruned (its
@@ -193,20 +200,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                             launched.push(c.container_id.clone());
                         }
                     }
-                    _ => {
-                        let exit = c.exit.clone().unwrap_or_default();
-                        completed.push(Completion {
-                            container_id: c.container_id.clone(),
-                            state: match c.state() {
-                                pb::ContainerState::Succeeded => ContainerEnd::Succeeded,
-                                pb::ContainerState::Failed => ContainerEnd::Failed,
-                                pb::ContainerState::Lost => ContainerEnd::Lost,
-                                _ => ContainerEnd::Killed,
-                            },
-                            exit_status: exit.exit_status,
-                            diagnostic: exit.diagnostic,
-                        });
-                    }
+                    _ => completed.push(completion_of(c)),
                 }
             }
             // Ended by the RM while it may have been starting, and the agent
@@ -267,5 +261,29 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
             reregister: !known,
             token_public_key: self.token_public_key(),
         }))
+    }
+}
+
+/// The agent reports the container as starting, running or stopping.
+fn is_running(c: &pb::ContainerStatus) -> bool {
+    matches!(
+        c.state(),
+        pb::ContainerState::Starting | pb::ContainerState::Running | pb::ContainerState::Stopping
+    )
+}
+
+/// How the agent says a container ended.
+fn completion_of(c: &pb::ContainerStatus) -> Completion {
+    let exit = c.exit.clone().unwrap_or_default();
+    Completion {
+        container_id: c.container_id.clone(),
+        state: match c.state() {
+            pb::ContainerState::Succeeded => ContainerEnd::Succeeded,
+            pb::ContainerState::Failed => ContainerEnd::Failed,
+            pb::ContainerState::Lost => ContainerEnd::Lost,
+            _ => ContainerEnd::Killed,
+        },
+        exit_status: exit.exit_status,
+        diagnostic: exit.diagnostic,
     }
 }

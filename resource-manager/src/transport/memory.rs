@@ -308,6 +308,7 @@ mod tests {
             gpus: Vec::new(),
             labels: BTreeMap::new(),
             running: Vec::new(),
+            ended: vec![],
             ready: true,
             ports: PortRange {
                 first: 20000,
