@@ -64,8 +64,17 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(a)
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // The embedded agent starts each container through this program again,
+    // as its shim.
+    weft_node_agent::shim::run_if_shim();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     weft_common::telemetry::init_with_default(weft_common::telemetry::LogFormat::Human, "warn");
     let args = parse_args()?;
     let work = tempfile::tempdir()?;

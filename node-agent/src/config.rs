@@ -133,6 +133,10 @@ pub struct ContainersConfig {
     pub keep_work_dirs: bool,
     /// How many of a tree's biggest processes a quota-kill diagnostic lists.
     pub diagnostic_processes: usize,
+    /// Program run as `<shim> __weft-shim` between the agent and each
+    /// container (it lets containers outlive an agent restart); default:
+    /// the agent's own program.
+    pub shim: Option<PathBuf>,
 }
 
 impl Default for ContainersConfig {
@@ -145,6 +149,7 @@ impl Default for ContainersConfig {
             default_pids_limit: 4096,
             keep_work_dirs: false,
             diagnostic_processes: 5,
+            shim: None,
         }
     }
 }

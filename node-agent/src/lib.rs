@@ -28,7 +28,9 @@ pub mod memory;
 pub mod model;
 pub mod ports;
 pub mod procfs;
+pub mod recovery;
 pub mod service;
+pub mod shim;
 pub mod tokens;
 pub mod tracker;
 pub mod validate;
@@ -101,7 +103,7 @@ pub async fn run(
         capacity,
         work_dir: config.work_dir.clone(),
     })?;
-    let lost = mgr.recover_leftovers().await;
+    let recovered = mgr.recover().await;
     let local = listener
         .local_addr()
         .map_err(|e| Error::io("reading listener address", &config.work_dir, e))?;
@@ -121,7 +123,9 @@ pub async fn run(
         memory_bytes = capacity.memory_bytes,
         gpu_probe = gpu.name(),
         gpus = mgr.gpus().len(),
-        recovered_lost = lost.len(),
+        recovered_running = recovered.running.len(),
+        recovered_ended = recovered.ended.len(),
+        recovered_lost = recovered.lost.len(),
         "node agent started"
     );
 

@@ -92,6 +92,8 @@ fn config(args: &Args) -> anyhow::Result<AgentConfig> {
 }
 
 fn main() -> ExitCode {
+    // Started as a container's shim: be that, nothing else.
+    weft_node_agent::shim::run_if_shim();
     weft_node_agent::memory::single_arena();
     let args = Args::parse();
     telemetry::init(args.log_format);

@@ -10,7 +10,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,7 +30,8 @@ use crate::error::{Error, Result};
 use crate::gpu::{GpuInfo, GpuProbe};
 use crate::model::{human_bytes, ContainerSpec, Exit, ExitReason, Phase, Record};
 use crate::procfs::{self, ProcessSample};
-use crate::validate;
+use crate::recovery::{self, StateDir};
+use crate::{shim, validate};
 
 /// Character-device major number of NVIDIA GPUs (`/dev/nvidiaN` is 195:N).
 pub const NVIDIA_MAJOR: u32 = 195;
@@ -60,6 +60,12 @@ struct Shared {
     tokens: Arc<crate::tokens::Tokens>,
     /// Signalled when a container ends (the tracker reports it early).
     ended: tokio::sync::Notify,
+    /// Where each container's record and end are kept for the next agent.
+    state_dir: StateDir,
+    /// Program run as the shim between the agent and each container.
+    shim: PathBuf,
+    /// This boot's id, kept in each record.
+    boot_id: String,
 }
 
 /// One container: its record plus the channels to its supervisor.
@@ -107,8 +113,27 @@ impl Manager {
     pub fn new(p: ManagerParts) -> Result<Self> {
         let containers_root = p.work_dir.join("containers");
         let logs_root = p.work_dir.join("logs");
-        for d in [&containers_root, &logs_root] {
+        let state_dir = StateDir::new(&p.work_dir);
+        for d in [
+            &containers_root,
+            &logs_root,
+            &state_dir.path().to_path_buf(),
+        ] {
             std::fs::create_dir_all(d).map_err(|e| Error::io("creating", d, e))?;
+        }
+        let shim = match &p.containers.shim {
+            Some(s) => s.clone(),
+            None => std::env::current_exe().map_err(|e| {
+                Error::Config(format!(
+                    "containers.shim: finding the agent's own program: {e}"
+                ))
+            })?,
+        };
+        if !shim.is_file() {
+            return Err(Error::Config(format!(
+                "containers.shim: {} is not a file",
+                shim.display()
+            )));
         }
         let gpus = p.gpu.devices();
         Ok(Manager {
@@ -126,6 +151,9 @@ impl Manager {
                 tasks: TaskTracker::new(),
                 tokens: p.tokens,
                 ended: tokio::sync::Notify::new(),
+                state_dir,
+                shim,
+                boot_id: recovery::boot_id(),
             }),
         })
     }
@@ -225,21 +253,138 @@ impl Manager {
         (out.into_iter().map(|(_, s)| s).collect(), used)
     }
 
-    /// Forgets an ended container (its logs were removed).
+    /// Forgets an ended container (its logs were removed), and its files
+    /// in the state directory.
     pub fn forget(&self, id: &str) {
         let mut st = self.sh.state.lock().expect("state lock poisoned");
         if st.get(id).is_some_and(|c| c.record().is_done()) {
             st.remove(id);
+            drop(st);
+            self.sh.state_dir.remove(id);
         }
     }
 
-    /// Kills the processes of containers an earlier agent left behind, removes
-    /// their groups, and records them as lost. Returns their ids.
-    pub async fn recover_leftovers(&self) -> Vec<String> {
+    /// Takes over what an earlier agent left (see [`crate::recovery`]):
+    /// containers whose shim still runs are supervised again (same pid,
+    /// same group and quotas, the rest of their `max_runtime`); those that
+    /// ended meanwhile are recorded as they ended; the rest, and groups
+    /// without a record, are killed and recorded lost.
+    pub async fn recover(&self) -> Recovered {
         let sh = self.sh.clone();
+        let found = blocking(move || take_over(&sh)).await;
+        let mut out = Recovered::default();
+        for f in found {
+            let id = f.spec.id.clone();
+            let (stop_tx, stop_rx) = mpsc::unbounded_channel();
+            let mut record = Record {
+                spec: f.spec,
+                phase: Phase::Running,
+                pid: f.pid,
+                started_at: f.started_at,
+                finished_at: None,
+                memory_bytes: 0,
+                memory_peak_bytes: 0,
+                gpu_uuids: f.gpu_uuids,
+                work_dir: f.work_dir,
+                log_dir: f.log_dir,
+            };
+            let adopt = match f.state {
+                Found::Running { pidfd, group } => {
+                    // SAFETY: the AsyncFd owns the pidfd from here on.
+                    match unsafe { AsyncFd::register(pidfd) } {
+                        Ok(pidfd) => Some((pidfd, group)),
+                        Err(e) => {
+                            // Cannot watch it: it must not run unseen.
+                            warn!(container_id = %id, error = %e, "cannot watch a recovered container; killing it");
+                            let g = group.clone();
+                            blocking(move || {
+                                g.kill_all();
+                                let _ = g.destroy();
+                            })
+                            .await;
+                            record.phase = Phase::Done(Exit::new(ExitReason::Lost, vec![]));
+                            record.finished_at = Some(SystemTime::now());
+                            None
+                        }
+                    }
+                }
+                Found::Ended { exit, at } => {
+                    record.phase = Phase::Done(exit);
+                    record.finished_at = Some(at);
+                    None
+                }
+            };
+            let done = record.is_done();
+            let c = Arc::new(Container {
+                record: Mutex::new(record),
+                stop_tx,
+                done: watch::Sender::new(done),
+            });
+            self.sh
+                .state
+                .lock()
+                .expect("state lock poisoned")
+                .insert(id.clone(), c.clone());
+            match adopt {
+                Some((pidfd, group)) => {
+                    let r = c.record();
+                    let left = r.spec.resources.max_runtime.map(|max| {
+                        let ran = r
+                            .started_at
+                            .and_then(|t| t.elapsed().ok())
+                            .unwrap_or_default();
+                        tokio::time::Instant::now() + max.saturating_sub(ran)
+                    });
+                    info!(container_id = %id, pid = r.pid, "container taken over from an earlier agent");
+                    self.sh.tasks.spawn(supervise(
+                        self.sh.clone(),
+                        c,
+                        Waiter::Adopted {
+                            pidfd,
+                            exit_file: self.sh.state_dir.exit_file(&id),
+                        },
+                        group,
+                        stop_rx,
+                        left,
+                    ));
+                    out.running.push(id);
+                }
+                None => {
+                    let r = c.record();
+                    if matches!(&r.phase, Phase::Done(e) if e.reason == ExitReason::Lost) {
+                        out.lost.push(id);
+                    } else {
+                        out.ended.push(id);
+                    }
+                }
+            }
+        }
+        if !out.ended.is_empty() {
+            self.sh.ended.notify_one();
+        }
+        out.lost.extend(self.recover_leftovers().await);
+        out
+    }
+
+    /// Kills the processes of containers an earlier agent left behind
+    /// without a record (and not already taken over), removes their groups,
+    /// and records them as lost. Returns their ids.
+    async fn recover_leftovers(&self) -> Vec<String> {
+        let sh = self.sh.clone();
+        let known: HashSet<String> = self
+            .sh
+            .state
+            .lock()
+            .expect("state lock poisoned")
+            .keys()
+            .cloned()
+            .collect();
         let found = blocking(move || {
             let mut found = Vec::new();
             for id in sh.driver.leftovers() {
+                if known.contains(&id) {
+                    continue;
+                }
                 let g = sh.driver.open(&id);
                 let left = g.kill_all();
                 if !left.is_empty() {
@@ -467,23 +612,21 @@ impl Manager {
             rec.work_dir.clone(),
             rec.log_dir.clone(),
         );
-        let prepared = blocking(
-            move || -> Result<(Arc<dyn Group>, std::fs::File, std::fs::File)> {
-                for d in [&work_dir, &log_dir] {
-                    std::fs::create_dir_all(d).map_err(|e| Error::io("creating", d, e))?;
-                }
-                let open = |name: &str| {
-                    let p = log_dir.join(name);
-                    std::fs::File::create(&p).map_err(|e| Error::io("creating log", p, e))
-                };
-                let (out, err) = (open("stdout")?, open("stderr")?);
-                let group = sh.driver.create(&id, &limits)?;
-                Ok((group, out, err))
-            },
-        )
+        let prepared = blocking(move || -> Result<Arc<dyn Group>> {
+            for d in [&work_dir, &log_dir] {
+                std::fs::create_dir_all(d).map_err(|e| Error::io("creating", d, e))?;
+            }
+            // Empty log files now: readable from the start, and the shim
+            // appends to them.
+            for name in ["stdout", "stderr"] {
+                let p = log_dir.join(name);
+                std::fs::File::create(&p).map_err(|e| Error::io("creating log", p, e))?;
+            }
+            sh.driver.create(&id, &limits)
+        })
         .await;
-        let (group, out, err) = match prepared {
-            Ok(p) => p,
+        let group = match prepared {
+            Ok(g) => g,
             Err(e) => {
                 self.remove_dirs(&rec).await;
                 return Err(e);
@@ -507,18 +650,18 @@ impl Manager {
         let (mk, mv) = marker.split_once('=').expect("marker has '='");
         env.push((mk.into(), mv.into()));
 
-        let mut cmd = tokio::process::Command::new(&spec.command);
-        cmd.args(&spec.args)
-            .env_clear()
-            .envs(env)
-            .current_dir(&rec.work_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .kill_on_drop(false);
-        driver::join_on_exec(cmd.as_std_mut(), group.join_paths());
-        let child = match cmd.spawn() {
-            Ok(ch) => ch,
+        let plan = shim::Plan {
+            command: spec.command.clone(),
+            args: spec.args.clone(),
+            env,
+            cwd: rec.work_dir.clone(),
+            stdout: rec.log_dir.join("stdout"),
+            stderr: rec.log_dir.join("stderr"),
+            join: group.join_paths(),
+            exit_file: self.sh.state_dir.exit_file(&spec.id),
+        };
+        let (shim_child, pid) = match self.start_shim(&plan).await {
+            Ok(started) => started,
             Err(e) => {
                 let g = group.clone();
                 let _ = blocking(move || {
@@ -527,27 +670,120 @@ impl Manager {
                 })
                 .await;
                 self.remove_dirs(&rec).await;
-                return Err(match e.kind() {
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
-                        Error::invalid("command", format!("cannot run {:?}: {e}", spec.command))
-                    }
-                    _ => Error::FailedPrecondition(format!("starting {:?}: {e}", spec.command)),
-                });
+                let _ = tokio::fs::remove_file(&plan.exit_file).await;
+                return Err(e);
             }
         };
-        let pid = child.id().unwrap_or(0);
         group.set_leader(pid as i32);
+        let started_at = SystemTime::now();
         c.update(|r| {
             r.pid = pid;
-            r.started_at = Some(SystemTime::now());
+            r.started_at = Some(started_at);
             r.phase = Phase::Running;
         });
+        // The record the next agent takes the container over from.
+        let persisted = recovery::Persisted {
+            version: recovery::VERSION,
+            id: spec.id.clone(),
+            command: spec.command.clone(),
+            resources: (&spec.resources).into(),
+            gpu_uuids: rec.gpu_uuids.clone(),
+            pid,
+            pid_start: 0,
+            shim_pid: shim_child.id().unwrap_or(0),
+            shim_start: 0,
+            boot_id: self.sh.boot_id.clone(),
+            started_at_ms: crate::model::millis(started_at),
+            work_dir: rec.work_dir.clone(),
+            log_dir: rec.log_dir.clone(),
+        };
+        let state_dir = self.sh.state_dir.clone();
+        blocking(move || {
+            let mut p = persisted;
+            p.pid_start = recovery::start_time(p.pid);
+            p.shim_start = recovery::start_time(p.shim_pid);
+            if let Err(e) = state_dir.write_record(&p) {
+                warn!(container_id = %p.id, error = %e, "writing the container's record failed: it will not outlive this agent");
+            }
+        })
+        .await;
         info!(container_id = %spec.id, pid, "container started");
+        let deadline = spec
+            .resources
+            .max_runtime
+            .map(|d| tokio::time::Instant::now() + d);
         let (sh, c2) = (self.sh.clone(), c.clone());
-        self.sh
-            .tasks
-            .spawn(supervise(sh, c2, child, group, stop_rx));
+        self.sh.tasks.spawn(supervise(
+            sh,
+            c2,
+            Waiter::Child {
+                shim: shim_child,
+                exit_file: plan.exit_file,
+            },
+            group,
+            stop_rx,
+            deadline,
+        ));
         Ok(())
+    }
+
+    /// Starts the shim with `plan` and waits for the container's pid.
+    async fn start_shim(&self, plan: &shim::Plan) -> Result<(tokio::process::Child, u32)> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut child = tokio::process::Command::new(&self.sh.shim)
+            .arg(shim::SHIM_ARG)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "starting the container shim {}: {e}",
+                    self.sh.shim.display()
+                ))
+            })?;
+        let bytes = serde_json::to_vec(plan).expect("plans encode");
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let talk = async move {
+            stdin.write_all(&bytes).await?;
+            drop(stdin);
+            let mut line = String::new();
+            tokio::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .await?;
+            Ok::<_, std::io::Error>(line)
+        };
+        let answer = match tokio::time::timeout(SHIM_ANSWER, talk).await {
+            Ok(Ok(line)) if !line.is_empty() => serde_json::from_str::<shim::Started>(&line)
+                .map_err(|e| format!("the container shim answered {line:?}: {e}")),
+            Ok(Ok(_)) => Err("the container shim ended without starting the container".into()),
+            Ok(Err(e)) => Err(format!("talking to the container shim: {e}")),
+            Err(_) => Err(format!(
+                "the container shim did not answer within {SHIM_ANSWER:?}"
+            )),
+        };
+        match answer {
+            Ok(shim::Started::Pid(pid)) => Ok((child, pid)),
+            Ok(shim::Started::Failed {
+                unrunnable,
+                message,
+            }) => {
+                let _ = child.wait().await;
+                Err(if unrunnable {
+                    Error::invalid("command", message)
+                } else {
+                    Error::FailedPrecondition(message)
+                })
+            }
+            Err(why) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                Err(Error::FailedPrecondition(why))
+            }
+        }
     }
 
     async fn remove_dirs(&self, rec: &Record) {
@@ -609,6 +845,49 @@ pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + '
     tokio::task::spawn_blocking(f)
         .await
         .expect("blocking task panicked")
+}
+
+/// How long a starting shim may take to say the container runs.
+const SHIM_ANSWER: Duration = Duration::from_secs(10);
+
+/// What tells the supervisor that the container's process ended, and how.
+enum Waiter {
+    /// The shim this agent started: it exits as the container did.
+    Child {
+        shim: tokio::process::Child,
+        exit_file: PathBuf,
+    },
+    /// The shim of a container taken over from an earlier agent (not this
+    /// agent's child): its pidfd turns readable when it exits, after it
+    /// wrote the exit file.
+    Adopted {
+        pidfd: AsyncFd<OwnedFd>,
+        exit_file: PathBuf,
+    },
+}
+
+impl Waiter {
+    /// Resolves when the container's leading process has ended. Cancel-safe.
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            Waiter::Child { shim, exit_file } => {
+                let own = shim.wait().await?;
+                // The exit file tells a container's end from the shim's own
+                // failure; the shim's status mirrors it otherwise.
+                Ok(shim::read_exit(exit_file).map_or(own, |e| e.status()))
+            }
+            Waiter::Adopted { pidfd, exit_file } => {
+                let _ = pidfd.readable().await?;
+                shim::read_exit(exit_file)
+                    .map(|e| e.status())
+                    .ok_or_else(|| {
+                        std::io::Error::other(
+                            "the shim ended without saying how the container ended",
+                        )
+                    })
+            }
+        }
+    }
 }
 
 /// What ends a container's watch.
@@ -702,18 +981,15 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 async fn supervise(
     sh: Arc<Shared>,
     c: Arc<Container>,
-    mut child: tokio::process::Child,
+    mut child: Waiter,
     group: Arc<dyn Group>,
     mut stop_rx: mpsc::UnboundedReceiver<StopRequest>,
+    deadline: Option<tokio::time::Instant>,
 ) {
     let rec = c.record();
     let spec = rec.spec.clone();
     let pid = rec.pid as i32;
     let limit = spec.resources.memory_bytes;
-    let deadline = spec
-        .resources
-        .max_runtime
-        .map(|d| tokio::time::Instant::now() + d);
     // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it from here on:
     // it stays open and the same for the AsyncFd's whole life.
     let events = group
@@ -848,14 +1124,7 @@ async fn supervise(
         Some((reason, top)) => Exit::new(reason, top),
         None => {
             let s = status.expect("the leader exited on its own, so its status was read");
-            let reason = match (s.code(), s.signal()) {
-                (Some(0), _) => ExitReason::Succeeded,
-                (code, signal) => ExitReason::Failed {
-                    exit_code: code,
-                    signal,
-                },
-            };
-            Exit::new(reason, vec![])
+            Exit::new(recovery::reason_of(s), vec![])
         }
     };
 
@@ -870,7 +1139,7 @@ async fn supervise(
     c.update(|r| {
         r.memory_peak_bytes = peak;
         r.finished_at = Some(SystemTime::now());
-        r.phase = Phase::Done(exit);
+        r.phase = Phase::Done(exit.clone());
         // What started it (its command and environment, tokens among them)
         // is not needed once it ended: the record keeps what reports use,
         // so an agent's memory does not grow with every container it ran.
@@ -881,7 +1150,13 @@ async fn supervise(
     c.done.send_replace(true);
     sh.ended.notify_one();
     let (work_dir, keep) = (rec.work_dir.clone(), sh.cfg.keep_work_dirs);
+    let (state_dir, id) = (sh.state_dir.clone(), spec.id.clone());
     blocking(move || {
+        // Kept for a next agent until the container is forgotten: an agent
+        // that dies before the RM stored the end still reports it.
+        if let Err(e) = state_dir.write_end(&id, &exit) {
+            warn!(container_id = %id, error = %e, "writing the container's end failed");
+        }
         if let Err(e) = group.destroy() {
             warn!(error = %e, "removing the container's group failed");
         }
@@ -890,4 +1165,132 @@ async fn supervise(
         }
     })
     .await;
+}
+
+/// What an agent start found of its predecessor's containers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// Still running: supervised again.
+    pub running: Vec<String>,
+    /// Ended while no agent watched (or before the last agent reported
+    /// them): recorded as they ended.
+    pub ended: Vec<String>,
+    /// Killed and recorded lost: no record, or no shim left to tell how
+    /// they end.
+    pub lost: Vec<String>,
+}
+
+/// One container of the state directory, as found.
+struct FoundContainer {
+    spec: ContainerSpec,
+    pid: u32,
+    started_at: Option<SystemTime>,
+    gpu_uuids: Vec<String>,
+    work_dir: PathBuf,
+    log_dir: PathBuf,
+    state: Found,
+}
+
+enum Found {
+    /// Its shim runs: watch it again.
+    Running {
+        pidfd: OwnedFd,
+        group: Arc<dyn Group>,
+    },
+    Ended {
+        exit: Exit,
+        at: SystemTime,
+    },
+}
+
+/// Reads the state directory and decides, per container, whether it is
+/// taken over, ended or lost (see [`Manager::recover`]). Blocks.
+fn take_over(sh: &Shared) -> Vec<FoundContainer> {
+    let dir = &sh.state_dir;
+    let mut out = Vec::new();
+    for read in dir.records() {
+        let p = match read {
+            Ok(p) => p,
+            Err((path, why)) => {
+                // Its group, if any, is killed as a leftover.
+                warn!(file = %path.display(), reason = %why, "unreadable container record removed");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+        };
+        if !validate::container_id_ok(&p.id) {
+            warn!(container_id = %p.id, "container record with an invalid id removed");
+            dir.remove(&p.id);
+            continue;
+        }
+        let mtime = |f: &Path| {
+            std::fs::metadata(f)
+                .and_then(|m| m.modified())
+                .unwrap_or_else(|_| SystemTime::now())
+        };
+        let found = |state| FoundContainer {
+            spec: p.spec(),
+            pid: p.pid,
+            started_at: Some(p.started_at()),
+            gpu_uuids: p.gpu_uuids.clone(),
+            work_dir: p.work_dir.clone(),
+            log_dir: p.log_dir.clone(),
+            state,
+        };
+        // Ended and decided by an earlier agent (its groups are gone).
+        if let Some(exit) = dir.read_end(&p.id) {
+            out.push(found(Found::Ended {
+                at: mtime(&dir.end_file(&p.id)),
+                exit,
+            }));
+            continue;
+        }
+        let group = sh.driver.open(&p.id);
+        group.set_leader(p.pid as i32);
+        if p.boot_id == sh.boot_id && recovery::alive(p.shim_pid, p.shim_start) {
+            // The pidfd first, then the check again: the pid cannot be
+            // reused in between without the pidfd seeing the end.
+            if let Ok(pidfd) = recovery::pidfd(p.shim_pid) {
+                if recovery::alive(p.shim_pid, p.shim_start) {
+                    out.push(found(Found::Running { pidfd, group }));
+                    continue;
+                }
+            }
+        }
+        // Not running: how it ended, if the shim could say.
+        let stats = group.stats();
+        let left = group.kill_all();
+        if !left.is_empty() {
+            warn!(container_id = %p.id, pids = ?left, "processes of a recovered container survived SIGKILL");
+        }
+        if let Err(e) = group.destroy() {
+            warn!(container_id = %p.id, error = %e, "could not remove a recovered container's group");
+        }
+        if !sh.cfg.keep_work_dirs {
+            let _ = std::fs::remove_dir_all(&p.work_dir);
+        }
+        let exit_file = dir.exit_file(&p.id);
+        let (exit, at) = match shim::read_exit(&exit_file) {
+            Some(e) => {
+                let reason = if stats.oom_kills > 0 || stats.under_oom {
+                    ExitReason::OverMemoryQuota {
+                        limit: p.resources.memory_bytes,
+                        peak: stats.memory_peak_bytes.max(p.resources.memory_bytes),
+                    }
+                } else {
+                    recovery::reason_of(e.status())
+                };
+                (Exit::new(reason, vec![]), mtime(&exit_file))
+            }
+            None => {
+                warn!(container_id = %p.id, "a recovered container's shim is gone without saying how it ended: reported lost");
+                (Exit::new(ExitReason::Lost, vec![]), SystemTime::now())
+            }
+        };
+        if let Err(e) = dir.write_end(&p.id, &exit) {
+            warn!(container_id = %p.id, error = %e, "writing the container's end failed");
+        }
+        out.push(found(Found::Ended { exit, at }));
+    }
+    out
 }

@@ -178,6 +178,9 @@ fn config(args: &Args) -> anyhow::Result<RmConfig> {
 }
 
 fn main() -> ExitCode {
+    // Started as the shim of a container of the embedded agent
+    // (`standalone --local-agent`): be that, nothing else.
+    weft_node_agent::shim::run_if_shim();
     let args = Args::parse();
     telemetry::init(args.log_format);
     if let Some(Mode::Standalone(s)) = &args.mode {

@@ -162,7 +162,7 @@ impl Group for ProcfsGroup {
                 .members(true)
                 .iter()
                 .map(|s| s.pid)
-                .filter(|&p| p != me && !is_zombie(p))
+                .filter(|&p| p != me && !procfs::is_zombie(p))
                 .collect();
             if left.is_empty() {
                 return left;
@@ -173,21 +173,11 @@ impl Group for ProcfsGroup {
         self.members(true)
             .iter()
             .map(|s| s.pid)
-            .filter(|&p| !is_zombie(p))
+            .filter(|&p| !procfs::is_zombie(p))
             .collect()
     }
 
     fn destroy(&self) -> Result<()> {
         Ok(())
     }
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|t| {
-            t.rfind(')')
-                .map(|i| t[i + 1..].trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
 }

@@ -1,6 +1,6 @@
-//! The real `node-agent` binary: SIGTERM stops its containers and removes their
-//! cgroups; after a kill -9, the next agent finds the leftovers, kills them and
-//! reports them lost.
+//! The real `node-agent` binary: after a kill -9, the next agent takes its
+//! running containers over (same pids, same quotas) and reports the ends it
+//! missed; SIGTERM stops its containers and removes their cgroups.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -39,17 +39,31 @@ fn spawn_agent(config: &std::path::Path, port: u16) -> Proc {
     )
 }
 
+async fn status(c: &mut Client, id: &str) -> pb::ContainerStatus {
+    c.get_container_status(pb::GetContainerStatusRequest {
+        container_id: id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    !weft_node_agent::procfs::is_zombie(pid as i32)
+}
+
 #[tokio::test]
-async fn binary_recovers_leftovers_and_cleans_up_on_sigterm() {
+async fn binary_restart_keeps_containers_and_cleans_up_on_sigterm() {
     let work = tempfile::tempdir().unwrap();
     let parent = unique_parent("bin");
     let _guard = CleanGuard(parent.clone());
     let config = work.path().join("agent.toml");
+    let agent_dir = work.path().join("agent");
     std::fs::write(
         &config,
         format!(
-            "work_dir = {:?}\nnode_id = {TEST_NODE:?}\n[containers]\ncgroup_parent = {parent:?}\nstop_grace_period = \"300ms\"\n[gpu]\nprobe = \"none\"\n[security]\ntoken_public_key = {:?}\n",
-            work.path().join("agent").display().to_string(),
+            "work_dir = {:?}\nnode_id = {TEST_NODE:?}\n[containers]\ncgroup_parent = {parent:?}\nstop_grace_period = \"300ms\"\nmonitor_interval = \"100ms\"\n[gpu]\nprobe = \"none\"\n[security]\ntoken_public_key = {:?}\n",
+            agent_dir.display().to_string(),
             hex::encode(test_signer().public_key()),
         ),
     )
@@ -57,14 +71,32 @@ async fn binary_recovers_leftovers_and_cleans_up_on_sigterm() {
     let port = free_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
-    // First agent: start a container, then die hard.
+    // First agent: four containers, then it dies hard.
     let mut first = spawn_agent(&config, port);
     let mut c = connect(addr).await;
-    start(&mut c, spec("survivor", "exec sleep 1000", 16 * MIB)).await;
-    eventually("container running", Duration::from_secs(5), || {
-        marked_pids(&parent).len() == 1
-    })
+    let survivor = start(
+        &mut c,
+        spec(
+            "survivor",
+            "echo before; sleep 4; echo after; exit 7",
+            16 * MIB,
+        ),
+    )
     .await;
+    // Goes over its quota only once the first agent is gone.
+    let hog = start(
+        &mut c,
+        spec("hog", "sleep 2; exec tail /dev/zero", 48 * MIB),
+    )
+    .await;
+    // Ends while no agent runs.
+    let quick = start(&mut c, spec("quick", "sleep 0.5; exit 5", 16 * MIB)).await;
+    // Its record is lost (as if the agent died before writing it).
+    let orphan = start(&mut c, spec("orphan", "exec sleep 1000", 16 * MIB)).await;
+    for s in [&survivor, &hog, &quick, &orphan] {
+        assert_eq!(s.state(), pb::ContainerState::Running, "{s:?}");
+        assert!(pid_alive(s.pid), "{s:?}");
+    }
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(first.0.id() as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -72,30 +104,52 @@ async fn binary_recovers_leftovers_and_cleans_up_on_sigterm() {
     .unwrap();
     first.0.wait().unwrap();
     drop(c);
-    // The container outlives its agent: it is in its own session (and cgroup).
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(
-        marked_pids(&parent).len(),
-        1,
-        "the container survived the agent"
-    );
-
-    // Second agent: finds it, kills it, reports it lost.
-    let mut second = spawn_agent(&config, port);
-    let mut c = connect(addr).await;
-    eventually("leftover killed", Duration::from_secs(5), || {
-        marked_pids(&parent).is_empty()
+    std::fs::remove_file(agent_dir.join("state/orphan.json")).unwrap();
+    eventually("quick ended", Duration::from_secs(5), || {
+        !pid_alive(quick.pid)
     })
     .await;
-    let s = c
-        .get_container_status(pb::GetContainerStatusRequest {
-            container_id: "survivor".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(s.state(), pb::ContainerState::Lost);
+    assert!(pid_alive(survivor.pid), "the container outlives its agent");
+
+    // Second agent: takes the running ones over, records the one that
+    // ended as it ended, kills the one without a record.
+    let mut second = spawn_agent(&config, port);
+    let mut c = connect(addr).await;
+    let s = status(&mut c, "survivor").await;
+    assert_eq!(s.state(), pb::ContainerState::Running, "{s:?}");
+    assert_eq!(s.pid, survivor.pid, "the same process, taken over");
+    let s = status(&mut c, "quick").await;
+    assert_eq!(s.state(), pb::ContainerState::Failed, "{s:?}");
+    assert_eq!(s.exit.unwrap().exit_status, 5);
+    let s = status(&mut c, "orphan").await;
+    assert_eq!(s.state(), pb::ContainerState::Lost, "{s:?}");
     assert!(s.exit.unwrap().diagnostic.contains("previous agent died"));
+    assert!(
+        !pid_alive(orphan.pid),
+        "a container without a record is killed"
+    );
+
+    // Its quota still holds.
+    let s = wait_end(&mut c, "hog", Duration::from_secs(30)).await;
+    assert_eq!(s.state(), pb::ContainerState::Killed, "{s:?}");
+    let exit = s.exit.unwrap();
+    assert!(
+        matches!(
+            exit.reason,
+            Some(pb::container_exit::Reason::OverMemoryQuota(_))
+        ),
+        "{exit:?}"
+    );
+    assert!(!pid_alive(hog.pid));
+    // And the taken-over container ends as it ended, its log whole.
+    let s = wait_end(&mut c, "survivor", Duration::from_secs(30)).await;
+    assert_eq!(s.state(), pb::ContainerState::Failed, "{s:?}");
+    let exit = s.exit.unwrap();
+    assert_eq!(exit.exit_status, 7, "{exit:?}");
+    assert_eq!(
+        read_log(&mut c, "survivor", pb::LogStream::Stdout, 0, false).await,
+        "before\nafter\n"
+    );
 
     // SIGTERM with a running container: it is stopped, its cgroup removed, the agent exits 0.
     start(&mut c, spec("running", "exec sleep 1000", 16 * MIB)).await;

@@ -42,6 +42,8 @@ pub fn test_config(work: &std::path::Path, tag: &str) -> AgentConfig {
     c.containers.monitor_interval = Duration::from_millis(100);
     c.containers.stop_grace_period = Duration::from_millis(500);
     c.gpu.probe = GpuProbeChoice::None;
+    // This test program cannot be a shim: the real agent binary is.
+    c.containers.shim = Some(env!("CARGO_BIN_EXE_node-agent").into());
     c.resources.vcores = Some(4.0);
     c.resources.memory = Some(bytesize::ByteSize::gib(4));
     c

@@ -26,8 +26,13 @@ const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
 /// A 3-member group that launches the real `app-master` for every job, with
 /// an agent per name, all registered.
 async fn launching_cluster(names: &[&str]) -> (Cluster, Vec<AgentProcess>) {
+    launching_cluster_with(names, "").await
+}
+
+/// [`launching_cluster`] with `top` (top-level TOML) in each member's config.
+async fn launching_cluster_with(names: &[&str], top: &str) -> (Cluster, Vec<AgentProcess>) {
     let extra = format!(
-        "[masters]\nlaunch = true\ncommand = {:?}\n",
+        "{top}[masters]\nlaunch = true\ncommand = {:?}\n",
         app_master().display().to_string()
     );
     let cluster = Cluster::start_with(3, 1000, &extra);
@@ -614,6 +619,67 @@ async fn a_job_rides_out_a_three_minute_outage_of_the_whole_rm_group() {
     assert_eq!(
         started,
         ["report/0", "work/0", "work/1", "work/2"],
+        "each task started once"
+    );
+}
+
+/// Every agent is killed (kill -9) while a job's master and tasks run on
+/// them, and started again at once: the new agents take the containers over
+/// (the same processes keep running), report their ends, and the job
+/// succeeds with its first master, no task started twice. Node expiry is
+/// the production default (10 s), which a restart stays well inside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_killed_and_restarted_keep_the_jobs_tasks_running() {
+    let (cluster, mut agents) =
+        launching_cluster_with(&NODES[..2], "node_expiry = \"10s\"\n").await;
+    let client = cluster.client();
+    let dir = tempfile::tempdir().unwrap();
+    let starts = dir.path().join("starts");
+    let spec = format!(
+        "name: restart\nmax_attempts: 1\nstages:\n  - name: work\n    instances: 2\n    max_retries: 0\n    command: 'echo work/$WEFT_TASK_INDEX $$ >> {p}; sleep 6'\n    resources: {{ vcores: 0.5, memory: 64MiB }}\n  - name: report\n    after: [work]\n    instances: 1\n    command: 'echo report/$WEFT_TASK_INDEX $$ >> {p}'\n    resources: {{ vcores: 0.5, memory: 64MiB }}\n",
+        p = starts.display()
+    );
+    let app = client.submit(&spec, "yaml", "mia").await.unwrap();
+    let read_starts = || -> Vec<(String, i32)> {
+        std::fs::read_to_string(&starts)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                let (task, pid) = l.split_once(' ').unwrap();
+                (task.to_string(), pid.parse().unwrap())
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while read_starts().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the work stage never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let alive = |pid: i32| !weft_node_agent::procfs::is_zombie(pid);
+    let work = read_starts();
+    for a in agents.iter_mut() {
+        a.kill9();
+    }
+    for a in agents.iter_mut() {
+        a.restart();
+    }
+    // Give the new agents a moment to take over, then the tasks still run
+    // as the same processes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (task, pid) in &work {
+        assert!(alive(*pid), "{task} (pid {pid}) kept running");
+    }
+    let r = wait_state(&client, &app, Duration::from_secs(90)).await;
+    assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
+    assert_eq!(r.attempt, 1, "the first master finished the job");
+    let mut started: Vec<String> = read_starts().into_iter().map(|(t, _)| t).collect();
+    started.sort();
+    assert_eq!(
+        started,
+        ["report/0", "work/0", "work/1"],
         "each task started once"
     );
 }

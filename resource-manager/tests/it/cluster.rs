@@ -82,10 +82,16 @@ impl Cluster {
         assert!(m.child.is_none(), "member {} already runs", m.id);
         std::fs::create_dir_all(&m.dir).unwrap();
         let config = m.dir.with_extension("toml");
+        // 1 s unless the test sets its own.
+        let expiry = if self.extra.contains("node_expiry") {
+            ""
+        } else {
+            "node_expiry = \"1s\"\n"
+        };
         std::fs::write(
             &config,
             format!(
-                "heartbeat_interval = \"200ms\"\nnode_expiry = \"1s\"\n{}\n[raft]\ntick = \"50ms\"\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_every = {}\n",
+                "heartbeat_interval = \"200ms\"\n{expiry}{}\n[raft]\ntick = \"50ms\"\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_every = {}\n",
                 self.extra, self.snapshot_every
             ),
         )
@@ -219,10 +225,41 @@ impl Cluster {
             .with_deadline(Duration::from_secs(30))
     }
 
-    /// Index of the member every running member agrees leads, waiting up to 20 s.
+    /// Index of a running member that says it leads, waiting up to 20 s.
+    /// Followers may not have heard from it yet: see [`Cluster::agreed_leader`].
     pub async fn leader(&self) -> usize {
         self.leader_among(&(0..self.members.len()).collect::<Vec<_>>())
             .await
+    }
+
+    /// Index of the member that leads once every running member names it,
+    /// waiting up to 20 s (a follower learns of an election a moment after
+    /// the leader itself).
+    pub async fn agreed_leader(&self) -> usize {
+        let probe = self.client();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let leader = self.leader().await;
+            let id = self.members[leader].id;
+            let mut agreed = true;
+            for (i, m) in self.members.iter().enumerate() {
+                if !self.is_running(i) {
+                    continue;
+                }
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(1), probe.member_status(&m.addr))
+                        .await;
+                agreed &= matches!(answer, Ok(Ok(s)) if s.leader_id == id);
+            }
+            if agreed {
+                return leader;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the running members did not agree on a leader within 20s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Index of the member among `among` that says it leads, waiting up to

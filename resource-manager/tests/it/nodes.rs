@@ -26,6 +26,12 @@ impl Agent {
             ..Default::default()
         };
         cfg.heartbeat.max_backoff = Duration::from_millis(300);
+        // This test program cannot be a container shim; the agent binary,
+        // built beside the RM's, is.
+        cfg.containers.shim = Some(
+            std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager"))
+                .with_file_name("node-agent"),
+        );
         cfg.containers.cgroup_parent = parent_name(node_id, &rm);
         cfg.gpu.probe = weft_node_agent::config::GpuProbeChoice::Fake;
         cfg.gpu
@@ -112,6 +118,9 @@ pub struct AgentProcess {
     child: std::process::Child,
     /// The agent's cgroup parent and environment scope.
     parent: String,
+    /// Its config file and RM addresses, to start it again.
+    config: std::path::PathBuf,
+    rm: Vec<String>,
     _work: tempfile::TempDir,
 }
 
@@ -131,17 +140,32 @@ impl AgentProcess {
             ),
         )
         .unwrap();
-        let child = std::process::Command::new(agent_binary())
+        AgentProcess {
+            child: Self::spawn(&config, rm),
+            parent: parent_name(node_id, rm),
+            config,
+            rm: rm.to_vec(),
+            _work: work,
+        }
+    }
+
+    fn spawn(config: &std::path::Path, rm: &[String]) -> std::process::Child {
+        std::process::Command::new(agent_binary())
             .args(["--config", config.to_str().unwrap(), "--rm", &rm.join(",")])
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .spawn()
-            .unwrap();
-        AgentProcess {
-            child,
-            parent: parent_name(node_id, rm),
-            _work: work,
-        }
+            .unwrap()
+    }
+
+    /// Starts the agent again with the same config and work dir (after
+    /// [`AgentProcess::kill9`]).
+    pub fn restart(&mut self) {
+        assert!(
+            !matches!(self.child.try_wait(), Ok(None)),
+            "the agent still runs"
+        );
+        self.child = Self::spawn(&self.config, &self.rm);
     }
 
     /// Live processes of this agent's containers (by their scope marker).
