@@ -35,7 +35,28 @@ pub struct SledStorage {
     meta: sled::Tree,
     /// Metadata of the latest snapshot (index 0 when none), cached.
     snap_meta: Arc<RwLock<SnapshotMetadata>>,
+    /// The data dir, named when writing to it fails.
+    dir: Arc<Path>,
+    /// When the marker was last written (see [`Marker`]).
+    marker_at: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// The file beside sled's that records how far this member's log had
+/// durably got: `term` and `commit` of its hard state, which raft never
+/// lowers. sled reads a corrupted stretch of its file as a torn write and
+/// drops it and everything after it, silently; a data dir whose hard state
+/// is behind its marker lost what it had acknowledged, and is refused.
+/// Written after a sync (so it never runs ahead of the durable log), at
+/// most every [`MARKER_EVERY`], by rename, not synced: it may lag, which
+/// only narrows what it can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Marker {
+    term: u64,
+    commit: u64,
+}
+
+const MARKER_FILE: &str = "weft-log-marker.json";
+const MARKER_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
@@ -45,6 +66,15 @@ fn decode<M: protobuf::Message>(bytes: &[u8], what: &str) -> M {
     // The bytes were written by this module: a decode failure means the disk
     // was corrupted, which raft cannot recover from.
     M::parse_from_bytes(bytes).unwrap_or_else(|e| panic!("corrupt {what} in raft storage: {e}"))
+}
+
+fn tx_err(e: sled::transaction::TransactionError<()>) -> Error {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => Error::sled(e),
+        sled::transaction::TransactionError::Abort(()) => {
+            unreachable!("the transactions here never abort")
+        }
+    }
 }
 
 fn store_err(e: sled::Error) -> raft::Error {
@@ -73,9 +103,57 @@ fn open_db(dir: &Path) -> Result<sled::Db> {
                     dir.display()
                 )))
             }
-            Err(e) => return Err(Error::Storage(format!("opening {}: {e}", dir.display()))),
+            Err(e) => return Err(open_error(dir, e)),
         }
     }
+}
+
+/// What the member tells its operator when its data dir cannot be used.
+const REBUILD_HINT: &str = "restore the dir from a backup, or remove it and add this member to the group again (it then catches up from the others)";
+
+/// A sled error met while opening `dir`, naming the file it found corrupted.
+fn open_error(dir: &Path, e: sled::Error) -> Error {
+    match e {
+        sled::Error::Corruption { at, .. } => {
+            let file = match at {
+                Some(sled::DiskPtr::Inline(offset)) => {
+                    format!("{} (at offset {offset})", dir.join("db").display())
+                }
+                Some(sled::DiskPtr::Blob(_, blob)) => dir
+                    .join("blobs")
+                    .join(blob.to_string())
+                    .display()
+                    .to_string(),
+                None => format!(
+                    "{} or {}",
+                    dir.join("conf").display(),
+                    dir.join("db").display()
+                ),
+            };
+            corrupted(dir, &format!("{file} holds corrupted data"))
+        }
+        other => Error::Storage(format!("opening {}: {other}", dir.display())),
+    }
+}
+
+fn corrupted(dir: &Path, what: &str) -> Error {
+    Error::Storage(format!(
+        "refusing the data dir {}: {what}; {REBUILD_HINT}",
+        dir.display()
+    ))
+}
+
+/// Decodes what [`SledStorage::open`] checks, as an error instead of a panic.
+fn try_decode<M: protobuf::Message>(dir: &Path, bytes: &[u8], what: &str) -> Result<M> {
+    M::parse_from_bytes(bytes).map_err(|e| {
+        corrupted(
+            dir,
+            &format!(
+                "its {what} in {} does not decode ({e})",
+                dir.join("db").display()
+            ),
+        )
+    })
 }
 
 /// Whether sled failed to open because its file lock is held. sled wraps
@@ -85,21 +163,107 @@ fn is_lock_held(e: &std::io::Error) -> bool {
 }
 
 impl SledStorage {
-    /// Opens (or creates) the storage in `dir`.
+    /// Opens (or creates) the storage in `dir`, and refuses it, naming the
+    /// file and what is wrong, when it does not hold a whole raft log: sled
+    /// found corrupted data, a stored record does not decode, or the log
+    /// lost entries (sled drops a log tail it cannot read as a torn write;
+    /// then the hard state's commit index lies past the last entry).
     pub fn open(dir: &Path) -> Result<Self> {
         let db = open_db(dir)?;
-        let log = db.open_tree("log").map_err(Error::sled)?;
-        let meta = db.open_tree("meta").map_err(Error::sled)?;
-        let snap_meta = match meta.get(SNAP_META).map_err(Error::sled)? {
-            Some(b) => decode(&b, "snapshot metadata"),
+        let sled_err = |e| open_error(dir, e);
+        let log = db.open_tree("log").map_err(sled_err)?;
+        let meta = db.open_tree("meta").map_err(sled_err)?;
+        let snap_meta = match meta.get(SNAP_META).map_err(sled_err)? {
+            Some(b) => try_decode(dir, &b, "snapshot metadata")?,
             None => SnapshotMetadata::default(),
         };
-        Ok(SledStorage {
+        let storage = SledStorage {
             db,
             log,
             meta,
             snap_meta: Arc::new(RwLock::new(snap_meta)),
-        })
+            dir: dir.into(),
+            marker_at: Default::default(),
+        };
+        storage.check(dir)?;
+        Ok(storage)
+    }
+
+    /// The checks of [`SledStorage::open`] past sled's own: O(1) reads.
+    fn check(&self, dir: &Path) -> Result<()> {
+        let sled_err = |e| open_error(dir, e);
+        let hs: HardState = match self.meta.get(HARD_STATE).map_err(sled_err)? {
+            Some(b) => try_decode(dir, &b, "hard state")?,
+            None => HardState::default(),
+        };
+        if let Some(b) = self.meta.get(CONF_STATE).map_err(sled_err)? {
+            try_decode::<ConfState>(dir, &b, "conf state")?;
+        }
+        let snap = self.snap_meta.read().expect("lock").index;
+        let mut last = snap;
+        for (which, item) in [("first", self.log.first()), ("last", self.log.last())] {
+            let Some((k, v)) = item.map_err(sled_err)? else {
+                continue;
+            };
+            let index = <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupted(dir, &format!("a log key of {} bytes", k.len())))?;
+            let e: Entry = try_decode(dir, &v, &format!("{which} log entry"))?;
+            if e.index != index {
+                return Err(corrupted(
+                    dir,
+                    &format!(
+                        "the log entry stored at index {index} says it is {}",
+                        e.index
+                    ),
+                ));
+            }
+            // Entries up to the snapshot may be left (a crash between the
+            // snapshot and the compaction after it); a gap may not.
+            if which == "first" && index > snap + 1 {
+                return Err(corrupted(
+                    dir,
+                    &format!("the log starts at index {index}, past its snapshot at {snap}: entries are missing"),
+                ));
+            }
+            last = index;
+        }
+        let marker = dir.join(MARKER_FILE);
+        match std::fs::read(&marker) {
+            Ok(bytes) => match serde_json::from_slice::<Marker>(&bytes) {
+                Ok(m) if hs.term < m.term || hs.commit < m.commit => {
+                    return Err(corrupted(
+                        dir,
+                        &format!(
+                            "{} lost data: its log is committed up to index {} in term {}, but it had been up to {} in term {} ({})",
+                            dir.join("db").display(),
+                            hs.commit,
+                            hs.term,
+                            m.commit,
+                            m.term,
+                            marker.display()
+                        ),
+                    ))
+                }
+                Ok(_) => {}
+                // Torn by a machine crash: it only ever lags; the next sync
+                // writes it again.
+                Err(e) => tracing::warn!(file = %marker.display(), error = %e, "unreadable log marker ignored"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::Storage(format!("reading {}: {e}", marker.display()))),
+        }
+        if hs.commit > last {
+            return Err(corrupted(
+                dir,
+                &format!(
+                    "entries up to index {} were committed but its log ends at {last}: {} lost its tail",
+                    hs.commit,
+                    dir.join("db").display()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// True when nothing was ever stored: the member must be bootstrapped.
@@ -111,7 +275,27 @@ impl SledStorage {
 
     /// Makes every write so far durable.
     pub fn sync(&self) -> Result<()> {
-        self.db.flush().map(|_| ()).map_err(Error::sled)
+        self.db.flush().map(|_| ()).map_err(|e| {
+            Error::Storage(format!(
+                "writing to the data dir {}: {e}",
+                self.dir.display()
+            ))
+        })?;
+        let mut at = self.marker_at.lock().expect("marker lock");
+        if at.is_none_or(|t| t.elapsed() >= MARKER_EVERY) {
+            *at = Some(std::time::Instant::now());
+            let hs = self.hard_state()?;
+            let m = Marker {
+                term: hs.term,
+                commit: hs.commit,
+            };
+            let path = self.dir.join(MARKER_FILE);
+            let tmp = self.dir.join(format!("{MARKER_FILE}.tmp"));
+            std::fs::write(&tmp, serde_json::to_vec(&m).expect("markers encode"))
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .map_err(|e| Error::Storage(format!("writing {}: {e}", path.display())))?;
+        }
+        Ok(())
     }
 
     pub fn hard_state(&self) -> Result<HardState> {
@@ -184,9 +368,19 @@ impl SledStorage {
         meta.index = index;
         meta.term = term;
         meta.set_conf_state(conf_state);
-        self.meta.insert(SNAP_DATA, data).map_err(Error::sled)?;
-        self.put_meta(SNAP_META, &meta)?;
+        // Data and metadata together: a crash leaves the old snapshot or
+        // the new one, never the new metadata over the old data.
+        let meta_bytes = meta.write_to_bytes().expect("raft messages encode");
+        self.meta
+            .transaction(|m| {
+                m.insert(SNAP_DATA, data.as_slice())?;
+                m.insert(SNAP_META, meta_bytes.as_slice())?;
+                Ok(())
+            })
+            .map_err(tx_err)?;
         *self.snap_meta.write().expect("lock") = meta;
+        // A crash before this leaves entries up to `index` behind, which
+        // are ignored and compacted next time.
         self.compact(index)
     }
 
@@ -202,18 +396,35 @@ impl SledStorage {
 
     /// Installs a snapshot received from the leader: the log is replaced by
     /// the snapshot's position, the conf state and commit follow it.
+    /// All of it in one sled transaction over both trees: a crash leaves
+    /// the member as it was before or with the whole snapshot installed.
     pub fn apply_snapshot(&self, snap: &Snapshot) -> Result<()> {
+        use sled::Transactional;
         let meta = snap.get_metadata();
-        self.log.clear().map_err(Error::sled)?;
-        self.meta
-            .insert(SNAP_DATA, snap.get_data())
+        let keys = self
+            .log
+            .iter()
+            .keys()
+            .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(Error::sled)?;
-        self.put_meta(SNAP_META, meta)?;
-        self.set_conf_state(meta.get_conf_state())?;
         let mut hs = self.hard_state()?;
         hs.term = hs.term.max(meta.term);
         hs.commit = meta.index;
-        self.set_hard_state(&hs)?;
+        let encode = |m: &dyn protobuf::Message| m.write_to_bytes().expect("raft messages encode");
+        let (hs_bytes, meta_bytes, cs_bytes) =
+            (encode(&hs), encode(meta), encode(meta.get_conf_state()));
+        (&self.log, &self.meta)
+            .transaction(|(log, m)| {
+                for k in &keys {
+                    log.remove(k)?;
+                }
+                m.insert(SNAP_DATA, snap.get_data())?;
+                m.insert(SNAP_META, meta_bytes.as_slice())?;
+                m.insert(CONF_STATE, cs_bytes.as_slice())?;
+                m.insert(HARD_STATE, hs_bytes.as_slice())?;
+                Ok(())
+            })
+            .map_err(tx_err)?;
         *self.snap_meta.write().expect("lock") = meta.clone();
         Ok(())
     }
@@ -375,6 +586,112 @@ mod tests {
         e.term = term;
         e.data = format!("e{index}").into_bytes().into();
         e
+    }
+
+    /// A member's storage with entries 1..=3, all committed, then closed.
+    fn three_committed(dir: &Path) {
+        let s = SledStorage::open(dir).unwrap();
+        s.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]).unwrap();
+        let mut hs = HardState::default();
+        hs.term = 1;
+        hs.commit = 3;
+        s.set_hard_state(&hs).unwrap();
+        s.sync().unwrap();
+    }
+
+    fn refusal(dir: &Path) -> String {
+        match SledStorage::open(dir) {
+            Ok(_) => panic!("{} was opened", dir.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_data_dir_that_lost_entries_or_holds_garbage_is_refused_naming_the_file() {
+        let db = |d: &tempfile::TempDir| d.path().join("db").display().to_string();
+        // sled drops a log tail it cannot read: here, the last two entries.
+        let dir = tempfile::tempdir().unwrap();
+        three_committed(dir.path());
+        {
+            let s = SledStorage::open(dir.path()).unwrap();
+            s.log.remove(key(2)).unwrap();
+            s.log.remove(key(3)).unwrap();
+            s.sync().unwrap();
+        }
+        let e = refusal(dir.path());
+        assert!(
+            e.contains("entries up to index 3 were committed but its log ends at 1")
+                && e.contains(&db(&dir))
+                && e.contains("add this member to the group again"),
+            "{e}"
+        );
+        // A gap after the snapshot.
+        let dir = tempfile::tempdir().unwrap();
+        three_committed(dir.path());
+        {
+            let s = SledStorage::open(dir.path()).unwrap();
+            s.log.remove(key(1)).unwrap();
+            s.sync().unwrap();
+        }
+        let e = refusal(dir.path());
+        assert!(
+            e.contains("the log starts at index 2, past its snapshot at 0"),
+            "{e}"
+        );
+        // A record that does not decode.
+        let dir = tempfile::tempdir().unwrap();
+        three_committed(dir.path());
+        {
+            let s = SledStorage::open(dir.path()).unwrap();
+            s.meta.insert(HARD_STATE, &[0xff; 7][..]).unwrap();
+            s.db.flush().unwrap();
+        }
+        let e = refusal(dir.path());
+        assert!(
+            e.contains(&format!("its hard state in {} does not decode", db(&dir))),
+            "{e}"
+        );
+        // Bytes of sled's own file overwritten.
+        let dir = tempfile::tempdir().unwrap();
+        three_committed(dir.path());
+        let path = dir.path().join("db");
+        let mut bytes = std::fs::read(&path).unwrap();
+        for b in bytes.iter_mut().take(4096) {
+            *b ^= 0xff;
+        }
+        std::fs::write(&path, bytes).unwrap();
+        // sled either says so or reads it as a torn write and drops what
+        // follows; the marker tells the loss.
+        let e = refusal(dir.path());
+        assert!(
+            e.starts_with(&format!(
+                "raft storage: refusing the data dir {}",
+                dir.path().display()
+            )) && e.contains(&db(&dir))
+                && (e.contains("holds corrupted data")
+                    || e.contains("lost data: its log is committed up to index 0 in term 0, but it had been up to 3 in term 1")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn entries_left_before_the_snapshot_are_no_corruption() {
+        // A crash between storing a snapshot and compacting the log.
+        let dir = tempfile::tempdir().unwrap();
+        three_committed(dir.path());
+        {
+            let s = SledStorage::open(dir.path()).unwrap();
+            let mut meta = SnapshotMetadata::default();
+            meta.index = 2;
+            meta.term = 1;
+            s.meta
+                .insert(SNAP_META, meta.write_to_bytes().unwrap())
+                .unwrap();
+            s.sync().unwrap();
+        }
+        let s = SledStorage::open(dir.path()).unwrap();
+        assert_eq!(s.first_index().unwrap(), 3);
+        assert_eq!(s.last_index().unwrap(), 3);
     }
 
     #[test]

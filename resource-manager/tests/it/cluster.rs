@@ -40,6 +40,16 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with `extra` TOML in every member's config.
     pub fn start_with(n: u64, snapshot_every: u64, extra: &str) -> Cluster {
+        let mut c = Self::prepare(n, snapshot_every, extra);
+        for i in 0..n as usize {
+            c.spawn(i);
+        }
+        c
+    }
+
+    /// Like [`Cluster::start_with`], without starting anything: a test
+    /// changes members (their data dirs) first, then spawns each.
+    pub fn prepare(n: u64, snapshot_every: u64, extra: &str) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let members = (1..=n)
             .map(|id| Member {
@@ -51,7 +61,7 @@ impl Cluster {
                 child: None,
             })
             .collect();
-        let mut c = Cluster {
+        let c = Cluster {
             members,
             snapshot_every,
             // Tests play the application master unless they ask the RM to.
@@ -62,9 +72,6 @@ impl Cluster {
             },
             _tmp: tmp,
         };
-        for i in 0..n as usize {
-            c.spawn(i);
-        }
         c
     }
 
@@ -145,6 +152,23 @@ impl Cluster {
             )
             .unwrap();
             c.wait().unwrap();
+        }
+    }
+
+    /// Waits up to `within` for member `i` to exit on its own; returns its
+    /// status, or `None` (it still runs).
+    pub fn wait_exit(&mut self, i: usize, within: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.members[i].child.as_mut().expect("member runs");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                self.members[i].child = None;
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -10,7 +10,7 @@ use crate::cluster::Cluster;
 
 const SPEC: &str = "name: job\nqueue: root\nstages:\n  - name: run\n    instances: 1\n    command: 'true'\n    resources: { vcores: 1, memory: 64MiB }\n";
 
-async fn all_app_ids(c: &weft_client::RmClient) -> Vec<String> {
+pub async fn all_app_ids(c: &weft_client::RmClient) -> Vec<String> {
     c.list_applications(pb::ListApplicationsRequest::default())
         .await
         .unwrap()

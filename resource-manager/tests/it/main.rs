@@ -5,6 +5,7 @@
 mod cluster;
 
 mod apps;
+mod disk;
 mod failover;
 mod membership;
 mod nodes;
