@@ -66,6 +66,11 @@ struct Shared {
     shim: PathBuf,
     /// This boot's id, kept in each record.
     boot_id: String,
+    /// Shims starting at once. A burst of starts (a 100-task stage) would
+    /// otherwise start every shim together and each container would wait
+    /// for CPU behind all of them: a few at a time start the first ones
+    /// first.
+    launching: tokio::sync::Semaphore,
 }
 
 /// One container: its record plus the channels to its supervisor.
@@ -123,7 +128,7 @@ impl Manager {
         }
         let shim = match &p.containers.shim {
             Some(s) => s.clone(),
-            None => std::env::current_exe().map_err(|e| {
+            None => default_shim().map_err(|e| {
                 Error::Config(format!(
                     "containers.shim: finding the agent's own program: {e}"
                 ))
@@ -154,6 +159,9 @@ impl Manager {
                 state_dir,
                 shim,
                 boot_id: recovery::boot_id(),
+                launching: tokio::sync::Semaphore::new(
+                    std::thread::available_parallelism().map_or(2, |n| n.get()),
+                ),
             }),
         })
     }
@@ -660,7 +668,10 @@ impl Manager {
             join: group.join_paths(),
             exit_file: self.sh.state_dir.exit_file(&spec.id),
         };
-        let (shim_child, pid) = match self.start_shim(&plan).await {
+        let permit = self.sh.launching.acquire().await.expect("never closed");
+        let started = self.start_shim(&plan).await;
+        drop(permit);
+        let (shim_child, pid) = match started {
             Ok(started) => started,
             Err(e) => {
                 let g = group.clone();
@@ -845,6 +856,14 @@ pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + '
     tokio::task::spawn_blocking(f)
         .await
         .expect("blocking task panicked")
+}
+
+/// `weft-shim` beside the agent's program, else the agent's program itself
+/// (run as `<program> __weft-shim`; see [`shim::run_if_shim`]).
+fn default_shim() -> std::io::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let beside = me.with_file_name("weft-shim");
+    Ok(if beside.is_file() { beside } else { me })
 }
 
 /// How long a starting shim may take to say the container runs.

@@ -77,7 +77,9 @@ pub fn run_if_shim() {
     }
 }
 
-fn run() -> i32 {
+/// The shim itself: reads its plan, runs the container, returns the exit
+/// code to end with. `weft-shim`'s `main` and [`run_if_shim`] call it.
+pub fn run() -> i32 {
     // SAFETY: plain syscalls on this single-threaded process before any
     // thread exists.
     unsafe {
