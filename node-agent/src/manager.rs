@@ -697,7 +697,7 @@ impl Manager {
             version: recovery::VERSION,
             id: spec.id.clone(),
             command: spec.command.clone(),
-            resources: (&spec.resources).into(),
+            resources: spec.resources.clone(),
             gpu_uuids: rec.gpu_uuids.clone(),
             pid,
             pid_start: 0,

@@ -20,7 +20,7 @@ pub struct ContainerSpec {
     pub resources: ResourceRequest,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ResourceRequest {
     pub vcores_milli: u64,
     pub memory_bytes: u64,

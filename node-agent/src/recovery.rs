@@ -37,7 +37,7 @@ pub struct Persisted {
     pub version: u32,
     pub id: String,
     pub command: String,
-    pub resources: PersistedResources,
+    pub resources: ResourceRequest,
     pub gpu_uuids: Vec<String>,
     /// The container's leading process, and its start time in clock ticks
     /// after boot (a pid reused by another process has another).
@@ -54,51 +54,16 @@ pub struct Persisted {
     pub log_dir: PathBuf,
 }
 
-/// [`ResourceRequest`] as stored.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PersistedResources {
-    pub vcores_milli: u64,
-    pub memory_bytes: u64,
-    pub pids_limit: u32,
-    pub gpu_indices: Vec<u32>,
-    pub gpu_memory_bytes: u64,
-    pub gpu_share_milli: u32,
-    pub max_runtime_ms: Option<u64>,
-}
-
-impl From<&ResourceRequest> for PersistedResources {
-    fn from(r: &ResourceRequest) -> Self {
-        PersistedResources {
-            vcores_milli: r.vcores_milli,
-            memory_bytes: r.memory_bytes,
-            pids_limit: r.pids_limit,
-            gpu_indices: r.gpu_indices.clone(),
-            gpu_memory_bytes: r.gpu_memory_bytes,
-            gpu_share_milli: r.gpu_share_milli,
-            max_runtime_ms: r.max_runtime.map(|d| d.as_millis() as u64),
-        }
-    }
-}
-
 impl Persisted {
     /// The spec a recovered record carries: no environment (it held the
     /// container's tokens and is not needed once it runs).
     pub fn spec(&self) -> ContainerSpec {
-        let r = &self.resources;
         ContainerSpec {
             id: self.id.clone(),
             command: self.command.clone(),
             args: Vec::new(),
             env: Default::default(),
-            resources: ResourceRequest {
-                vcores_milli: r.vcores_milli,
-                memory_bytes: r.memory_bytes,
-                pids_limit: r.pids_limit,
-                gpu_indices: r.gpu_indices.clone(),
-                gpu_memory_bytes: r.gpu_memory_bytes,
-                gpu_share_milli: r.gpu_share_milli,
-                max_runtime: r.max_runtime_ms.map(Duration::from_millis),
-            },
+            resources: self.resources.clone(),
         }
     }
 
@@ -292,13 +257,13 @@ mod tests {
             version: VERSION,
             id: id.into(),
             command: "sleep".into(),
-            resources: PersistedResources::from(&ResourceRequest {
+            resources: ResourceRequest {
                 vcores_milli: 500,
                 memory_bytes: 64 << 20,
                 max_runtime: Some(Duration::from_secs(90)),
                 gpu_indices: vec![1],
                 ..Default::default()
-            }),
+            },
             gpu_uuids: vec!["GPU-1".into()],
             pid: 10,
             pid_start: 20,

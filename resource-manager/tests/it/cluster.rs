@@ -313,6 +313,16 @@ impl Cluster {
         }
     }
 
+    /// The commit index of the member that leads now.
+    pub async fn leader_commit(&self) -> u64 {
+        let leader = self.leader().await;
+        self.client()
+            .member_status(&self.members[leader].addr)
+            .await
+            .unwrap()
+            .commit_index
+    }
+
     /// Waits until member `i` has applied at least `index`; returns its status.
     pub async fn wait_applied(
         &self,

@@ -105,13 +105,7 @@ async fn a_member_whose_disk_fills_exits_saying_why_and_the_group_goes_on() {
     // Room again: it restarts from its data dir and catches up.
     std::fs::remove_file(filler).unwrap();
     cluster.spawn(full);
-    let leader = cluster.leader().await;
-    let target = cluster
-        .client()
-        .member_status(&cluster.members[leader].addr)
-        .await
-        .unwrap()
-        .commit_index;
+    let target = cluster.leader_commit().await;
     let caught_up = cluster.wait_applied(full, target).await;
     assert!(caught_up.applied_index >= target);
     let apps = crate::failover::all_app_ids(&client).await;
@@ -128,14 +122,8 @@ async fn a_corrupted_data_dir_is_refused_naming_the_file() {
     let mut cluster = Cluster::start(3, 1000);
     let client = cluster.client();
     client.submit(SPEC, "yaml", "ann").await.unwrap();
-    let leader = cluster.leader().await;
-    let victim = (leader + 1) % 3;
-    let target = cluster
-        .client()
-        .member_status(&cluster.members[leader].addr)
-        .await
-        .unwrap()
-        .commit_index;
+    let victim = (cluster.leader().await + 1) % 3;
+    let target = cluster.leader_commit().await;
     cluster.wait_applied(victim, target).await;
     assert!(cluster.terminate(victim).success());
     let db = cluster.members[victim].dir.join("db");
