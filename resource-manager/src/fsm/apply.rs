@@ -62,10 +62,15 @@ impl ClusterState {
                         u.vcores_milli, u.memory_bytes, u.gpus
                     ));
                 }
-                let registered_at_ms = self
-                    .nodes
-                    .get(node_id.as_str())
-                    .map_or(*at_ms, |n| n.registered_at_ms);
+                let (registered_at_ms, drain) =
+                    self.nodes
+                        .get(node_id.as_str())
+                        .map_or((*at_ms, false), |n| {
+                            (
+                                n.registered_at_ms,
+                                n.drain || n.state == NodeState::Draining,
+                            )
+                        });
                 self.node_changes.mark(node_id);
                 self.nodes.insert(
                     node_id.as_str().into(),
@@ -76,9 +81,14 @@ impl ClusterState {
                         memory_bytes: *memory_bytes,
                         gpus: gpus.clone(),
                         labels: labels.clone(),
-                        state: NodeState::Running,
+                        state: if drain {
+                            NodeState::Draining
+                        } else {
+                            NodeState::Running
+                        },
                         ready: *ready,
                         ports: *ports,
+                        drain,
                         registered_at_ms,
                         state_changed_at_ms: *at_ms,
                     },
@@ -105,6 +115,7 @@ impl ClusterState {
                 at_ms,
             } => match self.nodes.get_mut(node_id.as_str()) {
                 Some(n) => {
+                    n.drain |= *state == NodeState::Draining;
                     if n.state != *state {
                         n.state = *state;
                         n.state_changed_at_ms = *at_ms;

@@ -193,6 +193,11 @@ pub struct Node {
     /// Ports it hands to containers.
     #[serde(default)]
     pub ports: PortRange,
+    /// An operator drained it: it stays DRAINING when its agent registers
+    /// again (a restart) and when it comes back after being lost, until
+    /// drained nodes can be resumed.
+    #[serde(default)]
+    pub drain: bool,
     pub registered_at_ms: u64,
     pub state_changed_at_ms: u64,
 }

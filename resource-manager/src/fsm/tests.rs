@@ -835,3 +835,31 @@ fn envelope_round_trip_and_version_check() {
         .unwrap_err()
         .contains("version 99"));
 }
+
+/// A drain is the operator's: the node stays DRAINING when its agent
+/// registers again (an agent restart) and when it comes back after being
+/// declared lost; a node never drained comes back RUNNING.
+#[test]
+fn a_drain_survives_re_registration_and_loss() {
+    let mut st = ClusterState::default();
+    for id in ["n1", "n2"] {
+        assert_eq!(st.apply(&node(id, 4000, 8 << 30, 0)), Outcome::Done);
+    }
+    let set = |id: &str, state, at_ms| Command::SetNodeState {
+        node_id: id.into(),
+        state,
+        at_ms,
+    };
+    assert_eq!(st.apply(&set("n1", NodeState::Draining, 3)), Outcome::Done);
+    assert_eq!(st.apply(&node("n1", 4000, 8 << 30, 0)), Outcome::Done);
+    assert_eq!(st.nodes["n1"].state, NodeState::Draining);
+    for id in ["n1", "n2"] {
+        assert_eq!(st.apply(&set(id, NodeState::Lost, 4)), Outcome::Done);
+        assert_eq!(st.apply(&node(id, 4000, 8 << 30, 0)), Outcome::Done);
+    }
+    assert_eq!(st.nodes["n1"].state, NodeState::Draining);
+    assert_eq!(st.nodes["n2"].state, NodeState::Running);
+    let back = ClusterState::from_snapshot(&st.to_snapshot()).unwrap();
+    assert_eq!(back, st);
+    assert!(back.nodes["n1"].drain && !back.nodes["n2"].drain);
+}
