@@ -660,6 +660,8 @@ async fn agents_killed_and_restarted_keep_the_jobs_tasks_running() {
     }
     let alive = |pid: i32| !weft_node_agent::procfs::is_zombie(pid);
     let work = read_starts();
+    // An operator drains one node before the restarts: the drain holds.
+    client.drain_node(NODES[1]).await.unwrap();
     for a in agents.iter_mut() {
         a.kill9();
     }
@@ -681,5 +683,17 @@ async fn agents_killed_and_restarted_keep_the_jobs_tasks_running() {
         started,
         ["report/0", "work/0", "work/1"],
         "each task started once"
+    );
+    let drained = client
+        .list_nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|n| n.node_id == NODES[1])
+        .unwrap();
+    assert_eq!(
+        drained.state(),
+        pb::NodeState::Draining,
+        "the drain outlived the agent's restart"
     );
 }
