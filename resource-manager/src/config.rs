@@ -42,6 +42,13 @@ pub struct RmConfig {
     /// (their reports, task logs by name); then they are dropped.
     #[serde(with = "humantime_serde")]
     pub container_retention: Duration,
+    /// How long the state keeps finished applications (their reports,
+    /// and their submissions' request ids); then they are dropped.
+    #[serde(with = "humantime_serde")]
+    pub finished_app_retention: Duration,
+    /// The most finished applications the state keeps; the oldest go
+    /// first (YARN's `max-completed-applications`).
+    pub max_finished_apps: u64,
 }
 
 impl Default for RmConfig {
@@ -57,6 +64,8 @@ impl Default for RmConfig {
             heartbeat_interval: Duration::from_secs(1),
             node_expiry: Duration::from_secs(10),
             container_retention: Duration::from_secs(3600),
+            finished_app_retention: Duration::from_secs(7 * 24 * 3600),
+            max_finished_apps: 10_000,
             queues: Vec::new(),
         }
     }
@@ -264,6 +273,16 @@ impl RmConfig {
         }
         // The same rules the scheduler's queue tree applies.
         crate::scheduler::Queues::from_specs(&queue_specs(&self.queues)).map_err(Error::Config)?;
+        if self.finished_app_retention < Duration::from_secs(1) {
+            return Err(Error::Config(
+                "finished_app_retention: must be at least 1s".into(),
+            ));
+        }
+        if self.max_finished_apps == 0 {
+            return Err(Error::Config(
+                "max_finished_apps: must be at least 1 (a finished application is kept until it is read)".into(),
+            ));
+        }
         if self.raft.snapshot_every == 0 {
             return Err(Error::Config("raft.snapshot_every: must be above 0".into()));
         }
@@ -311,6 +330,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("peers: must list this member's id 4"));
+        let mut bad = c.clone();
+        bad.max_finished_apps = 0;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_finished_apps: must be at least 1"));
+        let mut bad = c.clone();
+        bad.finished_app_retention = Duration::from_millis(10);
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("finished_app_retention: must be at least 1s"));
         let mut bad = c;
         bad.peers.insert("x".into(), "h:1".into());
         assert!(bad

@@ -84,7 +84,8 @@ pub async fn run(
         config::queue_specs(&config.queues),
         config.masters.launch.then(|| config.masters.clone()),
     )
-    .with_container_retention(config.container_retention);
+    .with_container_retention(config.container_retention)
+    .with_app_retention(config.finished_app_retention, config.max_finished_apps);
     let cancel = tokio_util::sync::CancellationToken::new();
     // Leader-only work starts and stops with this member's leaderships.
     let leader = tokio::spawn(leader::supervise(svc.clone(), cancel.clone()));

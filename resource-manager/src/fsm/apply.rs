@@ -382,26 +382,37 @@ impl ClusterState {
                     .map(|a| a.id.clone())
                     .collect();
                 for app in done {
-                    let Some(ids) = self.app_containers.get_mut(app.as_str()) else {
+                    self.prune_ended_containers(&app);
+                }
+                Outcome::Done
+            }
+            Command::PruneApplications {
+                finished_before_ms,
+                keep,
+            } => {
+                let mut finished: Vec<(u64, Id)> = self
+                    .apps
+                    .values()
+                    .filter(|a| a.state.is_terminal())
+                    .map(|a| (a.finished_at_ms, a.id.as_str().into()))
+                    .collect();
+                finished.sort();
+                let excess = finished.len().saturating_sub(*keep as usize);
+                let mut pruned = false;
+                for (i, (at, app)) in finished.into_iter().enumerate() {
+                    if i >= excess && at >= *finished_before_ms {
                         continue;
-                    };
-                    ids.retain(|id| match self.containers.get(id) {
-                        Some(c) if !c.occupies_node() => {
-                            if let Some(on) = self.node_containers.get_mut(c.alloc.node_id.as_str())
-                            {
-                                on.remove(id);
-                                if on.is_empty() {
-                                    self.node_containers.remove(c.alloc.node_id.as_str());
-                                }
-                            }
-                            self.containers.remove(id);
-                            false
-                        }
-                        _ => true,
-                    });
-                    if ids.is_empty() {
-                        self.app_containers.remove(app.as_str());
                     }
+                    if !self.prune_ended_containers(&app) {
+                        continue;
+                    }
+                    self.apps.remove(app.as_str());
+                    pruned = true;
+                }
+                if pruned {
+                    let apps = &self.apps;
+                    self.submissions
+                        .retain(|_, app| apps.contains_key(app.as_str()));
                 }
                 Outcome::Done
             }
@@ -584,5 +595,33 @@ impl ClusterState {
             });
         }
         ended
+    }
+}
+
+impl ClusterState {
+    /// Drops the ended containers of `app` (those still holding a node's
+    /// resources stay). True when none is left.
+    fn prune_ended_containers(&mut self, app: &str) -> bool {
+        let Some(ids) = self.app_containers.get_mut(app) else {
+            return true;
+        };
+        ids.retain(|id| match self.containers.get(id) {
+            Some(c) if !c.occupies_node() => {
+                if let Some(on) = self.node_containers.get_mut(c.alloc.node_id.as_str()) {
+                    on.remove(id);
+                    if on.is_empty() {
+                        self.node_containers.remove(c.alloc.node_id.as_str());
+                    }
+                }
+                self.containers.remove(id);
+                false
+            }
+            _ => true,
+        });
+        let none_left = ids.is_empty();
+        if none_left {
+            self.app_containers.remove(app);
+        }
+        none_left
     }
 }

@@ -101,6 +101,15 @@ pub enum Command {
     PruneContainers {
         finished_before_ms: u64,
     },
+    /// Drops finished applications with their ended containers and their
+    /// submission request ids: those that finished before
+    /// `finished_before_ms`, and the oldest finished ones beyond the newest
+    /// `keep`. An application whose containers still hold a node's
+    /// resources stays. Application ids are never handed out again.
+    PruneApplications {
+        finished_before_ms: u64,
+        keep: u64,
+    },
     /// The key the RM group signs tokens with (the first one proposed wins).
     SetTokenKey {
         seed_hex: String,

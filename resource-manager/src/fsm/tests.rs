@@ -781,8 +781,12 @@ fn invariants_hold_under_random_command_streams() {
                     previous_lost: false,
                     at_ms: step,
                 },
-                9 => Command::PruneContainers {
+                9 if rnd(2) == 0 => Command::PruneContainers {
                     finished_before_ms: step,
+                },
+                9 => Command::PruneApplications {
+                    finished_before_ms: step,
+                    keep: rnd(4),
                 },
                 _ => Command::ContainersAllocated {
                     allocations: (0..1 + rnd(3))
@@ -862,4 +866,67 @@ fn a_drain_survives_re_registration_and_loss() {
     let back = ClusterState::from_snapshot(&st.to_snapshot()).unwrap();
     assert_eq!(back, st);
     assert!(back.nodes["n1"].drain && !back.nodes["n2"].drain);
+}
+
+/// Finished applications are dropped by age and beyond the newest `keep`,
+/// with their ended containers and request ids; running ones, and finished
+/// ones whose containers still hold a node, stay; ids are never reused.
+#[test]
+fn finished_applications_are_pruned_by_age_and_count() {
+    let mut s = ClusterState::default();
+    s.apply(&node("n1", 8000, 8 << 30, 0));
+    for (i, req) in ["r1", "r2", "r3", "r4", "r5"].iter().enumerate() {
+        s.apply(&submit(req, i as u64));
+    }
+    let id = |n: u64| format!("app-{n:06}");
+    // app 4 holds a container on n1 (launched, never stopped).
+    assert_eq!(
+        allocate(&mut s, vec![alloc("c4", &id(4), "n1", 500, 1 << 20, &[])]),
+        Outcome::Done
+    );
+    s.apply(&Command::ContainersLaunched {
+        container_ids: vec!["c4".into()],
+        at_ms: 5,
+    });
+    // 1..4 finish at 10, 20, 30, 40; 5 runs.
+    for n in 1..=4u64 {
+        s.apply(&Command::ApplicationFinished {
+            app_id: id(n),
+            state: AppState::Succeeded,
+            diagnostics: String::new(),
+            stages: vec![],
+            at_ms: n * 10,
+        });
+    }
+    let prune = |before, keep| Command::PruneApplications {
+        finished_before_ms: before,
+        keep,
+    };
+    // By age: 1 finished before 15.
+    s.apply(&prune(15, 100));
+    let left = |s: &ClusterState| s.apps.keys().map(|k| k.to_string()).collect::<Vec<_>>();
+    assert_eq!(left(&s), [id(2), id(3), id(4), id(5)]);
+    assert!(!s.submissions.contains_key("r1"));
+    // By count: keep the newest finished one; 2 and 3 go, 4 holds a node.
+    s.apply(&prune(0, 1));
+    assert_eq!(left(&s), [id(4), id(5)]);
+    assert_eq!(
+        s.submissions.keys().cloned().collect::<Vec<_>>(),
+        ["r4", "r5"]
+    );
+    s.check_invariants().unwrap();
+    // Once it lets go of its node, 4 goes too; 5 never (it runs).
+    s.apply(&Command::ContainersStopped {
+        container_ids: vec!["c4".into()],
+    });
+    s.apply(&prune(1000, 0));
+    assert_eq!(left(&s), [id(5)]);
+    assert!(s.containers.is_empty() && s.app_containers.is_empty());
+    // A retry of a pruned submission is a new application; no id returns.
+    assert_eq!(
+        s.apply(&submit("r1", 50)),
+        Outcome::Submitted { app_id: id(6) }
+    );
+    s.check_invariants().unwrap();
+    assert_eq!(ClusterState::from_snapshot(&s.to_snapshot()).unwrap(), s);
 }

@@ -80,6 +80,36 @@ impl RmService {
         }
     }
 
+    /// Leader-only: drops finished applications older than the retention,
+    /// and the oldest beyond the most kept, from the state.
+    async fn prune_applications(&self) {
+        let (age, keep) = self.app_retention;
+        let before = self.clock.wall_ms().saturating_sub(age.as_millis() as u64);
+        let due = {
+            let st = self.raft.state();
+            let mut finished = 0u64;
+            let mut old = false;
+            for a in st.apps.values().filter(|a| a.state.is_terminal()) {
+                finished += 1;
+                old |= a.finished_at_ms < before;
+            }
+            old || finished > keep
+        };
+        if due {
+            match self
+                .raft
+                .propose(Command::PruneApplications {
+                    finished_before_ms: before,
+                    keep,
+                })
+                .await
+            {
+                Ok(_) => tracing::debug!("finished applications pruned"),
+                Err(e) => tracing::debug!(error = %e, "pruning not committed"),
+            }
+        }
+    }
+
     /// Leader-only, once per leadership: makes the replicated queue
     /// configuration match this member's config.
     async fn apply_queue_config(&self) {
@@ -135,6 +165,7 @@ impl RmService {
             {
                 last_prune = now;
                 self.prune_containers().await;
+                self.prune_applications().await;
             }
             self.expire_silent_nodes().await;
         }

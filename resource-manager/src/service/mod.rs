@@ -38,6 +38,8 @@ pub struct RmService {
     pub scheduling: crate::leader::scheduling::Scheduling,
     /// How long containers of finished applications stay in the state.
     pub(crate) container_retention: Duration,
+    /// How long, and how many, finished applications stay in the state.
+    pub(crate) app_retention: (Duration, u64),
     /// Time for liveness (heartbeat ages, the election grace, pruning's
     /// cut-off): the system's, or a test's manual clock.
     pub(crate) clock: Arc<dyn weft_common::clock::Clock>,
@@ -59,6 +61,7 @@ impl RmService {
             scheduling: crate::leader::scheduling::Scheduling::new(raft.clone(), masters),
             raft,
             container_retention: Duration::from_secs(3600),
+            app_retention: (Duration::from_secs(7 * 24 * 3600), 10_000),
             clock: Arc::new(weft_common::clock::SystemClock),
         }
     }
@@ -71,6 +74,13 @@ impl RmService {
 
     pub fn with_container_retention(mut self, d: Duration) -> Self {
         self.container_retention = d;
+        self
+    }
+
+    /// Finished applications are dropped after `age`, and beyond the
+    /// newest `max`.
+    pub fn with_app_retention(mut self, age: Duration, max: u64) -> Self {
+        self.app_retention = (age, max);
         self
     }
 

@@ -10,6 +10,7 @@ mod failover;
 mod membership;
 mod nodes;
 mod queues;
+mod retention;
 mod rmctl;
 mod scheduling;
 mod standalone;
