@@ -135,16 +135,33 @@ impl RmClient {
         .await
     }
 
+    /// Every application `req`'s filters match, page after page (from
+    /// `req.page_token`, `req.page_size` a page).
     pub async fn list_applications(
         &self,
-        req: pb::ListApplicationsRequest,
+        mut req: pb::ListApplicationsRequest,
     ) -> Result<Vec<pb::ApplicationReport>, Error> {
+        let mut all = Vec::new();
+        loop {
+            let page = self.list_applications_page(req.clone()).await?;
+            all.extend(page.applications);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            req.page_token = page.next_page_token;
+        }
+    }
+
+    /// One page of applications, with the token of the next.
+    pub async fn list_applications_page(
+        &self,
+        req: pb::ListApplicationsRequest,
+    ) -> Result<pb::ListApplicationsResponse, Error> {
         self.call(|mut c| {
             let req = req.clone();
             async move { c.list_applications(req).await }
         })
         .await
-        .map(|r| r.applications)
     }
 
     pub async fn kill_application(&self, id: &str) -> Result<(), Error> {

@@ -168,7 +168,20 @@ enum QueueCmd {
 
 #[derive(Debug, Subcommand)]
 enum AppCmd {
-    List,
+    /// Applications, oldest first; the filters combine.
+    List {
+        /// Only these states (repeat): submitted, accepted, running,
+        /// succeeded, failed, killed.
+        #[arg(long = "state", value_parser = parse_app_state)]
+        states: Vec<pb::ApplicationState>,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        queue: Option<String>,
+        /// Exact application name.
+        #[arg(long)]
+        name: Option<String>,
+    },
     Status {
         id: String,
     },
@@ -193,6 +206,14 @@ enum AppCmd {
     Kill {
         id: String,
     },
+}
+
+fn parse_app_state(s: &str) -> Result<pb::ApplicationState, String> {
+    pb::ApplicationState::from_str_name(&format!("APPLICATION_STATE_{}", s.to_uppercase()))
+        .filter(|st| *st != pb::ApplicationState::Unspecified)
+        .ok_or_else(|| {
+            format!("{s:?}: expected submitted, accepted, running, succeeded, failed or killed")
+        })
 }
 
 /// Quotes one word for `sh -c`.
@@ -628,9 +649,23 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
             rm.set_queues(&text).await?;
             "queues updated".to_string()
         }
-        Cmd::App { cmd: AppCmd::List } => {
+        Cmd::App {
+            cmd:
+                AppCmd::List {
+                    states,
+                    user,
+                    queue,
+                    name,
+                },
+        } => {
             let apps = rm
-                .list_applications(pb::ListApplicationsRequest::default())
+                .list_applications(pb::ListApplicationsRequest {
+                    states: states.into_iter().map(|s| s as i32).collect(),
+                    user: user.unwrap_or_default(),
+                    queue: queue.unwrap_or_default(),
+                    name: name.unwrap_or_default(),
+                    ..Default::default()
+                })
                 .await?;
             if json_out {
                 serde_json::Value::Array(apps.iter().map(app_json).collect()).to_string()

@@ -125,18 +125,54 @@ impl pb::client_service_server::ClientService for RmService {
         &self,
         req: Request<pb::ListApplicationsRequest>,
     ) -> Result<Response<pb::ListApplicationsResponse>, Status> {
-        self.raft.read_barrier().await?;
         let r = req.into_inner();
+        let size = match r.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n as usize > MAX_PAGE_SIZE => {
+                return Err(Error::InvalidArgument {
+                    field: "page_size",
+                    reason: format!("{n} is over the most a page holds, {MAX_PAGE_SIZE}"),
+                }
+                .into())
+            }
+            n => n as usize,
+        };
+        // A token is the last id of the page before: an application id.
+        if r.page_token.len() > 64 || r.page_token.chars().any(|c| c.is_control()) {
+            return Err(Error::InvalidArgument {
+                field: "page_token",
+                reason: "not a token this service gave (pass next_page_token as it came)".into(),
+            }
+            .into());
+        }
+        self.raft.read_barrier().await?;
         let st = self.raft.state();
-        let applications = st
-            .apps
-            .values()
+        let after = (
+            std::ops::Bound::Excluded(r.page_token.as_str()),
+            std::ops::Bound::Unbounded,
+        );
+        let from: std::collections::btree_map::Range<'_, crate::fsm::Id, _> =
+            if r.page_token.is_empty() {
+                st.apps.range::<str, _>(..)
+            } else {
+                st.apps.range::<str, _>(after)
+            };
+        let mut matching = from
+            .map(|(_, a)| a)
             .filter(|a| r.queue.is_empty() || a.queue == r.queue)
             .filter(|a| r.user.is_empty() || a.user == r.user)
-            .filter(|a| r.states.is_empty() || r.states.contains(&(app_state(a.state) as i32)))
-            .map(|a| self.app_report(&st, a))
-            .collect();
-        Ok(Response::new(pb::ListApplicationsResponse { applications }))
+            .filter(|a| r.name.is_empty() || a.name == r.name)
+            .filter(|a| r.states.is_empty() || r.states.contains(&(app_state(a.state) as i32)));
+        let page: Vec<&crate::fsm::App> = matching.by_ref().take(size).collect();
+        let next_page_token = match (page.last(), matching.next()) {
+            (Some(last), Some(_)) => last.id.clone(),
+            _ => String::new(),
+        };
+        let applications = page.into_iter().map(|a| self.app_report(&st, a)).collect();
+        Ok(Response::new(pb::ListApplicationsResponse {
+            applications,
+            next_page_token,
+        }))
     }
 
     async fn kill_application(
@@ -644,3 +680,8 @@ impl RmService {
         }
     }
 }
+
+/// Applications a ListApplications page holds when the caller says nothing.
+pub const DEFAULT_PAGE_SIZE: usize = 1000;
+/// The most a ListApplications page holds.
+pub const MAX_PAGE_SIZE: usize = 10_000;
