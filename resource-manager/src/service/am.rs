@@ -183,6 +183,7 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
             }
         }
         // Check every ask before taking any.
+        check_sizes(&r)?;
         {
             let state = self.s.raft.state();
             let (cluster, _) = cluster_view(&state);
@@ -396,5 +397,80 @@ impl AmService {
             completed,
             lost_nodes: vec![],
         })
+    }
+}
+
+/// Asks one Allocate call may carry (a master asks per stage and role).
+pub const MAX_ASKS_PER_CALL: usize = 10_000;
+/// Containers one Allocate call may release.
+pub const MAX_RELEASES_PER_CALL: usize = 100_000;
+
+/// Bounds on an Allocate call's size, each refusal naming the field.
+fn check_sizes(r: &pb::AllocateRequest) -> Result<(), Error> {
+    if r.asks.len() > MAX_ASKS_PER_CALL {
+        return Err(Error::InvalidArgument {
+            field: "asks",
+            reason: format!(
+                "{} asks in one call, at most {MAX_ASKS_PER_CALL}",
+                r.asks.len()
+            ),
+        });
+    }
+    if let Some(a) = r
+        .asks
+        .iter()
+        .find(|a| u64::from(a.count) > weft_spec::MAX_INSTANCES)
+    {
+        return Err(Error::InvalidArgument {
+            field: "asks.count",
+            reason: format!(
+                "ask {:?} asks for {} containers, at most {} (a stage's tasks)",
+                a.ask_id,
+                a.count,
+                weft_spec::MAX_INSTANCES
+            ),
+        });
+    }
+    if r.releases.len() > MAX_RELEASES_PER_CALL {
+        return Err(Error::InvalidArgument {
+            field: "releases",
+            reason: format!(
+                "{} releases in one call, at most {MAX_RELEASES_PER_CALL}",
+                r.releases.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[test]
+    fn allocate_calls_are_bounded_and_the_bound_is_named() {
+        let ask = |count| pb::ResourceAsk {
+            ask_id: "work".into(),
+            count,
+            ..Default::default()
+        };
+        let call = |asks: Vec<pb::ResourceAsk>, releases: usize| pb::AllocateRequest {
+            asks,
+            releases: vec!["c".into(); releases],
+            ..Default::default()
+        };
+        check_sizes(&call(
+            vec![ask(100_000); MAX_ASKS_PER_CALL],
+            MAX_RELEASES_PER_CALL,
+        ))
+        .unwrap();
+        for (r, field) in [
+            (call(vec![ask(1); MAX_ASKS_PER_CALL + 1], 0), "asks:"),
+            (call(vec![ask(100_001)], 0), "asks.count:"),
+            (call(vec![], MAX_RELEASES_PER_CALL + 1), "releases:"),
+        ] {
+            let e = check_sizes(&r).unwrap_err().to_string();
+            assert!(e.starts_with(field), "{field}: {e}");
+        }
     }
 }

@@ -18,13 +18,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         req: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
         let r = req.into_inner();
-        if r.node_id.is_empty() {
-            return Err(Error::InvalidArgument {
-                field: "node_id",
-                reason: "must not be empty".into(),
-            }
-            .into());
-        }
+        check_registration(&r)?;
         // The group's token key exists before any node can register, so
         // every registered agent can check container tokens.
         let signer = self.scheduling.ensure_signer().await?;
@@ -285,5 +279,170 @@ fn completion_of(c: &pb::ContainerStatus) -> Completion {
         },
         exit_status: exit.exit_status,
         diagnostic: exit.diagnostic,
+    }
+}
+
+/// The most a registration may claim: far above any machine, so that a
+/// wrong unit or a corrupted request is refused instead of stored and
+/// scheduled against.
+pub const MAX_NODE_VCORES_MILLI: u64 = 100_000_000; // 100,000 cores
+pub const MAX_NODE_MEMORY_BYTES: u64 = 1 << 50; // 1 PiB
+pub const MAX_NODE_GPUS: usize = 256;
+pub const MAX_NODE_LABELS: usize = 64;
+pub const MAX_LABEL_BYTES: usize = 256;
+pub const MAX_NODE_ID_BYTES: usize = 253;
+/// Containers a registration may list (running and ended ones kept).
+pub const MAX_REGISTERED_CONTAINERS: usize = 100_000;
+
+/// Refuses a registration that cannot describe a real node, naming the
+/// field and the bound.
+fn check_registration(r: &pb::RegisterNodeRequest) -> Result<(), Error> {
+    let bad = |field: &'static str, reason: String| Err(Error::InvalidArgument { field, reason });
+    if r.node_id.is_empty() {
+        return bad("node_id", "must not be empty".into());
+    }
+    if r.node_id.len() > MAX_NODE_ID_BYTES || r.node_id.chars().any(|c| c.is_control()) {
+        return bad(
+            "node_id",
+            format!("at most {MAX_NODE_ID_BYTES} bytes, no control characters"),
+        );
+    }
+    let cap = r.capacity.clone().unwrap_or_default();
+    if cap.vcores_milli > MAX_NODE_VCORES_MILLI {
+        return bad(
+            "capacity.vcores_milli",
+            format!(
+                "{} is over {MAX_NODE_VCORES_MILLI} (100,000 cores)",
+                cap.vcores_milli
+            ),
+        );
+    }
+    if cap.memory_bytes > MAX_NODE_MEMORY_BYTES {
+        return bad(
+            "capacity.memory_bytes",
+            format!(
+                "{} is over {MAX_NODE_MEMORY_BYTES} (1 PiB)",
+                cap.memory_bytes
+            ),
+        );
+    }
+    if cap.gpus.len() > MAX_NODE_GPUS {
+        return bad(
+            "capacity.gpus",
+            format!("{} GPUs, at most {MAX_NODE_GPUS}", cap.gpus.len()),
+        );
+    }
+    for (i, g) in cap.gpus.iter().enumerate() {
+        if g.index as usize != i {
+            return bad(
+                "capacity.gpus.index",
+                format!(
+                    "GPU {i} says it is index {}: indexes run 0, 1, ... in order",
+                    g.index
+                ),
+            );
+        }
+    }
+    if r.labels.len() > MAX_NODE_LABELS {
+        return bad(
+            "labels",
+            format!("{} labels, at most {MAX_NODE_LABELS}", r.labels.len()),
+        );
+    }
+    if let Some((k, _)) = r
+        .labels
+        .iter()
+        .find(|(k, v)| k.is_empty() || k.len() > MAX_LABEL_BYTES || v.len() > MAX_LABEL_BYTES)
+    {
+        return bad(
+            "labels",
+            format!(
+                "label {k:?}: names 1 to {MAX_LABEL_BYTES} bytes, values at most {MAX_LABEL_BYTES}"
+            ),
+        );
+    }
+    if r.containers.len() > MAX_REGISTERED_CONTAINERS {
+        return bad(
+            "containers",
+            format!(
+                "{} containers, at most {MAX_REGISTERED_CONTAINERS}",
+                r.containers.len()
+            ),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registrations_no_node_could_send_are_refused_naming_the_field() {
+        let good = pb::RegisterNodeRequest {
+            node_id: "n1".into(),
+            capacity: Some(pb::NodeCapacity {
+                vcores_milli: 64_000,
+                memory_bytes: 512 << 30,
+                gpus: (0..8)
+                    .map(|i| pb::GpuDevice {
+                        index: i,
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+            labels: [("gpu".to_string(), "h100".to_string())].into(),
+            ..Default::default()
+        };
+        check_registration(&good).unwrap();
+        let refused = |f: &dyn Fn(&mut pb::RegisterNodeRequest)| {
+            let mut r = good.clone();
+            f(&mut r);
+            check_registration(&r).unwrap_err().to_string()
+        };
+        for (e, field) in [
+            (refused(&|r| r.node_id.clear()), "node_id"),
+            (refused(&|r| r.node_id = "x".repeat(254)), "node_id"),
+            (refused(&|r| r.node_id = "a\nb".into()), "node_id"),
+            (
+                refused(&|r| r.capacity.as_mut().unwrap().vcores_milli = MAX_NODE_VCORES_MILLI + 1),
+                "capacity.vcores_milli",
+            ),
+            (
+                refused(&|r| r.capacity.as_mut().unwrap().memory_bytes = u64::MAX),
+                "capacity.memory_bytes",
+            ),
+            (
+                refused(&|r| {
+                    r.capacity.as_mut().unwrap().gpus = vec![pb::GpuDevice::default(); 257]
+                }),
+                "capacity.gpus",
+            ),
+            (
+                refused(&|r| r.capacity.as_mut().unwrap().gpus[3].index = 7),
+                "capacity.gpus.index",
+            ),
+            (
+                refused(&|r| {
+                    r.labels = (0..65).map(|i| (format!("k{i}"), String::new())).collect()
+                }),
+                "labels",
+            ),
+            (
+                refused(&|r| {
+                    r.labels.insert("k".into(), "v".repeat(257));
+                }),
+                "labels",
+            ),
+            (
+                refused(&|r| {
+                    r.containers =
+                        vec![pb::ContainerStatus::default(); MAX_REGISTERED_CONTAINERS + 1]
+                }),
+                "containers",
+            ),
+        ] {
+            assert!(e.contains(field), "{field}: {e}");
+        }
     }
 }
