@@ -93,7 +93,9 @@ async fn binary_restart_keeps_containers_and_cleans_up_on_sigterm() {
     let quick = start(&mut c, spec("quick", "sleep 0.5; exit 5", 16 * MIB)).await;
     // Its record is lost (as if the agent died before writing it).
     let orphan = start(&mut c, spec("orphan", "exec sleep 1000", 16 * MIB)).await;
-    for s in [&survivor, &hog, &quick, &orphan] {
+    // Stopped the moment the next agent answers.
+    let stopme = start(&mut c, spec("stopme", "exec sleep 1000", 16 * MIB)).await;
+    for s in [&survivor, &hog, &quick, &orphan, &stopme] {
         assert_eq!(s.state(), pb::ContainerState::Running, "{s:?}");
         assert!(pid_alive(s.pid), "{s:?}");
     }
@@ -115,6 +117,16 @@ async fn binary_restart_keeps_containers_and_cleans_up_on_sigterm() {
     // ended as it ended, kills the one without a record.
     let mut second = spawn_agent(&config, port);
     let mut c = connect(addr).await;
+    let s = stop(&mut c, "stopme", 300).await;
+    assert_eq!(s.state(), pb::ContainerState::Killed, "{s:?}");
+    assert!(
+        matches!(
+            s.exit.unwrap().reason,
+            Some(pb::container_exit::Reason::UserRequested(_))
+        ),
+        "a container taken over is stopped like any other"
+    );
+    assert!(!pid_alive(stopme.pid));
     let s = status(&mut c, "survivor").await;
     assert_eq!(s.state(), pb::ContainerState::Running, "{s:?}");
     assert_eq!(s.pid, survivor.pid, "the same process, taken over");

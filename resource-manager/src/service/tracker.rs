@@ -307,7 +307,8 @@ fn check_registration(r: &pb::RegisterNodeRequest) -> Result<(), Error> {
             format!("at most {MAX_NODE_ID_BYTES} bytes, no control characters"),
         );
     }
-    let cap = r.capacity.clone().unwrap_or_default();
+    let none = pb::NodeCapacity::default();
+    let cap = r.capacity.as_ref().unwrap_or(&none);
     if cap.vcores_milli > MAX_NODE_VCORES_MILLI {
         return bad(
             "capacity.vcores_milli",
