@@ -357,9 +357,16 @@ struct Member {
 }
 
 /// Persistence failed: raft cannot go on from memory. Crash; restart from disk.
-fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
+fn fatal(storage: &SledStorage, what: &str, e: impl std::fmt::Display) -> ! {
+    let dir = storage.dir().display().to_string();
+    let e = e.to_string();
+    let place = if e.contains(&dir) {
+        String::new()
+    } else {
+        format!(" in the data dir {dir}")
+    };
     stop_member(&format!(
-        "raft storage failure while {what}: {e}; the member must restart from disk"
+        "raft storage failure{place} while {what}: {e}; the member must restart from disk"
     ))
 }
 
@@ -543,9 +550,9 @@ impl Member {
             let index = snap.get_metadata().index;
             self.storage
                 .apply_snapshot(&snap)
-                .unwrap_or_else(|e| fatal("installing a snapshot", e));
+                .unwrap_or_else(|e| fatal(&self.storage, "installing a snapshot", e));
             let state = ClusterState::from_snapshot(snap.get_data())
-                .unwrap_or_else(|e| fatal("decoding a snapshot", e));
+                .unwrap_or_else(|e| fatal(&self.storage, "decoding a snapshot", e));
             *self.shared.state.write().expect("state lock") = state;
             self.applied = index;
             self.last_snapshot = index;
@@ -577,14 +584,16 @@ impl Member {
 
         self.storage
             .append(rd.entries())
-            .unwrap_or_else(|e| fatal("appending entries", e));
+            .unwrap_or_else(|e| fatal(&self.storage, "appending entries", e));
         if let Some(hs) = rd.hs() {
             self.storage
                 .set_hard_state(hs)
-                .unwrap_or_else(|e| fatal("writing the hard state", e));
+                .unwrap_or_else(|e| fatal(&self.storage, "writing the hard state", e));
         }
         if rd.must_sync() {
-            self.storage.sync().unwrap_or_else(|e| fatal("syncing", e));
+            self.storage
+                .sync()
+                .unwrap_or_else(|e| fatal(&self.storage, "syncing", e));
         }
         snapshots.extend(self.transport.send(rd.take_persisted_messages()));
 
@@ -592,7 +601,7 @@ impl Member {
         if let Some(commit) = light.commit_index() {
             self.storage
                 .set_commit(commit)
-                .unwrap_or_else(|e| fatal("writing the commit index", e));
+                .unwrap_or_else(|e| fatal(&self.storage, "writing the commit index", e));
         }
         snapshots.extend(self.transport.send(light.take_messages()));
         let committed = light.take_committed_entries();
@@ -647,13 +656,13 @@ impl Member {
                 }
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&e.data)
-                        .unwrap_or_else(|err| fatal("decoding a conf change", err));
+                        .unwrap_or_else(|err| fatal(&self.storage, "decoding a conf change", err));
                     let outcome = match self.raw.apply_conf_change(&cc) {
                         Ok(cs) => {
                             info!(voters = ?cs.voters, learners = ?cs.learners, "membership changed");
-                            self.storage
-                                .set_conf_state(&cs)
-                                .unwrap_or_else(|err| fatal("writing the conf state", err));
+                            self.storage.set_conf_state(&cs).unwrap_or_else(|err| {
+                                fatal(&self.storage, "writing the conf state", err)
+                            });
                             match cc.get_change_type() {
                                 ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
                                     let addr =
@@ -683,12 +692,11 @@ impl Member {
                 EntryType::EntryConfChangeV2 => {
                     // This member proposes only v1 conf changes.
                     let cc = ConfChangeV2::parse_from_bytes(&e.data)
-                        .unwrap_or_else(|err| fatal("decoding a conf change", err));
+                        .unwrap_or_else(|err| fatal(&self.storage, "decoding a conf change", err));
                     match self.raw.apply_conf_change(&cc) {
-                        Ok(cs) => self
-                            .storage
-                            .set_conf_state(&cs)
-                            .unwrap_or_else(|err| fatal("writing the conf state", err)),
+                        Ok(cs) => self.storage.set_conf_state(&cs).unwrap_or_else(|err| {
+                            fatal(&self.storage, "writing the conf state", err)
+                        }),
                         Err(err) => warn!(error = %err, "conf change refused"),
                     }
                 }
@@ -745,10 +753,10 @@ impl Member {
         let cs = self.raw.raft.prs().conf().to_conf_state();
         self.storage
             .create_snapshot(self.applied, cs, data)
-            .unwrap_or_else(|e| fatal("writing a snapshot", e));
+            .unwrap_or_else(|e| fatal(&self.storage, "writing a snapshot", e));
         self.storage
             .sync()
-            .unwrap_or_else(|e| fatal("syncing a snapshot", e));
+            .unwrap_or_else(|e| fatal(&self.storage, "syncing a snapshot", e));
         debug!(index = self.applied, "snapshot taken; log compacted");
         self.last_snapshot = self.applied;
     }

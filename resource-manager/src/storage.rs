@@ -273,6 +273,11 @@ impl SledStorage {
             && self.snap_meta.read().expect("lock").index == 0)
     }
 
+    /// The data dir this storage lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Makes every write so far durable.
     pub fn sync(&self) -> Result<()> {
         self.db.flush().map(|_| ()).map_err(|e| {
