@@ -355,12 +355,7 @@ impl Runner {
                         gpu_memory_bytes: r.gpu_memory.map_or(0, |m| m.as_u64()),
                     }),
                     priority: self.spec.priority,
-                    node_labels: r
-                        .node_labels
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect::<Vec<_>>()
-                        .join(","),
+                    node_labels: r.node_label_expr(),
                     gpu_model: r.gpu_model.clone().unwrap_or_default(),
                     gpu_min_memory_bytes: r.gpu_min_memory.map_or(0, |m| m.as_u64()),
                     gang_id: if s.gang {
@@ -618,8 +613,8 @@ impl Runner {
         );
         // A lost node, an agent that lost track of it or shut down: not the
         // task's fault; it reruns without using a retry.
-        use weft_proto::exit_codes::{AGENT_SHUTDOWN, LOST, NODE_LOST};
-        let not_its_fault = matches!(exit.exit_status, NODE_LOST | LOST | AGENT_SHUTDOWN);
+        use weft_proto::exit_codes::{AGENT_SHUTDOWN, FENCED, LOST, NODE_LOST};
+        let not_its_fault = matches!(exit.exit_status, NODE_LOST | LOST | AGENT_SHUTDOWN | FENCED);
         if !not_its_fault {
             self.failures[si] += 1;
         }

@@ -33,6 +33,7 @@ where
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("listen {addr}: {e}"))?;
+        crate::net::bind_source(addr.ip());
         serve(listener).await.map_err(|e| e.to_string())
     });
     match result {

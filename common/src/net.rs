@@ -10,9 +10,57 @@
 //! about two seconds however long the call itself may take (a long poll, a
 //! log follow, a watch), which a request deadline alone cannot do.
 
+use std::net::IpAddr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tonic::transport::{Endpoint, Server};
+
+/// The address this process's own connections leave from (see
+/// [`bind_source`]).
+static SOURCE: OnceLock<IpAddr> = OnceLock::new();
+
+/// Makes every connection this process opens from now on leave from `ip`
+/// (the address it listens on), so that a host with several addresses, or
+/// several daemons on one machine each on its own loopback address, is
+/// seen by its peers at the address it serves on: what a packet filter
+/// between two hosts matches. Ignored for an unspecified address
+/// (`0.0.0.0`, `::`) and for destinations of the other kind (a loopback
+/// source is not used towards another host, nor the other way round). The
+/// first call wins.
+pub fn bind_source(ip: IpAddr) {
+    if !ip.is_unspecified() {
+        let _ = SOURCE.set(ip);
+    }
+}
+
+/// The source address for a connection to `addr`, if one was bound and
+/// suits it.
+fn source_for(addr: &str) -> Option<IpAddr> {
+    let src = *SOURCE.get()?;
+    let host = addr
+        .split("://")
+        .last()
+        .unwrap_or(addr)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let dest_loopback = match host.parse::<IpAddr>() {
+        Ok(ip) => {
+            if ip.is_ipv4() != src.is_ipv4() {
+                return None;
+            }
+            ip.is_loopback()
+        }
+        Err(_) => host == "localhost",
+    };
+    (dest_loopback == src.is_loopback()).then_some(src)
+}
 
 /// How often an open connection pings its peer.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
@@ -40,7 +88,8 @@ pub fn endpoint(
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true)
+        .local_address(source_for(addr));
     Ok(match request_timeout {
         Some(t) => ep.timeout(t),
         None => ep,
@@ -54,4 +103,23 @@ pub fn server() -> Server {
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_source_suits_the_destination() {
+        assert_eq!(source_for("127.0.0.1:1"), None, "nothing bound yet");
+        bind_source("127.0.0.11".parse().unwrap());
+        bind_source("127.0.0.12".parse().unwrap());
+        let lo: IpAddr = "127.0.0.11".parse().unwrap();
+        assert_eq!(source_for("127.0.0.12:7000"), Some(lo));
+        assert_eq!(source_for("http://127.0.0.12:7000"), Some(lo));
+        assert_eq!(source_for("localhost:7000"), Some(lo));
+        assert_eq!(source_for("10.1.2.3:7000"), None);
+        assert_eq!(source_for("[::1]:7000"), None);
+        assert_eq!(source_for("rm-1.example:7000"), None);
+    }
 }

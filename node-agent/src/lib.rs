@@ -21,6 +21,7 @@ pub mod capacity;
 pub mod config;
 pub mod driver;
 pub mod error;
+pub mod fence;
 pub mod gpu;
 pub mod logs;
 pub mod manager;

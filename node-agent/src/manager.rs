@@ -71,6 +71,9 @@ struct Shared {
     /// for CPU behind all of them: a few at a time start the first ones
     /// first.
     launching: tokio::sync::Semaphore,
+    /// The node's lease: containers die when it runs out (see
+    /// [`crate::fence`]).
+    lease: crate::fence::Lease,
 }
 
 /// One container: its record plus the channels to its supervisor.
@@ -141,6 +144,7 @@ impl Manager {
             )));
         }
         let gpus = p.gpu.devices();
+        let lease = crate::fence::Lease::open(state_dir.path().join("lease"));
         Ok(Manager {
             sh: Arc::new(Shared {
                 cfg: p.containers,
@@ -162,6 +166,7 @@ impl Manager {
                 launching: tokio::sync::Semaphore::new(
                     std::thread::available_parallelism().map_or(2, |n| n.get()),
                 ),
+                lease,
             }),
         })
     }
@@ -174,6 +179,11 @@ impl Manager {
     /// The container-token checker (the tracker hands it the RM's key).
     pub fn tokens(&self) -> &crate::tokens::Tokens {
         &self.sh.tokens
+    }
+
+    /// The node's lease, renewed by the tracker.
+    pub fn lease(&self) -> &crate::fence::Lease {
+        &self.sh.lease
     }
 
     pub fn capacity(&self) -> Capacity {
@@ -458,6 +468,12 @@ impl Manager {
             .map(|r| r.ports.clone())
             .unwrap_or_default();
         let spec = validate::start_request(req, self.sh.gpus.len())?;
+        if let Some(why) = self.sh.lease.fenced() {
+            return Err(Error::NotReady(format!(
+                "the node is fenced: {}",
+                crate::model::diagnostic(&why, &[])
+            )));
+        }
         let expires = self.sh.tokens.check(&token, &spec, &ports)?;
         // A port given to it and bound on the node by something else: a
         // transient refusal (the RM hears of the port and gives another).
@@ -667,6 +683,7 @@ impl Manager {
             stderr: rec.log_dir.join("stderr"),
             join: group.join_paths(),
             exit_file: self.sh.state_dir.exit_file(&spec.id),
+            lease: Some(self.sh.lease.path().to_path_buf()),
         };
         let permit = self.sh.launching.acquire().await.expect("never closed");
         let started = self.start_shim(&plan).await;
@@ -886,19 +903,20 @@ enum Waiter {
 }
 
 impl Waiter {
-    /// Resolves when the container's leading process has ended. Cancel-safe.
-    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+    /// Resolves when the container's leading process has ended: how, and
+    /// why when the shim ended it (the node's lease ran out). Cancel-safe.
+    async fn wait(&mut self) -> std::io::Result<(std::process::ExitStatus, Option<ExitReason>)> {
         match self {
             Waiter::Child { shim, exit_file } => {
                 let own = shim.wait().await?;
                 // The exit file tells a container's end from the shim's own
                 // failure; the shim's status mirrors it otherwise.
-                Ok(shim::read_exit(exit_file).map_or(own, |e| e.status()))
+                Ok(shim::read_exit(exit_file).map_or((own, None), |e| (e.status(), e.reason())))
             }
             Waiter::Adopted { pidfd, exit_file } => {
                 let _ = pidfd.readable().await?;
                 shim::read_exit(exit_file)
-                    .map(|e| e.status())
+                    .map(|e| (e.status(), e.reason()))
                     .ok_or_else(|| {
                         std::io::Error::other(
                             "the shim ended without saying how the container ended",
@@ -1046,7 +1064,10 @@ async fn supervise(
                 }
             }
             status = child.wait() => match status {
-                Ok(s) => break Ending::Exited(s),
+                Ok((_, Some(reason))) => {
+                    break Ending::Kill { reason, grace: Duration::ZERO, top: vec![] };
+                }
+                Ok((s, None)) => break Ending::Exited(s),
                 Err(e) => {
                     warn!(container_id = %spec.id, error = %e, "waiting for the container failed");
                     break Ending::Kill { reason: ExitReason::Lost, grace: Duration::ZERO, top: vec![] };
@@ -1103,7 +1124,7 @@ async fn supervise(
                 let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
                 let g = group.clone();
                 blocking(move || g.signal_all(Signal::SIGTERM)).await;
-                if let Ok(Ok(s)) = tokio::time::timeout(grace, child.wait()).await {
+                if let Ok(Ok((s, _))) = tokio::time::timeout(grace, child.wait()).await {
                     status = Some(s);
                 }
             }
@@ -1123,7 +1144,7 @@ async fn supervise(
     .await;
     let status = match status {
         Some(s) => Some(s),
-        None => child.wait().await.ok(),
+        None => child.wait().await.ok().map(|(s, _)| s),
     };
     if !left.is_empty() {
         warn!(container_id = %spec.id, pids = ?left, "processes survived SIGKILL");
@@ -1291,7 +1312,9 @@ fn take_over(sh: &Shared) -> Vec<FoundContainer> {
         let exit_file = dir.exit_file(&p.id);
         let (exit, at) = match shim::read_exit(&exit_file) {
             Some(e) => {
-                let reason = if stats.oom_kills > 0 || stats.under_oom {
+                let reason = if let Some(fenced) = e.reason() {
+                    fenced
+                } else if stats.oom_kills > 0 || stats.under_oom {
                     ExitReason::OverMemoryQuota {
                         limit: p.resources.memory_bytes,
                         peak: stats.memory_peak_bytes.max(p.resources.memory_bytes),

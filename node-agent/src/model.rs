@@ -57,6 +57,12 @@ pub enum ExitReason {
     AgentShutdown,
     /// Found at agent start, left by an agent that died.
     Lost,
+    /// Killed by its node, cut off from the RM for `expiry` (see
+    /// [`crate::fence`]).
+    Fenced {
+        silent: Duration,
+        expiry: Duration,
+    },
 }
 
 impl ExitReason {
@@ -78,6 +84,7 @@ impl ExitReason {
             ExitReason::UserRequested => exit_codes::USER_REQUESTED,
             ExitReason::AgentShutdown => exit_codes::AGENT_SHUTDOWN,
             ExitReason::Lost => exit_codes::LOST,
+            ExitReason::Fenced { .. } => exit_codes::FENCED,
         }
     }
 
@@ -160,6 +167,11 @@ pub fn diagnostic(reason: &ExitReason, top: &[ProcessSample]) -> String {
             "lost: found running when the node agent started (the previous agent died); its processes were killed"
                 .into()
         }
+        ExitReason::Fenced { silent, expiry } => format!(
+            "killed by its node: no answer from the resource manager for {} (its node_expiry is {}), after which the RM runs the node's tasks elsewhere; not the task's fault",
+            humantime::format_duration(Duration::from_millis(silent.as_millis() as u64)),
+            humantime::format_duration(*expiry)
+        ),
     }
 }
 
@@ -255,6 +267,10 @@ pub fn exit_to_proto(e: &Exit) -> pb::ContainerExit {
         ExitReason::UserRequested => R::UserRequested(pb::UserRequested {}),
         ExitReason::AgentShutdown => R::AgentShutdown(pb::AgentShutdown {}),
         ExitReason::Lost => R::Lost(pb::Lost {}),
+        ExitReason::Fenced { silent, expiry } => R::Fenced(pb::Fenced {
+            silent_ms: silent.as_millis() as u64,
+            node_expiry_ms: expiry.as_millis() as u64,
+        }),
     };
     pb::ContainerExit {
         reason: Some(reason),

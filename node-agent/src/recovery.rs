@@ -230,6 +230,10 @@ pub fn exit_from_proto(e: &pb::ContainerExit) -> Option<Exit> {
         R::UserRequested(_) => ExitReason::UserRequested,
         R::AgentShutdown(_) => ExitReason::AgentShutdown,
         R::Lost(_) => ExitReason::Lost,
+        R::Fenced(f) => ExitReason::Fenced {
+            silent: Duration::from_millis(f.silent_ms),
+            expiry: Duration::from_millis(f.node_expiry_ms),
+        },
         // Reasons the RM gives, never an agent.
         R::Preempted(_) | R::NodeLost(_) | R::LaunchFailed(_) => return None,
     };

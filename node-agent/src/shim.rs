@@ -34,6 +34,10 @@ pub struct Plan {
     /// `cgroup.procs` files the container joins before exec.
     pub join: Vec<PathBuf>,
     pub exit_file: PathBuf,
+    /// The node's lease (see [`crate::fence`]): when it runs out, the shim
+    /// kills the container. `None`: never fenced.
+    #[serde(default)]
+    pub lease: Option<PathBuf>,
 }
 
 /// The shim's one line to the agent.
@@ -54,11 +58,30 @@ pub enum Started {
 pub struct ExitRecord {
     /// The raw `waitpid` status.
     pub wait_status: i32,
+    /// Set when the shim killed the container because the node's lease ran
+    /// out.
+    #[serde(default)]
+    pub fenced: Option<Fenced>,
+}
+
+/// The lease that ran out, as the shim saw it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Fenced {
+    pub silent_ms: u64,
+    pub expiry_ms: u64,
 }
 
 impl ExitRecord {
     pub fn status(&self) -> std::process::ExitStatus {
         std::process::ExitStatus::from_raw(self.wait_status)
+    }
+
+    /// Why Weft ended it, when the shim did.
+    pub fn reason(&self) -> Option<crate::model::ExitReason> {
+        self.fenced.map(|f| crate::model::ExitReason::Fenced {
+            silent: std::time::Duration::from_millis(f.silent_ms),
+            expiry: std::time::Duration::from_millis(f.expiry_ms),
+        })
     }
 }
 
@@ -155,6 +178,10 @@ pub fn run() -> i32 {
     report(&Started::Pid(child.id()));
     // Nothing more goes to the agent: its end of the pipes may be gone.
     detach_stdio();
+    let fenced = plan
+        .lease
+        .as_deref()
+        .and_then(|lease| watch_lease(&child, lease, &plan.join));
     let status = loop {
         match child.wait() {
             Ok(s) => break s,
@@ -165,6 +192,7 @@ pub fn run() -> i32 {
     };
     let record = ExitRecord {
         wait_status: status.into_raw(),
+        fenced,
     };
     let _ = write_atomically(
         &plan.exit_file,
@@ -189,6 +217,93 @@ pub fn run() -> i32 {
         return 128 + sig;
     }
     70
+}
+
+/// Waits for `child` to exit (without reaping it), reading the node's lease
+/// every [`crate::fence::SHIM_POLL`]; when the lease runs out first, kills
+/// the container (its session, then every process of its groups) and says
+/// so.
+fn watch_lease(child: &std::process::Child, lease: &Path, join: &[PathBuf]) -> Option<Fenced> {
+    let pid = child.id() as i32;
+    // SAFETY: pidfd_open on our own unreaped child; the descriptor is ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    let poll_ms = crate::fence::SHIM_POLL.as_millis() as i32;
+    loop {
+        if fd >= 0 {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd we own.
+            let n = unsafe { libc::poll(&mut p, 1, poll_ms) };
+            if n > 0 {
+                // SAFETY: closing the descriptor opened above.
+                unsafe { libc::close(fd) };
+                return None;
+            }
+        } else {
+            // No pidfd (old kernel): look at the child's state instead.
+            std::thread::sleep(crate::fence::SHIM_POLL);
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid with WNOWAIT leaves the child unreaped.
+            let rc = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                )
+            };
+            // SAFETY: si_pid is set by waitid when a child changed state.
+            if rc == 0 && unsafe { info.si_pid() } != 0 {
+                return None;
+            }
+        }
+        let Some(l) = crate::fence::read(lease) else {
+            continue;
+        };
+        let now = crate::fence::now_ms();
+        if now < l.deadline_ms {
+            continue;
+        }
+        kill_container(pid, join);
+        if fd >= 0 {
+            // SAFETY: closing the descriptor opened above.
+            unsafe { libc::close(fd) };
+        }
+        return Some(Fenced {
+            silent_ms: now.saturating_sub(l.renewed_ms),
+            expiry_ms: l.expiry_ms,
+        });
+    }
+}
+
+/// SIGKILL to the container's session and to every process of its groups,
+/// until they are empty (bounded).
+fn kill_container(pid: i32, join: &[PathBuf]) {
+    // SAFETY: plain kill(2) calls.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    let me = std::process::id();
+    for _ in 0..50 {
+        let mut left = false;
+        for procs in join {
+            let Ok(text) = std::fs::read_to_string(procs) else {
+                continue;
+            };
+            for p in text.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                if p != me {
+                    left = true;
+                    // SAFETY: as above.
+                    unsafe { libc::kill(p as i32, libc::SIGKILL) };
+                }
+            }
+        }
+        if !left {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 fn report(s: &Started) {

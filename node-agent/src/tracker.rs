@@ -13,6 +13,7 @@ use weft_common::leader::{leader_hint, LeaderClient};
 use weft_proto::v1 as pb;
 use weft_proto::v1::resource_tracker_client::ResourceTrackerClient;
 
+use crate::fence;
 use crate::manager::Manager;
 
 /// What the tracker needs to know about this node.
@@ -58,7 +59,15 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
     let mut refused = Backoff::new(Duration::from_millis(200), cfg.max_backoff);
     let mut interval = cfg.interval;
     let mut sequence = 0u64;
+    let keeper = tokio::spawn(keep_lease(
+        mgr.clone(),
+        cfg.rm_addresses.clone(),
+        cfg.interval,
+        cancel.clone(),
+    ));
+    let _keeper = AbortOnDrop(keeper);
     'outer: loop {
+        let sent = fence::now_ms();
         let registered = tokio::select! {
             r = rm.call(|ch| register(ResourceTrackerClient::new(ch), &mgr, &node, &cfg.ports)) => r,
             _ = cancel.cancelled() => return,
@@ -77,6 +86,8 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
         refused.reset();
         let addr = rm.leader().unwrap_or_default();
         info!(rm = %addr, node_id = %node.node_id, "registered with the resource manager");
+        mgr.lease().set_expiry(resp.node_expiry_ms);
+        mgr.lease().renew(sent);
         mgr.tokens().learn(&resp.token_public_key);
         if resp.heartbeat_interval_ms > 0 {
             interval = Duration::from_millis(resp.heartbeat_interval_ms);
@@ -118,9 +129,16 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
                 token_public_key: mgr.tokens().public_key(),
                 ports_in_use,
             };
+            let sent = fence::now_ms();
             match client.node_heartbeat(req).await {
                 Ok(resp) => {
                     let r = resp.into_inner();
+                    // The leader heard this node (it knows it): the lease
+                    // runs from the moment the heartbeat left.
+                    mgr.lease().set_expiry(r.node_expiry_ms);
+                    if !r.reregister {
+                        mgr.lease().renew(sent);
+                    }
                     mgr.tokens().learn(&r.token_public_key);
                     acknowledged.extend(r.containers_acknowledged.iter().cloned());
                     for id in &r.containers_to_stop {
@@ -148,6 +166,69 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
                 }
             }
         }
+    }
+}
+
+/// Renews the node's lease while no RM answers but a majority of the
+/// members refuse connections: the whole group is down, and nothing can
+/// declare the node lost (see [`crate::fence`]). Looks every quarter of the
+/// lease (at most every `interval`) once the lease has gone unrenewed for
+/// two such periods.
+async fn keep_lease(
+    mgr: Manager,
+    members: Vec<String>,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    let mut warned = false;
+    loop {
+        let lease = mgr.lease().current();
+        let period = lease
+            .map(|l| Duration::from_millis(l.deadline_ms.saturating_sub(l.renewed_ms) / 4))
+            .unwrap_or(interval)
+            .min(interval)
+            .max(Duration::from_millis(50));
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = cancel.cancelled() => return,
+        }
+        let Some(lease) = lease else {
+            continue;
+        };
+        let now = fence::now_ms();
+        if now.saturating_sub(lease.renewed_ms) < 2 * period.as_millis() as u64 {
+            warned = false;
+            continue;
+        }
+        let probe = fence::probe(&members, period).await;
+        if probe.no_quorum_possible() {
+            mgr.lease().renew(now);
+            if !warned {
+                warned = true;
+                warn!(
+                    refused = probe.refused,
+                    members = probe.members,
+                    "most resource manager members refuse connections (the group is down): containers keep running"
+                );
+            }
+        } else if !warned && mgr.lease().fenced().is_none() {
+            warned = true;
+            warn!(
+                refused = probe.refused,
+                members = probe.members,
+                deadline_in_ms = lease.deadline_ms.saturating_sub(now),
+                "no answer from the resource manager: the node fences itself (kills its containers) when its lease runs out"
+            );
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

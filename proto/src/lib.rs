@@ -36,6 +36,9 @@ pub mod exit_codes {
     pub const NODE_LOST: i32 = -100;
     /// The process could not be started at all.
     pub const LAUNCH_FAILED: i32 = -110;
+    /// Killed by its own node, cut off from the resource manager for the
+    /// RM's `node_expiry` (the RM may rerun it elsewhere).
+    pub const FENCED: i32 = -111;
 }
 
 pub mod token;

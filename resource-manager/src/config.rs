@@ -34,8 +34,12 @@ pub struct RmConfig {
     /// Queue tree (`root` is implied). The leader makes the replicated queue
     /// configuration match this list when it takes office.
     pub queues: Vec<QueueConfig>,
-    /// A node silent for this long is declared LOST. A new leader first waits
-    /// this long itself, so an election never causes false losses.
+    /// A node silent for this long is declared LOST and its tasks may run
+    /// elsewhere; its agent kills its containers before this bound passes
+    /// without an answer (it fences itself). A new leader first waits this
+    /// long itself (plus two election timeouts), so an election never causes
+    /// false losses. 30 s by default: long enough for a real network's
+    /// hiccups and a leader failover, short enough to rerun lost work soon.
     #[serde(with = "humantime_serde")]
     pub node_expiry: Duration,
     /// How long the state keeps the containers of finished applications
@@ -62,7 +66,7 @@ impl Default for RmConfig {
             raft: RaftConfig::default(),
             masters: MastersConfig::default(),
             heartbeat_interval: Duration::from_secs(1),
-            node_expiry: Duration::from_secs(10),
+            node_expiry: Duration::from_secs(30),
             container_retention: Duration::from_secs(3600),
             finished_app_retention: Duration::from_secs(7 * 24 * 3600),
             max_finished_apps: 10_000,

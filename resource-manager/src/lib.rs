@@ -84,6 +84,7 @@ pub async fn run(
         config::queue_specs(&config.queues),
         config.masters.launch.then(|| config.masters.clone()),
     )
+    .with_deposed_leader_grace(config.raft.tick * 2 * config.raft.election_ticks as u32)
     .with_container_retention(config.container_retention)
     .with_app_retention(config.finished_app_retention, config.max_finished_apps);
     let cancel = tokio_util::sync::CancellationToken::new();

@@ -480,6 +480,15 @@ impl ResourcesSpec {
     }
 
     /// (whole GPUs, share in thousandths): exactly one is non-zero when GPUs are asked.
+    /// `node_labels` as an ask's label expression (`k=v,k2=v2`).
+    pub fn node_label_expr(&self) -> String {
+        self.node_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     pub fn gpu_split(&self) -> (u32, u32) {
         if self.gpus >= 1.0 {
             (self.gpus as u32, 0)

@@ -210,3 +210,100 @@ fn binary_refuses_bad_config_naming_the_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("driver") && err.contains("cgroup-v3"), "{err}");
 }
+
+/// The node's lease runs out while its agent is dead (kill -9, not
+/// restarted): the shim kills the container by itself, at the deadline.
+/// The next agent reports the end as Fenced and, its lease still out (no
+/// RM answers it), refuses to start work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_agents_containers_die_when_the_nodes_lease_runs_out() {
+    use weft_node_agent::fence;
+    let work = tempfile::tempdir().unwrap();
+    let parent = unique_parent("fence");
+    let _guard = CleanGuard(parent.clone());
+    let config = work.path().join("agent.toml");
+    let agent_dir = work.path().join("agent");
+    std::fs::write(
+        &config,
+        format!(
+            "work_dir = {:?}\nnode_id = {TEST_NODE:?}\n[containers]\ncgroup_parent = {parent:?}\nstop_grace_period = \"300ms\"\nmonitor_interval = \"100ms\"\n[gpu]\nprobe = \"none\"\n[security]\ntoken_public_key = {:?}\n",
+            agent_dir.display().to_string(),
+            hex::encode(test_signer().public_key()),
+        ),
+    )
+    .unwrap();
+    // The lease an RM's answers would have given: 3 s from now, for a
+    // node_expiry of 4 s.
+    std::fs::create_dir_all(agent_dir.join("state")).unwrap();
+    let now = fence::now_ms();
+    let lease = fence::LeaseFile {
+        renewed_ms: now - 500,
+        expiry_ms: 4000,
+        deadline_ms: now + 3000,
+    };
+    std::fs::write(
+        agent_dir.join("state/lease"),
+        serde_json::to_vec(&lease).unwrap(),
+    )
+    .unwrap();
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut first = spawn_agent(&config, port);
+    let mut c = connect(addr).await;
+    let s = start(&mut c, spec("fenced", "exec sleep 1000", 16 * MIB)).await;
+    assert_eq!(s.state(), pb::ContainerState::Running, "{s:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.0.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    first.0.wait().unwrap();
+    drop(c);
+    assert!(pid_alive(s.pid), "the container outlives its agent");
+    eventually(
+        "the shim fenced the container",
+        Duration::from_secs(10),
+        || !pid_alive(s.pid),
+    )
+    .await;
+    let late = fence::now_ms().saturating_sub(lease.deadline_ms);
+    eprintln!("container dead {late} ms after the lease's deadline");
+    assert!(
+        fence::now_ms() >= lease.deadline_ms,
+        "killed before the deadline"
+    );
+
+    let _second = spawn_agent(&config, port);
+    let mut c = connect(addr).await;
+    let st = status(&mut c, "fenced").await;
+    assert_eq!(st.state(), pb::ContainerState::Killed, "{st:?}");
+    let exit = st.exit.unwrap();
+    assert_eq!(exit.exit_status, weft_proto::exit_codes::FENCED, "{exit:?}");
+    assert!(
+        matches!(
+            exit.reason,
+            Some(pb::container_exit::Reason::Fenced(pb::Fenced {
+                node_expiry_ms: 4000,
+                ..
+            }))
+        ),
+        "{exit:?}"
+    );
+    assert!(
+        exit.diagnostic
+            .contains("no answer from the resource manager for 3s")
+            && exit.diagnostic.contains("node_expiry is 4s"),
+        "{}",
+        exit.diagnostic
+    );
+    // Still fenced: no new work until an RM answers.
+    let refused = c
+        .start_container(signed(spec("later", "true", 16 * MIB)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("the node is fenced"),
+        "{refused:?}"
+    );
+}

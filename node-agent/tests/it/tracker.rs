@@ -22,6 +22,8 @@ struct Seen {
 struct FakeRm {
     seen: Arc<Mutex<Seen>>,
     stop: Arc<Mutex<Vec<String>>>,
+    /// The node_expiry it tells agents (0: none).
+    expiry_ms: u64,
 }
 
 #[tonic::async_trait]
@@ -35,6 +37,7 @@ impl ResourceTracker for FakeRm {
             heartbeat_interval_ms: 100,
             leader_address: String::new(),
             token_public_key: test_signer().public_key().to_vec(),
+            node_expiry_ms: self.expiry_ms,
         }))
     }
 
@@ -54,6 +57,7 @@ impl ResourceTracker for FakeRm {
         Ok(Response::new(pb::NodeHeartbeatResponse {
             containers_to_stop: std::mem::take(&mut *self.stop.lock().unwrap()),
             containers_acknowledged: ended,
+            node_expiry_ms: self.expiry_ms,
             ..Default::default()
         }))
     }
@@ -208,4 +212,106 @@ async fn registers_when_an_rm_appears_and_heartbeats() {
     agent.shutdown().await;
     let _ = stop_tx.send(());
     server.await.unwrap().unwrap();
+}
+
+/// With `node_expiry` 2 s: an RM that is down (its port refuses
+/// connections) is ridden out, the container keeps running well past the
+/// expiry; an RM that accepts connections and never answers (a partition's
+/// far side, a frozen member) is not, and the node kills its container
+/// before the expiry would have passed on the RM's side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_rm_is_ridden_out_and_a_silent_one_fences_the_node() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rm_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut agent = TestAgent::start("fence", |c| {
+        c.rm_addresses = vec![rm_addr.to_string()];
+        c.heartbeat.interval = Duration::from_millis(100);
+        c.heartbeat.max_backoff = Duration::from_millis(200);
+        c.node_id = Some("test-fence".into());
+    })
+    .await;
+    let rm = FakeRm {
+        expiry_ms: 2000,
+        ..Default::default()
+    };
+    let listener = tokio::net::TcpListener::bind(rm_addr).await.unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ResourceTrackerServer::new(rm.clone()))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
+    );
+    let seen = rm.seen.clone();
+    eventually("registration", Duration::from_secs(10), || {
+        !seen.lock().unwrap().registrations.is_empty()
+    })
+    .await;
+    let mut work = spec("work", "exec sleep 1000", 16 * MIB);
+    work.token = token_for(&work, "test-fence");
+    let s = agent
+        .client
+        .start_container(work)
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    let pid = s.pid as i32;
+    eventually(
+        "a heartbeat renews the lease",
+        Duration::from_secs(5),
+        || seen.lock().unwrap().heartbeats.len() >= 2,
+    )
+    .await;
+
+    // Down: nothing listens on the RM's port.
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !weft_node_agent::procfs::is_zombie(pid),
+        "the container rode out 5 s of an RM that refuses connections"
+    );
+    let s = agent
+        .client
+        .get_container_status(pb::GetContainerStatusRequest {
+            container_id: "work".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.state(), pb::ContainerState::Running, "{s:?}");
+
+    // Silent: the port accepts connections, nothing answers.
+    let silent = std::net::TcpListener::bind(rm_addr).unwrap();
+    let cut = std::time::Instant::now();
+    let s = wait_end(&mut agent.client, "work", Duration::from_secs(10)).await;
+    let after = cut.elapsed();
+    assert!(
+        weft_node_agent::procfs::is_zombie(pid),
+        "the container's process is gone"
+    );
+    eprintln!("fenced {after:?} after the RM went silent");
+    assert!(
+        after < Duration::from_millis(2000),
+        "killed within the RM's node_expiry: {after:?}"
+    );
+    assert_eq!(s.state(), pb::ContainerState::Killed, "{s:?}");
+    let exit = s.exit.unwrap();
+    assert_eq!(exit.exit_status, weft_proto::exit_codes::FENCED, "{exit:?}");
+    assert!(
+        exit.diagnostic.contains("node_expiry is 2s"),
+        "{}",
+        exit.diagnostic
+    );
+    drop(silent);
 }

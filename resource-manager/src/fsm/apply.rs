@@ -508,8 +508,8 @@ impl ClusterState {
         }
     }
 
-    /// A master that ended through no fault of its own (its node lost or
-    /// unreachable, its agent gone or shutting down) does not use one of
+    /// A master that ended through no fault of its own (its node lost,
+    /// unreachable or fenced, its agent gone or shutting down) does not use one of
     /// its application's `max_attempts`.
     pub(super) fn note_master_end(&mut self, container_id: &str) {
         let Some(c) = self.containers.get(container_id) else {
@@ -519,7 +519,8 @@ impl ClusterState {
             return;
         };
         let not_its_fault = matches!(end.state, ContainerEnd::NodeLost | ContainerEnd::Lost)
-            || end.exit_status == weft_proto::exit_codes::AGENT_SHUTDOWN;
+            || end.exit_status == weft_proto::exit_codes::AGENT_SHUTDOWN
+            || end.exit_status == weft_proto::exit_codes::FENCED;
         if c.alloc.ask_id != MASTER_ASK || !not_its_fault {
             return;
         }

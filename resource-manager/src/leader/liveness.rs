@@ -171,9 +171,11 @@ impl RmService {
         }
     }
 
-    /// This leadership's grace period starts now.
+    /// This leadership's grace period starts now (plus the time a deposed
+    /// leader may still have answered heartbeats).
     pub fn start_liveness(&self) {
-        self.liveness.lock().expect("liveness lock").leader_since = Some(self.clock.now());
+        self.liveness.lock().expect("liveness lock").leader_since =
+            Some(self.clock.now() + self.deposed_leader_grace);
     }
 
     /// Records a heartbeat of `node_id` now.

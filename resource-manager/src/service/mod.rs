@@ -43,6 +43,11 @@ pub struct RmService {
     /// Time for liveness (heartbeat ages, the election grace, pruning's
     /// cut-off): the system's, or a test's manual clock.
     pub(crate) clock: Arc<dyn weft_common::clock::Clock>,
+    /// Added to a new leadership's grace before it declares any node lost:
+    /// how long a deposed leader may still have answered heartbeats (two
+    /// election timeouts, check-quorum's bound), so that a node's own
+    /// count (see the agent's fence) always ends first.
+    pub(crate) deposed_leader_grace: Duration,
 }
 
 impl RmService {
@@ -63,7 +68,14 @@ impl RmService {
             container_retention: Duration::from_secs(3600),
             app_retention: (Duration::from_secs(7 * 24 * 3600), 10_000),
             clock: Arc::new(weft_common::clock::SystemClock),
+            deposed_leader_grace: Duration::ZERO,
         }
+    }
+
+    /// See [`RmService::deposed_leader_grace`].
+    pub fn with_deposed_leader_grace(mut self, grace: Duration) -> Self {
+        self.deposed_leader_grace = grace;
+        self
     }
 
     /// Liveness on `clock` instead of the system's.

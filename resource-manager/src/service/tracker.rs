@@ -98,6 +98,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         Ok(Response::new(pb::RegisterNodeResponse {
             token_public_key: signer.public_key().to_vec(),
             heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+            node_expiry_ms: self.node_expiry.as_millis() as u64,
             leader_address: self
                 .raft
                 .address_of(self.raft.status().id)
@@ -254,6 +255,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
             heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
             reregister: !known,
             token_public_key: self.token_public_key(),
+            node_expiry_ms: self.node_expiry.as_millis() as u64,
         }))
     }
 }

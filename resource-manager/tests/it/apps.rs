@@ -10,7 +10,7 @@ use weft_client::proto as pb;
 use crate::cluster::Cluster;
 use crate::nodes::AgentProcess;
 
-fn app_master() -> std::path::PathBuf {
+pub(crate) fn app_master() -> std::path::PathBuf {
     let p =
         std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name("app-master");
     assert!(
@@ -209,7 +209,7 @@ async fn running_containers(client: &weft_client::RmClient) -> usize {
     n
 }
 
-async fn wait_state(
+pub(crate) async fn wait_state(
     client: &weft_client::RmClient,
     app: &str,
     within: Duration,
@@ -627,7 +627,7 @@ async fn a_job_rides_out_a_three_minute_outage_of_the_whole_rm_group() {
 /// them, and started again at once: the new agents take the containers over
 /// (the same processes keep running), report their ends, and the job
 /// succeeds with its first master, no task started twice. Node expiry is
-/// the production default (10 s), which a restart stays well inside.
+/// 10 s, which a restart stays well inside.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_killed_and_restarted_keep_the_jobs_tasks_running() {
     let (cluster, mut agents) =

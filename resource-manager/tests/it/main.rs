@@ -7,6 +7,7 @@ mod cluster;
 mod apps;
 mod disk;
 mod failover;
+mod fence;
 mod membership;
 mod nodes;
 mod queues;

@@ -121,17 +121,25 @@ pub struct AgentProcess {
     /// Its config file and RM addresses, to start it again.
     config: std::path::PathBuf,
     rm: Vec<String>,
+    /// The agent's work dir (its containers' work dirs are under it).
+    pub work_dir: std::path::PathBuf,
     _work: tempfile::TempDir,
 }
 
 impl AgentProcess {
     pub fn start(node_id: &str, rm: &[String]) -> AgentProcess {
+        Self::start_at(node_id, rm, "127.0.0.1", "gpu = \"h100\"")
+    }
+
+    /// An agent listening on `ip` (its connections leave from there too),
+    /// with `labels` (TOML inline-table body).
+    pub fn start_at(node_id: &str, rm: &[String], ip: &str, labels: &str) -> AgentProcess {
         let work = tempfile::tempdir().unwrap();
         let config = work.path().join("agent.toml");
         std::fs::write(
             &config,
             format!(
-                "node_id = {node_id:?}\nlisten = \"127.0.0.1:0\"\nwork_dir = {:?}\nlabels = {{ gpu = \"h100\" }}\n\
+                "node_id = {node_id:?}\nlisten = \"{ip}:0\"\nwork_dir = {:?}\nlabels = {{ {labels} }}\n\
                  [resources]\nvcores = 8.0\n[containers]\ncgroup_parent = {:?}\n\
                  [heartbeat]\nmax_backoff = \"300ms\"\n[gpu]\nprobe = \"fake\"\n\
                  [[gpu.fake.devices]]\nuuid = \"GPU-0\"\nmodel = \"Fake H100\"\nmemory = \"80GiB\"\n",
@@ -142,6 +150,7 @@ impl AgentProcess {
         .unwrap();
         AgentProcess {
             child: Self::spawn(&config, rm),
+            work_dir: work.path().join("agent"),
             parent: parent_name(node_id, rm),
             config,
             rm: rm.to_vec(),

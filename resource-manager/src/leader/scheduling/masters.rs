@@ -78,22 +78,41 @@ impl Scheduling {
                     commands.push(end);
                     continue;
                 }
-                let (vcores, memory) = match &spec.am {
-                    Some(r) => (r.vcores_milli(), r.memory.as_u64()),
-                    None => ((cfg.vcores * 1000.0) as u64, cfg.memory.as_u64()),
+                // The spec's `am:` resources in full (labels and GPUs too),
+                // else the configured default.
+                let ask = match &spec.am {
+                    Some(r) => {
+                        let (gpus, gpu_share_milli) = r.gpu_split();
+                        pb::ResourceAsk {
+                            resources: Some(pb::Resources {
+                                vcores_milli: r.vcores_milli(),
+                                memory_bytes: r.memory.as_u64(),
+                                gpus,
+                                gpu_share_milli,
+                                gpu_memory_bytes: r.gpu_memory.map_or(0, |m| m.as_u64()),
+                            }),
+                            node_labels: r.node_label_expr(),
+                            gpu_model: r.gpu_model.clone().unwrap_or_default(),
+                            gpu_min_memory_bytes: r.gpu_min_memory.map_or(0, |m| m.as_u64()),
+                            ..Default::default()
+                        }
+                    }
+                    None => pb::ResourceAsk {
+                        resources: Some(pb::Resources {
+                            vcores_milli: (cfg.vcores * 1000.0) as u64,
+                            memory_bytes: cfg.memory.as_u64(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
                 };
                 t.masters.insert(
                     app.id.clone(),
                     pb::ResourceAsk {
                         ask_id: MASTER_ASK.into(),
                         count: 1,
-                        resources: Some(pb::Resources {
-                            vcores_milli: vcores,
-                            memory_bytes: memory,
-                            ..Default::default()
-                        }),
                         placement: pb::PlacementPolicy::Spread as i32,
-                        ..Default::default()
+                        ..ask
                     },
                 );
             }
