@@ -74,6 +74,13 @@ use crate::net::uri;
 /// answer (it may be frozen, partitioned or restarting).
 const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
+/// For this long after a call's first failure its retries come at most
+/// [`FAST_RETRY_WAIT`] apart, whatever the backoff: an election takes well
+/// under this, and a caller that slept through the moment the new leader
+/// became known would add its sleep to the failover.
+const FAST_RETRY_FOR: Duration = Duration::from_secs(3);
+const FAST_RETRY_WAIT: Duration = Duration::from_millis(100);
+
 /// A client of the RM group that follows its leader.
 #[derive(Debug)]
 pub struct LeaderClient {
@@ -293,7 +300,14 @@ impl LeaderClient {
             if self.warn_after == Some(backoff.attempts()) {
                 tracing::warn!(rm = %addr, error = %err.message(), "no resource-manager leader answers yet; still retrying");
             }
-            let wait = backoff.next_wait();
+            // Right after a failover the new leader is usually known within
+            // a second: retry often then (a follower's answer names it), and
+            // back off further only when the group stays leaderless.
+            let wait = if start.elapsed() < FAST_RETRY_FOR {
+                backoff.next_wait().min(FAST_RETRY_WAIT)
+            } else {
+                backoff.next_wait()
+            };
             let wait = match self.deadline {
                 Some(d) => wait.min(d.saturating_sub(start.elapsed())),
                 None => wait,

@@ -457,7 +457,20 @@ impl Manager {
     }
 
     /// Admits, launches and starts supervising a container.
-    pub async fn start(&self, mut req: pb::StartContainerRequest) -> Result<pb::ContainerStatus> {
+    pub async fn start(&self, req: pb::StartContainerRequest) -> Result<pb::ContainerStatus> {
+        // A caller that goes away mid-call (its connection reset: an RM
+        // killed while it launched a master) must not cancel a start
+        // halfway, leaving a record forever STARTING and a group nobody
+        // removes (found by the fault harness): the start runs to its end
+        // on a task of its own, whoever still waits for it.
+        use tracing::Instrument;
+        let me = self.clone();
+        tokio::spawn(async move { me.start_now(req).await }.instrument(tracing::Span::current()))
+            .await
+            .map_err(|e| Error::NotReady(format!("the start was interrupted: {e}")))?
+    }
+
+    async fn start_now(&self, mut req: pb::StartContainerRequest) -> Result<pb::ContainerStatus> {
         if self.sh.closing.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }

@@ -93,6 +93,11 @@ enum Input {
         reply: oneshot::Sender<Result<()>>,
     },
     Message(Box<Message>),
+    /// The leader of `term` refused a connection: its process is gone.
+    LeaderGone {
+        term: u64,
+        leader: u64,
+    },
 }
 
 /// Who proposed a conf change, carried in its entry's context.
@@ -328,6 +333,8 @@ pub fn start(
         next_request: 1,
         applied,
         last_snapshot: applied,
+        probes: std::sync::mpsc::channel(),
+        probed: None,
     };
     member.sync_transport();
     let thread = std::thread::Builder::new()
@@ -354,6 +361,30 @@ struct Member {
     next_request: u64,
     applied: u64,
     last_snapshot: u64,
+    /// Leader probes' verdicts ([`Input::LeaderGone`]), on a channel of
+    /// their own: a sender of the main one held here would keep the thread
+    /// from ever seeing its inputs closed.
+    probes: (Sender<Input>, Receiver<Input>),
+    /// The (term, leader) last probed, so each leadership is probed once.
+    probed: Option<(u64, u64)>,
+}
+
+/// Whether a TCP connection to `addr` is refused (nothing listens there),
+/// within 300 ms.
+fn leader_refuses(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    let Some(sa) = addr
+        .split("://")
+        .last()
+        .and_then(|a| a.to_socket_addrs().ok())
+        .and_then(|mut it| it.next())
+    else {
+        return false;
+    };
+    matches!(
+        std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(300)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// Persistence failed: raft cannot go on from memory. Crash; restart from disk.
@@ -410,12 +441,51 @@ impl Member {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
+            while let Ok(verdict) = self.probes.1.try_recv() {
+                self.handle(verdict);
+            }
             if last_tick.elapsed() >= self.settings.tick {
                 self.raw.tick();
                 last_tick = Instant::now();
+                self.watch_leader();
             }
             self.on_ready();
         }
+    }
+
+    /// A follower that has not heard from its leader for more than a
+    /// heartbeat interval looks whether the leader's process is still
+    /// there: one TCP connection to its address (off this thread, after a
+    /// random pause of up to 150 ms so that two followers seldom ask at the
+    /// same moment). A refused connection means nothing listens on the
+    /// leader's port: it was killed, crashed or is restarting, and this
+    /// member campaigns at once ([`Input::LeaderGone`]) instead of waiting
+    /// out the election timeout (1-2 s by default). A leader that is frozen,
+    /// slow or cut off still accepts connections, or does not answer at
+    /// all, and is left to the ordinary timeout (and check-quorum).
+    fn watch_leader(&mut self) {
+        let r = &self.raw.raft;
+        if r.state != StateRole::Follower || r.leader_id == 0 || r.leader_id == self.settings.id {
+            return;
+        }
+        let key = (r.term, r.leader_id);
+        if self.probed == Some(key) || r.election_elapsed <= self.settings.heartbeat_ticks {
+            return;
+        }
+        self.probed = Some(key);
+        let Some(addr) = self.leader_address() else {
+            return;
+        };
+        let tx = self.probes.0.clone();
+        let (term, leader) = key;
+        let _ = std::thread::Builder::new()
+            .name("raft-probe".into())
+            .spawn(move || {
+                std::thread::sleep(Duration::from_millis(fastrand::u64(0..150)));
+                if leader_refuses(&addr) {
+                    let _ = tx.send(Input::LeaderGone { term, leader });
+                }
+            });
     }
 
     fn leader_address(&self) -> Option<String> {
@@ -529,6 +599,23 @@ impl Member {
                 };
                 self.raw.read_index(request.to_be_bytes().to_vec());
                 self.reads.insert(request, reply);
+            }
+            Input::LeaderGone { term, leader } => {
+                let r = &self.raw.raft;
+                if r.state == StateRole::Follower && r.term == term && r.leader_id == leader {
+                    info!(leader, term, "the leader's port refuses connections (its process is gone): campaigning now");
+                    // What a leader sends to hand its leadership over: the
+                    // election starts at once, without pre-vote, and voters
+                    // that still count the old leader's lease vote anyway.
+                    let mut m = Message::default();
+                    m.set_msg_type(MessageType::MsgTimeoutNow);
+                    m.from = leader;
+                    m.to = self.settings.id;
+                    m.term = term;
+                    if let Err(e) = self.raw.step(m) {
+                        debug!(error = %e, "campaign refused");
+                    }
+                }
             }
             Input::Message(m) => {
                 if let Err(e) = self.raw.step(*m) {

@@ -48,7 +48,11 @@ impl ClusterState {
                     }
                 }
                 // Containers the agent neither runs nor reports ended: lost
-                // while it was away.
+                // while it was away. Only those known to have started: one
+                // still ALLOCATED may be starting at this very moment (an
+                // agent registers again on every leader change; found by
+                // the fault harness: a task ended here, rerun, and running
+                // twice at once). Its master ends it if its start fails.
                 for id in self.end_containers_on(node_id, running, ContainerEnd::Lost, *at_ms) {
                     self.note_master_end(&id);
                 }
@@ -251,6 +255,13 @@ impl ClusterState {
                                 });
                             }
                         });
+                    }
+                    // Its container may have ended already, between its
+                    // allocation and this record (its node registered again
+                    // without it, or was lost): through no fault of the
+                    // master, which never ran.
+                    if let Some(id) = am_container {
+                        self.note_master_end(id);
                     }
                     Outcome::Done
                 }
@@ -552,8 +563,9 @@ impl ClusterState {
         }
     }
 
-    /// Ends every unfinished container on `node_id` except those in `keep`.
-    /// Returns the ids of the containers it ended.
+    /// Ends every unfinished container on `node_id` except those in `keep`
+    /// (for `Lost`, a registration's verdict: only containers known to have
+    /// started). Returns the ids of the containers it ended.
     pub(super) fn end_containers_on(
         &mut self,
         node_id: &str,
@@ -569,6 +581,15 @@ impl ClusterState {
             .unwrap_or_default();
         for id in &on {
             if keep.iter().any(|k| k == id.as_str()) {
+                continue;
+            }
+            // A registration speaks for started containers only.
+            if end == ContainerEnd::Lost
+                && self
+                    .containers
+                    .get(id.as_str())
+                    .is_some_and(|c| c.phase == ContainerPhase::Allocated)
+            {
                 continue;
             }
             self.touch(id, |c| {

@@ -514,7 +514,7 @@ fn a_node_registering_again_reports_how_its_containers_ended_while_away() {
         Outcome::Done
     );
     s.apply(&Command::ContainersLaunched {
-        container_ids: vec!["ok".into(), "run".into()],
+        container_ids: vec!["ok".into(), "run".into(), "gone".into()],
         at_ms: 2,
     });
     let end = |c: &str, state, exit_status| Completion {
@@ -642,6 +642,68 @@ fn a_master_lost_with_its_node_is_a_free_attempt() {
         s.containers["am-1"].end.as_ref().unwrap().state,
         ContainerEnd::NodeLost
     );
+}
+
+/// Found by the fault harness: the master's container ended (its node was
+/// lost) between its allocation and the record of the attempt; the attempt
+/// is still free.
+#[test]
+fn a_master_container_ended_before_its_attempt_is_recorded_is_a_free_attempt() {
+    let mut s = ClusterState::default();
+    s.apply(&node("n1", 8000, 8 << 30, 0));
+    s.apply(&submit("r", 1));
+    let id = "app-000001";
+    let mut am = alloc("am-1", id, "n1", 500, 1 << 20, &[]);
+    am.ask_id = MASTER_ASK.into();
+    assert_eq!(allocate(&mut s, vec![am]), Outcome::Done);
+    s.apply(&Command::SetNodeState {
+        node_id: "n1".into(),
+        state: NodeState::Lost,
+        at_ms: 4,
+    });
+    assert_eq!(
+        s.containers["am-1"].end.as_ref().unwrap().state,
+        ContainerEnd::NodeLost
+    );
+    assert_eq!(s.apps[id].free_attempts, 0);
+    s.apply(&Command::AttemptStarted {
+        app_id: id.into(),
+        attempt: 1,
+        am_container: Some("am-1".into()),
+        keep_containers: true,
+        previous_lost: false,
+        at_ms: 5,
+    });
+    assert_eq!(s.apps[id].free_attempts, 1, "not the master's fault");
+    s.check_invariants().unwrap();
+}
+
+/// Found by the fault harness: an agent registers again (it does on every
+/// leader change) while a task's container is being started on it. The
+/// registration ends the started containers it does not list, and leaves
+/// the ones not known to have started: ending those too had the task rerun
+/// while the first start went on, twice at once.
+#[test]
+fn a_registration_ends_only_started_containers_it_does_not_list() {
+    let mut s = ClusterState::default();
+    s.apply(&node("n1", 8000, 8 << 30, 0));
+    s.apply(&submit("r", 1));
+    let id = "app-000001";
+    let started = alloc("started", id, "n1", 500, 1 << 20, &[]);
+    let starting = alloc("starting", id, "n1", 500, 1 << 20, &[]);
+    assert_eq!(allocate(&mut s, vec![started, starting]), Outcome::Done);
+    s.apply(&Command::ContainersLaunched {
+        container_ids: vec!["started".into()],
+        at_ms: 3,
+    });
+    s.apply(&node("n1", 8000, 8 << 30, 0));
+    assert_eq!(
+        s.containers["started"].end.as_ref().map(|e| e.state),
+        Some(ContainerEnd::Lost)
+    );
+    assert_eq!(s.containers["starting"].phase, ContainerPhase::Allocated);
+    assert!(s.containers["starting"].end.is_none());
+    s.check_invariants().unwrap();
 }
 
 #[test]

@@ -406,7 +406,7 @@ pub const MAX_ASKS_PER_CALL: usize = 10_000;
 pub const MAX_RELEASES_PER_CALL: usize = 100_000;
 
 /// Bounds on an Allocate call's size, each refusal naming the field.
-fn check_sizes(r: &pb::AllocateRequest) -> Result<(), Error> {
+pub fn check_sizes(r: &pb::AllocateRequest) -> Result<(), Error> {
     if r.asks.len() > MAX_ASKS_PER_CALL {
         return Err(Error::InvalidArgument {
             field: "asks",

@@ -298,7 +298,7 @@ pub const MAX_REGISTERED_CONTAINERS: usize = 100_000;
 
 /// Refuses a registration that cannot describe a real node, naming the
 /// field and the bound.
-fn check_registration(r: &pb::RegisterNodeRequest) -> Result<(), Error> {
+pub fn check_registration(r: &pb::RegisterNodeRequest) -> Result<(), Error> {
     let bad = |field: &'static str, reason: String| Err(Error::InvalidArgument { field, reason });
     if r.node_id.is_empty() {
         return bad("node_id", "must not be empty".into());

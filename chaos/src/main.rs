@@ -1,0 +1,941 @@
+//! `weft-chaos`: a Weft cluster of separate hosts under load while its
+//! parts fail, and the checks that say whether the work survived.
+//!
+//! The harness enters a network namespace of its own (loopback only;
+//! nothing leaves it) and gives each RM member (127.0.0.11-13) and each
+//! node agent (127.0.0.21-23) its own address: every daemon's connections
+//! leave from the address it serves on, so a packet filter rule between two
+//! addresses is a partition between two hosts. It starts the real
+//! `resource-manager`, `node-agent` (with `weft-shim`) and `app-master`
+//! programs found beside its own, submits a stream of jobs (quick ones,
+//! multi-stage ones, gangs) and kills some, and meanwhile injects faults
+//! one after another: kill -9 and restart of the leader, SIGSTOP/SIGCONT of
+//! the leader and of a follower, kill -9 and restart of an agent, the leader
+//! cut off from the other members (iptables), an agent cut off from
+//! everything for longer than `node_expiry`, and (long profile) a 3-minute
+//! outage of the whole group.
+//!
+//! After the faults it checks: every acknowledged submission exists exactly
+//! once and unacknowledged ones at most once; no node was ever seen with
+//! more in use than it has (sampled through the run); every job reached a
+//! final state, with a reason when it did not succeed; no task ran twice at
+//! once (from the tasks' own start/end lines); and once the daemons are
+//! stopped, no container process or cgroup is left. It prints a table, and
+//! exits non-zero if any check failed.
+//!
+//! `weft-chaos` runs the short profile (a few minutes); `--long` the long one
+//! (50 leader kills, 20 partitions, 10 agent restarts, 1 outage). Needs root
+//! (a network namespace, cgroups) and `iptables`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use weft_client::proto as pb;
+use weft_client::RmClient;
+
+#[derive(Parser, Debug)]
+#[command(about = "Weft's fault harness (needs root and iptables)")]
+struct Opts {
+    /// The long profile: 50 leader kills, 20 partitions, 10 agent
+    /// restarts, 1 whole-group outage of 3 minutes.
+    #[arg(long)]
+    long: bool,
+    /// Seed of the fault order and the job mix.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Keep the work directory (logs of every daemon) after the run.
+    #[arg(long)]
+    keep: bool,
+}
+
+const MEMBERS: usize = 3;
+const AGENTS: usize = 3;
+/// The RM's node_expiry in the harness (an agent partition lasts longer).
+const NODE_EXPIRY: Duration = Duration::from_secs(10);
+
+fn member_ip(i: usize) -> String {
+    format!("127.0.0.{}", 11 + i)
+}
+
+fn agent_ip(i: usize) -> String {
+    format!("127.0.0.{}", 21 + i)
+}
+
+fn main() -> ExitCode {
+    let opts = Opts::parse();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("weft-chaos: needs root (a network namespace of its own, cgroups, iptables)");
+        return ExitCode::from(2);
+    }
+    // Still one thread: the whole process, and all it starts, enters a
+    // network namespace of its own.
+    // SAFETY: unshare(2) with no memory involved.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        eprintln!(
+            "weft-chaos: unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        return ExitCode::from(2);
+    }
+    if let Err(e) = sh(&["ip", "link", "set", "lo", "up"]).and_then(|_| sh(&["iptables", "-S"])) {
+        eprintln!("weft-chaos: {e:#}");
+        return ExitCode::from(2);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(opts)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("weft-chaos: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Now as UTC `HH:MM:SS.mmm`, to match the daemons' log lines.
+fn wall() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let (s, ms) = (t.as_secs() % 86_400, t.subsec_millis());
+    format!("{:02}:{:02}:{:02}.{ms:03}", s / 3600, s / 60 % 60, s % 60)
+}
+
+fn sh(cmd: &[&str]) -> Result<()> {
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .with_context(|| format!("running {}", cmd[0]))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// One daemon: how to start it, and its process while it runs.
+struct Daemon {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+    stopped: bool,
+}
+
+impl Daemon {
+    fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .env("RUST_LOG", "info,raft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.name))?;
+        self.child = Some(child);
+        self.stopped = false;
+        Ok(())
+    }
+
+    fn pid(&self) -> Option<nix::unistd::Pid> {
+        self.child
+            .as_ref()
+            .map(|c| nix::unistd::Pid::from_raw(c.id() as i32))
+    }
+
+    fn signal(&self, s: nix::sys::signal::Signal) {
+        if let Some(pid) = self.pid() {
+            let _ = nix::sys::signal::kill(pid, s);
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if self.stopped {
+                let _ = c.kill();
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.stopped = false;
+    }
+
+    fn freeze(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+        self.stopped = true;
+    }
+
+    fn thaw(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+        self.stopped = false;
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    fn terminate(&mut self, grace: Duration) {
+        if self.stopped {
+            self.thaw();
+        }
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        self.signal_pid(&c, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    fn signal_pid(&self, c: &Child, s: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), s);
+    }
+}
+
+/// The cluster's processes and where they keep things.
+struct Hosts {
+    members: Vec<Daemon>,
+    agents: Vec<Daemon>,
+    /// Each agent's cgroup parent (its containers' scope marker too).
+    parents: Vec<String>,
+    addrs: Vec<String>,
+}
+
+fn beside_me(name: &str) -> Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let p = me.with_file_name(name);
+    if !p.is_file() {
+        bail!(
+            "{} is missing: build the workspace's programs first (cargo build --workspace --bins)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn set_up(work: &Path) -> Result<Hosts> {
+    let rm = beside_me("resource-manager")?;
+    let agent = beside_me("node-agent")?;
+    let am = beside_me("app-master")?;
+    beside_me("weft-shim")?;
+    let addrs: Vec<String> = (0..MEMBERS)
+        .map(|i| format!("{}:7100", member_ip(i)))
+        .collect();
+    let peers = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut members = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        let config = work.join(format!("rm{}.toml", i + 1));
+        // Production raft timing (tick 100 ms, election 10 ticks,
+        // pre-vote and check-quorum on); a shorter node expiry so that
+        // agent partitions fit in a run.
+        std::fs::write(
+            &config,
+            format!(
+                "node_expiry = \"{}s\"\n[masters]\nlaunch = true\ncommand = {:?}\n",
+                NODE_EXPIRY.as_secs(),
+                am.display().to_string()
+            ),
+        )?;
+        members.push(Daemon {
+            name: format!("rm{}", i + 1),
+            program: rm.clone(),
+            args: vec![
+                "--config".into(),
+                config.display().to_string(),
+                "--id".into(),
+                (i + 1).to_string(),
+                "--listen".into(),
+                addr.clone(),
+                "--data-dir".into(),
+                work.join(format!("rm{}", i + 1)).display().to_string(),
+                "--peers".into(),
+                peers.clone(),
+            ],
+            log: work.join(format!("rm{}.log", i + 1)),
+            child: None,
+            stopped: false,
+        });
+    }
+    let mut agents = Vec::new();
+    let mut parents = Vec::new();
+    for i in 0..AGENTS {
+        let parent = format!("weft-chaos-{}-a{}", std::process::id(), i + 1);
+        let config = work.join(format!("agent{}.toml", i + 1));
+        std::fs::write(
+            &config,
+            format!(
+                "node_id = \"chaos-a{}\"\nlisten = \"{}:7200\"\nwork_dir = {:?}\n\
+                 [resources]\nvcores = 4.0\nmemory = \"4GiB\"\n\
+                 [containers]\ncgroup_parent = {parent:?}\n\
+                 [heartbeat]\nmax_backoff = \"500ms\"\n[gpu]\nprobe = \"none\"\n",
+                i + 1,
+                agent_ip(i),
+                work.join(format!("agent{}", i + 1)).display().to_string(),
+            ),
+        )?;
+        agents.push(Daemon {
+            name: format!("agent{}", i + 1),
+            program: agent.clone(),
+            args: vec![
+                "--config".into(),
+                config.display().to_string(),
+                "--rm".into(),
+                addrs.join(","),
+            ],
+            log: work.join(format!("agent{}.log", i + 1)),
+            child: None,
+            stopped: false,
+        });
+        parents.push(parent);
+    }
+    Ok(Hosts {
+        members,
+        agents,
+        parents,
+        addrs,
+    })
+}
+
+/// What the submitter saw.
+#[derive(Default)]
+struct Ledger {
+    /// name -> (application id, acknowledged at).
+    acked: BTreeMap<String, (String, Instant)>,
+    /// Names whose submission failed (no answer within the deadline).
+    unacked: Vec<String>,
+    /// Applications killed on purpose.
+    killed: Vec<String>,
+    /// Node use above capacity, as sampled.
+    overcommit: Vec<String>,
+    samples: u64,
+}
+
+/// A job of the mix; its tasks note their start and end in `tasks_log`.
+fn job_spec(n: u64, tasks_log: &Path) -> String {
+    let note = |work: &str| {
+        format!(
+            "echo \"$WEFT_APP_ID $WEFT_STAGE $WEFT_TASK_INDEX $$ start $(date +%s%N)\" >> {log}; {work}; rc=$?; echo \"$WEFT_APP_ID $WEFT_STAGE $WEFT_TASK_INDEX $$ end $(date +%s%N)\" >> {log}; exit $rc",
+            log = tasks_log.display()
+        )
+    };
+    let res = "resources: { vcores: 0.25, memory: 32MiB }";
+    match n % 10 {
+        0..=5 => format!(
+            "name: chaos-{n}\nstages:\n  - name: quick\n    instances: {}\n    command: '{}'\n    {res}\n",
+            1 + n % 2,
+            note("true")
+        ),
+        6..=8 => format!(
+            "name: chaos-{n}\nstages:\n  - name: prep\n    instances: 2\n    command: '{}'\n    {res}\n  - name: train\n    after: [prep]\n    instances: 1\n    command: '{}'\n    {res}\n",
+            note("sleep 1"),
+            note("sleep 1")
+        ),
+        _ => format!(
+            "name: chaos-{n}\nstages:\n  - name: gang\n    gang: true\n    instances: 2\n    command: '{}'\n    {res}\n",
+            note("sleep 2")
+        ),
+    }
+}
+
+/// Submits the job mix until `stop`, killing every 15th job right after its
+/// acknowledgement; samples node use for over-commit.
+async fn submitter(
+    client: RmClient,
+    ledger: Arc<Mutex<Ledger>>,
+    tasks_log: PathBuf,
+    stop: Arc<AtomicBool>,
+    every: Duration,
+) {
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        n += 1;
+        let name = format!("chaos-{n}");
+        match client
+            .submit(&job_spec(n, &tasks_log), "yaml", "chaos")
+            .await
+        {
+            Ok(id) => {
+                ledger
+                    .lock()
+                    .unwrap()
+                    .acked
+                    .insert(name, (id.clone(), Instant::now()));
+                if n.is_multiple_of(15) && client.kill_application(&id).await.is_ok() {
+                    ledger.lock().unwrap().killed.push(id);
+                }
+            }
+            Err(e) => {
+                eprintln!("submission {name} not acknowledged: {e}");
+                ledger.lock().unwrap().unacked.push(name);
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+async fn sampler(client: RmClient, ledger: Arc<Mutex<Ledger>>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::SeqCst) {
+        if let Ok(nodes) = client.list_nodes().await {
+            let mut l = ledger.lock().unwrap();
+            l.samples += 1;
+            for n in nodes {
+                let (cap, used) = (n.capacity.unwrap_or_default(), n.used.unwrap_or_default());
+                if used.vcores_milli > cap.vcores_milli || used.memory_bytes > cap.memory_bytes {
+                    l.overcommit.push(format!(
+                        "{}: {} of {} millicores, {} of {} bytes",
+                        n.node_id,
+                        used.vcores_milli,
+                        cap.vcores_milli,
+                        used.memory_bytes,
+                        cap.memory_bytes
+                    ));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The member every running member names as leader (index), once they agree.
+async fn leader(client: &RmClient, hosts: &Hosts, within: Duration) -> Result<usize> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut named = Vec::new();
+        for (i, addr) in hosts.addrs.iter().enumerate() {
+            if hosts.members[i].child.is_none() || hosts.members[i].stopped {
+                continue;
+            }
+            if let Ok(s) = client.member_status(addr).await {
+                named.push(s.leader_id);
+            }
+        }
+        if let Some(&l) = named.first() {
+            if l > 0 && named.iter().all(|x| *x == l) {
+                return Ok(l as usize - 1);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no agreed leader within {within:?} (members name {named:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Time from `t0` until a write submitted from then on is acknowledged.
+async fn next_write(client: &RmClient, t0: Instant, k: u64, tasks_log: &Path) -> Result<Duration> {
+    client
+        .submit(
+            &job_spec(k * 10, tasks_log).replace("chaos-", "probe-"),
+            "yaml",
+            "chaos",
+        )
+        .await
+        .context("the write after a fault")?;
+    Ok(t0.elapsed())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    LeaderKill,
+    LeaderFreeze,
+    FollowerFreeze,
+    AgentRestart,
+    LeaderIsolated,
+    AgentPartition,
+    Outage,
+}
+
+impl Fault {
+    fn label(&self) -> &'static str {
+        match self {
+            Fault::LeaderKill => "leader kill -9, restarted",
+            Fault::LeaderFreeze => "leader SIGSTOP 5 s",
+            Fault::FollowerFreeze => "follower SIGSTOP 5 s",
+            Fault::AgentRestart => "agent kill -9, restarted",
+            Fault::LeaderIsolated => "leader cut off from the members 5 s",
+            Fault::AgentPartition => "agent cut off from all 15 s",
+            Fault::Outage => "whole RM group down 3 min",
+        }
+    }
+}
+
+fn profile(long: bool, rng: &mut fastrand::Rng) -> Vec<Fault> {
+    let counts: &[(Fault, usize)] = if long {
+        &[
+            (Fault::LeaderKill, 50),
+            (Fault::LeaderFreeze, 5),
+            (Fault::FollowerFreeze, 5),
+            (Fault::AgentRestart, 10),
+            (Fault::LeaderIsolated, 10),
+            (Fault::AgentPartition, 10),
+            (Fault::Outage, 1),
+        ]
+    } else {
+        &[
+            (Fault::LeaderKill, 4),
+            (Fault::LeaderFreeze, 1),
+            (Fault::FollowerFreeze, 1),
+            (Fault::AgentRestart, 1),
+            (Fault::LeaderIsolated, 1),
+            (Fault::AgentPartition, 1),
+        ]
+    };
+    let mut faults: Vec<Fault> = counts
+        .iter()
+        .flat_map(|(f, n)| std::iter::repeat_n(*f, *n))
+        .collect();
+    rng.shuffle(&mut faults);
+    faults
+}
+
+/// Drops every packet between `a` and `b` (both ways), or lets them through
+/// again (`op` "-D").
+fn cut(a: &str, b: Option<&str>, op: &str) -> Result<()> {
+    match b {
+        Some(b) => {
+            sh(&["iptables", op, "INPUT", "-s", a, "-d", b, "-j", "DROP"])?;
+            sh(&["iptables", op, "INPUT", "-s", b, "-d", a, "-j", "DROP"])
+        }
+        None => {
+            sh(&["iptables", op, "INPUT", "-s", a, "-j", "DROP"])?;
+            sh(&["iptables", op, "INPUT", "-d", a, "-j", "DROP"])
+        }
+    }
+}
+
+/// Injects one fault and undoes it; returns the time from the fault to the
+/// next acknowledged write where that is what the fault measures.
+async fn inject(
+    f: Fault,
+    hosts: &mut Hosts,
+    client: &RmClient,
+    rng: &mut fastrand::Rng,
+    k: u64,
+    tasks_log: &Path,
+) -> Result<Option<Duration>> {
+    let l = leader(client, hosts, Duration::from_secs(30)).await?;
+    Ok(match f {
+        Fault::LeaderKill => {
+            let t0 = Instant::now();
+            hosts.members[l].kill9();
+            let took = next_write(client, t0, k, tasks_log).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            hosts.members[l].start()?;
+            Some(took)
+        }
+        Fault::LeaderFreeze => {
+            let t0 = Instant::now();
+            hosts.members[l].freeze();
+            let took = next_write(client, t0, k, tasks_log).await;
+            let wait = Duration::from_secs(5).saturating_sub(t0.elapsed());
+            tokio::time::sleep(wait).await;
+            hosts.members[l].thaw();
+            Some(took?)
+        }
+        Fault::FollowerFreeze => {
+            let f = (l + 1 + rng.usize(0..MEMBERS - 1)) % MEMBERS;
+            hosts.members[f].freeze();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            hosts.members[f].thaw();
+            None
+        }
+        Fault::AgentRestart => {
+            let a = rng.usize(0..AGENTS);
+            hosts.agents[a].kill9();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            hosts.agents[a].start()?;
+            None
+        }
+        Fault::LeaderIsolated => {
+            let t0 = Instant::now();
+            let ip = member_ip(l);
+            for m in (0..MEMBERS).filter(|m| *m != l) {
+                cut(&ip, Some(&member_ip(m)), "-A")?;
+            }
+            let took = next_write(client, t0, k, tasks_log).await;
+            let wait = Duration::from_secs(5).saturating_sub(t0.elapsed());
+            tokio::time::sleep(wait).await;
+            for m in (0..MEMBERS).filter(|m| *m != l) {
+                cut(&ip, Some(&member_ip(m)), "-D")?;
+            }
+            Some(took?)
+        }
+        Fault::AgentPartition => {
+            let ip = agent_ip(rng.usize(0..AGENTS));
+            cut(&ip, None, "-A")?;
+            tokio::time::sleep(NODE_EXPIRY + Duration::from_secs(5)).await;
+            cut(&ip, None, "-D")?;
+            None
+        }
+        Fault::Outage => {
+            for m in hosts.members.iter_mut() {
+                m.kill9();
+            }
+            tokio::time::sleep(Duration::from_secs(180)).await;
+            let t0 = Instant::now();
+            for m in hosts.members.iter_mut() {
+                m.start()?;
+            }
+            let took = next_write(client, t0, k, tasks_log).await?;
+            eprintln!("after the outage, the first write took {took:?} from the restart");
+            None
+        }
+    })
+}
+
+/// A task's runs, from the tasks' own lines: (pid, start ns, end ns).
+type Runs = HashMap<(String, String, String), Vec<(String, u128, Option<u128>)>>;
+
+fn task_runs(tasks_log: &Path) -> Runs {
+    let mut runs: Runs = HashMap::new();
+    let text = std::fs::read_to_string(tasks_log).unwrap_or_default();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() != 6 {
+            continue;
+        }
+        let key = (f[0].to_string(), f[1].to_string(), f[2].to_string());
+        let Ok(t) = f[5].parse::<u128>() else {
+            continue;
+        };
+        let v = runs.entry(key).or_default();
+        match f[4] {
+            "start" => v.push((f[3].to_string(), t, None)),
+            _ => {
+                if let Some(r) = v.iter_mut().find(|r| r.0 == f[3] && r.2.is_none()) {
+                    r.2 = Some(t);
+                }
+            }
+        }
+    }
+    runs
+}
+
+/// Processes carrying one of the agents' scope markers, and their cgroups.
+fn leftovers(parents: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    for pid in weft_node_agent::procfs::all_pids() {
+        if weft_node_agent::procfs::is_zombie(pid) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        for p in parents {
+            let marker = format!("WEFT_CONTAINER_SCOPE={p}/");
+            if env
+                .split(|b| *b == 0)
+                .any(|kv| kv.starts_with(marker.as_bytes()))
+            {
+                found.push(format!("process {pid} of {p}"));
+            }
+        }
+    }
+    let mounts = weft_node_agent::driver::cgroupfs::Mounts::read();
+    let mut roots: Vec<PathBuf> = mounts.v1.iter().map(|(p, _)| p.clone()).collect();
+    roots.extend(mounts.v2.clone());
+    for r in roots {
+        for p in parents {
+            if r.join(p).exists() {
+                found.push(format!("cgroup {}", r.join(p).display()));
+            }
+        }
+    }
+    found
+}
+
+fn stats(v: &mut [Duration]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    format!(
+        "min {:.0} ms, median {:.0} ms, max {:.0} ms (n={})",
+        ms(v[0]),
+        ms(v[v.len() / 2]),
+        ms(v[v.len() - 1]),
+        v.len()
+    )
+}
+
+async fn run(opts: Opts) -> Result<bool> {
+    let tmp = tempfile::Builder::new().prefix("weft-chaos-").tempdir()?;
+    let work = tmp.path().to_path_buf();
+    let mut hosts = set_up(&work)?;
+    let started = Instant::now();
+    for m in hosts.members.iter_mut() {
+        m.start()?;
+    }
+    let client = RmClient::new(hosts.addrs.clone())?.with_deadline(Duration::from_secs(60));
+    // Agents and the load start at once: as users do.
+    for a in hosts.agents.iter_mut() {
+        a.start()?;
+    }
+    let tasks_log = work.join("tasks.log");
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let new_client =
+        || RmClient::new(hosts.addrs.clone()).map(|c| c.with_deadline(Duration::from_secs(60)));
+    let load = tokio::spawn(submitter(
+        new_client()?,
+        ledger.clone(),
+        tasks_log.clone(),
+        stop.clone(),
+        Duration::from_millis(250),
+    ));
+    let sampling = tokio::spawn(sampler(new_client()?, ledger.clone(), stop.clone()));
+
+    let mut rng = fastrand::Rng::with_seed(opts.seed);
+    let faults = profile(opts.long, &mut rng);
+    let mut by_kind: BTreeMap<Fault, usize> = BTreeMap::new();
+    let mut failover: Vec<Duration> = Vec::new();
+    let mut freeze: Vec<Duration> = Vec::new();
+    let mut isolated: Vec<Duration> = Vec::new();
+    let mut ok = true;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (k, f) in faults.iter().enumerate() {
+        eprintln!(
+            "[{:>6.1}s {}] fault {}/{}: {}",
+            started.elapsed().as_secs_f64(),
+            wall(),
+            k + 1,
+            faults.len(),
+            f.label()
+        );
+        match inject(*f, &mut hosts, &client, &mut rng, k as u64 + 1, &tasks_log).await {
+            Ok(took) => {
+                if let Some(d) = took {
+                    eprintln!(
+                        "  next acknowledged write {d:?} after the fault ({})",
+                        wall()
+                    );
+                }
+                *by_kind.entry(*f).or_default() += 1;
+                match (f, took) {
+                    (Fault::LeaderKill, Some(d)) => failover.push(d),
+                    (Fault::LeaderFreeze, Some(d)) => freeze.push(d),
+                    (Fault::LeaderIsolated, Some(d)) => isolated.push(d),
+                    _ => {}
+                }
+            }
+            Err(e) => {
+                eprintln!("fault {f:?} failed: {e:#}");
+                ok = false;
+            }
+        }
+        // Settle between faults.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let _ = load.await;
+    let _ = sampling.await;
+
+    // Every job to a final state.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let apps = loop {
+        let apps = client
+            .list_applications(pb::ListApplicationsRequest::default())
+            .await?;
+        let open = apps
+            .iter()
+            .filter(|a| {
+                !matches!(
+                    a.state(),
+                    pb::ApplicationState::Succeeded
+                        | pb::ApplicationState::Failed
+                        | pb::ApplicationState::Killed
+                )
+            })
+            .count();
+        if open == 0 || Instant::now() > deadline {
+            break apps;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    let mut by_name: HashMap<&str, Vec<&pb::ApplicationReport>> = HashMap::new();
+    for a in &apps {
+        by_name.entry(a.name.as_str()).or_default().push(a);
+    }
+    let mut lost = Vec::new();
+    let mut duplicated = Vec::new();
+    for (name, (id, _)) in &ledger.acked {
+        match by_name.get(name.as_str()).map(Vec::as_slice) {
+            Some([one]) if one.application_id == *id => {}
+            None | Some([]) => lost.push(name.clone()),
+            Some(many) => duplicated.push(format!("{name}: {} applications", many.len())),
+        }
+    }
+    for name in &ledger.unacked {
+        if by_name.get(name.as_str()).is_some_and(|v| v.len() > 1) {
+            duplicated.push(format!("{name} (unacknowledged): more than one"));
+        }
+    }
+    let mut states: BTreeMap<String, usize> = BTreeMap::new();
+    let mut unfinished = Vec::new();
+    let mut no_reason = Vec::new();
+    for a in &apps {
+        *states.entry(format!("{:?}", a.state())).or_default() += 1;
+        match a.state() {
+            pb::ApplicationState::Succeeded => {}
+            pb::ApplicationState::Failed | pb::ApplicationState::Killed => {
+                if a.diagnostics.trim().is_empty() {
+                    no_reason.push(a.application_id.clone());
+                }
+            }
+            s => unfinished.push(format!("{} {s:?}", a.application_id)),
+        }
+    }
+    let failed: Vec<String> = apps
+        .iter()
+        .filter(|a| a.state() == pb::ApplicationState::Failed)
+        .map(|a| format!("{} {}: {}", a.application_id, a.name, a.diagnostics))
+        .collect();
+    let runs = task_runs(&tasks_log);
+    let mut reruns = 0;
+    let mut overlapping = Vec::new();
+    for (task, v) in &runs {
+        reruns += v.len().saturating_sub(1);
+        for (i, a) in v.iter().enumerate() {
+            for b in &v[i + 1..] {
+                // Two runs at once: one started before the other ended.
+                let (first, second) = if a.1 <= b.1 { (a, b) } else { (b, a) };
+                if first.2.is_some_and(|end| end > second.1) {
+                    overlapping.push(format!("{task:?}: pids {} and {}", first.0, second.0));
+                }
+            }
+        }
+    }
+
+    // Stop everything; nothing may be left.
+    for a in hosts.agents.iter_mut() {
+        a.terminate(Duration::from_secs(15));
+    }
+    for m in hosts.members.iter_mut() {
+        m.terminate(Duration::from_secs(10));
+    }
+    let mut left = leftovers(&hosts.parents);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !left.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        left = leftovers(&hosts.parents);
+    }
+
+    let pass = |b: bool| if b { "ok" } else { "FAIL" };
+    println!(
+        "\nweft-chaos {} profile, seed {}, {:.0} s",
+        if opts.long { "long" } else { "short" },
+        opts.seed,
+        started.elapsed().as_secs_f64()
+    );
+    println!("| faults injected | count |\n|---|---|");
+    for (f, n) in &by_kind {
+        println!("| {} | {n} |", f.label());
+    }
+    println!("\n| check | result | |\n|---|---|---|");
+    println!("| acknowledged submissions | {} | |", ledger.acked.len());
+    println!(
+        "| unacknowledged (deadline passed) | {} | |",
+        ledger.unacked.len()
+    );
+    println!("| lost | {} | {} |", lost.len(), pass(lost.is_empty()));
+    println!(
+        "| duplicated | {} | {} |",
+        duplicated.len(),
+        pass(duplicated.is_empty())
+    );
+    println!(
+        "| over-committed node samples | {} of {} | {} |",
+        ledger.overcommit.len(),
+        ledger.samples,
+        pass(ledger.overcommit.is_empty())
+    );
+    println!("| jobs by final state | {states:?} | |");
+    println!(
+        "| jobs not finished | {} | {} |",
+        unfinished.len(),
+        pass(unfinished.is_empty())
+    );
+    println!(
+        "| failed or killed without a reason | {} | {} |",
+        no_reason.len(),
+        pass(no_reason.is_empty())
+    );
+    println!(
+        "| task runs / reruns | {} / {reruns} | |",
+        runs.values().map(Vec::len).sum::<usize>()
+    );
+    println!(
+        "| a task running twice at once | {} | {} |",
+        overlapping.len(),
+        pass(overlapping.is_empty())
+    );
+    println!(
+        "| processes or cgroups left | {} | {} |",
+        left.len(),
+        pass(left.is_empty())
+    );
+    println!(
+        "| leader kill -9 -> next acknowledged write | {} | |",
+        stats(&mut failover)
+    );
+    println!(
+        "| leader SIGSTOP -> next acknowledged write | {} | |",
+        stats(&mut freeze)
+    );
+    println!(
+        "| leader cut off -> next acknowledged write | {} | |",
+        stats(&mut isolated)
+    );
+    for (what, v) in [
+        ("lost", &lost),
+        ("duplicated", &duplicated),
+        ("over-committed", &ledger.overcommit),
+        ("unfinished", &unfinished),
+        ("without a reason", &no_reason),
+        ("twice at once", &overlapping),
+        ("left behind", &left),
+        ("failed", &failed),
+    ] {
+        for x in v.iter().take(10) {
+            println!("{what}: {x}");
+        }
+    }
+    ok &= lost.is_empty()
+        && duplicated.is_empty()
+        && ledger.overcommit.is_empty()
+        && unfinished.is_empty()
+        && no_reason.is_empty()
+        && overlapping.is_empty()
+        && left.is_empty();
+    if opts.keep || !ok {
+        let kept = tmp.keep();
+        println!("logs kept in {}", kept.display());
+    }
+    Ok(ok)
+}
