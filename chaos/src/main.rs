@@ -167,11 +167,9 @@ impl Daemon {
         }
     }
 
+    /// SIGKILL (a stopped process dies of it too).
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
-            if self.stopped {
-                let _ = c.kill();
-            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -193,10 +191,10 @@ impl Daemon {
         if self.stopped {
             self.thaw();
         }
+        self.signal(nix::sys::signal::Signal::SIGTERM);
         let Some(mut c) = self.child.take() else {
             return;
         };
-        self.signal_pid(&c, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = c.try_wait() {
@@ -206,10 +204,6 @@ impl Daemon {
         }
         let _ = c.kill();
         let _ = c.wait();
-    }
-
-    fn signal_pid(&self, c: &Child, s: nix::sys::signal::Signal) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), s);
     }
 }
 
