@@ -39,6 +39,8 @@ use clap::Parser;
 use weft_client::proto as pb;
 use weft_client::RmClient;
 
+mod history;
+
 #[derive(Parser, Debug)]
 #[command(about = "Weft's fault harness (needs root and iptables)")]
 struct Opts {
@@ -58,6 +60,10 @@ const MEMBERS: usize = 3;
 const AGENTS: usize = 3;
 /// The RM's node_expiry in the harness (an agent partition lasts longer).
 const NODE_EXPIRY: Duration = Duration::from_secs(10);
+
+/// Members snapshot and compact their logs this rarely in the harness, so
+/// that the audit replays the whole run from the first entry.
+const SNAPSHOT_EVERY: u64 = 1_000_000;
 
 fn member_ip(i: usize) -> String {
     format!("127.0.0.{}", 11 + i)
@@ -167,6 +173,20 @@ impl Daemon {
         }
     }
 
+    /// Why it is no longer running, when it exited without being told to
+    /// (with the end of its log).
+    fn died(&mut self) -> Option<String> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        Some(format!(
+            "{} exited on its own ({status}); its log ends: {}",
+            self.name,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        ))
+    }
+
     /// SIGKILL (a stopped process dies of it too).
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -216,6 +236,18 @@ struct Hosts {
     addrs: Vec<String>,
 }
 
+impl Hosts {
+    /// Notes every daemon that exited without being told to.
+    fn note_deaths(&mut self, died: &mut Vec<String>) {
+        for d in self.members.iter_mut().chain(self.agents.iter_mut()) {
+            if let Some(why) = d.died() {
+                eprintln!("{why}");
+                died.push(why);
+            }
+        }
+    }
+}
+
 fn beside_me(name: &str) -> Result<PathBuf> {
     let me = std::env::current_exe()?;
     let p = me.with_file_name(name);
@@ -251,7 +283,7 @@ fn set_up(work: &Path) -> Result<Hosts> {
         std::fs::write(
             &config,
             format!(
-                "node_expiry = \"{}s\"\n[masters]\nlaunch = true\ncommand = {:?}\n",
+                "node_expiry = \"{}s\"\n[raft]\nsnapshot_every = {SNAPSHOT_EVERY}\n[masters]\nlaunch = true\ncommand = {:?}\n",
                 NODE_EXPIRY.as_secs(),
                 am.display().to_string()
             ),
@@ -357,39 +389,138 @@ fn job_spec(n: u64, tasks_log: &Path) -> String {
     }
 }
 
-/// Submits the job mix until `stop`, killing every 15th job right after its
-/// acknowledgement; samples node use for over-commit.
-async fn submitter(
+/// What the workers share: the names submitted so far, with their ids
+/// once acknowledged, and the history of every operation.
+#[derive(Default)]
+struct Shared {
+    next: u64,
+    /// Acknowledged (name, id), most recent last.
+    known: Vec<(String, String)>,
+    events: Vec<history::Event>,
+}
+
+/// The most recent acknowledged applications that reads and kills pick
+/// from (bounds each application's history, so the check stays quick).
+const RECENT: usize = 16;
+
+/// Clients working at once.
+const WORKERS: u32 = 4;
+
+/// One client of the cluster until `stop`: submits the job mix, reads
+/// applications back (by id, and by name through a filtered list), kills
+/// some; every operation goes into the history with when it was invoked
+/// and when (and what) it returned.
+async fn worker(
+    w: u32,
     client: RmClient,
+    shared: Arc<Mutex<Shared>>,
     ledger: Arc<Mutex<Ledger>>,
     tasks_log: PathBuf,
     stop: Arc<AtomicBool>,
-    every: Duration,
+    seed: u64,
 ) {
-    let mut n = 0u64;
+    let mut rng = fastrand::Rng::with_seed(seed ^ (u64::from(w) << 32));
+    let mut incarnation = 0u32;
     while !stop.load(Ordering::SeqCst) {
-        n += 1;
-        let name = format!("chaos-{n}");
-        match client
-            .submit(&job_spec(n, &tasks_log), "yaml", "chaos")
-            .await
-        {
-            Ok(id) => {
-                ledger
-                    .lock()
-                    .unwrap()
-                    .acked
-                    .insert(name, (id.clone(), Instant::now()));
-                if n.is_multiple_of(15) && client.kill_application(&id).await.is_ok() {
-                    ledger.lock().unwrap().killed.push(id);
-                }
+        tokio::time::sleep(Duration::from_millis(rng.u64(150..350))).await;
+        let pick = {
+            let s = shared.lock().unwrap();
+            let recent = &s.known[s.known.len().saturating_sub(RECENT)..];
+            (!recent.is_empty()).then(|| recent[rng.usize(0..recent.len())].clone())
+        };
+        let roll = rng.u32(0..100);
+        let thread = (w, incarnation);
+        let invoked = Instant::now();
+        let (key, op, returned) = match (roll, pick) {
+            (0..=29, _) | (_, None) => {
+                let n = {
+                    let mut s = shared.lock().unwrap();
+                    s.next += 1;
+                    s.next
+                };
+                let name = format!("chaos-{n}");
+                let r = client
+                    .submit(&job_spec(n, &tasks_log), "yaml", "chaos")
+                    .await;
+                let returned = match r {
+                    Ok(id) => {
+                        ledger
+                            .lock()
+                            .unwrap()
+                            .acked
+                            .insert(name.clone(), (id.clone(), Instant::now()));
+                        shared
+                            .lock()
+                            .unwrap()
+                            .known
+                            .push((name.clone(), id.clone()));
+                        Some((Instant::now(), history::Ret::Submitted(id)))
+                    }
+                    Err(e) => {
+                        eprintln!("submission {name} not acknowledged: {e}");
+                        ledger.lock().unwrap().unacked.push(name.clone());
+                        None
+                    }
+                };
+                (name, history::Op::Submit, returned)
             }
-            Err(e) => {
-                eprintln!("submission {name} not acknowledged: {e}");
-                ledger.lock().unwrap().unacked.push(name);
+            (30..=64, Some((name, id))) => {
+                let returned = match client.get_application(&id).await {
+                    Ok(a) => Some(history::Ret::Seen(Some((a.application_id, a.state)))),
+                    Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+                        Some(history::Ret::Seen(None))
+                    }
+                    Err(_) => continue, // a failed read changed nothing
+                };
+                (
+                    name,
+                    history::Op::Read,
+                    returned.map(|r| (Instant::now(), r)),
+                )
             }
+            (65..=96, Some((name, _))) => {
+                let req = pb::ListApplicationsRequest {
+                    name: name.clone(),
+                    ..Default::default()
+                };
+                let returned = match client.list_applications(req).await {
+                    Ok(apps) => match apps.as_slice() {
+                        [] => history::Ret::Seen(None),
+                        [a] => history::Ret::Seen(Some((a.application_id.clone(), a.state))),
+                        many => history::Ret::Many(many.len()),
+                    },
+                    Err(_) => continue,
+                };
+                (name, history::Op::Read, Some((Instant::now(), returned)))
+            }
+            (_, Some((name, id))) => {
+                let returned = match client.kill_application(&id).await {
+                    Ok(()) => {
+                        ledger.lock().unwrap().killed.push(id);
+                        Some(history::Ret::Killed)
+                    }
+                    Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+                        Some(history::Ret::NoSuchApp)
+                    }
+                    Err(_) => None,
+                };
+                (
+                    name,
+                    history::Op::Kill,
+                    returned.map(|r| (Instant::now(), r)),
+                )
+            }
+        };
+        if returned.is_none() {
+            incarnation += 1;
         }
-        tokio::time::sleep(every).await;
+        shared.lock().unwrap().events.push(history::Event {
+            key,
+            thread,
+            op,
+            invoked,
+            returned,
+        });
     }
 }
 
@@ -695,13 +826,19 @@ async fn run(opts: Opts) -> Result<bool> {
     let stop = Arc::new(AtomicBool::new(false));
     let new_client =
         || RmClient::new(hosts.addrs.clone()).map(|c| c.with_deadline(Duration::from_secs(60)));
-    let load = tokio::spawn(submitter(
-        new_client()?,
-        ledger.clone(),
-        tasks_log.clone(),
-        stop.clone(),
-        Duration::from_millis(250),
-    ));
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let mut load = Vec::new();
+    for w in 0..WORKERS {
+        load.push(tokio::spawn(worker(
+            w,
+            new_client()?,
+            shared.clone(),
+            ledger.clone(),
+            tasks_log.clone(),
+            stop.clone(),
+            opts.seed,
+        )));
+    }
     let sampling = tokio::spawn(sampler(new_client()?, ledger.clone(), stop.clone()));
 
     let mut rng = fastrand::Rng::with_seed(opts.seed);
@@ -712,7 +849,9 @@ async fn run(opts: Opts) -> Result<bool> {
     let mut isolated: Vec<Duration> = Vec::new();
     let mut ok = true;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut died: Vec<String> = Vec::new();
     for (k, f) in faults.iter().enumerate() {
+        hosts.note_deaths(&mut died);
         eprintln!(
             "[{:>6.1}s {}] fault {}/{}: {}",
             started.elapsed().as_secs_f64(),
@@ -746,7 +885,9 @@ async fn run(opts: Opts) -> Result<bool> {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     stop.store(true, Ordering::SeqCst);
-    let _ = load.await;
+    for w in load {
+        let _ = w.await;
+    }
     let _ = sampling.await;
 
     // Every job to a final state.
@@ -810,6 +951,10 @@ async fn run(opts: Opts) -> Result<bool> {
         .filter(|a| a.state() == pb::ApplicationState::Failed)
         .map(|a| format!("{} {}: {}", a.application_id, a.name, a.diagnostics))
         .collect();
+    let events = std::mem::take(&mut shared.lock().unwrap().events);
+    let checked = Instant::now();
+    let lin = history::check(&events);
+    let check_took = checked.elapsed();
     let runs = task_runs(&tasks_log);
     let mut reruns = 0;
     let mut overlapping = Vec::new();
@@ -826,6 +971,7 @@ async fn run(opts: Opts) -> Result<bool> {
         }
     }
 
+    hosts.note_deaths(&mut died);
     // Stop everything; nothing may be left.
     for a in hosts.agents.iter_mut() {
         a.terminate(Duration::from_secs(15));
@@ -839,6 +985,59 @@ async fn run(opts: Opts) -> Result<bool> {
         tokio::time::sleep(Duration::from_millis(200)).await;
         left = leftovers(&hosts.parents);
     }
+
+    // The replicated history: each member's log replayed with the
+    // invariants checked after every entry; committed entries compared.
+    let audit_started = Instant::now();
+    let mut audits = Vec::new();
+    let mut audit_errors = Vec::new();
+    for i in 0..MEMBERS {
+        let dir = work.join(format!("rm{}", i + 1));
+        match weft_resource_manager::audit::audit(&dir) {
+            Ok(a) => audits.push((i, a)),
+            Err(e) => audit_errors.push(format!("rm{}: {e}", i + 1)),
+        }
+    }
+    let history_violations: Vec<String> = audits
+        .iter()
+        .flat_map(|(i, a)| {
+            a.violations
+                .iter()
+                .map(move |(idx, e)| format!("rm{} index {idx}: {e}", i + 1))
+        })
+        .chain(audit_errors.iter().cloned())
+        .collect();
+    let mut disagreements = Vec::new();
+    let mut committed: BTreeMap<u64, (u64, u64, usize)> = BTreeMap::new();
+    for (i, a) in &audits {
+        for &(index, term, digest) in &a.digests {
+            match committed.get(&index) {
+                Some(&(t, d, j)) if (t, d) != (term, digest) => disagreements.push(format!(
+                    "index {index}: rm{} has term {t}, rm{} term {term} (or different data)",
+                    j + 1,
+                    i + 1
+                )),
+                Some(_) => {}
+                None => {
+                    committed.insert(index, (term, digest, *i));
+                }
+            }
+        }
+    }
+    let audited = audits
+        .iter()
+        .map(|(i, a)| {
+            format!(
+                "rm{}: {}..={} ({} commands)",
+                i + 1,
+                a.snapshot_index,
+                a.commit,
+                a.commands
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let audit_took = audit_started.elapsed();
 
     let pass = |b: bool| if b { "ok" } else { "FAIL" };
     println!(
@@ -868,6 +1067,31 @@ async fn run(opts: Opts) -> Result<bool> {
         ledger.overcommit.len(),
         ledger.samples,
         pass(ledger.overcommit.is_empty())
+    );
+    println!(
+        "| linearizability of submit/read/kill ({} operations on {} applications, checked in {:.1} s) | {} violations | {} |",
+        lin.ops,
+        lin.keys,
+        check_took.as_secs_f64(),
+        lin.violations.len(),
+        pass(lin.violations.is_empty())
+    );
+    println!(
+        "| replicated history: invariants (no node over-committed) after every entry ({audited}; {:.1} s) | {} violations | {} |",
+        audit_took.as_secs_f64(),
+        history_violations.len(),
+        pass(history_violations.is_empty())
+    );
+    println!(
+        "| committed entries that differ between members ({} indexes) | {} | {} |",
+        committed.len(),
+        disagreements.len(),
+        pass(disagreements.is_empty())
+    );
+    println!(
+        "| daemons that exited on their own | {} | {} |",
+        died.len(),
+        pass(died.is_empty())
     );
     println!("| jobs by final state | {states:?} | |");
     println!(
@@ -909,6 +1133,10 @@ async fn run(opts: Opts) -> Result<bool> {
     for (what, v) in [
         ("lost", &lost),
         ("duplicated", &duplicated),
+        ("not linearizable", &lin.violations),
+        ("history", &history_violations),
+        ("logs differ", &disagreements),
+        ("died", &died),
         ("over-committed", &ledger.overcommit),
         ("unfinished", &unfinished),
         ("without a reason", &no_reason),
@@ -922,6 +1150,10 @@ async fn run(opts: Opts) -> Result<bool> {
     }
     ok &= lost.is_empty()
         && duplicated.is_empty()
+        && lin.violations.is_empty()
+        && history_violations.is_empty()
+        && disagreements.is_empty()
+        && died.is_empty()
         && ledger.overcommit.is_empty()
         && unfinished.is_empty()
         && no_reason.is_empty()

@@ -24,6 +24,7 @@
 //!
 //! [`run`] assembles a member and returns once it has stopped.
 
+pub mod audit;
 pub mod config;
 pub mod error;
 pub mod fsm;

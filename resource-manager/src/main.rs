@@ -48,6 +48,15 @@ enum Mode {
     /// itself. Workers are ordinary node agents; --local-agent embeds one, so
     /// one process is a working single-machine cluster.
     Standalone(StandaloneArgs),
+    /// Audit a stopped member's data dir: replay its snapshot and every
+    /// committed entry after it, checking the state's invariants (no node
+    /// over-committed, per resource and GPU) after each entry. Exits 1 when
+    /// one is broken, 2 when the dir cannot be read.
+    Audit {
+        /// The member's data dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -183,8 +192,25 @@ fn main() -> ExitCode {
     weft_node_agent::shim::run_if_shim();
     let args = Args::parse();
     telemetry::init(args.log_format);
-    if let Some(Mode::Standalone(s)) = &args.mode {
-        return standalone(&args, s);
+    match &args.mode {
+        Some(Mode::Standalone(s)) => return standalone(&args, s),
+        Some(Mode::Audit { data_dir }) => {
+            return match weft_resource_manager::audit::audit(data_dir) {
+                Ok(a) => {
+                    println!("{}: {a}", data_dir.display());
+                    if a.violation_count == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("resource-manager audit: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        None => {}
     }
     let cfg = match config(&args) {
         Ok(c) => c,

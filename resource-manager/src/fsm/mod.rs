@@ -20,4 +20,4 @@ pub use model::*;
 pub use verify::{Refusal, Verdict};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

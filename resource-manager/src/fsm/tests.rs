@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use super::*;
 
-pub(super) fn submit(req: &str, at: u64) -> Command {
+pub(crate) fn submit(req: &str, at: u64) -> Command {
     Command::SubmitApplication {
         request_id: req.into(),
         name: "n".into(),
@@ -97,7 +97,7 @@ fn apply_is_deterministic_and_snapshots_round_trip() {
     assert_eq!(ClusterState::from_snapshot(&a.to_snapshot()).unwrap(), a);
 }
 
-pub(super) fn node(id: &str, vcores: u64, mem: u64, gpus: u32) -> Command {
+pub(crate) fn node(id: &str, vcores: u64, mem: u64, gpus: u32) -> Command {
     Command::RegisterNode {
         node_id: id.into(),
         address: format!("{id}:7200"),
@@ -123,7 +123,7 @@ pub(super) fn node(id: &str, vcores: u64, mem: u64, gpus: u32) -> Command {
     }
 }
 
-pub(super) fn alloc(
+pub(crate) fn alloc(
     id: &str,
     app: &str,
     node: &str,
