@@ -597,6 +597,9 @@ enum Fault {
     AgentRestart,
     LeaderIsolated,
     AgentPartition,
+    OneWayLoss,
+    Flapping,
+    Split,
     Outage,
 }
 
@@ -609,6 +612,9 @@ impl Fault {
             Fault::AgentRestart => "agent kill -9, restarted",
             Fault::LeaderIsolated => "leader cut off from the members 5 s",
             Fault::AgentPartition => "agent cut off from all 15 s",
+            Fault::OneWayLoss => "leader's packets to the members dropped (one way) 5 s",
+            Fault::Flapping => "leader's links to the members flapping (0.5 s) for 10 s",
+            Fault::Split => "split: leader and one agent | the rest, 15 s",
             Fault::Outage => "whole RM group down 3 min",
         }
     }
@@ -623,6 +629,9 @@ fn profile(long: bool, rng: &mut fastrand::Rng) -> Vec<Fault> {
             (Fault::AgentRestart, 10),
             (Fault::LeaderIsolated, 10),
             (Fault::AgentPartition, 10),
+            (Fault::OneWayLoss, 5),
+            (Fault::Flapping, 5),
+            (Fault::Split, 5),
             (Fault::Outage, 1),
         ]
     } else {
@@ -633,6 +642,9 @@ fn profile(long: bool, rng: &mut fastrand::Rng) -> Vec<Fault> {
             (Fault::AgentRestart, 1),
             (Fault::LeaderIsolated, 1),
             (Fault::AgentPartition, 1),
+            (Fault::OneWayLoss, 1),
+            (Fault::Flapping, 1),
+            (Fault::Split, 1),
         ]
     };
     let mut faults: Vec<Fault> = counts
@@ -721,6 +733,64 @@ async fn inject(
             tokio::time::sleep(NODE_EXPIRY + Duration::from_secs(5)).await;
             cut(&ip, None, "-D")?;
             None
+        }
+        Fault::OneWayLoss => {
+            let t0 = Instant::now();
+            let ip = member_ip(l);
+            let others: Vec<String> = (0..MEMBERS).filter(|m| *m != l).map(member_ip).collect();
+            for o in &others {
+                sh(&["iptables", "-A", "INPUT", "-s", &ip, "-d", o, "-j", "DROP"])?;
+            }
+            let took = next_write(client, t0, k, tasks_log).await;
+            let wait = Duration::from_secs(5).saturating_sub(t0.elapsed());
+            tokio::time::sleep(wait).await;
+            for o in &others {
+                sh(&["iptables", "-D", "INPUT", "-s", &ip, "-d", o, "-j", "DROP"])?;
+            }
+            Some(took?)
+        }
+        Fault::Flapping => {
+            let ip = member_ip(l);
+            let others: Vec<String> = (0..MEMBERS).filter(|m| *m != l).map(member_ip).collect();
+            let until = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < until {
+                for o in &others {
+                    cut(&ip, Some(o), "-A")?;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                for o in &others {
+                    cut(&ip, Some(o), "-D")?;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            None
+        }
+        Fault::Split => {
+            // The leader and one agent on one side; the other members and
+            // agents on the other. Each side reaches itself; the harness
+            // (127.0.0.1) reaches both.
+            let a = rng.usize(0..AGENTS);
+            let small = [member_ip(l), agent_ip(a)];
+            let big: Vec<String> = (0..MEMBERS)
+                .filter(|m| *m != l)
+                .map(member_ip)
+                .chain((0..AGENTS).filter(|x| *x != a).map(agent_ip))
+                .collect();
+            let t0 = Instant::now();
+            for x in &small {
+                for y in &big {
+                    cut(x, Some(y), "-A")?;
+                }
+            }
+            let took = next_write(client, t0, k, tasks_log).await;
+            let wait = (NODE_EXPIRY + Duration::from_secs(5)).saturating_sub(t0.elapsed());
+            tokio::time::sleep(wait).await;
+            for x in &small {
+                for y in &big {
+                    cut(x, Some(y), "-D")?;
+                }
+            }
+            Some(took?)
         }
         Fault::Outage => {
             for m in hosts.members.iter_mut() {
@@ -879,7 +949,9 @@ async fn run(opts: Opts) -> Result<bool> {
                 match (f, took) {
                     (Fault::LeaderKill, Some(d)) => failover.push(d),
                     (Fault::LeaderFreeze, Some(d)) => freeze.push(d),
-                    (Fault::LeaderIsolated, Some(d)) => isolated.push(d),
+                    (Fault::LeaderIsolated | Fault::OneWayLoss | Fault::Split, Some(d)) => {
+                        isolated.push(d)
+                    }
                     _ => {}
                 }
             }
@@ -1154,7 +1226,7 @@ async fn run(opts: Opts) -> Result<bool> {
         stats(&mut freeze)
     );
     println!(
-        "| leader cut off -> next acknowledged write | {} | |",
+        "| leader cut off, one-way loss or split -> next acknowledged write | {} | |",
         stats(&mut isolated)
     );
     for (what, v) in [

@@ -335,6 +335,8 @@ pub fn start(
         last_snapshot: applied,
         probes: std::sync::mpsc::channel(),
         probed: None,
+        last_leader: 0,
+        campaigned_for: 0,
     };
     member.sync_transport();
     let thread = std::thread::Builder::new()
@@ -365,8 +367,14 @@ struct Member {
     /// their own: a sender of the main one held here would keep the thread
     /// from ever seeing its inputs closed.
     probes: (Sender<Input>, Receiver<Input>),
-    /// The (term, leader) last probed, so each leadership is probed once.
+    /// The (term, leader) probed in the current silence, so each silence
+    /// of a leader is probed once.
     probed: Option<(u64, u64)>,
+    /// The last leader this member followed (0: none yet).
+    last_leader: u64,
+    /// The gone leader this member last campaigned to replace (0: none
+    /// since it last followed one).
+    campaigned_for: u64,
 }
 
 /// How much later each follower in turn probes a silent leader (see
@@ -473,17 +481,45 @@ impl Member {
     /// out the election timeout (1-2 s by default). A leader that is frozen,
     /// slow or cut off still accepts connections, or does not answer at
     /// all, and is left to the ordinary timeout (and check-quorum).
+    ///
+    /// A follower of nobody (a candidate that lost, its log behind, moved
+    /// it to a later term without a leader) probes the last leader it
+    /// followed the same way, rather than wait out a whole timeout.
     fn watch_leader(&mut self) {
         let r = &self.raw.raft;
-        if r.state != StateRole::Follower || r.leader_id == 0 || r.leader_id == self.settings.id {
+        if r.state != StateRole::Follower {
             return;
         }
-        let key = (r.term, r.leader_id);
+        if r.leader_id != 0 && r.leader_id != self.settings.id {
+            self.last_leader = r.leader_id;
+            self.campaigned_for = 0;
+        }
+        let target = if r.leader_id != 0 {
+            r.leader_id
+        } else {
+            self.last_leader
+        };
+        // A member that campaigned once for this gone leader and lost (its
+        // log behind) leaves the next try to the others: campaigning again
+        // would only move them to a later term, time after time.
+        if target == 0
+            || target == self.settings.id
+            || (r.leader_id == 0 && target == self.campaigned_for)
+        {
+            return;
+        }
+        let key = (r.term, target);
+        if r.leader_id != 0 && r.election_elapsed <= self.settings.heartbeat_ticks {
+            // Heard from it lately: a later silence is probed again (a
+            // leader probed alive during a flapping link can die later).
+            self.probed = None;
+            return;
+        }
         if self.probed == Some(key) || r.election_elapsed <= self.settings.heartbeat_ticks {
             return;
         }
         self.probed = Some(key);
-        let Some(addr) = self.leader_address() else {
+        let Some(addr) = self.address_of(target) else {
             return;
         };
         let tx = self.probes.0.clone();
@@ -513,7 +549,10 @@ impl Member {
     }
 
     fn leader_address(&self) -> Option<String> {
-        let id = self.raw.raft.leader_id;
+        self.address_of(self.raw.raft.leader_id)
+    }
+
+    fn address_of(&self, id: u64) -> Option<String> {
         if id == 0 {
             return None;
         }
@@ -626,7 +665,13 @@ impl Member {
             }
             Input::LeaderGone { term, leader } => {
                 let r = &self.raw.raft;
-                if r.state == StateRole::Follower && r.term == term && r.leader_id == leader {
+                // Still following the gone leader, or no leader since: an
+                // earlier candidate may have lost (its log was behind),
+                // leaving this member a follower of nobody in a later term.
+                let no_leader_since = (r.term == term && r.leader_id == leader)
+                    || (r.term >= term && r.leader_id == 0);
+                if r.state == StateRole::Follower && no_leader_since {
+                    self.campaigned_for = leader;
                     info!(leader, term, "the leader's port refuses connections (its process is gone): campaigning now");
                     // What a leader sends to hand its leadership over: the
                     // election starts at once, without pre-vote, and voters
@@ -635,7 +680,7 @@ impl Member {
                     m.set_msg_type(MessageType::MsgTimeoutNow);
                     m.from = leader;
                     m.to = self.settings.id;
-                    m.term = term;
+                    m.term = r.term;
                     if let Err(e) = self.raw.step(m) {
                         debug!(error = %e, "campaign refused");
                     }

@@ -9,7 +9,9 @@ use tracing::debug;
 use weft_proto::v1 as pb;
 
 use crate::error::Error;
-use crate::fsm::{AppState, Command, Completion, ContainerEnd, ContainerPhase, Outcome};
+use crate::fsm::{
+    AppState, ClusterState, Command, Completion, ContainerEnd, ContainerPhase, Outcome,
+};
 use crate::scheduler::{self};
 use crate::service::now_ms;
 
@@ -67,13 +69,7 @@ impl AmService {
                 "application_id: {id} already ended ({:?})",
                 a.state
             ))),
-            Some(a) if attempt > 0 && attempt < a.attempt => {
-                Err(Status::failed_precondition(format!(
-                    "attempt: {attempt} of {id} was replaced by attempt {}",
-                    a.attempt
-                )))
-            }
-            Some(a) => Ok(a.clone()),
+            Some(a) => attempt_is_live(&st, a, attempt).map(|()| a.clone()),
         }
     }
 }
@@ -294,12 +290,13 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.s.delivered.notified();
-            if let Some(resp) = self.take_news(&r.application_id) {
+            if let Some(resp) = self.take_news(&r.application_id, r.attempt)? {
                 return Ok(Response::new(resp));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Ok(Response::new(
-                    self.take_news(&r.application_id).unwrap_or_default(),
+                    self.take_news(&r.application_id, r.attempt)?
+                        .unwrap_or_default(),
                 ));
             }
         }
@@ -363,8 +360,16 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
 
 impl AmService {
     /// New allocations and newly completed containers of `app`, if any.
-    fn take_news(&self, app: &str) -> Option<pb::AllocateResponse> {
+    /// What has come for `app` since its master last asked: containers
+    /// allocated to it and containers of it that ended. Refused to an
+    /// attempt that has been replaced while it waited: what was allocated
+    /// is the new attempt's (a replaced master that started it would run a
+    /// task beside the new attempt's run of it).
+    fn take_news(&self, app: &str, attempt: u32) -> Result<Option<pb::AllocateResponse>, Status> {
         let state = self.s.raft.state();
+        if let Some(a) = state.apps.get(app) {
+            attempt_is_live(&state, a, attempt)?;
+        }
         let mut t = self.s.table.lock().expect("table lock");
         let allocations = t.undelivered.remove(app).unwrap_or_default();
         let mut completed = Vec::new();
@@ -390,14 +395,45 @@ impl AmService {
             }
         }
         if allocations.is_empty() && completed.is_empty() {
-            return None;
+            return Ok(None);
         }
-        Some(pb::AllocateResponse {
+        Ok(Some(pb::AllocateResponse {
             allocations,
             completed,
             lost_nodes: vec![],
-        })
+        }))
     }
+}
+
+/// Whether `attempt` (0: the caller did not say) of `app` may still act: it
+/// has not been replaced, and the master container the RM launched for it
+/// has not been ended (a master the RM ended is being stopped; what it
+/// would be handed now would run beside the next attempt's work).
+fn attempt_is_live(st: &ClusterState, app: &crate::fsm::App, attempt: u32) -> Result<(), Status> {
+    if attempt > 0 && attempt < app.attempt {
+        return Err(Status::failed_precondition(format!(
+            "attempt: {attempt} of {} was replaced by attempt {}",
+            app.id, app.attempt
+        )));
+    }
+    let ended = app
+        .am_container
+        .as_ref()
+        .and_then(|c| st.containers.get(c.as_str()))
+        .filter(|c| c.phase == ContainerPhase::Completed);
+    if let Some(c) = ended {
+        return Err(Status::failed_precondition(format!(
+            "attempt: {} of {} has ended: its master's container {} ended ({})",
+            app.attempt,
+            app.id,
+            c.alloc.container_id,
+            c.end
+                .as_ref()
+                .map(|e| e.diagnostic.as_str())
+                .unwrap_or("no reason recorded")
+        )));
+    }
+    Ok(())
 }
 
 /// Asks one Allocate call may carry (a master asks per stage and role).

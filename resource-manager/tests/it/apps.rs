@@ -547,6 +547,169 @@ async fn a_silent_master_expires_and_the_job_fails_when_attempts_run_out() {
     }
 }
 
+/// A master the RM ends while its Allocate call waits (here: silent past
+/// the masters' `expiry`) gets nothing from that call or any later one, and
+/// its asks are not placed for it: the next attempt asks and gets the
+/// container. (Found by the fault harness: a
+/// replaced master started tasks the new attempt started again, two runs
+/// of one task at once.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_masters_waiting_allocate_gets_no_container() {
+    use weft_proto::v1::application_master_service_client::ApplicationMasterServiceClient;
+    let dir = tempfile::tempdir().unwrap();
+    let master = dir.path().join("env-master");
+    std::fs::write(
+        &master,
+        format!(
+            "#!/bin/sh\nenv > {0}/attempt.tmp && mv {0}/attempt.tmp {0}/attempt-$WEFT_ATTEMPT.env\nexec sleep 1000\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut perms = std::fs::metadata(&master).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&master, perms).unwrap();
+    let extra = format!(
+        "[masters]\nlaunch = true\nexpiry = \"4s\"\ncommand = {:?}\n",
+        master.display().to_string()
+    );
+    let cluster = Cluster::start_with(1, 1000, &extra);
+    let leader = cluster.leader().await;
+    let _a = AgentProcess::start("node-a", &cluster.addrs());
+    let client = cluster.client();
+    crate::cluster::wait_nodes(&client, 1).await;
+    let spec = "name: replaced\nmax_attempts: 3\nstages:\n  - name: s\n    instances: 1\n    command: 'true'\n    resources: { vcores: 0.5, memory: 64MiB }\n";
+    let app = client.submit(spec, "yaml", "mia").await.unwrap();
+    let envs = dir.path().to_path_buf();
+    let token_of = |attempt: u32| {
+        let path = envs.join(format!("attempt-{attempt}.env"));
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Ok(env) = std::fs::read_to_string(&path) {
+                    let hex_token = env
+                        .lines()
+                        .find_map(|l| l.strip_prefix("WEFT_APP_TOKEN="))
+                        .expect("the master's token")
+                        .to_string();
+                    return hex::decode(hex_token).unwrap();
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "master attempt {attempt} never started"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let mut am =
+        ApplicationMasterServiceClient::connect(format!("http://{}", cluster.members[leader].addr))
+            .await
+            .unwrap();
+    let token1 = token_of(1).await;
+    am.register_application_master(pb::RegisterApplicationMasterRequest {
+        application_id: app.clone(),
+        attempt: 1,
+        application_token: token1.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // A whole node's worth: no room on node-a beside a master.
+    let big = pb::ResourceAsk {
+        ask_id: "s/0".into(),
+        count: 1,
+        resources: Some(pb::Resources {
+            vcores_milli: 8000,
+            memory_bytes: 64 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let waiting = {
+        let mut am = am.clone();
+        let (app, big) = (app.clone(), big.clone());
+        tokio::spawn(async move {
+            // Its master's own end may come back first: call again (each
+            // call waits up to 10 s) until refused. No call may bring a
+            // container.
+            let mut handed = Vec::new();
+            loop {
+                match am
+                    .allocate(pb::AllocateRequest {
+                        application_id: app.clone(),
+                        attempt: 1,
+                        application_token: token1.clone(),
+                        asks: vec![big.clone()],
+                        wait_ms: 10_000,
+                        ..Default::default()
+                    })
+                    .await
+                {
+                    Ok(r) => handed.extend(r.into_inner().allocations),
+                    Err(e) => return (handed, e),
+                }
+            }
+        })
+    };
+    // Attempt 1 says nothing more: replaced after 4 s. Then a node with
+    // room comes, and its ask is placed while its call still waits.
+    let token2 = token_of(2).await;
+    let _b = AgentProcess::start("node-b", &cluster.addrs());
+    let (handed, e) = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("attempt 1's calls end")
+        .unwrap();
+    assert!(
+        handed.is_empty(),
+        "a replaced attempt was handed {handed:?}"
+    );
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("attempt: 1 of")
+            && (e.message().contains("has ended: its master's container")
+                || e.message().contains("replaced by attempt 2")),
+        "{e:?}"
+    );
+    // The container is attempt 2's: nothing was lost.
+    am.register_application_master(pb::RegisterApplicationMasterRequest {
+        application_id: app.clone(),
+        attempt: 2,
+        application_token: token2.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        let r = am
+            .allocate(pb::AllocateRequest {
+                application_id: app.clone(),
+                attempt: 2,
+                application_token: token2.clone(),
+                asks: vec![big.clone()],
+                wait_ms: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if !r.allocations.is_empty() {
+            break r.allocations;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "attempt 2 got no container"
+        );
+    };
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (got[0].ask_id.as_str(), got[0].node_id.as_str()),
+        ("s/0", "node-b")
+    );
+    client.kill_application(&app).await.unwrap();
+}
+
 /// The whole RM group is down for three minutes (every member killed, then
 /// restarted from its data dir) while a multi-stage job runs with one master
 /// attempt allowed: the master keeps retrying (`rm_retry_for`, 15 minutes by

@@ -281,11 +281,14 @@ impl Scheduling {
         if !matches!(started, Ok(Outcome::Done)) {
             return;
         }
-        self.table
-            .lock()
-            .expect("table lock")
-            .last_seen
-            .insert(app_id.to_string(), std::time::Instant::now());
+        {
+            let mut t = self.table.lock().expect("table lock");
+            t.last_seen
+                .insert(app_id.to_string(), std::time::Instant::now());
+            // The replaced attempt's asks are not placed for it any more:
+            // the new master asks for what it needs.
+            t.asks.remove(app_id);
+        }
         let req = pb::StartContainerRequest {
             container_id: a.container_id.clone(),
             command: cfg.command.clone(),

@@ -138,11 +138,33 @@ impl Scheduling {
             let Some(app) = state.apps.get(app_id.as_str()) else {
                 continue;
             };
+            // A master the RM ended is being stopped: its asks wait for
+            // the next attempt's (which replace them).
+            if app
+                .am_container
+                .as_ref()
+                .and_then(|c| state.containers.get(c.as_str()))
+                .is_some_and(|c| c.phase == crate::fsm::ContainerPhase::Completed)
+            {
+                continue;
+            }
             let Some(q) = queues.index(&app.queue) else {
                 continue;
             };
+            // A task whose earlier container the RM ended while it may
+            // still run (a replaced attempt's, a released one) is placed
+            // again only once its agent says it stopped: never two runs of
+            // one task at once.
+            let mut uncertain: std::collections::HashMap<&str, u32> = Default::default();
+            for c in state.containers_of(app_id) {
+                if c.phase == crate::fsm::ContainerPhase::Completed && c.holding {
+                    *uncertain.entry(c.alloc.ask_id.as_str()).or_default() += 1;
+                }
+            }
             for (ra, count) in list {
-                for _ in 0..*count {
+                let count =
+                    count.saturating_sub(uncertain.get(ra.ask_id.as_str()).copied().unwrap_or(0));
+                for _ in 0..count {
                     let mut a = to_ask(ra, asks.len() as u64, q, &app.user);
                     if !ra.gang_id.is_empty() {
                         a.gang = Some(gang_key(app_id, &ra.gang_id));
