@@ -5,7 +5,8 @@
 //! round trip); many show what batching proposals per round buys.
 //!
 //! `cargo bench -p weft-resource-manager --bench raft` prints the figures
-//! (`cargo test` runs a short version).
+//! (`cargo test` runs a short version). `WEFT_BENCH_RM_CONFIG` gives the
+//! members a config (TOML), e.g. `[masters]\nlaunch = false`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use weft_client::RmClient;
 mod support;
 
 fn start() -> support::Group {
-    support::start_group("")
+    support::start_group(&std::env::var("WEFT_BENCH_RM_CONFIG").unwrap_or_default())
 }
 
 const SPEC: &str = "name: bench\nstages:\n  - name: run\n    instances: 1\n    command: 'true'\n    resources: { vcores: 1, memory: 64MiB }\n";
