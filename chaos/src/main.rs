@@ -867,6 +867,33 @@ fn leftovers(parents: &[String]) -> Vec<String> {
     found
 }
 
+/// A leader kill should be followed by an acknowledged write within this.
+const FAILOVER_BOUND: Duration = Duration::from_millis(1500);
+
+/// The last lines of every container log under the agents' work dirs that
+/// names `app` (its masters' logs, mostly).
+fn master_logs(work: &Path, app: &str) -> Vec<(PathBuf, Vec<String>)> {
+    let mut found = Vec::new();
+    for i in 0..AGENTS {
+        let logs = work.join(format!("agent{}", i + 1)).join("logs");
+        let Ok(dirs) = std::fs::read_dir(&logs) else {
+            continue;
+        };
+        for d in dirs.flatten() {
+            let path = d.path().join("stderr");
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            if text.contains(&format!("app={app}")) {
+                let lines: Vec<String> = text.lines().map(String::from).collect();
+                let tail = lines[lines.len().saturating_sub(15)..].to_vec();
+                found.push((path, tail));
+            }
+        }
+    }
+    found
+}
+
 fn stats(v: &mut [Duration]) -> String {
     if v.is_empty() {
         return "-".into();
@@ -1258,7 +1285,22 @@ async fn run(opts: Opts) -> Result<bool> {
         && no_reason.is_empty()
         && overlapping.is_empty()
         && left.is_empty();
-    if opts.keep || !ok {
+    // A failed job (allowed: it says why) shows its master's log; a
+    // failover over the bound, or a failed job, keeps the logs even when
+    // every check passed.
+    for a in apps
+        .iter()
+        .filter(|a| a.state() == pb::ApplicationState::Failed)
+    {
+        for (path, tail) in master_logs(&work, &a.application_id) {
+            println!("master log of {} ({}):", a.application_id, path.display());
+            for l in tail {
+                println!("  {l}");
+            }
+        }
+    }
+    let slow = failover.iter().any(|d| *d > FAILOVER_BOUND);
+    if opts.keep || !ok || slow || !failed.is_empty() {
         let kept = tmp.keep();
         println!("logs kept in {}", kept.display());
     }
