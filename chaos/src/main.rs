@@ -55,6 +55,13 @@ struct Opts {
     /// failover: no other fault.
     #[arg(long, conflicts_with = "long")]
     kills: Option<usize>,
+    /// Only these faults, in this order, the whole list `--repeat` times
+    /// (to reproduce a sequence), e.g. `--only one-way-loss,leader-kill`.
+    #[arg(long, value_enum, value_delimiter = ',', conflicts_with_all = ["long", "kills"])]
+    only: Vec<Fault>,
+    /// How many times `--only`'s list runs.
+    #[arg(long, default_value_t = 1, requires = "only")]
+    repeat: usize,
     /// Keep the work directory (logs of every daemon) after the run.
     #[arg(long)]
     keep: bool,
@@ -589,7 +596,7 @@ async fn next_write(client: &RmClient, t0: Instant, k: u64, tasks_log: &Path) ->
     Ok(t0.elapsed())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 enum Fault {
     LeaderKill,
     LeaderFreeze,
@@ -945,6 +952,7 @@ async fn run(opts: Opts) -> Result<bool> {
     let mut rng = fastrand::Rng::with_seed(opts.seed);
     let faults = match opts.kills {
         Some(n) => vec![Fault::LeaderKill; n],
+        None if !opts.only.is_empty() => opts.only.repeat(opts.repeat),
         None => profile(opts.long, &mut rng),
     };
     let mut by_kind: BTreeMap<Fault, usize> = BTreeMap::new();
@@ -1164,9 +1172,10 @@ async fn run(opts: Opts) -> Result<bool> {
     let pass = |b: bool| if b { "ok" } else { "FAIL" };
     println!(
         "\nweft-chaos {} profile, seed {}, {:.0} s",
-        match (opts.long, opts.kills) {
-            (true, _) => "long",
-            (_, Some(_)) => "leader-kills",
+        match (opts.long, opts.kills, opts.only.is_empty()) {
+            (true, _, _) => "long",
+            (_, Some(_), _) => "leader-kills",
+            (_, _, false) => "chosen",
             _ => "short",
         },
         opts.seed,

@@ -126,40 +126,16 @@ fn start_etcd() -> Etcd {
     }
 }
 
-/// A round's writes/s, p50 ms and p99 ms.
-type Row = (f64, f64, f64);
-
-/// One round at `concurrency` clients, `total` writes in all.
-async fn round<F, Fut>(concurrency: usize, total: usize, write: F) -> Row
-where
-    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let write = Arc::new(write);
-    let per = total / concurrency;
-    let t0 = Instant::now();
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|c| {
-            let write = write.clone();
-            tokio::spawn(async move {
-                let mut lat = Vec::with_capacity(per);
-                for i in 0..per {
-                    let s = Instant::now();
-                    write(c, i).await;
-                    lat.push(s.elapsed().as_secs_f64() * 1e3);
-                }
-                lat
-            })
-        })
-        .collect();
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.unwrap());
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
-    (lat.len() as f64 / secs, pct(0.5), pct(0.99))
+/// One round of job submissions to a Weft group.
+async fn submissions(client: &Arc<RmClient>, concurrency: usize, total: usize) -> support::Row {
+    let cl = client.clone();
+    support::round(concurrency, total, move |_, _| {
+        let cl = cl.clone();
+        async move {
+            cl.submit(SPEC, "yaml", "bench").await.expect("weft submit");
+        }
+    })
+    .await
 }
 
 fn spread(v: &mut [f64]) -> String {
@@ -219,13 +195,18 @@ async fn main() {
     );
     let value = vec![b'v'; SPEC.len()];
     // (clients, etcd's rounds, bare weft's, weft's with masters waiting)
-    type Rows = (usize, Vec<Row>, Vec<Row>, Vec<Row>);
+    type Rows = (
+        usize,
+        Vec<support::Row>,
+        Vec<support::Row>,
+        Vec<support::Row>,
+    );
     let mut table: Vec<Rows> = Vec::new();
     for concurrency in [1usize, 8, 64] {
         let (mut e, mut b, mut w) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..rounds {
             let (ch, v) = (leader_ch.clone(), value.clone());
-            let er = round(concurrency, total, move |c, i| {
+            let er = support::round(concurrency, total, move |c, i| {
                 let (ch, v) = (ch.clone(), v.clone());
                 async move {
                     etcd_put(ch, format!("bench/{r}/{c}/{i}").into_bytes(), v)
@@ -234,23 +215,10 @@ async fn main() {
                 }
             })
             .await;
-            let cl = bare_client.clone();
-            let br = round(concurrency, total, move |_, _| {
-                let cl = cl.clone();
-                async move {
-                    cl.submit(SPEC, "yaml", "bench").await.expect("weft submit");
-                }
-            })
-            .await;
-            let cl = client.clone();
-            let wr = round(concurrency, total, move |_, _| {
-                let cl = cl.clone();
-                async move {
-                    cl.submit(SPEC, "yaml", "bench").await.expect("weft submit");
-                }
-            })
-            .await;
-            let show = |x: Row| format!("{:>6.0}/s p50 {:>5.2} ms p99 {:>6.2} ms", x.0, x.1, x.2);
+            let br = submissions(&bare_client, concurrency, total).await;
+            let wr = submissions(&client, concurrency, total).await;
+            let show =
+                |x: support::Row| format!("{:>6.0}/s p50 {:>5.2} ms p99 {:>6.2} ms", x.0, x.1, x.2);
             println!(
                 "  round {} {concurrency:>3} clients: etcd {} | weft, no masters {} | weft, masters waiting {}",
                 r + 1,
@@ -268,13 +236,13 @@ async fn main() {
     println!("| clients | etcd writes/s | weft writes/s, no masters | weft/etcd | weft writes/s, masters waiting | weft/etcd | etcd p50 ms | weft p50 ms, no masters | weft p50 ms, masters waiting |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for (c, e, b, w) in &table {
-        let med = |v: &[Row], f: fn(&Row) -> f64| {
+        let med = |v: &[support::Row], f: fn(&support::Row) -> f64| {
             let mut x: Vec<f64> = v.iter().map(f).collect();
             x.sort_by(|a, b| a.partial_cmp(b).unwrap());
             x[x.len() / 2]
         };
-        let rate = |v: &[Row]| spread(&mut v.iter().map(|x| x.0).collect::<Vec<_>>());
-        let p50 = |v: &[Row]| spread(&mut v.iter().map(|x| x.1).collect::<Vec<_>>());
+        let rate = |v: &[support::Row]| spread(&mut v.iter().map(|x| x.0).collect::<Vec<_>>());
+        let p50 = |v: &[support::Row]| spread(&mut v.iter().map(|x| x.1).collect::<Vec<_>>());
         println!(
             "| {c} | {} | {} | {:.2}x | {} | {:.2}x | {} | {} | {} |",
             rate(e),

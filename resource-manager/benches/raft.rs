@@ -9,7 +9,7 @@
 //! members a config (TOML), e.g. `[masters]\nlaunch = false`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use weft_client::RmClient;
 
@@ -20,11 +20,6 @@ fn start() -> support::Group {
 }
 
 const SPEC: &str = "name: bench\nstages:\n  - name: run\n    instances: 1\n    command: 'true'\n    resources: { vcores: 1, memory: 64MiB }\n";
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -39,32 +34,16 @@ async fn main() {
     client.submit(SPEC, "yaml", "bench").await.unwrap();
     println!("RM group of 3 (raft tick 100 ms, sled fsync per round), {total} submissions per row");
     for concurrency in [1usize, 8, 64] {
-        let per = total / concurrency;
-        let t0 = Instant::now();
-        let tasks: Vec<_> = (0..concurrency)
-            .map(|_| {
-                let c = client.clone();
-                tokio::spawn(async move {
-                    let mut lat = Vec::with_capacity(per);
-                    for _ in 0..per {
-                        let s = Instant::now();
-                        c.submit(SPEC, "yaml", "bench").await.unwrap();
-                        lat.push(s.elapsed().as_secs_f64() * 1e3);
-                    }
-                    lat
-                })
-            })
-            .collect();
-        let mut lat = Vec::new();
-        for t in tasks {
-            lat.extend(t.await.unwrap());
-        }
-        let secs = t0.elapsed().as_secs_f64();
+        let c = client.clone();
+        let (rate, p50, p99) = support::round(concurrency, total, move |_, _| {
+            let c = c.clone();
+            async move {
+                c.submit(SPEC, "yaml", "bench").await.unwrap();
+            }
+        })
+        .await;
         println!(
-            "  {concurrency:>3} concurrent clients: {:>7.0} writes/s   latency p50 {:>6.2} ms  p99 {:>6.2} ms",
-            lat.len() as f64 / secs,
-            pct(&mut lat, 0.5),
-            pct(&mut lat, 0.99)
+            "  {concurrency:>3} concurrent clients: {rate:>7.0} writes/s   latency p50 {p50:>6.2} ms  p99 {p99:>6.2} ms"
         );
     }
     tokio::time::sleep(Duration::from_millis(10)).await;

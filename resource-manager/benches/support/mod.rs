@@ -5,6 +5,8 @@
 #![allow(dead_code)] // each bench uses its own part
 
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -82,4 +84,40 @@ pub fn start_group(config: &str) -> Group {
         addrs,
         dir,
     }
+}
+
+/// A round's writes/s, p50 ms and p99 ms.
+pub type Row = (f64, f64, f64);
+
+/// One round at `concurrency` clients, `total` writes in all.
+pub async fn round<F, Fut>(concurrency: usize, total: usize, write: F) -> Row
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let write = Arc::new(write);
+    let per = total / concurrency;
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|c| {
+            let write = write.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(per);
+                for i in 0..per {
+                    let s = Instant::now();
+                    write(c, i).await;
+                    lat.push(s.elapsed().as_secs_f64() * 1e3);
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+    (lat.len() as f64 / secs, pct(0.5), pct(0.99))
 }
