@@ -57,7 +57,10 @@ pub fn digests(dir: &Path) -> Result<Audit> {
 fn replay(dir: &Path, check: bool) -> Result<Audit> {
     let storage = SledStorage::open(dir)?;
     let mut a = Audit::default();
-    let (mut state, from) = match storage.latest_snapshot()? {
+    let snapshot = storage.latest_snapshot()?;
+    let (mut state, from) = match snapshot {
+        // Digests alone need no state.
+        Some((meta, _)) if !check => (ClusterState::default(), meta.index),
         Some((meta, data)) => (
             ClusterState::from_snapshot(&data).map_err(|e| {
                 Error::Storage(format!(

@@ -433,6 +433,16 @@ impl ClusterState {
             .filter_map(|id| self.containers.get(id))
     }
 
+    /// The master container of `app`'s live attempt, when the RM launched
+    /// one and it has ended (the attempt is over; its master is being
+    /// stopped if it still runs).
+    pub fn ended_master(&self, app: &App) -> Option<&Container> {
+        app.am_container
+            .as_ref()
+            .and_then(|c| self.containers.get(c.as_str()))
+            .filter(|c| c.phase == ContainerPhase::Completed)
+    }
+
     /// The containers of `app_id`, granted under any attempt.
     pub fn containers_of<'a>(&'a self, app_id: &str) -> impl Iterator<Item = &'a Container> + 'a {
         self.app_containers

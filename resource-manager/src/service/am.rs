@@ -359,7 +359,6 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
 }
 
 impl AmService {
-    /// New allocations and newly completed containers of `app`, if any.
     /// What has come for `app` since its master last asked: containers
     /// allocated to it and containers of it that ended. Refused to an
     /// attempt that has been replaced while it waited: what was allocated
@@ -416,12 +415,7 @@ fn attempt_is_live(st: &ClusterState, app: &crate::fsm::App, attempt: u32) -> Re
             app.id, app.attempt
         )));
     }
-    let ended = app
-        .am_container
-        .as_ref()
-        .and_then(|c| st.containers.get(c.as_str()))
-        .filter(|c| c.phase == ContainerPhase::Completed);
-    if let Some(c) = ended {
+    if let Some(c) = st.ended_master(app) {
         return Err(Status::failed_precondition(format!(
             "attempt: {} of {} has ended: its master's container {} ended ({})",
             app.attempt,

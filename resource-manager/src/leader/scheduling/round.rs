@@ -140,12 +140,7 @@ impl Scheduling {
             };
             // A master the RM ended is being stopped: its asks wait for
             // the next attempt's (which replace them).
-            if app
-                .am_container
-                .as_ref()
-                .and_then(|c| state.containers.get(c.as_str()))
-                .is_some_and(|c| c.phase == crate::fsm::ContainerPhase::Completed)
-            {
+            if state.ended_master(app).is_some() {
                 continue;
             }
             let Some(q) = queues.index(&app.queue) else {
