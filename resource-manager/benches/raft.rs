@@ -6,7 +6,9 @@
 //!
 //! `cargo bench -p weft-resource-manager --bench raft` prints the figures
 //! (`cargo test` runs a short version). `WEFT_BENCH_RM_CONFIG` gives the
-//! members a config (TOML), e.g. `[masters]\nlaunch = false`.
+//! members a config (TOML), e.g. `[masters]\nlaunch = false`;
+//! `WEFT_BENCH_ROWS` the rows' client counts (default `1,8,64`), e.g.
+//! `1,1,1,1,1` to watch one client's rate as the state grows.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +35,16 @@ async fn main() {
     // Wait for a leader (the first write goes through once there is one).
     client.submit(SPEC, "yaml", "bench").await.unwrap();
     println!("RM group of 3 (raft tick 100 ms, sled fsync per round), {total} submissions per row");
-    for concurrency in [1usize, 8, 64] {
+    let rows: Vec<usize> = std::env::var("WEFT_BENCH_ROWS")
+        .unwrap_or_else(|_| "1,8,64".into())
+        .split(',')
+        .map(|c| {
+            c.trim()
+                .parse()
+                .expect("WEFT_BENCH_ROWS: client counts, comma-separated")
+        })
+        .collect();
+    for concurrency in rows {
         let c = client.clone();
         let (rate, p50, p99) = support::round(concurrency, total, move |_, _| {
             let c = c.clone();

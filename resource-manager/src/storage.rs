@@ -3,7 +3,13 @@
 //!
 //! Layout (one sled database per member):
 //! - tree `log`: key = entry index (big-endian u64), value = encoded `Entry`;
-//! - tree `meta`: `hard_state`, `conf_state`, `snap_meta`, `snap_data`.
+//! - tree `meta`: `hard_state`, `conf_state`, `snap_meta`;
+//! - tree `snapshot`: `snap_data`, the state machine at `snap_meta`'s index.
+//!   A tree of its own: sled rewrites a tree's node whole when it
+//!   consolidates the changes to it, and the hard state changes with every
+//!   commit; beside it, the snapshot (megabytes in a busy cluster) was
+//!   rewritten every few commits, a cost per write that grew with the state
+//!   (data dirs that hold it in `meta` are moved over when opened).
 //!
 //! Writes go to sled's buffers; [`SledStorage::sync`] makes them durable
 //! (fsync). The raft loop calls it before sending messages that depend on them.
@@ -33,6 +39,7 @@ pub struct SledStorage {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    snapshot: sled::Tree,
     /// Metadata of the latest snapshot (index 0 when none), cached.
     snap_meta: Arc<RwLock<SnapshotMetadata>>,
     /// The data dir, named when writing to it fails.
@@ -79,6 +86,30 @@ fn tx_err(e: sled::transaction::TransactionError<()>) -> Error {
 
 fn store_err(e: sled::Error) -> raft::Error {
     raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+/// Moves the snapshot's data out of `meta` (where data dirs written by
+/// earlier versions hold it) into its own tree, in one transaction.
+fn move_snapshot_data(meta: &sled::Tree, snapshot: &sled::Tree) -> sled::Result<()> {
+    use sled::Transactional;
+    if meta.get(SNAP_DATA)?.is_none() {
+        return Ok(());
+    }
+    (meta, snapshot)
+        .transaction(|(m, snap)| {
+            if let Some(data) = m.remove(SNAP_DATA)? {
+                snap.insert(SNAP_DATA, data)?;
+            }
+            Ok(())
+        })
+        .map_err(|e| match e {
+            sled::transaction::TransactionError::Storage(e) => e,
+            sled::transaction::TransactionError::Abort(()) => {
+                unreachable!("the transactions here never abort")
+            }
+        })?;
+    meta.flush()?;
+    Ok(())
 }
 
 /// How long [`open_db`] waits for the data dir's lock.
@@ -173,6 +204,8 @@ impl SledStorage {
         let sled_err = |e| open_error(dir, e);
         let log = db.open_tree("log").map_err(sled_err)?;
         let meta = db.open_tree("meta").map_err(sled_err)?;
+        let snapshot = db.open_tree("snapshot").map_err(sled_err)?;
+        move_snapshot_data(&meta, &snapshot).map_err(sled_err)?;
         let snap_meta = match meta.get(SNAP_META).map_err(sled_err)? {
             Some(b) => try_decode(dir, &b, "snapshot metadata")?,
             None => SnapshotMetadata::default(),
@@ -181,6 +214,7 @@ impl SledStorage {
             db,
             log,
             meta,
+            snapshot,
             snap_meta: Arc::new(RwLock::new(snap_meta)),
             dir: dir.into(),
             marker_at: Default::default(),
@@ -375,10 +409,11 @@ impl SledStorage {
         meta.set_conf_state(conf_state);
         // Data and metadata together: a crash leaves the old snapshot or
         // the new one, never the new metadata over the old data.
+        use sled::Transactional;
         let meta_bytes = meta.write_to_bytes().expect("raft messages encode");
-        self.meta
-            .transaction(|m| {
-                m.insert(SNAP_DATA, data.as_slice())?;
+        (&self.meta, &self.snapshot)
+            .transaction(|(m, snap)| {
+                snap.insert(SNAP_DATA, data.as_slice())?;
                 m.insert(SNAP_META, meta_bytes.as_slice())?;
                 Ok(())
             })
@@ -418,12 +453,12 @@ impl SledStorage {
         let encode = |m: &dyn protobuf::Message| m.write_to_bytes().expect("raft messages encode");
         let (hs_bytes, meta_bytes, cs_bytes) =
             (encode(&hs), encode(meta), encode(meta.get_conf_state()));
-        (&self.log, &self.meta)
-            .transaction(|(log, m)| {
+        (&self.log, &self.meta, &self.snapshot)
+            .transaction(|(log, m, data)| {
                 for k in &keys {
                     log.remove(k)?;
                 }
-                m.insert(SNAP_DATA, snap.get_data())?;
+                data.insert(SNAP_DATA, snap.get_data())?;
                 m.insert(SNAP_META, meta_bytes.as_slice())?;
                 m.insert(CONF_STATE, cs_bytes.as_slice())?;
                 m.insert(HARD_STATE, hs_bytes.as_slice())?;
@@ -456,7 +491,7 @@ impl SledStorage {
             return Ok(None);
         }
         let data = self
-            .meta
+            .snapshot
             .get(SNAP_DATA)
             .map_err(Error::sled)?
             .unwrap_or_default();
@@ -799,5 +834,74 @@ mod tests {
         drop(f);
         let f = SledStorage::open(dir2.path()).unwrap();
         assert_eq!(f.latest_snapshot().unwrap().unwrap().1, b"state@6");
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_kept_beside_the_hard_state_by_an_earlier_version_is_moved_out_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStorage::open(dir.path()).unwrap();
+            let mut meta = SnapshotMetadata::default();
+            meta.index = 4;
+            meta.term = 2;
+            // The earlier layout: data and metadata both in `meta`.
+            s.meta.insert(SNAP_DATA, b"state@4".as_slice()).unwrap();
+            s.meta
+                .insert(SNAP_META, meta.write_to_bytes().unwrap())
+                .unwrap();
+            s.sync().unwrap();
+        }
+        let s = SledStorage::open(dir.path()).unwrap();
+        assert_eq!(s.meta.get(SNAP_DATA).unwrap(), None, "moved out of meta");
+        let (meta, data) = s.latest_snapshot().unwrap().unwrap();
+        assert_eq!((meta.index, data.as_slice()), (4, b"state@4".as_slice()));
+        drop(s);
+        let s = SledStorage::open(dir.path()).unwrap();
+        assert_eq!(s.latest_snapshot().unwrap().unwrap().1, b"state@4");
+    }
+
+    /// A hard-state write costs the same whatever the snapshot's size: the
+    /// snapshot's bytes are not written again with it.
+    #[test]
+    fn hard_state_writes_do_not_rewrite_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path()).unwrap();
+        s.append(&[Entry {
+            index: 1,
+            term: 1,
+            ..Default::default()
+        }])
+        .unwrap();
+        let mut cs = ConfState::default();
+        cs.voters = vec![1];
+        s.create_snapshot(1, cs, vec![7u8; 4 << 20]).unwrap();
+        s.sync().unwrap();
+        let db = dir.path().join("db");
+        let before = std::fs::metadata(&db).unwrap().len() + blob_bytes(dir.path());
+        for commit in 2..200 {
+            s.set_commit(commit).unwrap();
+            s.sync().unwrap();
+        }
+        let after = std::fs::metadata(&db).unwrap().len() + blob_bytes(dir.path());
+        assert!(
+            after < before + (4 << 20),
+            "200 hard-state writes wrote {} bytes beside a 4 MiB snapshot",
+            after - before
+        );
+    }
+
+    fn blob_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir.join("blobs"))
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
     }
 }
