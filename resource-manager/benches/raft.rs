@@ -8,7 +8,8 @@
 //! (`cargo test` runs a short version). `WEFT_BENCH_RM_CONFIG` gives the
 //! members a config (TOML), e.g. `[masters]\nlaunch = false`;
 //! `WEFT_BENCH_ROWS` the rows' client counts (default `1,8,64`), e.g.
-//! `1,1,1,1,1` to watch one client's rate as the state grows.
+//! `1,1,1,1,1` to watch one client's rate as the state grows;
+//! `WEFT_BENCH_WRITES` the writes per row (default 3,000).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +30,11 @@ async fn main() {
         return;
     }
     let full = std::env::args().any(|a| a == "--bench");
-    let total = if full { 3000 } else { 150 };
+    let total = match std::env::var("WEFT_BENCH_WRITES") {
+        Ok(n) => n.parse().expect("WEFT_BENCH_WRITES: a number of writes"),
+        Err(_) if full => 3000,
+        Err(_) => 150,
+    };
     let group = start();
     let client = Arc::new(RmClient::new(group.addrs.clone()).unwrap());
     // Wait for a leader (the first write goes through once there is one).

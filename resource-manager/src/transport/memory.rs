@@ -157,7 +157,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::MemoryNetwork;
-    use crate::fsm::{Command, PortRange};
+    use crate::fsm::{Command, Outcome, PortRange};
     use crate::raft_node::{self, RaftHandle, RaftSettings};
     use crate::storage::SledStorage;
 
@@ -466,5 +466,39 @@ mod tests {
         let states = g.converged(&g.ids, l);
         assert_same(&states);
         assert_eq!(nodes_of(g.h(f)).len(), 31);
+    }
+
+    #[tokio::test]
+    async fn a_large_state_is_snapshotted_once_the_log_since_holds_as_many_bytes() {
+        let g = Group::start(1, 5);
+        let l = g.leader_among(&g.ids);
+        let spec = format!("name: big\n# {}\n", "x".repeat(200_000));
+        for i in 0..34 {
+            let submitted = g
+                .h(l)
+                .propose(Command::SubmitApplication {
+                    request_id: String::new(),
+                    name: format!("big{i}"),
+                    queue: "root".into(),
+                    user: "u".into(),
+                    spec: spec.clone(),
+                    spec_format: "yaml".into(),
+                    unmanaged: true,
+                    at_ms: 0,
+                })
+                .await
+                .unwrap();
+            assert!(matches!(submitted, Outcome::Submitted { .. }));
+        }
+        let st = g.h(l).status();
+        // Every 5 entries while the state is small; past 1 MiB (about six
+        // of these), only once the log since holds the state's size again:
+        // about 10, 20, 40 applications in, so the last one came about 14
+        // entries ago.
+        assert!(st.snapshot_index > 5, "{st:?}");
+        assert!(
+            st.applied - st.snapshot_index >= 8,
+            "snapshotted every 5 entries whatever the state's size: {st:?}"
+        );
     }
 }

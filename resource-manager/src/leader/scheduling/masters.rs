@@ -8,7 +8,9 @@ impl Scheduling {
     /// Accepts submitted jobs, asks for a master container for every job
     /// whose master is not running, and fails jobs whose masters failed
     /// `max_attempts` times.
-    pub(super) async fn manage_masters(&self) {
+    /// Returns how long its pass over the state took (the loop's own
+    /// work, without the proposals' round trips).
+    pub(super) async fn manage_masters(&self) -> std::time::Duration {
         let cfg = self
             .masters
             .clone()
@@ -17,6 +19,7 @@ impl Scheduling {
             return self.manage_local_masters().await;
         }
         let mut commands = Vec::new();
+        let pass = std::time::Instant::now();
         {
             let state = self.raft.state();
             let mut t = self.table.lock().expect("table lock");
@@ -117,10 +120,18 @@ impl Scheduling {
                 );
             }
         }
-        for c in commands {
-            if let Err(e) = self.raft.propose(c).await {
-                debug!(error = %e, "master bookkeeping not committed");
-            }
+        let pass = pass.elapsed();
+        self.propose_all(commands).await;
+        pass
+    }
+
+    /// Proposes `commands` at once (one raft round carries them all, not
+    /// one round trip each); one not committed is found again next pass.
+    async fn propose_all(&self, commands: Vec<Command>) {
+        let results =
+            futures::future::join_all(commands.into_iter().map(|c| self.raft.propose(c))).await;
+        for e in results.into_iter().filter_map(|r| r.err()) {
+            debug!(error = %e, "master bookkeeping not committed");
         }
     }
 
@@ -129,9 +140,10 @@ impl Scheduling {
     /// gets a new attempt that does not count against `max_attempts` and
     /// adopts what still runs; a master task that ended without finishing
     /// its job counts.
-    pub(super) async fn manage_local_masters(&self) {
+    pub(super) async fn manage_local_masters(&self) -> std::time::Duration {
         let mut commands = Vec::new();
         let mut start = Vec::new();
+        let pass = std::time::Instant::now();
         {
             let state = self.raft.state();
             let mut local = self.local.lock().expect("local masters lock");
@@ -176,19 +188,16 @@ impl Scheduling {
                 start.push((app.id.clone(), app.attempt + 1, spec, previous_lost));
             }
         }
-        for c in commands {
-            if let Err(e) = self.raft.propose(c).await {
-                debug!(error = %e, "master bookkeeping not committed");
-            }
-        }
+        let pass = pass.elapsed();
+        self.propose_all(commands).await;
         if start.is_empty() {
-            return;
+            return pass;
         }
         let (Ok(signer), Some(me)) = (
             self.ensure_signer().await,
             self.raft.address_of(self.raft.status().id),
         ) else {
-            return;
+            return pass;
         };
         for (app_id, attempt, spec, previous_lost) in start {
             let started = self
@@ -233,6 +242,7 @@ impl Scheduling {
                 .expect("local masters lock")
                 .insert(app_id, LocalMaster { task, failure });
         }
+        pass
     }
 
     /// Starts a job's master in its container and records the attempt; a

@@ -37,6 +37,12 @@ pub mod round;
 /// Longest an Allocate call is held when nothing changes.
 pub const MAX_WAIT: Duration = Duration::from_secs(10);
 
+/// A pass of the scheduling loop that worked less than this is followed at
+/// once by the next (a small cluster's pass takes microseconds); one that
+/// worked longer is followed by as long a rest, up to [`MAX_REST`].
+pub const MIN_REST: Duration = Duration::from_micros(500);
+pub const MAX_REST: Duration = Duration::from_millis(250);
+
 /// Master attempts lost with their node that do not count against
 /// `max_attempts` (beyond these they do, so a job cannot retry forever).
 pub const FREE_ATTEMPTS: u32 = 5;
@@ -232,12 +238,26 @@ impl Scheduling {
         // A leadership starts from an empty table.
         *self.table.lock().expect("table lock") = Table::default();
         let mut first = true;
+        // How long the last pass's own work took (its scans of the state
+        // and the scheduler; not the proposals' round trips).
+        let mut worked = Duration::ZERO;
         loop {
             if !std::mem::take(&mut first) {
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     _ = cancel.cancelled() => return,
+                }
+                // Rest as long as the last pass worked: events that come
+                // meanwhile (a submission each, at hundreds a second) fold
+                // into the next pass, so that the passes over a long
+                // backlog take at most half of a core, and the state's lock
+                // (which the raft thread needs to apply) half the time.
+                if worked >= MIN_REST {
+                    tokio::select! {
+                        _ = tokio::time::sleep(worked.min(MAX_REST)) => {}
+                        _ = cancel.cancelled() => return,
+                    }
                 }
             }
             let status = self.raft.status();
@@ -246,13 +266,16 @@ impl Scheduling {
                     debug!(error = %e, "token key not made yet");
                 }
             }
+            worked = Duration::ZERO;
             if self.masters.is_some() {
-                self.manage_masters().await;
+                worked += self.manage_masters().await;
             }
-            let Some((plan, keys)) = self
+            let started = std::time::Instant::now();
+            let planned = self
                 .round(&mut reservations, &mut view, status.term, &mut counter)
-                .await
-            else {
+                .await;
+            worked += started.elapsed();
+            let Some((plan, keys)) = planned else {
                 continue;
             };
             self.stats.rounds.fetch_add(1, Relaxed);

@@ -122,29 +122,25 @@ impl Scheduling {
         let mut t = self.table.lock().expect("table lock");
         // Asks of applications that ended leave the table with the round
         // that first sees them ended: nothing is planned for them again.
-        let live = |id: &String| {
-            state
-                .apps
-                .get(id.as_str())
-                .is_some_and(|a| !a.state.is_terminal())
-        };
-        t.asks.retain(|id, _| live(id));
-        t.masters.retain(|id, _| live(id));
-        t.undelivered.retain(|id, _| live(id));
+        let live = |id: &str| state.apps.get(id).filter(|a| !a.state.is_terminal());
+        t.undelivered.retain(|id, _| live(id).is_some());
         let mut asks = Vec::new();
         let mut keys = Vec::new();
         let mut gangs: Vec<Option<String>> = Vec::new();
-        for (app_id, list) in &t.asks {
-            let Some(app) = state.apps.get(app_id.as_str()) else {
-                continue;
+        // One lookup of each application: its asks are kept and turned into
+        // the scheduler's in the same pass.
+        let table = &mut *t;
+        table.asks.retain(|app_id, list| {
+            let Some(app) = live(app_id) else {
+                return false;
             };
             // A master the RM ended is being stopped: its asks wait for
             // the next attempt's (which replace them).
             if state.ended_master(app).is_some() {
-                continue;
+                return true;
             }
             let Some(q) = queues.index(&app.queue) else {
-                continue;
+                return true;
             };
             // A task whose earlier container the RM ended while it may
             // still run (a replaced attempt's, a released one) is placed
@@ -156,7 +152,7 @@ impl Scheduling {
                     *uncertain.entry(c.alloc.ask_id.as_str()).or_default() += 1;
                 }
             }
-            for (ra, count) in list {
+            for (ra, count) in list.iter() {
                 let count =
                     count.saturating_sub(uncertain.get(ra.ask_id.as_str()).copied().unwrap_or(0));
                 for _ in 0..count {
@@ -171,20 +167,22 @@ impl Scheduling {
                         .push((!ra.gang_id.is_empty()).then(|| format!("{app_id}/{}", ra.gang_id)));
                 }
             }
-        }
-        for (app_id, ra) in &t.masters {
-            let Some(app) = state.apps.get(app_id.as_str()) else {
-                continue;
+            true
+        });
+        table.masters.retain(|app_id, ra| {
+            let Some(app) = live(app_id) else {
+                return false;
             };
             let Some(q) = queues.index(&app.queue) else {
-                continue;
+                return true;
             };
             let mut a = to_ask(ra, asks.len() as u64, q, &app.user);
             a.seq = app.submitted_at_ms;
             asks.push(a);
             keys.push((app_id.clone(), MASTER_ASK.to_string()));
             gangs.push(None);
-        }
+            true
+        });
         drop(t);
         if asks.is_empty() {
             return None;
