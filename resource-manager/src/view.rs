@@ -272,6 +272,25 @@ impl View {
         self.cluster.as_mut().expect("refresh first")
     }
 
+    /// Holds the nodes `ids` out of the next round (unschedulable in the
+    /// view); the refresh after it puts them back as the state has them.
+    pub fn hold_out<'a>(&mut self, ids: impl IntoIterator<Item = &'a str>) {
+        let Some(cluster) = self.cluster.as_mut() else {
+            return;
+        };
+        for id in ids {
+            let Some(&i) = self.pos.get(id) else {
+                continue;
+            };
+            if cluster.nodes[i].schedulable {
+                let mut node = cluster.nodes[i].clone();
+                node.schedulable = false;
+                cluster.replace_node(i, node);
+                cluster.touch(i);
+            }
+        }
+    }
+
     /// Node ids by the view's node index.
     pub fn ids(&self) -> &[String] {
         &self.ids

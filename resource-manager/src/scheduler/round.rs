@@ -139,6 +139,11 @@ impl Cluster {
         std::mem::take(&mut self.touched)
     }
 
+    /// Counts node `i` as changed (a kept view refreshes it from the state).
+    pub fn touch(&mut self, i: usize) {
+        self.touched.push(i as u32);
+    }
+
     /// Holds node `i` out of (or back into) general placement.
     fn set_reserved(&mut self, i: usize, on: bool) {
         if self.reserved[i] == on {

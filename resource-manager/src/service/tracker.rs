@@ -43,6 +43,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         };
         self.scheduling
             .note_ports_in_use(&r.node_id, &r.ports_in_use);
+        self.scheduling.node_heard(&r.node_id);
         let cap = r.capacity.unwrap_or_default();
         let cmd = Command::RegisterNode {
             node_id: r.node_id.clone(),
@@ -137,6 +138,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         if known {
             self.scheduling
                 .note_ports_in_use(&r.node_id, &r.ports_in_use);
+            self.scheduling.node_heard(&r.node_id);
             self.heard_from(&r.node_id);
         }
         // Reconcile the agent's containers with the replicated ones.

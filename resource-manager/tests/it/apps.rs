@@ -860,3 +860,32 @@ async fn agents_killed_and_restarted_keep_the_jobs_tasks_running() {
         "the drain outlived the agent's restart"
     );
 }
+
+/// A node whose agent the leader cannot reach, not yet declared lost, gets
+/// no more masters once a start there failed: the job's master starts on
+/// the next node that comes, and the failed start was its only lost
+/// attempt. (Found by the fault harness: a master placed six times in a row
+/// on a node cut off from the leader, each failed start a lost attempt,
+/// until the job FAILED.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_is_not_placed_again_on_a_node_the_leader_cannot_reach() {
+    let (cluster, mut agents) =
+        launching_cluster_with(&["node-a"], "node_expiry = \"30s\"\n").await;
+    // Its node stays RUNNING for 30 s: nothing answers at its address.
+    agents[0].kill9();
+    let client = cluster.client();
+    let spec = "name: held\nmax_attempts: 1\nstages:\n  - name: s\n    instances: 1\n    command: 'true'\n    resources: { vcores: 0.5, memory: 64MiB }\n";
+    let app = client.submit(spec, "yaml", "mia").await.unwrap();
+    // The first start fails at once (refused); another node joins a moment
+    // later.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _b = AgentProcess::start("node-b", &cluster.addrs());
+    let done = wait_state(&client, &app, Duration::from_secs(60)).await;
+    assert_eq!(done.state(), pb::ApplicationState::Succeeded, "{done:?}");
+    assert_eq!(done.am_node_id, "node-b", "{done:?}");
+    assert_eq!(
+        done.attempt, 2,
+        "one failed start on node-a, then node-b: {done:?}"
+    );
+    drop(agents);
+}

@@ -350,6 +350,9 @@ impl Scheduling {
                 warn!(app = %app_id, attempt, error = %e.message(), "application master could not start");
                 // An unreachable node is not the job's fault (a free attempt).
                 let unreachable = weft_common::codes::start_refused_transiently(&e);
+                if unreachable {
+                    self.hold_out(&a.node_id);
+                }
                 let _ = self
                     .raft
                     .propose(Command::ContainersCompleted {

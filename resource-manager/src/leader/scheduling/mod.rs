@@ -43,6 +43,14 @@ pub const MAX_WAIT: Duration = Duration::from_secs(10);
 pub const MIN_REST: Duration = Duration::from_micros(500);
 pub const MAX_REST: Duration = Duration::from_millis(250);
 
+/// How long a node whose agent a master's start could not reach is held
+/// out of placements at the least: until a heartbeat that left it after
+/// the failure (one every `heartbeat_interval`). Without it, the leader
+/// placed a master again and again on a node cut off from it but not yet
+/// declared lost, each failed start a lost attempt, until the job ran out of
+/// attempts (seen in the fault harness: six in a row, the job FAILED).
+pub const HOLD_OUT_MIN: Duration = Duration::from_secs(2);
+
 /// Master attempts lost with their node that do not count against
 /// `max_attempts` (beyond these they do, so a job cannot retry forever).
 pub const FREE_ATTEMPTS: u32 = 5;
@@ -126,6 +134,10 @@ pub struct Scheduling {
     /// node -> ports of its range bound there, as its agent last reported
     /// (by anything): never handed out.
     pub(crate) busy_ports: Arc<Mutex<HashMap<String, BTreeSet<u16>>>>,
+    /// node -> when this leader last failed to reach its agent to start a
+    /// master there: no placements on it until it is heard from again
+    /// [`HOLD_OUT_MIN`] later (or declared lost).
+    pub(crate) unreachable: Arc<Mutex<HashMap<String, std::time::Instant>>>,
 }
 
 pub(crate) struct LocalMaster {
@@ -146,7 +158,32 @@ impl Scheduling {
             local: Arc::default(),
             stats: Arc::default(),
             busy_ports: Arc::default(),
+            unreachable: Arc::default(),
         }
+    }
+
+    /// The node's agent registered or heartbeat: a hold-out since long
+    /// enough ends (a heartbeat already on its way when the start failed
+    /// does not end it).
+    pub fn node_heard(&self, node: &str) {
+        let mut held = self.unreachable.lock().expect("unreachable lock");
+        if held
+            .get(node)
+            .is_some_and(|at| at.elapsed() >= HOLD_OUT_MIN)
+        {
+            held.remove(node);
+            drop(held);
+            self.wake.notify_one();
+        }
+    }
+
+    /// This leader could not reach `node`'s agent (a master's start there
+    /// failed for that): it gets no placements until heard from again.
+    pub(crate) fn hold_out(&self, node: &str) {
+        self.unreachable
+            .lock()
+            .expect("unreachable lock")
+            .insert(node.to_string(), std::time::Instant::now());
     }
 
     /// Records the ports of `node`'s range bound there now (from its
@@ -222,6 +259,7 @@ impl Scheduling {
     /// own in-process masters).
     pub fn step_down(&self) {
         *self.table.lock().expect("table lock") = Table::default();
+        self.unreachable.lock().expect("unreachable lock").clear();
         for (_, m) in self.local.lock().expect("local masters lock").drain() {
             m.task.abort();
         }

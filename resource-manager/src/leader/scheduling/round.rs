@@ -18,6 +18,10 @@ impl Scheduling {
         counter: &mut u64,
     ) -> Option<Planned> {
         let mut input = self.round_input(view)?;
+        {
+            let held = self.unreachable.lock().expect("unreachable lock");
+            view.hold_out(held.keys().map(String::as_str));
+        }
         let mut held = std::mem::take(reservations);
         let mut kept = std::mem::take(view);
         let (out, input, held, kept) = tokio::task::spawn_blocking(move || {
