@@ -337,6 +337,7 @@ pub fn start(
         last_snapshot: applied,
         snapshot_bytes,
         log_bytes: 0,
+        snapshotting: None,
         probes: std::sync::mpsc::channel(),
         probed: None,
         last_leader: 0,
@@ -371,6 +372,9 @@ struct Member {
     snapshot_bytes: u64,
     /// Bytes of the entries applied since the latest snapshot.
     log_bytes: u64,
+    /// The snapshot being serialised and written off this thread; it
+    /// returns its data's size.
+    snapshotting: Option<std::thread::JoinHandle<u64>>,
     /// Leader probes' verdicts ([`Input::LeaderGone`]), on a channel of
     /// their own: a sender of the main one held here would keep the thread
     /// from ever seeing its inputs closed.
@@ -474,7 +478,14 @@ impl Member {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => {
+                    // The storage is let go only once the snapshot being
+                    // written is.
+                    if let Some(job) = self.snapshotting.take() {
+                        let _ = job.join();
+                    }
+                    return;
+                }
             }
             while let Ok(verdict) = self.probes.1.try_recv() {
                 self.handle(verdict);
@@ -926,24 +937,46 @@ impl Member {
         }
     }
 
+    /// Takes a snapshot when one is due: the state is copied here (its
+    /// lock held only for that), then serialised, stored and synced on a
+    /// thread of its own while this one goes on applying and answering;
+    /// one at a time. The storage keeps whichever snapshot is newer, so a
+    /// leader's snapshot installed meanwhile is never overwritten by it.
     fn maybe_snapshot(&mut self) {
-        if self.applied < self.last_snapshot + self.settings.snapshot_every
+        if let Some(job) = self.snapshotting.take_if(|j| j.is_finished()) {
+            match job.join() {
+                Ok(bytes) => self.snapshot_bytes = bytes,
+                Err(_) => stop_member("the snapshot thread panicked"),
+            }
+        }
+        if self.snapshotting.is_some()
+            || self.applied < self.last_snapshot + self.settings.snapshot_every
             || (self.snapshot_bytes > SNAPSHOT_BYTES_FREE && self.log_bytes < self.snapshot_bytes)
         {
             return;
         }
-        let data = self.shared.state.read().expect("state lock").to_snapshot();
-        self.snapshot_bytes = data.len() as u64;
-        self.log_bytes = 0;
+        let state = self.shared.state.read().expect("state lock").clone();
         let cs = self.raw.raft.prs().conf().to_conf_state();
-        self.storage
-            .create_snapshot(self.applied, cs, data)
-            .unwrap_or_else(|e| fatal(&self.storage, "writing a snapshot", e));
-        self.storage
-            .sync()
-            .unwrap_or_else(|e| fatal(&self.storage, "syncing a snapshot", e));
-        debug!(index = self.applied, "snapshot taken; log compacted");
-        self.last_snapshot = self.applied;
+        let (index, storage) = (self.applied, self.storage.clone());
+        self.last_snapshot = index;
+        self.log_bytes = 0;
+        let job = std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || {
+                let data = state.to_snapshot();
+                drop(state);
+                let bytes = data.len() as u64;
+                storage
+                    .create_snapshot(index, cs, data)
+                    .unwrap_or_else(|e| fatal(&storage, "writing a snapshot", e));
+                storage
+                    .sync()
+                    .unwrap_or_else(|e| fatal(&storage, "syncing a snapshot", e));
+                debug!(index, bytes, "snapshot taken; log compacted");
+                bytes
+            })
+            .unwrap_or_else(|e| fatal(&self.storage, "starting the snapshot thread", e));
+        self.snapshotting = Some(job);
     }
 
     fn publish_status(&self) {
@@ -966,7 +999,7 @@ impl Member {
             term: r.term,
             commit: r.raft_log.committed,
             applied: self.applied,
-            snapshot_index: self.last_snapshot.max(self.storage.snapshot_index()),
+            snapshot_index: self.storage.snapshot_index(),
             members,
         };
     }

@@ -46,6 +46,10 @@ pub struct SledStorage {
     dir: Arc<Path>,
     /// When the marker was last written (see [`Marker`]).
     marker_at: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    /// Held while a snapshot is stored or installed: a member's own
+    /// snapshot, written off the raft thread, and the leader's, installed
+    /// on it, one after the other.
+    snapshot_lock: Arc<std::sync::Mutex<()>>,
 }
 
 /// The file beside sled's that records how far this member's log had
@@ -218,6 +222,7 @@ impl SledStorage {
             snap_meta: Arc::new(RwLock::new(snap_meta)),
             dir: dir.into(),
             marker_at: Default::default(),
+            snapshot_lock: Default::default(),
         };
         storage.check(dir)?;
         Ok(storage)
@@ -400,8 +405,15 @@ impl SledStorage {
     }
 
     /// Stores a snapshot of the state machine taken at `index` (which must be
-    /// applied) and drops the log up to it.
+    /// applied) and drops the log up to it; nothing when the storage already
+    /// holds a snapshot as new (the leader's, installed meanwhile). May run
+    /// beside the raft thread: readers of the log see the new first index
+    /// before the entries go (see [`raft::Storage::entries`] here).
     pub fn create_snapshot(&self, index: u64, conf_state: ConfState, data: Vec<u8>) -> Result<()> {
+        let _one_at_a_time = self.snapshot_lock.lock().expect("snapshot lock");
+        if self.snapshot_index() >= index {
+            return Ok(());
+        }
         let term = self.term_inner(index)?;
         let mut meta = SnapshotMetadata::default();
         meta.index = index;
@@ -440,6 +452,7 @@ impl SledStorage {
     /// the member as it was before or with the whole snapshot installed.
     pub fn apply_snapshot(&self, snap: &Snapshot) -> Result<()> {
         use sled::Transactional;
+        let _one_at_a_time = self.snapshot_lock.lock().expect("snapshot lock");
         let meta = snap.get_metadata();
         let keys = self
             .log
@@ -559,6 +572,12 @@ impl raft::Storage for SledStorage {
         for item in self.log.range(key(low)..key(high)) {
             let (_, v) = item.map_err(store_err)?;
             let e: Entry = decode(&v, "entry");
+            // A snapshot written beside the raft thread compacted the log
+            // between the check above and this read: what is left of the
+            // range no longer starts at `low`.
+            if e.index != low + out.len() as u64 {
+                return Err(raft::Error::Store(StorageError::Compacted));
+            }
             size += v.len() as u64;
             if !out.is_empty() && max_size.is_some_and(|m| size > m) {
                 break;
@@ -566,6 +585,9 @@ impl raft::Storage for SledStorage {
             out.push(e);
         }
         if out.is_empty() && high > low {
+            if low < self.first_index_inner() {
+                return Err(raft::Error::Store(StorageError::Compacted));
+            }
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         Ok(out)
@@ -581,7 +603,17 @@ impl raft::Storage for SledStorage {
         }
         match self.log.get(key(idx)).map_err(store_err)? {
             Some(b) => Ok(decode::<Entry>(&b, "entry").term),
-            None => Err(raft::Error::Store(StorageError::Unavailable)),
+            None => {
+                // Compacted by a snapshot written meanwhile?
+                let snap = self.snap_meta.read().expect("lock").clone();
+                if idx == snap.index {
+                    Ok(snap.term)
+                } else if idx < snap.index {
+                    Err(raft::Error::Store(StorageError::Compacted))
+                } else {
+                    Err(raft::Error::Store(StorageError::Unavailable))
+                }
+            }
         }
     }
 
@@ -893,6 +925,37 @@ mod layout_tests {
             "200 hard-state writes wrote {} bytes beside a 4 MiB snapshot",
             after - before
         );
+    }
+
+    /// A snapshot written beside the raft thread may compact the log
+    /// between a reader's first-index check and its read: the reader gets
+    /// Compacted (raft then sends a snapshot), never entries that start
+    /// later than it asked.
+    #[test]
+    fn entries_read_while_the_log_is_compacted_are_compacted_not_shifted() {
+        use raft::Storage;
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStorage::open(dir.path()).unwrap();
+        let entries: Vec<Entry> = (1..=10)
+            .map(|i| Entry {
+                index: i,
+                term: 1,
+                ..Default::default()
+            })
+            .collect();
+        s.append(&entries).unwrap();
+        // Mid-compaction: the first index still says 1, entries 1-5 gone.
+        for i in 1..=5u64 {
+            s.log.remove(key(i)).unwrap();
+        }
+        assert!(matches!(
+            s.entries(3, 8, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        let got = s
+            .entries(6, 9, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(got.iter().map(|e| e.index).collect::<Vec<_>>(), [6, 7, 8]);
     }
 
     fn blob_bytes(dir: &Path) -> u64 {
