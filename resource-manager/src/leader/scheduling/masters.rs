@@ -20,15 +20,33 @@ impl Scheduling {
         }
         let mut commands = Vec::new();
         let pass = std::time::Instant::now();
-        {
+        let now = std::time::Instant::now();
+        // In chunks, each under the state's lock on its own: the raft
+        // thread applies in between instead of waiting out a pass over
+        // every job of a long backlog.
+        let mut after: Option<String> = None;
+        loop {
             let state = self.raft.state();
             let mut t = self.table.lock().expect("table lock");
-            let now = std::time::Instant::now();
-            for app in state
-                .apps
-                .values()
-                .filter(|a| !a.state.is_terminal() && !a.unmanaged)
-            {
+            let range = match &after {
+                None => state.apps.range::<str, _>(..),
+                Some(k) => state.apps.range::<str, _>((
+                    std::ops::Bound::Excluded(k.as_str()),
+                    std::ops::Bound::Unbounded,
+                )),
+            };
+            let mut chunk = range.take(MASTER_PASS_CHUNK).peekable();
+            let Some((first, _)) = chunk.peek() else {
+                break;
+            };
+            let mut last = (*first).clone();
+            let mut seen = 0;
+            for (id, app) in chunk {
+                seen += 1;
+                last = id.clone();
+                if app.state.is_terminal() || app.unmanaged {
+                    continue;
+                }
                 if app.state == AppState::Submitted {
                     // Accepted, and its master asked for, in one pass.
                     commands.push(Command::ApplicationAccepted {
@@ -110,7 +128,9 @@ impl Scheduling {
                     },
                 };
                 t.masters.insert(
-                    app.id.clone(),
+                    &app.id,
+                    &app.queue,
+                    app.submitted_at_ms,
                     pb::ResourceAsk {
                         ask_id: MASTER_ASK.into(),
                         count: 1,
@@ -119,6 +139,10 @@ impl Scheduling {
                     },
                 );
             }
+            if seen < MASTER_PASS_CHUNK {
+                break;
+            }
+            after = Some(last.to_string());
         }
         let pass = pass.elapsed();
         self.propose_all(commands).await;

@@ -173,20 +173,33 @@ impl Scheduling {
             }
             true
         });
-        table.masters.retain(|app_id, ra| {
-            let Some(app) = live(app_id) else {
-                return false;
-            };
-            let Some(q) = queues.index(&app.queue) else {
-                return true;
-            };
-            let mut a = to_ask(ra, asks.len() as u64, q, &app.user);
-            a.seq = app.submitted_at_ms;
-            asks.push(a);
-            keys.push((app_id.clone(), MASTER_ASK.to_string()));
-            gangs.push(None);
-            true
-        });
+        // Each queue's oldest waiting jobs' masters; a job found ended on
+        // the way leaves the table.
+        let mut ended = Vec::new();
+        for waiting in table.masters.queues() {
+            let mut taken = 0;
+            for (app_id, ra) in waiting {
+                if taken == MASTERS_PER_ROUND {
+                    break;
+                }
+                let Some(app) = live(app_id) else {
+                    ended.push(app_id.clone());
+                    continue;
+                };
+                let Some(q) = queues.index(&app.queue) else {
+                    break;
+                };
+                let mut a = to_ask(ra, asks.len() as u64, q, &app.user);
+                a.seq = app.submitted_at_ms;
+                asks.push(a);
+                keys.push((app_id.clone(), MASTER_ASK.to_string()));
+                gangs.push(None);
+                taken += 1;
+            }
+        }
+        for app in ended {
+            table.masters.remove(&app);
+        }
         drop(t);
         if asks.is_empty() {
             return None;
