@@ -110,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
                 }),
                 // The RM signed it for this container on this node.
                 token: a.container_token.clone(),
+                files: Default::default(),
             };
             nodes.get(&a.node_address)?.start_container(req).await?;
             println!(

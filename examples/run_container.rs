@@ -116,6 +116,7 @@ async fn run() -> anyhow::Result<()> {
             ..Default::default()
         }),
         token: vec![],
+        files: Default::default(),
     };
     let r = req.resources.clone().unwrap_or_default();
     let now = weft_proto::token::now_ms();

@@ -24,8 +24,9 @@ struct Args {
     /// The job spec (YAML or TOML by extension).
     #[arg(long, required_unless_present = "spec_env")]
     spec: Option<PathBuf>,
-    /// Read the job spec from WEFT_JOB_SPEC (format in WEFT_JOB_SPEC_FORMAT),
-    /// as the RM hands it to the masters it starts.
+    /// Read the job spec from the file WEFT_JOB_SPEC_FILE names (relative to
+    /// the working directory), or else from WEFT_JOB_SPEC (format in
+    /// WEFT_JOB_SPEC_FORMAT), as the RM hands it to the masters it starts.
     #[arg(long)]
     spec_env: bool,
     /// This attempt's application token (hex), as the RM issued it.
@@ -44,10 +45,20 @@ fn main() -> ExitCode {
     let args = Args::parse();
     telemetry::init(args.log_format);
     let (text, format) = if args.spec_env {
-        (
-            std::env::var("WEFT_JOB_SPEC").unwrap_or_default(),
-            std::env::var("WEFT_JOB_SPEC_FORMAT").unwrap_or_else(|_| "yaml".into()),
-        )
+        let format = std::env::var("WEFT_JOB_SPEC_FORMAT").unwrap_or_else(|_| "yaml".into());
+        match std::env::var_os("WEFT_JOB_SPEC_FILE") {
+            Some(path) => match std::fs::read_to_string(&path) {
+                Ok(t) => (t, format),
+                Err(e) => {
+                    eprintln!(
+                        "app-master: reading WEFT_JOB_SPEC_FILE {}: {e}",
+                        std::path::Path::new(&path).display()
+                    );
+                    return ExitCode::from(2);
+                }
+            },
+            None => (std::env::var("WEFT_JOB_SPEC").unwrap_or_default(), format),
+        }
     } else {
         let path = args
             .spec

@@ -424,6 +424,7 @@ impl Runner {
                         gpu_share_milli: a.gpu_share_milli,
                     }),
                     token: a.container_token.clone(),
+                    files: Default::default(),
                 };
                 starts.push((i, a, req));
             }

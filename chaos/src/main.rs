@@ -12,13 +12,15 @@
 //! one after another: kill -9 and restart of the leader, SIGSTOP/SIGCONT of
 //! the leader and of a follower, kill -9 and restart of an agent, the leader
 //! cut off from the other members (iptables), an agent cut off from
-//! everything for longer than `node_expiry`, and (long profile) a 3-minute
-//! outage of the whole group.
+//! everything for longer than `node_expiry`, the leader's wall clock
+//! stepped an hour back or ahead (through libfaketime), and (long profile)
+//! a 3-minute outage of the whole group.
 //!
 //! After the faults it checks: every acknowledged submission exists exactly
 //! once and unacknowledged ones at most once; no node was ever seen with
 //! more in use than it has (sampled through the run); every job reached a
-//! final state, with a reason when it did not succeed; no task ran twice at
+//! final state, with a reason when it did not succeed, and none FAILED (the
+//! load's jobs succeed on their own); no task ran twice at
 //! once (from the tasks' own start/end lines); and once the daemons are
 //! stopped, no container process or cgroup is left. It prints a table, and
 //! exits non-zero if any check failed.
@@ -149,6 +151,8 @@ struct Daemon {
     program: PathBuf,
     args: Vec<String>,
     log: PathBuf,
+    /// Extra environment (the members' clock seam).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     stopped: bool,
 }
@@ -162,6 +166,7 @@ impl Daemon {
         let child = Command::new(&self.program)
             .args(&self.args)
             .env("RUST_LOG", "info,raft=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -245,6 +250,8 @@ struct Hosts {
     /// Each agent's cgroup parent (its containers' scope marker too).
     parents: Vec<String>,
     addrs: Vec<String>,
+    /// The work directory (logs, data dirs, clock files).
+    work: PathBuf,
 }
 
 impl Hosts {
@@ -269,6 +276,43 @@ fn beside_me(name: &str) -> Result<PathBuf> {
         );
     }
     Ok(p)
+}
+
+/// Where Debian's `libfaketime` puts the library the members' wall clocks
+/// are moved through.
+const LIBFAKETIME: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/faketime/libfaketime.so.1",
+];
+
+fn libfaketime() -> Option<&'static str> {
+    LIBFAKETIME.iter().copied().find(|p| Path::new(p).exists())
+}
+
+/// The file that sets member `i`'s wall-clock offset (libfaketime's
+/// format: "+0", "-1h", "+1h").
+fn clock_file(work: &Path, i: usize) -> PathBuf {
+    work.join(format!("rm{}.clock", i + 1))
+}
+
+/// Member `i`'s wall clock, as the other programs on the machine see it,
+/// moved by what its clock file says (re-read at most once a second): a
+/// clock stepped while the member runs, as NTP or an operator steps one.
+/// The monotonic clock is left alone (it does not step). Without
+/// libfaketime, no environment: the clock steps are skipped.
+fn clock_seam(work: &Path, i: usize) -> Result<Vec<(String, String)>> {
+    let Some(lib) = libfaketime() else {
+        return Ok(Vec::new());
+    };
+    let file = clock_file(work, i);
+    std::fs::write(&file, "+0\n")?;
+    Ok(vec![
+        ("LD_PRELOAD".into(), lib.into()),
+        ("FAKETIME_TIMESTAMP_FILE".into(), file.display().to_string()),
+        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ])
 }
 
 fn set_up(work: &Path) -> Result<Hosts> {
@@ -315,6 +359,7 @@ fn set_up(work: &Path) -> Result<Hosts> {
                 peers.clone(),
             ],
             log: work.join(format!("rm{}.log", i + 1)),
+            env: clock_seam(work, i)?,
             child: None,
             stopped: false,
         });
@@ -346,6 +391,7 @@ fn set_up(work: &Path) -> Result<Hosts> {
                 addrs.join(","),
             ],
             log: work.join(format!("agent{}.log", i + 1)),
+            env: Vec::new(),
             child: None,
             stopped: false,
         });
@@ -356,6 +402,7 @@ fn set_up(work: &Path) -> Result<Hosts> {
         agents,
         parents,
         addrs,
+        work: work.to_path_buf(),
     })
 }
 
@@ -587,13 +634,53 @@ async fn leader(client: &RmClient, hosts: &Hosts, within: Duration) -> Result<us
 async fn next_write(client: &RmClient, t0: Instant, k: u64, tasks_log: &Path) -> Result<Duration> {
     client
         .submit(
-            &job_spec(k * 10, tasks_log).replace("chaos-", "probe-"),
+            &job_spec(k * 10, tasks_log).replace("name: chaos-", "name: probe-"),
             "yaml",
             "chaos",
         )
         .await
         .context("the write after a fault")?;
     Ok(t0.elapsed())
+}
+
+/// Time from `t0` until a job submitted from then on has a task running:
+/// the leader placed its master, an agent accepted the master's container
+/// token and started it, the master was given a container for the task
+/// and an agent accepted that token too (the task's own start line says
+/// so); within 30 s.
+async fn task_started(
+    client: &RmClient,
+    t0: Instant,
+    k: u64,
+    tasks_log: &Path,
+) -> Result<Duration> {
+    let id = client
+        .submit(
+            &job_spec(k * 10, tasks_log).replace("name: chaos-", "name: probe-"),
+            "yaml",
+            "chaos",
+        )
+        .await
+        .context("the submission after a fault")?;
+    let deadline = t0 + Duration::from_secs(30);
+    let started = format!("{id} ");
+    loop {
+        let log = std::fs::read_to_string(tasks_log).unwrap_or_default();
+        if log.lines().any(|l| l.starts_with(&started)) {
+            return Ok(t0.elapsed());
+        }
+        let report = client.get_application(&id).await?;
+        if matches!(
+            report.state(),
+            pb::ApplicationState::Failed | pb::ApplicationState::Killed
+        ) {
+            bail!("{id} ended {:?}: {}", report.state(), report.diagnostics)
+        }
+        if Instant::now() > deadline {
+            bail!("no task of {id} started within 30 s ({:?})", report.state());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -607,6 +694,8 @@ enum Fault {
     OneWayLoss,
     Flapping,
     Split,
+    ClockBack,
+    ClockAhead,
     Outage,
 }
 
@@ -622,6 +711,8 @@ impl Fault {
             Fault::OneWayLoss => "leader's packets to the members dropped (one way) 5 s",
             Fault::Flapping => "leader's links to the members flapping (0.5 s) for 10 s",
             Fault::Split => "split: leader and one agent | the rest, 15 s",
+            Fault::ClockBack => "leader's wall clock stepped 1 h back for 10 s",
+            Fault::ClockAhead => "leader's wall clock stepped 1 h ahead for 10 s",
             Fault::Outage => "whole RM group down 3 min",
         }
     }
@@ -639,6 +730,8 @@ fn profile(long: bool, rng: &mut fastrand::Rng) -> Vec<Fault> {
             (Fault::OneWayLoss, 5),
             (Fault::Flapping, 5),
             (Fault::Split, 5),
+            (Fault::ClockBack, 3),
+            (Fault::ClockAhead, 3),
             (Fault::Outage, 1),
         ]
     } else {
@@ -652,6 +745,8 @@ fn profile(long: bool, rng: &mut fastrand::Rng) -> Vec<Fault> {
             (Fault::OneWayLoss, 1),
             (Fault::Flapping, 1),
             (Fault::Split, 1),
+            (Fault::ClockBack, 1),
+            (Fault::ClockAhead, 1),
         ]
     };
     let mut faults: Vec<Fault> = counts
@@ -797,6 +892,20 @@ async fn inject(
                     cut(x, Some(y), "-D")?;
                 }
             }
+            Some(took?)
+        }
+        Fault::ClockBack | Fault::ClockAhead => {
+            let step = if f == Fault::ClockBack { "-1h" } else { "+1h" };
+            let file = clock_file(&hosts.work, l);
+            std::fs::write(&file, format!("{step}\n"))?;
+            // libfaketime reads the file again within a second.
+            tokio::time::sleep(Duration::from_millis(1_100)).await;
+            let t0 = Instant::now();
+            let took = task_started(client, t0, k, tasks_log).await;
+            let wait = Duration::from_secs(10).saturating_sub(t0.elapsed());
+            tokio::time::sleep(wait).await;
+            std::fs::write(&file, "+0\n")?;
+            tokio::time::sleep(Duration::from_millis(1_100)).await;
             Some(took?)
         }
         Fault::Outage => {
@@ -955,10 +1064,22 @@ async fn run(opts: Opts) -> Result<bool> {
         None if !opts.only.is_empty() => opts.only.repeat(opts.repeat),
         None => profile(opts.long, &mut rng),
     };
+    let faults: Vec<Fault> = if libfaketime().is_some() {
+        faults
+    } else {
+        eprintln!(
+            "skipped: the leader clock steps (libfaketime is not installed; .ci/run installs it)"
+        );
+        faults
+            .into_iter()
+            .filter(|f| !matches!(f, Fault::ClockBack | Fault::ClockAhead))
+            .collect()
+    };
     let mut by_kind: BTreeMap<Fault, usize> = BTreeMap::new();
     let mut failover: Vec<Duration> = Vec::new();
     let mut freeze: Vec<Duration> = Vec::new();
     let mut isolated: Vec<Duration> = Vec::new();
+    let mut clock: Vec<Duration> = Vec::new();
     let mut ok = true;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut died: Vec<String> = Vec::new();
@@ -976,7 +1097,12 @@ async fn run(opts: Opts) -> Result<bool> {
             Ok(took) => {
                 if let Some(d) = took {
                     eprintln!(
-                        "  next acknowledged write {d:?} after the fault ({})",
+                        "  {} {d:?} after the fault ({})",
+                        if matches!(f, Fault::ClockBack | Fault::ClockAhead) {
+                            "a new job's first task started"
+                        } else {
+                            "next acknowledged write"
+                        },
                         wall()
                     );
                 }
@@ -987,6 +1113,7 @@ async fn run(opts: Opts) -> Result<bool> {
                     (Fault::LeaderIsolated | Fault::OneWayLoss | Fault::Split, Some(d)) => {
                         isolated.push(d)
                     }
+                    (Fault::ClockBack | Fault::ClockAhead, Some(d)) => clock.push(d),
                     _ => {}
                 }
             }
@@ -1227,6 +1354,11 @@ async fn run(opts: Opts) -> Result<bool> {
     );
     println!("| jobs by final state | {states:?} | |");
     println!(
+        "| jobs FAILED (the load's jobs succeed on their own: a failed one lost its work to a fault) | {} | {} |",
+        failed.len(),
+        pass(failed.is_empty())
+    );
+    println!(
         "| jobs not finished | {} | {} |",
         unfinished.len(),
         pass(unfinished.is_empty())
@@ -1262,6 +1394,10 @@ async fn run(opts: Opts) -> Result<bool> {
         "| leader cut off, one-way loss or split -> next acknowledged write | {} | |",
         stats(&mut isolated)
     );
+    println!(
+        "| leader's clock stepped 1 h -> a new job's first task running | {} | |",
+        stats(&mut clock)
+    );
     for (what, v) in [
         ("lost", &lost),
         ("duplicated", &duplicated),
@@ -1288,12 +1424,12 @@ async fn run(opts: Opts) -> Result<bool> {
         && died.is_empty()
         && ledger.overcommit.is_empty()
         && unfinished.is_empty()
+        && failed.is_empty()
         && no_reason.is_empty()
         && overlapping.is_empty()
         && left.is_empty();
-    // A failed job (allowed: it says why) shows its master's log; a
-    // failover over the bound, or a failed job, keeps the logs even when
-    // every check passed.
+    // A failed job shows its master's log; a failover over the bound keeps
+    // the logs even when every check passed.
     for a in apps
         .iter()
         .filter(|a| a.state() == pb::ApplicationState::Failed)

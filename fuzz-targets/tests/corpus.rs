@@ -262,6 +262,7 @@ fn write_seeds() {
             ..Default::default()
         }),
         token: vec![1, 2, 3],
+        files: [("weft-job-spec".to_string(), b"name: x\n".to_vec())].into(),
     };
     write(
         "requests",

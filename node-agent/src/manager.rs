@@ -429,6 +429,7 @@ impl Manager {
                     command: String::new(),
                     args: vec![],
                     env: Default::default(),
+                    files: Default::default(),
                     resources: Default::default(),
                 },
                 phase: Phase::Done(Exit::new(ExitReason::Lost, vec![])),
@@ -480,7 +481,9 @@ impl Manager {
             .as_ref()
             .map(|r| r.ports.clone())
             .unwrap_or_default();
-        let spec = validate::start_request(req, self.sh.gpus.len())?;
+        let mut spec = validate::start_request(req, self.sh.gpus.len())?;
+        // Written once at launch, not kept with the record.
+        let files = std::mem::take(&mut spec.files);
         if let Some(why) = self.sh.lease.fenced() {
             return Err(Error::NotReady(format!(
                 "the node is fenced: {}",
@@ -500,7 +503,7 @@ impl Manager {
                 .remove(&spec.id);
             return Err(e);
         }
-        match self.launch(&spec, &c, stop_rx).await {
+        match self.launch(&spec, files, &c, stop_rx).await {
             Ok(()) => Ok(c.record().to_proto()),
             Err(e) => {
                 self.sh
@@ -623,6 +626,7 @@ impl Manager {
     async fn launch(
         &self,
         spec: &ContainerSpec,
+        files: std::collections::BTreeMap<String, Vec<u8>>,
         c: &Arc<Container>,
         stop_rx: mpsc::UnboundedReceiver<StopRequest>,
     ) -> Result<()> {
@@ -658,6 +662,20 @@ impl Manager {
             for name in ["stdout", "stderr"] {
                 let p = log_dir.join(name);
                 std::fs::File::create(&p).map_err(|e| Error::io("creating log", p, e))?;
+            }
+            // The request's files (plain names, checked): readable by the
+            // container's user only.
+            for (name, content) in &files {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let p = work_dir.join(name);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&p)
+                    .and_then(|mut f| f.write_all(content))
+                    .map_err(|e| Error::io("writing file", &p, e))?;
             }
             sh.driver.create(&id, &limits)
         })

@@ -18,6 +18,8 @@ pub struct ContainerSpec {
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub resources: ResourceRequest,
+    /// Written into the working directory before the command starts.
+    pub files: BTreeMap<String, Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

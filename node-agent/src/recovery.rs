@@ -63,6 +63,7 @@ impl Persisted {
             command: self.command.clone(),
             args: Vec::new(),
             env: Default::default(),
+            files: Default::default(),
             resources: self.resources.clone(),
         }
     }

@@ -3,6 +3,7 @@
 //! resources), before the token expires, and only once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use tracing::{info, warn};
@@ -20,7 +21,13 @@ pub struct Tokens {
     /// Container id -> expiry of tokens already used (a token starts its
     /// container once).
     used: Mutex<HashMap<String, u64>>,
+    /// The leader's token clock minus this host's wall clock, in ms, as
+    /// last measured (0 until an RM answered with its clock).
+    offset_ms: AtomicI64,
 }
+
+/// A change of the measured offset worth a log line.
+const OFFSET_LOGGED_MS: i64 = 1_000;
 
 impl Tokens {
     pub fn new(node_id: String, configured: Option<TokenVerifier>) -> Self {
@@ -29,7 +36,31 @@ impl Tokens {
             pinned: configured.is_some(),
             key: RwLock::new(configured),
             used: Mutex::new(HashMap::new()),
+            offset_ms: AtomicI64::new(0),
         }
+    }
+
+    /// The leader's token clock as an RM answer gave it (`leader_clock_ms`,
+    /// 0 from an RM that does not send it). Token expiry is checked against
+    /// the leader's clock as measured here, so clocks that differ between
+    /// hosts, or a host clock stepped while it runs, refuse no valid token.
+    pub fn observe_leader_clock(&self, leader_clock_ms: u64) {
+        if leader_clock_ms == 0 {
+            return;
+        }
+        let offset = leader_clock_ms as i64 - now_ms() as i64;
+        let before = self.offset_ms.swap(offset, Ordering::Relaxed);
+        if (offset - before).abs() >= OFFSET_LOGGED_MS {
+            info!(
+                offset_ms = offset,
+                "the resource manager's clock differs from this host's; container tokens are checked against the resource manager's"
+            );
+        }
+    }
+
+    /// Now by the leader's token clock, as last measured.
+    fn leader_now_ms(&self) -> u64 {
+        (now_ms() as i64 + self.offset_ms.load(Ordering::Relaxed)).max(0) as u64
     }
 
     pub fn node_id(&self) -> &str {
@@ -81,7 +112,7 @@ impl Tokens {
                 "this agent has no resource-manager key yet (set security.token_public_key, or wait until it has registered)".into(),
             ));
         };
-        let now = now_ms();
+        let now = self.leader_now_ms();
         let body = match key.verify_container(token, now) {
             Ok(b) => b,
             Err(e @ TokenError::Missing) => {
@@ -155,7 +186,7 @@ impl Tokens {
     /// Marks the token of container `id` used; refuses one used before (a
     /// replay after the agent forgot the container it started).
     pub fn spend(&self, id: &str, expires_at_ms: u64) -> Result<()> {
-        let now = now_ms();
+        let now = self.leader_now_ms();
         let mut used = self.used.lock().expect("used tokens lock");
         used.retain(|_, exp| *exp > now);
         if used.contains_key(id) {
@@ -186,6 +217,7 @@ mod tests {
             command: "true".into(),
             args: vec![],
             env: Default::default(),
+            files: Default::default(),
             resources: ResourceRequest {
                 vcores_milli: vcores,
                 memory_bytes: memory,
@@ -210,6 +242,37 @@ mod tests {
             Err(Error::PermissionDenied(m)) => m,
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn expiry_is_checked_against_the_leaders_clock_as_measured() {
+        let rm = TokenSigner::generate();
+        let t = Tokens::new("n1".into(), Some(rm.verifier()));
+        let hour = 3_600_000;
+        // A leader whose clock is an hour behind this host's signs a token
+        // good for ten minutes by its clock.
+        let leader_now = now_ms() - hour;
+        let tok = token(&rm, "c1", "n1", 64 << 20, leader_now + 600_000);
+        let s = spec("c1", 64 << 20, 500);
+        // By this host's clock it expired fifty minutes ago.
+        assert!(denied(t.check(&tok, &s, &[])).contains("expired"));
+        // Once an answer of that leader says what its clock reads, the
+        // token is good.
+        t.observe_leader_clock(leader_now);
+        t.check(&tok, &s, &[]).unwrap();
+        // Spent tokens are kept by the leader's clock too: still refused a
+        // second time.
+        t.spend("c1", leader_now + 600_000).unwrap();
+        assert!(t.spend("c1", leader_now + 600_000).is_err());
+        // An answer with no clock (an older RM) changes nothing.
+        t.observe_leader_clock(0);
+        t.check(&tok, &s, &[]).unwrap();
+        // A leader an hour ahead: its token is still checked by its clock,
+        // so one that expired by the leader's clock is refused although it
+        // is far from expiry by this host's.
+        t.observe_leader_clock(now_ms() + hour);
+        let stale = token(&rm, "c2", "n1", 64 << 20, now_ms() + hour - 1_000);
+        assert!(denied(t.check(&stale, &spec("c2", 64 << 20, 500), &[])).contains("expired"));
     }
 
     #[test]

@@ -89,6 +89,7 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
         mgr.lease().set_expiry(resp.node_expiry_ms);
         mgr.lease().renew(sent);
         mgr.tokens().learn(&resp.token_public_key);
+        mgr.tokens().observe_leader_clock(resp.leader_clock_ms);
         if resp.heartbeat_interval_ms > 0 {
             interval = Duration::from_millis(resp.heartbeat_interval_ms);
         }
@@ -140,6 +141,7 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
                         mgr.lease().renew(sent);
                     }
                     mgr.tokens().learn(&r.token_public_key);
+                    mgr.tokens().observe_leader_clock(r.leader_clock_ms);
                     acknowledged.extend(r.containers_acknowledged.iter().cloned());
                     for id in &r.containers_to_stop {
                         info!(container_id = %id, "resource manager asks to stop container");

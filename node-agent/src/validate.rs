@@ -12,6 +12,18 @@ use crate::model::{ContainerSpec, ResourceRequest};
 /// Longest container id (it names a cgroup and directories).
 pub const MAX_ID_LEN: usize = 128;
 
+/// Longest `NAME=value` string of one environment variable: Linux's
+/// MAX_ARG_STRLEN (32 pages) less the NUL; a longer one fails the exec.
+pub const MAX_ENV_VAR_BYTES: usize = 128 * 1024 - 1;
+
+/// Most bytes of environment and arguments together (Linux refuses an exec
+/// past a quarter of the stack limit, 2 MiB with the usual 8 MiB).
+pub const MAX_ENV_AND_ARGS_BYTES: usize = 1 << 20;
+
+/// Most files a request may have written, and their bytes in all.
+pub const MAX_FILES: usize = 16;
+pub const MAX_FILES_BYTES: usize = 4 << 20;
+
 /// Shape checks that need no node state.
 pub fn start_request(req: pb::StartContainerRequest, gpu_count: usize) -> Result<ContainerSpec> {
     let id = req.container_id;
@@ -44,7 +56,49 @@ pub fn start_request(req: pb::StartContainerRequest, gpu_count: usize) -> Result
                 format!("value of {k} contains a NUL byte"),
             ));
         }
+        let bytes = k.len() + 1 + v.len();
+        if bytes > MAX_ENV_VAR_BYTES {
+            return Err(Error::invalid(
+                "env",
+                format!(
+                    "{k} is {bytes} bytes with its name; a process environment holds at most {MAX_ENV_VAR_BYTES} per variable (hand larger data in files)"
+                ),
+            ));
+        }
         env.insert(k, v);
+    }
+    let total: usize = env
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 2)
+        .sum::<usize>()
+        + req.command.len()
+        + req.args.iter().map(|a| a.len() + 1).sum::<usize>();
+    if total > MAX_ENV_AND_ARGS_BYTES {
+        return Err(Error::invalid(
+            "env",
+            format!("the environment and arguments are {total} bytes in all; at most {MAX_ENV_AND_ARGS_BYTES} (hand larger data in files)"),
+        ));
+    }
+    if req.files.len() > MAX_FILES {
+        return Err(Error::invalid(
+            "files",
+            format!("{} files; at most {MAX_FILES}", req.files.len()),
+        ));
+    }
+    let file_bytes: usize = req.files.values().map(Vec::len).sum();
+    if file_bytes > MAX_FILES_BYTES {
+        return Err(Error::invalid(
+            "files",
+            format!("{file_bytes} bytes in all; at most {MAX_FILES_BYTES}"),
+        ));
+    }
+    if let Some(bad) = req.files.keys().find(|n| !file_name_ok(n)) {
+        return Err(Error::invalid(
+            "files",
+            format!(
+                "{bad:?} is not a plain file name (1-255 bytes, no '/' or NUL, not '.' or '..')"
+            ),
+        ));
     }
     let r = req
         .resources
@@ -100,6 +154,7 @@ pub fn start_request(req: pb::StartContainerRequest, gpu_count: usize) -> Result
         command: req.command,
         args: req.args,
         env,
+        files: req.files.into_iter().collect(),
         resources: ResourceRequest {
             vcores_milli: r.vcores_milli,
             memory_bytes: r.memory_bytes,
@@ -110,6 +165,10 @@ pub fn start_request(req: pb::StartContainerRequest, gpu_count: usize) -> Result
             max_runtime: (r.max_runtime_ms > 0).then(|| Duration::from_millis(r.max_runtime_ms)),
         },
     })
+}
+
+fn file_name_ok(n: &str) -> bool {
+    !n.is_empty() && n.len() <= 255 && n != "." && n != ".." && !n.contains(['/', '\0'])
 }
 
 /// Smallest memory limit accepted: below it a process cannot even start.
@@ -187,5 +246,48 @@ mod tests {
         let mut r = req();
         r.env.insert("A=B".into(), "x".into());
         assert!(err(r, 0).starts_with("env:"));
+    }
+
+    #[test]
+    fn what_an_exec_could_not_take_is_refused_by_name_and_files_take_the_rest() {
+        // One variable past Linux's per-string limit: the exec would fail.
+        let mut r = req();
+        r.env
+            .insert("SPEC".into(), "x".repeat(MAX_ENV_VAR_BYTES - 5));
+        assert!(start_request(r, 0).is_ok(), "SPEC=... is exactly the limit");
+        let mut r = req();
+        r.env
+            .insert("SPEC".into(), "x".repeat(MAX_ENV_VAR_BYTES - 4));
+        let e = err(r, 0);
+        assert!(
+            e.starts_with("env: SPEC is 131072 bytes with its name") && e.contains("files"),
+            "{e}"
+        );
+        // Many variables under the limit each, too many bytes in all.
+        let mut r = req();
+        for i in 0..9 {
+            r.env.insert(format!("V{i}"), "x".repeat(120_000));
+        }
+        assert!(err(r, 0).starts_with("env: the environment and arguments are"));
+        // The same bytes as files are fine, written under plain names only.
+        let mut r = req();
+        for i in 0..9 {
+            r.files.insert(format!("part-{i}"), vec![b'x'; 120_000]);
+        }
+        let spec = start_request(r, 0).unwrap();
+        assert_eq!(spec.files.len(), 9);
+        for bad in ["", ".", "..", "a/b", "../etc"] {
+            let mut r = req();
+            r.files.insert(bad.into(), b"x".to_vec());
+            assert!(err(r, 0).starts_with("files:"), "{bad:?}");
+        }
+        let mut r = req();
+        r.files.insert("big".into(), vec![0; MAX_FILES_BYTES + 1]);
+        assert!(err(r, 0).starts_with("files: 4194305 bytes in all; at most 4194304"));
+        let mut r = req();
+        for i in 0..=MAX_FILES {
+            r.files.insert(format!("f{i}"), vec![]);
+        }
+        assert_eq!(err(r, 0), "files: 17 files; at most 16");
     }
 }

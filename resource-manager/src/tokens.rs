@@ -5,7 +5,8 @@
 //! master attempt presents on every ApplicationMasterService call. Signing
 //! happens outside every lock (callers copy what they sign first).
 
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use weft_proto::token::TokenSigner;
 use weft_proto::v1 as pb;
@@ -13,12 +14,26 @@ use weft_proto::v1 as pb;
 use crate::fsm::Allocation;
 use crate::service::now_ms;
 
+/// The clock tokens are dated by: the wall clock read once, when this
+/// process first dated a token, moved on by the monotonic clock since. A
+/// step of the wall clock while the process runs (NTP, an operator's
+/// `date -s`) does not move it, so a leader whose clock jumps an hour back
+/// still signs tokens the agents accept; a clock that was already wrong when
+/// the process started is corrected for by the agents, which measure the
+/// leader's token clock in every registration and heartbeat answer
+/// (`leader_clock_ms`) and check expiry against it.
+pub fn token_clock_ms() -> u64 {
+    static ANCHOR: OnceLock<(Instant, u64)> = OnceLock::new();
+    let (at, wall) = ANCHOR.get_or_init(|| (Instant::now(), now_ms()));
+    wall + at.elapsed().as_millis() as u64
+}
+
 /// How long a container token lets an agent start its container.
 pub const CONTAINER_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 
 /// The container token an agent needs to start `a`.
 pub fn container_token(signer: &TokenSigner, a: &Allocation) -> Vec<u8> {
-    let now = now_ms();
+    let now = token_clock_ms();
     signer.sign_container(&pb::ContainerTokenBody {
         container_id: a.container_id.clone(),
         application_id: a.app_id.clone(),
@@ -42,6 +57,6 @@ pub fn application_token(signer: &TokenSigner, app: &str, attempt: u32) -> Vec<u
     signer.sign_application(&pb::ApplicationTokenBody {
         application_id: app.to_string(),
         attempt,
-        issued_at_ms: now_ms(),
+        issued_at_ms: token_clock_ms(),
     })
 }

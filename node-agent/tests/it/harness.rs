@@ -260,6 +260,7 @@ pub fn spec(id: &str, script: &str, memory: u64) -> pb::StartContainerRequest {
             ..Default::default()
         }),
         token: vec![],
+        files: Default::default(),
     }
 }
 

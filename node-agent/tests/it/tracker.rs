@@ -38,6 +38,7 @@ impl ResourceTracker for FakeRm {
             leader_address: String::new(),
             token_public_key: test_signer().public_key().to_vec(),
             node_expiry_ms: self.expiry_ms,
+            leader_clock_ms: weft_proto::token::now_ms(),
         }))
     }
 

@@ -250,6 +250,20 @@ pub struct App {
     pub stages: Vec<StageProgress>,
 }
 
+impl App {
+    /// The order in which the group took the job (its id's number: one per
+    /// submission, in log order). Jobs wait in this order, not by their
+    /// `submitted_at_ms`: that is the leader's wall clock, which can step
+    /// (an hour ahead would put every job submitted meanwhile behind the
+    /// next hour's) and differs between members.
+    pub fn seq(&self) -> u64 {
+        self.id
+            .strip_prefix("app-")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(u64::MAX)
+    }
+}
+
 /// Tasks done out of the total of one stage.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageProgress {

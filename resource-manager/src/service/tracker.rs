@@ -100,6 +100,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
             token_public_key: signer.public_key().to_vec(),
             heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
             node_expiry_ms: self.node_expiry.as_millis() as u64,
+            leader_clock_ms: crate::tokens::token_clock_ms(),
             leader_address: self
                 .raft
                 .address_of(self.raft.status().id)
@@ -258,6 +259,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
             reregister: !known,
             token_public_key: self.token_public_key(),
             node_expiry_ms: self.node_expiry.as_millis() as u64,
+            leader_clock_ms: crate::tokens::token_clock_ms(),
         }))
     }
 }

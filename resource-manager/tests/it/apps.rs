@@ -889,3 +889,108 @@ async fn a_master_is_not_placed_again_on_a_node_the_leader_cannot_reach() {
     );
     drop(agents);
 }
+
+/// The leader's wall clock steps an hour back while jobs wait (NTP, an
+/// operator's `date -s`): the job that waited first still starts first (the
+/// order is the group's, not the leader's clock), and its master and tasks
+/// start under container tokens the agent accepts (it checks their expiry
+/// against the leader's clock, as measured in every heartbeat answer).
+/// Before: the token of every container started meanwhile "expired 50
+/// minutes ago" and each job FAILED; and a job submitted after the step was
+/// ordered an hour ahead of every job already waiting.
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_start_in_submission_order_and_run_while_the_leaders_clock_steps_an_hour_back() {
+    let Some(lib) = crate::cluster::libfaketime() else {
+        eprintln!("skipped: needs libfaketime to step the leader's clock (.ci/run installs it)");
+        return;
+    };
+    // One member (the leader), one node with room for one master at a time
+    // (5 of its 8 vcores each; a task 0.5).
+    let mut cluster = Cluster::prepare(
+        1,
+        1000,
+        &format!(
+            "[masters]\nlaunch = true\ncommand = {:?}\nvcores = 5.0\n",
+            app_master().display().to_string()
+        ),
+    );
+    let clock = cluster.members[0].dir.with_extension("clock");
+    cluster.env = crate::cluster::stepped_clock_env(lib, &clock);
+    cluster.spawn(0);
+    let client = cluster.client();
+    let _agent = AgentProcess::start("node-a", &cluster.addrs());
+    let job = |name: &str, work: &str| {
+        format!("name: {name}\nmax_attempts: 1\nstages:\n  - name: s\n    instances: 1\n    command: '{work}'\n    resources: {{ vcores: 0.5, memory: 32MiB }}\n")
+    };
+    let first = client
+        .submit(&job("first", "sleep 3"), "yaml", "clock")
+        .await
+        .unwrap();
+    // Waits for the node, behind `first` once that has it.
+    let second = client
+        .submit(&job("second", "true"), "yaml", "clock")
+        .await
+        .unwrap();
+    let state = |r: &pb::ApplicationReport| r.state();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while state(&client.get_application(&first).await.unwrap()) != pb::ApplicationState::Running {
+        assert!(std::time::Instant::now() < deadline, "first never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The leader's clock steps an hour back (read again within a second).
+    std::fs::write(&clock, "-1h\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let third = client
+        .submit(&job("third", "true"), "yaml", "clock")
+        .await
+        .unwrap();
+    // `first` ends; `second` waited longer and starts before `third`.
+    let mut started = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while started.len() < 2 {
+        for id in [&second, &third] {
+            let r = client.get_application(id).await.unwrap();
+            if !started.contains(id)
+                && !matches!(
+                    r.state(),
+                    pb::ApplicationState::Submitted | pb::ApplicationState::Accepted
+                )
+            {
+                started.push(id.clone());
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "started: {started:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        started,
+        vec![second.clone(), third.clone()],
+        "the job that waited first starts first"
+    );
+    for id in [&first, &second, &third] {
+        let done = wait_state(&client, id, Duration::from_secs(60)).await;
+        assert_eq!(done.state(), pb::ApplicationState::Succeeded, "{done:?}");
+        assert_eq!(done.attempt, 1, "{done:?}");
+    }
+    std::fs::write(&clock, "+0\n").unwrap();
+}
+
+/// A job spec too large for a process environment (one variable holds at
+/// most 128 KiB; a spec may have 1 MiB) reaches its master as a file in the
+/// master's working directory: the job runs. Before, the master's exec
+/// failed (E2BIG) and every attempt with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_too_large_for_the_environment_reaches_its_master_as_a_file() {
+    let (cluster, agents) = launching_cluster(&["node-a"]).await;
+    let client = cluster.client();
+    let filler = "# ".to_string() + &"x".repeat(299_000) + "\n";
+    let spec = format!(
+        "name: big-spec\nmax_attempts: 1\n{filler}stages:\n  - name: s\n    instances: 2\n    command: 'true'\n    resources: {{ vcores: 0.5, memory: 32MiB }}\n"
+    );
+    assert!(spec.len() > 256 << 10);
+    let app = client.submit(&spec, "yaml", "mia").await.unwrap();
+    let done = wait_state(&client, &app, Duration::from_secs(60)).await;
+    assert_eq!(done.state(), pb::ApplicationState::Succeeded, "{done:?}");
+    assert_eq!(done.attempt, 1, "{done:?}");
+    drop(agents);
+}

@@ -21,15 +21,24 @@ pub struct Cluster {
     snapshot_every: u64,
     /// Extra TOML appended to every member's config.
     extra: String,
+    /// Extra environment of every member process.
+    pub env: Vec<(String, String)>,
     _tmp: tempfile::TempDir,
 }
 
+/// `n` distinct ports free now: each held until all are chosen (a port
+/// given back at once may be handed out again by the next bind).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports(1)[0]
 }
 
 impl Cluster {
@@ -51,11 +60,12 @@ impl Cluster {
     /// changes members (their data dirs) first, then spawns each.
     pub fn prepare(n: u64, snapshot_every: u64, extra: &str) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
+        let ports = free_ports(n as usize);
         let members = (1..=n)
             .map(|id| Member {
                 id,
                 join: false,
-                addr: format!("127.0.0.1:{}", free_port()),
+                addr: format!("127.0.0.1:{}", ports[id as usize - 1]),
                 dir: tmp.path().join(format!("rm{id}")),
                 log: tmp.path().join(format!("rm{id}.log")),
                 child: None,
@@ -70,6 +80,7 @@ impl Cluster {
             } else {
                 format!("{extra}\n[masters]\nlaunch = false\n")
             },
+            env: Vec::new(),
             _tmp: tmp,
         };
         c
@@ -85,6 +96,7 @@ impl Cluster {
 
     pub fn spawn(&mut self, i: usize) {
         let peers = self.peers_flag();
+        let env = self.env.clone();
         let m = &mut self.members[i];
         assert!(m.child.is_none(), "member {} already runs", m.id);
         std::fs::create_dir_all(&m.dir).unwrap();
@@ -119,6 +131,7 @@ impl Cluster {
             .args(["--id", &m.id.to_string(), "--listen", &m.addr])
             .args(["--data-dir", m.dir.to_str().unwrap(), "--peers", &peers])
             .env("RUST_LOG", "info,raft=warn")
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -365,6 +378,30 @@ impl Cluster {
             }
         }
     }
+}
+
+/// Debian's libfaketime (package `libfaketime`, which `.ci/run` installs),
+/// through which a test steps a member's wall clock while it runs.
+pub fn libfaketime() -> Option<&'static str> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+}
+
+/// The environment that makes a process's wall clock read `file`'s offset
+/// ("+0", "-1h"; re-read at most once a second), its monotonic clock left
+/// alone (clocks step; monotonic ones do not).
+pub fn stepped_clock_env(lib: &str, file: &std::path::Path) -> Vec<(String, String)> {
+    std::fs::write(file, "+0\n").unwrap();
+    vec![
+        ("LD_PRELOAD".into(), lib.into()),
+        ("FAKETIME_TIMESTAMP_FILE".into(), file.display().to_string()),
+        ("FAKETIME_CACHE_DURATION".into(), "1".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ]
 }
 
 impl Drop for Cluster {

@@ -4,6 +4,14 @@
 
 use super::*;
 
+/// The job spec's file in a master's working directory
+/// (`WEFT_JOB_SPEC_FILE`).
+pub const SPEC_FILE: &str = "weft-job-spec";
+
+/// A spec up to this size is in the master's environment too
+/// (`WEFT_JOB_SPEC`).
+pub const SPEC_IN_ENV_BYTES: usize = 64 << 10;
+
 impl Scheduling {
     /// Accepts submitted jobs, asks for a master container for every job
     /// whose master is not running, and fails jobs whose masters failed
@@ -130,7 +138,7 @@ impl Scheduling {
                 t.masters.insert(
                     &app.id,
                     &app.queue,
-                    app.submitted_at_ms,
+                    app.seq(),
                     pb::ResourceAsk {
                         ask_id: MASTER_ASK.into(),
                         count: 1,
@@ -335,8 +343,14 @@ impl Scheduling {
                 rm.join(","),
                 "--spec-env".into(),
             ],
+            // The spec as a file in the master's working directory, and
+            // in the environment too while it fits comfortably (one
+            // variable holds at most 128 KiB; a spec may have 1 MiB).
+            files: [(SPEC_FILE.to_string(), app.spec.clone().into_bytes())]
+                .into_iter()
+                .collect(),
             env: [
-                ("WEFT_JOB_SPEC".to_string(), app.spec.clone()),
+                ("WEFT_JOB_SPEC_FILE".to_string(), SPEC_FILE.to_string()),
                 ("WEFT_JOB_SPEC_FORMAT".to_string(), app.spec_format.clone()),
                 ("WEFT_APP_ID".to_string(), app_id.to_string()),
                 ("WEFT_ATTEMPT".to_string(), attempt.to_string()),
@@ -350,6 +364,10 @@ impl Scheduling {
                 ),
             ]
             .into_iter()
+            .chain(
+                (app.spec.len() <= SPEC_IN_ENV_BYTES)
+                    .then(|| ("WEFT_JOB_SPEC".to_string(), app.spec.clone())),
+            )
             .collect(),
             resources: Some(pb::ContainerResources {
                 vcores_milli: a.vcores_milli,

@@ -109,7 +109,7 @@ impl MasterAsks {
         self.by_app.contains_key(app)
     }
 
-    /// Asks for `app`'s next master (in `queue`, submitted at `seq`).
+    /// Asks for `app`'s next master (in `queue`; `seq`: its place in submission order).
     pub(crate) fn insert(&mut self, app: &str, queue: &str, seq: u64, ask: pb::ResourceAsk) {
         self.remove(app);
         let key = (seq, app.to_string());

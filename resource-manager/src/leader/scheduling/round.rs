@@ -164,7 +164,7 @@ impl Scheduling {
                     if !ra.gang_id.is_empty() {
                         a.gang = Some(gang_key(app_id, &ra.gang_id));
                     }
-                    a.seq = app.submitted_at_ms;
+                    a.seq = app.seq();
                     asks.push(a);
                     keys.push((app_id.clone(), ra.ask_id.clone()));
                     gangs
@@ -190,7 +190,7 @@ impl Scheduling {
                     break;
                 };
                 let mut a = to_ask(ra, asks.len() as u64, q, &app.user);
-                a.seq = app.submitted_at_ms;
+                a.seq = app.seq();
                 asks.push(a);
                 keys.push((app_id.clone(), MASTER_ASK.to_string()));
                 gangs.push(None);
