@@ -165,6 +165,11 @@ pub struct LogsConfig {
     /// How often retention is applied.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
+    /// Log reads (ReadLogs streams, following or not) served at once; one
+    /// more is refused with RESOURCE_EXHAUSTED until one ends. Each holds
+    /// an open file and a task, so without a bound a client could exhaust
+    /// the agent.
+    pub max_streams: usize,
 }
 
 impl Default for LogsConfig {
@@ -173,6 +178,7 @@ impl Default for LogsConfig {
             retention: Duration::from_secs(24 * 3600),
             disk_budget: ByteSize::gib(1),
             sweep_interval: Duration::from_secs(60),
+            max_streams: 256,
         }
     }
 }
@@ -280,6 +286,9 @@ impl AgentConfig {
         }
         if self.heartbeat.interval.is_zero() {
             return bad("heartbeat.interval", "must be greater than zero");
+        }
+        if self.logs.max_streams == 0 {
+            return bad("logs.max_streams", "must be at least 1");
         }
         if self.logs.sweep_interval.is_zero() {
             return bad("logs.sweep_interval", "must be greater than zero");

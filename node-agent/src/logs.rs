@@ -44,6 +44,7 @@ pub async fn read(
             format!("{id:?} is not a valid container id"),
         ));
     }
+    let permit = mgr.log_stream_permit()?;
     let path = mgr.logs_root().join(id).join(file_name(stream));
     let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -57,6 +58,8 @@ pub async fn read(
     let container = mgr.get(id);
     let (tx, rx) = mpsc::channel(8);
     tokio::spawn(async move {
+        // Held while the stream is served.
+        let _permit = permit;
         let mut pos = offset;
         if let Err(e) = file.seek(std::io::SeekFrom::Start(offset)).await {
             let _ = tx

@@ -71,6 +71,8 @@ struct Shared {
     /// for CPU behind all of them: a few at a time start the first ones
     /// first.
     launching: tokio::sync::Semaphore,
+    /// Log reads served at once (`logs.max_streams`).
+    log_streams: Arc<tokio::sync::Semaphore>,
     /// The node's lease: containers die when it runs out (see
     /// [`crate::fence`]).
     lease: crate::fence::Lease,
@@ -145,6 +147,7 @@ impl Manager {
         }
         let gpus = p.gpu.devices();
         let lease = crate::fence::Lease::open(state_dir.path().join("lease"));
+        let log_streams = p.logs.max_streams;
         Ok(Manager {
             sh: Arc::new(Shared {
                 cfg: p.containers,
@@ -166,6 +169,7 @@ impl Manager {
                 launching: tokio::sync::Semaphore::new(
                     std::thread::available_parallelism().map_or(2, |n| n.get()),
                 ),
+                log_streams: Arc::new(tokio::sync::Semaphore::new(log_streams)),
                 lease,
             }),
         })
@@ -200,6 +204,20 @@ impl Manager {
 
     pub fn logs_root(&self) -> &Path {
         &self.sh.logs_root
+    }
+
+    /// A place among the log reads served at once, or a refusal naming
+    /// the bound.
+    pub fn log_stream_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.sh.log_streams.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted {
+                field: "logs",
+                reason: format!(
+                    "{} log reads are being served on this node, its most (logs.max_streams); try again once one ends",
+                    self.sh.logs_cfg.max_streams
+                ),
+            }
+        })
     }
 
     pub fn logs_config(&self) -> &LogsConfig {

@@ -56,6 +56,11 @@ pub struct RaftStatus {
     pub applied: u64,
     pub snapshot_index: u64,
     pub members: Vec<u64>,
+    /// This member leads and has applied an entry of its own term (the
+    /// empty one a new leader appends): every entry committed before its
+    /// term is in its state. Until then a new leader's state may lack
+    /// grants an earlier leader had committed.
+    pub caught_up: bool,
 }
 
 /// State shared between the raft thread (writer) and the services (readers).
@@ -1001,6 +1006,8 @@ impl Member {
             applied: self.applied,
             snapshot_index: self.storage.snapshot_index(),
             members,
+            caught_up: r.state == StateRole::Leader
+                && r.raft_log.term(self.applied).is_ok_and(|t| t == r.term),
         };
     }
 }

@@ -144,3 +144,57 @@ async fn shutdown_with_a_log_follower_connected() {
         .unwrap();
     assert_eq!(out, "started\n");
 }
+
+/// Log reads served at once are bounded (`logs.max_streams`): with every
+/// place taken by followers of a running container, one more read is
+/// refused naming the bound (RESOURCE_EXHAUSTED), and served once a
+/// follower goes away. Before, every follower held a task and an open file
+/// for as long as it liked, without bound.
+#[tokio::test]
+async fn log_reads_at_once_are_bounded_and_a_freed_place_is_served() {
+    let mut agent = TestAgent::start("streams", |c| c.logs.max_streams = 3).await;
+    start(
+        &mut agent.client,
+        spec("chatty", "echo hi; exec sleep 30", 16 * MIB),
+    )
+    .await;
+    let req = |follow| pb::ReadLogsRequest {
+        container_id: "chatty".into(),
+        stream: pb::LogStream::Stdout as i32,
+        offset: 0,
+        follow,
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = agent
+            .client
+            .read_logs(req(true))
+            .await
+            .unwrap()
+            .into_inner();
+        // Served: the output so far arrives.
+        assert_eq!(s.message().await.unwrap().unwrap().data, b"hi\n");
+        held.push(s);
+    }
+    let e = agent.client.read_logs(req(false)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert!(e.message().starts_with("logs: 3 log reads"), "{e}");
+    assert!(e.message().contains("logs.max_streams"), "{e}");
+    // A follower goes away: its place is given back (the agent sees the
+    // stream closed within its poll).
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let got = loop {
+        match agent.client.read_logs(req(false)).await {
+            Ok(s) => break s.into_inner(),
+            Err(e) if e.code() == tonic::Code::ResourceExhausted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let mut got = got;
+    assert_eq!(got.message().await.unwrap().unwrap().data, b"hi\n");
+    drop(held);
+    agent.shutdown().await;
+}

@@ -148,6 +148,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         let mut acknowledged = Vec::new();
         // Containers the RM ended that the agent now reports stopped.
         let mut stopped = Vec::new();
+        let status = self.raft.status();
         let (launched, completed, to_stop) = if known {
             let st = self.raft.state();
             let mut launched = Vec::new();
@@ -158,7 +159,20 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                 let Some(mine) = st.containers.get(c.container_id.as_str()) else {
                     // Not in the state: an agent can only have started it
                     // after its grant was committed, so it was pruned (its
-                    // application finished long ago). Nothing may run for it.
+                    // application finished long ago) and nothing may run
+                    // for it; unless this state is not the newest: a leader
+                    // not yet caught up with what was committed before its
+                    // term, or a deposed one that does not know it yet (the
+                    // container was granted in a later term than its own).
+                    // Those leave it to a leader that knows.
+                    if !may_judge_unknown(&status, &c.container_id) {
+                        tracing::debug!(
+                            container_id = %c.container_id,
+                            term = status.term,
+                            "a container this state does not know yet; left to a caught-up leader"
+                        );
+                        continue;
+                    }
                     if running {
                         to_stop.push(c.container_id.clone());
                     } else {
@@ -262,6 +276,18 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
             leader_clock_ms: crate::tokens::token_clock_ms(),
         }))
     }
+}
+
+/// Whether a leader with `status` may take a container it does not know
+/// for one pruned long ago (and stop it): only once it has caught up, and
+/// only for a grant of its own term or an earlier one (ids are
+/// `c<term in hex>-<n>`).
+fn may_judge_unknown(status: &crate::raft_node::RaftStatus, container_id: &str) -> bool {
+    let granted_in = container_id
+        .strip_prefix('c')
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(t, _)| u64::from_str_radix(t, 16).ok());
+    status.caught_up && granted_in.is_none_or(|t| t <= status.term)
 }
 
 /// The agent reports the container as starting, running or stopping.
@@ -383,6 +409,27 @@ pub fn check_registration(r: &pb::RegisterNodeRequest) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_caught_up_leader_takes_an_unknown_container_of_its_term_or_before_for_pruned() {
+        let st = |caught_up, term| crate::raft_node::RaftStatus {
+            is_leader: true,
+            caught_up,
+            term,
+            ..Default::default()
+        };
+        // Term 0x1a: grants c1a-N and earlier are its own or before it.
+        assert!(may_judge_unknown(&st(true, 0x1a), "c1a-7"));
+        assert!(may_judge_unknown(&st(true, 0x1a), "c3-1"));
+        // Granted by a later leader: this one was deposed (the fault
+        // harness saw a leader cut off one way stop two masters the next
+        // leader had just started, each job FAILED).
+        assert!(!may_judge_unknown(&st(true, 0x1a), "c1b-1"));
+        // Elected, not yet applied what came before its term.
+        assert!(!may_judge_unknown(&st(false, 0x1a), "c3-1"));
+        // An id of no term (not one the leader makes): judged as before.
+        assert!(may_judge_unknown(&st(true, 4), "other"));
+    }
 
     #[test]
     fn registrations_no_node_could_send_are_refused_naming_the_field() {
