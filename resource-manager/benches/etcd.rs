@@ -78,11 +78,14 @@ fn etcd_installed() -> bool {
 
 fn start_etcd() -> Etcd {
     let dir = tempfile::tempdir().unwrap();
-    let clients: Vec<String> = (0..3)
-        .map(|_| format!("http://127.0.0.1:{}", support::free_port()))
+    let ports = support::free_ports(6);
+    let clients: Vec<String> = ports[..3]
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
         .collect();
-    let peers: Vec<String> = (0..3)
-        .map(|_| format!("http://127.0.0.1:{}", support::free_port()))
+    let peers: Vec<String> = ports[3..]
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
         .collect();
     let cluster = peers
         .iter()
