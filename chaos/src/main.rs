@@ -630,16 +630,19 @@ async fn leader(client: &RmClient, hosts: &Hosts, within: Duration) -> Result<us
     }
 }
 
+/// Submits the probe job of fault `k` (a job of the mix, named `probe-`);
+/// its id once acknowledged.
+async fn submit_probe(client: &RmClient, k: u64, tasks_log: &Path) -> Result<String> {
+    let spec = job_spec(k * 10, tasks_log).replace("name: chaos-", "name: probe-");
+    client
+        .submit(&spec, "yaml", "chaos")
+        .await
+        .context("the submission after a fault")
+}
+
 /// Time from `t0` until a write submitted from then on is acknowledged.
 async fn next_write(client: &RmClient, t0: Instant, k: u64, tasks_log: &Path) -> Result<Duration> {
-    client
-        .submit(
-            &job_spec(k * 10, tasks_log).replace("name: chaos-", "name: probe-"),
-            "yaml",
-            "chaos",
-        )
-        .await
-        .context("the write after a fault")?;
+    submit_probe(client, k, tasks_log).await?;
     Ok(t0.elapsed())
 }
 
@@ -654,14 +657,7 @@ async fn task_started(
     k: u64,
     tasks_log: &Path,
 ) -> Result<Duration> {
-    let id = client
-        .submit(
-            &job_spec(k * 10, tasks_log).replace("name: chaos-", "name: probe-"),
-            "yaml",
-            "chaos",
-        )
-        .await
-        .context("the submission after a fault")?;
+    let id = submit_probe(client, k, tasks_log).await?;
     let deadline = t0 + Duration::from_secs(30);
     let started = format!("{id} ");
     loop {

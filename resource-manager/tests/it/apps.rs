@@ -883,9 +883,12 @@ async fn a_master_is_not_placed_again_on_a_node_the_leader_cannot_reach() {
     let done = wait_state(&client, &app, Duration::from_secs(60)).await;
     assert_eq!(done.state(), pb::ApplicationState::Succeeded, "{done:?}");
     assert_eq!(done.am_node_id, "node-b", "{done:?}");
-    assert_eq!(
-        done.attempt, 2,
-        "one failed start on node-a, then node-b: {done:?}"
+    // One failed start on node-a, then node-b (or, on a loaded machine
+    // whose first round came after node-b joined, node-b at once); without
+    // the hold-out, node-a was offered attempt after attempt (5 here).
+    assert!(
+        done.attempt <= 2,
+        "at most one failed start on node-a, then node-b: {done:?}"
     );
     drop(agents);
 }
