@@ -13,8 +13,11 @@
 //! the leader and of a follower, kill -9 and restart of an agent, the leader
 //! cut off from the other members (iptables), an agent cut off from
 //! everything for longer than `node_expiry`, the leader's wall clock
-//! stepped an hour back or ahead (through libfaketime), and (long profile)
-//! a 3-minute outage of the whole group.
+//! stepped an hour back or ahead (through libfaketime), a member's data
+//! disk full (a small tmpfs; the member must exit saying why and catch up
+//! once there is room), a member's data dir corrupted (its start must be
+//! refused, naming the file), and (long profile) a 3-minute outage of the
+//! whole group.
 //!
 //! After the faults it checks: every acknowledged submission exists exactly
 //! once and unacknowledged ones at most once; no node was ever seen with
@@ -222,6 +225,31 @@ impl Daemon {
         self.stopped = false;
     }
 
+    /// Waits (up to `within`) for it to exit on its own; how it exited.
+    async fn exited(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.as_mut()?.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log).map_or(0, |m| m.len())
+    }
+
+    /// Its log from byte `from` on.
+    fn log_since(&self, from: u64) -> String {
+        let text = std::fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned()
+    }
+
     /// SIGTERM, then SIGKILL after `grace`.
     fn terminate(&mut self, grace: Duration) {
         if self.stopped {
@@ -252,6 +280,21 @@ struct Hosts {
     addrs: Vec<String>,
     /// The work directory (logs, data dirs, clock files).
     work: PathBuf,
+    /// The small disk of one member's data dir.
+    _disk: Mount,
+}
+
+/// A run that stops on an error still stops what it started: the agents
+/// first (each stops its containers on SIGTERM), then the members.
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for a in self.agents.iter_mut() {
+            a.terminate(Duration::from_secs(15));
+        }
+        for m in self.members.iter_mut() {
+            m.terminate(Duration::from_secs(10));
+        }
+    }
 }
 
 impl Hosts {
@@ -315,6 +358,111 @@ fn clock_seam(work: &Path, i: usize) -> Result<Vec<(String, String)>> {
     ])
 }
 
+/// The member whose data dir is on a small disk of its own (a tmpfs of
+/// `SMALL_DISK`), which the disk-full fault fills.
+const SMALL_DISK_MEMBER: usize = 2;
+const SMALL_DISK: &str = "1g";
+
+fn small_disk(work: &Path) -> PathBuf {
+    work.join(format!("disk{}", SMALL_DISK_MEMBER + 1))
+}
+
+/// Member `i`'s data dir.
+fn data_dir(work: &Path, i: usize) -> PathBuf {
+    let name = format!("rm{}", i + 1);
+    if i == SMALL_DISK_MEMBER {
+        small_disk(work).join(name)
+    } else {
+        work.join(name)
+    }
+}
+
+/// A tmpfs mounted for the run; unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(dir: &Path, size: &str) -> Result<Mount> {
+        std::fs::create_dir_all(dir)?;
+        let dir_s = dir.display().to_string();
+        sh(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size}"),
+            "tmpfs",
+            &dir_s,
+        ])?;
+        Ok(Mount(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes a file on the disk of `dir` until the disk is full; its path.
+fn fill(dir: &Path) -> Result<PathBuf> {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path)?;
+    let chunk = vec![7u8; 1 << 20];
+    loop {
+        match f.write_all(&chunk).and_then(|_| f.sync_all()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Ok(path),
+            Err(e) => return Err(e).context("filling the small disk"),
+        }
+    }
+}
+
+/// Replaces `dir` with the copy in `backup` (and removes the copy).
+fn restore(dir: &Path, backup: &Path) -> Result<()> {
+    std::fs::remove_dir_all(dir)?;
+    sh(&[
+        "cp",
+        "-a",
+        &backup.display().to_string(),
+        &dir.display().to_string(),
+    ])?;
+    std::fs::remove_dir_all(backup)?;
+    Ok(())
+}
+
+/// Waits until member `m` has applied what the leader had committed when
+/// it was asked.
+async fn caught_up(client: &RmClient, hosts: &Hosts, m: usize, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    let mut target = None;
+    loop {
+        // The members may still name a leader that just died: asked again
+        // until the one they name answers.
+        if target.is_none() {
+            if let Ok(l) = leader(client, hosts, Duration::from_secs(1)).await {
+                if let Ok(s) = client.member_status(&hosts.addrs[l]).await {
+                    target = Some(s.commit_index);
+                }
+            }
+        }
+        if let Some(t) = target {
+            if let Ok(s) = client.member_status(&hosts.addrs[m]).await {
+                if s.applied_index >= t {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "rm{} did not catch up (to index {target:?}) within {within:?}",
+                m + 1
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn set_up(work: &Path) -> Result<Hosts> {
     let rm = beside_me("resource-manager")?;
     let agent = beside_me("node-agent")?;
@@ -329,6 +477,7 @@ fn set_up(work: &Path) -> Result<Hosts> {
         .map(|(i, a)| format!("{}={a}", i + 1))
         .collect::<Vec<_>>()
         .join(",");
+    let disk = Mount::tmpfs(&small_disk(work), SMALL_DISK)?;
     let mut members = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         let config = work.join(format!("rm{}.toml", i + 1));
@@ -354,7 +503,7 @@ fn set_up(work: &Path) -> Result<Hosts> {
                 "--listen".into(),
                 addr.clone(),
                 "--data-dir".into(),
-                work.join(format!("rm{}", i + 1)).display().to_string(),
+                data_dir(work, i).display().to_string(),
                 "--peers".into(),
                 peers.clone(),
             ],
@@ -403,6 +552,7 @@ fn set_up(work: &Path) -> Result<Hosts> {
         parents,
         addrs,
         work: work.to_path_buf(),
+        _disk: disk,
     })
 }
 
@@ -692,6 +842,8 @@ enum Fault {
     Split,
     ClockBack,
     ClockAhead,
+    DiskFull,
+    CorruptDataDir,
     Outage,
 }
 
@@ -709,6 +861,10 @@ impl Fault {
             Fault::Split => "split: leader and one agent | the rest, 15 s",
             Fault::ClockBack => "leader's wall clock stepped 1 h back for 10 s",
             Fault::ClockAhead => "leader's wall clock stepped 1 h ahead for 10 s",
+            Fault::DiskFull => "a member's data disk full (rm3, a small tmpfs), then room again",
+            Fault::CorruptDataDir => {
+                "a member killed, its data dir corrupted, restarted, then restored"
+            }
             Fault::Outage => "whole RM group down 3 min",
         }
     }
@@ -728,6 +884,8 @@ fn profile(long: bool, rng: &mut fastrand::Rng) -> Vec<Fault> {
             (Fault::Split, 5),
             (Fault::ClockBack, 3),
             (Fault::ClockAhead, 3),
+            (Fault::DiskFull, 3),
+            (Fault::CorruptDataDir, 3),
             (Fault::Outage, 1),
         ]
     } else {
@@ -743,6 +901,8 @@ fn profile(long: bool, rng: &mut fastrand::Rng) -> Vec<Fault> {
             (Fault::Split, 1),
             (Fault::ClockBack, 1),
             (Fault::ClockAhead, 1),
+            (Fault::DiskFull, 1),
+            (Fault::CorruptDataDir, 1),
         ]
     };
     let mut faults: Vec<Fault> = counts
@@ -783,10 +943,10 @@ async fn inject(
         Fault::LeaderKill => {
             let t0 = Instant::now();
             hosts.members[l].kill9();
-            let took = next_write(client, t0, k, tasks_log).await?;
+            let took = next_write(client, t0, k, tasks_log).await;
             tokio::time::sleep(Duration::from_secs(1)).await;
             hosts.members[l].start()?;
-            Some(took)
+            Some(took?)
         }
         Fault::LeaderFreeze => {
             let t0 = Instant::now();
@@ -904,6 +1064,121 @@ async fn inject(
             tokio::time::sleep(Duration::from_millis(1_100)).await;
             Some(took?)
         }
+        Fault::DiskFull => {
+            // The member exits at its next write of the log (code 70, a
+            // line naming its data dir and the cause); once there is room
+            // it starts again and catches up.
+            let m = SMALL_DISK_MEMBER;
+            let from = hosts.members[m].log_len();
+            let filling = Instant::now();
+            let filler = fill(&small_disk(&hosts.work))?;
+            eprintln!("  disk filled in {:?}", filling.elapsed());
+            let t0 = Instant::now();
+            let status = hosts.members[m].exited(Duration::from_secs(30)).await;
+            let took = t0.elapsed();
+            std::fs::remove_file(&filler)?;
+            let Some(status) = status else {
+                bail!("rm{} still runs 30 s after its disk filled", m + 1);
+            };
+            let log = hosts.members[m].log_since(from);
+            let dir = data_dir(&hosts.work, m).display().to_string();
+            let fatal = log
+                .lines()
+                .find(|l| l.starts_with("resource-manager: fatal:"));
+            match fatal {
+                Some(f)
+                    if status.code() == Some(70)
+                        && f.contains(&dir)
+                        && f.contains("No space left on device") =>
+                {
+                    eprintln!("  rm{} exited ({status}): {f}", m + 1)
+                }
+                _ => {
+                    hosts.members[m].start()?;
+                    bail!(
+                        "rm{} on a full disk exited {status} without saying why: {}",
+                        m + 1,
+                        log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                    )
+                }
+            }
+            hosts.members[m].start()?;
+            caught_up(client, hosts, m, Duration::from_secs(30)).await?;
+            Some(took)
+        }
+        Fault::CorruptDataDir => {
+            // Any member, the leader too: killed, 4 KiB of its data file
+            // overwritten (the file's start half the time, else anywhere),
+            // started. It must refuse to start, naming the file; then its
+            // data dir as it was, and it catches up. Bytes sled no longer
+            // uses may be overwritten harmlessly: a member that starts is
+            // left running on that file, must catch up, and its whole log
+            // is checked against the others' at the end.
+            let m = rng.usize(0..MEMBERS);
+            hosts.members[m].kill9();
+            let dir = data_dir(&hosts.work, m);
+            let backup = hosts.work.join(format!("rm{}.backup", m + 1));
+            sh(&[
+                "cp",
+                "-a",
+                &dir.display().to_string(),
+                &backup.display().to_string(),
+            ])?;
+            let db = dir.join("db");
+            let mut bytes = std::fs::read(&db)?;
+            let blocks = bytes.len().div_ceil(4096).max(1);
+            let at = if rng.bool() {
+                0
+            } else {
+                rng.usize(0..blocks) * 4096
+            };
+            for b in bytes.iter_mut().skip(at).take(4096) {
+                *b ^= 0xff;
+            }
+            std::fs::write(&db, bytes)?;
+            let from = hosts.members[m].log_len();
+            let t0 = Instant::now();
+            hosts.members[m].start()?;
+            let status = hosts.members[m].exited(Duration::from_secs(10)).await;
+            let took = t0.elapsed();
+            let log = hosts.members[m].log_since(from);
+            let refusal = log.lines().find(|l| l.contains("refusing the data dir"));
+            let outcome = match (status, refusal) {
+                (Some(st), Some(r)) if !st.success() && r.contains(&db.display().to_string()) => {
+                    eprintln!(
+                        "  rm{} refused to start (bytes {at}.. of {} overwritten; {st}): {r}",
+                        m + 1,
+                        db.display()
+                    );
+                    restore(&dir, &backup)?;
+                    hosts.members[m].start()?;
+                    Corruption::Refused(took)
+                }
+                (None, _) => {
+                    eprintln!(
+                        "  rm{} started with bytes {at}.. of {} overwritten (space sled no longer used?): left running, its log checked at the end",
+                        m + 1,
+                        db.display()
+                    );
+                    std::fs::remove_dir_all(&backup)?;
+                    Corruption::Unused
+                }
+                (Some(st), _) => {
+                    restore(&dir, &backup)?;
+                    hosts.members[m].start()?;
+                    bail!(
+                        "rm{} on a corrupted data dir (bytes {at}.. overwritten) exited {st} without naming the file: {}",
+                        m + 1,
+                        log.lines().rev().take(5).collect::<Vec<_>>().join(" | ")
+                    )
+                }
+            };
+            caught_up(client, hosts, m, Duration::from_secs(30)).await?;
+            match outcome {
+                Corruption::Refused(took) => Some(took),
+                Corruption::Unused => None,
+            }
+        }
         Fault::Outage => {
             for m in hosts.members.iter_mut() {
                 m.kill9();
@@ -918,6 +1193,14 @@ async fn inject(
             None
         }
     })
+}
+
+/// What a member did on a corrupted data file.
+enum Corruption {
+    /// Refused to start, naming the file, after this long.
+    Refused(Duration),
+    /// Started: the bytes overwritten were ones sled no longer used.
+    Unused,
 }
 
 /// A task's runs, from the tasks' own lines: (pid, start ns, end ns).
@@ -1022,8 +1305,13 @@ fn stats(v: &mut [Duration]) -> String {
 }
 
 async fn run(opts: Opts) -> Result<bool> {
-    let tmp = tempfile::Builder::new().prefix("weft-chaos-").tempdir()?;
-    let work = tmp.path().to_path_buf();
+    // Removed at the end when every check passed; kept (with every
+    // daemon's log) when a check failed or the run stopped on an error.
+    let work = tempfile::Builder::new()
+        .prefix("weft-chaos-")
+        .tempdir()?
+        .keep();
+    eprintln!("work dir: {}", work.display());
     let mut hosts = set_up(&work)?;
     let started = Instant::now();
     for m in hosts.members.iter_mut() {
@@ -1076,6 +1364,9 @@ async fn run(opts: Opts) -> Result<bool> {
     let mut freeze: Vec<Duration> = Vec::new();
     let mut isolated: Vec<Duration> = Vec::new();
     let mut clock: Vec<Duration> = Vec::new();
+    let mut disk_full: Vec<Duration> = Vec::new();
+    let mut refused: Vec<Duration> = Vec::new();
+    let mut harmless = 0;
     let mut ok = true;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut died: Vec<String> = Vec::new();
@@ -1094,10 +1385,12 @@ async fn run(opts: Opts) -> Result<bool> {
                 if let Some(d) = took {
                     eprintln!(
                         "  {} {d:?} after the fault ({})",
-                        if matches!(f, Fault::ClockBack | Fault::ClockAhead) {
-                            "a new job's first task started"
-                        } else {
-                            "next acknowledged write"
+                        match f {
+                            Fault::ClockBack | Fault::ClockAhead =>
+                                "a new job's first task started",
+                            Fault::DiskFull => "the member exited",
+                            Fault::CorruptDataDir => "the member refused to start",
+                            _ => "next acknowledged write",
                         },
                         wall()
                     );
@@ -1110,6 +1403,9 @@ async fn run(opts: Opts) -> Result<bool> {
                         isolated.push(d)
                     }
                     (Fault::ClockBack | Fault::ClockAhead, Some(d)) => clock.push(d),
+                    (Fault::DiskFull, Some(d)) => disk_full.push(d),
+                    (Fault::CorruptDataDir, Some(d)) => refused.push(d),
+                    (Fault::CorruptDataDir, None) => harmless += 1,
                     _ => {}
                 }
             }
@@ -1232,7 +1528,7 @@ async fn run(opts: Opts) -> Result<bool> {
     // the same: every member's entries are read once, and the one that
     // committed the most is replayed.
     for i in 0..MEMBERS {
-        match weft_resource_manager::audit::digests(&work.join(format!("rm{}", i + 1))) {
+        match weft_resource_manager::audit::digests(&data_dir(&work, i)) {
             Ok(a) => audits.push((i, a)),
             Err(e) => audit_errors.push(format!("rm{}: {e}", i + 1)),
         }
@@ -1242,7 +1538,7 @@ async fn run(opts: Opts) -> Result<bool> {
         .max_by_key(|(_, a)| a.commit)
         .map_or(0, |(i, _)| *i);
     if let Some(slot) = audits.iter_mut().find(|(i, _)| *i == replayed) {
-        match weft_resource_manager::audit::audit(&work.join(format!("rm{}", replayed + 1))) {
+        match weft_resource_manager::audit::audit(&data_dir(&work, replayed)) {
             Ok(a) => slot.1 = a,
             Err(e) => audit_errors.push(format!("rm{}: {e}", replayed + 1)),
         }
@@ -1394,6 +1690,17 @@ async fn run(opts: Opts) -> Result<bool> {
         "| leader's clock stepped 1 h -> a new job's first task running | {} | |",
         stats(&mut clock)
     );
+    println!(
+        "| a member's disk filled -> it exited (code 70, naming its data dir and the cause; started again with room, caught up) | {} | |",
+        stats(&mut disk_full)
+    );
+    println!(
+        "| a member's data file corrupted -> its start refused, naming the file (restored, caught up) | {} | |",
+        stats(&mut refused)
+    );
+    println!(
+        "| a member's data file corrupted where sled no longer kept data -> started, caught up, its log checked | {harmless} | |"
+    );
     for (what, v) in [
         ("lost", &lost),
         ("duplicated", &duplicated),
@@ -1439,8 +1746,10 @@ async fn run(opts: Opts) -> Result<bool> {
     }
     let slow = failover.iter().any(|d| *d > FAILOVER_BOUND);
     if opts.keep || !ok || slow || !failed.is_empty() {
-        let kept = tmp.keep();
-        println!("logs kept in {}", kept.display());
+        println!("logs kept in {}", work.display());
+    } else {
+        drop(hosts); // unmounts the small disk
+        std::fs::remove_dir_all(&work)?;
     }
     Ok(ok)
 }
