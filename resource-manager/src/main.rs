@@ -192,6 +192,12 @@ fn main() -> ExitCode {
     weft_node_agent::shim::run_if_shim();
     let args = Args::parse();
     telemetry::init(args.log_format);
+    // Fail points (tests of what a crash at a given point leaves behind):
+    // armed only by the FAILPOINTS environment variable, said loudly.
+    let _fail_points = std::env::var("FAILPOINTS").ok().map(|fp| {
+        tracing::warn!(failpoints = %fp, "fail points armed from FAILPOINTS: for tests only");
+        fail::FailScenario::setup()
+    });
     match &args.mode {
         Some(Mode::Standalone(s)) => return standalone(&args, s),
         Some(Mode::Audit { data_dir }) => {

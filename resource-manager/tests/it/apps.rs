@@ -997,3 +997,69 @@ async fn a_spec_too_large_for_the_environment_reaches_its_master_as_a_file() {
     assert_eq!(done.attempt, 1, "{done:?}");
     drop(agents);
 }
+
+/// A leader records a job's master attempt and dies before it asks the
+/// node to start the master (a kill -9 at that point, made exact by a fail
+/// point that skips the start once in each member): the next leader asks
+/// the node itself. Before: nobody started it, the master "made no call
+/// for 1m", and the job (`max_attempts: 1`) FAILED a minute later (the
+/// fault harness met it after a leader kill).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_master_whose_start_its_leader_never_sent_is_started_by_the_next_leader() {
+    let mut cluster = Cluster::prepare(
+        3,
+        1000,
+        &format!(
+            "[masters]\nlaunch = true\ncommand = {:?}\n",
+            app_master().display().to_string()
+        ),
+    );
+    cluster.env = vec![(
+        "FAILPOINTS".into(),
+        "master-attempt-recorded=1*return".into(),
+    )];
+    for i in 0..3 {
+        cluster.spawn(i);
+    }
+    let client = cluster.client();
+    let _agent = AgentProcess::start("node-a", &cluster.addrs());
+    let id = client
+        .submit(
+            "name: lost-start\nmax_attempts: 1\nstages:\n  - name: s\n    instances: 1\n    command: 'true'\n    resources: { vcores: 0.5, memory: 32MiB }\n",
+            "yaml",
+            "ann",
+        )
+        .await
+        .unwrap();
+    // The moment its attempt is recorded, its leader dies.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = client.get_application(&id).await.unwrap();
+        if r.attempt >= 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no attempt: {r:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let leader = cluster.leader().await;
+    cluster.kill(leader);
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let r = loop {
+        let r = client.get_application(&id).await.unwrap();
+        if matches!(
+            r.state(),
+            pb::ApplicationState::Succeeded
+                | pb::ApplicationState::Failed
+                | pb::ApplicationState::Killed
+        ) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not finished within 40 s: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
+    assert_eq!(r.attempt, 1, "{r:?}");
+}

@@ -27,6 +27,7 @@ impl Scheduling {
             return self.manage_local_masters().await;
         }
         let mut commands = Vec::new();
+        let mut start_again = Vec::new();
         let pass = std::time::Instant::now();
         let now = std::time::Instant::now();
         // In chunks, each under the state's lock on its own: the raft
@@ -53,6 +54,9 @@ impl Scheduling {
                 seen += 1;
                 last = id.clone();
                 if app.state.is_terminal() || app.unmanaged {
+                    if !t.unstarted.is_empty() {
+                        t.unstarted.remove(&app.id);
+                    }
                     continue;
                 }
                 if app.state == AppState::Submitted {
@@ -67,6 +71,20 @@ impl Scheduling {
                     .as_ref()
                     .and_then(|c| state.containers.get(c.as_str()));
                 if let Some(c) = last.filter(|c| c.phase != ContainerPhase::Completed) {
+                    // Granted, its attempt recorded, and not reported
+                    // running by its node for a while: the leader that
+                    // recorded it may have died before asking the node to
+                    // start it. Asked (again) here; at most one start.
+                    if c.phase == ContainerPhase::Allocated && !t.launching.contains(&app.id) {
+                        let since = *t.unstarted.entry(app.id.clone()).or_insert(now);
+                        if now.duration_since(since) >= MASTER_START_AGAIN_AFTER {
+                            t.unstarted.insert(app.id.clone(), now);
+                            t.launching.insert(app.id.clone());
+                            start_again.push((app.id.clone(), app.attempt, c.alloc.clone()));
+                        }
+                    } else if !t.unstarted.is_empty() {
+                        t.unstarted.remove(&app.id);
+                    }
                     // A master that stopped calling is ended (its agent stops
                     // it) and replaced; a new leader gives every master a
                     // full expiry from its election.
@@ -153,6 +171,13 @@ impl Scheduling {
             after = Some(last.to_string());
         }
         let pass = pass.elapsed();
+        for (app, attempt, a) in start_again {
+            let s = self.clone();
+            tokio::spawn(async move {
+                s.start_master(&app, attempt, a, true).await;
+                s.table.lock().expect("table lock").launching.remove(&app);
+            });
+        }
         self.propose_all(commands).await;
         pass
     }
@@ -280,6 +305,58 @@ impl Scheduling {
     /// Starts a job's master in its container and records the attempt; a
     /// master that cannot start counts as a failed attempt.
     pub(super) async fn launch_master(&self, app_id: &str, a: Allocation) {
+        let Some(app) = self.raft.state().apps.get(app_id).cloned() else {
+            return;
+        };
+        let attempt = app.attempt + 1;
+        let keep_containers = weft_spec::JobSpec::parse(&app.spec, &app.spec_format)
+            .map_or(true, |s| s.keep_containers);
+        if self.ensure_signer().await.is_err() {
+            return; // the next round asks again
+        }
+        let started = self
+            .raft
+            .propose(Command::AttemptStarted {
+                app_id: app_id.to_string(),
+                attempt,
+                am_container: Some(a.container_id.clone()),
+                keep_containers,
+                previous_lost: false,
+                at_ms: now_ms(),
+            })
+            .await;
+        if !matches!(started, Ok(Outcome::Done)) {
+            return;
+        }
+        {
+            let mut t = self.table.lock().expect("table lock");
+            t.last_seen
+                .insert(app_id.to_string(), std::time::Instant::now());
+            // The replaced attempt's asks are not placed for it any more:
+            // the new master asks for what it needs.
+            t.asks.remove(app_id);
+        }
+        // A leader that dies (or is deposed) here leaves an attempt
+        // recorded whose container no agent was asked to start: the next
+        // leader starts it (`start_master` with `again`).
+        fail::fail_point!("master-attempt-recorded", |_| ());
+        self.start_master(app_id, attempt, a, false).await;
+    }
+
+    /// Asks the agent to start attempt `attempt`'s master in container
+    /// `a`. `again`: a start this leader did not see answered (its
+    /// predecessor recorded the attempt and may have died before or after
+    /// asking); the agent starts a container id at most once, so an answer
+    /// that it has it already means it started, and a node that cannot be
+    /// reached is asked again later (or found lost) rather than taken for
+    /// a failed master.
+    pub(super) async fn start_master(
+        &self,
+        app_id: &str,
+        attempt: u32,
+        a: Allocation,
+        again: bool,
+    ) {
         let cfg = self
             .masters
             .clone()
@@ -303,34 +380,9 @@ impl Scheduling {
             }
             (app, node_addr, rm)
         };
-        let attempt = app.attempt + 1;
-        let keep_containers = weft_spec::JobSpec::parse(&app.spec, &app.spec_format)
-            .map_or(true, |s| s.keep_containers);
         let Ok(signer) = self.ensure_signer().await else {
-            return; // the next round asks again
+            return; // the next pass asks again
         };
-        let started = self
-            .raft
-            .propose(Command::AttemptStarted {
-                app_id: app_id.to_string(),
-                attempt,
-                am_container: Some(a.container_id.clone()),
-                keep_containers,
-                previous_lost: false,
-                at_ms: now_ms(),
-            })
-            .await;
-        if !matches!(started, Ok(Outcome::Done)) {
-            return;
-        }
-        {
-            let mut t = self.table.lock().expect("table lock");
-            t.last_seen
-                .insert(app_id.to_string(), std::time::Instant::now());
-            // The replaced attempt's asks are not placed for it any more:
-            // the new master asks for what it needs.
-            t.asks.remove(app_id);
-        }
         let req = pb::StartContainerRequest {
             container_id: a.container_id.clone(),
             command: cfg.command.clone(),
@@ -386,7 +438,21 @@ impl Scheduling {
         };
         match result {
             Ok(()) => {
-                info!(app = %app_id, attempt, node = %a.node_id, "application master started")
+                info!(app = %app_id, attempt, node = %a.node_id, again, "application master started");
+                if again {
+                    // A full expiry from its start.
+                    self.table
+                        .lock()
+                        .expect("table lock")
+                        .last_seen
+                        .insert(app_id.to_string(), std::time::Instant::now());
+                }
+            }
+            Err(e) if again && already_started(&e) => {
+                debug!(app = %app_id, attempt, "the application master's start had reached its node");
+            }
+            Err(e) if again && weft_common::codes::start_refused_transiently(&e) => {
+                debug!(app = %app_id, attempt, error = %e.message(), "the application master's node did not answer; asked again later");
             }
             Err(e) => {
                 warn!(app = %app_id, attempt, error = %e.message(), "application master could not start");
@@ -419,6 +485,17 @@ impl Scheduling {
         }
     }
 }
+
+/// An agent's answer that it has the container already (its start went
+/// through before) or its token was used (the same).
+fn already_started(e: &tonic::Status) -> bool {
+    e.code() == tonic::Code::AlreadyExists
+        || (e.code() == tonic::Code::PermissionDenied && e.message().contains("already used"))
+}
+
+/// How long a master's container may stay granted but not reported running
+/// by its node before this leader asks the node to start it (again).
+pub const MASTER_START_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The end of a job whose master attempts ran out (`extra_free`: attempts
 /// not yet recorded as free), or None while it may try again.

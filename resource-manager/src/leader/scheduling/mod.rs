@@ -79,6 +79,9 @@ pub(crate) struct Table {
     /// Apps whose master container is granted and being started (its
     /// attempt not recorded yet): no other master is asked for.
     pub(crate) launching: HashSet<String>,
+    /// app -> since when (or when last asked again) this leader has seen
+    /// its master's container granted but not running.
+    pub(crate) unstarted: HashMap<String, std::time::Instant>,
 }
 
 pub use crate::fsm::MASTER_ASK;
