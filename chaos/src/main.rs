@@ -418,15 +418,20 @@ fn fill(dir: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Replaces `dir` with the copy in `backup` (and removes the copy).
-fn restore(dir: &Path, backup: &Path) -> Result<()> {
-    std::fs::remove_dir_all(dir)?;
+/// Copies directory `from` (a member's data dir) to `to`, as it is.
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     sh(&[
         "cp",
         "-a",
-        &backup.display().to_string(),
-        &dir.display().to_string(),
-    ])?;
+        &from.display().to_string(),
+        &to.display().to_string(),
+    ])
+}
+
+/// Replaces `dir` with the copy in `backup` (and removes the copy).
+fn restore(dir: &Path, backup: &Path) -> Result<()> {
+    std::fs::remove_dir_all(dir)?;
+    copy_dir(backup, dir)?;
     std::fs::remove_dir_all(backup)?;
     Ok(())
 }
@@ -1118,12 +1123,7 @@ async fn inject(
             hosts.members[m].kill9();
             let dir = data_dir(&hosts.work, m);
             let backup = hosts.work.join(format!("rm{}.backup", m + 1));
-            sh(&[
-                "cp",
-                "-a",
-                &dir.display().to_string(),
-                &backup.display().to_string(),
-            ])?;
+            copy_dir(&dir, &backup)?;
             let db = dir.join("db");
             let mut bytes = std::fs::read(&db)?;
             let blocks = bytes.len().div_ceil(4096).max(1);

@@ -738,6 +738,16 @@ mod tests {
         s.sync().unwrap();
     }
 
+    /// [`three_committed`], then these entries removed from its log.
+    fn three_committed_without(dir: &Path, removed: &[u64]) {
+        three_committed(dir);
+        let s = SledStorage::open(dir).unwrap();
+        for &i in removed {
+            s.log.remove(key(i)).unwrap();
+        }
+        s.sync().unwrap();
+    }
+
     fn refusal(dir: &Path) -> String {
         match SledStorage::open(dir) {
             Ok(_) => panic!("{} was opened", dir.display()),
@@ -750,13 +760,7 @@ mod tests {
         let db = |d: &tempfile::TempDir| d.path().join("db").display().to_string();
         // sled drops a log tail it cannot read: here, the last two entries.
         let dir = tempfile::tempdir().unwrap();
-        three_committed(dir.path());
-        {
-            let s = SledStorage::open(dir.path()).unwrap();
-            s.log.remove(key(2)).unwrap();
-            s.log.remove(key(3)).unwrap();
-            s.sync().unwrap();
-        }
+        three_committed_without(dir.path(), &[2, 3]);
         let e = refusal(dir.path());
         assert!(
             e.contains("entries up to index 3 were committed but its log ends at 1")
@@ -766,12 +770,7 @@ mod tests {
         );
         // A gap after the snapshot.
         let dir = tempfile::tempdir().unwrap();
-        three_committed(dir.path());
-        {
-            let s = SledStorage::open(dir.path()).unwrap();
-            s.log.remove(key(1)).unwrap();
-            s.sync().unwrap();
-        }
+        three_committed_without(dir.path(), &[1]);
         let e = refusal(dir.path());
         assert!(
             e.contains("the log starts at index 2, past its snapshot at 0"),
@@ -864,12 +863,7 @@ mod tests {
         );
         // A hole in the middle.
         let dir = tempfile::tempdir().unwrap();
-        three_committed(dir.path());
-        {
-            let s = SledStorage::open(dir.path()).unwrap();
-            s.log.remove(key(2)).unwrap();
-            s.sync().unwrap();
-        }
+        three_committed_without(dir.path(), &[2]);
         let e = refusal(dir.path());
         assert!(
             e.contains(&format!("its log jumps from index 1 to 3 in {}", db(&dir))),
