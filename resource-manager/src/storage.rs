@@ -156,7 +156,7 @@ fn open_db(dir: &Path) -> Result<sled::Db> {
                     dir.display()
                 )))
             }
-            Err(e) => return Err(open_error(dir, e)),
+            Err(e) => return Err(open_error(dir, e, false)),
         }
     }
 }
@@ -164,8 +164,38 @@ fn open_db(dir: &Path) -> Result<sled::Db> {
 /// What the member tells its operator when its data dir cannot be used.
 const REBUILD_HINT: &str = "restore the dir from a backup, or remove it and add this member to the group again (it then catches up from the others)";
 
-/// A sled error met while opening `dir`, naming the file it found corrupted.
-fn open_error(dir: &Path, e: sled::Error) -> Error {
+/// Whether sled's small `conf` file in `dir` reads as sled reads it (lines
+/// `key: value` holding `segment_size`, `use_compression` and `version`,
+/// then a 4-byte checksum). sled reports a bad one as corruption without a
+/// place, as it does a record of `db` that does not decode.
+fn conf_reads(dir: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(dir.join("conf")) else {
+        return false;
+    };
+    let Some(text) = bytes
+        .len()
+        .checked_sub(4)
+        .and_then(|n| std::str::from_utf8(&bytes[..n]).ok())
+    else {
+        return false;
+    };
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(": "))
+    };
+    value("segment_size").is_some_and(|v| v.parse::<usize>().is_ok())
+        && value("use_compression").is_some_and(|v| v.parse::<bool>().is_ok())
+        && value("version").is_some_and(|v| {
+            v.split_once('.')
+                .is_some_and(|(a, b)| a.parse::<usize>().is_ok() && b.parse::<usize>().is_ok())
+        })
+}
+
+/// A sled error met while opening `dir`, naming the file it found corrupted
+/// (sled names no place for a `conf` file it cannot read, nor for a record
+/// of `db` that does not decode: a `conf` that reads, or one sled already
+/// read, puts the damage in `db`).
+fn open_error(dir: &Path, e: sled::Error, opened: bool) -> Error {
     match e {
         sled::Error::Corruption { at, .. } => {
             let file = match at {
@@ -177,11 +207,8 @@ fn open_error(dir: &Path, e: sled::Error) -> Error {
                     .join(blob.to_string())
                     .display()
                     .to_string(),
-                None => format!(
-                    "{} or {}",
-                    dir.join("conf").display(),
-                    dir.join("db").display()
-                ),
+                None if opened || conf_reads(dir) => dir.join("db").display().to_string(),
+                None => dir.join("conf").display().to_string(),
             };
             corrupted(dir, &format!("{file} holds corrupted data"))
         }
@@ -223,7 +250,7 @@ impl SledStorage {
     /// then the hard state's commit index lies past the last entry).
     pub fn open(dir: &Path) -> Result<Self> {
         let db = open_db(dir)?;
-        let sled_err = |e| open_error(dir, e);
+        let sled_err = |e| open_error(dir, e, true);
         let log = db.open_tree("log").map_err(sled_err)?;
         let meta = db.open_tree("meta").map_err(sled_err)?;
         let snapshot = db.open_tree("snapshot").map_err(sled_err)?;
@@ -248,7 +275,7 @@ impl SledStorage {
 
     /// The checks of [`SledStorage::open`] past sled's own: O(1) reads.
     fn check(&self, dir: &Path) -> Result<()> {
-        let sled_err = |e| open_error(dir, e);
+        let sled_err = |e| open_error(dir, e, true);
         let hs: HardState = match self.meta.get(HARD_STATE).map_err(sled_err)? {
             Some(b) => try_decode(dir, &b, "hard state")?,
             None => HardState::default(),
@@ -333,7 +360,7 @@ impl SledStorage {
     /// damage there harms nothing. O(what is kept): the log since the last
     /// snapshot, which the member replays at start anyway.
     fn scan(&self, dir: &Path) -> Result<()> {
-        let sled_err = |e| open_error(dir, e);
+        let sled_err = |e| open_error(dir, e, true);
         let mut expected: Option<u64> = None;
         for item in self.log.iter() {
             let (k, v) = item.map_err(sled_err)?;
@@ -789,6 +816,18 @@ mod tests {
             e.contains(&format!("its hard state in {} does not decode", db(&dir))),
             "{e}"
         );
+        // sled's small conf file damaged.
+        let dir = tempfile::tempdir().unwrap();
+        three_committed(dir.path());
+        let conf = dir.path().join("conf");
+        let text = std::fs::read(&conf).unwrap();
+        let text = String::from_utf8_lossy(&text).replace("segment_size: ", "segment_size: x");
+        std::fs::write(&conf, text).unwrap();
+        let e = refusal(dir.path());
+        assert!(
+            e.contains(&format!("{} holds corrupted data", conf.display())),
+            "{e}"
+        );
         // Bytes of sled's own file overwritten.
         let dir = tempfile::tempdir().unwrap();
         three_committed(dir.path());
@@ -856,9 +895,14 @@ mod tests {
             }
         }
         std::fs::write(&path, bytes).unwrap();
+        // sled names the offset when the record's checksum fails, and
+        // none when the record decodes wrong (which of the two depends on
+        // where the flipped bytes fall).
         let e = refusal(dir.path());
         assert!(
-            e.contains(&format!("{} (at offset", db(&dir))) && e.contains("holds corrupted data"),
+            (e.contains(&format!("{} (at offset", db(&dir)))
+                || e.contains(&format!(": {} holds corrupted data", db(&dir))))
+                && e.contains("holds corrupted data"),
             "{e}"
         );
         // A hole in the middle.
