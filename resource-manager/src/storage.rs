@@ -169,8 +169,11 @@ const REBUILD_HINT: &str = "restore the dir from a backup, or remove it and add 
 /// then a 4-byte checksum). sled reports a bad one as corruption without a
 /// place, as it does a record of `db` that does not decode.
 fn conf_reads(dir: &Path) -> bool {
-    let Ok(bytes) = std::fs::read(dir.join("conf")) else {
-        return false;
+    let bytes = match std::fs::read(dir.join("conf")) {
+        Ok(b) => b,
+        // sled writes a missing one anew: the damage is not there.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
+        Err(_) => return false,
     };
     let Some(text) = bytes
         .len()
