@@ -136,6 +136,7 @@ fn write_seeds() {
             spec: specs[2].clone(),
             spec_format: "yaml".into(),
             unmanaged: false,
+            accepted: false,
             at_ms: 2,
         },
         Command::ApplicationAccepted {

@@ -83,6 +83,7 @@ fn main() {
             spec: String::new(),
             spec_format: "yaml".into(),
             unmanaged: true,
+            accepted: false,
             at_ms: 2,
         });
     }

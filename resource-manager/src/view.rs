@@ -358,6 +358,7 @@ mod tests {
             spec: String::new(),
             spec_format: "yaml".into(),
             unmanaged: true,
+            accepted: false,
             at_ms: 2,
         });
         let mut v = View::new();

@@ -144,6 +144,7 @@ impl ClusterState {
                 spec,
                 spec_format,
                 unmanaged,
+                accepted,
                 at_ms,
             } => {
                 if !request_id.is_empty() {
@@ -160,7 +161,11 @@ impl ClusterState {
                         name: name.clone(),
                         queue: queue.clone(),
                         user: user.clone(),
-                        state: AppState::Submitted,
+                        state: if *accepted {
+                            AppState::Accepted
+                        } else {
+                            AppState::Submitted
+                        },
                         spec: spec.clone(),
                         spec_format: spec_format.clone(),
                         submitted_at_ms: *at_ms,

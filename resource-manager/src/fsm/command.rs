@@ -65,12 +65,19 @@ pub enum Command {
         /// The submitter runs the master itself (the RM launches none).
         #[serde(default)]
         unmanaged: bool,
+        /// Accepted as it is submitted: the leader launches its master
+        /// (entries written before this field existed were accepted by a
+        /// later `ApplicationAccepted` of their own).
+        #[serde(default)]
+        accepted: bool,
         at_ms: u64,
     },
     KillApplication {
         app_id: String,
         at_ms: u64,
     },
+    /// Accepts a job submitted without `accepted` (kept for entries
+    /// written before submissions carried it).
     ApplicationAccepted {
         app_id: String,
         at_ms: u64,

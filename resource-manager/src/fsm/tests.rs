@@ -13,6 +13,7 @@ pub(crate) fn submit(req: &str, at: u64) -> Command {
         spec: "s".into(),
         spec_format: "yaml".into(),
         unmanaged: false,
+        accepted: false,
         at_ms: at,
     }
 }
@@ -320,6 +321,40 @@ fn allocations_are_verified_against_current_state() {
         )),
         "node_id: n1 is Lost, not running"
     );
+    s.check_invariants().unwrap();
+}
+
+#[test]
+fn a_managed_submission_is_accepted_in_its_own_entry_and_old_entries_still_read() {
+    let mut s = ClusterState::default();
+    let mut managed = submit("r", 1);
+    if let Command::SubmitApplication { accepted, .. } = &mut managed {
+        *accepted = true;
+    }
+    s.apply(&managed);
+    assert_eq!(s.apps["app-000001"].state, AppState::Accepted);
+    // An entry written before submissions carried `accepted`: submitted,
+    // then accepted by an entry of its own.
+    let old = r#"{"version":1,"origin":1,"request":7,"command":{"type":"submit_application","request_id":"","name":"n","queue":"root","user":"u","spec":"s","spec_format":"yaml","unmanaged":false,"at_ms":3}}"#;
+    let env = Envelope::decode(old.as_bytes()).unwrap();
+    s.apply(&env.command);
+    assert_eq!(s.apps["app-000002"].state, AppState::Submitted);
+    assert_eq!(
+        s.apply(&Command::ApplicationAccepted {
+            app_id: "app-000002".into(),
+            at_ms: 4
+        }),
+        Outcome::Done
+    );
+    assert_eq!(s.apps["app-000002"].state, AppState::Accepted);
+    // Accepting an already accepted one again changes nothing.
+    assert!(matches!(
+        s.apply(&Command::ApplicationAccepted {
+            app_id: "app-000001".into(),
+            at_ms: 5
+        }),
+        Outcome::Rejected(_)
+    ));
     s.check_invariants().unwrap();
 }
 

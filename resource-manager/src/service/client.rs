@@ -96,6 +96,9 @@ impl pb::client_service_server::ClientService for RmService {
             spec: r.spec,
             spec_format: format,
             unmanaged,
+            // Its master is the leader's to launch: accepted in the same
+            // entry (one raft entry per submission, not two).
+            accepted: !unmanaged,
             at_ms: now_ms(),
         };
         match self.raft.propose(cmd).await? {

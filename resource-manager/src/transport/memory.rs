@@ -484,6 +484,7 @@ mod tests {
                     spec: spec.clone(),
                     spec_format: "yaml".into(),
                     unmanaged: true,
+                    accepted: false,
                     at_ms: 0,
                 })
                 .await
