@@ -1,5 +1,5 @@
 //! Write throughput and latency of a 3-member RM group of real processes on
-//! loopback (sled fsyncs on this machine's disk): submissions acknowledged
+//! loopback (sled flush + fdatasync on this machine's disk): submissions acknowledged
 //! per second and per-write latency, at several numbers of concurrent
 //! clients. One client shows the cost of a commit round (fsync + a network
 //! round trip); many show what batching proposals per round buys.
@@ -39,7 +39,7 @@ async fn main() {
     let client = Arc::new(RmClient::new(group.addrs.clone()).unwrap());
     // Wait for a leader (the first write goes through once there is one).
     client.submit(SPEC, "yaml", "bench").await.unwrap();
-    println!("RM group of 3 (raft tick 100 ms, sled fsync per round), {total} submissions per row");
+    println!("RM group of 3 (raft tick 100 ms, one sled flush + fdatasync per round), {total} submissions per row");
     let rows: Vec<usize> = std::env::var("WEFT_BENCH_ROWS")
         .unwrap_or_else(|_| "1,8,64".into())
         .split(',')

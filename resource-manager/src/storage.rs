@@ -12,7 +12,7 @@
 //!   (data dirs that hold it in `meta` are moved over when opened).
 //!
 //! Writes go to sled's buffers; [`SledStorage::sync`] makes them durable
-//! (fsync). The raft loop calls it before sending messages that depend on them.
+//! (sled's flush, then an fdatasync of its file). The raft loop calls it before sending messages that depend on them.
 //! A failed write or sync is fatal to the process (see `raft_node`): the member
 //! restarts from what is on disk.
 
@@ -50,6 +50,12 @@ pub struct SledStorage {
     /// snapshot, written off the raft thread, and the leader's, installed
     /// on it, one after the other.
     snapshot_lock: Arc<std::sync::Mutex<()>>,
+    /// sled's one file (`<dir>/db`): sled makes a flush stable with
+    /// `sync_file_range`, which neither reaches through the disk's write
+    /// cache nor records the file's new size; an fdatasync of it after each
+    /// flush does (what etcd does to its WAL), so that an acknowledged
+    /// write survives a power loss, not only a crash.
+    file: Arc<std::fs::File>,
 }
 
 /// The file beside sled's that records how far this member's log had
@@ -271,6 +277,9 @@ impl SledStorage {
             dir: dir.into(),
             marker_at: Default::default(),
             snapshot_lock: Default::default(),
+            file: Arc::new(std::fs::File::open(dir.join("db")).map_err(|e| {
+                Error::Storage(format!("opening {}: {e}", dir.join("db").display()))
+            })?),
         };
         storage.check(dir)?;
         Ok(storage)
@@ -422,6 +431,9 @@ impl SledStorage {
                 self.dir.display()
             ))
         })?;
+        self.file.sync_data().map_err(|e| {
+            Error::Storage(format!("syncing {}: {e}", self.dir.join("db").display()))
+        })?;
         let mut at = self.marker_at.lock().expect("marker lock");
         if at.is_none_or(|t| t.elapsed() >= MARKER_EVERY) {
             *at = Some(std::time::Instant::now());
@@ -486,18 +498,30 @@ impl SledStorage {
             "appending entry {} before the first stored index {first_index}: raft never does this",
             first.index
         );
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(key(first.index)..) {
-            let (k, _) = item.map_err(Error::sled)?;
-            batch.remove(k);
+        // One record per entry, no sled batch: a batch seals a write buffer
+        // of its own, one more write and sync on every round (measured with
+        // one entry per round: 0.34 ms per append and flush as a batch,
+        // 0.23 ms as records). Removed newest first, then written oldest
+        // first, so that whatever prefix of these records a crash keeps
+        // (sled recovers its log up to the first missing record) is a
+        // contiguous log whose terms never go down.
+        let stale = self
+            .log
+            .range(key(first.index)..)
+            .keys()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(Error::sled)?;
+        for k in stale.iter().rev() {
+            self.log.remove(k).map_err(Error::sled)?;
         }
         for e in entries {
-            batch.insert(
-                &key(e.index),
-                e.write_to_bytes().expect("raft entries encode"),
-            );
+            self.log
+                .insert(
+                    key(e.index),
+                    e.write_to_bytes().expect("raft entries encode"),
+                )
+                .map_err(Error::sled)?;
         }
-        self.log.apply_batch(batch).map_err(Error::sled)?;
         Ok(())
     }
 

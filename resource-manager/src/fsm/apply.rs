@@ -153,7 +153,7 @@ impl ClusterState {
                     }
                 }
                 self.app_seq += 1;
-                let id = format!("app-{:06}", self.app_seq);
+                let id = super::app_id(self.app_seq);
                 self.apps.insert(
                     id.as_str().into(),
                     App {

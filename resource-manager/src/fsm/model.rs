@@ -250,6 +250,11 @@ pub struct App {
     pub stages: Vec<StageProgress>,
 }
 
+/// The id of the `seq`th submitted application (`app-000042`).
+pub fn app_id(seq: u64) -> String {
+    format!("app-{seq:06}")
+}
+
 impl App {
     /// The order in which the group took the job (its id's number: one per
     /// submission, in log order). Jobs wait in this order, not by their

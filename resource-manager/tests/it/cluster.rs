@@ -413,6 +413,19 @@ impl Drop for Cluster {
         for i in 0..self.members.len() {
             self.kill(i);
         }
+        // Every test checks that the leaders' master passes over only the
+        // new and watched jobs missed nothing a pass over every job found.
+        if !std::thread::panicking() {
+            for i in 0..self.members.len() {
+                if let Some(line) = self
+                    .log_text(i)
+                    .lines()
+                    .find(|l| l.contains("found jobs the watched passes missed"))
+                {
+                    panic!("member {i}: {line}");
+                }
+            }
+        }
     }
 }
 

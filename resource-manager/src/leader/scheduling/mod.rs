@@ -82,12 +82,25 @@ pub(crate) struct Table {
     /// app -> since when (or when last asked again) this leader has seen
     /// its master's container granted but not running.
     pub(crate) unstarted: HashMap<String, std::time::Instant>,
+    /// Jobs every master pass looks at (see `manage_masters`): a master
+    /// granted, starting or running, or an end being proposed.
+    pub(crate) watch: BTreeSet<String>,
+    /// The last job (`app_seq`) a master pass has looked at.
+    pub(crate) pass_seq: u64,
+    /// When the last master pass over every job ran (none yet: the next
+    /// pass is one).
+    pub(crate) full_pass_at: Option<std::time::Instant>,
 }
 
 pub use crate::fsm::MASTER_ASK;
 
 /// Jobs the master bookkeeping looks at under one hold of the state's lock.
 pub const MASTER_PASS_CHUNK: usize = 1024;
+
+/// How often a master pass looks at every job, not only the new and the
+/// watched ones (a net under the watch list; a leadership's first pass is
+/// one too).
+pub const FULL_MASTER_PASS_EVERY: Duration = Duration::from_secs(10);
 
 /// Master asks handed to one round, per queue: the oldest waiting.
 pub const MASTERS_PER_ROUND: usize = 256;
@@ -460,6 +473,7 @@ impl Scheduling {
                     let Some(pa) = pa else {
                         t.masters.remove(app.as_str());
                         t.launching.insert(app.clone());
+                        t.watch.insert(app.clone());
                         launch.push((app, a));
                         continue;
                     };
