@@ -12,7 +12,8 @@
 //!   (data dirs that hold it in `meta` are moved over when opened).
 //!
 //! Writes go to sled's buffers; [`SledStorage::sync`] makes them durable
-//! (sled's flush, then an fdatasync of its file). The raft loop calls it before sending messages that depend on them.
+//! (sled's flush, then an fdatasync of its file). The raft loop calls it
+//! before sending messages that depend on them.
 //! A failed write or sync is fatal to the process (see `raft_node`): the member
 //! restarts from what is on disk.
 
@@ -147,7 +148,7 @@ fn open_db(dir: &Path) -> Result<sled::Db> {
                         dir,
                         &format!(
                             "{} could not be read (sled's recovery failed: {why})",
-                            dir.join("db").display()
+                            db_path(dir).display()
                         ),
                     )
                 })?;
@@ -169,6 +170,12 @@ fn open_db(dir: &Path) -> Result<sled::Db> {
 
 /// What the member tells its operator when its data dir cannot be used.
 const REBUILD_HINT: &str = "restore the dir from a backup, or remove it and add this member to the group again (it then catches up from the others)";
+
+/// sled's one data file in a data dir (the raft log, hard state and
+/// snapshot are all in it).
+fn db_path(dir: &Path) -> std::path::PathBuf {
+    dir.join("db")
+}
 
 /// Whether sled's small `conf` file in `dir` reads as sled reads it (lines
 /// `key: value` holding `segment_size`, `use_compression` and `version`,
@@ -209,14 +216,14 @@ fn open_error(dir: &Path, e: sled::Error, opened: bool) -> Error {
         sled::Error::Corruption { at, .. } => {
             let file = match at {
                 Some(sled::DiskPtr::Inline(offset)) => {
-                    format!("{} (at offset {offset})", dir.join("db").display())
+                    format!("{} (at offset {offset})", db_path(dir).display())
                 }
                 Some(sled::DiskPtr::Blob(_, blob)) => dir
                     .join("blobs")
                     .join(blob.to_string())
                     .display()
                     .to_string(),
-                None if opened || conf_reads(dir) => dir.join("db").display().to_string(),
+                None if opened || conf_reads(dir) => db_path(dir).display().to_string(),
                 None => dir.join("conf").display().to_string(),
             };
             corrupted(dir, &format!("{file} holds corrupted data"))
@@ -239,7 +246,7 @@ fn try_decode<M: protobuf::Message>(dir: &Path, bytes: &[u8], what: &str) -> Res
             dir,
             &format!(
                 "its {what} in {} does not decode ({e})",
-                dir.join("db").display()
+                db_path(dir).display()
             ),
         )
     })
@@ -268,19 +275,20 @@ impl SledStorage {
             Some(b) => try_decode(dir, &b, "snapshot metadata")?,
             None => SnapshotMetadata::default(),
         };
-        let storage = SledStorage {
-            db,
-            log,
-            meta,
-            snapshot,
-            snap_meta: Arc::new(RwLock::new(snap_meta)),
-            dir: dir.into(),
-            marker_at: Default::default(),
-            snapshot_lock: Default::default(),
-            file: Arc::new(std::fs::File::open(dir.join("db")).map_err(|e| {
-                Error::Storage(format!("opening {}: {e}", dir.join("db").display()))
-            })?),
-        };
+        let storage =
+            SledStorage {
+                db,
+                log,
+                meta,
+                snapshot,
+                snap_meta: Arc::new(RwLock::new(snap_meta)),
+                dir: dir.into(),
+                marker_at: Default::default(),
+                snapshot_lock: Default::default(),
+                file: Arc::new(std::fs::File::open(db_path(dir)).map_err(|e| {
+                    Error::Storage(format!("opening {}: {e}", db_path(dir).display()))
+                })?),
+            };
         storage.check(dir)?;
         Ok(storage)
     }
@@ -333,7 +341,7 @@ impl SledStorage {
                         dir,
                         &format!(
                             "{} lost data: its log is committed up to index {} in term {}, but it had been up to {} in term {} ({})",
-                            dir.join("db").display(),
+                            db_path(dir).display(),
                             hs.commit,
                             hs.term,
                             m.commit,
@@ -356,7 +364,7 @@ impl SledStorage {
                 &format!(
                     "entries up to index {} were committed but its log ends at {last}: {} lost its tail",
                     hs.commit,
-                    dir.join("db").display()
+                    db_path(dir).display()
                 ),
             ));
         }
@@ -386,7 +394,7 @@ impl SledStorage {
                         &format!(
                             "its log jumps from index {} to {index} in {}: entries are missing",
                             want - 1,
-                            dir.join("db").display()
+                            db_path(dir).display()
                         ),
                     ));
                 }
@@ -432,7 +440,7 @@ impl SledStorage {
             ))
         })?;
         self.file.sync_data().map_err(|e| {
-            Error::Storage(format!("syncing {}: {e}", self.dir.join("db").display()))
+            Error::Storage(format!("syncing {}: {e}", db_path(&self.dir).display()))
         })?;
         let mut at = self.marker_at.lock().expect("marker lock");
         if at.is_none_or(|t| t.elapsed() >= MARKER_EVERY) {
