@@ -166,6 +166,13 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
     ) -> Result<Response<pb::RaftSendResponse>, Status> {
         let mut stream = req.into_inner();
         let me = self.raft.status().id;
+        // Whose stream this is, once its first message says: when it ends
+        // (a killed leader's connections close at once), raft hears of it,
+        // also when the connection's end drops this call unfinished.
+        let mut ended = StreamEnd {
+            raft: &self.raft,
+            from: None,
+        };
         while let Some(env) = stream.message().await? {
             if env.to != me {
                 return Err(Status::invalid_argument(format!(
@@ -176,8 +183,23 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
             let m = Message::parse_from_bytes(&env.message).map_err(|e| {
                 Status::invalid_argument(format!("message: not a raft message: {e}"))
             })?;
+            ended.from = Some(m.from);
             self.raft.step(m);
         }
         Ok(Response::new(pb::RaftSendResponse {}))
+    }
+}
+
+/// Tells raft that a peer's stream ended, when dropped.
+struct StreamEnd<'a> {
+    raft: &'a RaftHandle,
+    from: Option<u64>,
+}
+
+impl Drop for StreamEnd<'_> {
+    fn drop(&mut self) {
+        if let Some(peer) = self.from {
+            self.raft.peer_stream_ended(peer);
+        }
     }
 }
