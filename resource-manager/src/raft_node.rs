@@ -75,6 +75,8 @@ pub struct Shared {
 /// Whether this member leads, and in which term.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Leadership {
+    /// Leads and has applied an entry of its own term (so everything
+    /// committed before its election): its state is the group's latest.
     pub is_leader: bool,
     pub term: u64,
 }
@@ -1124,8 +1126,15 @@ impl Member {
         let r = &self.raw.raft;
         let mut members: Vec<u64> = r.prs().iter().map(|(id, _)| *id).collect();
         members.sort_unstable();
+        let caught_up = r.state == StateRole::Leader
+            && r.raft_log.term(self.applied).is_ok_and(|t| t == r.term);
+        // Leader tasks start only once this member has applied an entry of
+        // its own term (its first, empty one), and so everything committed
+        // before it: a new leader whose passes ran on a state still missing
+        // the last leader's entries saw a job's recorded attempt as never
+        // made, and started a second one that replaced the first.
         let role = Leadership {
-            is_leader: r.state == StateRole::Leader,
+            is_leader: caught_up,
             term: r.term,
         };
         self.shared.role.send_if_modified(|now| {
@@ -1142,8 +1151,7 @@ impl Member {
             applied: self.applied,
             snapshot_index: self.storage.snapshot_index(),
             members,
-            caught_up: r.state == StateRole::Leader
-                && r.raft_log.term(self.applied).is_ok_and(|t| t == r.term),
+            caught_up,
         };
     }
 }

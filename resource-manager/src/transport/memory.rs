@@ -24,6 +24,8 @@ struct Hub {
     members: HashMap<u64, RaftHandle>,
     /// Directed links (from, to) whose messages are dropped.
     cut: HashSet<(u64, u64)>,
+    /// Kinds of message dropped on every link.
+    dropped_kinds: HashSet<MessageType>,
     /// Messages delivered and dropped so far.
     delivered: u64,
     dropped: u64,
@@ -82,9 +84,16 @@ impl MemoryNetwork {
         self.partition(&[&[id], &rest]);
     }
 
-    /// Restores every link.
+    /// Drops every message of kind `t`, on every link.
+    pub fn drop_kind(&self, t: MessageType) {
+        self.lock().dropped_kinds.insert(t);
+    }
+
+    /// Restores every link and lets every kind of message through.
     pub fn heal(&self) {
-        self.lock().cut.clear();
+        let mut hub = self.lock();
+        hub.cut.clear();
+        hub.dropped_kinds.clear();
     }
 
     /// (delivered, dropped) message counts so far.
@@ -126,9 +135,11 @@ impl Network for Endpoint {
         for m in msgs {
             let to = m.to;
             let is_snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
-            let target = (self.peers.contains(&to) && !hub.cut.contains(&(self.me, to)))
-                .then(|| hub.members.get(&to).cloned())
-                .flatten();
+            let target = (self.peers.contains(&to)
+                && !hub.cut.contains(&(self.me, to))
+                && !hub.dropped_kinds.contains(&m.get_msg_type()))
+            .then(|| hub.members.get(&to).cloned())
+            .flatten();
             let sent = match target {
                 Some(h) => {
                     h.step(m);
@@ -382,6 +393,57 @@ mod tests {
             "an unacknowledged write applied"
         );
         assert_eq!(names.len(), 11);
+    }
+
+    #[tokio::test]
+    async fn leader_tasks_start_only_once_the_new_leader_has_applied_what_came_before() {
+        let mut g = Group::start(3, 1000);
+        let old = g.leader_among(&g.ids);
+        for i in 0..5 {
+            g.h(old).propose(node(&format!("before{i}"))).await.unwrap();
+        }
+        let acknowledged = g.h(old).status().commit;
+        // Append acknowledgements are lost from here on: a new leader is
+        // elected (votes go through) but cannot commit its first entry,
+        // so it cannot know what the last leader committed.
+        g.net
+            .drop_kind(raft::prelude::MessageType::MsgAppendResponse);
+        g.crash(old);
+        let rest: Vec<u64> = g.ids.iter().copied().filter(|&i| i != old).collect();
+        let deadline = Instant::now() + WAIT;
+        let new = loop {
+            if let Some(&l) = rest.iter().find(|&&i| g.h(i).status().is_leader) {
+                break l;
+            }
+            assert!(Instant::now() < deadline, "no new leader");
+            std::thread::sleep(TICK);
+        };
+        let role = g.h(new).leadership();
+        // Raft says leader; the leadership its tasks start on says not yet.
+        for _ in 0..30 {
+            let st = g.h(new).status();
+            if !st.is_leader {
+                break; // deposed meanwhile (check-quorum): nothing to see
+            }
+            assert!(
+                !role.borrow().is_leader && !st.caught_up,
+                "leader tasks would start on a state that has not applied its own term's first entry: {st:?}"
+            );
+            std::thread::sleep(TICK);
+        }
+        g.net.heal();
+        let l = g.leader_among(&rest);
+        let mut role = g.h(l).leadership();
+        tokio::time::timeout(WAIT, role.wait_for(|r| r.is_leader))
+            .await
+            .expect("the leader never published its leadership")
+            .unwrap();
+        let st = g.h(l).status();
+        assert!(
+            st.applied > acknowledged,
+            "leadership published before what was acknowledged was applied: {st:?}"
+        );
+        assert_eq!(nodes_of(g.h(l)).len(), 5);
     }
 
     #[tokio::test]
