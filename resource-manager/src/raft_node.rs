@@ -1137,11 +1137,8 @@ impl Member {
             is_leader: caught_up,
             term: r.term,
         };
-        self.shared.role.send_if_modified(|now| {
-            let changed = *now != role;
-            *now = role;
-            changed
-        });
+        // The status first: whoever wakes on the role reads a status at
+        // least as new.
         *self.shared.status.write().expect("status lock") = RaftStatus {
             id: self.settings.id,
             is_leader: r.state == StateRole::Leader,
@@ -1153,6 +1150,11 @@ impl Member {
             members,
             caught_up,
         };
+        self.shared.role.send_if_modified(|now| {
+            let changed = *now != role;
+            *now = role;
+            changed
+        });
     }
 }
 
