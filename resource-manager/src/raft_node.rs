@@ -585,20 +585,10 @@ impl Member {
             self.last_leader = r.leader_id;
             self.gone = 0;
         }
-        let target = if r.leader_id != 0 {
-            r.leader_id
-        } else {
-            self.last_leader
-        };
-        // Without a leader, only a member that has voted for nobody in this
-        // term looks: one that voted for a candidate leaves the election to
-        // it (campaigning would only move everyone to a later term), and a
-        // candidate that lost (its log behind) voted for itself. One that
-        // refused a candidate whose log was behind its own is the one to
-        // campaign next.
-        if target == 0 || target == self.settings.id || (r.leader_id == 0 && r.vote != 0) {
+        let Some(target) = self.watched() else {
             return;
-        }
+        };
+        let r = &self.raw.raft;
         if r.leader_id == 0 && target == self.gone {
             // Found gone already, and this member refused the candidate
             // since (its log was behind): no need to look again.
@@ -661,17 +651,31 @@ impl Member {
     /// leader found listening is left alone, and the silence probe of
     /// [`Member::watch_leader`] still comes if it then goes quiet.
     fn stream_ended(&self, peer: u64) {
-        let r = &self.raw.raft;
-        let follows = r.leader_id == peer || (r.leader_id == 0 && self.last_leader == peer);
-        if r.state != StateRole::Follower
-            || !follows
-            || peer == self.settings.id
-            || (r.leader_id == 0 && r.vote != 0)
-        {
-            return;
+        if self.watched() == Some(peer) {
+            debug!(peer, "the leader's stream ended: probing it now");
+            self.probe(self.raw.raft.term, peer);
         }
-        debug!(peer, "the leader's stream ended: probing it now");
-        self.probe(r.term, peer);
+    }
+
+    /// The leader a follower looks after: the one it follows, or without
+    /// one the last it followed. Without a leader, only a member that has
+    /// voted for nobody in this term looks: one that voted for a candidate
+    /// leaves the election to it (campaigning would only move everyone to a
+    /// later term), and a candidate that lost (its log behind) voted for
+    /// itself. One that refused a candidate whose log was behind its own is
+    /// the one to campaign next.
+    fn watched(&self) -> Option<u64> {
+        let r = &self.raw.raft;
+        let target = if r.leader_id != 0 {
+            r.leader_id
+        } else {
+            self.last_leader
+        };
+        let looks = r.state == StateRole::Follower
+            && target != 0
+            && target != self.settings.id
+            && (r.leader_id != 0 || r.vote == 0);
+        looks.then_some(target)
     }
 
     /// Campaigns at once, if [`RoleNow::campaigns_for_gone`] says so, to
