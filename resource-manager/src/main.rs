@@ -74,9 +74,10 @@ struct StandaloneArgs {
     /// listen address and RM address are set here unless given.
     #[arg(long, requires = "local_agent")]
     agent_config: Option<PathBuf>,
-    /// Address the local agent listens on.
-    #[arg(long, default_value = "127.0.0.1:0", requires = "local_agent")]
-    agent_listen: SocketAddr,
+    /// Address the local agent listens on [default: the agent config's
+    /// `listen`, else 127.0.0.1:0].
+    #[arg(long, requires = "local_agent")]
+    agent_listen: Option<SocketAddr>,
 }
 
 /// The config of a standalone master: this process is the whole group.
@@ -98,18 +99,37 @@ fn standalone_config(args: &Args, s: &StandaloneArgs) -> anyhow::Result<RmConfig
 }
 
 fn agent_config(s: &StandaloneArgs) -> anyhow::Result<weft_node_agent::config::AgentConfig> {
-    let mut a = match &s.agent_config {
-        Some(p) => weft_node_agent::config::AgentConfig::load(p)?,
-        None => {
-            let mut a = weft_node_agent::config::AgentConfig {
-                work_dir: s.data_dir.join("agent"),
-                ..Default::default()
-            };
-            a.containers.cgroup_parent = format!("weft-standalone-{}", s.listen.port());
-            a
+    use weft_node_agent::config::AgentConfig;
+    // What the file leaves out is this cluster's own: the work dir under the
+    // data dir (not the agent's default /var/lib/weft/agent, which another
+    // cluster on this machine may hold), a cgroup parent of its own, its
+    // listen address and this RM.
+    let (mut a, given) = match &s.agent_config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("--agent-config {}: {e}", p.display()))?;
+            let a = AgentConfig::from_toml(&text)
+                .map_err(|e| anyhow::anyhow!("--agent-config {}: {e}", p.display()))?;
+            let table: toml::Table = toml::from_str(&text)?;
+            (a, table)
         }
+        None => (AgentConfig::default(), toml::Table::new()),
     };
-    a.listen = s.agent_listen;
+    if !given.contains_key("work_dir") {
+        a.work_dir = s.data_dir.join("agent");
+    }
+    let cgroup_parent_given = given
+        .get("containers")
+        .and_then(|c| c.as_table())
+        .is_some_and(|c| c.contains_key("cgroup_parent"));
+    if !cgroup_parent_given {
+        a.containers.cgroup_parent = format!("weft-standalone-{}", s.listen.port());
+    }
+    match s.agent_listen {
+        Some(l) => a.listen = l,
+        None if !given.contains_key("listen") => a.listen = ([127, 0, 0, 1], 0).into(),
+        None => {}
+    }
     if a.rm_addresses.is_empty() {
         a.rm_addresses = vec![s.listen.to_string()];
     }

@@ -518,7 +518,7 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
                     })
                     .collect::<String>();
                 format!(
-                    "{}  {}  {}\nvcores {} of {}  memory {} of {}  gpus {} of {}  containers {}\nlabels {}{gpus}",
+                    "{}  {}  {}\nvcores {} of {}  memory {} of {}  gpus {}{} of {}  containers {}\nlabels {}{gpus}",
                     n.node_id,
                     n.address,
                     short_state(n.state().as_str_name(), "NODE_STATE_"),
@@ -527,6 +527,11 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
                     human_bytes(u.memory_bytes),
                     human_bytes(c.memory_bytes),
                     u.gpus,
+                    if u.gpu_share_milli > 0 {
+                        format!(" + {} in shares", vcores(u.gpu_share_milli.into()))
+                    } else {
+                        String::new()
+                    },
                     c.gpus.len(),
                     n.containers,
                     if labels.is_empty() { "-".into() } else { labels.join(",") },
@@ -831,20 +836,41 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
     Ok((out, ok))
 }
 
+/// Whether an error is stdout's reader having gone away (`rmctl ... | head`).
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Prints the command's output; a reader that stopped reading (`| head`,
+/// `| grep -q`) ends the output quietly, as it does for other Unix tools.
+fn print_out(out: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{out}").and_then(|()| stdout.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("rmctl: writing the output: {e}");
+        }
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok((out, true)) => {
             if !out.is_empty() {
-                println!("{out}");
+                print_out(&out);
             }
             ExitCode::SUCCESS
         }
         Ok((out, false)) => {
-            println!("{out}");
+            print_out(&out);
             ExitCode::FAILURE
         }
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rmctl: {e:#}");
             ExitCode::FAILURE

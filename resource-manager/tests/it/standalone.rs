@@ -22,26 +22,46 @@ impl Standalone {
 
     /// With `agent_extra` appended to the embedded agent's config.
     fn start_with(agent_extra: &str) -> Standalone {
+        Self::start_config(agent_extra, true)
+    }
+
+    /// `own_dirs`: the agent config names its work dir and cgroup parent;
+    /// otherwise the standalone master picks them.
+    fn start_config(agent_extra: &str, own_dirs: bool) -> Standalone {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let parent = format!("weft-rm-it-{}-standalone-{port}", std::process::id());
+        let parent = if own_dirs {
+            format!("weft-rm-it-{}-standalone-{port}", std::process::id())
+        } else {
+            format!("weft-standalone-{port}")
+        };
         let mut s = Standalone {
             child: None,
             dir,
             addr: format!("127.0.0.1:{port}"),
             parent,
         };
+        // Top-level keys first: a key after a [table] belongs to that table.
+        let (work_dir, parent) = if own_dirs {
+            (
+                format!(
+                    "work_dir = {:?}\n",
+                    s.dir.path().join("agent").display().to_string()
+                ),
+                format!("[containers]\ncgroup_parent = {:?}\n", s.parent),
+            )
+        } else {
+            Default::default()
+        };
         std::fs::write(
             s.dir.path().join("agent.toml"),
             format!(
-                "node_id = \"solo\"\nwork_dir = {:?}\n[resources]\nvcores = 4.0\nmemory = \"4GiB\"\n\
-                 [containers]\ncgroup_parent = {:?}\n[gpu]\nprobe = \"none\"\n{agent_extra}",
-                s.dir.path().join("agent").display().to_string(),
-                s.parent
+                "node_id = \"solo\"\n{work_dir}[resources]\nvcores = 4.0\nmemory = \"4GiB\"\n\
+                 {parent}[gpu]\nprobe = \"none\"\n{agent_extra}"
             ),
         )
         .unwrap();
@@ -537,4 +557,39 @@ async fn the_example_ml_pipeline_trains_a_model_on_a_standalone_cluster() {
     let out = String::from_utf8_lossy(&sweep.stdout);
     assert!(sweep.status.success(), "{sweep:?}");
     assert!(out.contains("best learning rate: 0.5 (loss 0)"), "{out}");
+}
+
+/// An agent config that names neither a work dir nor a cgroup parent (one
+/// that only picks the GPU probe, say) gets the cluster's own: two
+/// standalone clusters side by side on one machine each run their first
+/// job. Both once took the agent's defaults (/var/lib/weft/agent and the
+/// cgroup parent `weft`): every fresh cluster numbers its containers from
+/// the same first id, so the second cluster's first container was refused
+/// as already existing on the node and its job FAILED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_standalone_clusters_with_a_minimal_agent_config_do_not_share_an_agent_dir() {
+    let a = Standalone::start_config("", false);
+    let b = Standalone::start_config("", false);
+    let job = "name: first\nstages:\n  - name: run\n    instances: 1\n    command: 'sleep 1'\n    resources: { vcores: 0.2, memory: 64MiB }\n";
+    // Each submitted the moment its cluster answers, both running at once.
+    let (ca, cb) = (a.client(), b.client());
+    let (ra, rb) = tokio::join!(
+        async {
+            crate::cluster::wait_nodes(&ca, 1).await;
+            let app = ca.submit(job, "yaml", "a").await.unwrap();
+            wait_end_logged(&ca, &app, Some(&a.dir.path().join("standalone.log"))).await
+        },
+        async {
+            crate::cluster::wait_nodes(&cb, 1).await;
+            let app = cb.submit(job, "yaml", "b").await.unwrap();
+            wait_end_logged(&cb, &app, Some(&b.dir.path().join("standalone.log"))).await
+        }
+    );
+    for (r, s) in [(ra, &a), (rb, &b)] {
+        assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
+        assert!(
+            s.dir.path().join("agent/state").is_dir(),
+            "the agent's state is under the data dir"
+        );
+    }
 }
