@@ -170,7 +170,7 @@ pub async fn run(
     let svc = weft_proto::v1::container_manager_server::ContainerManagerServer::new(
         service::ContainerService::new(mgr.clone()),
     );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = weft_common::net::incoming(listener);
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         weft_common::net::server()

@@ -92,7 +92,7 @@ pub async fn run(
     // Leader-only work starts and stops with this member's leaderships.
     let leader = tokio::spawn(leader::supervise(svc.clone(), cancel.clone()));
     let am = service::am::AmService::new(svc.scheduling.clone());
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = weft_common::net::incoming(listener);
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         weft_common::net::server()

@@ -1102,7 +1102,9 @@ impl Member {
         {
             return;
         }
-        let state = self.shared.state.read().expect("state lock").clone();
+        let took = Instant::now();
+        let state = self.shared.state.read().expect("state lock").stored_part();
+        let copied = took.elapsed();
         let cs = self.raw.raft.prs().conf().to_conf_state();
         let (index, storage) = (self.applied, self.storage.clone());
         self.last_snapshot = index;
@@ -1110,8 +1112,10 @@ impl Member {
         let job = std::thread::Builder::new()
             .name("snapshot".into())
             .spawn(move || {
+                let started = Instant::now();
                 let data = state.to_snapshot();
                 drop(state);
+                let encoded = started.elapsed();
                 let bytes = data.len() as u64;
                 storage
                     .create_snapshot(index, cs, data)
@@ -1119,7 +1123,14 @@ impl Member {
                 storage
                     .sync()
                     .unwrap_or_else(|e| fatal(&storage, "syncing a snapshot", e));
-                debug!(index, bytes, "snapshot taken; log compacted");
+                debug!(
+                    index,
+                    bytes,
+                    copy_us = copied.as_micros() as u64,
+                    encode_ms = encoded.as_millis() as u64,
+                    store_ms = (started.elapsed() - encoded).as_millis() as u64,
+                    "snapshot taken; log compacted"
+                );
                 bytes
             })
             .unwrap_or_else(|e| fatal(&self.storage, "starting the snapshot thread", e));

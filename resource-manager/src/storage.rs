@@ -76,6 +76,9 @@ struct Marker {
 const MARKER_FILE: &str = "weft-log-marker.json";
 const MARKER_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// Log entries removed per sled batch when the log is compacted.
+const COMPACT_BATCH: usize = 256;
+
 fn key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
@@ -565,14 +568,29 @@ impl SledStorage {
         self.compact(index)
     }
 
-    /// Removes entries up to and including `index`.
+    /// Removes entries up to and including `index`, oldest first, a few
+    /// hundred at a time: a sled batch holds sled's write lock while it is
+    /// applied, and one batch of every entry since the last snapshot (tens
+    /// of thousands) held up the raft thread's appends meanwhile. A crash
+    /// part way leaves a contiguous log after a gap at its start, which is
+    /// below the snapshot and ignored (compacted again next time).
     fn compact(&self, index: u64) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(..=key(index)) {
-            let (k, _) = item.map_err(Error::sled)?;
-            batch.remove(k);
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for item in self.log.range(..=key(index)).take(COMPACT_BATCH) {
+                let (k, _) = item.map_err(Error::sled)?;
+                batch.remove(k);
+                n += 1;
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            self.log.apply_batch(batch).map_err(Error::sled)?;
+            if n < COMPACT_BATCH {
+                return Ok(());
+            }
         }
-        self.log.apply_batch(batch).map_err(Error::sled)
     }
 
     /// Installs a snapshot received from the leader: the log is replaced by

@@ -53,7 +53,9 @@ impl Drop for Group {
 }
 
 /// Starts three members with `config` (TOML; may be empty) as their config
-/// file, logging warnings only.
+/// file, logging warnings only (or as `WEFT_BENCH_RM_LOG` says, e.g.
+/// `weft_resource_manager::raft_node=debug` for each snapshot's timings),
+/// on the bench's stderr.
 pub fn start_group(config: &str) -> Group {
     let dir = tempfile::tempdir().unwrap();
     let addrs: Vec<String> = free_ports(3)
@@ -77,7 +79,10 @@ pub fn start_group(config: &str) -> Group {
                     dir.path().join(format!("rm{i}")).to_str().unwrap(),
                 ])
                 .args(["--peers", &peers.join(",")])
-                .env("RUST_LOG", "warn")
+                .env(
+                    "RUST_LOG",
+                    std::env::var("WEFT_BENCH_RM_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .stdin(Stdio::null())
                 .spawn()
                 .unwrap()

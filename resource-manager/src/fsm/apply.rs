@@ -426,9 +426,15 @@ impl ClusterState {
                     pruned = true;
                 }
                 if pruned {
-                    let apps = &self.apps;
-                    self.submissions
-                        .retain(|_, app| apps.contains_key(app.as_str()));
+                    let gone: Vec<String> = self
+                        .submissions
+                        .iter()
+                        .filter(|(_, app)| !self.apps.contains_key(app.as_str()))
+                        .map(|(request, _)| request.clone())
+                        .collect();
+                    for request in gone {
+                        self.submissions.remove(&request);
+                    }
                 }
                 Outcome::Done
             }
@@ -495,7 +501,7 @@ impl ClusterState {
 
     pub(super) fn charge_queue(
         usage: &mut BTreeMap<String, BTreeMap<String, QueueUse>>,
-        apps: &BTreeMap<Id, App>,
+        apps: &imbl::OrdMap<Id, App>,
         a: &Allocation,
         add: bool,
     ) {

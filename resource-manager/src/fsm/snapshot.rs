@@ -4,6 +4,29 @@
 use super::*;
 
 impl ClusterState {
+    /// What a snapshot stores, cheap to take on the raft thread: the stored
+    /// fields (the large maps share their nodes with this state), without
+    /// the derived indexes, which [`ClusterState::to_snapshot`] skips.
+    pub fn stored_part(&self) -> ClusterState {
+        ClusterState {
+            nodes: self.nodes.clone(),
+            apps: self.apps.clone(),
+            app_seq: self.app_seq,
+            submissions: self.submissions.clone(),
+            members: self.members.clone(),
+            containers: self.containers.clone(),
+            queues: self.queues.clone(),
+            token_key: self.token_key.clone(),
+            // Every field named (no `..`): a field added to the state is a
+            // compile error here until it is either stored or derived.
+            app_containers: Default::default(),
+            node_containers: Default::default(),
+            usage: Default::default(),
+            queue_usage: Default::default(),
+            node_changes: Default::default(),
+        }
+    }
+
     pub fn to_snapshot(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("state serialises")
     }

@@ -98,6 +98,35 @@ fn apply_is_deterministic_and_snapshots_round_trip() {
     assert_eq!(ClusterState::from_snapshot(&a.to_snapshot()).unwrap(), a);
 }
 
+/// The raft thread hands a snapshot `stored_part()` and goes on applying:
+/// what the snapshot writes is the state as it was when it was taken (the
+/// shared maps copy on change), and reads back as that whole state.
+#[test]
+fn a_stored_part_taken_before_more_applies_snapshots_the_state_as_it_was() {
+    let mut s = ClusterState::default();
+    s.apply(&node("n1", 4000, 1 << 30, 0));
+    for i in 0..300 {
+        s.apply(&submit(&format!("r{i}"), i));
+    }
+    let then = s.clone();
+    let part = s.stored_part();
+    assert_eq!(part.to_snapshot(), then.to_snapshot());
+    for i in 0..300 {
+        s.apply(&Command::KillApplication {
+            app_id: format!("app-{:06}", i + 1),
+            at_ms: 1000 + i,
+        });
+    }
+    s.apply(&submit("later", 2000));
+    assert_ne!(s.to_snapshot(), then.to_snapshot());
+    assert_eq!(part.to_snapshot(), then.to_snapshot());
+    assert_eq!(
+        ClusterState::from_snapshot(&part.to_snapshot()).unwrap(),
+        then
+    );
+    assert!(part.apps.values().all(|a| a.state != AppState::Killed));
+}
+
 pub(crate) fn node(id: &str, vcores: u64, mem: u64, gpus: u32) -> Command {
     Command::RegisterNode {
         node_id: id.into(),

@@ -154,12 +154,11 @@ impl pb::client_service_server::ClientService for RmService {
             std::ops::Bound::Excluded(r.page_token.as_str()),
             std::ops::Bound::Unbounded,
         );
-        let from: std::collections::btree_map::Range<'_, crate::fsm::Id, _> =
-            if r.page_token.is_empty() {
-                st.apps.range::<str, _>(..)
-            } else {
-                st.apps.range::<str, _>(after)
-            };
+        let from: imbl::ordmap::RangedIter<'_, crate::fsm::Id, _, _> = if r.page_token.is_empty() {
+            st.apps.range::<_, str>(..)
+        } else {
+            st.apps.range::<_, str>(after)
+        };
         let mut matching = from
             .map(|(_, a)| a)
             .filter(|a| r.queue.is_empty() || a.queue == r.queue)

@@ -74,8 +74,8 @@ impl Scheduling {
                 let state = self.raft.state();
                 let mut t = self.table.lock().expect("table lock");
                 let range = match &after {
-                    None => state.apps.range::<str, _>(..),
-                    Some(k) => state.apps.range::<str, _>((
+                    None => state.apps.range::<_, str>(..),
+                    Some(k) => state.apps.range::<_, str>((
                         std::ops::Bound::Excluded(k.as_str()),
                         std::ops::Bound::Unbounded,
                     )),
