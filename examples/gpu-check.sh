@@ -23,36 +23,19 @@ fi
 bin=$WEFT_BIN
 
 work=$(mktemp -d -t weft-gpu-check.XXXXXX)
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-export WEFT_RM="127.0.0.1:$port"
-log="$work/standalone.log"
 cat >"$work/agent.toml" <<EOF
 [gpu]
 probe = "${WEFT_GPU_PROBE:-nvml}"
 EOF
 if [ -n "${WEFT_GPU_FAKE:-}" ]; then cat "$WEFT_GPU_FAKE" >>"$work/agent.toml"; fi
-
-"$bin/resource-manager" standalone --data-dir "$work/weft" --listen "$WEFT_RM" --local-agent \
-  --agent-config "$work/agent.toml" >"$log" 2>&1 &
-cluster=$!
-stop() {
-  kill -TERM "$cluster" 2>/dev/null || true
-  wait "$cluster" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap stop EXIT
+agent_config="$work/agent.toml"
+. examples/standalone.sh
 fail() {
   echo "gpu-check FAILED: $*" >&2
   tail -n 20 "$log" >&2
   exit 1
 }
 
-for _ in $(seq 1 100); do
-  kill -0 "$cluster" 2>/dev/null || fail "the standalone cluster stopped"
-  if "$bin/rmctl" --timeout 1 node list 2>/dev/null | grep -q RUNNING; then break; fi
-  sleep 0.2
-done
-"$bin/rmctl" node list
 node=$("$bin/rmctl" node list | awk 'NR > 1 { print $1; exit }')
 "$bin/rmctl" node status "$node"
 gpus=$("$bin/rmctl" -o json node status "$node" | python3 -c '
