@@ -323,6 +323,7 @@ impl Manager {
                 gpu_uuids: f.gpu_uuids,
                 work_dir: f.work_dir,
                 log_dir: f.log_dir,
+                group_key: f.group_key,
             };
             let adopt = match f.state {
                 Found::Running { pidfd, group } => {
@@ -459,6 +460,7 @@ impl Manager {
                 gpu_uuids: vec![],
                 work_dir: self.sh.containers_root.join(id),
                 log_dir: self.sh.logs_root.join(id),
+                group_key: String::new(),
             };
             let (stop_tx, _) = mpsc::unbounded_channel();
             let c = Arc::new(Container {
@@ -508,12 +510,12 @@ impl Manager {
                 crate::model::diagnostic(&why, &[])
             )));
         }
-        let expires = self.sh.tokens.check(&token, &spec, &ports)?;
+        let (expires, group_key) = self.sh.tokens.check(&token, &spec, &ports)?;
         // A port given to it and bound on the node by something else: a
         // transient refusal (the RM hears of the port and gives another).
         crate::ports::check_free(&ports)?;
-        let (c, stop_rx) = self.admit(&spec)?;
-        if let Err(e) = self.sh.tokens.spend(&spec.id, expires) {
+        let (c, stop_rx) = self.admit(&spec, &group_key)?;
+        if let Err(e) = self.sh.tokens.spend(&group_key, &spec.id, expires) {
             self.sh
                 .state
                 .lock()
@@ -530,7 +532,7 @@ impl Manager {
                     .expect("state lock poisoned")
                     .remove(&spec.id);
                 // Nothing ran: the token may be used again.
-                self.sh.tokens.unspend(&spec.id);
+                self.sh.tokens.unspend(&group_key, &spec.id);
                 Err(e)
             }
         }
@@ -540,11 +542,32 @@ impl Manager {
     fn admit(
         &self,
         spec: &ContainerSpec,
+        group_key: &str,
     ) -> Result<(Arc<Container>, mpsc::UnboundedReceiver<StopRequest>)> {
         let r = &spec.resources;
         let mut st = self.sh.state.lock().expect("state lock poisoned");
-        if st.contains_key(&spec.id) {
-            return Err(Error::AlreadyExists(spec.id.clone()));
+        if let Some(old) = st.get(&spec.id) {
+            let rec = old.record();
+            // An ended container another RM group granted (see
+            // `Record::group_key`): its record, logs and files give way.
+            if !(rec.is_done() && !rec.group_key.is_empty() && rec.group_key != group_key) {
+                return Err(Error::AlreadyExists(spec.id.clone()));
+            }
+            warn!(
+                container_id = %spec.id,
+                "an ended container of another resource-manager group had this id: its record and logs are removed for the new one"
+            );
+            st.remove(&spec.id);
+            self.sh.state_dir.remove(&spec.id);
+            // Moved aside at once (the new container's dirs have the same
+            // paths), removed off the runtime (logs can be large).
+            for dir in [&rec.work_dir, &rec.log_dir] {
+                let aside =
+                    dir.with_extension(format!("gone-{}", crate::model::millis(SystemTime::now())));
+                if std::fs::rename(dir, &aside).is_ok() {
+                    tokio::task::spawn_blocking(move || std::fs::remove_dir_all(aside));
+                }
+            }
         }
         let (mut vcores, mut memory) = (0u64, 0u64);
         // Device -> the container holding it whole, or the shares on it.
@@ -633,6 +656,7 @@ impl Manager {
                 gpu_uuids,
                 work_dir: self.sh.containers_root.join(&spec.id),
                 log_dir: self.sh.logs_root.join(&spec.id),
+                group_key: group_key.to_string(),
             }),
             stop_tx,
             done: watch::Sender::new(false),
@@ -773,6 +797,7 @@ impl Manager {
             started_at_ms: crate::model::millis(started_at),
             work_dir: rec.work_dir.clone(),
             log_dir: rec.log_dir.clone(),
+            group_key: rec.group_key.clone(),
         };
         let state_dir = self.sh.state_dir.clone();
         blocking(move || {
@@ -1277,6 +1302,7 @@ struct FoundContainer {
     gpu_uuids: Vec<String>,
     work_dir: PathBuf,
     log_dir: PathBuf,
+    group_key: String,
     state: Found,
 }
 
@@ -1324,6 +1350,7 @@ fn take_over(sh: &Shared) -> Vec<FoundContainer> {
             gpu_uuids: p.gpu_uuids.clone(),
             work_dir: p.work_dir.clone(),
             log_dir: p.log_dir.clone(),
+            group_key: p.group_key.clone(),
             state,
         };
         // Ended and decided by an earlier agent (its groups are gone).

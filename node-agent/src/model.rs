@@ -210,6 +210,15 @@ pub struct Record {
     pub gpu_uuids: Vec<String>,
     pub work_dir: PathBuf,
     pub log_dir: PathBuf,
+    /// The public key (hex) that checked the token it was started with: the
+    /// RM group that granted it (empty: not known). Every new RM group
+    /// numbers its containers from the same first id, so an agent that
+    /// outlives its group (a rebuilt group, a standalone cluster started
+    /// again on the same work dir) meets ids it already holds; an ended
+    /// container of another group gives way to the new grant, while a new
+    /// token of the same group for an id this agent already ran is refused
+    /// (it would run that container twice).
+    pub group_key: String,
 }
 
 impl Record {

@@ -52,6 +52,10 @@ pub struct Persisted {
     pub started_at_ms: u64,
     pub work_dir: PathBuf,
     pub log_dir: PathBuf,
+    /// The public key (hex) of the RM group whose token started it (empty
+    /// in records of earlier agents): see [`crate::model::Record::group_key`].
+    #[serde(default)]
+    pub group_key: String,
 }
 
 impl Persisted {
@@ -278,6 +282,7 @@ mod tests {
             started_at_ms: 1_700_000_000_000,
             work_dir: "/w/containers/c1".into(),
             log_dir: "/w/logs/c1".into(),
+            group_key: "ab".into(),
         }
     }
 

@@ -103,8 +103,14 @@ impl Tokens {
     }
 
     /// Checks `token` for `spec`; returns the token's expiry, for
-    /// [`Tokens::spend`] once the container is admitted.
-    pub fn check(&self, token: &[u8], spec: &ContainerSpec, ports: &[u32]) -> Result<u64> {
+    /// [`Tokens::spend`] once the container is admitted, and the public key
+    /// (hex) that checked it: which RM group granted the container.
+    pub fn check(
+        &self,
+        token: &[u8],
+        spec: &ContainerSpec,
+        ports: &[u32],
+    ) -> Result<(u64, String)> {
         let deny = |m: String| Err(Error::PermissionDenied(m));
         let Some(key) = self.key.read().expect("token key lock").clone() else {
             // Transient: the caller tries again later or elsewhere.
@@ -180,27 +186,32 @@ impl Tokens {
         if asked != granted {
             return mismatch("ports", format!("{granted:?}"), format!("{asked:?}"));
         }
-        Ok(body.expires_at_ms)
+        Ok((body.expires_at_ms, hex::encode(key.to_bytes())))
     }
 
-    /// Marks the token of container `id` used; refuses one used before (a
-    /// replay after the agent forgot the container it started).
-    pub fn spend(&self, id: &str, expires_at_ms: u64) -> Result<()> {
+    /// Marks the token of container `id` granted by the group of `key`
+    /// used; refuses one used before (a replay after the agent forgot the
+    /// container it started).
+    pub fn spend(&self, key: &str, id: &str, expires_at_ms: u64) -> Result<()> {
         let now = self.leader_now_ms();
         let mut used = self.used.lock().expect("used tokens lock");
         used.retain(|_, exp| *exp > now);
-        if used.contains_key(id) {
+        let k = format!("{key}/{id}");
+        if used.contains_key(&k) {
             return Err(Error::PermissionDenied(format!(
                 "the token of container {id} was already used"
             )));
         }
-        used.insert(id.to_string(), expires_at_ms);
+        used.insert(k, expires_at_ms);
         Ok(())
     }
 
     /// Gives back a token whose container could not be launched.
-    pub fn unspend(&self, id: &str) {
-        self.used.lock().expect("used tokens lock").remove(id);
+    pub fn unspend(&self, key: &str, id: &str) {
+        self.used
+            .lock()
+            .expect("used tokens lock")
+            .remove(&format!("{key}/{id}"));
     }
 }
 
@@ -237,7 +248,7 @@ mod tests {
         })
     }
 
-    fn denied(r: Result<u64>) -> String {
+    fn denied<T: std::fmt::Debug>(r: Result<T>) -> String {
         match r {
             Err(Error::PermissionDenied(m)) => m,
             other => panic!("expected a refusal, got {other:?}"),
@@ -262,8 +273,8 @@ mod tests {
         t.check(&tok, &s, &[]).unwrap();
         // Spent tokens are kept by the leader's clock too: still refused a
         // second time.
-        t.spend("c1", leader_now + 600_000).unwrap();
-        assert!(t.spend("c1", leader_now + 600_000).is_err());
+        t.spend("k", "c1", leader_now + 600_000).unwrap();
+        assert!(t.spend("k", "c1", leader_now + 600_000).is_err());
         // An answer with no clock (an older RM) changes nothing.
         t.observe_leader_clock(0);
         t.check(&tok, &s, &[]).unwrap();
@@ -306,8 +317,13 @@ mod tests {
         let t = Tokens::new("n1".into(), Some(rm.verifier()));
         let later = now_ms() + 60_000;
         let ok = token(&rm, "c1", "n1", 64 << 20, later);
-        let exp = t.check(&ok, &spec("c1", 64 << 20, 500), &[]).unwrap();
+        let (exp, key) = t.check(&ok, &spec("c1", 64 << 20, 500), &[]).unwrap();
         assert_eq!(exp, later);
+        assert_eq!(
+            key,
+            hex::encode(rm.public_key()),
+            "the group that granted it"
+        );
         // Less than granted is fine; more is not; no CPU limit is more.
         t.check(&ok, &spec("c1", 32 << 20, 250), &[]).unwrap();
         assert_eq!(
@@ -327,11 +343,13 @@ mod tests {
         let old = token(&rm, "c1", "n1", 64 << 20, now_ms() - 1);
         assert!(denied(t.check(&old, &spec("c1", 64 << 20, 500), &[])).contains("expired"));
         assert!(denied(t.check(&[], &spec("c1", 64 << 20, 500), &[])).contains("no token"));
-        t.spend("c1", later).unwrap();
+        t.spend(&key, "c1", later).unwrap();
         assert!(matches!(
-            t.spend("c1", later),
+            t.spend(&key, "c1", later),
             Err(Error::PermissionDenied(m)) if m.contains("already used")
         ));
+        // Another group's grant of the same id is another token.
+        t.spend("another group", "c1", later).unwrap();
     }
 
     #[test]

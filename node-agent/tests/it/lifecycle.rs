@@ -197,3 +197,92 @@ fn v1_devices_controller_denies_listed_devices() {
     d.cleanup();
     assert_nothing_left(&parent);
 }
+
+/// A StartContainerRequest for `id` with a token of `signer`'s group.
+fn granted_by(
+    signer: &weft_proto::token::TokenSigner,
+    id: &str,
+    script: &str,
+) -> pb::StartContainerRequest {
+    let mut req = spec(id, script, 16 * MIB);
+    let now = weft_proto::token::now_ms();
+    req.token = signer.sign_container(&pb::ContainerTokenBody {
+        container_id: id.into(),
+        application_id: "app-000001".into(),
+        node_id: TEST_NODE.into(),
+        memory_bytes: 16 * MIB,
+        issued_at_ms: now,
+        expires_at_ms: now + 60_000,
+        ..Default::default()
+    });
+    req
+}
+
+/// Every new RM group numbers its containers from the same first id. An
+/// agent whose work dir outlives its group (the group rebuilt, a standalone
+/// cluster started again on the same dir) holds an ended `c2-1` when the
+/// new group grants its own `c2-1`: that one starts, and the old record and
+/// logs give way. A new token of the same group for an id the agent already
+/// ran is refused, whatever else it says: that would run the container
+/// twice.
+#[tokio::test]
+async fn an_ended_container_of_another_rm_group_gives_way_to_a_new_grant_of_its_id() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().to_path_buf();
+    let first_group = test_signer();
+    let mut agent = TestAgent::start("regroup1", |c| c.work_dir = dir.clone()).await;
+    let ran = agent
+        .client
+        .start_container(granted_by(&first_group, "c2-1", "echo first"))
+        .await
+        .unwrap();
+    assert!(ran.into_inner().status.is_some());
+    let s = wait_end(&mut agent.client, "c2-1", Duration::from_secs(10)).await;
+    assert_eq!(s.state(), pb::ContainerState::Succeeded);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let again = agent
+        .client
+        .start_container(granted_by(&first_group, "c2-1", "echo twice"))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::AlreadyExists, "{again:?}");
+    agent.shutdown().await;
+
+    // The group is rebuilt: a new key, the same first container id.
+    let second_group = weft_proto::token::TokenSigner::from_seed([8; 32]);
+    let key = hex::encode(second_group.public_key());
+    let mut agent = TestAgent::start("regroup2", |c| {
+        c.work_dir = dir.clone();
+        c.security.token_public_key = Some(key.clone());
+    })
+    .await;
+    let old = agent
+        .client
+        .get_container_status(pb::GetContainerStatusRequest {
+            container_id: "c2-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        old.state(),
+        pb::ContainerState::Succeeded,
+        "recovered: {old:?}"
+    );
+    agent
+        .client
+        .start_container(granted_by(&second_group, "c2-1", "echo second"))
+        .await
+        .expect("the new group's c2-1 starts");
+    let s = wait_end(&mut agent.client, "c2-1", Duration::from_secs(10)).await;
+    assert_eq!(s.state(), pb::ContainerState::Succeeded);
+    let out = read_log(&mut agent.client, "c2-1", pb::LogStream::Stdout, 0, false).await;
+    assert_eq!(out, "second\n", "only the new container's output");
+    let again = agent
+        .client
+        .start_container(granted_by(&second_group, "c2-1", "echo twice"))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::AlreadyExists, "{again:?}");
+    agent.shutdown().await;
+}
