@@ -38,10 +38,7 @@ fail() {
 
 node=$("$bin/rmctl" node list | awk 'NR > 1 { print $1; exit }')
 "$bin/rmctl" node status "$node"
-gpus=$("$bin/rmctl" -o json node status "$node" | python3 -c '
-import json, sys
-n = json.load(sys.stdin)
-print(len(n.get("gpus") or n.get("node", {}).get("gpus") or []))')
+gpus=$("$bin/rmctl" -o json node status "$node" | python3 -c 'import json, sys; print(len(json.load(sys.stdin)["gpus"]))')
 [ "$gpus" -ge 1 ] || fail "the agent found no GPU"
 grep -m1 -i "gpu\|nvml" "$log" || true
 

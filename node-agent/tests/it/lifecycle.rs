@@ -218,6 +218,16 @@ fn granted_by(
     req
 }
 
+/// A start of c2-1 that its group already granted (a token signed anew) is
+/// refused: it would run that container twice.
+async fn refused_again(client: &mut Client, group: &weft_proto::token::TokenSigner) {
+    let again = client
+        .start_container(granted_by(group, "c2-1", "echo twice"))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::AlreadyExists, "{again:?}");
+}
+
 /// Every new RM group numbers its containers from the same first id. An
 /// agent whose work dir outlives its group (the group rebuilt, a standalone
 /// cluster started again on the same dir) holds an ended `c2-1` when the
@@ -240,12 +250,7 @@ async fn an_ended_container_of_another_rm_group_gives_way_to_a_new_grant_of_its_
     let s = wait_end(&mut agent.client, "c2-1", Duration::from_secs(10)).await;
     assert_eq!(s.state(), pb::ContainerState::Succeeded);
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let again = agent
-        .client
-        .start_container(granted_by(&first_group, "c2-1", "echo twice"))
-        .await
-        .unwrap_err();
-    assert_eq!(again.code(), tonic::Code::AlreadyExists, "{again:?}");
+    refused_again(&mut agent.client, &first_group).await;
     agent.shutdown().await;
 
     // The group is rebuilt: a new key, the same first container id.
@@ -278,11 +283,6 @@ async fn an_ended_container_of_another_rm_group_gives_way_to_a_new_grant_of_its_
     assert_eq!(s.state(), pb::ContainerState::Succeeded);
     let out = read_log(&mut agent.client, "c2-1", pb::LogStream::Stdout, 0, false).await;
     assert_eq!(out, "second\n", "only the new container's output");
-    let again = agent
-        .client
-        .start_container(granted_by(&second_group, "c2-1", "echo twice"))
-        .await
-        .unwrap_err();
-    assert_eq!(again.code(), tonic::Code::AlreadyExists, "{again:?}");
+    refused_again(&mut agent.client, &second_group).await;
     agent.shutdown().await;
 }

@@ -571,16 +571,15 @@ async fn two_standalone_clusters_with_a_minimal_agent_config_do_not_share_an_age
     let a = Standalone::start_config("", false);
     let b = Standalone::start_config("", false);
     let job = "name: first\nstages:\n  - name: run\n    instances: 1\n    command: 'sleep 1'\n    resources: { vcores: 0.2, memory: 64MiB }\n";
-    // Each submitted the moment its cluster answers, both running at once.
+    // Each submitted at once (the client waits for a leader, not for the
+    // node), both clusters running at the same time.
     let (ca, cb) = (a.client(), b.client());
     let (ra, rb) = tokio::join!(
         async {
-            crate::cluster::wait_nodes(&ca, 1).await;
             let app = ca.submit(job, "yaml", "a").await.unwrap();
             wait_end_logged(&ca, &app, Some(&a.dir.path().join("standalone.log"))).await
         },
         async {
-            crate::cluster::wait_nodes(&cb, 1).await;
             let app = cb.submit(job, "yaml", "b").await.unwrap();
             wait_end_logged(&cb, &app, Some(&b.dir.path().join("standalone.log"))).await
         }
