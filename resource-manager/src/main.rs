@@ -8,6 +8,9 @@ use clap::Parser;
 use weft_common::telemetry::{self, LogFormat};
 use weft_resource_manager::RmConfig;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Weft resource manager: one member of the Raft group that holds the
 /// cluster's state. Flags override the config file.
 #[derive(Debug, Parser)]
