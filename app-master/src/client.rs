@@ -10,12 +10,16 @@ use weft_proto::v1 as pb;
 use weft_proto::v1::application_master_service_client::ApplicationMasterServiceClient;
 use weft_proto::v1::container_manager_client::ContainerManagerClient;
 
+/// A connection to the node agent at `addr`.
 fn channel(addr: &str) -> Result<Channel, Status> {
-    Ok(
-        weft_common::net::endpoint(addr, Duration::from_secs(1), Some(Duration::from_secs(30)))
-            .map_err(|e| Status::invalid_argument(format!("address {addr:?}: {e}")))?
-            .connect_lazy(),
+    Ok(weft_common::net::endpoint(
+        addr,
+        weft_common::tls::Role::Agent,
+        Duration::from_secs(1),
+        Some(Duration::from_secs(30)),
     )
+    .map_err(|e| Status::invalid_argument(format!("address {addr:?}: {e}")))?
+    .connect_lazy())
 }
 
 /// How long a master keeps retrying the RM group by default before it gives

@@ -37,6 +37,11 @@ struct Args {
     /// job's tasks keep running meanwhile (e.g. 15m, 1h).
     #[arg(long, env = "WEFT_RM_RETRY_FOR", default_value = "15m", value_parser = humantime::parse_duration)]
     rm_retry_for: std::time::Duration,
+    /// The cluster CA's certificate (PEM): with it, every connection is TLS
+    /// and checks the servers' certificates (the agent hands it to the
+    /// masters it starts when the cluster runs TLS).
+    #[arg(long, env = "WEFT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "human")]
     log_format: LogFormat,
 }
@@ -93,6 +98,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = weft_common::tls::setup_client(args.tls_ca.as_deref(), None, None) {
+        eprintln!("app-master: {e}");
+        return ExitCode::from(2);
+    }
     let rm = match weft_app_master::client::RmAmClient::new(args.rm, token) {
         Ok(rm) => rm.with_retry_for(args.rm_retry_for),
         Err(e) => {

@@ -201,12 +201,17 @@ impl LeaderClient {
         if let Some(c) = ch.get(addr) {
             return Ok(c.clone());
         }
-        let c = crate::net::endpoint(addr, self.connect_timeout, Some(self.request_timeout))
-            .map_err(|e| Error::InvalidAddress {
-                address: addr.to_string(),
-                reason: e.to_string(),
-            })?
-            .connect_lazy();
+        let c = crate::net::endpoint(
+            addr,
+            crate::tls::Role::Rm,
+            self.connect_timeout,
+            Some(self.request_timeout),
+        )
+        .map_err(|e| Error::InvalidAddress {
+            address: addr.to_string(),
+            reason: e.to_string(),
+        })?
+        .connect_lazy();
         ch.insert(addr.to_string(), c.clone());
         Ok(c)
     }
@@ -246,6 +251,9 @@ impl LeaderClient {
         let start = Instant::now();
         let mut backoff = Backoff::new(self.initial_backoff, self.max_backoff);
         let mut redirects = 0;
+        // The last error a member gave (not this call's own deadline): what
+        // an Unreachable names (a TLS handshake refused, say).
+        let mut last_said: Option<String> = None;
         loop {
             let addr = self.pick();
             // No attempt outlives the call's deadline (a frozen member
@@ -269,7 +277,7 @@ impl LeaderClient {
                     return Ok(r.into_inner());
                 }
                 Err(s) if retryable(&s) => s,
-                Err(s) => return Err(Error::Rpc(s)),
+                Err(s) => return Err(Error::Rpc(plaintext_hint(s))),
             };
             let hint = leader_hint(&err);
             tracing::debug!(rm = %addr, error = %err.message(), leader_hint = ?hint, "retrying");
@@ -290,12 +298,21 @@ impl LeaderClient {
             }
             if let Some(deadline) = self.deadline {
                 if start.elapsed() >= deadline {
+                    let last = match last_said {
+                        Some(said) if err.code() == tonic::Code::DeadlineExceeded => {
+                            format!("{said} (then: {})", err.message())
+                        }
+                        _ => err.message().to_string(),
+                    };
                     return Err(Error::Unreachable {
                         tried: self.addresses.join(","),
                         deadline,
-                        last: err.message().to_string(),
+                        last,
                     });
                 }
+            }
+            if err.code() != tonic::Code::DeadlineExceeded {
+                last_said = Some(describe(&err));
             }
             if self.warn_after == Some(backoff.attempts()) {
                 tracing::warn!(rm = %addr, error = %err.message(), "no resource-manager leader answers yet; still retrying");
@@ -314,6 +331,37 @@ impl LeaderClient {
             };
             tokio::time::sleep(wait).await;
         }
+    }
+}
+
+/// A status's message with its source errors (a refused TLS handshake is
+/// only named there).
+fn describe(s: &Status) -> String {
+    let mut text = s.message().to_string();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// A plaintext client of a TLS-only member gets only an HTTP/2 protocol
+/// error: say what it likely means.
+fn plaintext_hint(s: Status) -> Status {
+    if crate::tls::installed().is_none() && s.message().contains("h2 protocol error") {
+        Status::new(
+            s.code(),
+            format!(
+                "{} (the members may serve TLS only: give the cluster's CA with --tls-ca or WEFT_TLS_CA)",
+                s.message()
+            ),
+        )
+    } else {
+        s
     }
 }
 

@@ -9,6 +9,8 @@
 //!   all call the RM through it.
 //! - [`net`]: gRPC endpoints and servers with connect deadlines and
 //!   keepalives, so a frozen peer holds no call for long.
+//! - [`tls`]: mutual TLS for every connection (when configured), the
+//!   certificates `rmctl tls` makes, and the identity a peer's certificate names.
 //! - [`clock`]: the time source the resource manager's timers read, so tests
 //!   can move it by hand.
 
@@ -19,3 +21,4 @@ pub mod daemon;
 pub mod leader;
 pub mod net;
 pub mod telemetry;
+pub mod tls;

@@ -67,23 +67,33 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
 /// How long an unanswered ping keeps a connection open.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_millis(1500);
 
-/// `addr` as a URI (`host:port` gets `http://`).
+/// `addr` as a URI (`host:port` gets `http://`, or `https://` in a
+/// process with TLS installed).
 pub fn uri(addr: &str) -> String {
     if addr.contains("://") {
         addr.to_string()
+    } else if crate::tls::installed().is_some() {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     }
 }
 
-/// An endpoint for `addr` with a connect deadline, an optional request
-/// deadline, TCP_NODELAY and the keepalives above.
+/// An endpoint for the `to` server at `addr` (a member or an agent) with a
+/// connect deadline, an optional request deadline, TCP_NODELAY, the
+/// keepalives above and, in a process with TLS installed, TLS that checks
+/// the server holds a `to` certificate of the cluster CA.
 pub fn endpoint(
     addr: &str,
+    to: crate::tls::Role,
     connect_timeout: Duration,
     request_timeout: Option<Duration>,
 ) -> Result<Endpoint, tonic::transport::Error> {
-    let ep = Endpoint::from_shared(uri(addr))?
+    let mut ep = Endpoint::from_shared(uri(addr))?;
+    if let Some(tls) = crate::tls::installed() {
+        ep = ep.tls_config(tls.client_config(to))?;
+    }
+    let ep = ep
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -107,12 +117,19 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
 }
 
 /// A server builder that pings its clients the same way, so a stream to a
-/// client that froze or vanished (a watch, a log follow) is let go.
+/// client that froze or vanished (a watch, a log follow) is let go; in a
+/// process with TLS installed, it serves TLS only.
 pub fn server() -> Server {
-    Server::builder()
+    let server = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+    match crate::tls::installed().and_then(|t| t.server_config()) {
+        Some(cfg) => server
+            .tls_config(cfg)
+            .expect("checked when the settings were loaded"),
+        None => server,
+    }
 }
 
 #[cfg(test)]

@@ -35,6 +35,11 @@ pub struct AgentConfig {
     pub heartbeat: HeartbeatConfig,
     pub security: SecurityConfig,
     pub ports: PortsConfig,
+    /// Mutual TLS for every connection (files made by `rmctl tls`).
+    pub tls: Option<weft_common::tls::TlsFiles>,
+    /// Serve plaintext on a non-loopback `listen` (refused without this
+    /// when `tls` is not set).
+    pub insecure: bool,
 }
 
 /// Ports the RM hands to this node's containers (gang addresses, named
@@ -85,6 +90,8 @@ impl Default for AgentConfig {
             heartbeat: HeartbeatConfig::default(),
             security: SecurityConfig::default(),
             ports: PortsConfig::default(),
+            tls: None,
+            insecure: false,
         }
     }
 }
@@ -326,7 +333,14 @@ impl AgentConfig {
                 }
             }
         }
-        Ok(())
+        // Last: a field that is wrong anyway is named first.
+        weft_common::tls::check_listen(
+            self.listen,
+            self.tls.is_some(),
+            self.insecure,
+            weft_common::tls::Role::Agent,
+        )
+        .map_err(Error::Config)
     }
 }
 
@@ -392,6 +406,29 @@ mod tests {
     fn unknown_field_is_named() {
         let e = AgentConfig::from_toml("[containers]\nmonitr_interval = \"1s\"\n").unwrap_err();
         assert!(e.to_string().contains("monitr_interval"), "{e}");
+    }
+
+    #[test]
+    fn a_non_loopback_listen_address_needs_tls_or_insecure() {
+        let c = AgentConfig::default();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:7200");
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "listen: 0.0.0.0:7200 is not a loopback address and no [tls] section is set"
+            ) && e.contains("--role agent")
+                && e.contains("insecure = true"),
+            "{e}"
+        );
+        let insecure = AgentConfig::from_toml("insecure = true\n").unwrap();
+        insecure.validate().unwrap();
+        let tls = AgentConfig::from_toml(
+            "[tls]\nca_file = \"/etc/weft/tls/weft-ca.pem\"\ncert_file = \"a.pem\"\nkey_file = \"a-key.pem\"\n",
+        )
+        .unwrap();
+        tls.validate().unwrap();
+        let loopback = AgentConfig::from_toml("listen = \"127.0.0.1:7200\"\n").unwrap();
+        loopback.validate().unwrap();
     }
 
     #[test]

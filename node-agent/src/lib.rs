@@ -86,7 +86,13 @@ pub async fn run(
     let driver = driver?;
     let capacity = capacity::compute(host?, &config.resources);
     let hostname = sysinfo::System::host_name().unwrap_or_else(|_| "localhost".into());
-    let node_id = config.node_id.clone().unwrap_or_else(|| hostname.clone());
+    // With TLS on, a node is who its certificate names (the RM takes a
+    // registration only under that name); else the hostname.
+    let node_id = config
+        .node_id
+        .clone()
+        .or_else(|| Some(weft_common::tls::installed()?.own.as_ref()?.name.clone()))
+        .unwrap_or_else(|| hostname.clone());
     let configured_key = match &config.security.token_public_key {
         Some(k) => Some(
             weft_proto::token::TokenVerifier::from_hex(k)

@@ -46,6 +46,11 @@ struct Args {
     /// Print the effective config as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Serve plaintext on a non-loopback address (`insecure = true`):
+    /// anyone who reaches the port is then everyone. Without it, such an
+    /// address needs a [tls] section.
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn parse_driver(s: &str) -> Result<DriverChoice, String> {
@@ -87,6 +92,9 @@ fn config(args: &Args) -> anyhow::Result<AgentConfig> {
     if let Some(v) = args.gpu_probe {
         c.gpu.probe = v;
     }
+    if args.insecure {
+        c.insecure = true;
+    }
     c.validate()?;
     Ok(c)
 }
@@ -110,6 +118,12 @@ fn main() -> ExitCode {
             toml::to_string_pretty(&cfg).expect("config serialises")
         );
         return ExitCode::SUCCESS;
+    }
+    if let Err(e) =
+        weft_common::tls::setup_daemon(cfg.tls.as_ref(), weft_common::tls::Role::Agent, cfg.listen)
+    {
+        eprintln!("node-agent: {e}");
+        return ExitCode::from(2);
     }
     let addr = cfg.listen;
     weft_common::daemon::serve_main("node-agent", addr, |listener| {

@@ -741,6 +741,11 @@ impl Manager {
         env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.push(("WEFT_CONTAINER_ID".into(), spec.id.clone()));
         env.push(("WEFT_WORK_DIR".into(), rec.work_dir.display().to_string()));
+        // With TLS on, a container's clients (its master, rmctl in a task)
+        // verify the cluster's servers with the CA this agent trusts.
+        if let Some(tls) = weft_common::tls::installed() {
+            env.push(("WEFT_TLS_CA".into(), tls.ca_file.display().to_string()));
+        }
         // GPU visibility and the scope marker come last: a request cannot widen them.
         env.extend(crate::gpu::visibility_env(&rec.gpu_uuids));
         let marker = driver::scope_marker(&self.sh.cfg.cgroup_parent, &spec.id);

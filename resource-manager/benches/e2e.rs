@@ -14,7 +14,8 @@
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p
 //! weft-resource-manager --bench e2e` (`cargo test` runs a short version on
-//! the debug binaries).
+//! the debug binaries). `WEFT_BENCH_TLS=1` runs the same over mutual TLS
+//! (certificates made for the run; the bench's client verifies with the CA).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -85,9 +86,10 @@ fn start(nodes: usize) -> Cluster {
                 format!(
                     "node_id = \"n{i}\"\nlisten = \"127.0.0.1:0\"\nwork_dir = {:?}\n\
                      [resources]\nvcores = 16.0\nmemory = \"32GiB\"\n\
-                     [containers]\ncgroup_parent = \"weft-bench-e2e-{}-{i}\"\n[gpu]\nprobe = \"none\"\n",
+                     [containers]\ncgroup_parent = \"weft-bench-e2e-{}-{i}\"\n[gpu]\nprobe = \"none\"\n{}",
                     dir.join(format!("agent{i}")).display().to_string(),
-                    std::process::id()
+                    std::process::id(),
+                    support::tls_section(&dir, weft_common::tls::Role::Agent, &format!("n{i}"))
                 ),
             )
             .unwrap();
@@ -136,11 +138,16 @@ async fn wait_end(client: &RmClient, app: &str, poll: Duration) -> pb::Applicati
 async fn containers(client: &RmClient) -> Vec<pb::ContainerStatus> {
     let mut out = Vec::new();
     for n in client.list_nodes().await.unwrap() {
-        let mut cm = weft_proto::v1::container_manager_client::ContainerManagerClient::connect(
-            format!("http://{}", n.address),
-        )
-        .await
-        .unwrap();
+        let mut cm = weft_proto::v1::container_manager_client::ContainerManagerClient::new(
+            weft_common::net::endpoint(
+                &n.address,
+                weft_common::tls::Role::Agent,
+                Duration::from_secs(2),
+                Some(Duration::from_secs(10)),
+            )
+            .unwrap()
+            .connect_lazy(),
+        );
         out.extend(
             cm.list_containers(pb::ListContainersRequest {
                 include_finished: true,
@@ -217,6 +224,9 @@ fn main() {
             am.push(am_start.saturating_sub(t0));
             first.push(first_task.saturating_sub(t0));
             whole.push(r.finished_at_ms.saturating_sub(t0));
+        }
+        if support::tls_on() {
+            println!("over mutual TLS (WEFT_BENCH_TLS=1)");
         }
         println!("{wide}-task trivial job, {runs} runs, {nodes} nodes (ms: p50 [min..max]):");
         for (name, v) in [

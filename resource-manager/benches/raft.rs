@@ -9,7 +9,8 @@
 //! members a config (TOML), e.g. `[masters]\nlaunch = false`;
 //! `WEFT_BENCH_ROWS` the rows' client counts (default `1,8,64`), e.g.
 //! `1,1,1,1,1` to watch one client's rate as the state grows;
-//! `WEFT_BENCH_WRITES` the writes per row (default 3,000).
+//! `WEFT_BENCH_WRITES` the writes per row (default 3,000);
+//! `WEFT_BENCH_TLS=1` runs the group and its clients over mutual TLS.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +40,10 @@ async fn main() {
     let client = Arc::new(RmClient::new(group.addrs.clone()).unwrap());
     // Wait for a leader (the first write goes through once there is one).
     client.submit(SPEC, "yaml", "bench").await.unwrap();
-    println!("RM group of 3 (raft tick 100 ms, one sled flush + fdatasync per round), {total} submissions per row");
+    println!(
+        "RM group of 3 (raft tick 100 ms, one sled flush + fdatasync per round){}, {total} submissions per row",
+        if support::tls_on() { ", mutual TLS" } else { "" }
+    );
     let rows: Vec<usize> = std::env::var("WEFT_BENCH_ROWS")
         .unwrap_or_else(|_| "1,8,64".into())
         .split(',')

@@ -53,6 +53,11 @@ pub struct RmConfig {
     /// The most finished applications the state keeps; the oldest go
     /// first (YARN's `max-completed-applications`).
     pub max_finished_apps: u64,
+    /// Mutual TLS for every connection (files made by `rmctl tls`).
+    pub tls: Option<weft_common::tls::TlsFiles>,
+    /// Serve plaintext on a non-loopback `listen` (refused without this
+    /// when `tls` is not set).
+    pub insecure: bool,
 }
 
 impl Default for RmConfig {
@@ -71,6 +76,8 @@ impl Default for RmConfig {
             finished_app_retention: Duration::from_secs(7 * 24 * 3600),
             max_finished_apps: 10_000,
             queues: Vec::new(),
+            tls: None,
+            insecure: false,
         }
     }
 }
@@ -298,7 +305,14 @@ impl RmConfig {
                 "masters.rm_retry_for: must be at least 1s".into(),
             ));
         }
-        Ok(())
+        // Last: a field that is wrong anyway is named first.
+        weft_common::tls::check_listen(
+            self.listen,
+            self.tls.is_some(),
+            self.insecure,
+            weft_common::tls::Role::Rm,
+        )
+        .map_err(Error::Config)
     }
 }
 

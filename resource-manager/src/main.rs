@@ -40,6 +40,11 @@ struct Args {
     /// Print the effective config as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    /// Serve plaintext on a non-loopback address (`insecure = true`):
+    /// anyone who reaches the port is then everyone. Without it, such an
+    /// address needs a [tls] section.
+    #[arg(long)]
+    insecure: bool,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -97,6 +102,9 @@ fn standalone_config(args: &Args, s: &StandaloneArgs) -> anyhow::Result<RmConfig
     c.join = false;
     c.masters.launch = true;
     c.masters.in_process = true;
+    if c.tls.is_some() {
+        anyhow::bail!("tls: a standalone master serves on loopback and runs its agent in-process; TLS is for a cluster of separate members and agents (`resource-manager --config` and `node-agent --config`)");
+    }
     c.validate()?;
     Ok(c)
 }
@@ -135,6 +143,9 @@ fn agent_config(s: &StandaloneArgs) -> anyhow::Result<weft_node_agent::config::A
     }
     if a.rm_addresses.is_empty() {
         a.rm_addresses = vec![s.listen.to_string()];
+    }
+    if a.tls.is_some() {
+        anyhow::bail!("--agent-config: tls: the local agent of a standalone master serves on loopback without TLS; TLS is for a cluster of separate members and agents");
     }
     a.validate()?;
     Ok(a)
@@ -205,6 +216,9 @@ fn config(args: &Args) -> anyhow::Result<RmConfig> {
     if args.join {
         c.join = true;
     }
+    if args.insecure {
+        c.insecure = true;
+    }
     c.validate()?;
     Ok(c)
 }
@@ -254,6 +268,12 @@ fn main() -> ExitCode {
             toml::to_string_pretty(&cfg).expect("config serialises")
         );
         return ExitCode::SUCCESS;
+    }
+    if let Err(e) =
+        weft_common::tls::setup_daemon(cfg.tls.as_ref(), weft_common::tls::Role::Rm, cfg.listen)
+    {
+        eprintln!("resource-manager: {e}");
+        return ExitCode::from(2);
     }
     let addr = cfg.listen;
     weft_common::daemon::serve_main("resource-manager", addr, |listener| {

@@ -106,7 +106,12 @@ impl Network for Transport {
 async fn peer_loop(from: u64, to: u64, addr: String, mut rx: mpsc::Receiver<Message>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let Ok(ep) = weft_common::net::endpoint(&addr, Duration::from_secs(1), None) else {
+        let Ok(ep) = weft_common::net::endpoint(
+            &addr,
+            weft_common::tls::Role::Rm,
+            Duration::from_secs(1),
+            None,
+        ) else {
             tracing::error!(peer = to, address = %addr, "invalid peer address; raft messages to it are dropped");
             while rx.recv().await.is_some() {}
             return;
@@ -164,6 +169,8 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
         &self,
         req: Request<Streaming<pb::RaftEnvelope>>,
     ) -> Result<Response<pb::RaftSendResponse>, Status> {
+        // With TLS on, raft messages come only from members.
+        weft_common::tls::require_role(&req, weft_common::tls::Role::Rm, "a raft message")?;
         let mut stream = req.into_inner();
         let me = self.raft.status().id;
         // Whose stream this is, once its first message says: when it ends

@@ -34,8 +34,127 @@ struct Cli {
     /// Give up after this many seconds without a leader.
     #[arg(long, default_value_t = 15, global = true)]
     timeout: u64,
+    /// The cluster CA's certificate (PEM): every connection is then TLS and
+    /// checks the members' certificates.
+    #[arg(long, env = "WEFT_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// This user's client certificate (PEM; `rmctl tls cert create --role client`).
+    #[arg(long, env = "WEFT_TLS_CERT", global = true, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "WEFT_TLS_KEY", global = true, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCmd {
+    /// The cluster CA: `weft-ca.pem` and `weft-ca-key.pem` (keep the key
+    /// off the cluster's machines).
+    Ca {
+        #[command(subcommand)]
+        cmd: TlsCaCmd,
+    },
+    /// A certificate signed by the CA.
+    Cert {
+        #[command(subcommand)]
+        cmd: TlsCertCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCaCmd {
+    /// Makes the CA in --dir.
+    Create {
+        /// Where the files go.
+        #[arg(long, default_value = ".")]
+        dir: std::path::PathBuf,
+        /// Valid for this many days.
+        #[arg(long, default_value_t = 1825)]
+        days: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCertCmd {
+    /// Makes ROLE-NAME.pem and ROLE-NAME-key.pem in --dir.
+    Create {
+        /// rm (a member), agent (a node) or client (a user).
+        #[arg(long)]
+        role: String,
+        /// The member's, node's (its node id) or user's name.
+        #[arg(long)]
+        name: String,
+        /// The CA's certificate (default: DIR/weft-ca.pem).
+        #[arg(long)]
+        ca: Option<std::path::PathBuf>,
+        /// The CA's key (default: DIR/weft-ca-key.pem).
+        #[arg(long)]
+        ca_key: Option<std::path::PathBuf>,
+        /// Where the files go (and the CA is looked for).
+        #[arg(long, default_value = ".")]
+        dir: std::path::PathBuf,
+        /// More DNS names the certificate holds (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        dns: Vec<String>,
+        /// Addresses the certificate holds (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        ip: Vec<std::net::IpAddr>,
+        /// Valid for this many days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+/// `rmctl tls ...`: files only, no cluster.
+fn tls_command(cmd: TlsCmd) -> anyhow::Result<String> {
+    use weft_common::tls;
+    Ok(match cmd {
+        TlsCmd::Ca {
+            cmd: TlsCaCmd::Create { dir, days },
+        } => {
+            let made = tls::create_ca(&dir, days).map_err(anyhow::Error::msg)?;
+            format!(
+                "wrote {} and {} (keep the key off the cluster's machines)",
+                made.cert.display(),
+                made.key.display()
+            )
+        }
+        TlsCmd::Cert {
+            cmd:
+                TlsCertCmd::Create {
+                    role,
+                    name,
+                    ca,
+                    ca_key,
+                    dir,
+                    dns,
+                    ip,
+                    days,
+                },
+        } => {
+            let role = tls::Role::parse(&role).map_err(|e| anyhow::anyhow!("--role: {e}"))?;
+            let default = tls::ca_paths(&dir);
+            let ca = tls::Made {
+                cert: ca.unwrap_or(default.cert),
+                key: ca_key.unwrap_or(default.key),
+            };
+            let made = tls::create_cert(
+                &ca,
+                &dir,
+                &tls::CertRequest {
+                    role,
+                    name,
+                    dns,
+                    ips: ip,
+                    days,
+                },
+            )
+            .map_err(anyhow::Error::msg)?;
+            format!("wrote {} and {}", made.cert.display(), made.key.display())
+        }
+    })
 }
 
 /// `rmctl.toml`: where the RM group is.
@@ -93,6 +212,12 @@ enum Cmd {
     App {
         #[command(subcommand)]
         cmd: AppCmd,
+    },
+    /// Certificates for mutual TLS: a cluster CA, then one certificate per
+    /// member, agent and user.
+    Tls {
+        #[command(subcommand)]
+        cmd: TlsCmd,
     },
     /// Prints a completion script for a shell (e.g. `rmctl completions bash >
     /// /etc/bash_completion.d/rmctl`).
@@ -408,6 +533,15 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
         clap_complete::generate(shell, &mut Cli::command(), "rmctl", &mut out);
         return Ok((String::from_utf8_lossy(&out).trim_end().to_string(), true));
     }
+    if let Cmd::Tls { cmd } = cli.command {
+        return Ok((tls_command(cmd)?, true));
+    }
+    weft_common::tls::setup_client(
+        cli.tls_ca.as_deref(),
+        cli.tls_cert.as_deref(),
+        cli.tls_key.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
     let addresses = match cli.rm.clone() {
         Some(a) => a,
         None => config_addresses()?.unwrap_or_else(|| vec!["127.0.0.1:7100".into()]),
@@ -476,7 +610,7 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
             rm.remove_member(id).await?;
             format!("member {id} removed")
         }
-        Cmd::Completions { .. } => unreachable!("answered above"),
+        Cmd::Completions { .. } | Cmd::Tls { .. } => unreachable!("answered above"),
         Cmd::Node {
             cmd: NodeCmd::Status { id },
         } => {

@@ -36,6 +36,44 @@ pub fn rss_mib(pid: u32) -> f64 {
     status_kib(pid, "VmRSS:") / 1024.0
 }
 
+/// Whether the bench runs its cluster over mutual TLS (`WEFT_BENCH_TLS=1`).
+pub fn tls_on() -> bool {
+    std::env::var("WEFT_BENCH_TLS").is_ok_and(|v| v == "1")
+}
+
+/// With [`tls_on`]: a certificate of `role` named `name` in `dir` (the CA
+/// made there first), as a `[tls]` TOML section naming its files; and this
+/// process's clients set to TLS with that CA. Empty otherwise.
+pub fn tls_section(dir: &std::path::Path, role: weft_common::tls::Role, name: &str) -> String {
+    use weft_common::tls;
+    if !tls_on() {
+        return String::new();
+    }
+    let ca = tls::ca_paths(dir);
+    if !ca.cert.exists() {
+        tls::create_ca(dir, 1).unwrap();
+        tls::setup_client(Some(&ca.cert), None, None).unwrap();
+    }
+    let made = tls::create_cert(
+        &ca,
+        dir,
+        &tls::CertRequest {
+            role,
+            name: name.into(),
+            dns: vec![],
+            ips: vec![],
+            days: 1,
+        },
+    )
+    .unwrap();
+    format!(
+        "\n[tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+        ca.cert.display().to_string(),
+        made.cert.display().to_string(),
+        made.key.display().to_string()
+    )
+}
+
 /// Three members (raft ids 1-3) in a temp dir; killed when dropped.
 pub struct Group {
     pub children: Vec<Child>,
@@ -68,7 +106,9 @@ pub fn start_group(config: &str) -> Group {
         .map(|(i, a)| format!("{}={a}", i + 1))
         .collect();
     let file = dir.path().join("rm.toml");
-    std::fs::write(&file, config).unwrap();
+    // With WEFT_BENCH_TLS=1 the members share one rm certificate.
+    let tls = tls_section(dir.path(), weft_common::tls::Role::Rm, "bench-rm");
+    std::fs::write(&file, format!("{config}{tls}")).unwrap();
     let children = (0..3)
         .map(|i| {
             Command::new(env!("CARGO_BIN_EXE_resource-manager"))

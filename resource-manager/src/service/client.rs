@@ -558,9 +558,14 @@ impl pb::client_service_server::ClientService for RmService {
             (c.alloc.container_id.clone(), address)
         };
         let mut agent = weft_proto::v1::container_manager_client::ContainerManagerClient::new(
-            weft_common::net::endpoint(&address, Duration::from_secs(2), None)
-                .map_err(|e| Status::internal(format!("node address {address:?}: {e}")))?
-                .connect_lazy(),
+            weft_common::net::endpoint(
+                &address,
+                weft_common::tls::Role::Agent,
+                Duration::from_secs(2),
+                None,
+            )
+            .map_err(|e| Status::internal(format!("node address {address:?}: {e}")))?
+            .connect_lazy(),
         );
         let read = pb::ReadLogsRequest {
             container_id: container.clone(),

@@ -11,12 +11,34 @@ use crate::fsm::{Command, Completion, ContainerEnd, ContainerPhase, Gpu, NodeSta
 
 use super::*;
 
+/// With TLS on, a node registers and reports only as itself: the caller
+/// shows an agent certificate whose name is the node id (so no one else can
+/// take over a node's address or speak for its containers).
+fn node_speaks_as_itself<T>(req: &Request<T>, node_id: &str) -> Result<(), Status> {
+    use weft_common::tls;
+    tls::require_role(
+        req,
+        tls::Role::Agent,
+        "a node's registration and heartbeats",
+    )?;
+    match tls::peer(req) {
+        Some(p) if tls::installed().is_some() && p.name != node_id => {
+            Err(Status::permission_denied(format!(
+                "node_id: {node_id:?} is not this agent's: its certificate names node {:?}, and a node registers and reports only as itself",
+                p.name
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 #[tonic::async_trait]
 impl pb::resource_tracker_server::ResourceTracker for RmService {
     async fn register_node(
         &self,
         req: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeResponse>, Status> {
+        node_speaks_as_itself(&req, &req.get_ref().node_id)?;
         let r = req.into_inner();
         check_registration(&r)?;
         // The group's token key exists before any node can register, so
@@ -112,6 +134,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         &self,
         req: Request<pb::NodeHeartbeatRequest>,
     ) -> Result<Response<pb::NodeHeartbeatResponse>, Status> {
+        node_speaks_as_itself(&req, &req.get_ref().node_id)?;
         // Heartbeats only need to reach the leader, not a linearizable read.
         self.raft.ensure_leader()?;
         let r = req.into_inner();

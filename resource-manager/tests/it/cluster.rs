@@ -113,7 +113,10 @@ impl Cluster {
             &config,
             format!(
                 "heartbeat_interval = \"200ms\"\n{expiry}{}\n[raft]\ntick = \"50ms\"\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_every = {}\n",
-                self.extra, self.snapshot_every
+                // `{id}` in the extra config is the member's id (its own
+                // certificate's file, say).
+                self.extra.replace("{id}", &m.id.to_string()),
+                self.snapshot_every
             ),
         )
         .unwrap();

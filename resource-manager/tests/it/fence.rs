@@ -226,6 +226,7 @@ async fn partitioned_node() {
                     .find(|n| n.node_id == victim_id)
                     .unwrap()
                     .address,
+                weft_common::tls::Role::Agent,
                 Duration::from_secs(1),
                 Some(Duration::from_secs(2)),
             )

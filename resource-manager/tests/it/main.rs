@@ -15,3 +15,4 @@ mod retention;
 mod rmctl;
 mod scheduling;
 mod standalone;
+mod tls;

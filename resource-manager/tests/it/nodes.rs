@@ -134,6 +134,18 @@ impl AgentProcess {
     /// An agent listening on `ip` (its connections leave from there too),
     /// with `labels` (TOML inline-table body).
     pub fn start_at(node_id: &str, rm: &[String], ip: &str, labels: &str) -> AgentProcess {
+        Self::start_with(node_id, rm, ip, labels, "")
+    }
+
+    /// Like [`AgentProcess::start_at`], with `extra` TOML (tables) at the
+    /// end of its config.
+    pub fn start_with(
+        node_id: &str,
+        rm: &[String],
+        ip: &str,
+        labels: &str,
+        extra: &str,
+    ) -> AgentProcess {
         let work = tempfile::tempdir().unwrap();
         let config = work.path().join("agent.toml");
         std::fs::write(
@@ -142,7 +154,7 @@ impl AgentProcess {
                 "node_id = {node_id:?}\nlisten = \"{ip}:0\"\nwork_dir = {:?}\nlabels = {{ {labels} }}\n\
                  [resources]\nvcores = 8.0\n[containers]\ncgroup_parent = {:?}\n\
                  [heartbeat]\nmax_backoff = \"300ms\"\n[gpu]\nprobe = \"fake\"\n\
-                 [[gpu.fake.devices]]\nuuid = \"GPU-0\"\nmodel = \"Fake H100\"\nmemory = \"80GiB\"\n",
+                 [[gpu.fake.devices]]\nuuid = \"GPU-0\"\nmodel = \"Fake H100\"\nmemory = \"80GiB\"\n{extra}",
                 work.path().join("agent").display().to_string(),
                 parent_name(node_id, rm)
             ),

@@ -283,10 +283,14 @@ impl Scheduling {
         if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
-        let ch =
-            weft_common::net::endpoint(addr, Duration::from_secs(2), Some(Duration::from_secs(10)))
-                .map_err(|e| Status::invalid_argument(format!("node address {addr:?}: {e}")))?
-                .connect_lazy();
+        let ch = weft_common::net::endpoint(
+            addr,
+            weft_common::tls::Role::Agent,
+            Duration::from_secs(2),
+            Some(Duration::from_secs(10)),
+        )
+        .map_err(|e| Status::invalid_argument(format!("node address {addr:?}: {e}")))?
+        .connect_lazy();
         map.insert(addr.to_string(), ch.clone());
         Ok(ch)
     }

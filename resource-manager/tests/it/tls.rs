@@ -1,0 +1,270 @@
+//! A cluster over mutual TLS, secured the way README says: certificates made
+//! by the real `rmctl tls`, three real members and a real agent with them,
+//! a job (its master and its task over TLS) submitted by `rmctl` with the
+//! CA, and what the cluster must refuse.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use weft_common::tls::{Role, Tls, TlsFiles};
+use weft_proto::v1 as pb;
+
+use crate::cluster::Cluster;
+use crate::nodes::AgentProcess;
+
+fn rmctl(args: &[&str]) -> Output {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name("rmctl");
+    std::process::Command::new(path)
+        .args(args)
+        .env_remove("WEFT_RM")
+        .env_remove("WEFT_TLS_CA")
+        .env_remove("WEFT_TLS_CERT")
+        .env_remove("WEFT_TLS_KEY")
+        .output()
+        .unwrap()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "rmctl failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn cert(dir: &Path, role: &str, name: &str) {
+    ok(&rmctl(&[
+        "tls",
+        "cert",
+        "create",
+        "--role",
+        role,
+        "--name",
+        name,
+        "--dir",
+        dir.to_str().unwrap(),
+    ]));
+}
+
+/// The TLS settings of the `role-name` certificate in `dir`, loaded in this
+/// process without installing them (other tests here run plaintext).
+fn settings(dir: &Path, role: &str, name: &str) -> Tls {
+    Tls::load(
+        &TlsFiles {
+            ca_file: dir.join("weft-ca.pem"),
+            cert_file: Some(dir.join(format!("{role}-{name}.pem"))),
+            key_file: Some(dir.join(format!("{role}-{name}-key.pem"))),
+        },
+        "tls",
+        None,
+    )
+    .unwrap()
+}
+
+async fn channel(addr: &str, tls: &Tls) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls.client_config(Role::Rm))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_over_mutual_tls_runs_a_job_and_refuses_whom_it_does_not_trust() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("tls");
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::create_dir_all(&other).unwrap();
+    // Four commands secure a cluster: a CA, then a certificate per member,
+    // node and user.
+    let said = ok(&rmctl(&[
+        "tls",
+        "ca",
+        "create",
+        "--dir",
+        d.to_str().unwrap(),
+    ]));
+    assert!(said.contains("weft-ca.pem"), "{said}");
+    for i in 1..=3 {
+        cert(&d, "rm", &format!("rm{i}"));
+    }
+    cert(&d, "agent", "node-a");
+    cert(&d, "client", "alice");
+    ok(&rmctl(&[
+        "tls",
+        "ca",
+        "create",
+        "--dir",
+        other.to_str().unwrap(),
+    ]));
+    cert(&other, "client", "mallory");
+
+    let ca = d.join("weft-ca.pem");
+    let ca_s = ca.to_str().unwrap();
+    let extra = format!(
+        "[tls]\nca_file = {ca_s:?}\ncert_file = \"{0}/rm-rm{{id}}.pem\"\nkey_file = \"{0}/rm-rm{{id}}-key.pem\"\n\
+         [masters]\nlaunch = true\ncommand = {1:?}\n",
+        d.display(),
+        crate::apps::app_master().display().to_string()
+    );
+    let cluster = Cluster::start_with(3, 1000, &extra);
+    let rm = cluster.addrs().join(",");
+    let _agent = AgentProcess::start_with(
+        "node-a",
+        &cluster.addrs(),
+        "127.0.0.1",
+        "",
+        &format!(
+            "[tls]\nca_file = {ca_s:?}\ncert_file = \"{0}/agent-node-a.pem\"\nkey_file = \"{0}/agent-node-a-key.pem\"\n",
+            d.display()
+        ),
+    );
+
+    // A user's script submits at once, with the CA: the job's master and
+    // its task run over TLS (the agent hands the master the CA).
+    let out = ok(&rmctl(&[
+        "--rm",
+        &rm,
+        "--tls-ca",
+        ca_s,
+        "--timeout",
+        "60",
+        "submit",
+        "--wait",
+        "--name",
+        "over-tls",
+        "--vcores",
+        "0.5",
+        "--memory",
+        "64MiB",
+        "--",
+        "sh",
+        "-c",
+        "echo task-over-tls",
+    ]));
+    assert!(out.contains("SUCCEEDED"), "{out}");
+    // With alice's certificate as well.
+    let status = ok(&rmctl(&[
+        "--rm",
+        &rm,
+        "--tls-ca",
+        ca_s,
+        "--tls-cert",
+        d.join("client-alice.pem").to_str().unwrap(),
+        "--tls-key",
+        d.join("client-alice-key.pem").to_str().unwrap(),
+        "node",
+        "list",
+    ]));
+    assert!(status.contains("node-a"), "{status}");
+
+    // Plaintext is refused.
+    let plain = rmctl(&["--rm", &rm, "--timeout", "3", "cluster", "status"]);
+    assert!(!plain.status.success(), "a plaintext client was served");
+    let addr = &cluster.members[0].addr;
+    // So is a client certificate of another CA (shown by a client that
+    // trusts this cluster's CA).
+    let pem = |p: std::path::PathBuf| std::fs::read(p).unwrap();
+    let foreign = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(pem(ca.clone())))
+        .identity(tonic::transport::Identity::from_pem(
+            pem(other.join("client-mallory.pem")),
+            pem(other.join("client-mallory-key.pem")),
+        ))
+        .domain_name("rm.weft");
+    let refused = async {
+        let ch = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(foreign)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        pb::client_service_client::ClientServiceClient::new(ch)
+            .cluster_status(pb::ClusterStatusRequest {})
+            .await
+            .map_err(|e| e.into())
+            .map(|_| ())
+    };
+    let r: Result<(), Box<dyn std::error::Error>> = refused.await;
+    assert!(r.is_err(), "a certificate of another CA was served");
+
+    // Raft messages only from members: alice's certificate is refused.
+    let alice = settings(&d, "client", "alice");
+    let mut raft = pb::raft_transport_client::RaftTransportClient::new(channel(addr, &alice).await);
+    let e = raft
+        .send(tokio_stream::iter(vec![pb::RaftEnvelope::default()]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(
+        e.message().contains("raft message")
+            && e.message().contains("client certificate of \"alice\""),
+        "{e}"
+    );
+
+    // A node speaks only as itself: node-a's certificate cannot register
+    // or heartbeat as node-b, and a user's cannot register at all.
+    let node_a = settings(&d, "agent", "node-a");
+    let mut tracker =
+        pb::resource_tracker_client::ResourceTrackerClient::new(channel(addr, &node_a).await);
+    let e = tracker
+        .register_node(pb::RegisterNodeRequest {
+            node_id: "node-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().starts_with("node_id: \"node-b\""), "{e}");
+    let e = tracker
+        .node_heartbeat(pb::NodeHeartbeatRequest {
+            node_id: "node-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    let mut as_user =
+        pb::resource_tracker_client::ResourceTrackerClient::new(channel(addr, &alice).await);
+    let e = as_user
+        .register_node(pb::RegisterNodeRequest {
+            node_id: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("agent certificate"), "{e}");
+
+    // A member given a node's certificate does not start, and says why.
+    let cfg = tmp.path().join("wrong.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[tls]\nca_file = {ca_s:?}\ncert_file = \"{0}/agent-node-a.pem\"\nkey_file = \"{0}/agent-node-a-key.pem\"\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    let wrong = std::process::Command::new(env!("CARGO_BIN_EXE_resource-manager"))
+        .args(["--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .args(["--data-dir", tmp.path().join("wrong").to_str().unwrap()])
+        .args(["--peers", "1=127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(2));
+    let why = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        why.contains("tls.cert_file:") && why.contains("needs a rm certificate"),
+        "{why}"
+    );
+}
