@@ -239,6 +239,16 @@ impl Manager {
             .ok_or_else(|| Error::NotFound(id.to_string()))
     }
 
+    /// Whether `token` (an application token) is that of the application
+    /// container `id` was granted to.
+    pub fn owned_by(&self, id: &str, token: &[u8]) -> std::result::Result<(), String> {
+        let app = self
+            .get(id)
+            .map(|c| c.record().application_id)
+            .ok_or_else(|| format!("no container {id} on this node"))?;
+        self.sh.tokens.owns(token, &app)
+    }
+
     /// Records of every container, running first, then by id.
     pub fn list(&self, include_finished: bool) -> Vec<Record> {
         let mut v: Vec<Record> = self
@@ -324,6 +334,7 @@ impl Manager {
                 work_dir: f.work_dir,
                 log_dir: f.log_dir,
                 group_key: f.group_key,
+                application_id: f.application_id,
             };
             let adopt = match f.state {
                 Found::Running { pidfd, group } => {
@@ -461,6 +472,7 @@ impl Manager {
                 work_dir: self.sh.containers_root.join(id),
                 log_dir: self.sh.logs_root.join(id),
                 group_key: String::new(),
+                application_id: String::new(),
             };
             let (stop_tx, _) = mpsc::unbounded_channel();
             let c = Arc::new(Container {
@@ -510,11 +522,12 @@ impl Manager {
                 crate::model::diagnostic(&why, &[])
             )));
         }
-        let (expires, group_key) = self.sh.tokens.check(&token, &spec, &ports)?;
+        let grant = self.sh.tokens.check(&token, &spec, &ports)?;
+        let (expires, group_key) = (grant.expires_at_ms, grant.group_key.clone());
         // A port given to it and bound on the node by something else: a
         // transient refusal (the RM hears of the port and gives another).
         crate::ports::check_free(&ports)?;
-        let (c, stop_rx) = self.admit(&spec, &group_key)?;
+        let (c, stop_rx) = self.admit(&spec, &grant)?;
         if let Err(e) = self.sh.tokens.spend(&group_key, &spec.id, expires) {
             self.sh
                 .state
@@ -542,8 +555,9 @@ impl Manager {
     fn admit(
         &self,
         spec: &ContainerSpec,
-        group_key: &str,
+        grant: &crate::tokens::Grant,
     ) -> Result<(Arc<Container>, mpsc::UnboundedReceiver<StopRequest>)> {
+        let group_key = grant.group_key.as_str();
         let r = &spec.resources;
         let mut st = self.sh.state.lock().expect("state lock poisoned");
         if let Some(old) = st.get(&spec.id) {
@@ -657,6 +671,7 @@ impl Manager {
                 work_dir: self.sh.containers_root.join(&spec.id),
                 log_dir: self.sh.logs_root.join(&spec.id),
                 group_key: group_key.to_string(),
+                application_id: grant.application_id.clone(),
             }),
             stop_tx,
             done: watch::Sender::new(false),
@@ -803,6 +818,7 @@ impl Manager {
             work_dir: rec.work_dir.clone(),
             log_dir: rec.log_dir.clone(),
             group_key: rec.group_key.clone(),
+            application_id: rec.application_id.clone(),
         };
         let state_dir = self.sh.state_dir.clone();
         blocking(move || {
@@ -1308,6 +1324,7 @@ struct FoundContainer {
     work_dir: PathBuf,
     log_dir: PathBuf,
     group_key: String,
+    application_id: String,
     state: Found,
 }
 
@@ -1356,6 +1373,7 @@ fn take_over(sh: &Shared) -> Vec<FoundContainer> {
             work_dir: p.work_dir.clone(),
             log_dir: p.log_dir.clone(),
             group_key: p.group_key.clone(),
+            application_id: p.application_id.clone(),
             state,
         };
         // Ended and decided by an earlier agent (its groups are gone).

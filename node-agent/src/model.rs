@@ -219,6 +219,9 @@ pub struct Record {
     /// token of the same group for an id this agent already ran is refused
     /// (it would run that container twice).
     pub group_key: String,
+    /// The application its token was granted to (empty: not known): its
+    /// master may ask after it with that application's token.
+    pub application_id: String,
 }
 
 impl Record {

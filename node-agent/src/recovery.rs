@@ -56,6 +56,10 @@ pub struct Persisted {
     /// in records of earlier agents): see [`crate::model::Record::group_key`].
     #[serde(default)]
     pub group_key: String,
+    /// The application its token was granted to (empty in records of
+    /// earlier agents).
+    #[serde(default)]
+    pub application_id: String,
 }
 
 impl Persisted {
@@ -283,6 +287,7 @@ mod tests {
             work_dir: "/w/containers/c1".into(),
             log_dir: "/w/logs/c1".into(),
             group_key: "ab".into(),
+            application_id: "app-000001".into(),
         }
     }
 

@@ -12,6 +12,14 @@ use weft_proto::token::{now_ms, TokenError, TokenVerifier};
 use crate::error::{Error, Result};
 use crate::model::ContainerSpec;
 
+/// What a container token granted (see [`Tokens::check`]).
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub expires_at_ms: u64,
+    pub group_key: String,
+    pub application_id: String,
+}
+
 /// What the agent checks tokens with.
 pub struct Tokens {
     node_id: String,
@@ -102,15 +110,11 @@ impl Tokens {
         *key = Some(v);
     }
 
-    /// Checks `token` for `spec`; returns the token's expiry, for
-    /// [`Tokens::spend`] once the container is admitted, and the public key
-    /// (hex) that checked it: which RM group granted the container.
-    pub fn check(
-        &self,
-        token: &[u8],
-        spec: &ContainerSpec,
-        ports: &[u32],
-    ) -> Result<(u64, String)> {
+    /// Checks `token` for `spec`; returns what it granted: its expiry (for
+    /// [`Tokens::spend`] once the container is admitted), the public key
+    /// (hex) that checked it (which RM group granted the container) and the
+    /// application it was granted to.
+    pub fn check(&self, token: &[u8], spec: &ContainerSpec, ports: &[u32]) -> Result<Grant> {
         let deny = |m: String| Err(Error::PermissionDenied(m));
         let Some(key) = self.key.read().expect("token key lock").clone() else {
             // Transient: the caller tries again later or elsewhere.
@@ -186,7 +190,29 @@ impl Tokens {
         if asked != granted {
             return mismatch("ports", format!("{granted:?}"), format!("{asked:?}"));
         }
-        Ok((body.expires_at_ms, hex::encode(key.to_bytes())))
+        Ok(Grant {
+            expires_at_ms: body.expires_at_ms,
+            group_key: hex::encode(key.to_bytes()),
+            application_id: body.application_id,
+        })
+    }
+
+    /// Whether `token` is an application token this agent's RM group signed
+    /// for `application_id` (a master asking after its own containers).
+    pub fn owns(&self, token: &[u8], application_id: &str) -> std::result::Result<(), String> {
+        let Some(key) = self.key.read().expect("token key lock").clone() else {
+            return Err("this agent has no resource-manager key yet".into());
+        };
+        match key.verify_application(token) {
+            Ok(body) if body.application_id == application_id && !application_id.is_empty() => {
+                Ok(())
+            }
+            Ok(body) => Err(format!(
+                "the application token is {}'s, not this container's application's",
+                body.application_id
+            )),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Marks the token of container `id` granted by the group of `key`
@@ -256,6 +282,32 @@ mod tests {
     }
 
     #[test]
+    fn only_the_token_of_a_containers_own_application_owns_it() {
+        use weft_proto::v1::ApplicationTokenBody;
+        let rm = TokenSigner::generate();
+        let t = Tokens::new("n1".into(), Some(rm.verifier()));
+        let app = |id: &str, s: &TokenSigner| {
+            s.sign_application(&ApplicationTokenBody {
+                application_id: id.into(),
+                attempt: 1,
+                issued_at_ms: now_ms(),
+            })
+        };
+        t.owns(&app("app-000001", &rm), "app-000001").unwrap();
+        let other = t.owns(&app("app-000002", &rm), "app-000001").unwrap_err();
+        assert!(other.contains("app-000002's"), "{other}");
+        let forged = t
+            .owns(&app("app-000001", &TokenSigner::generate()), "app-000001")
+            .unwrap_err();
+        assert!(!forged.is_empty());
+        // A container token is not an application token.
+        let c = token(&rm, "c1", "n1", 64 << 20, now_ms() + 60_000);
+        assert!(t.owns(&c, "app-000001").is_err());
+        // A record of an earlier agent names no application: nobody owns it.
+        assert!(t.owns(&app("", &rm), "").is_err());
+    }
+
+    #[test]
     fn expiry_is_checked_against_the_leaders_clock_as_measured() {
         let rm = TokenSigner::generate();
         let t = Tokens::new("n1".into(), Some(rm.verifier()));
@@ -317,7 +369,8 @@ mod tests {
         let t = Tokens::new("n1".into(), Some(rm.verifier()));
         let later = now_ms() + 60_000;
         let ok = token(&rm, "c1", "n1", 64 << 20, later);
-        let (exp, key) = t.check(&ok, &spec("c1", 64 << 20, 500), &[]).unwrap();
+        let grant = t.check(&ok, &spec("c1", 64 << 20, 500), &[]).unwrap();
+        let (exp, key) = (grant.expires_at_ms, grant.group_key);
         assert_eq!(exp, later);
         assert_eq!(
             key,

@@ -43,7 +43,8 @@ pub fn tls_on() -> bool {
 
 /// With [`tls_on`]: a certificate of `role` named `name` in `dir` (the CA
 /// made there first), as a `[tls]` TOML section naming its files; and this
-/// process's clients set to TLS with that CA. Empty otherwise.
+/// process's clients set to TLS with that CA and the first member
+/// certificate. Empty otherwise.
 pub fn tls_section(dir: &std::path::Path, role: weft_common::tls::Role, name: &str) -> String {
     use weft_common::tls;
     if !tls_on() {
@@ -52,7 +53,6 @@ pub fn tls_section(dir: &std::path::Path, role: weft_common::tls::Role, name: &s
     let ca = tls::ca_paths(dir);
     if !ca.cert.exists() {
         tls::create_ca(dir, 1).unwrap();
-        tls::setup_client(Some(&ca.cert), None, None).unwrap();
     }
     let made = tls::create_cert(
         &ca,
@@ -66,6 +66,11 @@ pub fn tls_section(dir: &std::path::Path, role: weft_common::tls::Role, name: &s
         },
     )
     .unwrap();
+    // The bench acts as the operator: the members' certificate (it lists
+    // the agents' containers).
+    if role == tls::Role::Rm && tls::installed().is_none() {
+        tls::setup_client(Some(&ca.cert), Some(&made.cert), Some(&made.key)).unwrap();
+    }
     format!(
         "\n[tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
         ca.cert.display().to_string(),

@@ -245,6 +245,57 @@ async fn a_cluster_over_mutual_tls_runs_a_job_and_refuses_whom_it_does_not_trust
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
     assert!(e.message().contains("agent certificate"), "{e}");
 
+    // An agent's containers: the RM (a member certificate) may list and
+    // look at them; a user may not, nor without a certificate at all.
+    let agent_addr = ok(&rmctl(&[
+        "--rm", &rm, "--tls-ca", ca_s, "-o", "json", "node", "status", "node-a",
+    ]));
+    let agent_addr = serde_json::from_str::<serde_json::Value>(&agent_addr).unwrap()["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let agent_channel = |tls: &Tls| {
+        tonic::transport::Endpoint::from_shared(format!("https://{agent_addr}"))
+            .unwrap()
+            .tls_config(tls.client_config(Role::Agent))
+            .unwrap()
+            .connect_lazy()
+    };
+    let rm1 = settings(&d, "rm", "rm1");
+    let listed = pb::container_manager_client::ContainerManagerClient::new(agent_channel(&rm1))
+        .list_containers(pb::ListContainersRequest {
+            include_finished: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert!(listed.len() >= 2, "the job's master and task: {listed:?}");
+    let mut as_alice =
+        pb::container_manager_client::ContainerManagerClient::new(agent_channel(&alice));
+    let e = as_alice
+        .list_containers(pb::ListContainersRequest {
+            include_finished: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(
+        e.message().contains("client certificate of \"alice\""),
+        "{e}"
+    );
+    let e = as_alice
+        .get_container_status(pb::GetContainerStatusRequest {
+            container_id: listed[0].container_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(
+        e.message().contains("token of the container's application"),
+        "{e}"
+    );
+
     // A member given a node's certificate does not start, and says why.
     let cfg = tmp.path().join("wrong.toml");
     std::fs::write(
