@@ -157,15 +157,19 @@ fn tls_command(cmd: TlsCmd) -> anyhow::Result<String> {
     })
 }
 
-/// `rmctl.toml`: where the RM group is.
-#[derive(Debug, serde::Deserialize)]
+/// `rmctl.toml`: where the RM group is, and how to reach it over TLS.
+#[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    #[serde(default)]
     rm: Vec<String>,
+    /// `ca_file` (and `cert_file`, `key_file` for a user certificate).
+    tls: Option<weft_common::tls::TlsFiles>,
 }
 
-/// Addresses from the first config file found, if any.
-fn config_addresses() -> anyhow::Result<Option<Vec<String>>> {
+/// The first config file found ($WEFT_CONFIG, ~/.config/weft/rmctl.toml,
+/// /etc/weft/rmctl.toml), if any.
+fn file_config() -> anyhow::Result<FileConfig> {
     let mut candidates = Vec::new();
     if let Ok(p) = std::env::var("WEFT_CONFIG") {
         candidates.push(std::path::PathBuf::from(p));
@@ -178,11 +182,10 @@ fn config_addresses() -> anyhow::Result<Option<Vec<String>>> {
         let Ok(text) = std::fs::read_to_string(&p) else {
             continue;
         };
-        let c: FileConfig = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()))?;
-        return Ok(Some(c.rm));
+        return toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), e.message()));
     }
-    Ok(None)
+    Ok(FileConfig::default())
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -536,15 +539,25 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
     if let Cmd::Tls { cmd } = cli.command {
         return Ok((tls_command(cmd)?, true));
     }
-    weft_common::tls::setup_client(
-        cli.tls_ca.as_deref(),
-        cli.tls_cert.as_deref(),
-        cli.tls_key.as_deref(),
-    )
+    let file = file_config()?;
+    // Flags and environment first, then the file's [tls].
+    match (&cli.tls_ca, &file.tls) {
+        (None, Some(t)) => weft_common::tls::setup_client(
+            Some(&t.ca_file),
+            t.cert_file.as_deref(),
+            t.key_file.as_deref(),
+        ),
+        _ => weft_common::tls::setup_client(
+            cli.tls_ca.as_deref(),
+            cli.tls_cert.as_deref(),
+            cli.tls_key.as_deref(),
+        ),
+    }
     .map_err(anyhow::Error::msg)?;
     let addresses = match cli.rm.clone() {
         Some(a) => a,
-        None => config_addresses()?.unwrap_or_else(|| vec!["127.0.0.1:7100".into()]),
+        None if !file.rm.is_empty() => file.rm,
+        None => vec!["127.0.0.1:7100".into()],
     };
     let rm = RmClient::new(addresses)?.with_deadline(std::time::Duration::from_secs(cli.timeout));
     let json_out = matches!(cli.output, Output::Json);
@@ -1009,5 +1022,23 @@ async fn main() -> ExitCode {
             eprintln!("rmctl: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deployment_example_rmctl_toml_names_the_group_and_its_tls() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/deploy/rmctl.toml");
+        let c: FileConfig = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(c.rm.len(), 3);
+        let tls = c.tls.unwrap();
+        assert!(tls.ca_file.ends_with("weft-ca.pem"));
+        assert!(tls.cert_file.is_some() && tls.key_file.is_some());
+        let e = toml::from_str::<FileConfig>("rm = []\n[tls]\nca = \"x\"\n").unwrap_err();
+        assert!(e.message().contains("unknown field `ca`"), "{e}");
     }
 }

@@ -164,6 +164,34 @@ async fn a_cluster_over_mutual_tls_runs_a_job_and_refuses_whom_it_does_not_trust
         "list",
     ]));
     assert!(status.contains("node-a"), "{status}");
+    // Or from rmctl.toml's [tls], as a user sets it once.
+    let file = tmp.path().join("rmctl.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "rm = [{}]\n[tls]\nca_file = {ca_s:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+            cluster
+                .addrs()
+                .iter()
+                .map(|a| format!("{a:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            d.join("client-alice.pem").display().to_string(),
+            d.join("client-alice-key.pem").display().to_string()
+        ),
+    )
+    .unwrap();
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name("rmctl");
+    let from_file = std::process::Command::new(path)
+        .args(["node", "list"])
+        .env("WEFT_CONFIG", &file)
+        .env_remove("WEFT_RM")
+        .env_remove("WEFT_TLS_CA")
+        .env_remove("WEFT_TLS_CERT")
+        .env_remove("WEFT_TLS_KEY")
+        .output()
+        .unwrap();
+    assert!(ok(&from_file).contains("node-a"));
 
     // Plaintext is refused.
     let plain = rmctl(&["--rm", &rm, "--timeout", "3", "cluster", "status"]);
