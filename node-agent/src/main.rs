@@ -125,6 +125,20 @@ fn main() -> ExitCode {
         eprintln!("node-agent: {e}");
         return ExitCode::from(2);
     }
+    // With TLS on, the RM takes this node's registration only under the
+    // name its certificate holds: a different node_id would be refused at
+    // every registration; say so now.
+    let cert_name = weft_common::tls::installed()
+        .and_then(|t| t.own.as_ref())
+        .map(|o| o.name.clone());
+    if let (Some(name), Some(id)) = (cert_name, &cfg.node_id) {
+        if &name != id {
+            eprintln!(
+                "node-agent: node_id: {id:?} is not the name in tls.cert_file ({name:?}); the resource manager takes a node only under its certificate's name: leave node_id out, or make a certificate for {id:?} (`rmctl tls cert create --role agent --name {id}`)"
+            );
+            return ExitCode::from(2);
+        }
+    }
     let addr = cfg.listen;
     weft_common::daemon::serve_main("node-agent", addr, |listener| {
         weft_node_agent::run(cfg, listener, weft_common::daemon::shutdown_signal())

@@ -324,6 +324,28 @@ async fn a_cluster_over_mutual_tls_runs_a_job_and_refuses_whom_it_does_not_trust
         "{e}"
     );
 
+    // An agent told a node id other than its certificate's does not start.
+    let agent_cfg = tmp.path().join("agent-z.toml");
+    std::fs::write(
+        &agent_cfg,
+        format!(
+            "node_id = \"node-z\"\nlisten = \"127.0.0.1:0\"\nwork_dir = {:?}\n[tls]\nca_file = {ca_s:?}\ncert_file = \"{1}/agent-node-a.pem\"\nkey_file = \"{1}/agent-node-a-key.pem\"\n",
+            tmp.path().join("agent-z").display().to_string(),
+            d.display()
+        ),
+    )
+    .unwrap();
+    let z = std::process::Command::new(crate::nodes::agent_binary())
+        .args(["--config", agent_cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(z.status.code(), Some(2));
+    let why = String::from_utf8_lossy(&z.stderr);
+    assert!(
+        why.contains("node_id: \"node-z\" is not the name in tls.cert_file (\"node-a\")"),
+        "{why}"
+    );
+
     // A member given a node's certificate does not start, and says why.
     let cfg = tmp.path().join("wrong.toml");
     std::fs::write(
