@@ -341,18 +341,19 @@ pub fn peer<T>(req: &tonic::Request<T>) -> Option<PeerIdentity> {
 }
 
 /// Whether a request may act as `role`: without TLS (a loopback or
-/// `insecure` process) anybody may; with it, only a caller whose client
-/// certificate is of that role. The refusal names what the caller showed.
+/// `insecure` process) anybody may (None); with it, only a caller whose
+/// client certificate is of that role (its identity, read once). The
+/// refusal names what the caller showed.
 pub fn require_role<T>(
     req: &tonic::Request<T>,
     role: Role,
     what: &str,
-) -> Result<(), tonic::Status> {
+) -> Result<Option<PeerIdentity>, tonic::Status> {
     if installed().is_none() {
-        return Ok(());
+        return Ok(None);
     }
     match peer(req) {
-        Some(p) if p.role == Some(role) => Ok(()),
+        Some(p) if p.role == Some(role) => Ok(Some(p)),
         Some(p) => Err(tonic::Status::permission_denied(format!(
             "{what} is accepted only from a {role} certificate; this connection showed {p}"
         ))),

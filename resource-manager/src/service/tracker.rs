@@ -16,18 +16,11 @@ use super::*;
 /// take over a node's address or speak for its containers).
 fn node_speaks_as_itself<T>(req: &Request<T>, node_id: &str) -> Result<(), Status> {
     use weft_common::tls;
-    tls::require_role(
-        req,
-        tls::Role::Agent,
-        "a node's registration and heartbeats",
-    )?;
-    match tls::peer(req) {
-        Some(p) if tls::installed().is_some() && p.name != node_id => {
-            Err(Status::permission_denied(format!(
-                "node_id: {node_id:?} is not this agent's: its certificate names node {:?}, and a node registers and reports only as itself",
-                p.name
-            )))
-        }
+    match tls::require_role(req, tls::Role::Agent, "a node's registration and heartbeats")? {
+        Some(p) if p.name != node_id => Err(Status::permission_denied(format!(
+            "node_id: {node_id:?} is not this agent's: its certificate names node {:?}, and a node registers and reports only as itself",
+            p.name
+        ))),
         _ => Ok(()),
     }
 }

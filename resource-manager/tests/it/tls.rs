@@ -14,15 +14,28 @@ use crate::cluster::Cluster;
 use crate::nodes::AgentProcess;
 
 fn rmctl(args: &[&str]) -> Output {
+    rmctl_with(args, None)
+}
+
+/// `rmctl` with none of the caller's WEFT_* settings, and `WEFT_CONFIG` set
+/// to `config` if given.
+fn rmctl_with(args: &[&str], config: Option<&Path>) -> Output {
     let path = std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name("rmctl");
-    std::process::Command::new(path)
-        .args(args)
-        .env_remove("WEFT_RM")
-        .env_remove("WEFT_TLS_CA")
-        .env_remove("WEFT_TLS_CERT")
-        .env_remove("WEFT_TLS_KEY")
-        .output()
-        .unwrap()
+    let mut cmd = std::process::Command::new(path);
+    cmd.args(args);
+    for var in [
+        "WEFT_RM",
+        "WEFT_CONFIG",
+        "WEFT_TLS_CA",
+        "WEFT_TLS_CERT",
+        "WEFT_TLS_KEY",
+    ] {
+        cmd.env_remove(var);
+    }
+    if let Some(c) = config {
+        cmd.env("WEFT_CONFIG", c);
+    }
+    cmd.output().unwrap()
 }
 
 fn ok(o: &Output) -> String {
@@ -181,16 +194,7 @@ async fn a_cluster_over_mutual_tls_runs_a_job_and_refuses_whom_it_does_not_trust
         ),
     )
     .unwrap();
-    let path = std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name("rmctl");
-    let from_file = std::process::Command::new(path)
-        .args(["node", "list"])
-        .env("WEFT_CONFIG", &file)
-        .env_remove("WEFT_RM")
-        .env_remove("WEFT_TLS_CA")
-        .env_remove("WEFT_TLS_CERT")
-        .env_remove("WEFT_TLS_KEY")
-        .output()
-        .unwrap();
+    let from_file = rmctl_with(&["node", "list"], Some(&file));
     assert!(ok(&from_file).contains("node-a"));
 
     // Plaintext is refused.
