@@ -8,7 +8,10 @@
 #      gang, so both hold device memory at once on the same device;
 #   3. a share that allocates past its gpu_memory quota: killed by the agent
 #      (OverGpuMemoryQuota, exit -106) with the amount NVML reported, and
-#      the job FAILED with that reason.
+#      the job FAILED with that reason;
+#   4. a task given no GPU opens the node's /dev/nvidiaN device files: denied
+#      by the devices controller (cgroup v1) or the BPF device filter (v2),
+#      while the whole-GPU task of job 1 opened its own.
 # Exits non-zero if any of that does not hold.
 #
 # Needs the NVIDIA driver and a python3 with PyTorch. Binaries: $WEFT_BIN
@@ -43,8 +46,9 @@ gpus=$("$bin/rmctl" -o json node status "$node" | python3 -c 'import json, sys; 
 grep -m1 -i "gpu\|nvml" "$log" || true
 
 cat >"$work/whole.py" <<'EOF'
-import os, time, torch
+import os, subprocess, sys, time, torch
 print("CUDA_VISIBLE_DEVICES", os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
+subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "opendev.py")], check=True)
 assert torch.cuda.device_count() == 1, torch.cuda.device_count()
 print("device", torch.cuda.get_device_name(0), flush=True)
 n = 8192
@@ -59,6 +63,15 @@ for _ in range(10):
 torch.cuda.synchronize()
 dt = (time.perf_counter() - t) / 10
 print(f"bf16 {n}^3 matmul: {2 * n**3 / dt / 1e12:.0f} TFLOP/s", flush=True)
+EOF
+cat >"$work/opendev.py" <<'EOF'
+import glob, os
+for path in sorted(glob.glob("/dev/nvidia[0-9]*")):
+    try:
+        os.close(os.open(path, os.O_RDWR))
+        print("opened", path, flush=True)
+    except OSError as e:
+        print("denied" if e.errno in (1, 13) else "error", path, e.strerror, flush=True)
 EOF
 cat >"$work/share.py" <<'EOF'
 import os, time, torch
@@ -139,4 +152,22 @@ hog=$("$bin/rmctl" app list | awk 'NR > 1 { print $1 }' | tail -1)
 "$bin/rmctl" -o json app status "$hog" >"$work/hog.json"
 grep -q "over its GPU memory quota" "$work/hog.json" || fail "the hog's status names no GPU-memory kill"
 "$bin/rmctl" app logs "$hog" hog/0 || true
+# 4. A task without GPUs and the node's device files.
+isolation=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -m1 -o 'isolation=.*' || true)
+echo "agent: $isolation"
+"$bin/rmctl" app logs "$app" whole/0 | grep -q "^opened /dev/nvidia" || fail "whole/0 could not open its own GPU's device file"
+nogpu=$("$bin/rmctl" submit --name gpu-nodev -- python3 "$work/opendev.py")
+nogpu=${nogpu#submitted }
+"$bin/rmctl" app wait "$nogpu" || fail "the GPU-less task did not succeed"
+"$bin/rmctl" app logs "$nogpu" run/0 | tee "$work/nodev.txt"
+grep -q . "$work/nodev.txt" || fail "the GPU-less task listed no /dev/nvidiaN"
+case "$isolation" in
+  *"devices: not filtered"* | *procfs*)
+    echo "gpu-check: device files NOT isolated on this node ($isolation)"
+    ;;
+  *)
+    if grep -qv "^denied" "$work/nodev.txt"; then fail "a task given no GPU opened a GPU's device file"; fi
+    echo "gpu-check: a task given no GPU was denied every /dev/nvidiaN"
+    ;;
+esac
 echo "gpu-check: passed"

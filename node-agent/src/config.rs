@@ -234,6 +234,9 @@ pub struct FakeGpuDevice {
     pub uuid: String,
     pub model: String,
     pub memory: ByteSize,
+    /// Minor number of its device file (major 195); the device's index when absent.
+    #[serde(default)]
+    pub minor: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -11,6 +11,9 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuInfo {
     pub index: u32,
+    /// Minor number of its device file, `/dev/nvidia<minor>` (major 195):
+    /// NVML's index order need not be the device files' order.
+    pub minor: u32,
     pub uuid: String,
     pub model: String,
     pub memory_bytes: u64,
@@ -73,6 +76,7 @@ impl NvmlProbe {
             };
             devices.push(GpuInfo {
                 index: d.index().map_err(|e| err("index", e))?,
+                minor: d.minor_number().map_err(|e| err("minor number", e))?,
                 uuid: d.uuid().map_err(|e| err("uuid", e))?,
                 model: d.name().map_err(|e| err("name", e))?,
                 memory_bytes: d.memory_info().map_err(|e| err("memory", e))?.total,
@@ -133,6 +137,7 @@ impl FakeGpuProbe {
             .enumerate()
             .map(|(i, d)| GpuInfo {
                 index: i as u32,
+                minor: d.minor.unwrap_or(i as u32),
                 uuid: d.uuid.clone(),
                 model: d.model.clone(),
                 memory_bytes: d.memory.as_u64(),
@@ -230,11 +235,13 @@ mod tests {
                     uuid: "GPU-a".into(),
                     model: "Fake".into(),
                     memory: bytesize::ByteSize::gib(16),
+                    minor: None,
                 },
                 FakeGpuDevice {
                     uuid: "GPU-b".into(),
                     model: "Fake".into(),
                     memory: bytesize::ByteSize::gib(16),
+                    minor: Some(7),
                 },
             ],
             usage_dir: Some(dir.path().to_path_buf()),
@@ -245,6 +252,8 @@ mod tests {
         std::fs::write(dir.path().join("4194304999"), "GPU-a 7\n").unwrap();
         let p = FakeGpuProbe::new(&cfg);
         assert_eq!(p.devices()[1].index, 1);
+        assert_eq!(p.devices()[0].minor, 0);
+        assert_eq!(p.devices()[1].minor, 7);
         let u = p.process_usage().unwrap();
         assert_eq!(
             u,

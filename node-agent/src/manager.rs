@@ -701,7 +701,7 @@ impl Manager {
                 .gpus
                 .iter()
                 .filter(|g| !spec.resources.gpu_indices.contains(&g.index))
-                .map(|g| (NVIDIA_MAJOR, g.index))
+                .map(|g| (NVIDIA_MAJOR, g.minor))
                 .collect(),
         };
         let (sh, id, work_dir, log_dir) = (

@@ -9,6 +9,7 @@
 //!
 //! Every method may block on cgroupfs or `/proc`: call from a blocking thread.
 
+pub mod bpf;
 pub mod cgroupfs;
 pub mod procfs;
 pub mod v1;

@@ -1,8 +1,9 @@
 //! cgroup v2: one directory per container in the unified hierarchy, with the
 //! memory, cpu and pids controllers. `memory.oom.group` makes the kernel kill
 //! the whole tree at once when it reaches its limit; `cgroup.kill` ends a group
-//! atomically. (Device restriction on v2 needs BPF programs and is not done
-//! here: GPU visibility relies on the CUDA/NVIDIA environment variables.)
+//! atomically. v2 has no devices controller: the GPUs a container was not
+//! given are denied by a BPF device program attached to its group
+//! ([`super::bpf`]), where the kernel and the agent's rights allow one.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,8 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 pub struct CgroupV2 {
     /// `<mount>/<parent>`.
     parent_dir: PathBuf,
+    /// Whether device programs can be loaded here; why not when they cannot.
+    device_filter: std::result::Result<(), String>,
 }
 
 impl CgroupV2 {
@@ -44,7 +47,17 @@ impl CgroupV2 {
         let parent_dir = root.join(parent);
         cgroupfs::mkdir(&parent_dir)?;
         enable_controllers(&parent_dir)?;
-        Ok(CgroupV2 { parent_dir })
+        let device_filter = super::bpf::probe();
+        if let Err(why) = &device_filter {
+            tracing::warn!(
+                reason = %why,
+                "cgroup v2: no BPF device filter; a container sees the node's other GPUs' device files (CUDA_VISIBLE_DEVICES still hides them)"
+            );
+        }
+        Ok(CgroupV2 {
+            parent_dir,
+            device_filter,
+        })
     }
 }
 
@@ -86,7 +99,16 @@ impl Driver for CgroupV2 {
     }
 
     fn describe(&self) -> String {
-        format!("cgroup v2 under {}", self.parent_dir.display())
+        match &self.device_filter {
+            Ok(()) => format!(
+                "cgroup v2 under {} (devices: BPF filter)",
+                self.parent_dir.display()
+            ),
+            Err(_) => format!(
+                "cgroup v2 under {} (devices: not filtered)",
+                self.parent_dir.display()
+            ),
+        }
     }
 
     fn create(&self, id: &str, limits: &Limits) -> Result<Arc<dyn Group>> {
@@ -99,7 +121,7 @@ impl Driver for CgroupV2 {
             dir: self.parent_dir.join(id),
             peak_seen: AtomicU64::new(0),
         };
-        if let Err(e) = g.setup(limits) {
+        if let Err(e) = g.setup(limits, self.device_filter.is_ok()) {
             let _ = g.destroy();
             return Err(e);
         }
@@ -129,9 +151,14 @@ pub struct V2Group {
 }
 
 impl V2Group {
-    fn setup(&self, limits: &Limits) -> Result<()> {
+    fn setup(&self, limits: &Limits, filter_devices: bool) -> Result<()> {
         let d = &self.dir;
         cgroupfs::mkdir(d)?;
+        // Before any process joins: nothing in the group ever opens a device
+        // it was not given.
+        if filter_devices && !limits.denied_devices.is_empty() {
+            super::bpf::attach_deny(d, &limits.denied_devices)?;
+        }
         cgroupfs::write(&d.join("memory.max"), &limits.memory_bytes.to_string())?;
         let swap = d.join("memory.swap.max");
         if swap.exists() {

@@ -376,6 +376,7 @@ pub fn fake_gpus(c: &mut AgentConfig, prefix: &str, n: usize) {
                 uuid: format!("{prefix}{i}"),
                 model: "Fake A100".into(),
                 memory: bytesize::ByteSize::gib(40),
+                minor: None,
             });
     }
 }

@@ -1,5 +1,5 @@
 //! How containers end: exit codes, stop with a grace period, escaped
-//! grandchildren, and the v1 devices controller.
+//! grandchildren, the v1 devices controller and the v2 device filter.
 
 use std::time::Duration;
 
@@ -285,4 +285,106 @@ async fn an_ended_container_of_another_rm_group_gives_way_to_a_new_grant_of_its_
     assert_eq!(out, "second\n", "only the new container's output");
     refused_again(&mut agent.client, &second_group).await;
     agent.shutdown().await;
+}
+
+/// cgroup v2 has no devices controller: a BPF device program attached to the
+/// group denies what the limits list. A v2 hierarchy is mounted in a mount
+/// namespace of this test's own thread (this machine's hierarchies are v1 and
+/// the mount is seen by no other test); /dev/null (1:3) stands in for a GPU
+/// that was not given, /dev/zero (1:5) for everything else.
+#[test]
+fn v2_bpf_device_filter_denies_listed_devices() {
+    use std::ffi::CString;
+    use weft_node_agent::driver::bpf;
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    if let Err(why) = bpf::probe() {
+        if why.contains("not permitted") || why.contains("not implemented") {
+            eprintln!("skipped: this kernel or these rights allow no BPF device program: {why}");
+            return;
+        }
+        panic!("loading the device program failed: {why}");
+    }
+    std::thread::spawn(|| {
+        let c = |s: &str| CString::new(s).unwrap();
+        // SAFETY: plain system calls on NUL-terminated strings that outlive them.
+        unsafe {
+            assert_eq!(libc::unshare(libc::CLONE_NEWNS), 0, "unshare");
+            let root = c("/");
+            let r = libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            );
+            assert_eq!(
+                r,
+                0,
+                "making / private: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let mnt = tempfile::tempdir().unwrap();
+        let point = c(mnt.path().to_str().unwrap());
+        let (none, fstype) = (c("none"), c("cgroup2"));
+        // SAFETY: as above.
+        let r = unsafe {
+            libc::mount(
+                none.as_ptr(),
+                point.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "mounting cgroup2: {}",
+            std::io::Error::last_os_error()
+        );
+        let dir = mnt.path().join(unique_parent("bpf"));
+        std::fs::create_dir(&dir).unwrap();
+        let outcome = std::panic::catch_unwind(|| {
+            bpf::attach_deny(&dir, &[(1, 3), (195, 7)]).unwrap();
+            let run = |script: &str| {
+                let mut cmd = std::process::Command::new("sh");
+                cmd.args(["-c", script]);
+                weft_node_agent::driver::join_on_exec(&mut cmd, vec![dir.join("cgroup.procs")]);
+                cmd.output().unwrap()
+            };
+            let denied = run("echo x > /dev/null");
+            let err = String::from_utf8_lossy(&denied.stderr).to_string();
+            assert!(
+                !denied.status.success(),
+                "writing /dev/null should be denied"
+            );
+            assert!(
+                err.contains("ermission denied") || err.contains("not permitted"),
+                "{err:?}"
+            );
+            let read = run("head -c 4 /dev/zero | wc -c");
+            assert!(read.status.success(), "{read:?}");
+            assert_eq!(String::from_utf8_lossy(&read.stdout).trim(), "4");
+            // Outside the group the device opens.
+            assert!(std::process::Command::new("sh")
+                .args(["-c", "echo x > /dev/null"])
+                .status()
+                .unwrap()
+                .success());
+        });
+        let removed = std::fs::remove_dir(&dir);
+        // SAFETY: as above.
+        let r = unsafe { libc::umount2(point.as_ptr(), libc::MNT_DETACH) };
+        if let Err(e) = outcome {
+            std::panic::resume_unwind(e);
+        }
+        removed.unwrap();
+        assert_eq!(r, 0, "unmounting: {}", std::io::Error::last_os_error());
+    })
+    .join()
+    .unwrap();
 }

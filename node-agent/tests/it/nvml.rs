@@ -25,8 +25,8 @@ async fn nvml_discovery_visibility_and_gpu_memory_quota() {
     assert!(!devices.is_empty(), "NVML found no GPU");
     for d in &devices {
         eprintln!(
-            "nvml: GPU {} {} {} {} bytes",
-            d.index, d.uuid, d.model, d.memory_bytes
+            "nvml: GPU {} (minor {}) {} {} {} bytes",
+            d.index, d.minor, d.uuid, d.model, d.memory_bytes
         );
         assert!(d.uuid.starts_with("GPU-"), "{d:?}");
         assert!(d.memory_bytes > GIB, "{d:?}");
@@ -38,17 +38,50 @@ async fn nvml_discovery_visibility_and_gpu_memory_quota() {
     })
     .await;
 
-    // Without a GPU, CUDA sees none.
-    let none = "import torch; print(torch.cuda.device_count(), flush=True)";
+    // Which driver the agent runs, and whether it can deny device files.
+    let probe_parent = unique_parent("nvml-probe");
+    let driver = weft_node_agent::driver::select(agent.config.containers.driver, &probe_parent)
+        .expect("a driver");
+    let isolation = driver.describe();
+    driver.cleanup();
+    let filtered = driver.kind() != weft_node_agent::driver::DriverKind::Procfs
+        && !isolation.contains("not filtered");
+    eprintln!("driver {}: {isolation}", driver.kind());
+
+    // Without a GPU, CUDA sees none, and the kernel denies the GPUs' device files.
+    let none = concat!(
+        "import os, sys, torch\n",
+        "print(torch.cuda.device_count(), flush=True)\n",
+        "for m in sys.argv[1:]:\n",
+        "    try:\n",
+        "        os.close(os.open('/dev/nvidia' + m, os.O_RDWR))\n",
+        "        print('opened', m, flush=True)\n",
+        "    except OSError as e:\n",
+        "        print('denied' if e.errno in (1, 13) else 'error', m, e.strerror, flush=True)\n",
+    );
     let mut r = spec("nogpu", "", 8 * GIB);
     r.command = "python3".into();
     r.args = vec!["-c".into(), none.into()];
+    r.args.extend(devices.iter().map(|d| d.minor.to_string()));
     start(&mut agent.client, r).await;
     let s = wait_end(&mut agent.client, "nogpu", Duration::from_secs(120)).await;
     let out = read_log(&mut agent.client, "nogpu", pb::LogStream::Stdout, 0, false).await;
     let err = read_log(&mut agent.client, "nogpu", pb::LogStream::Stderr, 0, false).await;
+    eprintln!("nogpu: {out:?}");
     assert_eq!(s.state(), pb::ContainerState::Succeeded, "{s:?} {err}");
-    assert_eq!(out.trim(), "0", "a container without GPUs sees none");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("0"), "a container without GPUs sees none");
+    for (d, line) in devices.iter().zip(lines) {
+        if filtered {
+            assert!(
+                line.starts_with(&format!("denied {}", d.minor)),
+                "/dev/nvidia{} of a GPU not given: {line}",
+                d.minor
+            );
+        } else {
+            eprintln!("device files not filtered by this driver: {line}");
+        }
+    }
 
     // With GPU 0 and a 1 GiB quota, allocating 3 GiB gets it killed.
     let hog = "import os, time, torch\n\

@@ -41,6 +41,7 @@ impl Agent {
                 uuid: "GPU-0".into(),
                 model: "Fake H100".into(),
                 memory: bytesize::ByteSize::gib(80),
+                minor: None,
             });
         cfg.resources.vcores = Some(8.0);
         cfg.labels.insert("gpu".into(), "h100".into());
