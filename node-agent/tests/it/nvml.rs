@@ -70,7 +70,11 @@ async fn nvml_discovery_visibility_and_gpu_memory_quota() {
     eprintln!("nogpu: {out:?}");
     assert_eq!(s.state(), pb::ContainerState::Succeeded, "{s:?} {err}");
     let mut lines = out.lines();
-    assert_eq!(lines.next(), Some("0"), "a container without GPUs sees none");
+    assert_eq!(
+        lines.next(),
+        Some("0"),
+        "a container without GPUs sees none"
+    );
     for (d, line) in devices.iter().zip(lines) {
         if filtered {
             assert!(
