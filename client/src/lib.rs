@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::Status;
 use weft_proto::v1 as pb;
@@ -35,7 +37,27 @@ pub use weft_common::leader::{Error, LEADER_HEADER};
 /// A client of the RM group.
 pub struct RmClient {
     rm: LeaderClient,
+    credentials: Credentials,
 }
+
+/// What every call carries to say who the caller is: a user's bearer token
+/// (`rmctl acl`), if any. (A client certificate is the channel's own.)
+#[derive(Clone, Default)]
+pub struct Credentials {
+    bearer: Option<MetadataValue<Ascii>>,
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(b) = &self.bearer {
+            req.metadata_mut().insert("authorization", b.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The ClientService stub every call gets: its requests carry the token.
+pub type Rpc = ClientServiceClient<InterceptedService<Channel, Credentials>>;
 
 /// A request id unique to this process and moment.
 fn request_id() -> String {
@@ -61,7 +83,20 @@ impl RmClient {
     {
         Ok(RmClient {
             rm: LeaderClient::new(addresses)?,
+            credentials: Credentials::default(),
         })
+    }
+
+    /// Sends `token` (a secret from `rmctl acl`, `weft_...`) with every call.
+    pub fn with_token(mut self, token: &str) -> Result<Self, Error> {
+        let token = token.trim();
+        let v: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| {
+            Error::Rpc(Status::invalid_argument(
+                "token: not a token (printable ASCII, as `rmctl acl` printed it)",
+            ))
+        })?;
+        self.credentials.bearer = Some(v);
+        Ok(self)
     }
 
     /// Sets how long a call keeps retrying across failovers.
@@ -86,10 +121,17 @@ impl RmClient {
     /// errors with backoff until the deadline.
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, Error>
     where
-        F: Fn(ClientServiceClient<Channel>) -> Fut,
+        F: Fn(Rpc) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.rm.call(|ch| f(ClientServiceClient::new(ch))).await
+        self.rm
+            .call(|ch| {
+                f(ClientServiceClient::with_interceptor(
+                    ch,
+                    self.credentials.clone(),
+                ))
+            })
+            .await
     }
 
     /// Submits a job spec; returns the application id. Retries reuse one
@@ -294,6 +336,57 @@ impl RmClient {
         .map(|_| ())
     }
 
+    /// Makes the first admin token (works once, on a cluster with ACLs on).
+    pub async fn acl_bootstrap(&self) -> Result<pb::AclTokenSecret, Error> {
+        self.call(|mut c| async move { c.acl_bootstrap(pb::AclBootstrapRequest {}).await })
+            .await
+    }
+
+    /// Makes a token for `user` (admins only); `ttl` None = never expires.
+    pub async fn create_acl_token(
+        &self,
+        user: &str,
+        admin: bool,
+        ttl: Option<Duration>,
+        description: &str,
+    ) -> Result<pb::AclTokenSecret, Error> {
+        let req = pb::CreateAclTokenRequest {
+            user: user.into(),
+            admin,
+            ttl_seconds: ttl.map_or(0, |t| t.as_secs().max(1)),
+            description: description.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.create_acl_token(req).await }
+        })
+        .await
+    }
+
+    pub async fn list_acl_tokens(&self) -> Result<Vec<pb::AclToken>, Error> {
+        self.call(|mut c| async move { c.list_acl_tokens(pb::ListAclTokensRequest {}).await })
+            .await
+            .map(|r| r.tokens)
+    }
+
+    pub async fn revoke_acl_token(&self, accessor: &str) -> Result<(), Error> {
+        let req = pb::RevokeAclTokenRequest {
+            accessor: accessor.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.revoke_acl_token(req).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Who the cluster takes this client for.
+    pub async fn who_am_i(&self) -> Result<pb::WhoAmIResponse, Error> {
+        self.call(|mut c| async move { c.who_am_i(pb::WhoAmIRequest {}).await })
+            .await
+    }
+
     /// Cluster status as the leader sees it.
     pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, Error> {
         self.call(|mut c| async move { c.cluster_status(pb::ClusterStatusRequest {}).await })
@@ -302,7 +395,8 @@ impl RmClient {
 
     /// Cluster status as the member at `addr` sees it (no redirect).
     pub async fn member_status(&self, addr: &str) -> Result<pb::ClusterStatusResponse, Error> {
-        let mut c = ClientServiceClient::new(self.channel(addr)?);
+        let mut c =
+            ClientServiceClient::with_interceptor(self.channel(addr)?, self.credentials.clone());
         c.cluster_status(pb::ClusterStatusRequest {})
             .await
             .map(|r| r.into_inner())

@@ -105,7 +105,22 @@ fn write_seeds() {
                 user_limit_vcores_milli: 0,
                 user_limit_memory_bytes: 0,
                 user_limit_gpus: 0,
+                admin_acl: vec!["ann".into()],
             }],
+        },
+        Command::AclBootstrap {
+            token: AclToken {
+                accessor: "0123456789abcdef".into(),
+                secret_sha256: "0123456789abcdef".repeat(4),
+                user: "admin".into(),
+                admin: true,
+                description: "bootstrap".into(),
+                created_at_ms: 1,
+                expires_at_ms: 0,
+            },
+        },
+        Command::AclTokenRevoke {
+            accessor: "0123456789abcdef".into(),
         },
         Command::RegisterNode {
             node_id: "n1".into(),

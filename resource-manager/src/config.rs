@@ -58,6 +58,27 @@ pub struct RmConfig {
     /// Serve plaintext on a non-loopback `listen` (refused without this
     /// when `tls` is not set).
     pub insecure: bool,
+    /// Who may call what (users' tokens and certificates).
+    pub acl: AclConfig,
+    /// A JSON line for every write asked of this member (who, what, from
+    /// where, outcome) is appended to this file.
+    pub audit_log: Option<PathBuf>,
+}
+
+/// Users and what they may do. Off, every caller may do anything and is the
+/// user it says it is; on, every ClientService call needs a user's token
+/// (`authorization: Bearer ...`) or a client certificate, a user sees and
+/// kills only their own applications (or those of queues they administer),
+/// and queues, members, drains and tokens are for admins. Every member of a
+/// group should have the same setting.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclConfig {
+    pub enabled: bool,
+    /// Users who are admins whatever their token says (e.g. a client
+    /// certificate's name: an operator who holds the CA can always mint
+    /// one, so a cluster whose admin tokens are lost is not locked out).
+    pub admins: Vec<String>,
 }
 
 impl Default for RmConfig {
@@ -78,6 +99,8 @@ impl Default for RmConfig {
             queues: Vec::new(),
             tls: None,
             insecure: false,
+            acl: AclConfig::default(),
+            audit_log: None,
         }
     }
 }
@@ -96,6 +119,9 @@ pub struct QueueConfig {
     pub submit_acl: Vec<String>,
     /// Most one user may use in this queue; unset fields mean no limit.
     pub user_limit: QueueResources,
+    /// Users who administer this queue and the queues under it: they see
+    /// and kill every application in them (with `[acl]` on).
+    pub admin_acl: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -123,6 +149,7 @@ impl QueueConfig {
             user_limit_vcores_milli: self.user_limit.vcores.map_or(0, |v| (v * 1000.0) as u64),
             user_limit_memory_bytes: self.user_limit.memory.map_or(0, |b| b.as_u64()),
             user_limit_gpus: self.user_limit.gpus.unwrap_or(0),
+            admin_acl: self.admin_acl.clone(),
         }
     }
 }
@@ -329,6 +356,8 @@ mod tests {
             assert_eq!(c.id, i);
             assert_eq!(c.peers.len(), 3);
             assert_eq!(c.queues.len(), 2);
+            assert!(c.acl.enabled);
+            assert_eq!(c.queues[0].admin_acl, vec!["research-lead".to_string()]);
         }
     }
 

@@ -6,6 +6,8 @@
 //! rmctl node list | node drain ID
 //! rmctl app list | app status ID | app wait ID | app kill ID
 //! rmctl queue list | queue set -f queues.toml
+//! rmctl acl bootstrap | acl whoami
+//! rmctl acl token create --user U [--admin] [--ttl 30d] | token list | token revoke ACCESSOR
 //! rmctl submit -f job.yaml [--wait]
 //! rmctl submit [--name N] [--instances N] [--vcores V] [--memory M] [--wait] -- CMD ARGS...
 //! ```
@@ -44,6 +46,13 @@ struct Cli {
     /// Its private key (PEM).
     #[arg(long, env = "WEFT_TLS_KEY", global = true, requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
+    /// This user's token (`rmctl acl`). Else WEFT_TOKEN, else the file
+    /// --token-file names, else `token_file` in rmctl.toml.
+    #[arg(long, env = "WEFT_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding this user's token.
+    #[arg(long, env = "WEFT_TOKEN_FILE", global = true)]
+    token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -165,6 +174,8 @@ struct FileConfig {
     rm: Vec<String>,
     /// `ca_file` (and `cert_file`, `key_file` for a user certificate).
     tls: Option<weft_common::tls::TlsFiles>,
+    /// A file holding this user's token (keep it readable by its owner only).
+    token_file: Option<std::path::PathBuf>,
 }
 
 /// The first config file found ($WEFT_CONFIG, ~/.config/weft/rmctl.toml,
@@ -216,6 +227,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AppCmd,
     },
+    /// Users' tokens (with `[acl] enabled = true` on the members).
+    Acl {
+        #[command(subcommand)]
+        cmd: AclCmd,
+    },
     /// Certificates for mutual TLS: a cluster CA, then one certificate per
     /// member, agent and user.
     Tls {
@@ -259,6 +275,41 @@ enum Cmd {
         /// The command and its arguments (after `--`).
         #[arg(last = true)]
         command: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AclCmd {
+    /// Makes the first admin token (works once per cluster); prints its secret.
+    Bootstrap,
+    /// Who the cluster takes this caller for.
+    Whoami,
+    /// Users' tokens (admins only).
+    Token {
+        #[command(subcommand)]
+        cmd: AclTokenCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AclTokenCmd {
+    /// Makes a token for a user; prints its secret (shown this once).
+    Create {
+        #[arg(long)]
+        user: String,
+        /// May do anything: queues, members, drains, tokens, every application.
+        #[arg(long)]
+        admin: bool,
+        /// Expires after this long (e.g. 30d, 12h); none: never.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    List,
+    /// Revokes the token with this accessor (from `token list`).
+    Revoke {
+        accessor: String,
     },
 }
 
@@ -559,7 +610,29 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
         None if !file.rm.is_empty() => file.rm,
         None => vec!["127.0.0.1:7100".into()],
     };
-    let rm = RmClient::new(addresses)?.with_deadline(std::time::Duration::from_secs(cli.timeout));
+    let mut rm =
+        RmClient::new(addresses)?.with_deadline(std::time::Duration::from_secs(cli.timeout));
+    let token = match (
+        &cli.token,
+        cli.token_file.as_ref().or(file.token_file.as_ref()),
+    ) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("token file {}: {e}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    // With credentials the cluster knows the user: a submission names one
+    // only when --user says so.
+    let has_credentials = token.is_some()
+        || cli.tls_cert.is_some()
+        || file.tls.as_ref().is_some_and(|t| t.cert_file.is_some());
+    if let Some(t) = &token {
+        rm = rm.with_token(t)?;
+    }
     let json_out = matches!(cli.output, Output::Json);
     let mut ok = true;
     let out = match cli.command {
@@ -624,6 +697,7 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
             format!("member {id} removed")
         }
         Cmd::Completions { .. } | Cmd::Tls { .. } => unreachable!("answered above"),
+        Cmd::Acl { cmd } => acl_command(&rm, cmd, json_out).await?,
         Cmd::Node {
             cmd: NodeCmd::Status { id },
         } => {
@@ -751,6 +825,7 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
                                 "pending_applications": q.pending_applications,
                                 "running_applications": q.running_applications,
                                 "submit_acl": q.submit_acl,
+                                "admin_acl": q.admin_acl,
                             })
                         })
                         .collect(),
@@ -962,9 +1037,11 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
                     "yaml",
                 ),
             };
-            let user = user
-                .or_else(|| std::env::var("USER").ok())
-                .unwrap_or_else(|| "anonymous".into());
+            let user = match user {
+                Some(u) => u,
+                None if has_credentials => String::new(),
+                None => std::env::var("USER").unwrap_or_else(|_| "anonymous".into()),
+            };
             let id = rm.submit(&spec, format, &user).await?;
             if wait {
                 if !json_out {
@@ -981,6 +1058,118 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
         }
     };
     Ok((out, ok))
+}
+
+fn acl_token_json(t: &pb::AclToken) -> serde_json::Value {
+    json!({
+        "accessor": t.accessor,
+        "user": t.user,
+        "admin": t.admin,
+        "description": t.description,
+        "created_at_ms": t.created_at_ms,
+        "expires_at_ms": t.expires_at_ms,
+    })
+}
+
+/// A token's expiry as a table shows it.
+fn expiry(ms: u64) -> String {
+    if ms == 0 {
+        return "never".into();
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    let when = humantime::format_rfc3339_seconds(t).to_string();
+    if t <= std::time::SystemTime::now() {
+        format!("{when} (expired)")
+    } else {
+        when
+    }
+}
+
+/// `rmctl acl ...`.
+async fn acl_command(rm: &RmClient, cmd: AclCmd, json_out: bool) -> anyhow::Result<String> {
+    let made = |s: pb::AclTokenSecret| {
+        let t = s.token.unwrap_or_default();
+        if json_out {
+            let mut v = acl_token_json(&t);
+            v["secret"] = json!(s.secret);
+            v.to_string()
+        } else {
+            format!(
+                "accessor {}
+user     {}{}
+expires  {}
+secret   {}
+(the secret is shown this once: give it to its user, e.g. as WEFT_TOKEN)",
+                t.accessor,
+                t.user,
+                if t.admin { " (admin)" } else { "" },
+                expiry(t.expires_at_ms),
+                s.secret
+            )
+        }
+    };
+    Ok(match cmd {
+        AclCmd::Bootstrap => made(rm.acl_bootstrap().await?),
+        AclCmd::Whoami => {
+            let w = rm.who_am_i().await?;
+            if json_out {
+                json!({"user": w.user, "admin": w.admin, "method": w.method, "accessor": w.accessor, "acl_enabled": w.acl_enabled}).to_string()
+            } else if !w.acl_enabled {
+                format!("{} (ACLs are off: everyone may do anything)", w.user)
+            } else {
+                format!(
+                    "{}{} by {}{}",
+                    w.user,
+                    if w.admin { " (admin)" } else { "" },
+                    w.method,
+                    if w.accessor.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" {}", w.accessor)
+                    }
+                )
+            }
+        }
+        AclCmd::Token {
+            cmd:
+                AclTokenCmd::Create {
+                    user,
+                    admin,
+                    ttl,
+                    description,
+                },
+        } => made(rm.create_acl_token(&user, admin, ttl, &description).await?),
+        AclCmd::Token {
+            cmd: AclTokenCmd::List,
+        } => {
+            let tokens = rm.list_acl_tokens().await?;
+            if json_out {
+                serde_json::Value::Array(tokens.iter().map(acl_token_json).collect()).to_string()
+            } else {
+                table(
+                    &["ACCESSOR", "USER", "ADMIN", "EXPIRES", "DESCRIPTION"],
+                    tokens
+                        .iter()
+                        .map(|t| {
+                            vec![
+                                t.accessor.clone(),
+                                t.user.clone(),
+                                if t.admin { "yes".into() } else { "no".into() },
+                                expiry(t.expires_at_ms),
+                                t.description.clone(),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
+        AclCmd::Token {
+            cmd: AclTokenCmd::Revoke { accessor },
+        } => {
+            rm.revoke_acl_token(&accessor).await?;
+            format!("token {accessor} revoked")
+        }
+    })
 }
 
 /// Whether an error is stdout's reader having gone away (`rmctl ... | head`).
@@ -1038,6 +1227,7 @@ mod tests {
         let tls = c.tls.unwrap();
         assert!(tls.ca_file.ends_with("weft-ca.pem"));
         assert!(tls.cert_file.is_some() && tls.key_file.is_some());
+        assert!(c.token_file.unwrap().ends_with("token"));
         let e = toml::from_str::<FileConfig>("rm = []\n[tls]\nca = \"x\"\n").unwrap_err();
         assert!(e.message().contains("unknown field `ca`"), "{e}");
     }

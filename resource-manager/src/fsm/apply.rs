@@ -444,6 +444,34 @@ impl ClusterState {
                 }
                 Outcome::Done
             }
+            Command::AclBootstrap { token } => {
+                if self.acl_bootstrapped {
+                    return Outcome::Rejected(
+                        "the cluster's ACLs were bootstrapped already (an admin makes more tokens with `rmctl acl token create`)".into(),
+                    );
+                }
+                self.acl_bootstrapped = true;
+                self.acl_tokens
+                    .insert(token.accessor.clone(), token.clone());
+                Outcome::Done
+            }
+            Command::AclTokenCreate { token } => {
+                if self.acl_tokens.contains_key(&token.accessor) {
+                    return Outcome::Rejected(format!(
+                        "accessor: a token {} exists already",
+                        token.accessor
+                    ));
+                }
+                self.acl_tokens
+                    .insert(token.accessor.clone(), token.clone());
+                Outcome::Done
+            }
+            Command::AclTokenRevoke { accessor } => {
+                if self.acl_tokens.remove(accessor).is_none() {
+                    return Outcome::Rejected(format!("accessor: no token {accessor}"));
+                }
+                Outcome::Done
+            }
             Command::SetQueues { queues } => {
                 let mut names = std::collections::BTreeSet::new();
                 for q in queues {

@@ -160,6 +160,18 @@ pub enum Command {
     SetQueues {
         queues: Vec<QueueSpec>,
     },
+    /// The first admin token; refused once the cluster was bootstrapped.
+    AclBootstrap {
+        token: AclToken,
+    },
+    /// A user's token (made by an admin); refused if its accessor exists.
+    AclTokenCreate {
+        token: AclToken,
+    },
+    /// Revokes the token with this accessor.
+    AclTokenRevoke {
+        accessor: String,
+    },
 }
 
 /// What the raft log holds: a command plus who proposed it, so the proposer

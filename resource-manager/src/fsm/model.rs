@@ -114,6 +114,24 @@ impl Container {
     }
 }
 
+/// A user's bearer token as the state keeps it: its secret's hash, never
+/// the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AclToken {
+    /// The first 16 hex digits of `secret_sha256`: names the token in
+    /// lists and revocations.
+    pub accessor: String,
+    /// SHA-256 of the secret, hex.
+    pub secret_sha256: String,
+    pub user: String,
+    /// May do anything: queues, members, drains, tokens, every application.
+    pub admin: bool,
+    pub description: String,
+    pub created_at_ms: u64,
+    /// 0: never expires.
+    pub expires_at_ms: u64,
+}
+
 /// A queue's configuration (the scheduler reads it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueSpec {
@@ -136,6 +154,10 @@ pub struct QueueSpec {
     pub user_limit_memory_bytes: u64,
     #[serde(default)]
     pub user_limit_gpus: u32,
+    /// Users who administer the queue (and the queues under it): they see
+    /// and kill every application in it. Empty = only cluster admins.
+    #[serde(default)]
+    pub admin_acl: Vec<String>,
 }
 
 impl QueueSpec {
@@ -155,6 +177,7 @@ impl QueueSpec {
             user_limit_vcores_milli: 0,
             user_limit_memory_bytes: 0,
             user_limit_gpus: 0,
+            admin_acl: vec![],
         }
     }
 }
@@ -337,6 +360,13 @@ pub struct ClusterState {
     /// first leader.
     #[serde(default)]
     pub token_key: Option<String>,
+    /// Users' bearer tokens by accessor id (the first 16 hex digits of the
+    /// secret's SHA-256); the secrets themselves are never stored.
+    #[serde(default)]
+    pub acl_tokens: BTreeMap<String, AclToken>,
+    /// The first admin token was made (`rmctl acl bootstrap` works once).
+    #[serde(default)]
+    pub acl_bootstrapped: bool,
     /// Derived index: application id -> its containers' ids (not stored;
     /// rebuilt from `containers` when a snapshot is read).
     #[serde(skip)]

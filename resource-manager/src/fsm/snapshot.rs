@@ -17,6 +17,8 @@ impl ClusterState {
             containers: self.containers.clone(),
             queues: self.queues.clone(),
             token_key: self.token_key.clone(),
+            acl_tokens: self.acl_tokens.clone(),
+            acl_bootstrapped: self.acl_bootstrapped,
             // Every field named (no `..`): a field added to the state is a
             // compile error here until it is either stored or derived.
             app_containers: Default::default(),

@@ -1056,3 +1056,44 @@ fn finished_applications_are_pruned_by_age_and_count() {
     s.check_invariants().unwrap();
     assert_eq!(ClusterState::from_snapshot(&s.to_snapshot()).unwrap(), s);
 }
+
+#[test]
+fn acl_tokens_bootstrap_once_and_are_made_and_revoked() {
+    let token = |accessor: &str, user: &str| AclToken {
+        accessor: accessor.into(),
+        secret_sha256: format!("{accessor}{}", "0".repeat(48)),
+        user: user.into(),
+        admin: false,
+        description: String::new(),
+        created_at_ms: 1,
+        expires_at_ms: 0,
+    };
+    let mut s = ClusterState::default();
+    let boot = Command::AclBootstrap {
+        token: token("aaaaaaaaaaaaaaaa", "admin"),
+    };
+    assert_eq!(s.apply(&boot), Outcome::Done);
+    assert!(s.acl_bootstrapped);
+    // Once only, even after its token is gone.
+    assert_eq!(
+        s.apply(&Command::AclTokenRevoke {
+            accessor: "aaaaaaaaaaaaaaaa".into()
+        }),
+        Outcome::Done
+    );
+    assert!(matches!(s.apply(&boot), Outcome::Rejected(m) if m.contains("bootstrapped already")));
+    assert!(s.acl_tokens.is_empty());
+    let alice = Command::AclTokenCreate {
+        token: token("bbbbbbbbbbbbbbbb", "alice"),
+    };
+    assert_eq!(s.apply(&alice), Outcome::Done);
+    assert!(matches!(s.apply(&alice), Outcome::Rejected(m) if m.contains("exists already")));
+    assert!(matches!(
+        s.apply(&Command::AclTokenRevoke { accessor: "cccc".into() }),
+        Outcome::Rejected(m) if m == "accessor: no token cccc"
+    ));
+    // Kept through a snapshot.
+    let back = ClusterState::from_snapshot(&s.stored_part().to_snapshot()).unwrap();
+    assert_eq!(back.acl_tokens, s.acl_tokens);
+    assert!(back.acl_bootstrapped);
+}

@@ -11,7 +11,20 @@ use crate::error::Error;
 use crate::fsm::{App, AppState, Command, ContainerPhase, NodeState, Outcome, QueueSpec};
 use crate::raft_node::MemberChange;
 
+use super::audit_log::Note;
 use super::*;
+
+/// A token as reported (never its secret or hash).
+fn acl_token(t: &crate::fsm::AclToken) -> pb::AclToken {
+    pb::AclToken {
+        accessor: t.accessor.clone(),
+        user: t.user.clone(),
+        admin: t.admin,
+        description: t.description.clone(),
+        created_at_ms: t.created_at_ms,
+        expires_at_ms: t.expires_at_ms,
+    }
+}
 
 #[tonic::async_trait]
 impl pb::client_service_server::ClientService for RmService {
@@ -19,115 +32,133 @@ impl pb::client_service_server::ClientService for RmService {
         &self,
         req: Request<pb::SubmitApplicationRequest>,
     ) -> Result<Response<pb::SubmitApplicationResponse>, Status> {
-        let r = req.into_inner();
-        if r.spec.trim().is_empty() {
-            return Err(Error::InvalidArgument {
-                field: "spec",
-                reason: "must not be empty".into(),
+        let mut note = Note::new("submit_application", &req);
+        let r: Result<Response<pb::SubmitApplicationResponse>, Status> = async {
+            let who = self.who(&req, &req.get_ref().user).await?;
+            note.who = Some(who.clone());
+            let r = req.into_inner();
+            // A user submits as themself; an admin may submit for another.
+            if !r.user.is_empty() && r.user != who.user && !who.admin {
+                return Err(Status::permission_denied(format!(
+                    "{who} may not submit as user {}",
+                    r.user
+                )));
             }
-            .into());
-        }
-        let format = if r.spec_format.is_empty() {
-            "yaml".to_string()
-        } else {
-            r.spec_format.to_lowercase()
-        };
-        let spec = weft_spec::JobSpec::parse(&r.spec, &format)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (name, queue) = (spec.name.clone(), spec.queue.clone());
-        let user = if r.user.is_empty() {
-            "anonymous".to_string()
-        } else {
-            r.user.clone()
-        };
-        {
-            let st = self.raft.state();
-            if !st.queues.is_empty() {
-                let specs: Vec<QueueSpec> = st.queues.values().cloned().collect();
-                let mut sorted = specs.clone();
-                sorted.sort_by_key(|q| q.name.matches('.').count());
-                let tree =
-                    crate::scheduler::Queues::from_specs(&sorted).map_err(Status::internal)?;
-                let Some(i) = tree.index(&queue) else {
-                    return Err(Error::InvalidArgument {
-                        field: "queue",
-                        reason: format!("no queue {queue}"),
-                    }
-                    .into());
-                };
-                if !tree.is_leaf(i) {
-                    return Err(Error::InvalidArgument {
-                        field: "queue",
-                        reason: format!("{queue} has sub-queues; submit to one of them"),
-                    }
-                    .into());
+            let user = if !r.user.is_empty() && who.admin {
+                r.user.clone()
+            } else {
+                who.user.clone()
+            };
+            if r.spec.trim().is_empty() {
+                return Err(Error::InvalidArgument {
+                    field: "spec",
+                    reason: "must not be empty".into(),
                 }
-                if !tree.may_submit(i, &user) {
-                    return Err(Error::InvalidArgument {
-                        field: "queue",
-                        reason: format!("user {user} may not submit to {queue}"),
+                .into());
+            }
+            let format = if r.spec_format.is_empty() {
+                "yaml".to_string()
+            } else {
+                r.spec_format.to_lowercase()
+            };
+            let spec = weft_spec::JobSpec::parse(&r.spec, &format)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let (name, queue) = (spec.name.clone(), spec.queue.clone());
+            {
+                let st = self.raft.state();
+                if !st.queues.is_empty() {
+                    let specs: Vec<QueueSpec> = st.queues.values().cloned().collect();
+                    let mut sorted = specs.clone();
+                    sorted.sort_by_key(|q| q.name.matches('.').count());
+                    let tree =
+                        crate::scheduler::Queues::from_specs(&sorted).map_err(Status::internal)?;
+                    let Some(i) = tree.index(&queue) else {
+                        return Err(Error::InvalidArgument {
+                            field: "queue",
+                            reason: format!("no queue {queue}"),
+                        }
+                        .into());
+                    };
+                    if !tree.is_leaf(i) {
+                        return Err(Error::InvalidArgument {
+                            field: "queue",
+                            reason: format!("{queue} has sub-queues; submit to one of them"),
+                        }
+                        .into());
                     }
-                    .into());
+                    if !tree.may_submit(i, &user) {
+                        let whom = if user == who.user {
+                            who.to_string()
+                        } else {
+                            format!("user {user}")
+                        };
+                        return Err(Status::permission_denied(format!(
+                            "queue: {whom} may not submit to {queue}"
+                        )));
+                    }
                 }
             }
-        }
-        self.check_fits(&spec, &queue, &user)?;
-        // Without launched masters every application's master is the
-        // submitter's to run.
-        let unmanaged = r.unmanaged_master || !self.scheduling.launches_masters();
-        let signer = if unmanaged {
-            Some(self.scheduling.ensure_signer().await?)
-        } else {
-            None
-        };
-        let cmd = Command::SubmitApplication {
-            request_id: r.request_id,
-            name,
-            queue: if queue.is_empty() {
-                "root".into()
+            self.check_fits(&spec, &queue, &user)?;
+            // Without launched masters every application's master is the
+            // submitter's to run.
+            let unmanaged = r.unmanaged_master || !self.scheduling.launches_masters();
+            let signer = if unmanaged {
+                Some(self.scheduling.ensure_signer().await?)
             } else {
-                queue
-            },
-            user: if r.user.is_empty() {
-                "anonymous".into()
-            } else {
-                r.user
-            },
-            spec: r.spec,
-            spec_format: format,
-            unmanaged,
-            // Its master is the leader's to launch: accepted in the same
-            // entry (one raft entry per submission, not two).
-            accepted: !unmanaged,
-            at_ms: now_ms(),
-        };
-        match self.raft.propose(cmd).await? {
-            Outcome::Submitted { app_id } => Ok(Response::new({
-                self.scheduling.poke();
-                pb::SubmitApplicationResponse {
-                    application_token: signer
-                        .map(|s| crate::tokens::application_token(&s, &app_id, 1))
-                        .unwrap_or_default(),
-                    application_id: app_id,
-                }
-            })),
-            other => Err(Status::internal(format!("submission applied as {other:?}"))),
+                None
+            };
+            let cmd = Command::SubmitApplication {
+                request_id: r.request_id,
+                name,
+                queue: if queue.is_empty() {
+                    "root".into()
+                } else {
+                    queue
+                },
+                user,
+                spec: r.spec,
+                spec_format: format,
+                unmanaged,
+                // Its master is the leader's to launch: accepted in the same
+                // entry (one raft entry per submission, not two).
+                accepted: !unmanaged,
+                at_ms: now_ms(),
+            };
+            match self.raft.propose(cmd).await? {
+                Outcome::Submitted { app_id } => Ok(Response::new({
+                    self.scheduling.poke();
+                    note.target = app_id.clone();
+                    pb::SubmitApplicationResponse {
+                        application_token: signer
+                            .map(|s| crate::tokens::application_token(&s, &app_id, 1))
+                            .unwrap_or_default(),
+                        application_id: app_id,
+                    }
+                })),
+                other => Err(Status::internal(format!("submission applied as {other:?}"))),
+            }
         }
+        .await;
+        self.audit.record(&note, &r);
+        r
     }
 
     async fn get_application(
         &self,
         req: Request<pb::GetApplicationRequest>,
     ) -> Result<Response<pb::ApplicationReport>, Status> {
-        Ok(Response::new(
-            self.get_app(&req.get_ref().application_id).await?,
-        ))
+        let who = self.who(&req, "").await?;
+        let id = &req.get_ref().application_id;
+        let report = self.get_app(id).await?;
+        self.check_app(&who, id, "see")?;
+        Ok(Response::new(report))
     }
 
     async fn list_applications(
         &self,
         req: Request<pb::ListApplicationsRequest>,
     ) -> Result<Response<pb::ListApplicationsResponse>, Status> {
+        let who = self.who(&req, "").await?;
         let r = req.into_inner();
         let size = match r.page_size {
             0 => DEFAULT_PAGE_SIZE,
@@ -164,7 +195,9 @@ impl pb::client_service_server::ClientService for RmService {
             .filter(|a| r.queue.is_empty() || a.queue == r.queue)
             .filter(|a| r.user.is_empty() || a.user == r.user)
             .filter(|a| r.name.is_empty() || a.name == r.name)
-            .filter(|a| r.states.is_empty() || r.states.contains(&(app_state(a.state) as i32)));
+            .filter(|a| r.states.is_empty() || r.states.contains(&(app_state(a.state) as i32)))
+            // A user sees their own and their queues' applications.
+            .filter(|a| who.may_manage(&st, a));
         let page: Vec<&crate::fsm::App> = matching.by_ref().take(size).collect();
         let next_page_token = match (page.last(), matching.next()) {
             (Some(last), Some(_)) => last.id.clone(),
@@ -181,18 +214,31 @@ impl pb::client_service_server::ClientService for RmService {
         &self,
         req: Request<pb::KillApplicationRequest>,
     ) -> Result<Response<pb::KillApplicationResponse>, Status> {
-        let app_id = req.into_inner().application_id;
-        match self
-            .raft
-            .propose(Command::KillApplication {
-                app_id,
-                at_ms: now_ms(),
-            })
-            .await?
-        {
-            Outcome::Rejected(why) => Err(Error::NotFound(why).into()),
-            _ => Ok(Response::new(pb::KillApplicationResponse {})),
+        let mut note = Note::new("kill_application", &req);
+        let r: Result<Response<pb::KillApplicationResponse>, Status> = async {
+            let who = self.who(&req, "").await?;
+            note.who = Some(who.clone());
+            let app_id = req.into_inner().application_id;
+            note.target = app_id.clone();
+            if !who.admin {
+                self.raft.read_barrier().await?;
+                self.check_app(&who, &app_id, "kill")?;
+            }
+            match self
+                .raft
+                .propose(Command::KillApplication {
+                    app_id,
+                    at_ms: now_ms(),
+                })
+                .await?
+            {
+                Outcome::Rejected(why) => Err(Error::NotFound(why).into()),
+                _ => Ok(Response::new(pb::KillApplicationResponse {})),
+            }
         }
+        .await;
+        self.audit.record(&note, &r);
+        r
     }
 
     type WatchApplicationStream = ReceiverStream<Result<pb::ApplicationReport, Status>>;
@@ -201,8 +247,10 @@ impl pb::client_service_server::ClientService for RmService {
         &self,
         req: Request<pb::GetApplicationRequest>,
     ) -> Result<Response<Self::WatchApplicationStream>, Status> {
+        let who = self.who(&req, "").await?;
         let id = req.into_inner().application_id;
         let first = self.get_app(&id).await?;
+        self.check_app(&who, &id, "watch")?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let me = self.clone();
         tokio::spawn(async move {
@@ -232,8 +280,9 @@ impl pb::client_service_server::ClientService for RmService {
 
     async fn list_nodes(
         &self,
-        _req: Request<pb::ListNodesRequest>,
+        req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.who(&req, "").await?;
         self.raft.read_barrier().await?;
         let live = self
             .liveness
@@ -292,25 +341,36 @@ impl pb::client_service_server::ClientService for RmService {
         &self,
         req: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<pb::DrainNodeResponse>, Status> {
-        let node_id = req.into_inner().node_id;
-        match self
-            .raft
-            .propose(Command::SetNodeState {
-                node_id,
-                state: NodeState::Draining,
-                at_ms: now_ms(),
-            })
-            .await?
-        {
-            Outcome::Rejected(why) => Err(Error::NotFound(why).into()),
-            _ => Ok(Response::new(pb::DrainNodeResponse {})),
+        let mut note = Note::new("drain_node", &req);
+        let r: Result<Response<pb::DrainNodeResponse>, Status> = async {
+            let who = self.who(&req, "").await?;
+            note.who = Some(who.clone());
+            let node_id = req.into_inner().node_id;
+            note.target = node_id.clone();
+            who.require_admin(&format!("drain node {node_id}"))?;
+            match self
+                .raft
+                .propose(Command::SetNodeState {
+                    node_id,
+                    state: NodeState::Draining,
+                    at_ms: now_ms(),
+                })
+                .await?
+            {
+                Outcome::Rejected(why) => Err(Error::NotFound(why).into()),
+                _ => Ok(Response::new(pb::DrainNodeResponse {})),
+            }
         }
+        .await;
+        self.audit.record(&note, &r);
+        r
     }
 
     async fn list_queues(
         &self,
-        _req: Request<pb::ListQueuesRequest>,
+        req: Request<pb::ListQueuesRequest>,
     ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        self.who(&req, "").await?;
         self.raft.read_barrier().await?;
         let st = self.raft.state();
         let specs: Vec<QueueSpec> = if st.queues.is_empty() {
@@ -340,6 +400,7 @@ impl pb::client_service_server::ClientService for RmService {
                         q.user_limit_gpus,
                     )),
                     submit_acl: q.submit_acl.clone(),
+                    admin_acl: q.admin_acl.clone(),
                     name: q.name.clone(),
                     guaranteed: Some(res(
                         q.guaranteed_vcores_milli,
@@ -360,8 +421,9 @@ impl pb::client_service_server::ClientService for RmService {
 
     async fn cluster_status(
         &self,
-        _req: Request<pb::ClusterStatusRequest>,
+        req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        self.who(&req, "").await?;
         let s = self.raft.status();
         let st = self.raft.state();
         let mut capacity = pb::Resources::default();
@@ -416,90 +478,269 @@ impl pb::client_service_server::ClientService for RmService {
         &self,
         req: Request<pb::AddMemberRequest>,
     ) -> Result<Response<pb::AddMemberResponse>, Status> {
-        let r = req.into_inner();
-        if r.id == 0 {
-            return Err(Error::InvalidArgument {
-                field: "id",
-                reason: "must be above 0".into(),
+        let mut note = Note::new("add_member", &req);
+        let r: Result<Response<pb::AddMemberResponse>, Status> = async {
+            let who = self.who(&req, "").await?;
+            note.who = Some(who.clone());
+            let r = req.into_inner();
+            note.target = format!("member {} at {}", r.id, r.address);
+            who.require_admin(&format!("add member {}", r.id))?;
+            if r.id == 0 {
+                return Err(Error::InvalidArgument {
+                    field: "id",
+                    reason: "must be above 0".into(),
+                }
+                .into());
             }
-            .into());
-        }
-        if r.address.trim().is_empty() {
-            return Err(Error::InvalidArgument {
-                field: "address",
-                reason: "must not be empty".into(),
+            if r.address.trim().is_empty() {
+                return Err(Error::InvalidArgument {
+                    field: "address",
+                    reason: "must not be empty".into(),
+                }
+                .into());
             }
-            .into());
-        }
-        if self.raft.status().members.contains(&r.id) {
-            return Err(Error::InvalidArgument {
-                field: "id",
-                reason: format!("{} is already a member", r.id),
+            if self.raft.status().members.contains(&r.id) {
+                return Err(Error::InvalidArgument {
+                    field: "id",
+                    reason: format!("{} is already a member", r.id),
+                }
+                .into());
             }
-            .into());
+            self.change_members(MemberChange::Add {
+                id: r.id,
+                address: r.address,
+            })
+            .await?;
+            Ok(Response::new(pb::AddMemberResponse {}))
         }
-        self.change_members(MemberChange::Add {
-            id: r.id,
-            address: r.address,
-        })
-        .await?;
-        Ok(Response::new(pb::AddMemberResponse {}))
+        .await;
+        self.audit.record(&note, &r);
+        r
     }
 
     async fn remove_member(
         &self,
         req: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
-        let id = req.into_inner().id;
-        let st = self.raft.status();
-        if !st.members.contains(&id) {
-            return Err(Error::NotFound(format!("id: {id} is not a member")).into());
-        }
-        if st.members.len() == 1 {
-            return Err(Error::InvalidArgument {
-                field: "id",
-                reason: format!("{id} is the last member"),
+        let mut note = Note::new("remove_member", &req);
+        let r: Result<Response<pb::RemoveMemberResponse>, Status> = async {
+            let who = self.who(&req, "").await?;
+            note.who = Some(who.clone());
+            let id = req.into_inner().id;
+            note.target = format!("member {id}");
+            who.require_admin(&format!("remove member {id}"))?;
+            let st = self.raft.status();
+            if !st.members.contains(&id) {
+                return Err(Error::NotFound(format!("id: {id} is not a member")).into());
             }
-            .into());
+            if st.members.len() == 1 {
+                return Err(Error::InvalidArgument {
+                    field: "id",
+                    reason: format!("{id} is the last member"),
+                }
+                .into());
+            }
+            self.change_members(MemberChange::Remove { id }).await?;
+            Ok(Response::new(pb::RemoveMemberResponse {}))
         }
-        self.change_members(MemberChange::Remove { id }).await?;
-        Ok(Response::new(pb::RemoveMemberResponse {}))
+        .await;
+        self.audit.record(&note, &r);
+        r
     }
 
     async fn set_queues(
         &self,
         req: Request<pb::SetQueuesRequest>,
     ) -> Result<Response<pb::SetQueuesResponse>, Status> {
-        let specs = crate::config::parse_queues(&req.get_ref().config_toml).map_err(|e| {
-            Status::invalid_argument(e.to_string().trim_start_matches("config: ").to_string())
-        })?;
-        self.raft.read_barrier().await?;
-        {
-            // Nothing accepted may lose its queue.
-            let st = self.raft.state();
-            if !st.queues.is_empty() {
-                for a in st.apps.values().filter(|a| !a.state.is_terminal()) {
-                    if !specs.iter().any(|q| q.name == a.queue) {
-                        return Err(Error::InvalidArgument {
-                            field: "queues",
-                            reason: format!(
-                                "{} is missing but application {} runs in it",
-                                a.queue, a.id
-                            ),
+        let mut note = Note::new("set_queues", &req);
+        let r: Result<Response<pb::SetQueuesResponse>, Status> = async {
+            let who = self.who(&req, "").await?;
+            note.who = Some(who.clone());
+            note.target = "queues".into();
+            who.require_admin("change the queues")?;
+            let specs = crate::config::parse_queues(&req.get_ref().config_toml).map_err(|e| {
+                Status::invalid_argument(e.to_string().trim_start_matches("config: ").to_string())
+            })?;
+            self.raft.read_barrier().await?;
+            {
+                // Nothing accepted may lose its queue.
+                let st = self.raft.state();
+                if !st.queues.is_empty() {
+                    for a in st.apps.values().filter(|a| !a.state.is_terminal()) {
+                        if !specs.iter().any(|q| q.name == a.queue) {
+                            return Err(Error::InvalidArgument {
+                                field: "queues",
+                                reason: format!(
+                                    "{} is missing but application {} runs in it",
+                                    a.queue, a.id
+                                ),
+                            }
+                            .into());
                         }
-                        .into());
                     }
                 }
             }
+            match self
+                .raft
+                .propose(Command::SetQueues { queues: specs })
+                .await?
+            {
+                Outcome::Rejected(why) => Err(Status::invalid_argument(why)),
+                _ => Ok(Response::new(pb::SetQueuesResponse {})),
+            }
         }
-        match self
-            .raft
-            .propose(Command::SetQueues { queues: specs })
-            .await?
-        {
-            Outcome::Rejected(why) => Err(Status::invalid_argument(why)),
-            _ => Ok(Response::new(pb::SetQueuesResponse {})),
+        .await;
+        self.audit.record(&note, &r);
+        r
+    }
+
+    async fn acl_bootstrap(
+        &self,
+        req: Request<pb::AclBootstrapRequest>,
+    ) -> Result<Response<pb::AclTokenSecret>, Status> {
+        let mut note = Note::new("acl_bootstrap", &req);
+        let r: Result<Response<pb::AclTokenSecret>, Status> = async {
+            self.require_acl()?;
+            let (secret, token) = auth::new_token("admin", true, "bootstrap", now_ms(), 0);
+            note.target = format!("token {} of user admin", token.accessor);
+            match self
+                .raft
+                .propose(Command::AclBootstrap {
+                    token: token.clone(),
+                })
+                .await?
+            {
+                Outcome::Rejected(why) => Err(Status::failed_precondition(why)),
+                _ => Ok(Response::new(pb::AclTokenSecret {
+                    token: Some(acl_token(&token)),
+                    secret,
+                })),
+            }
         }
+        .await;
+        self.audit.record(&note, &r);
+        r
+    }
+
+    async fn create_acl_token(
+        &self,
+        req: Request<pb::CreateAclTokenRequest>,
+    ) -> Result<Response<pb::AclTokenSecret>, Status> {
+        let mut note = Note::new("create_acl_token", &req);
+        let r: Result<Response<pb::AclTokenSecret>, Status> = async {
+            self.require_acl()?;
+            let who = self.who(&req, "").await?;
+            note.who = Some(who.clone());
+            let r = req.into_inner();
+            note.target = format!("a token of user {}", r.user);
+            who.require_admin(&format!("make a token for user {}", r.user))?;
+            auth::check_user("user", &r.user)?;
+            if r.description.len() > 1024 {
+                return Err(Error::InvalidArgument {
+                    field: "description",
+                    reason: format!("is {} bytes; at most 1024", r.description.len()),
+                }
+                .into());
+            }
+            // Ten years at most: a TTL past that is a unit mistake.
+            const MAX_TTL_S: u64 = 10 * 366 * 24 * 3600;
+            if r.ttl_seconds > MAX_TTL_S {
+                return Err(Error::InvalidArgument {
+                    field: "ttl_seconds",
+                    reason: format!("{} is over ten years (0 = never expires)", r.ttl_seconds),
+                }
+                .into());
+            }
+            let (secret, token) = auth::new_token(
+                &r.user,
+                r.admin,
+                &r.description,
+                now_ms(),
+                r.ttl_seconds * 1000,
+            );
+            note.target = format!("token {} of user {}", token.accessor, token.user);
+            match self
+                .raft
+                .propose(Command::AclTokenCreate {
+                    token: token.clone(),
+                })
+                .await?
+            {
+                Outcome::Rejected(why) => Err(Status::failed_precondition(why)),
+                _ => {
+                    tracing::info!(by = %who, user = %token.user, admin = token.admin, accessor = %token.accessor, "token made");
+                    Ok(Response::new(pb::AclTokenSecret {
+                        token: Some(acl_token(&token)),
+                        secret,
+                    }))
+                }
+            }
+
+        }
+        .await;
+        self.audit.record(&note, &r);
+        r
+    }
+
+    async fn list_acl_tokens(
+        &self,
+        req: Request<pb::ListAclTokensRequest>,
+    ) -> Result<Response<pb::ListAclTokensResponse>, Status> {
+        self.require_acl()?;
+        self.who(&req, "").await?.require_admin("list tokens")?;
+        self.raft.read_barrier().await?;
+        let st = self.raft.state();
+        Ok(Response::new(pb::ListAclTokensResponse {
+            tokens: st.acl_tokens.values().map(acl_token).collect(),
+        }))
+    }
+
+    async fn revoke_acl_token(
+        &self,
+        req: Request<pb::RevokeAclTokenRequest>,
+    ) -> Result<Response<pb::RevokeAclTokenResponse>, Status> {
+        let mut note = Note::new("revoke_acl_token", &req);
+        let r: Result<Response<pb::RevokeAclTokenResponse>, Status> = async {
+            self.require_acl()?;
+            let who = self.who(&req, "").await?;
+            note.who = Some(who.clone());
+            let accessor = req.into_inner().accessor;
+            note.target = format!("token {accessor}");
+            who.require_admin(&format!("revoke token {accessor}"))?;
+            match self
+                .raft
+                .propose(Command::AclTokenRevoke {
+                    accessor: accessor.clone(),
+                })
+                .await?
+            {
+                Outcome::Rejected(why) => Err(Error::NotFound(why).into()),
+                _ => {
+                    tracing::info!(by = %who, %accessor, "token revoked");
+                    Ok(Response::new(pb::RevokeAclTokenResponse {}))
+                }
+            }
+        }
+        .await;
+        self.audit.record(&note, &r);
+        r
+    }
+
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let who = self.who(&req, "").await?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            method: who.method_name().into(),
+            accessor: match &who.method {
+                auth::Method::Token { accessor } => accessor.clone(),
+                _ => String::new(),
+            },
+            user: who.user,
+            admin: who.admin,
+            acl_enabled: self.acl.enabled,
+        }))
     }
 
     type GetTaskLogsStream = ReceiverStream<Result<pb::TaskLogChunk, Status>>;
@@ -512,6 +753,7 @@ impl pb::client_service_server::ClientService for RmService {
         &self,
         req: Request<pb::GetTaskLogsRequest>,
     ) -> Result<Response<Self::GetTaskLogsStream>, Status> {
+        let who = self.who(&req, "").await?;
         let r = req.into_inner();
         self.raft.read_barrier().await?;
         let (container, address) = {
@@ -522,6 +764,7 @@ impl pb::client_service_server::ClientService for RmService {
                     r.application_id
                 ))
             })?;
+            who.require_app(&st, app, "read the logs of")?;
             let c = if r.task.is_empty() {
                 app.am_container
                     .as_ref()
@@ -633,6 +876,46 @@ impl pb::client_service_server::ClientService for RmService {
 }
 
 impl RmService {
+    /// Who calls (see [`auth::authenticate`]). A token this member does not
+    /// know yet may have been made an instant ago through the leader: it
+    /// is looked for again once this member has caught up.
+    pub(crate) async fn who<T>(
+        &self,
+        req: &Request<T>,
+        claimed: &str,
+    ) -> Result<auth::Who, Status> {
+        let first = auth::authenticate(&self.acl, &self.raft.state(), req, claimed, now_ms());
+        match first {
+            Err(e)
+                if e.code() == tonic::Code::Unauthenticated
+                    && e.message().starts_with("token not recognised") =>
+            {
+                self.raft.read_barrier().await?;
+                auth::authenticate(&self.acl, &self.raft.state(), req, claimed, now_ms())
+            }
+            r => r,
+        }
+    }
+
+    /// PERMISSION_DENIED unless `who` may `what` application `id` (one that
+    /// does not exist passes: the call then says it is not found).
+    fn check_app(&self, who: &auth::Who, id: &str, what: &str) -> Result<(), Status> {
+        let st = self.raft.state();
+        match st.apps.get(id) {
+            Some(app) => who.require_app(&st, app, what),
+            None => Ok(()),
+        }
+    }
+
+    fn require_acl(&self) -> Result<(), Status> {
+        if self.acl.enabled {
+            return Ok(());
+        }
+        Err(Status::failed_precondition(
+            "ACLs are off on this member: set `[acl] enabled = true` in every member's config",
+        ))
+    }
+
     /// Refuses a job whose tasks could never be placed on the nodes known now
     /// (skipped while no node has registered), naming the task's field.
     fn check_fits(&self, spec: &weft_spec::JobSpec, queue: &str, user: &str) -> Result<(), Status> {

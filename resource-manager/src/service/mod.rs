@@ -16,6 +16,8 @@ pub use crate::leader::liveness::{expired_nodes, Liveness};
 use crate::raft_node::RaftHandle;
 
 pub mod am;
+pub mod audit_log;
+pub mod auth;
 pub mod client;
 pub mod tracker;
 
@@ -48,6 +50,10 @@ pub struct RmService {
     /// election timeouts, check-quorum's bound), so that a node's own
     /// count (see the agent's fence) always ends first.
     pub(crate) deposed_leader_grace: Duration,
+    /// Users and what they may do.
+    pub(crate) acl: Arc<crate::config::AclConfig>,
+    /// Where this member writes a line for every write asked of it.
+    pub(crate) audit: audit_log::AuditLog,
 }
 
 impl RmService {
@@ -69,7 +75,21 @@ impl RmService {
             app_retention: (Duration::from_secs(7 * 24 * 3600), 10_000),
             clock: Arc::new(weft_common::clock::SystemClock),
             deposed_leader_grace: Duration::ZERO,
+            acl: Arc::default(),
+            audit: audit_log::AuditLog::default(),
         }
+    }
+
+    /// Turns users and their rights on (see [`crate::config::AclConfig`]).
+    pub fn with_acl(mut self, acl: crate::config::AclConfig) -> Self {
+        self.acl = Arc::new(acl);
+        self
+    }
+
+    /// Writes the audit log to `log`.
+    pub fn with_audit_log(mut self, log: audit_log::AuditLog) -> Self {
+        self.audit = log;
+        self
     }
 
     /// See [`RmService::deposed_leader_grace`].

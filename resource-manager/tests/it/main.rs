@@ -4,6 +4,7 @@
 
 mod cluster;
 
+mod acl;
 mod apps;
 mod disk;
 mod failover;

@@ -13,13 +13,13 @@ use weft_proto::v1 as pb;
 use crate::cluster::Cluster;
 use crate::nodes::AgentProcess;
 
-fn rmctl(args: &[&str]) -> Output {
+pub(crate) fn rmctl(args: &[&str]) -> Output {
     rmctl_with(args, None)
 }
 
 /// `rmctl` with none of the caller's WEFT_* settings, and `WEFT_CONFIG` set
 /// to `config` if given.
-fn rmctl_with(args: &[&str], config: Option<&Path>) -> Output {
+pub(crate) fn rmctl_with(args: &[&str], config: Option<&Path>) -> Output {
     let path = std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name("rmctl");
     let mut cmd = std::process::Command::new(path);
     cmd.args(args);
@@ -29,6 +29,8 @@ fn rmctl_with(args: &[&str], config: Option<&Path>) -> Output {
         "WEFT_TLS_CA",
         "WEFT_TLS_CERT",
         "WEFT_TLS_KEY",
+        "WEFT_TOKEN",
+        "WEFT_TOKEN_FILE",
     ] {
         cmd.env_remove(var);
     }
@@ -38,7 +40,7 @@ fn rmctl_with(args: &[&str], config: Option<&Path>) -> Output {
     cmd.output().unwrap()
 }
 
-fn ok(o: &Output) -> String {
+pub(crate) fn ok(o: &Output) -> String {
     assert!(
         o.status.success(),
         "rmctl failed: {}{}",
@@ -48,7 +50,7 @@ fn ok(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn cert(dir: &Path, role: &str, name: &str) {
+pub(crate) fn cert(dir: &Path, role: &str, name: &str) {
     ok(&rmctl(&[
         "tls",
         "cert",
@@ -64,7 +66,7 @@ fn cert(dir: &Path, role: &str, name: &str) {
 
 /// The TLS settings of the `role-name` certificate in `dir`, loaded in this
 /// process without installing them (other tests here run plaintext).
-fn settings(dir: &Path, role: &str, name: &str) -> Tls {
+pub(crate) fn settings(dir: &Path, role: &str, name: &str) -> Tls {
     Tls::load(
         &TlsFiles {
             ca_file: dir.join("weft-ca.pem"),
@@ -77,7 +79,7 @@ fn settings(dir: &Path, role: &str, name: &str) -> Tls {
     .unwrap()
 }
 
-async fn channel(addr: &str, tls: &Tls) -> tonic::transport::Channel {
+pub(crate) async fn channel(addr: &str, tls: &Tls) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(tls.client_config(Role::Rm))
