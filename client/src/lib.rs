@@ -337,9 +337,19 @@ impl RmClient {
     }
 
     /// Makes the first admin token (works once, on a cluster with ACLs on).
+    /// The secret is chosen here, so that a retry whose first try was
+    /// applied (its answer lost to a failover) gets the same token.
     pub async fn acl_bootstrap(&self) -> Result<pb::AclTokenSecret, Error> {
-        self.call(|mut c| async move { c.acl_bootstrap(pb::AclBootstrapRequest {}).await })
-            .await
+        let mut raw = [0u8; 32];
+        getrandom::getrandom(&mut raw).expect("the OS random number generator");
+        let req = pb::AclBootstrapRequest {
+            secret: format!("weft_{}", hex::encode(raw)),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.acl_bootstrap(req).await }
+        })
+        .await
     }
 
     /// Makes a token for `user` (admins only); `ttl` None = never expires.

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -91,6 +91,8 @@ pub struct LeaderClient {
     /// for [`SUSPECT_FOR`] while another member is not.
     suspects: Mutex<HashMap<String, Instant>>,
     next: AtomicUsize,
+    /// The TLS generation `channels` were made under.
+    tls_generation: AtomicU64,
     /// None: retry for good (daemons); Some: give up after this long.
     deadline: Option<Duration>,
     connect_timeout: Duration,
@@ -130,6 +132,7 @@ impl LeaderClient {
             leader: Mutex::new(None),
             suspects: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
+            tls_generation: AtomicU64::new(crate::tls::generation()),
             deadline: Some(Duration::from_secs(30)),
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
@@ -198,6 +201,11 @@ impl LeaderClient {
     /// A channel to `addr` (cached; connects lazily).
     pub fn channel(&self, addr: &str) -> Result<Channel, Error> {
         let mut ch = self.channels.lock().expect("channels lock");
+        // Certificates reloaded since: new connections show the new ones.
+        let generation = crate::tls::generation();
+        if self.tls_generation.swap(generation, Ordering::Relaxed) != generation {
+            ch.clear();
+        }
         if let Some(c) = ch.get(addr) {
             return Ok(c.clone());
         }

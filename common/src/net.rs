@@ -10,9 +10,15 @@
 //! about two seconds however long the call itself may take (a long poll, a
 //! log follow, a watch), which a request deadline alone cannot do.
 
-use std::net::IpAddr;
-use std::sync::OnceLock;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tonic::transport::server::Connected;
 
 use tonic::transport::{Endpoint, Server};
 
@@ -106,30 +112,169 @@ pub fn endpoint(
     })
 }
 
-/// A listener's connections as a server takes them, with TCP_NODELAY set on
-/// each. The server's own `tcp_nodelay` applies only to the listeners it
-/// binds itself, not to one handed to `serve_with_incoming`: with Nagle on,
-/// a reply written while the peer had not yet acknowledged the last one
-/// waited for the peer's delayed ACK (40 ms on Linux), which was every
-/// write's p99 in the raft benches.
-pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// One connection a server took: plaintext, or TLS this process accepted
+/// with its certificate of the moment.
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// What a handler can learn of its connection (a request's extensions hold
+/// it): the peer's address and, over TLS, the client certificate chain it
+/// showed. [`crate::tls::peer`] and [`remote_addr`] read it.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub remote: Option<SocketAddr>,
+    pub certs: Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
+}
+
+impl Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        match self {
+            Conn::Plain(s) => ConnInfo {
+                remote: s.peer_addr().ok(),
+                certs: None,
+            },
+            Conn::Tls(s) => {
+                let (tcp, session) = s.get_ref();
+                ConnInfo {
+                    remote: tcp.peer_addr().ok(),
+                    certs: session.peer_certificates().map(|c| Arc::new(c.to_vec())),
+                }
+            }
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// How long a client has to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A listener's connections as a server takes them: TCP_NODELAY set on
+/// each (with Nagle on, a reply written while the peer had not yet
+/// acknowledged the last one waited for its delayed ACK, 40 ms on Linux:
+/// every write's p99 in the raft benches), and, in a process with TLS
+/// installed, the TLS handshake done with the certificate of the moment (a
+/// reloaded one from the next connection on), each handshake in a task of
+/// its own so that a slow or silent client holds up nobody. The listener
+/// closes when the server stops taking connections.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Conn>>(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, from) = tokio::select! {
+                _ = tx.closed() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of descriptors, say: not the end of serving.
+                        tracing::warn!(error = %e, "accepting a connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            match crate::tls::installed().and_then(|t| t.rustls_server()) {
+                None => {
+                    if tx.send(Ok(Conn::Plain(tcp))).await.is_err() {
+                        return;
+                    }
+                }
+                Some(cfg) => {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                            Ok(Ok(s)) => {
+                                let _ = tx.send(Ok(Conn::Tls(Box::new(s)))).await;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(%from, error = %e, "TLS handshake refused")
+                            }
+                            Err(_) => tracing::debug!(%from, "TLS handshake timed out"),
+                        }
+                    });
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The address a request came from (servers fed by [`incoming`]).
+pub fn remote_addr<T>(req: &tonic::Request<T>) -> Option<SocketAddr> {
+    req.extensions()
+        .get::<ConnInfo>()
+        .and_then(|i| i.remote)
+        .or_else(|| req.remote_addr())
 }
 
 /// A server builder that pings its clients the same way, so a stream to a
-/// client that froze or vanished (a watch, a log follow) is let go; in a
-/// process with TLS installed, it serves TLS only.
+/// client that froze or vanished (a watch, a log follow) is let go. Serve it
+/// from [`incoming`] (which does TLS where the process has it).
 pub fn server() -> Server {
-    let server = Server::builder()
+    Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
-    match crate::tls::installed().and_then(|t| t.server_config()) {
-        Some(cfg) => server
-            .tls_config(cfg)
-            .expect("checked when the settings were loaded"),
-        None => server,
-    }
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
 }
 
 #[cfg(test)]
@@ -143,7 +288,9 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let mut conns = incoming(listener);
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let served = conns.next().await.unwrap().unwrap();
+        let Conn::Plain(served) = conns.next().await.unwrap().unwrap() else {
+            panic!("no TLS is installed in this test");
+        };
         assert!(served.nodelay().unwrap());
     }
 

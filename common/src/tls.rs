@@ -18,16 +18,22 @@
 //! verify the servers with the CA and prove themselves with their
 //! application token, as before.
 //!
-//! A process installs its settings once at start ([`install`]); every
-//! endpoint and server made through [`crate::net`] then uses them.
+//! A process installs its settings at start ([`install`]); every endpoint
+//! and server made through [`crate::net`] then uses them. A daemon reads its
+//! files again on SIGHUP and when they change ([`spawn_reloader`]): new
+//! connections get the new certificate (a server presents it, a client
+//! shows it, and a changed CA bundle is trusted) without a restart;
+//! established ones keep theirs. A replacement that does not load is
+//! refused, saying why, and the files in use stay in use.
 
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// What a certificate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +109,13 @@ pub struct Tls {
     identity: Option<Identity>,
     /// The role and name of this process's own certificate.
     pub own: Option<PeerIdentity>,
+    /// How this process serves, when it has a certificate of its own.
+    server: Option<Arc<rustls::ServerConfig>>,
+    /// What it was loaded from, to load again.
+    files: TlsFiles,
+    need: Option<Role>,
+    /// When its certificate stops being valid (RFC 3339).
+    pub not_after: Option<String>,
 }
 
 impl fmt::Debug for Tls {
@@ -200,6 +213,10 @@ impl Tls {
                     ca: Certificate::from_pem(ca_pem),
                     identity: None,
                     own: None,
+                    server: None,
+                    files: files.clone(),
+                    need,
+                    not_after: None,
                 })
             }
             (None, _, _) => {
@@ -284,18 +301,29 @@ impl Tls {
                 cert_file.display()
             ));
         }
-        let tls = Tls {
+        let server = rustls_server(&ca_pem, &cert_pem, &key_pem)
+            .map_err(|e| format!("{}: {e}", field("cert_file")))?;
+        let not_after = cert
+            .validity()
+            .not_after
+            .to_rfc2822()
+            .unwrap_or_else(|_| cert.validity().not_after.to_string());
+        Ok(Tls {
             ca_file: files.ca_file.clone(),
             ca: Certificate::from_pem(ca_pem),
             identity: Some(Identity::from_pem(cert_pem, key_pem)),
             own: Some(own),
-        };
-        if let Some(cfg) = tls.server_config() {
-            tonic::transport::Server::builder()
-                .tls_config(cfg)
-                .map_err(|e| format!("{}: {e}", field("cert_file")))?;
-        }
-        Ok(tls)
+            server: Some(Arc::new(server)),
+            files: files.clone(),
+            need,
+            not_after: Some(not_after),
+        })
+    }
+
+    /// The rustls settings this process serves with (None without a
+    /// certificate of its own).
+    pub fn rustls_server(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.server.clone()
     }
 
     /// How a connection to a `to` server is made.
@@ -308,36 +336,181 @@ impl Tls {
             None => c,
         }
     }
-
-    /// How this process serves (None without a certificate of its own):
-    /// TLS always, a client certificate verified when shown.
-    pub fn server_config(&self) -> Option<ServerTlsConfig> {
-        Some(
-            ServerTlsConfig::new()
-                .identity(self.identity.clone()?)
-                .client_ca_root(self.ca.clone())
-                .client_auth_optional(true),
-        )
-    }
 }
 
-static INSTALLED: OnceLock<Tls> = OnceLock::new();
+/// How a server with this CA bundle, certificate chain and key serves: TLS
+/// 1.2 or 1.3 (ring), HTTP/2, a client certificate of one of the bundle's
+/// CAs verified when shown (whether a call needs one is the service's to
+/// say).
+fn rustls_server(
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<rustls::ServerConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem) {
+        roots
+            .add(c.map_err(|e| format!("the CA bundle: {e}"))?)
+            .map_err(|e| format!("the CA bundle: {e}"))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| format!("the CA bundle: {e}"))?;
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("the key: {e}"))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+static CURRENT: RwLock<Option<Arc<Tls>>> = RwLock::new(None);
+/// Bumped at every install and reload: connection caches made under an
+/// older generation are dropped, so new connections show the new
+/// certificate.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 /// Makes every endpoint and server of this process use `tls` from now on.
-/// The first call wins (false after it).
+/// The first call wins (false after it): later changes come through
+/// [`reload`].
 pub fn install(tls: Tls) -> bool {
-    INSTALLED.set(tls).is_ok()
+    let mut cur = CURRENT.write().expect("tls lock");
+    if cur.is_some() {
+        return false;
+    }
+    *cur = Some(Arc::new(tls));
+    GENERATION.fetch_add(1, Ordering::SeqCst);
+    true
 }
 
-/// This process's TLS settings, if it has any.
-pub fn installed() -> Option<&'static Tls> {
-    INSTALLED.get()
+/// This process's TLS settings now, if it has any.
+pub fn installed() -> Option<Arc<Tls>> {
+    CURRENT.read().expect("tls lock").clone()
+}
+
+/// Changes with every install and reload (see [`GENERATION`]).
+pub fn generation() -> u64 {
+    GENERATION.load(Ordering::SeqCst)
+}
+
+/// What a reload put in place: the identity and when it stops being valid.
+pub type Reloaded = (Option<PeerIdentity>, Option<String>);
+
+/// Loads the installed settings' files again and, when they load and
+/// check, uses them from now on. Ok(Some(identity, not_after)) when
+/// reloaded, Ok(None) when nothing is installed; the error says what is
+/// wrong with the new files (the old settings stay).
+pub fn reload() -> Result<Option<Reloaded>, String> {
+    let Some(cur) = installed() else {
+        return Ok(None);
+    };
+    let new = Tls::load(&cur.files, "tls", cur.need)?;
+    if let (Some(old), Some(now)) = (&cur.own, &new.own) {
+        if old != now {
+            return Err(format!(
+                "tls.cert_file: {} is now {now}, not {old} as at start: a process keeps its identity (restart it to change it)",
+                cur.files.cert_file.as_deref().unwrap_or(Path::new("")).display()
+            ));
+        }
+    }
+    let said = (new.own.clone(), new.not_after.clone());
+    *CURRENT.write().expect("tls lock") = Some(Arc::new(new));
+    GENERATION.fetch_add(1, Ordering::SeqCst);
+    Ok(Some(said))
+}
+
+/// What identifies a file's content for the change watch: its inode, size
+/// and modification time (a file replaced by a rename has a new inode).
+fn stamp(p: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()?))
+}
+
+/// How often a daemon looks whether its certificate files changed.
+pub const RELOAD_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reloads on SIGHUP and when the files change (looked at every `every`),
+/// on the current tokio runtime. Does nothing without installed settings.
+pub fn spawn_reloader(every: std::time::Duration) {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    let Some(cur) = installed() else {
+        return;
+    };
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    let mut first = false;
+    STARTED.call_once(|| first = true);
+    if !first {
+        return; // one per process (a standalone RM and its agent share it)
+    }
+    let files: Vec<PathBuf> = [
+        Some(cur.files.ca_file.clone()),
+        cur.files.cert_file.clone(),
+        cur.files.key_file.clone(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let stamps = |fs: &[PathBuf]| fs.iter().map(|f| stamp(f)).collect::<Vec<_>>();
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler: certificates reload on file change only");
+                None
+            }
+        };
+        let mut seen = stamps(&files);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let why = tokio::select! {
+                _ = async { match hup.as_mut() { Some(h) => { h.recv().await; } None => std::future::pending().await } } => "SIGHUP",
+                _ = tick.tick() => {
+                    let now = stamps(&files);
+                    if now == seen {
+                        continue;
+                    }
+                    seen = now;
+                    "the files changed"
+                }
+            };
+            match reload() {
+                Ok(Some((identity, not_after))) => tracing::info!(
+                    why,
+                    identity = %identity.map(|i| i.to_string()).unwrap_or_else(|| "none".into()),
+                    not_after = not_after.as_deref().unwrap_or("-"),
+                    "TLS certificates reloaded: new connections use them"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::error!(why, error = %e, "TLS certificates not reloaded: the files in use stay in use"),
+            }
+        }
+    });
 }
 
 /// The identity of the client certificate a request came with, if any.
 pub fn peer<T>(req: &tonic::Request<T>) -> Option<PeerIdentity> {
-    let certs = req.peer_certs()?;
-    identity_of(certs.first()?.as_ref())
+    let info = req.extensions().get::<crate::net::ConnInfo>()?;
+    identity_of(info.certs.as_ref()?.first()?.as_ref())
 }
 
 /// Whether a request may act as `role`: without TLS (a loopback or
@@ -421,9 +594,10 @@ pub fn setup_daemon(
         Some(f) => {
             let tls = Tls::load(f, "tls", Some(role))?;
             let own = tls.own.clone();
+            let not_after = tls.not_after.clone();
             install(tls);
             if let Some(own) = own {
-                tracing::info!(identity = %own, "mutual TLS on: serving TLS only");
+                tracing::info!(identity = %own, not_after = not_after.as_deref().unwrap_or("-"), "mutual TLS on: serving TLS only (certificates reload on SIGHUP and when their files change)");
             }
         }
         None if listen.ip().is_loopback() => {
@@ -627,7 +801,7 @@ mod tests {
                 name: "rm1".into()
             })
         );
-        assert!(tls.server_config().is_some());
+        assert!(tls.rustls_server().is_some());
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&rm.key).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "a private key is its owner's only");

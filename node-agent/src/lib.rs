@@ -75,6 +75,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     config.validate()?;
+    weft_common::tls::spawn_reloader(weft_common::tls::RELOAD_CHECK_EVERY);
     let cfg = config.clone();
     let (driver, gpu, host) = manager::blocking(move || {
         let driver = driver::select(cfg.containers.driver, &cfg.containers.cgroup_parent);

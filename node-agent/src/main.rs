@@ -128,9 +128,8 @@ fn main() -> ExitCode {
     // With TLS on, the RM takes this node's registration only under the
     // name its certificate holds: a different node_id would be refused at
     // every registration; say so now.
-    let cert_name = weft_common::tls::installed()
-        .and_then(|t| t.own.as_ref())
-        .map(|o| o.name.clone());
+    let cert_name =
+        weft_common::tls::installed().and_then(|t| t.own.as_ref().map(|o| o.name.clone()));
     if let (Some(name), Some(id)) = (cert_name, &cfg.node_id) {
         if &name != id {
             eprintln!(

@@ -332,6 +332,14 @@ impl RmConfig {
                 "masters.rm_retry_for: must be at least 1s".into(),
             ));
         }
+        // Users without TLS are users in name only: anyone could pose as a
+        // node (ResourceTracker takes a node's word without certificates)
+        // and tokens would cross the network readable.
+        if self.acl.enabled && self.tls.is_none() && !self.insecure {
+            return Err(Error::Config(
+                "acl.enabled: needs a [tls] section (without it any caller can pose as a node and tokens cross the network in clear); set `insecure = true` to run users over plaintext anyway (tests, a single trusted host)".into(),
+            ));
+        }
         // Last: a field that is wrong anyway is named first.
         weft_common::tls::check_listen(
             self.listen,
@@ -377,6 +385,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("peers: must list this member's id 4"));
+        let mut bad = c.clone();
+        bad.acl.enabled = true;
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("acl.enabled: needs a [tls] section"));
+        bad.insecure = true;
+        bad.validate().unwrap();
         let mut bad = c.clone();
         bad.max_finished_apps = 0;
         assert!(bad

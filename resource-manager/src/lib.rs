@@ -58,6 +58,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     config.validate()?;
+    weft_common::tls::spawn_reloader(weft_common::tls::RELOAD_CHECK_EVERY);
     let peers = config.peer_map()?;
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir)

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
 use raft::prelude::*;
-use raft::StateRole;
+use raft::{ProgressState, StateRole};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
@@ -55,7 +55,10 @@ pub struct RaftStatus {
     pub commit: u64,
     pub applied: u64,
     pub snapshot_index: u64,
+    /// Voters and learners.
     pub members: Vec<u64>,
+    /// The members that do not vote yet (added, catching up).
+    pub learners: Vec<u64>,
     /// This member leads and has applied an entry of its own term (the
     /// empty one a new leader appends): every entry committed before its
     /// term is in its state. Until then a new leader's state may lack
@@ -168,6 +171,11 @@ pub struct RaftHandle {
 
 /// Longest a proposal may wait for its commit before the caller is told to retry.
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How far behind the commit index a learner may be and still be promoted
+/// (entries in flight under load; a learner this close catches up within
+/// a round trip or two).
+pub const LEARNER_LAG: u64 = 64;
 
 impl RaftHandle {
     /// Proposes `command`; resolves once it is committed and applied here,
@@ -552,6 +560,7 @@ impl Member {
                 last_tick = Instant::now();
                 self.watch_leader();
                 self.resolve_split();
+                self.promote_learners();
             }
             self.on_ready();
         }
@@ -823,8 +832,13 @@ impl Member {
                 };
                 let mut cc = ConfChange::default();
                 match &change {
+                    // A new member joins as a learner: it takes the log
+                    // (a snapshot, then entries) without counting for a
+                    // quorum, and the leader makes it a voter once it has
+                    // caught up ([`Node::promote_learners`]), so a slow or
+                    // mistaken joiner never costs the group its majority.
                     MemberChange::Add { id, address } => {
-                        cc.set_change_type(ConfChangeType::AddNode);
+                        cc.set_change_type(ConfChangeType::AddLearnerNode);
                         cc.node_id = *id;
                         cc.set_context(address.clone().into_bytes().into());
                     }
@@ -1137,10 +1151,65 @@ impl Member {
         self.snapshotting = Some(job);
     }
 
+    /// A leader makes a learner that has caught up a voter: its log is
+    /// streaming (not being probed or sent a snapshot) and within
+    /// [`LEARNER_LAG`] entries of the commit index. One conf change at a
+    /// time; the proposal answers nobody (no caller waits on it).
+    fn promote_learners(&mut self) {
+        let r = &self.raw.raft;
+        if r.state != StateRole::Leader || r.has_pending_conf() {
+            return;
+        }
+        let committed = r.raft_log.committed;
+        let Some(id) = r
+            .prs()
+            .conf()
+            .learners()
+            .iter()
+            .copied()
+            .filter(|id| {
+                r.prs().get(*id).is_some_and(|p| {
+                    p.state == ProgressState::Replicate && p.matched + LEARNER_LAG >= committed
+                })
+            })
+            .min()
+        else {
+            return;
+        };
+        let address = self
+            .shared
+            .state
+            .read()
+            .expect("state lock")
+            .members
+            .get(&id)
+            .cloned()
+            .unwrap_or_default();
+        let mut cc = ConfChange::default();
+        cc.set_change_type(ConfChangeType::AddNode);
+        cc.node_id = id;
+        cc.set_context(address.into_bytes().into());
+        let ctx = serde_json::to_vec(&ConfOrigin {
+            origin: self.settings.id,
+            request: 0,
+        })
+        .expect("origin serialises");
+        let matched = r.prs().get(id).map_or(0, |p| p.matched);
+        match self.raw.propose_conf_change(ctx, cc) {
+            Ok(()) => info!(
+                id,
+                matched, committed, "learner caught up: promoting it to voter"
+            ),
+            Err(e) => debug!(id, error = %e, "learner promotion not proposed"),
+        }
+    }
+
     fn publish_status(&self) {
         let r = &self.raw.raft;
         let mut members: Vec<u64> = r.prs().iter().map(|(id, _)| *id).collect();
         members.sort_unstable();
+        let mut learners: Vec<u64> = r.prs().conf().learners().iter().copied().collect();
+        learners.sort_unstable();
         let caught_up = r.state == StateRole::Leader
             && r.raft_log.term(self.applied).is_ok_and(|t| t == r.term);
         // Leader tasks start only once this member has applied an entry of
@@ -1163,6 +1232,7 @@ impl Member {
             applied: self.applied,
             snapshot_index: self.storage.snapshot_index(),
             members,
+            learners,
             caught_up,
         };
         self.shared.role.send_if_modified(|now| {

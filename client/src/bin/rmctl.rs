@@ -617,12 +617,27 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
         cli.token_file.as_ref().or(file.token_file.as_ref()),
     ) {
         (Some(t), _) => Some(t.clone()),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(path)
+        (None, Some(path)) => {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path)
                 .map_err(|e| anyhow::anyhow!("token file {}: {e}", path.display()))?
-                .trim()
-                .to_string(),
-        ),
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                anyhow::bail!(
+                    "token file {} may be read by others (mode {:o}): `chmod 600 {}`",
+                    path.display(),
+                    mode & 0o777,
+                    path.display()
+                );
+            }
+            Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("token file {}: {e}", path.display()))?
+                    .trim()
+                    .to_string(),
+            )
+        }
         (None, None) => None,
     };
     // With credentials the cluster knows the user: a submission names one
@@ -648,7 +663,7 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
                     "commit_index": s.commit_index,
                     "applied_index": s.applied_index,
                     "snapshot_index": s.snapshot_index,
-                    "members": s.members.iter().map(|m| json!({"id": m.id, "address": m.address, "leader": m.is_leader})).collect::<Vec<_>>(),
+                    "members": s.members.iter().map(|m| json!({"id": m.id, "address": m.address, "leader": m.is_leader, "learner": m.is_learner})).collect::<Vec<_>>(),
                     "nodes": s.nodes,
                     "capacity": {"vcores_milli": cap.vcores_milli, "memory_bytes": cap.memory_bytes, "gpus": cap.gpus},
                 })
@@ -664,6 +679,8 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
                                 m.address.clone(),
                                 if m.is_leader {
                                     "leader".into()
+                                } else if m.is_learner {
+                                    "learner (catching up)".into()
                                 } else {
                                     "follower".into()
                                 },
@@ -688,7 +705,7 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
             cmd: ClusterCmd::AddMember { id, address },
         } => {
             rm.add_member(id, &address).await?;
-            format!("member {id} ({address}) added")
+            format!("member {id} ({address}) added as a learner: it votes once it has caught up (`rmctl cluster status`)")
         }
         Cmd::Cluster {
             cmd: ClusterCmd::RemoveMember { id },

@@ -149,7 +149,14 @@ impl ClusterState {
             } => {
                 if !request_id.is_empty() {
                     if let Some(id) = self.submissions.get(request_id) {
-                        return Outcome::Submitted { app_id: id.clone() };
+                        // A retry of the same user's submission; another
+                        // user's request id names nothing of theirs.
+                        return match self.apps.get(id.as_str()) {
+                            Some(a) if a.user != *user => Outcome::Rejected(format!(
+                                "request_id: {request_id:?} is another submission's; retry with an id of your own"
+                            )),
+                            _ => Outcome::Submitted { app_id: id.clone() },
+                        };
                     }
                 }
                 self.app_seq += 1;
@@ -445,6 +452,14 @@ impl ClusterState {
                 Outcome::Done
             }
             Command::AclBootstrap { token } => {
+                // A retry of the bootstrap that made this very token.
+                if self
+                    .acl_tokens
+                    .get(&token.accessor)
+                    .is_some_and(|t| t.secret_sha256 == token.secret_sha256 && t.admin)
+                {
+                    return Outcome::Done;
+                }
                 if self.acl_bootstrapped {
                     return Outcome::Rejected(
                         "the cluster's ACLs were bootstrapped already (an admin makes more tokens with `rmctl acl token create`)".into(),

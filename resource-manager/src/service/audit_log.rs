@@ -6,8 +6,9 @@
 //! the outcome with its reason.
 //!
 //! Lines go through a channel to a thread of their own that appends them
-//! (file mode 0600, `O_APPEND`): a request never waits on the disk, and no
-//! line is dropped.
+//! (file mode 0600, `O_APPEND`): a request never waits on the disk. Lines
+//! still queued when the process is killed are lost; a line that cannot be
+//! written is said in the member's log.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -27,15 +28,19 @@ pub struct Note {
     pub who: Option<Who>,
     /// What it acted on: an application, node, member, user or token.
     pub target: String,
+    /// Its command was handed to raft: from then on, an error may come
+    /// though the command is (or will be) applied.
+    pub proposed: bool,
 }
 
 impl Note {
     pub fn new<T>(action: &'static str, req: &tonic::Request<T>) -> Note {
         Note {
             action,
-            from: req.remote_addr(),
+            from: weft_common::net::remote_addr(req),
             who: None,
             target: String::new(),
+            proposed: false,
         }
     }
 }
@@ -111,9 +116,13 @@ impl AuditLog {
         };
         // A member that is not the leader (or while none is known) did
         // nothing but send the caller on: the leader writes the line of
-        // what it does.
+        // what it does. Once proposed, though, a lost leadership or a
+        // timeout says nothing of the command's fate: `unknown`.
         if let Err(s) = result {
-            if s.code() == tonic::Code::Unavailable && s.message().starts_with("not the leader") {
+            if !note.proposed
+                && s.code() == tonic::Code::Unavailable
+                && s.message().starts_with("not the leader")
+            {
                 return;
             }
         }
@@ -123,6 +132,9 @@ impl AuditLog {
             Err(s) => (
                 match s.code() {
                     tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => "refused",
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded if note.proposed => {
+                        "unknown"
+                    }
                     _ => "failed",
                 },
                 Some(format!("{:?}", s.code())),

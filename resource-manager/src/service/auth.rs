@@ -80,14 +80,28 @@ impl Who {
         self.admin || app.user == self.user || administers(st, &app.queue, &self.user)
     }
 
-    /// PERMISSION_DENIED naming who, what and whose, unless [`Who::may_manage`].
+    /// Whether what recognised the caller still holds: its token is not
+    /// revoked nor expired (for streams that outlive the call's start).
+    pub fn still_valid(&self, st: &ClusterState, now_ms: u64) -> bool {
+        match &self.method {
+            Method::Token { accessor } => st
+                .acl_tokens
+                .get(accessor)
+                .is_some_and(|t| t.expires_at_ms == 0 || t.expires_at_ms > now_ms),
+            _ => true,
+        }
+    }
+
+    /// PERMISSION_DENIED naming who and what, unless [`Who::may_manage`].
     pub fn require_app(&self, st: &ClusterState, app: &App, what: &str) -> Result<(), Status> {
         if self.may_manage(st, app) {
             return Ok(());
         }
+        // Whose it is and where it runs are not said: those are for those
+        // who may see it.
         Err(Status::permission_denied(format!(
-            "{self} may not {what} application {} (user {}, queue {}): only its user, an admin of its queue or a cluster admin may",
-            app.id, app.user, app.queue
+            "{self} may not {what} application {}: only its user, an admin of its queue or a cluster admin may",
+            app.id
         )))
     }
 }
@@ -115,6 +129,19 @@ pub fn secret_hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
+/// A fresh secret: the prefix and 32 random bytes in hex.
+pub fn new_secret() -> String {
+    let mut raw = [0u8; 32];
+    getrandom::getrandom(&mut raw).expect("the OS random number generator");
+    format!("{SECRET_PREFIX}{}", hex::encode(raw))
+}
+
+/// Whether `s` has the form of a secret (a caller-chosen bootstrap one).
+pub fn is_secret(s: &str) -> bool {
+    s.strip_prefix(SECRET_PREFIX)
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// A new token for `user`: the secret (shown once) and what the state keeps.
 pub fn new_token(
     user: &str,
@@ -123,9 +150,18 @@ pub fn new_token(
     now_ms: u64,
     ttl_ms: u64,
 ) -> (String, AclToken) {
-    let mut raw = [0u8; 32];
-    getrandom::getrandom(&mut raw).expect("the OS random number generator");
-    let secret = format!("{SECRET_PREFIX}{}", hex::encode(raw));
+    token_with(new_secret(), user, admin, description, now_ms, ttl_ms)
+}
+
+/// The token of a given secret.
+pub fn token_with(
+    secret: String,
+    user: &str,
+    admin: bool,
+    description: &str,
+    now_ms: u64,
+    ttl_ms: u64,
+) -> (String, AclToken) {
     let hash = secret_hash(&secret);
     let token = AclToken {
         accessor: hash[..16].to_string(),
@@ -193,7 +229,9 @@ pub fn authenticate<T>(
     claimed: &str,
     now_ms: u64,
 ) -> Result<Who, Status> {
-    if !acl.enabled {
+    // Once bootstrapped, users are the cluster's: a member whose config
+    // says off (a rolling change, a mistake) enforces them all the same.
+    if !acl.enabled && !st.acl_bootstrapped {
         return Ok(Who {
             user: if claimed.is_empty() {
                 "anonymous".into()
@@ -234,11 +272,19 @@ pub fn authenticate<T>(
         });
     }
     match weft_common::tls::peer(req) {
-        Some(p) if p.role == Some(Role::Client) => Ok(Who {
-            admin: listed_admin(&p.name),
-            user: p.name,
-            method: Method::Certificate,
-        }),
+        Some(p) if p.role == Some(Role::Client) => {
+            check_user("user", &p.name).map_err(|e| {
+                Status::unauthenticated(format!(
+                    "the client certificate's name {:?} is not a user name: {e}",
+                    p.name
+                ))
+            })?;
+            Ok(Who {
+                admin: listed_admin(&p.name),
+                user: p.name,
+                method: Method::Certificate,
+            })
+        }
         Some(p) if p.role == Some(Role::Rm) => Ok(Who {
             user: p.name,
             admin: true,

@@ -45,6 +45,7 @@ impl pb::client_service_server::ClientService for RmService {
                 )));
             }
             let user = if !r.user.is_empty() && who.admin {
+                auth::check_user("user", &r.user)?;
                 r.user.clone()
             } else {
                 who.user.clone()
@@ -115,7 +116,7 @@ impl pb::client_service_server::ClientService for RmService {
                 } else {
                     queue
                 },
-                user,
+                user: user.clone(),
                 spec: r.spec,
                 spec_format: format,
                 unmanaged,
@@ -124,17 +125,30 @@ impl pb::client_service_server::ClientService for RmService {
                 accepted: !unmanaged,
                 at_ms: now_ms(),
             };
+            // A follower sends the caller on before anything is proposed.
+            self.raft.ensure_leader()?;
+            note.proposed = true;
             match self.raft.propose(cmd).await? {
                 Outcome::Submitted { app_id } => Ok(Response::new({
                     self.scheduling.poke();
                     note.target = app_id.clone();
+                    // A master's token only for an application whose master
+                    // its submitter runs (a retry may name an earlier one).
+                    let theirs = self
+                        .raft
+                        .state()
+                        .apps
+                        .get(app_id.as_str())
+                        .is_some_and(|a| a.unmanaged && a.user == user);
                     pb::SubmitApplicationResponse {
                         application_token: signer
+                            .filter(|_| theirs)
                             .map(|s| crate::tokens::application_token(&s, &app_id, 1))
                             .unwrap_or_default(),
                         application_id: app_id,
                     }
                 })),
+                Outcome::Rejected(why) => Err(Status::invalid_argument(why)),
                 other => Err(Status::internal(format!("submission applied as {other:?}"))),
             }
         }
@@ -224,6 +238,9 @@ impl pb::client_service_server::ClientService for RmService {
                 self.raft.read_barrier().await?;
                 self.check_app(&who, &app_id, "kill")?;
             }
+            // A follower sends the caller on before anything is proposed.
+            self.raft.ensure_leader()?;
+            note.proposed = true;
             match self
                 .raft
                 .propose(Command::KillApplication {
@@ -267,6 +284,12 @@ impl pb::client_service_server::ClientService for RmService {
                         return;
                     }
                 };
+                // A token revoked or expired meanwhile, or a right lost,
+                // ends the stream.
+                if let Err(e) = me.still_may(&who, &id, "watch") {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
                 if now != last {
                     if tx.send(Ok(now.clone())).await.is_err() {
                         return;
@@ -348,6 +371,9 @@ impl pb::client_service_server::ClientService for RmService {
             let node_id = req.into_inner().node_id;
             note.target = node_id.clone();
             who.require_admin(&format!("drain node {node_id}"))?;
+            // A follower sends the caller on before anything is proposed.
+            self.raft.ensure_leader()?;
+            note.proposed = true;
             match self
                 .raft
                 .propose(Command::SetNodeState {
@@ -450,6 +476,7 @@ impl pb::client_service_server::ClientService for RmService {
                     id,
                     address: self.raft.address_in(&st, id).unwrap_or_default(),
                     is_leader: id == s.leader_id,
+                    is_learner: s.learners.contains(&id),
                 })
                 .collect(),
             leader_id: s.leader_id,
@@ -506,6 +533,9 @@ impl pb::client_service_server::ClientService for RmService {
                 }
                 .into());
             }
+            // A follower sends the caller on before anything is proposed.
+            self.raft.ensure_leader()?;
+            note.proposed = true;
             self.change_members(MemberChange::Add {
                 id: r.id,
                 address: r.address,
@@ -540,6 +570,9 @@ impl pb::client_service_server::ClientService for RmService {
                 }
                 .into());
             }
+            // A follower sends the caller on before anything is proposed.
+            self.raft.ensure_leader()?;
+            note.proposed = true;
             self.change_members(MemberChange::Remove { id }).await?;
             Ok(Response::new(pb::RemoveMemberResponse {}))
         }
@@ -580,6 +613,9 @@ impl pb::client_service_server::ClientService for RmService {
                     }
                 }
             }
+            // A follower sends the caller on before anything is proposed.
+            self.raft.ensure_leader()?;
+            note.proposed = true;
             match self
                 .raft
                 .propose(Command::SetQueues { queues: specs })
@@ -601,8 +637,23 @@ impl pb::client_service_server::ClientService for RmService {
         let mut note = Note::new("acl_bootstrap", &req);
         let r: Result<Response<pb::AclTokenSecret>, Status> = async {
             self.require_acl()?;
-            let (secret, token) = auth::new_token("admin", true, "bootstrap", now_ms(), 0);
+            let chosen = req.into_inner().secret;
+            let secret = if chosen.is_empty() {
+                auth::new_secret()
+            } else if auth::is_secret(&chosen) {
+                chosen
+            } else {
+                return Err(Error::InvalidArgument {
+                    field: "secret",
+                    reason: "must be `weft_` and 64 hex digits, or empty".into(),
+                }
+                .into());
+            };
+            let (secret, token) = auth::token_with(secret, "admin", true, "bootstrap", now_ms(), 0);
             note.target = format!("token {} of user admin", token.accessor);
+            // A follower sends the caller on before anything is proposed.
+            self.raft.ensure_leader()?;
+            note.proposed = true;
             match self
                 .raft
                 .propose(Command::AclBootstrap {
@@ -659,6 +710,9 @@ impl pb::client_service_server::ClientService for RmService {
                 r.ttl_seconds * 1000,
             );
             note.target = format!("token {} of user {}", token.accessor, token.user);
+            // A follower sends the caller on before anything is proposed.
+            self.raft.ensure_leader()?;
+            note.proposed = true;
             match self
                 .raft
                 .propose(Command::AclTokenCreate {
@@ -707,6 +761,9 @@ impl pb::client_service_server::ClientService for RmService {
             let accessor = req.into_inner().accessor;
             note.target = format!("token {accessor}");
             who.require_admin(&format!("revoke token {accessor}"))?;
+            // A follower sends the caller on before anything is proposed.
+            self.raft.ensure_leader()?;
+            note.proposed = true;
             match self
                 .raft
                 .propose(Command::AclTokenRevoke {
@@ -739,7 +796,7 @@ impl pb::client_service_server::ClientService for RmService {
             },
             user: who.user,
             admin: who.admin,
-            acl_enabled: self.acl.enabled,
+            acl_enabled: self.acl_on(),
         }))
     }
 
@@ -851,10 +908,18 @@ impl pb::client_service_server::ClientService for RmService {
             }
         };
         let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let me = self.clone();
+        let app_id = r.application_id.clone();
         tokio::spawn(async move {
             loop {
                 match upstream.message().await {
                     Ok(Some(chunk)) => {
+                        // A token revoked or expired meanwhile, or a right
+                        // lost, ends a follow.
+                        if let Err(e) = me.still_may(&who, &app_id, "read the logs of") {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
                         let out = pb::TaskLogChunk {
                             offset: chunk.offset,
                             data: chunk.data,
@@ -876,22 +941,23 @@ impl pb::client_service_server::ClientService for RmService {
 }
 
 impl RmService {
-    /// Who calls (see [`auth::authenticate`]). A token this member does not
-    /// know yet may have been made an instant ago through the leader: it
-    /// is looked for again once this member has caught up.
+    /// Who calls (see [`auth::authenticate`]).
     pub(crate) async fn who<T>(
         &self,
         req: &Request<T>,
         claimed: &str,
     ) -> Result<auth::Who, Status> {
-        let first = auth::authenticate(&self.acl, &self.raft.state(), req, claimed, now_ms());
-        match first {
+        let r = auth::authenticate(&self.acl, &self.raft.state(), req, claimed, now_ms());
+        match r {
+            // A follower may not have applied a token made an instant ago
+            // through the leader: it sends the caller there (whose answer
+            // is final: it applied the token before answering its maker).
             Err(e)
                 if e.code() == tonic::Code::Unauthenticated
                     && e.message().starts_with("token not recognised") =>
             {
-                self.raft.read_barrier().await?;
-                auth::authenticate(&self.acl, &self.raft.state(), req, claimed, now_ms())
+                self.raft.ensure_leader()?;
+                Err(e)
             }
             r => r,
         }
@@ -907,8 +973,30 @@ impl RmService {
         }
     }
 
+    /// For a stream that outlives its call's start: UNAUTHENTICATED when
+    /// the caller's token was revoked or expired since, PERMISSION_DENIED
+    /// when it may no longer `what` application `id`.
+    fn still_may(&self, who: &auth::Who, id: &str, what: &str) -> Result<(), Status> {
+        let st = self.raft.state();
+        if !who.still_valid(&st, now_ms()) {
+            return Err(Status::unauthenticated(format!(
+                "{who}: the token was revoked or expired"
+            )));
+        }
+        match st.apps.get(id) {
+            Some(app) => who.require_app(&st, app, what),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether this member enforces users: its config says so, or the
+    /// cluster was bootstrapped (then always).
+    fn acl_on(&self) -> bool {
+        self.acl.enabled || self.raft.state().acl_bootstrapped
+    }
+
     fn require_acl(&self) -> Result<(), Status> {
-        if self.acl.enabled {
+        if self.acl_on() {
             return Ok(());
         }
         Err(Status::failed_precondition(

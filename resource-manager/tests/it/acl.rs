@@ -265,22 +265,9 @@ async fn users_see_and_kill_only_what_is_theirs_and_every_way_in_is_checked() {
         &cx.rmctl(As::Nobody, &["acl", "bootstrap"]),
         &["bootstrapped already"],
     );
-    let (alice, alice_acc) = cx.token(&admin, &["--user", "alice"]);
-    let (bob, _) = cx.token(&admin, &["--user", "bob", "--ttl", "30d"]);
-    let (short, _) = cx.token(&admin, &["--user", "bob", "--ttl", "1s"]);
-    let (revoked, revoked_acc) = cx.token(&admin, &["--user", "eve"]);
-    ok(&cx.rmctl(As::Token(&admin), &["acl", "token", "revoke", &revoked_acc]));
-    let who = ok(&cx.rmctl(As::Token(&alice), &["acl", "whoami"]));
-    assert_eq!(who.trim(), format!("alice by token {alice_acc}"));
-    let who = ok(&cx.rmctl(As::Cert("carol"), &["acl", "whoami"]));
-    assert_eq!(who.trim(), "carol by certificate");
-    let who = ok(&cx.rmctl(As::Cert("ops"), &["acl", "whoami"]));
-    assert_eq!(who.trim(), "ops (admin) by certificate");
-
-    // No token, a forged one, an expired one and a revoked one: every call
-    // of ClientService refuses them, on every member.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let forged = format!("weft_{}", "5a".repeat(32));
+    // But a retry of the bootstrap itself (its answer lost) gets its token.
+    let retried = cx.rmctl(As::Nobody, &["acl", "whoami"]);
+    refused(&retried, &["no credentials"]);
     let ca_only = weft_common::tls::Tls::load(
         &weft_common::tls::TlsFiles {
             ca_file: d.join("weft-ca.pem"),
@@ -291,6 +278,59 @@ async fn users_see_and_kill_only_what_is_theirs_and_every_way_in_is_checked() {
         None,
     )
     .unwrap();
+    let mut again = None;
+    for m in &cluster.members {
+        let ch = crate::tls::channel(&m.addr, &ca_only).await;
+        let r = pb::client_service_client::ClientServiceClient::new(ch)
+            .acl_bootstrap(pb::AclBootstrapRequest {
+                secret: admin.clone(),
+            })
+            .await;
+        if let Ok(r) = r {
+            again = Some(r.into_inner());
+        }
+    }
+    let again = again.expect("the leader takes the retry");
+    assert_eq!(
+        again.token.unwrap().accessor,
+        v["accessor"].as_str().unwrap()
+    );
+    let (alice, alice_acc) = cx.token(&admin, &["--user", "alice"]);
+    let (bob, _) = cx.token(&admin, &["--user", "bob", "--ttl", "30d"]);
+    let (short, _) = cx.token(&admin, &["--user", "bob", "--ttl", "1s"]);
+    let (revoked, revoked_acc) = cx.token(&admin, &["--user", "eve"]);
+    ok(&cx.rmctl(As::Token(&admin), &["acl", "token", "revoke", &revoked_acc]));
+    let who = ok(&cx.rmctl(As::Token(&alice), &["acl", "whoami"]));
+    assert_eq!(who.trim(), format!("alice by token {alice_acc}"));
+    // From a token file, as rmctl.toml's token_file or WEFT_TOKEN_FILE
+    // names it: only one its owner alone may read.
+    let file = tmp.path().join("alice.token");
+    std::fs::write(&file, format!("{alice}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let who = ok(&cx.rmctl(
+        As::Nobody,
+        &["--token-file", file.to_str().unwrap(), "acl", "whoami"],
+    ));
+    assert_eq!(who.trim(), format!("alice by token {alice_acc}"));
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    refused(
+        &cx.rmctl(
+            As::Nobody,
+            &["--token-file", file.to_str().unwrap(), "acl", "whoami"],
+        ),
+        &["may be read by others (mode 644)"],
+    );
+    let who = ok(&cx.rmctl(As::Cert("carol"), &["acl", "whoami"]));
+    assert_eq!(who.trim(), "carol by certificate");
+    let who = ok(&cx.rmctl(As::Cert("ops"), &["acl", "whoami"]));
+    assert_eq!(who.trim(), "ops (admin) by certificate");
+
+    // No token, a forged one, an expired one and a revoked one: every call
+    // of ClientService refuses them, on every member.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let forged = format!("weft_{}", "5a".repeat(32));
+    let _ = &ca_only;
     let status: serde_json::Value = serde_json::from_str(&ok(
         &cx.rmctl(As::Token(&admin), &["-o", "json", "cluster", "status"])
     ))
@@ -367,7 +407,7 @@ async fn users_see_and_kill_only_what_is_theirs_and_every_way_in_is_checked() {
             &cx.rmctl(As::Token(&bob), &args),
             &[
                 "user bob (token ",
-                &format!("may not {what} application {a1} (user alice, queue root.team)"),
+                &format!("may not {what} application {a1}: only its user"),
             ],
         );
     }
@@ -412,6 +452,32 @@ async fn users_see_and_kill_only_what_is_theirs_and_every_way_in_is_checked() {
     }
     // Reading the cluster is for every user.
     assert!(ok(&cx.rmctl(As::Token(&bob), &["node", "list"])).contains("node-a"));
+
+    // A stream outlives its start only while its token does: alice follows
+    // her job with a second token, which is revoked meanwhile.
+    let (alice2, alice2_acc) = cx.token(&admin, &["--user", "alice"]);
+    let ca = d.join("weft-ca.pem");
+    let follower = std::process::Command::new(
+        std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager")).with_file_name("rmctl"),
+    )
+    .args(["--rm", &cx.rm, "--timeout", "10", "--tls-ca"])
+    .arg(&ca)
+    .args(["app", "wait", &a1])
+    .env("WEFT_TOKEN", &alice2)
+    .env_remove("WEFT_TOKEN_FILE")
+    .env_remove("WEFT_CONFIG")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ok(&cx.rmctl(As::Token(&admin), &["acl", "token", "revoke", &alice2_acc]));
+    let ended = tokio::task::spawn_blocking(move || follower.wait_with_output().unwrap());
+    let ended = tokio::time::timeout(Duration::from_secs(15), ended)
+        .await
+        .expect("a revoked token's watch went on")
+        .unwrap();
+    refused(&ended, &["token"]);
 
     // carol, an admin of root.team by certificate, sees alice's job, reads
     // its logs and kills it; she does not see bob's.

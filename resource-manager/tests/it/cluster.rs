@@ -257,6 +257,11 @@ impl Cluster {
         self.members[i].child.is_some()
     }
 
+    /// The pid of member `i`'s process, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(|c| c.id())
+    }
+
     pub fn addrs(&self) -> Vec<String> {
         self.members.iter().map(|m| m.addr.clone()).collect()
     }

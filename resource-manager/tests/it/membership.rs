@@ -43,6 +43,39 @@ async fn member_added_and_removed_under_load() {
     assert!(cluster
         .log_text(new)
         .contains("installed snapshot from the leader"));
+    // It joined as a learner, and the leader made it a voter once it had
+    // caught up (under the load): wait for that, as an operator would
+    // before removing an old member.
+    let mut voted = false;
+    for _ in 0..200 {
+        let s = admin.cluster_status().await.unwrap();
+        if s.members.iter().any(|m| m.id == new_id && !m.is_learner) {
+            voted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(voted, "the new member was never promoted");
+    // (Log lines as text: without their colour codes.)
+    let raw: String = (0..3).map(|i| cluster.log_text(i)).collect();
+    let mut logs = String::with_capacity(raw.len());
+    let mut in_escape = false;
+    for c in raw.chars() {
+        match (in_escape, c) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => logs.push(c),
+        }
+    }
+    assert!(
+        logs.contains(&format!("learners=[{new_id}]")),
+        "it was not added as a learner"
+    );
+    assert!(
+        logs.contains("learner caught up: promoting it to voter"),
+        "no member promoted it"
+    );
 
     // Remove a follower that is not the new member.
     let gone = (0..3).find(|&i| i != leader).unwrap();

@@ -375,3 +375,184 @@ async fn a_cluster_over_mutual_tls_runs_a_job_and_refuses_whom_it_does_not_trust
         "{why}"
     );
 }
+
+/// The certificate a member presents to a new connection now (DER); None
+/// while it does not answer (starting).
+async fn served_cert(addr: &str, ca: &Path) -> Option<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(ServerName::try_from("rm.weft").unwrap(), tcp)
+        .await
+        .unwrap();
+    Some(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
+}
+
+fn der_of(pem: &Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(pem)
+        .unwrap()
+        .to_vec()
+}
+
+/// Waits (bounded) until the member serves `want`; false if it never did.
+async fn serves(addr: &str, ca: &Path, want: &[u8], within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if served_cert(addr, ca).await.as_deref() == Some(want) {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A member's certificate replaced while it runs: taken on SIGHUP, and when
+/// its files change; a replacement that does not load is refused and the
+/// one in use stays; the member serves throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_reload_on_sighup_and_when_their_files_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("tls");
+    std::fs::create_dir_all(&d).unwrap();
+    ok(&rmctl(&[
+        "tls",
+        "ca",
+        "create",
+        "--dir",
+        d.to_str().unwrap(),
+    ]));
+    cert(&d, "rm", "rm1");
+    let ca = d.join("weft-ca.pem");
+    let (cert_file, key_file) = (d.join("rm-rm1.pem"), d.join("rm-rm1-key.pem"));
+    // Replacements, made beside by the same CA.
+    let next = |n: &str| {
+        let dir = tmp.path().join(n);
+        std::fs::create_dir_all(&dir).unwrap();
+        ok(&rmctl(&[
+            "tls",
+            "cert",
+            "create",
+            "--role",
+            "rm",
+            "--name",
+            "rm1",
+            "--days",
+            "30",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--ca-key",
+            d.join("weft-ca-key.pem").to_str().unwrap(),
+            "--dir",
+            dir.to_str().unwrap(),
+        ]));
+        (dir.join("rm-rm1.pem"), dir.join("rm-rm1-key.pem"))
+    };
+    let extra = format!(
+        "[tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+        ca.display().to_string(),
+        cert_file.display().to_string(),
+        key_file.display().to_string()
+    );
+    let cluster = Cluster::start_with(1, 1000, &extra);
+    let addr = cluster.members[0].addr.clone();
+    let pid = cluster.pid(0).unwrap().to_string();
+    let first = der_of(&cert_file);
+    assert!(serves(&addr, &ca, &first, Duration::from_secs(20)).await);
+
+    // 1. SIGHUP. The new files are written in place with their old times
+    // (same inode, size and mtime), so that only the signal can tell.
+    let (c2, k2) = next("second");
+    let second = der_of(&c2);
+    assert_ne!(first, second);
+    let keep_times = |path: &Path, from: &Path| {
+        let times = std::fs::metadata(path).unwrap().modified().unwrap();
+        let len = std::fs::metadata(path).unwrap().len();
+        let new = std::fs::read(from).unwrap();
+        assert_eq!(new.len() as u64, len, "same size, so only SIGHUP tells");
+        std::fs::write(path, new).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(times)
+            .unwrap();
+    };
+    keep_times(&cert_file, &c2);
+    keep_times(&key_file, &k2);
+    tokio::time::sleep(weft_common::tls::RELOAD_CHECK_EVERY + Duration::from_millis(1500)).await;
+    assert_eq!(
+        served_cert(&addr, &ca).await,
+        Some(first),
+        "reloaded without a signal"
+    );
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    assert!(
+        serves(&addr, &ca, &second, Duration::from_secs(5)).await,
+        "SIGHUP did not reload the certificate"
+    );
+
+    // 2. Replaced by rename, no signal: the change is seen.
+    let (c3, k3) = next("third");
+    let third = der_of(&c3);
+    std::fs::rename(&k3, &key_file).unwrap();
+    std::fs::rename(&c3, &cert_file).unwrap();
+    assert!(
+        serves(&addr, &ca, &third, Duration::from_secs(10)).await,
+        "a changed file was not reloaded"
+    );
+
+    // 3. A replacement of another CA: refused, the third stays in use.
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    ok(&rmctl(&[
+        "tls",
+        "ca",
+        "create",
+        "--dir",
+        other.to_str().unwrap(),
+    ]));
+    cert(&other, "rm", "rm1");
+    std::fs::copy(other.join("rm-rm1-key.pem"), &key_file).unwrap();
+    std::fs::copy(other.join("rm-rm1.pem"), &cert_file).unwrap();
+    let log = cluster.members[0].log.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("TLS certificates not reloaded")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no refusal logged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("was not signed by the CA"), "{said}");
+    assert_eq!(served_cert(&addr, &ca).await, Some(third));
+    // And it serves calls all along.
+    let status = ok(&rmctl(&[
+        "--rm",
+        &addr,
+        "--tls-ca",
+        ca.to_str().unwrap(),
+        "cluster",
+        "status",
+    ]));
+    assert!(status.contains("leader"), "{status}");
+}

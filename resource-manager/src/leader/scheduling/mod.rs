@@ -201,7 +201,8 @@ pub struct Scheduling {
     /// The token signer built from the replicated key (seed hex, signer).
     pub(crate) signer: Arc<Mutex<Option<(String, TokenSigner)>>>,
     /// Connections to node agents (masters are started through them).
-    pub(crate) channels: Arc<Mutex<HashMap<String, tonic::transport::Channel>>>,
+    /// Connections to agents, and the TLS generation they were made under.
+    pub(crate) channels: Arc<Mutex<(u64, HashMap<String, tonic::transport::Channel>)>>,
     /// In-process masters (standalone mode): app -> its runner task and,
     /// once it ended without finishing its job, why.
     pub(crate) local: Arc<Mutex<HashMap<String, LocalMaster>>>,
@@ -279,7 +280,14 @@ impl Scheduling {
 
     /// A (shared, reconnecting) connection to the agent at `addr`.
     fn node_channel(&self, addr: &str) -> Result<tonic::transport::Channel, Status> {
-        let mut map = self.channels.lock().expect("channels lock");
+        let mut guard = self.channels.lock().expect("channels lock");
+        let (made_under, map) = &mut *guard;
+        // Certificates reloaded since: new connections show the new ones.
+        let generation = weft_common::tls::generation();
+        if *made_under != generation {
+            map.clear();
+            *made_under = generation;
+        }
         if let Some(ch) = map.get(addr) {
             return Ok(ch.clone());
         }
