@@ -30,8 +30,19 @@ struct Args {
     #[arg(long)]
     spec_env: bool,
     /// This attempt's application token (hex), as the RM issued it.
-    #[arg(long, env = "WEFT_APP_TOKEN", hide_env_values = true)]
-    token: String,
+    #[arg(
+        long,
+        env = "WEFT_APP_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "token_file"
+    )]
+    token: Option<String>,
+    /// A file holding the token (relative to the working directory): how
+    /// the RM hands it to the masters it starts, readable by the job's user
+    /// alone (an environment is readable in /proc by the same user's other
+    /// processes, and lingers in children).
+    #[arg(long, env = "WEFT_APP_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
     /// How long to keep retrying while no resource-manager leader answers
     /// (an outage of the whole group) before giving up this attempt; the
     /// job's tasks keep running meanwhile (e.g. 15m, 1h).
@@ -91,10 +102,24 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let token = match hex::decode(args.token.trim()) {
+    let token_text = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => match std::fs::read_to_string(f) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!(
+                    "app-master: --token-file (WEFT_APP_TOKEN_FILE) {}: {e}",
+                    f.display()
+                );
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => String::new(),
+    };
+    let token = match hex::decode(token_text.trim()) {
         Ok(t) if !t.is_empty() => t,
         _ => {
-            eprintln!("app-master: --token (WEFT_APP_TOKEN): give the application token, in hex");
+            eprintln!("app-master: --token (WEFT_APP_TOKEN) or --token-file (WEFT_APP_TOKEN_FILE): give the application token, in hex");
             return ExitCode::from(2);
         }
     };

@@ -144,6 +144,14 @@ pub struct ContainersConfig {
     /// container (it lets containers outlive an agent restart); default:
     /// the agent's own program.
     pub shim: Option<PathBuf>,
+    /// Run each task as its application's user: the uid, gid and groups
+    /// that user has on this node; its work dir and logs are that user's,
+    /// readable by it alone. A user missing here is refused at start.
+    /// Needs the agent to run as root. Off: tasks run as the agent's user.
+    pub run_as_user: bool,
+    /// With `run_as_user`: the queues whose tasks may run as root (a job
+    /// submitted by root elsewhere is refused).
+    pub root_queues: Vec<String>,
 }
 
 impl Default for ContainersConfig {
@@ -157,6 +165,8 @@ impl Default for ContainersConfig {
             keep_work_dirs: false,
             diagnostic_processes: 5,
             shim: None,
+            run_as_user: false,
+            root_queues: Vec::new(),
         }
     }
 }
@@ -367,6 +377,7 @@ mod tests {
         let c = AgentConfig::load(&p).unwrap();
         c.validate().unwrap();
         assert_eq!(c.rm_addresses.len(), 3);
+        assert!(c.containers.run_as_user);
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub mod service;
 pub mod shim;
 pub mod tokens;
 pub mod tracker;
+pub mod users;
 pub mod validate;
 
 use std::future::Future;
@@ -75,6 +76,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     config.validate()?;
+    if config.containers.run_as_user && !users::can_switch() {
+        return Err(Error::Config(
+            "containers.run_as_user: needs the agent to run as root (it sets each task's uid and gid)".into(),
+        ));
+    }
     weft_common::tls::spawn_reloader(weft_common::tls::RELOAD_CHECK_EVERY);
     let cfg = config.clone();
     let (driver, gpu, host) = manager::blocking(move || {

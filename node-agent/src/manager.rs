@@ -523,6 +523,13 @@ impl Manager {
             )));
         }
         let grant = self.sh.tokens.check(&token, &spec, &ports)?;
+        // Who it runs as (its application's user, where tasks run as theirs).
+        let run_as = crate::users::resolve(
+            &self.sh.cfg,
+            &grant.user,
+            &grant.queue,
+            self.sh.tokens.node_id(),
+        )?;
         let (expires, group_key) = (grant.expires_at_ms, grant.group_key.clone());
         // A port given to it and bound on the node by something else: a
         // transient refusal (the RM hears of the port and gives another).
@@ -536,7 +543,7 @@ impl Manager {
                 .remove(&spec.id);
             return Err(e);
         }
-        match self.launch(&spec, files, &c, stop_rx).await {
+        match self.launch(&spec, files, &c, stop_rx, run_as).await {
             Ok(()) => Ok(c.record().to_proto()),
             Err(e) => {
                 self.sh
@@ -686,6 +693,7 @@ impl Manager {
         files: std::collections::BTreeMap<String, Vec<u8>>,
         c: &Arc<Container>,
         stop_rx: mpsc::UnboundedReceiver<StopRequest>,
+        run_as: Option<crate::users::RunAs>,
     ) -> Result<()> {
         let rec = c.record();
         let limits = Limits {
@@ -704,11 +712,12 @@ impl Manager {
                 .map(|g| (NVIDIA_MAJOR, g.minor))
                 .collect(),
         };
-        let (sh, id, work_dir, log_dir) = (
+        let (sh, id, work_dir, log_dir, owner) = (
             self.sh.clone(),
             spec.id.clone(),
             rec.work_dir.clone(),
             rec.log_dir.clone(),
+            run_as.clone(),
         );
         let prepared = blocking(move || -> Result<Arc<dyn Group>> {
             for d in [&work_dir, &log_dir] {
@@ -733,6 +742,19 @@ impl Manager {
                     .open(&p)
                     .and_then(|mut f| f.write_all(content))
                     .map_err(|e| Error::io("writing file", &p, e))?;
+                if let Some(who) = &owner {
+                    crate::users::give(&p, who, 0o600)?;
+                }
+            }
+            // Its user's alone: no other user's task can list, read or
+            // write them.
+            if let Some(who) = &owner {
+                for d in [&work_dir, &log_dir] {
+                    crate::users::give(d, who, 0o700)?;
+                }
+                for name in ["stdout", "stderr"] {
+                    crate::users::give(&log_dir.join(name), who, 0o600)?;
+                }
             }
             sh.driver.create(&id, &limits)
         })
@@ -754,6 +776,10 @@ impl Manager {
         }
         env.push(("HOME".into(), rec.work_dir.display().to_string()));
         env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Some(who) = &run_as {
+            env.push(("USER".into(), who.name.clone()));
+            env.push(("LOGNAME".into(), who.name.clone()));
+        }
         env.push(("WEFT_CONTAINER_ID".into(), spec.id.clone()));
         env.push(("WEFT_WORK_DIR".into(), rec.work_dir.display().to_string()));
         // With TLS on, a container's clients (its master, rmctl in a task)
@@ -777,6 +803,7 @@ impl Manager {
             join: group.join_paths(),
             exit_file: self.sh.state_dir.exit_file(&spec.id),
             lease: Some(self.sh.lease.path().to_path_buf()),
+            run_as: run_as.clone(),
         };
         let permit = self.sh.launching.acquire().await.expect("never closed");
         let started = self.start_shim(&plan).await;

@@ -38,6 +38,10 @@ pub struct Plan {
     /// kills the container. `None`: never fenced.
     #[serde(default)]
     pub lease: Option<PathBuf>,
+    /// The user the container runs as (after joining its groups); None:
+    /// the shim's own.
+    #[serde(default)]
+    pub run_as: Option<crate::users::RunAs>,
 }
 
 /// The shim's one line to the agent.
@@ -162,6 +166,9 @@ pub fn run() -> i32 {
         });
     }
     crate::driver::join_on_exec(&mut cmd, plan.join.clone());
+    if let Some(who) = &plan.run_as {
+        crate::users::drop_on_exec(&mut cmd, who);
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {

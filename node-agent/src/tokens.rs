@@ -18,6 +18,9 @@ pub struct Grant {
     pub expires_at_ms: u64,
     pub group_key: String,
     pub application_id: String,
+    /// The application's user and queue, as the RM signed them.
+    pub user: String,
+    pub queue: String,
 }
 
 /// What the agent checks tokens with.
@@ -194,6 +197,8 @@ impl Tokens {
             expires_at_ms: body.expires_at_ms,
             group_key: hex::encode(key.to_bytes()),
             application_id: body.application_id,
+            user: body.user,
+            queue: body.queue,
         })
     }
 

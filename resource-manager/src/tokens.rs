@@ -31,8 +31,30 @@ pub fn token_clock_ms() -> u64 {
 /// How long a container token lets an agent start its container.
 pub const CONTAINER_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 
+/// Whose a container is: its application's user and queue (signed into
+/// its token, so that an agent may run it as that user).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub user: String,
+    pub queue: String,
+}
+
+impl Owner {
+    /// The owner of `app_id`'s containers (empty when it is gone).
+    pub fn of(state: &crate::fsm::ClusterState, app_id: &str) -> Owner {
+        state
+            .apps
+            .get(app_id)
+            .map(|a| Owner {
+                user: a.user.clone(),
+                queue: a.queue.clone(),
+            })
+            .unwrap_or_default()
+    }
+}
+
 /// The container token an agent needs to start `a`.
-pub fn container_token(signer: &TokenSigner, a: &Allocation) -> Vec<u8> {
+pub fn container_token(signer: &TokenSigner, a: &Allocation, owner: &Owner) -> Vec<u8> {
     let now = token_clock_ms();
     signer.sign_container(&pb::ContainerTokenBody {
         container_id: a.container_id.clone(),
@@ -49,6 +71,8 @@ pub fn container_token(signer: &TokenSigner, a: &Allocation) -> Vec<u8> {
         issued_at_ms: now,
         expires_at_ms: now + CONTAINER_TOKEN_LIFETIME.as_millis() as u64,
         ports: a.ports.iter().map(|&p| p as u32).collect(),
+        user: owner.user.clone(),
+        queue: owner.queue.clone(),
     })
 }
 

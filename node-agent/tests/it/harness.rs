@@ -222,11 +222,29 @@ pub fn test_signer() -> weft_proto::token::TokenSigner {
     weft_proto::token::TokenSigner::from_seed([7; 32])
 }
 
+/// `req` with the token an RM would sign for an application of `user` in
+/// `queue`.
+pub fn signed_as(
+    mut req: pb::StartContainerRequest,
+    user: &str,
+    queue: &str,
+) -> pb::StartContainerRequest {
+    let mut body = token_body(&req, TEST_NODE);
+    body.user = user.into();
+    body.queue = queue.into();
+    req.token = test_signer().sign_container(&body);
+    req
+}
+
 /// The token an RM would sign for `req` on `node`, valid for a minute.
 pub fn token_for(req: &pb::StartContainerRequest, node: &str) -> Vec<u8> {
+    test_signer().sign_container(&token_body(req, node))
+}
+
+fn token_body(req: &pb::StartContainerRequest, node: &str) -> pb::ContainerTokenBody {
     let r = req.resources.clone().unwrap_or_default();
     let now = weft_proto::token::now_ms();
-    test_signer().sign_container(&pb::ContainerTokenBody {
+    pb::ContainerTokenBody {
         container_id: req.container_id.clone(),
         application_id: "app-test".into(),
         node_id: node.into(),
@@ -238,7 +256,8 @@ pub fn token_for(req: &pb::StartContainerRequest, node: &str) -> Vec<u8> {
         issued_at_ms: now,
         expires_at_ms: now + 60_000,
         ports: r.ports.clone(),
-    })
+        ..Default::default()
+    }
 }
 
 /// `req` with a valid token for a test agent (unless it has one).

@@ -11,3 +11,4 @@ mod logs;
 mod nvml;
 mod requests;
 mod tracker;
+mod users;

@@ -1097,3 +1097,31 @@ fn acl_tokens_bootstrap_once_and_are_made_and_revoked() {
     assert_eq!(back.acl_tokens, s.acl_tokens);
     assert!(back.acl_bootstrapped);
 }
+
+#[test]
+fn a_request_id_names_only_its_own_users_submission() {
+    let mut s = ClusterState::default();
+    assert_eq!(
+        s.apply(&submit("r1", 10)),
+        Outcome::Submitted {
+            app_id: "app-000001".into()
+        }
+    );
+    // The same id from another user: refused, nothing made, nothing named.
+    let mut other = submit("r1", 11);
+    if let Command::SubmitApplication { user, .. } = &mut other {
+        *user = "mallory".into();
+    }
+    assert!(matches!(
+        s.apply(&other),
+        Outcome::Rejected(m) if m.starts_with("request_id: \"r1\" is another submission's")
+    ));
+    assert_eq!(s.apps.len(), 1);
+    // Its own user's retry still gets the application.
+    assert_eq!(
+        s.apply(&submit("r1", 12)),
+        Outcome::Submitted {
+            app_id: "app-000001".into()
+        }
+    );
+}

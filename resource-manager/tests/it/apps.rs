@@ -561,7 +561,7 @@ async fn a_replaced_masters_waiting_allocate_gets_no_container() {
     std::fs::write(
         &master,
         format!(
-            "#!/bin/sh\nenv > {0}/attempt.tmp && mv {0}/attempt.tmp {0}/attempt-$WEFT_ATTEMPT.env\nexec sleep 1000\n",
+            "#!/bin/sh\n{{ env; echo \"TOKEN_FROM_FILE=$(cat \"$WEFT_APP_TOKEN_FILE\")\"; }} > {0}/attempt.tmp && mv {0}/attempt.tmp {0}/attempt-$WEFT_ATTEMPT.env\nexec sleep 1000\n",
             dir.path().display()
         ),
     )
@@ -587,9 +587,14 @@ async fn a_replaced_masters_waiting_allocate_gets_no_container() {
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             loop {
                 if let Ok(env) = std::fs::read_to_string(&path) {
+                    // The token comes in a file, not the environment.
+                    assert!(
+                        !env.lines().any(|l| l.starts_with("WEFT_APP_TOKEN=")),
+                        "{env}"
+                    );
                     let hex_token = env
                         .lines()
-                        .find_map(|l| l.strip_prefix("WEFT_APP_TOKEN="))
+                        .find_map(|l| l.strip_prefix("TOKEN_FROM_FILE="))
                         .expect("the master's token")
                         .to_string();
                     return hex::decode(hex_token).unwrap();
@@ -1062,4 +1067,59 @@ async fn a_master_whose_start_its_leader_never_sent_is_started_by_the_next_leade
     };
     assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
     assert_eq!(r.attempt, 1, "{r:?}");
+}
+
+/// Tasks run as their users, end to end: the RM signs the application's
+/// user into every container token, and an agent with `run_as_user` runs
+/// the job's master and its tasks as that user; a user the node does not
+/// have fails the job, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_as_the_user_who_submitted_it() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (the agent sets the tasks' uids)");
+        return;
+    }
+    let extra = format!(
+        "[masters]\nlaunch = true\ncommand = {:?}\n",
+        app_master().display().to_string()
+    );
+    let cluster = Cluster::start_with(3, 1000, &extra);
+    let _agent = AgentProcess::start_with(
+        "n-users",
+        &cluster.addrs(),
+        "127.0.0.1",
+        "",
+        "[containers]\nrun_as_user = true\n",
+    );
+    let client = cluster.client();
+    let spec = "name: whoami\nstages:\n  - name: run\n    instances: 1\n    command: 'echo \"$(id -u) $USER\"'\n    resources: { vcores: 0.5, memory: 64MiB }\n";
+    // Submitted at once, as a user's script does.
+    let id = client.submit(spec, "yaml", "nobody").await.unwrap();
+    let r = client.wait_application(&id).await.unwrap();
+    assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
+    let mut logs = client
+        .task_logs(&id, "run/0", false, 0, false)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Some(chunk) = logs.message().await.unwrap() {
+        out.extend(chunk.data);
+    }
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "65534 nobody");
+
+    let id = client
+        .submit(spec, "yaml", "no-such-user-weft")
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(60), client.wait_application(&id))
+        .await
+        .expect("the job of a missing user ends")
+        .unwrap();
+    assert_eq!(r.state(), pb::ApplicationState::Failed, "{r:?}");
+    assert!(
+        r.diagnostics
+            .contains("user no-such-user-weft does not exist on node n-users"),
+        "{}",
+        r.diagnostics
+    );
 }

@@ -149,11 +149,22 @@ impl AgentProcess {
     ) -> AgentProcess {
         let work = tempfile::tempdir().unwrap();
         let config = work.path().join("agent.toml");
+        // A `[containers]` table in `extra` adds to the one written here.
+        let (containers, extra) = match extra.split_once("[containers]\n") {
+            Some((before, after)) => {
+                let end = after.find("\n[").map_or(after.len(), |i| i + 1);
+                (
+                    after[..end].to_string(),
+                    format!("{before}{}", &after[end..]),
+                )
+            }
+            None => (String::new(), extra.to_string()),
+        };
         std::fs::write(
             &config,
             format!(
                 "node_id = {node_id:?}\nlisten = \"{ip}:0\"\nwork_dir = {:?}\nlabels = {{ {labels} }}\n\
-                 [resources]\nvcores = 8.0\n[containers]\ncgroup_parent = {:?}\n\
+                 [resources]\nvcores = 8.0\n[containers]\ncgroup_parent = {:?}\n{containers}\
                  [heartbeat]\nmax_backoff = \"300ms\"\n[gpu]\nprobe = \"fake\"\n\
                  [[gpu.fake.devices]]\nuuid = \"GPU-0\"\nmodel = \"Fake H100\"\nmemory = \"80GiB\"\n{extra}",
                 work.path().join("agent").display().to_string(),

@@ -7,6 +7,9 @@ use super::*;
 /// The job spec's file in a master's working directory
 /// (`WEFT_JOB_SPEC_FILE`).
 pub const SPEC_FILE: &str = "weft-job-spec";
+/// The file (in the master's working directory) that holds its application
+/// token (`WEFT_APP_TOKEN_FILE`).
+pub const TOKEN_FILE: &str = "weft-app-token";
 
 /// A spec up to this size is in the master's environment too
 /// (`WEFT_JOB_SPEC`).
@@ -499,9 +502,18 @@ impl Scheduling {
             // The spec as a file in the master's working directory, and
             // in the environment too while it fits comfortably (one
             // variable holds at most 128 KiB; a spec may have 1 MiB).
-            files: [(SPEC_FILE.to_string(), app.spec.clone().into_bytes())]
-                .into_iter()
-                .collect(),
+            // The application token in a file of its own, readable by the
+            // job's user alone (not in the environment, which the user's
+            // other processes can read in /proc and children inherit).
+            files: [
+                (SPEC_FILE.to_string(), app.spec.clone().into_bytes()),
+                (
+                    TOKEN_FILE.to_string(),
+                    hex::encode(application_token(&signer, app_id, attempt)).into_bytes(),
+                ),
+            ]
+            .into_iter()
+            .collect(),
             env: [
                 ("WEFT_JOB_SPEC_FILE".to_string(), SPEC_FILE.to_string()),
                 ("WEFT_JOB_SPEC_FORMAT".to_string(), app.spec_format.clone()),
@@ -511,10 +523,7 @@ impl Scheduling {
                     "WEFT_RM_RETRY_FOR".to_string(),
                     humantime::format_duration(cfg.rm_retry_for).to_string(),
                 ),
-                (
-                    "WEFT_APP_TOKEN".to_string(),
-                    hex::encode(application_token(&signer, app_id, attempt)),
-                ),
+                ("WEFT_APP_TOKEN_FILE".to_string(), TOKEN_FILE.to_string()),
             ]
             .into_iter()
             .chain(
@@ -527,7 +536,14 @@ impl Scheduling {
                 memory_bytes: a.memory_bytes,
                 ..Default::default()
             }),
-            token: container_token(&signer, &a),
+            token: container_token(
+                &signer,
+                &a,
+                &crate::tokens::Owner {
+                    user: app.user.clone(),
+                    queue: app.queue.clone(),
+                },
+            ),
         };
         let result = match self.node_channel(&node_addr) {
             Ok(ch) => {

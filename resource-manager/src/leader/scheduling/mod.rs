@@ -459,19 +459,25 @@ impl Scheduling {
                 .collect();
             // Node addresses under the state's lock; tokens signed with no
             // lock held, off the runtime.
-            let addresses: Vec<String> = {
+            let addresses: Vec<(String, crate::tokens::Owner)> = {
                 let st = self.raft.state();
                 granted_now
                     .iter()
-                    .map(|(a, _)| node_address(&st, &a.node_id))
+                    .map(|(a, _)| {
+                        (
+                            node_address(&st, &a.node_id),
+                            crate::tokens::Owner::of(&st, &a.app_id),
+                        )
+                    })
                     .collect()
             };
             let (granted_now, delivered) = tokio::task::spawn_blocking(move || {
                 let delivered: Vec<Option<pb::Allocation>> = granted_now
                     .iter()
                     .zip(&addresses)
-                    .map(|((a, (_, ask_id)), addr)| {
-                        (ask_id != MASTER_ASK).then(|| pb_allocation_at(addr, a, signer.as_ref()))
+                    .map(|((a, (_, ask_id)), (addr, owner))| {
+                        (ask_id != MASTER_ASK)
+                            .then(|| pb_allocation_at(addr, owner, a, signer.as_ref()))
                     })
                     .collect();
                 (granted_now, delivered)
@@ -530,7 +536,12 @@ pub(crate) fn pb_allocation(
     a: &Allocation,
     signer: Option<&TokenSigner>,
 ) -> pb::Allocation {
-    pb_allocation_at(&node_address(state, &a.node_id), a, signer)
+    pb_allocation_at(
+        &node_address(state, &a.node_id),
+        &crate::tokens::Owner::of(state, &a.app_id),
+        a,
+        signer,
+    )
 }
 
 /// The address of `node`'s agent (empty when unknown).
@@ -546,6 +557,7 @@ pub(crate) fn node_address(state: &ClusterState, node: &str) -> String {
 /// sign outside the state's lock).
 pub(crate) fn pb_allocation_at(
     address: &str,
+    owner: &crate::tokens::Owner,
     a: &Allocation,
     signer: Option<&TokenSigner>,
 ) -> pb::Allocation {
@@ -565,7 +577,9 @@ pub(crate) fn pb_allocation_at(
             Some(sh) => vec![sh.device],
             None => a.gpus.clone(),
         },
-        container_token: signer.map(|s| container_token(s, a)).unwrap_or_default(),
+        container_token: signer
+            .map(|s| container_token(s, a, owner))
+            .unwrap_or_default(),
         gpu_share_milli: a.gpu_share.map_or(0, |sh| sh.milli),
         gpu_memory_bytes: a.gpu_share.map_or(0, |sh| sh.memory_bytes),
         ports: a.ports.iter().map(|&p| p as u32).collect(),
