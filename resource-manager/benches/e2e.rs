@@ -15,7 +15,9 @@
 //! Run: `cargo build --release --workspace --bins && cargo bench -p
 //! weft-resource-manager --bench e2e` (`cargo test` runs a short version on
 //! the debug binaries). `WEFT_BENCH_TLS=1` runs the same over mutual TLS
-//! (certificates made for the run; the bench's client verifies with the CA).
+//! (certificates made for the run; the bench's client verifies with the CA);
+//! with `WEFT_BENCH_ACL=1` too, users are on (`[acl] enabled`), every call
+//! authenticated (the bench's as the members' certificate).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -227,6 +229,9 @@ fn main() {
         }
         if support::tls_on() {
             println!("over mutual TLS (WEFT_BENCH_TLS=1)");
+        }
+        if support::acl_on() {
+            println!("with users on ([acl] enabled, WEFT_BENCH_ACL=1): every call authenticated");
         }
         println!("{wide}-task trivial job, {runs} runs, {nodes} nodes (ms: p50 [min..max]):");
         for (name, v) in [

@@ -45,6 +45,11 @@ pub fn tls_on() -> bool {
 /// made there first), as a `[tls]` TOML section naming its files; and this
 /// process's clients set to TLS with that CA and the first member
 /// certificate. Empty otherwise.
+/// Whether users are on too (`WEFT_BENCH_ACL=1`, with `WEFT_BENCH_TLS=1`).
+pub fn acl_on() -> bool {
+    tls_on() && std::env::var("WEFT_BENCH_ACL").is_ok_and(|v| v == "1")
+}
+
 pub fn tls_section(dir: &std::path::Path, role: weft_common::tls::Role, name: &str) -> String {
     use weft_common::tls;
     if !tls_on() {
@@ -113,7 +118,14 @@ pub fn start_group(config: &str) -> Group {
     let file = dir.path().join("rm.toml");
     // With WEFT_BENCH_TLS=1 the members share one rm certificate.
     let tls = tls_section(dir.path(), weft_common::tls::Role::Rm, "bench-rm");
-    std::fs::write(&file, format!("{config}{tls}")).unwrap();
+    // With WEFT_BENCH_ACL=1 as well, users are on: every call is
+    // authenticated (the bench's own as the members' certificate, an admin).
+    let acl = if acl_on() {
+        "\n[acl]\nenabled = true\n"
+    } else {
+        ""
+    };
+    std::fs::write(&file, format!("{config}{tls}{acl}")).unwrap();
     let children = (0..3)
         .map(|i| {
             Command::new(env!("CARGO_BIN_EXE_resource-manager"))

@@ -481,6 +481,11 @@ impl ClusterState {
                     .insert(token.accessor.clone(), token.clone());
                 Outcome::Done
             }
+            Command::AclTokensPrune { expired_before_ms } => {
+                self.acl_tokens
+                    .retain(|_, t| t.expires_at_ms == 0 || t.expires_at_ms >= *expired_before_ms);
+                Outcome::Done
+            }
             Command::AclTokenRevoke { accessor } => {
                 if self.acl_tokens.remove(accessor).is_none() {
                     return Outcome::Rejected(format!("accessor: no token {accessor}"));

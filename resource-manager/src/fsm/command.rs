@@ -172,6 +172,10 @@ pub enum Command {
     AclTokenRevoke {
         accessor: String,
     },
+    /// Drops the tokens that expired before this time.
+    AclTokensPrune {
+        expired_before_ms: u64,
+    },
 }
 
 /// What the raft log holds: a command plus who proposed it, so the proposer

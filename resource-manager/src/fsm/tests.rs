@@ -1092,6 +1092,22 @@ fn acl_tokens_bootstrap_once_and_are_made_and_revoked() {
         s.apply(&Command::AclTokenRevoke { accessor: "cccc".into() }),
         Outcome::Rejected(m) if m == "accessor: no token cccc"
     ));
+    // Expired ones go when pruned; those that never expire stay.
+    let mut short = token("dddddddddddddddd", "bob");
+    short.expires_at_ms = 500;
+    s.apply(&Command::AclTokenCreate { token: short });
+    assert_eq!(s.acl_tokens.len(), 2);
+    s.apply(&Command::AclTokensPrune {
+        expired_before_ms: 400,
+    });
+    assert_eq!(s.acl_tokens.len(), 2, "not expired before 400");
+    s.apply(&Command::AclTokensPrune {
+        expired_before_ms: 600,
+    });
+    assert_eq!(
+        s.acl_tokens.keys().collect::<Vec<_>>(),
+        vec!["bbbbbbbbbbbbbbbb"]
+    );
     // Kept through a snapshot.
     let back = ClusterState::from_snapshot(&s.stored_part().to_snapshot()).unwrap();
     assert_eq!(back.acl_tokens, s.acl_tokens);

@@ -10,6 +10,9 @@ use crate::fsm::{Command, NodeState, Outcome, QueueSpec};
 
 use crate::service::RmService;
 
+/// How long users' expired tokens stay listed before the leader drops them.
+pub const EXPIRED_TOKENS_KEPT: Duration = Duration::from_secs(24 * 3600);
+
 /// Liveness bookkeeping of the leader (not replicated: a new leader rebuilds
 /// it from the next heartbeats).
 #[derive(Default)]
@@ -110,6 +113,34 @@ impl RmService {
         }
     }
 
+    /// Leader-only: drops users' tokens that expired more than
+    /// [`EXPIRED_TOKENS_KEPT`] ago (until then `rmctl acl token list`
+    /// shows them as expired).
+    async fn prune_acl_tokens(&self) {
+        let before = self
+            .clock
+            .wall_ms()
+            .saturating_sub(EXPIRED_TOKENS_KEPT.as_millis() as u64);
+        let due = self
+            .raft
+            .state()
+            .acl_tokens
+            .values()
+            .any(|t| t.expires_at_ms != 0 && t.expires_at_ms < before);
+        if due {
+            match self
+                .raft
+                .propose(Command::AclTokensPrune {
+                    expired_before_ms: before,
+                })
+                .await
+            {
+                Ok(_) => tracing::debug!("expired tokens pruned"),
+                Err(e) => tracing::debug!(error = %e, "pruning not committed"),
+            }
+        }
+    }
+
     /// Leader-only, once per leadership: makes the replicated queue
     /// configuration match this member's config.
     async fn apply_queue_config(&self) {
@@ -166,6 +197,7 @@ impl RmService {
                 last_prune = now;
                 self.prune_containers().await;
                 self.prune_applications().await;
+                self.prune_acl_tokens().await;
             }
             self.expire_silent_nodes().await;
         }
