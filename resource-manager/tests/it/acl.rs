@@ -330,7 +330,6 @@ async fn users_see_and_kill_only_what_is_theirs_and_every_way_in_is_checked() {
     // of ClientService refuses them, on every member.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let forged = format!("weft_{}", "5a".repeat(32));
-    let _ = &ca_only;
     let status: serde_json::Value = serde_json::from_str(&ok(
         &cx.rmctl(As::Token(&admin), &["-o", "json", "cluster", "status"])
     ))
