@@ -1176,15 +1176,7 @@ impl Member {
         else {
             return;
         };
-        let address = self
-            .shared
-            .state
-            .read()
-            .expect("state lock")
-            .members
-            .get(&id)
-            .cloned()
-            .unwrap_or_default();
+        let address = self.address_of(id).unwrap_or_default();
         let mut cc = ConfChange::default();
         cc.set_change_type(ConfChangeType::AddNode);
         cc.node_id = id;

@@ -9,7 +9,7 @@ use weft_proto::v1 as pb;
 
 use crate::cluster::Cluster;
 use crate::nodes::AgentProcess;
-use crate::tls::{cert, ok, rmctl, settings};
+use crate::tls::{ca_dir, cert, ok, settings};
 
 /// How a user calls: a token, a client certificate, or neither.
 #[derive(Clone, Copy)]
@@ -209,15 +209,7 @@ fn all_refused(answers: &[(&str, tonic::Status)], why: &str, leader: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_see_and_kill_only_what_is_theirs_and_every_way_in_is_checked() {
     let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path().join("tls");
-    std::fs::create_dir_all(&d).unwrap();
-    ok(&rmctl(&[
-        "tls",
-        "ca",
-        "create",
-        "--dir",
-        d.to_str().unwrap(),
-    ]));
+    let d = ca_dir(tmp.path());
     for i in 1..=3 {
         cert(&d, "rm", &format!("rm{i}"));
     }
@@ -268,16 +260,7 @@ async fn users_see_and_kill_only_what_is_theirs_and_every_way_in_is_checked() {
     // But a retry of the bootstrap itself (its answer lost) gets its token.
     let retried = cx.rmctl(As::Nobody, &["acl", "whoami"]);
     refused(&retried, &["no credentials"]);
-    let ca_only = weft_common::tls::Tls::load(
-        &weft_common::tls::TlsFiles {
-            ca_file: d.join("weft-ca.pem"),
-            cert_file: None,
-            key_file: None,
-        },
-        "tls",
-        None,
-    )
-    .unwrap();
+    let ca_only = crate::tls::ca_only(&d);
     let mut again = None;
     for m in &cluster.members {
         let ch = crate::tls::channel(&m.addr, &ca_only).await;

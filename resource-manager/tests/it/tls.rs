@@ -50,6 +50,34 @@ pub(crate) fn ok(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `<tmp>/tls` with a cluster CA made by the real `rmctl tls ca create`.
+pub(crate) fn ca_dir(tmp: &Path) -> std::path::PathBuf {
+    let d = tmp.join("tls");
+    std::fs::create_dir_all(&d).unwrap();
+    ok(&rmctl(&[
+        "tls",
+        "ca",
+        "create",
+        "--dir",
+        d.to_str().unwrap(),
+    ]));
+    d
+}
+
+/// TLS settings with the CA of `dir` alone (a client without a certificate).
+pub(crate) fn ca_only(dir: &Path) -> Tls {
+    Tls::load(
+        &TlsFiles {
+            ca_file: dir.join("weft-ca.pem"),
+            cert_file: None,
+            key_file: None,
+        },
+        "tls",
+        None,
+    )
+    .unwrap()
+}
+
 pub(crate) fn cert(dir: &Path, role: &str, name: &str) {
     ok(&rmctl(&[
         "tls",
@@ -427,15 +455,7 @@ async fn serves(addr: &str, ca: &Path, want: &[u8], within: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_reload_on_sighup_and_when_their_files_change() {
     let tmp = tempfile::tempdir().unwrap();
-    let d = tmp.path().join("tls");
-    std::fs::create_dir_all(&d).unwrap();
-    ok(&rmctl(&[
-        "tls",
-        "ca",
-        "create",
-        "--dir",
-        d.to_str().unwrap(),
-    ]));
+    let d = ca_dir(tmp.path());
     cert(&d, "rm", "rm1");
     let ca = d.join("weft-ca.pem");
     let (cert_file, key_file) = (d.join("rm-rm1.pem"), d.join("rm-rm1-key.pem"));
