@@ -120,12 +120,13 @@ pub enum Conn {
 }
 
 /// What a handler can learn of its connection (a request's extensions hold
-/// it): the peer's address and, over TLS, the client certificate chain it
-/// showed. [`crate::tls::peer`] and [`remote_addr`] read it.
+/// a copy): the peer's address and, over TLS, the identity of the client
+/// certificate it showed, read once when the connection is taken, not per
+/// request. [`crate::tls::peer`] and [`remote_addr`] read it.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote: Option<SocketAddr>,
-    pub certs: Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
+    pub peer: Option<Arc<crate::tls::PeerIdentity>>,
 }
 
 impl Connected for Conn {
@@ -135,13 +136,17 @@ impl Connected for Conn {
         match self {
             Conn::Plain(s) => ConnInfo {
                 remote: s.peer_addr().ok(),
-                certs: None,
+                peer: None,
             },
             Conn::Tls(s) => {
                 let (tcp, session) = s.get_ref();
                 ConnInfo {
                     remote: tcp.peer_addr().ok(),
-                    certs: session.peer_certificates().map(|c| Arc::new(c.to_vec())),
+                    peer: session
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| crate::tls::identity_of(c.as_ref()))
+                        .map(Arc::new),
                 }
             }
         }

@@ -510,7 +510,7 @@ pub fn spawn_reloader(every: std::time::Duration) {
 /// The identity of the client certificate a request came with, if any.
 pub fn peer<T>(req: &tonic::Request<T>) -> Option<PeerIdentity> {
     let info = req.extensions().get::<crate::net::ConnInfo>()?;
-    identity_of(info.certs.as_ref()?.first()?.as_ref())
+    info.peer.as_deref().cloned()
 }
 
 /// Whether a request may act as `role`: without TLS (a loopback or
