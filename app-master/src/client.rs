@@ -95,11 +95,19 @@ impl RmAmClient {
         mut req: pb::AllocateRequest,
     ) -> Result<pb::AllocateResponse, Status> {
         req.application_token = self.token.clone();
-        self.call(|mut c| {
-            let req = req.clone();
-            async move { c.allocate(req).await }
-        })
-        .await
+        let resp = self
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.allocate(req).await }
+            })
+            .await?;
+        // A renewed token (past half its life, or its key being replaced
+        // by a rotation): later calls carry it.
+        if !resp.application_token.is_empty() && resp.application_token != self.token {
+            tracing::debug!("application token renewed by the resource manager");
+            self.token = resp.application_token.clone();
+        }
+        Ok(resp)
     }
 
     pub async fn finish(

@@ -391,6 +391,32 @@ impl RmClient {
         .map(|_| ())
     }
 
+    /// Makes a new token signing key (admins only). The key it replaces
+    /// keeps verifying for `keep_previous` after the new one signs (None:
+    /// an hour, so that every token it signed has expired). One request id
+    /// across retries: a rotation applied whose answer was lost is not
+    /// made twice.
+    pub async fn rotate_signing_key(
+        &self,
+        keep_previous: Option<Duration>,
+    ) -> Result<pb::SigningKeysResponse, Error> {
+        let req = pb::RotateSigningKeyRequest {
+            request_id: request_id(),
+            keep_previous_seconds: keep_previous.map_or(0, |d| d.as_secs().max(1)),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.rotate_signing_key(req).await }
+        })
+        .await
+    }
+
+    /// The group's token signing keys (public halves; admins only).
+    pub async fn list_signing_keys(&self) -> Result<pb::SigningKeysResponse, Error> {
+        self.call(|mut c| async move { c.list_signing_keys(pb::ListSigningKeysRequest {}).await })
+            .await
+    }
+
     /// Who the cluster takes this client for.
     pub async fn who_am_i(&self) -> Result<pb::WhoAmIResponse, Error> {
         self.call(|mut c| async move { c.who_am_i(pb::WhoAmIRequest {}).await })

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use tracing::{info, warn};
-use weft_proto::token::{now_ms, TokenError, TokenVerifier};
+use weft_proto::token::{now_ms, KeySet, TokenError, TokenVerifier};
+use weft_proto::v1 as pb;
 
 use crate::error::{Error, Result};
 use crate::model::ContainerSpec;
@@ -23,12 +24,23 @@ pub struct Grant {
     pub queue: String,
 }
 
+/// The keys the agent checks tokens with.
+#[derive(Clone)]
+enum Keys {
+    /// None yet: the agent has not registered.
+    None,
+    /// `security.token_public_key`: this key checks every token, whatever
+    /// key id it names; keys handed out by an RM are ignored.
+    Pinned(TokenVerifier),
+    /// The RM group's keys as its last answer gave them, and the group's
+    /// identity (hex of its first key's public key).
+    Learned { set: KeySet, group: String },
+}
+
 /// What the agent checks tokens with.
 pub struct Tokens {
     node_id: String,
-    key: RwLock<Option<TokenVerifier>>,
-    /// Set from the configuration: keys handed out by an RM are ignored.
-    pinned: bool,
+    keys: RwLock<Keys>,
     /// Container id -> expiry of tokens already used (a token starts its
     /// container once).
     used: Mutex<HashMap<String, u64>>,
@@ -44,8 +56,10 @@ impl Tokens {
     pub fn new(node_id: String, configured: Option<TokenVerifier>) -> Self {
         Tokens {
             node_id,
-            pinned: configured.is_some(),
-            key: RwLock::new(configured),
+            keys: RwLock::new(match configured {
+                Some(k) => Keys::Pinned(k),
+                None => Keys::None,
+            }),
             used: Mutex::new(HashMap::new()),
             offset_ms: AtomicI64::new(0),
         }
@@ -78,39 +92,84 @@ impl Tokens {
         &self.node_id
     }
 
-    /// The public key this agent checks tokens with (empty: none yet). The
-    /// agent reports it, and the RM offers work only once it is the group's.
+    /// The newest public key this agent checks tokens with (empty: none
+    /// yet). The agent reports it, and the RM offers work only once it is
+    /// the group's newest.
     pub fn public_key(&self) -> Vec<u8> {
-        self.key
-            .read()
-            .expect("token key lock")
-            .as_ref()
-            .map(|k| k.to_bytes().to_vec())
-            .unwrap_or_default()
+        match &*self.keys.read().expect("token keys lock") {
+            Keys::None => Vec::new(),
+            Keys::Pinned(k) => k.to_bytes().to_vec(),
+            Keys::Learned { set, .. } => set
+                .newest()
+                .map(|(_, k)| k.to_bytes().to_vec())
+                .unwrap_or_default(),
+        }
     }
 
-    /// The key an RM handed out (at registration or in a heartbeat).
-    pub fn learn(&self, public_key: &[u8]) {
-        if public_key.is_empty() {
-            return;
-        }
-        let v = match TokenVerifier::from_bytes(public_key) {
-            Ok(v) => v,
-            Err(e) => {
-                warn!(error = %e, "the resource manager sent an unusable token key");
+    /// The keys an RM handed out (at registration or in a heartbeat):
+    /// `keys` and the group's identity `group`, or, from an RM that sends
+    /// no list, the one key `single` (the group's first).
+    pub fn learn(&self, keys: &[pb::TokenKey], group: &[u8], single: &[u8]) {
+        let listed: Vec<(u32, TokenVerifier)> = if keys.is_empty() {
+            if single.is_empty() {
                 return;
             }
+            match TokenVerifier::from_bytes(single) {
+                Ok(v) => vec![(0, v)],
+                Err(e) => {
+                    warn!(error = %e, "the resource manager sent an unusable token key");
+                    return;
+                }
+            }
+        } else {
+            let mut out = Vec::with_capacity(keys.len());
+            for k in keys {
+                match TokenVerifier::from_bytes(&k.public_key) {
+                    Ok(v) => out.push((k.id, v)),
+                    Err(e) => {
+                        warn!(key = k.id, error = %e, "the resource manager sent an unusable token key");
+                        return;
+                    }
+                }
+            }
+            out
         };
-        let mut key = self.key.write().expect("token key lock");
-        if key.as_ref() == Some(&v) {
-            return;
+        let group = if group.is_empty() {
+            // The group's first key names it.
+            hex::encode(
+                listed
+                    .iter()
+                    .min_by_key(|(id, _)| *id)
+                    .map(|(_, k)| k.to_bytes())
+                    .unwrap_or_default(),
+            )
+        } else {
+            hex::encode(group)
+        };
+        let set = KeySet::new(listed);
+        let mut held = self.keys.write().expect("token keys lock");
+        match &*held {
+            Keys::Pinned(pinned) => {
+                if set.newest().map(|(_, k)| k) != Some(pinned) {
+                    warn!(
+                        keys = ?set.ids(),
+                        "the resource manager's newest token key is not security.token_public_key: keeping the configured one (this node gets no new work until the configuration names the new key)"
+                    );
+                }
+                return;
+            }
+            Keys::Learned {
+                set: have,
+                group: g,
+            } if *have == set && *g == group => return,
+            _ => {}
         }
-        if self.pinned {
-            warn!("the resource manager's token key differs from security.token_public_key; keeping the configured one");
-            return;
-        }
-        info!(public_key = %hex::encode(v.to_bytes()), "container token key from the resource manager");
-        *key = Some(v);
+        info!(
+            keys = ?set.ids(),
+            newest = %set.newest().map(|(_, k)| hex::encode(k.to_bytes())).unwrap_or_default(),
+            "token keys from the resource manager"
+        );
+        *held = Keys::Learned { set, group };
     }
 
     /// Checks `token` for `spec`; returns what it granted: its expiry (for
@@ -119,19 +178,31 @@ impl Tokens {
     /// application it was granted to.
     pub fn check(&self, token: &[u8], spec: &ContainerSpec, ports: &[u32]) -> Result<Grant> {
         let deny = |m: String| Err(Error::PermissionDenied(m));
-        let Some(key) = self.key.read().expect("token key lock").clone() else {
-            // Transient: the caller tries again later or elsewhere.
-            return Err(Error::NotReady(
-                "this agent has no resource-manager key yet (set security.token_public_key, or wait until it has registered)".into(),
-            ));
-        };
         let now = self.leader_now_ms();
-        let body = match key.verify_container(token, now) {
+        let held = self.keys.read().expect("token keys lock").clone();
+        let (checked, group) = match &held {
+            // Transient: the caller tries again later or elsewhere.
+            Keys::None => return Err(Error::NotReady(
+                "this agent has no resource-manager key yet (set security.token_public_key, or wait until it has registered)".into(),
+            )),
+            Keys::Pinned(k) => (k.verify_container(token, now), hex::encode(k.to_bytes())),
+            Keys::Learned { set, group } => {
+                (set.verify_container(token, now).map(|(_, b)| b), group.clone())
+            }
+        };
+        let body = match checked {
             Ok(b) => b,
             Err(e @ TokenError::Missing) => {
                 return deny(format!(
                     "{e}: a container starts only with a token the resource manager signed"
                 ))
+            }
+            // A key newer than this agent's (a rotation whose key has not
+            // reached it yet): transient, like no key at all.
+            Err(e @ TokenError::UnknownKey(id))
+                if held_newest(&held).is_some_and(|newest| id > newest) =>
+            {
+                return Err(Error::NotReady(e.to_string()))
             }
             Err(e) => return deny(e.to_string()),
         };
@@ -195,7 +266,7 @@ impl Tokens {
         }
         Ok(Grant {
             expires_at_ms: body.expires_at_ms,
-            group_key: hex::encode(key.to_bytes()),
+            group_key: group,
             application_id: body.application_id,
             user: body.user,
             queue: body.queue,
@@ -205,10 +276,13 @@ impl Tokens {
     /// Whether `token` is an application token this agent's RM group signed
     /// for `application_id` (a master asking after its own containers).
     pub fn owns(&self, token: &[u8], application_id: &str) -> std::result::Result<(), String> {
-        let Some(key) = self.key.read().expect("token key lock").clone() else {
-            return Err("this agent has no resource-manager key yet".into());
+        let now = self.leader_now_ms();
+        let checked = match &*self.keys.read().expect("token keys lock") {
+            Keys::None => return Err("this agent has no resource-manager key yet".into()),
+            Keys::Pinned(k) => k.verify_application(token, now),
+            Keys::Learned { set, .. } => set.verify_application(token, now).map(|(_, b)| b),
         };
-        match key.verify_application(token) {
+        match checked {
             Ok(body) if body.application_id == application_id && !application_id.is_empty() => {
                 Ok(())
             }
@@ -243,6 +317,14 @@ impl Tokens {
             .lock()
             .expect("used tokens lock")
             .remove(&format!("{key}/{id}"));
+    }
+}
+
+/// The newest key id held (None: no key, or a pinned key of no id).
+fn held_newest(k: &Keys) -> Option<u32> {
+    match k {
+        Keys::Learned { set, .. } => set.newest().map(|(id, _)| id),
+        _ => None,
     }
 }
 
@@ -296,6 +378,7 @@ mod tests {
                 application_id: id.into(),
                 attempt: 1,
                 issued_at_ms: now_ms(),
+                expires_at_ms: now_ms() + 60_000,
             })
         };
         t.owns(&app("app-000001", &rm), "app-000001").unwrap();
@@ -416,7 +499,7 @@ mod tests {
         let other = TokenSigner::generate();
         let later = now_ms() + 60_000;
         let pinned = Tokens::new("n1".into(), Some(rm.verifier()));
-        pinned.learn(&other.public_key());
+        pinned.learn(&[], &[], &other.public_key());
         pinned
             .check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500), &[])
             .unwrap();
@@ -429,10 +512,69 @@ mod tests {
             }
             other => panic!("not a transient refusal: {other:?}"),
         }
-        learning.learn(&rm.public_key());
+        learning.learn(&[], &[], &rm.public_key());
         assert_eq!(learning.public_key(), rm.public_key());
         learning
             .check(&token(&rm, "c", "n1", 1, later), &spec("c", 1, 500), &[])
             .unwrap();
+    }
+
+    #[test]
+    fn rotated_keys_check_their_own_tokens_and_the_group_stays_one() {
+        let first = TokenSigner::generate();
+        let second = TokenSigner::generate().with_id(1);
+        let third = TokenSigner::generate().with_id(2);
+        let later = now_ms() + 60_000;
+        let listed = |ks: &[&TokenSigner]| -> Vec<pb::TokenKey> {
+            ks.iter()
+                .map(|k| pb::TokenKey {
+                    id: k.id(),
+                    public_key: k.public_key().to_vec(),
+                })
+                .collect()
+        };
+        let group = first.public_key();
+        let t = Tokens::new("n1".into(), None);
+        t.learn(&listed(&[&first, &second]), &group, &second.public_key());
+        assert_eq!(t.public_key(), second.public_key(), "reports the newest");
+        let s = spec("c", 1, 500);
+        let g1 = t
+            .check(&token(&first, "c", "n1", 1, later), &s, &[])
+            .unwrap();
+        let g2 = t
+            .check(&token(&second, "c", "n1", 1, later), &s, &[])
+            .unwrap();
+        assert_eq!(g1.group_key, hex::encode(group));
+        assert_eq!(g2.group_key, g1.group_key, "one group whichever key signed");
+        // A key newer than those held: transient (the agent learns it at
+        // its next heartbeat).
+        match t.check(&token(&third, "c", "n1", 1, later), &s, &[]) {
+            Err(e @ Error::NotReady(_)) => assert!(e.to_string().contains("key 2"), "{e}"),
+            other => panic!("not a transient refusal: {other:?}"),
+        }
+        // The first key dropped: its tokens are refused for good.
+        t.learn(&listed(&[&second, &third]), &group, &third.public_key());
+        let m = denied(t.check(&token(&first, "c", "n1", 1, later), &s, &[]));
+        assert!(m.contains("key 0"), "{m}");
+        let g3 = t
+            .check(&token(&third, "c", "n1", 1, later), &s, &[])
+            .unwrap();
+        assert_eq!(g3.group_key, hex::encode(group));
+        // A forged token naming a held key's id.
+        let forged = TokenSigner::generate().with_id(2);
+        assert!(
+            denied(t.check(&token(&forged, "c", "n1", 1, later), &s, &[])).contains("signature")
+        );
+        // A pinned agent keeps its key whatever the RM hands out.
+        let pinned = Tokens::new("n1".into(), Some(first.verifier()));
+        pinned.learn(&listed(&[&second]), &group, &second.public_key());
+        assert_eq!(pinned.public_key(), first.public_key());
+        pinned
+            .check(&token(&first, "c", "n1", 1, later), &s, &[])
+            .unwrap();
+        assert!(
+            denied(pinned.check(&token(&second, "c", "n1", 1, later), &s, &[]))
+                .contains("signature")
+        );
     }
 }

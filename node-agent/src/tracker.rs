@@ -88,7 +88,8 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
         info!(rm = %addr, node_id = %node.node_id, "registered with the resource manager");
         mgr.lease().set_expiry(resp.node_expiry_ms);
         mgr.lease().renew(sent);
-        mgr.tokens().learn(&resp.token_public_key);
+        mgr.tokens()
+            .learn(&resp.token_keys, &resp.token_group, &resp.token_public_key);
         mgr.tokens().observe_leader_clock(resp.leader_clock_ms);
         if resp.heartbeat_interval_ms > 0 {
             interval = Duration::from_millis(resp.heartbeat_interval_ms);
@@ -140,7 +141,8 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
                     if !r.reregister {
                         mgr.lease().renew(sent);
                     }
-                    mgr.tokens().learn(&r.token_public_key);
+                    mgr.tokens()
+                        .learn(&r.token_keys, &r.token_group, &r.token_public_key);
                     mgr.tokens().observe_leader_clock(r.leader_clock_ms);
                     acknowledged.extend(r.containers_acknowledged.iter().cloned());
                     for id in &r.containers_to_stop {

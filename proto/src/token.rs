@@ -4,7 +4,9 @@
 //! resources) until it expires; an application token lets one attempt of one
 //! application master speak for its application. Both are ed25519 signatures
 //! by a key the RM group keeps in its replicated state; agents learn the
-//! public key when they register (or from their configuration).
+//! public keys when they register and in every heartbeat answer (or pin one
+//! in their configuration). The key rotates: a token names the id of the key
+//! that signed it, and a [`KeySet`] holds every key that may have.
 
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
 use prost::Message;
@@ -34,6 +36,8 @@ pub enum TokenError {
     },
     #[error("no signing key is known yet")]
     NoKey,
+    #[error("the token was signed by key {0}, which is not known here (dropped after a rotation, or not learned yet)")]
+    UnknownKey(u32),
 }
 
 fn message(tag: &[u8], body: &[u8]) -> Vec<u8> {
@@ -43,15 +47,17 @@ fn message(tag: &[u8], body: &[u8]) -> Vec<u8> {
     m
 }
 
-/// The RM's signing key.
+/// The RM's signing key and its id (which tokens carry).
 #[derive(Clone)]
 pub struct TokenSigner {
     key: SigningKey,
+    id: u32,
 }
 
 impl std::fmt::Debug for TokenSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenSigner")
+            .field("id", &self.id)
             .field("public_key", &hex::encode(self.public_key()))
             .finish()
     }
@@ -65,10 +71,22 @@ impl TokenSigner {
         Self::from_seed(seed)
     }
 
+    /// Key id 0 (the group's first key); see [`TokenSigner::with_id`].
     pub fn from_seed(seed: [u8; 32]) -> Self {
         TokenSigner {
             key: SigningKey::from_bytes(&seed),
+            id: 0,
         }
+    }
+
+    /// The same key under id `id` (the one its tokens name).
+    pub fn with_id(mut self, id: u32) -> Self {
+        self.id = id;
+        self
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
     }
 
     /// From the hex form [`TokenSigner::seed_hex`] gives.
@@ -96,7 +114,12 @@ impl TokenSigner {
 
     fn sign(&self, tag: &[u8], body: Vec<u8>) -> Vec<u8> {
         let signature = self.key.sign(&message(tag, &body)).to_bytes().to_vec();
-        SignedToken { body, signature }.encode_to_vec()
+        SignedToken {
+            body,
+            signature,
+            key_id: self.id,
+        }
+        .encode_to_vec()
     }
 
     pub fn sign_container(&self, body: &ContainerTokenBody) -> Vec<u8> {
@@ -107,9 +130,107 @@ impl TokenSigner {
         self.sign(APPLICATION_TAG, body.encode_to_vec())
     }
 
-    /// Checks an application token's signature and returns what it grants.
-    pub fn verify_application(&self, token: &[u8]) -> Result<ApplicationTokenBody, TokenError> {
-        self.verifier().verify_application(token)
+    /// Checks an application token's signature (by this key, whatever id
+    /// it names) and expiry, and returns what it grants.
+    pub fn verify_application(
+        &self,
+        token: &[u8],
+        now_ms: u64,
+    ) -> Result<ApplicationTokenBody, TokenError> {
+        self.verifier().verify_application(token, now_ms)
+    }
+}
+
+/// Decodes the envelope of a token.
+fn decode(token: &[u8]) -> Result<SignedToken, TokenError> {
+    if token.is_empty() {
+        return Err(TokenError::Missing);
+    }
+    SignedToken::decode(token).map_err(|e| TokenError::Malformed(e.to_string()))
+}
+
+fn container_body(body: Vec<u8>, now_ms: u64) -> Result<ContainerTokenBody, TokenError> {
+    let body = ContainerTokenBody::decode(body.as_slice())
+        .map_err(|e| TokenError::Malformed(e.to_string()))?;
+    // A container token always expires (0 is long past).
+    if body.expires_at_ms <= now_ms {
+        return Err(TokenError::Expired(now_ms - body.expires_at_ms));
+    }
+    Ok(body)
+}
+
+fn application_body(body: Vec<u8>, now_ms: u64) -> Result<ApplicationTokenBody, TokenError> {
+    let body = ApplicationTokenBody::decode(body.as_slice())
+        .map_err(|e| TokenError::Malformed(e.to_string()))?;
+    // 0: a token made before application tokens expired.
+    if body.expires_at_ms != 0 && body.expires_at_ms <= now_ms {
+        return Err(TokenError::Expired(now_ms - body.expires_at_ms));
+    }
+    Ok(body)
+}
+
+/// Every key tokens may be signed with, by id: what an agent checks
+/// container tokens with and the RM application tokens. A token is checked
+/// by the key its `key_id` names only.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeySet {
+    keys: Vec<(u32, TokenVerifier)>,
+}
+
+impl KeySet {
+    pub fn new(mut keys: Vec<(u32, TokenVerifier)>) -> Self {
+        keys.sort_by_key(|(id, _)| *id);
+        keys.dedup_by_key(|(id, _)| *id);
+        KeySet { keys }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn ids(&self) -> Vec<u32> {
+        self.keys.iter().map(|(id, _)| *id).collect()
+    }
+
+    pub fn get(&self, id: u32) -> Option<&TokenVerifier> {
+        self.keys.iter().find(|(i, _)| *i == id).map(|(_, k)| k)
+    }
+
+    /// The key of the highest id (the newest).
+    pub fn newest(&self) -> Option<(u32, &TokenVerifier)> {
+        self.keys.last().map(|(id, k)| (*id, k))
+    }
+
+    fn open(&self, tag: &[u8], token: &[u8]) -> Result<(u32, Vec<u8>), TokenError> {
+        let t = decode(token)?;
+        let key = self.get(t.key_id).ok_or(if self.keys.is_empty() {
+            TokenError::NoKey
+        } else {
+            TokenError::UnknownKey(t.key_id)
+        })?;
+        Ok((t.key_id, key.check(tag, t)?))
+    }
+
+    /// Checks a container token's signature and expiry (against `now_ms`);
+    /// returns the id of the key that signed it and what it grants.
+    pub fn verify_container(
+        &self,
+        token: &[u8],
+        now_ms: u64,
+    ) -> Result<(u32, ContainerTokenBody), TokenError> {
+        let (id, body) = self.open(CONTAINER_TAG, token)?;
+        Ok((id, container_body(body, now_ms)?))
+    }
+
+    /// Checks an application token's signature and expiry; returns the id
+    /// of the key that signed it and what it grants.
+    pub fn verify_application(
+        &self,
+        token: &[u8],
+        now_ms: u64,
+    ) -> Result<(u32, ApplicationTokenBody), TokenError> {
+        let (id, body) = self.open(APPLICATION_TAG, token)?;
+        Ok((id, application_body(body, now_ms)?))
     }
 }
 
@@ -137,11 +258,7 @@ impl TokenVerifier {
         self.key.to_bytes()
     }
 
-    fn open(&self, tag: &[u8], token: &[u8]) -> Result<Vec<u8>, TokenError> {
-        if token.is_empty() {
-            return Err(TokenError::Missing);
-        }
-        let t = SignedToken::decode(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+    fn check(&self, tag: &[u8], t: SignedToken) -> Result<Vec<u8>, TokenError> {
         let sig = ed25519_dalek::Signature::from_slice(&t.signature)
             .map_err(|_| TokenError::Malformed("a signature is 64 bytes".into()))?;
         self.key
@@ -150,28 +267,26 @@ impl TokenVerifier {
         Ok(t.body)
     }
 
-    /// Checks an application token's signature and returns what it grants
-    /// (an agent checking a master asking after its own containers).
-    pub fn verify_application(&self, token: &[u8]) -> Result<ApplicationTokenBody, TokenError> {
-        let body = self.open(APPLICATION_TAG, token)?;
-        ApplicationTokenBody::decode(body.as_slice())
-            .map_err(|e| TokenError::Malformed(e.to_string()))
+    /// Checks an application token's signature by this one key (whatever
+    /// key id the token names: a key pinned in a configuration) and its
+    /// expiry, and returns what it grants.
+    pub fn verify_application(
+        &self,
+        token: &[u8],
+        now_ms: u64,
+    ) -> Result<ApplicationTokenBody, TokenError> {
+        application_body(self.check(APPLICATION_TAG, decode(token)?)?, now_ms)
     }
 
-    /// Checks a container token's signature and expiry (against `now_ms`)
-    /// and returns what it grants.
+    /// Checks a container token's signature by this one key (whatever key
+    /// id it names) and its expiry (against `now_ms`), and returns what it
+    /// grants.
     pub fn verify_container(
         &self,
         token: &[u8],
         now_ms: u64,
     ) -> Result<ContainerTokenBody, TokenError> {
-        let body = self.open(CONTAINER_TAG, token)?;
-        let body = ContainerTokenBody::decode(body.as_slice())
-            .map_err(|e| TokenError::Malformed(e.to_string()))?;
-        if body.expires_at_ms <= now_ms {
-            return Err(TokenError::Expired(now_ms - body.expires_at_ms));
-        }
-        Ok(body)
+        container_body(self.check(CONTAINER_TAG, decode(token)?)?, now_ms)
     }
 }
 
@@ -231,6 +346,7 @@ mod tests {
             application_id: "app-000001".into(),
             attempt: 1,
             issued_at_ms: 0,
+            expires_at_ms: 0,
         });
         assert_eq!(
             s.verifier().verify_container(&app, 0),
@@ -244,7 +360,52 @@ mod tests {
             s.verifier().verify_container(b"garbage", 0),
             Err(TokenError::Malformed(_))
         ));
-        assert_eq!(s.verify_application(&app).unwrap().attempt, 1);
+        assert_eq!(s.verify_application(&app, 0).unwrap().attempt, 1);
+    }
+
+    #[test]
+    fn a_key_set_checks_each_token_by_the_key_it_names() {
+        let old = TokenSigner::generate();
+        let new = TokenSigner::generate().with_id(1);
+        let both = KeySet::new(vec![(1, new.verifier()), (0, old.verifier())]);
+        assert_eq!(both.ids(), vec![0, 1]);
+        assert_eq!(both.newest().unwrap().0, 1);
+        let app = |s: &TokenSigner, expires_at_ms| {
+            s.sign_application(&ApplicationTokenBody {
+                application_id: "app-000001".into(),
+                attempt: 2,
+                issued_at_ms: 0,
+                expires_at_ms,
+            })
+        };
+        // Each key's tokens verify, and say which key signed them.
+        assert_eq!(both.verify_application(&app(&old, 0), 5).unwrap().0, 0);
+        assert_eq!(both.verify_application(&app(&new, 10), 5).unwrap().0, 1);
+        let (id, c) = both
+            .verify_container(&new.sign_container(&body()), 1_000)
+            .unwrap();
+        assert_eq!((id, c), (1, body()));
+        // An application token past its expiry is refused.
+        assert_eq!(
+            both.verify_application(&app(&new, 10), 25),
+            Err(TokenError::Expired(15))
+        );
+        // Once the old key is dropped, its tokens are refused by id.
+        let only_new = KeySet::new(vec![(1, new.verifier())]);
+        assert_eq!(
+            only_new.verify_application(&app(&old, 0), 5),
+            Err(TokenError::UnknownKey(0))
+        );
+        // A token naming the new key's id but signed by the old key.
+        let forged = old.clone().with_id(1);
+        assert_eq!(
+            both.verify_application(&app(&forged, 0), 5),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            KeySet::default().verify_application(&app(&old, 0), 5),
+            Err(TokenError::NoKey)
+        );
     }
 
     #[test]

@@ -76,11 +76,47 @@ pub fn container_token(signer: &TokenSigner, a: &Allocation, owner: &Owner) -> V
     })
 }
 
+/// How long an application token lets its master speak for its
+/// application. A master's token is renewed in Allocate answers once past
+/// half of that (or signed by a key being replaced), so a live master never
+/// holds an expired one; a key replaced by a rotation verifies this long by
+/// default, so that every token it signed has expired when it is dropped.
+pub const APPLICATION_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
 /// An application token for `attempt` of `app`.
 pub fn application_token(signer: &TokenSigner, app: &str, attempt: u32) -> Vec<u8> {
+    let now = token_clock_ms();
     signer.sign_application(&pb::ApplicationTokenBody {
         application_id: app.to_string(),
         attempt,
-        issued_at_ms: token_clock_ms(),
+        issued_at_ms: now,
+        expires_at_ms: now + APPLICATION_TOKEN_LIFETIME.as_millis() as u64,
     })
+}
+
+/// Whether an application token signed by key `key_id` that expires at
+/// `expires_at_ms` (0: never) is due for a new one at `now_ms`, when
+/// `signing` is the key that signs now.
+pub fn renewal_due(key_id: u32, expires_at_ms: u64, signing: u32, now_ms: u64) -> bool {
+    key_id != signing
+        || expires_at_ms == 0
+        || expires_at_ms < now_ms + APPLICATION_TOKEN_LIFETIME.as_millis() as u64 / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_master_token_is_renewed_past_half_its_life_or_when_its_key_is_replaced() {
+        let life = APPLICATION_TOKEN_LIFETIME.as_millis() as u64;
+        assert!(!renewal_due(3, 10_000 + life, 3, 10_000));
+        assert!(!renewal_due(3, 10_000 + life, 3, 10_000 + life / 2 - 1));
+        assert!(renewal_due(3, 10_000 + life, 3, 10_001 + life / 2));
+        assert!(
+            renewal_due(2, 10_000 + life, 3, 10_000),
+            "signed by the key replaced"
+        );
+        assert!(renewal_due(3, 0, 3, 10_000), "a token that never expires");
+    }
 }

@@ -289,6 +289,19 @@ enum AclCmd {
         #[command(subcommand)]
         cmd: AclTokenCmd,
     },
+    /// Makes a new key for the tokens the cluster signs (container and
+    /// application tokens; admins only). Agents get it before it signs; the
+    /// key it replaces keeps verifying for --keep-previous, then is dropped.
+    RotateSigningKey {
+        /// How long the replaced key keeps verifying (10s to 30d; default
+        /// 1h, the life of an application token). Shorter cuts off the
+        /// tokens it signed sooner: for a key that leaked.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        keep_previous: Option<std::time::Duration>,
+    },
+    /// The token signing keys: which signs, which are being replaced and
+    /// when they are dropped (admins only).
+    SigningKeys,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1186,7 +1199,69 @@ secret   {}
             rm.revoke_acl_token(&accessor).await?;
             format!("token {accessor} revoked")
         }
+        AclCmd::RotateSigningKey { keep_previous } => {
+            signing_keys(rm.rotate_signing_key(keep_previous).await?, json_out)
+        }
+        AclCmd::SigningKeys => signing_keys(rm.list_signing_keys().await?, json_out),
     })
+}
+
+/// `rmctl acl signing-keys` (and what a rotation answers).
+fn signing_keys(r: pb::SigningKeysResponse, json_out: bool) -> String {
+    if json_out {
+        return json!({
+            "group": r.group,
+            "keys": r.keys.iter().map(|k| json!({
+                "id": k.id,
+                "public_key": k.public_key,
+                "signing": k.signing,
+                "created_at_ms": k.created_at_ms,
+                "signs_from_ms": k.signs_from_ms,
+                "replaced_at_ms": k.replaced_at_ms,
+                "dropped_at_ms": k.dropped_at_ms,
+            })).collect::<Vec<_>>(),
+        })
+        .to_string();
+    }
+    let at = |ms: u64| {
+        if ms == 0 {
+            "-".to_string()
+        } else {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+            )
+            .to_string()
+        }
+    };
+    let now = weft_proto::token::now_ms();
+    let rows = r
+        .keys
+        .iter()
+        .map(|k| {
+            let state = if k.signing {
+                "signing"
+            } else if k.signs_from_ms > now {
+                "next (handed to agents)"
+            } else {
+                "replaced (verifies)"
+            };
+            vec![
+                k.id.to_string(),
+                state.to_string(),
+                at(k.signs_from_ms),
+                at(k.dropped_at_ms),
+                k.public_key.clone(),
+            ]
+        })
+        .collect();
+    format!(
+        "{}\ngroup {}",
+        table(
+            &["ID", "STATE", "SIGNS FROM", "DROPPED AT", "PUBLIC KEY"],
+            rows
+        ),
+        r.group
+    )
 }
 
 /// Whether an error is stdout's reader having gone away (`rmctl ... | head`).

@@ -39,6 +39,8 @@ impl ResourceTracker for FakeRm {
             token_public_key: test_signer().public_key().to_vec(),
             node_expiry_ms: self.expiry_ms,
             leader_clock_ms: weft_proto::token::now_ms(),
+            // An RM that sends no key list: the one key is the group's.
+            ..Default::default()
         }))
     }
 

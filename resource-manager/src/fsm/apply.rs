@@ -446,9 +446,61 @@ impl ClusterState {
                 Outcome::Done
             }
             Command::SetTokenKey { seed_hex } => {
-                if self.token_key.is_none() {
-                    self.token_key = Some(seed_hex.clone());
+                if self.token_keys.is_empty() {
+                    if let Err(e) = self.set_first_token_key(seed_hex) {
+                        return Outcome::Rejected(e);
+                    }
                 }
+                Outcome::Done
+            }
+            Command::RotateTokenKey {
+                seed_hex,
+                request_id,
+                at_ms,
+                signs_from_ms,
+                keep_previous_ms,
+            } => {
+                if !request_id.is_empty()
+                    && self.token_keys.iter().any(|k| k.request_id == *request_id)
+                {
+                    return Outcome::Done;
+                }
+                let Some(last) = self.token_keys.last() else {
+                    return Outcome::Rejected("the group has no token key yet: it makes one when its first leader is elected".into());
+                };
+                if last.signs_from_ms > *at_ms {
+                    return Outcome::Rejected(format!(
+                        "key {} was made by a rotation and signs only from {} (Unix ms): rotate again after that",
+                        last.id, last.signs_from_ms
+                    ));
+                }
+                if self.token_keys.len() >= MAX_TOKEN_KEYS {
+                    return Outcome::Rejected(format!(
+                        "{MAX_TOKEN_KEYS} token keys are held: rotate again once replaced keys are dropped (rmctl acl signing-keys lists when)"
+                    ));
+                }
+                if weft_proto::token::TokenSigner::from_seed_hex(seed_hex).is_err() {
+                    return Outcome::Rejected("seed_hex: not a 32-byte key seed in hex".into());
+                }
+                let id = last.id + 1;
+                let drop_at = signs_from_ms.saturating_add(*keep_previous_ms);
+                let last = self.token_keys.last_mut().expect("checked above");
+                last.drop_at_ms = drop_at;
+                self.token_keys.push(TokenKey {
+                    id,
+                    seed_hex: seed_hex.clone(),
+                    created_at_ms: *at_ms,
+                    signs_from_ms: *signs_from_ms,
+                    drop_at_ms: 0,
+                    request_id: request_id.clone(),
+                });
+                Outcome::Done
+            }
+            Command::DropTokenKeys { before_ms } => {
+                let newest = self.token_keys.last().map(|k| k.id);
+                self.token_keys.retain(|k| {
+                    Some(k.id) == newest || k.drop_at_ms == 0 || k.drop_at_ms > *before_ms
+                });
                 Outcome::Done
             }
             Command::AclBootstrap { token } => {

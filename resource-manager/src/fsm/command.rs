@@ -117,9 +117,25 @@ pub enum Command {
         finished_before_ms: u64,
         keep: u64,
     },
-    /// The key the RM group signs tokens with (the first one proposed wins).
+    /// The group's first token key (the first one proposed wins).
     SetTokenKey {
         seed_hex: String,
+    },
+    /// A new token key (`rmctl acl rotate-signing-key`): it signs from
+    /// `signs_from_ms` (agents learn it first); the key signing now is
+    /// dropped `keep_previous_ms` after that. Refused while an earlier
+    /// rotation's key does not sign yet, or when [`MAX_TOKEN_KEYS`] are
+    /// held; a retry of the same `request_id` changes nothing.
+    RotateTokenKey {
+        seed_hex: String,
+        request_id: String,
+        at_ms: u64,
+        signs_from_ms: u64,
+        keep_previous_ms: u64,
+    },
+    /// Drops the replaced token keys whose drop time is before this.
+    DropTokenKeys {
+        before_ms: u64,
     },
     ApplicationFinished {
         app_id: String,

@@ -132,6 +132,29 @@ pub struct AclToken {
     pub expires_at_ms: u64,
 }
 
+/// A key the group signs tokens with (see [`ClusterState::token_keys`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenKey {
+    /// Named by the tokens it signs; the group's first key is 0.
+    pub id: u32,
+    /// The ed25519 seed, hex: a secret only the members hold.
+    pub seed_hex: String,
+    pub created_at_ms: u64,
+    /// From when it signs: a rotation hands the new key to the agents
+    /// first, and its predecessor signs until then.
+    pub signs_from_ms: u64,
+    /// When it stops verifying and leaves the state (0: not planned; set
+    /// when a newer key is made, to when every token it signed has expired
+    /// unless the rotation said sooner).
+    pub drop_at_ms: u64,
+    /// The rotation request that made it: a retry of it changes nothing.
+    pub request_id: String,
+}
+
+/// The most keys the state holds at once (a rotation past it waits until
+/// replaced keys are dropped).
+pub const MAX_TOKEN_KEYS: usize = 16;
+
 /// A queue's configuration (the scheduler reads it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueSpec {
@@ -356,10 +379,19 @@ pub struct ClusterState {
     pub containers: imbl::OrdMap<Id, Container>,
     #[serde(default)]
     pub queues: BTreeMap<String, QueueSpec>,
-    /// Seed (hex) of the ed25519 key tokens are signed with; set once by the
-    /// first leader.
+    /// The keys tokens are signed with, by ascending id: the first made by
+    /// the first leader, the others by rotations. The newest whose
+    /// `signs_from_ms` has come signs; every one held verifies.
     #[serde(default)]
-    pub token_key: Option<String>,
+    pub token_keys: Vec<TokenKey>,
+    /// The group's identity to agents: the public key (hex) of its first
+    /// token key, kept when keys rotate and that key is dropped.
+    #[serde(default)]
+    pub token_group: String,
+    /// States stored before keys rotated held one seed here: read into
+    /// `token_keys` as key 0 when such a state is read.
+    #[serde(default, rename = "token_key", skip_serializing)]
+    pub legacy_token_key: Option<String>,
     /// Users' bearer tokens by accessor id (the first 16 hex digits of the
     /// secret's SHA-256); the secrets themselves are never stored.
     #[serde(default)]
@@ -494,6 +526,33 @@ impl ClusterState {
             .as_ref()
             .and_then(|c| self.containers.get(c.as_str()))
             .filter(|c| c.phase == ContainerPhase::Completed)
+    }
+
+    /// The token key that signs at `now_ms`: the newest whose time has
+    /// come (the first key if, by a clock far behind, none has).
+    pub fn signing_key(&self, now_ms: u64) -> Option<&TokenKey> {
+        self.token_keys
+            .iter()
+            .rev()
+            .find(|k| k.signs_from_ms <= now_ms)
+            .or_else(|| self.token_keys.first())
+    }
+
+    /// Makes `seed_hex` the group's first token key (id 0) and the group's
+    /// identity its public key.
+    pub fn set_first_token_key(&mut self, seed_hex: &str) -> Result<(), String> {
+        let signer = weft_proto::token::TokenSigner::from_seed_hex(seed_hex)
+            .map_err(|e| format!("seed_hex: {e}"))?;
+        self.token_group = hex::encode(signer.public_key());
+        self.token_keys = vec![TokenKey {
+            id: 0,
+            seed_hex: seed_hex.to_string(),
+            created_at_ms: 0,
+            signs_from_ms: 0,
+            drop_at_ms: 0,
+            request_id: String::new(),
+        }];
+        Ok(())
     }
 
     /// The containers of `app_id`, granted under any attempt.

@@ -16,7 +16,9 @@ impl ClusterState {
             members: self.members.clone(),
             containers: self.containers.clone(),
             queues: self.queues.clone(),
-            token_key: self.token_key.clone(),
+            token_keys: self.token_keys.clone(),
+            token_group: self.token_group.clone(),
+            legacy_token_key: None,
             acl_tokens: self.acl_tokens.clone(),
             acl_bootstrapped: self.acl_bootstrapped,
             // Every field named (no `..`): a field added to the state is a
@@ -35,6 +37,9 @@ impl ClusterState {
 
     pub fn from_snapshot(bytes: &[u8]) -> Result<Self, String> {
         let mut s: ClusterState = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if let Some(seed) = s.legacy_token_key.take() {
+            s.set_first_token_key(&seed)?;
+        }
         s.rebuild_derived();
         Ok(s)
     }

@@ -800,13 +800,98 @@ fn progress_is_kept_for_the_live_attempt_and_the_token_key_is_set_once() {
     assert_eq!(s.apply(&report(2)), Outcome::Done);
     assert_eq!(s.apps[id].stages, stages);
 
+    let (a, b) = ("aa".repeat(32), "bb".repeat(32));
+    assert!(matches!(
+        s.apply(&Command::SetTokenKey {
+            seed_hex: "aa".into(),
+        }),
+        Outcome::Rejected(_)
+    ));
     s.apply(&Command::SetTokenKey {
-        seed_hex: "aa".into(),
+        seed_hex: a.clone(),
     });
+    s.apply(&Command::SetTokenKey { seed_hex: b });
+    assert_eq!(s.token_keys.len(), 1);
+    assert_eq!(s.token_keys[0].seed_hex, a, "the first key wins");
+}
+
+#[test]
+fn token_keys_rotate_sign_from_their_time_and_are_dropped_after_their_overlap() {
+    let mut s = ClusterState::default();
+    let seed = |c: &str| c.repeat(32);
+    let rotate = |seed_hex: String, request: &str, at_ms: u64| Command::RotateTokenKey {
+        seed_hex,
+        request_id: request.into(),
+        at_ms,
+        signs_from_ms: at_ms + 10,
+        keep_previous_ms: 100,
+    };
+    assert!(
+        matches!(
+            s.apply(&rotate(seed("11"), "r1", 1_000)),
+            Outcome::Rejected(_)
+        ),
+        "no key to rotate yet"
+    );
     s.apply(&Command::SetTokenKey {
-        seed_hex: "bb".into(),
+        seed_hex: seed("00"),
     });
-    assert_eq!(s.token_key.as_deref(), Some("aa"), "the first key wins");
+    let group = s.token_group.clone();
+    assert_eq!(group.len(), 64);
+    assert_eq!(s.apply(&rotate(seed("11"), "r1", 1_000)), Outcome::Done);
+    // A retry of the same rotation changes nothing.
+    assert_eq!(s.apply(&rotate(seed("22"), "r1", 1_001)), Outcome::Done);
+    assert_eq!(s.token_keys.len(), 2);
+    // The new key is handed out before it signs.
+    assert_eq!(s.signing_key(1_005).unwrap().id, 0);
+    assert_eq!(s.signing_key(1_010).unwrap().id, 1);
+    assert_eq!(s.token_keys[0].drop_at_ms, 1_110);
+    assert_eq!(s.token_keys[1].drop_at_ms, 0);
+    // Another rotation while key 1 does not sign yet is refused.
+    assert!(matches!(
+        s.apply(&rotate(seed("22"), "r2", 1_005)),
+        Outcome::Rejected(_)
+    ));
+    // A bad seed is refused.
+    assert!(matches!(
+        s.apply(&rotate("zz".into(), "r2", 1_020)),
+        Outcome::Rejected(_)
+    ));
+    // Drops only what is due, never the newest.
+    s.apply(&Command::DropTokenKeys { before_ms: 1_100 });
+    assert_eq!(s.token_keys.len(), 2);
+    s.apply(&Command::DropTokenKeys { before_ms: 1_110 });
+    assert_eq!(
+        s.token_keys.iter().map(|k| k.id).collect::<Vec<_>>(),
+        vec![1]
+    );
+    s.apply(&Command::DropTokenKeys {
+        before_ms: u64::MAX,
+    });
+    assert_eq!(s.token_keys.len(), 1);
+    // The group keeps its identity.
+    assert_eq!(s.token_group, group);
+    // At most MAX_TOKEN_KEYS at once.
+    for i in 0..MAX_TOKEN_KEYS as u64 {
+        let r = s.apply(&rotate(seed("33"), &format!("m{i}"), 2_000 + 20 * i));
+        assert_eq!(
+            r == Outcome::Done,
+            (i as usize) < MAX_TOKEN_KEYS - 1,
+            "rotation {i}: {r:?}"
+        );
+    }
+    // Through a snapshot, and from a state stored before keys rotated.
+    let again = ClusterState::from_snapshot(&s.to_snapshot()).unwrap();
+    assert_eq!(again.token_keys, s.token_keys);
+    let mut old: serde_json::Value =
+        serde_json::from_slice(&ClusterState::default().to_snapshot()).unwrap();
+    old["token_key"] = serde_json::Value::String(seed("00"));
+    let old = ClusterState::from_snapshot(&serde_json::to_vec(&old).unwrap()).unwrap();
+    assert_eq!(old.token_keys.len(), 1);
+    assert_eq!(old.token_group, group);
+    assert!(!String::from_utf8(old.to_snapshot())
+        .unwrap()
+        .contains("\"token_key\""));
 }
 
 #[test]

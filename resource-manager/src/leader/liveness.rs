@@ -141,6 +141,35 @@ impl RmService {
         }
     }
 
+    /// Leader-only: drops the token keys replaced by a rotation once their
+    /// time is up (every token they signed has expired by then, unless the
+    /// rotation asked for less).
+    async fn drop_token_keys(&self) {
+        let now = self.clock.wall_ms();
+        let due: Vec<u32> = {
+            let st = self.raft.state();
+            let newest = st.token_keys.last().map(|k| k.id);
+            st.token_keys
+                .iter()
+                .filter(|k| Some(k.id) != newest && k.drop_at_ms != 0 && k.drop_at_ms <= now)
+                .map(|k| k.id)
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        match self
+            .raft
+            .propose(Command::DropTokenKeys { before_ms: now })
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(keys = ?due, "replaced token keys dropped: tokens they signed are refused from now on")
+            }
+            Err(e) => tracing::debug!(error = %e, "token keys not dropped"),
+        }
+    }
+
     /// Leader-only, once per leadership: makes the replicated queue
     /// configuration match this member's config.
     async fn apply_queue_config(&self) {
@@ -199,6 +228,7 @@ impl RmService {
                 self.prune_applications().await;
                 self.prune_acl_tokens().await;
             }
+            self.drop_token_keys().await;
             self.expire_silent_nodes().await;
         }
     }

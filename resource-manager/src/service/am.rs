@@ -28,16 +28,31 @@ impl AmService {
         AmService { s }
     }
 
-    /// Checks an application token: signed by this group, for this
-    /// application and (when the call names one) this attempt. Returns the
-    /// attempt the token is for.
+    /// Checks an application token: signed by one of this group's keys,
+    /// not expired, for this application and (when the call names one) this
+    /// attempt. Returns the attempt the token is for.
     fn authorize(&self, token: &[u8], app: &str, attempt: u32) -> Result<u32, Status> {
-        let signer = self
-            .s
-            .signer()
-            .ok_or_else(|| Status::unavailable("the resource manager has no token key yet"))?;
-        let body = signer
-            .verify_application(token)
+        self.authorize_renewing(token, app, attempt).map(|(a, _)| a)
+    }
+
+    /// [`AmService::authorize`], and a new token for the same attempt when
+    /// the one shown is due for renewal (see `tokens::renewal_due`).
+    fn authorize_renewing(
+        &self,
+        token: &[u8],
+        app: &str,
+        attempt: u32,
+    ) -> Result<(u32, Option<Vec<u8>>), Status> {
+        let keys = self.s.keys();
+        if keys.set.is_empty() {
+            return Err(Status::unavailable(
+                "the resource manager has no token key yet",
+            ));
+        }
+        let now = crate::tokens::token_clock_ms();
+        let (key_id, body) = keys
+            .set
+            .verify_application(token, now)
             .map_err(|e| Status::permission_denied(format!("application_token: {e}")))?;
         if body.application_id != app {
             return Err(Status::permission_denied(format!(
@@ -57,7 +72,11 @@ impl AmService {
             .expect("table lock")
             .last_seen
             .insert(app.to_string(), std::time::Instant::now());
-        Ok(body.attempt)
+        let renewed = keys.signer(now).and_then(|signer| {
+            crate::tokens::renewal_due(key_id, body.expires_at_ms, signer.id(), now)
+                .then(|| crate::tokens::application_token(&signer, app, body.attempt))
+        });
+        Ok((body.attempt, renewed))
     }
 
     /// The application, if it is live and `attempt` (when given) is current.
@@ -156,7 +175,15 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
     ) -> Result<Response<pb::AllocateResponse>, Status> {
         let mut r = req.into_inner();
         self.s.raft.ensure_leader()?;
-        r.attempt = self.authorize(&r.application_token, &r.application_id, r.attempt)?;
+        let renewed;
+        (r.attempt, renewed) =
+            self.authorize_renewing(&r.application_token, &r.application_id, r.attempt)?;
+        let renew = |mut resp: pb::AllocateResponse| {
+            if let Some(t) = &renewed {
+                resp.application_token = t.clone();
+            }
+            Response::new(resp)
+        };
         let app = self.live_app(&r.application_id, r.attempt)?;
         // Progress, replicated when it changed.
         if !r.stages.is_empty() && r.attempt == app.attempt {
@@ -291,10 +318,10 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         loop {
             let notified = self.s.delivered.notified();
             if let Some(resp) = self.take_news(&r.application_id, r.attempt)? {
-                return Ok(Response::new(resp));
+                return Ok(renew(resp));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Ok(Response::new(
+                return Ok(renew(
                     self.take_news(&r.application_id, r.attempt)?
                         .unwrap_or_default(),
                 ));
@@ -400,6 +427,7 @@ impl AmService {
             allocations,
             completed,
             lost_nodes: vec![],
+            application_token: vec![],
         }))
     }
 }

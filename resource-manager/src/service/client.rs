@@ -15,6 +15,31 @@ use super::audit_log::Note;
 use super::*;
 
 /// A token as reported (never its secret or hash).
+/// The group's token keys as `rmctl acl signing-keys` shows them (public
+/// halves only).
+fn signing_keys(st: &crate::fsm::ClusterState, now_ms: u64) -> pb::SigningKeysResponse {
+    let signing = st.signing_key(now_ms).map(|k| k.id);
+    let keys = &st.token_keys;
+    pb::SigningKeysResponse {
+        keys: keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| pb::SigningKey {
+                id: k.id,
+                public_key: weft_proto::token::TokenSigner::from_seed_hex(&k.seed_hex)
+                    .map(|s| hex::encode(s.public_key()))
+                    .unwrap_or_default(),
+                created_at_ms: k.created_at_ms,
+                signs_from_ms: k.signs_from_ms,
+                replaced_at_ms: keys.get(i + 1).map_or(0, |n| n.signs_from_ms),
+                dropped_at_ms: k.drop_at_ms,
+                signing: Some(k.id) == signing,
+            })
+            .collect(),
+        group: st.token_group.clone(),
+    }
+}
+
 fn acl_token(t: &crate::fsm::AclToken) -> pb::AclToken {
     pb::AclToken {
         accessor: t.accessor.clone(),
@@ -781,6 +806,83 @@ impl pb::client_service_server::ClientService for RmService {
         .await;
         self.audit.record(&note, &r);
         r
+    }
+
+    async fn rotate_signing_key(
+        &self,
+        req: Request<pb::RotateSigningKeyRequest>,
+    ) -> Result<Response<pb::SigningKeysResponse>, Status> {
+        let mut note = Note::new("rotate_signing_key", &req);
+        note.target = "the token signing key".into();
+        let r: Result<Response<pb::SigningKeysResponse>, Status> = async {
+            let who = self.who(&req, "").await?;
+            note.who = Some(who.clone());
+            who.require_admin("rotate the token signing key")?;
+            let r = req.into_inner();
+            const MIN_KEEP: u64 = 10;
+            const MAX_KEEP: u64 = 30 * 24 * 3600;
+            let keep_s = match r.keep_previous_seconds {
+                0 => crate::tokens::APPLICATION_TOKEN_LIFETIME.as_secs(),
+                s if (MIN_KEEP..=MAX_KEEP).contains(&s) => s,
+                s => {
+                    return Err(Error::InvalidArgument {
+                        field: "keep_previous_seconds",
+                        reason: format!(
+                            "{s} is out of range: between {MIN_KEEP} s and 30 days (0: an hour, the life of an application token)"
+                        ),
+                    }
+                    .into())
+                }
+            };
+            if r.request_id.len() > 128 {
+                return Err(Error::InvalidArgument {
+                    field: "request_id",
+                    reason: format!("is {} bytes; at most 128", r.request_id.len()),
+                }
+                .into());
+            }
+            // A follower sends the caller on before anything is proposed.
+            self.raft.ensure_leader()?;
+            self.scheduling.ensure_signer().await?;
+            let now = now_ms();
+            // Agents learn the new key in the next heartbeat answers before
+            // any token is signed with it.
+            let ahead = (self.heartbeat_interval * 3).max(Duration::from_secs(2));
+            note.proposed = true;
+            let outcome = self
+                .raft
+                .propose(Command::RotateTokenKey {
+                    seed_hex: weft_proto::token::TokenSigner::generate().seed_hex(),
+                    request_id: r.request_id,
+                    at_ms: now,
+                    signs_from_ms: now + ahead.as_millis() as u64,
+                    keep_previous_ms: keep_s * 1000,
+                })
+                .await?;
+            if let Outcome::Rejected(why) = outcome {
+                return Err(Status::failed_precondition(why));
+            }
+            let st = self.raft.state();
+            if let Some(k) = st.token_keys.last() {
+                note.target = format!("the token signing key (now key {})", k.id);
+                tracing::info!(by = %who, key = k.id, signs_from_ms = k.signs_from_ms, keep_previous_s = keep_s, "token signing key rotated");
+            }
+            Ok(Response::new(signing_keys(&st, now)))
+        }
+        .await;
+        self.audit.record(&note, &r);
+        r
+    }
+
+    async fn list_signing_keys(
+        &self,
+        req: Request<pb::ListSigningKeysRequest>,
+    ) -> Result<Response<pb::SigningKeysResponse>, Status> {
+        self.who(&req, "")
+            .await?
+            .require_admin("list the token signing keys")?;
+        self.raft.read_barrier().await?;
+        Ok(Response::new(signing_keys(&self.raft.state(), now_ms())))
     }
 
     async fn who_am_i(

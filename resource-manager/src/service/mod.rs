@@ -121,14 +121,6 @@ impl RmService {
         &self.raft
     }
 
-    /// The public half of the token key (empty until the group has one).
-    pub(crate) fn token_public_key(&self) -> Vec<u8> {
-        self.scheduling
-            .signer()
-            .map(|s| s.public_key().to_vec())
-            .unwrap_or_default()
-    }
-
     pub(crate) fn app_report(
         &self,
         st: &crate::fsm::ClusterState,

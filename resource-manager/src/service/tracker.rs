@@ -36,7 +36,8 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         check_registration(&r)?;
         // The group's token key exists before any node can register, so
         // every registered agent can check container tokens.
-        let signer = self.scheduling.ensure_signer().await?;
+        self.scheduling.ensure_signer().await?;
+        let keys = self.scheduling.keys();
         let ports = match (
             u16::try_from(r.port_range_first),
             u16::try_from(r.port_range_last),
@@ -77,8 +78,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                 .collect(),
             labels: r.labels.into_iter().collect(),
             ports,
-            ready: !r.token_public_key.is_empty()
-                && r.token_public_key == signer.public_key().as_slice(),
+            ready: !r.token_public_key.is_empty() && r.token_public_key == keys.newest_public_key(),
             running: r
                 .containers
                 .iter()
@@ -112,7 +112,9 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         self.scheduling.poke();
         self.heard_from(&r.node_id);
         Ok(Response::new(pb::RegisterNodeResponse {
-            token_public_key: signer.public_key().to_vec(),
+            token_public_key: keys.newest_public_key(),
+            token_keys: keys.public_keys(),
+            token_group: keys.group.clone(),
             heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
             node_expiry_ms: self.node_expiry.as_millis() as u64,
             leader_clock_ms: crate::tokens::token_clock_ms(),
@@ -139,10 +141,11 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
             .get(r.node_id.as_str())
             .filter(|n| n.state != NodeState::Lost)
             .map_or((false, false), |n| (true, !n.ready));
+        let keys = self.scheduling.keys();
         // The agent now holds the group's key: the node can be offered work.
         if unready
             && !r.token_public_key.is_empty()
-            && r.token_public_key == self.token_public_key()
+            && r.token_public_key == keys.newest_public_key()
         {
             self.raft
                 .propose(Command::NodeReady {
@@ -287,7 +290,9 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                 .unwrap_or_default(),
             heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
             reregister: !known,
-            token_public_key: self.token_public_key(),
+            token_public_key: keys.newest_public_key(),
+            token_keys: keys.public_keys(),
+            token_group: keys.group.clone(),
             node_expiry_ms: self.node_expiry.as_millis() as u64,
             leader_clock_ms: crate::tokens::token_clock_ms(),
         }))

@@ -1123,3 +1123,112 @@ async fn a_job_runs_as_the_user_who_submitted_it() {
         r.diagnostics
     );
 }
+
+/// The token signing key rotates while a job runs: agents get the new key
+/// before it signs, the job's master has its application token renewed
+/// under it, the old key is dropped after its overlap, and after that (and
+/// a leader kill) the running job finishes in its first attempt and a new
+/// job runs under the new key alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_signing_key_rotates_under_a_running_job_and_the_old_one_is_dropped() {
+    let (mut cluster, _agents) = launching_cluster(&NODES[..2]).await;
+    let client = cluster.client();
+    let rm = cluster.addrs().join(",");
+    // Its master calls the RM all through, and asks for the second stage
+    // well after the old key is gone.
+    const LONG: &str = "name: long\nstages:\n  - name: first\n    instances: 2\n    command: 'sleep 20'\n    resources: { vcores: 0.5, memory: 64MiB }\n  - name: second\n    after: [first]\n    instances: 2\n    command: 'true'\n    resources: { vcores: 0.5, memory: 64MiB }\n";
+    let app = client.submit(LONG, "yaml", "ops").await.unwrap();
+    let keys = |out: &std::process::Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // Out of range: refused, naming the field.
+    let bad = crate::rmctl::run(&["acl", "rotate-signing-key", "--keep-previous", "5s"], &rm);
+    assert!(!bad.status.success());
+    let why = String::from_utf8_lossy(&bad.stderr);
+    assert!(why.contains("keep_previous_seconds"), "{why}");
+    // Rotated at once, while the master starts.
+    let rotated = keys(&crate::rmctl::run(
+        &[
+            "-o",
+            "json",
+            "acl",
+            "rotate-signing-key",
+            "--keep-previous",
+            "10s",
+        ],
+        &rm,
+    ));
+    let ks = rotated["keys"].as_array().unwrap().clone();
+    assert_eq!(ks.len(), 2, "{rotated}");
+    assert_eq!(
+        (ks[0]["id"].as_u64(), ks[1]["id"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_eq!(
+        ks[0]["signing"], true,
+        "the new key does not sign yet: {rotated}"
+    );
+    assert!(ks[0]["dropped_at_ms"].as_u64().unwrap() > ks[1]["signs_from_ms"].as_u64().unwrap());
+    let group = rotated["group"].as_str().unwrap().to_string();
+    assert_eq!(ks[0]["public_key"].as_str().unwrap(), group);
+    // Another rotation before the new key signs is refused.
+    let again = crate::rmctl::run(&["acl", "rotate-signing-key"], &rm);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("signs only from"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    // The old key is dropped once its overlap is over.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = keys(&crate::rmctl::run(
+            &["-o", "json", "acl", "signing-keys"],
+            &rm,
+        ));
+        let ids: Vec<u64> = now["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["id"].as_u64().unwrap())
+            .collect();
+        if ids == [1] {
+            assert_eq!(now["keys"][0]["signing"], true);
+            assert_eq!(
+                now["group"].as_str().unwrap(),
+                group,
+                "the group keeps its name"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "key 0 is still held: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A new leader signs with the new key, and the agents check it.
+    let leader = cluster.leader().await;
+    cluster.kill(leader);
+    let client = cluster.client();
+    let after = client
+        .submit(
+            "name: after\nstages:\n  - name: run\n    instances: 2\n    command: 'true'\n    resources: { vcores: 0.5, memory: 64MiB }\n",
+            "yaml",
+            "ops",
+        )
+        .await
+        .unwrap();
+    let r = wait_state(&client, &after, Duration::from_secs(60)).await;
+    assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
+    // The running job's master kept speaking for it with its renewed
+    // token: it finished in its first attempt.
+    let r = wait_state(&client, &app, Duration::from_secs(90)).await;
+    assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
+    assert_eq!(r.attempt, 1, "the first master saw the job through: {r:?}");
+}

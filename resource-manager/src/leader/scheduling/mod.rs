@@ -198,8 +198,9 @@ pub struct Scheduling {
     pub(crate) wake: Arc<Notify>,
     /// Wakes Allocate long polls (new allocations or completions).
     pub(crate) delivered: Arc<Notify>,
-    /// The token signer built from the replicated key (seed hex, signer).
-    pub(crate) signer: Arc<Mutex<Option<(String, TokenSigner)>>>,
+    /// The group's token keys as signers and verifiers, built from the
+    /// replicated ones (rebuilt when they change).
+    pub(crate) keys: Arc<Mutex<Arc<Keys>>>,
     /// Connections to node agents (masters are started through them).
     /// Connections to agents, and the TLS generation they were made under.
     pub(crate) channels: Arc<Mutex<(u64, HashMap<String, tonic::transport::Channel>)>>,
@@ -217,6 +218,77 @@ pub struct Scheduling {
     pub(crate) unreachable: Arc<Mutex<HashMap<String, std::time::Instant>>>,
 }
 
+/// The group's token keys, ready to sign and verify with.
+#[derive(Default)]
+pub struct Keys {
+    /// (id, seed) of each key, as the state held them when these were made.
+    made_from: Vec<(u32, String)>,
+    /// Each key with the time it signs from.
+    signers: Vec<(u64, TokenSigner)>,
+    /// Every key, to check tokens with.
+    pub set: weft_proto::token::KeySet,
+    /// The group's identity (its first key's public key).
+    pub group: Vec<u8>,
+}
+
+impl Keys {
+    fn of(st: &crate::fsm::ClusterState) -> Keys {
+        let signers: Vec<(u64, TokenSigner)> = st
+            .token_keys
+            .iter()
+            .filter_map(|k| {
+                let s = TokenSigner::from_seed_hex(&k.seed_hex).ok()?;
+                Some((k.signs_from_ms, s.with_id(k.id)))
+            })
+            .collect();
+        Keys {
+            made_from: st
+                .token_keys
+                .iter()
+                .map(|k| (k.id, k.seed_hex.clone()))
+                .collect(),
+            set: weft_proto::token::KeySet::new(
+                signers
+                    .iter()
+                    .map(|(_, s)| (s.id(), s.verifier()))
+                    .collect(),
+            ),
+            group: hex::decode(&st.token_group).unwrap_or_default(),
+            signers,
+        }
+    }
+
+    /// The key that signs at `now_ms` (see `ClusterState::signing_key`).
+    pub fn signer(&self, now_ms: u64) -> Option<TokenSigner> {
+        self.signers
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= now_ms)
+            .or_else(|| self.signers.first())
+            .map(|(_, s)| s.clone())
+    }
+
+    /// The newest key's public key: what an agent must hold to be offered
+    /// work (empty: no key yet).
+    pub fn newest_public_key(&self) -> Vec<u8> {
+        self.signers
+            .last()
+            .map(|(_, s)| s.public_key().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Every key's public key, as agents are told them.
+    pub fn public_keys(&self) -> Vec<pb::TokenKey> {
+        self.signers
+            .iter()
+            .map(|(_, s)| pb::TokenKey {
+                id: s.id(),
+                public_key: s.public_key().to_vec(),
+            })
+            .collect()
+    }
+}
+
 pub(crate) struct LocalMaster {
     pub(crate) task: tokio::task::JoinHandle<()>,
     pub(crate) failure: Arc<Mutex<Option<String>>>,
@@ -230,7 +302,7 @@ impl Scheduling {
             table: Arc::default(),
             wake: Arc::new(Notify::new()),
             delivered: Arc::new(Notify::new()),
-            signer: Arc::default(),
+            keys: Arc::default(),
             channels: Arc::default(),
             local: Arc::default(),
             stats: Arc::default(),
@@ -303,18 +375,26 @@ impl Scheduling {
         Ok(ch)
     }
 
-    /// The signer for the replicated token key, if the group has one yet.
-    pub fn signer(&self) -> Option<TokenSigner> {
-        let seed = self.raft.state().token_key.clone()?;
-        let mut cache = self.signer.lock().expect("signer lock");
-        if let Some((s, signer)) = cache.as_ref() {
-            if *s == seed {
-                return Some(signer.clone());
-            }
+    /// The group's token keys (none until the first leader made one).
+    pub fn keys(&self) -> Arc<Keys> {
+        let st = self.raft.state();
+        let mut cache = self.keys.lock().expect("keys lock");
+        let same = cache.made_from.len() == st.token_keys.len()
+            && cache
+                .made_from
+                .iter()
+                .zip(&st.token_keys)
+                .all(|((id, seed), k)| *id == k.id && *seed == k.seed_hex);
+        if !same {
+            *cache = Arc::new(Keys::of(&st));
         }
-        let signer = TokenSigner::from_seed_hex(&seed).ok()?;
-        *cache = Some((seed, signer.clone()));
-        Some(signer)
+        cache.clone()
+    }
+
+    /// The signer for new tokens (the key that signs now), if the group has
+    /// a key yet.
+    pub fn signer(&self) -> Option<TokenSigner> {
+        self.keys().signer(crate::tokens::token_clock_ms())
     }
 
     /// The signer, making the group's key first if it has none (leader only).
