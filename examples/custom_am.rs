@@ -12,6 +12,9 @@
 //! ```
 //!
 //! Needs a running cluster (a resource manager and at least one node agent).
+//! On a secured cluster it takes the CA from `WEFT_TLS_CA` (and a client
+//! certificate from `WEFT_TLS_CERT`/`WEFT_TLS_KEY`, or a user's token from
+//! `WEFT_TOKEN`), as rmctl does.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -45,8 +48,19 @@ fn args() -> anyhow::Result<Args> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = args()?;
+    // 0. A secured cluster: its CA, and who we are.
+    let var = |k: &str| std::env::var_os(k).map(std::path::PathBuf::from);
+    weft_common::tls::setup_client(
+        var("WEFT_TLS_CA").as_deref(),
+        var("WEFT_TLS_CERT").as_deref(),
+        var("WEFT_TLS_KEY").as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
     // 1. Submit. The spec only names the job: this master decides the rest.
-    let client = weft_client::RmClient::new(args.rm.clone())?;
+    let mut client = weft_client::RmClient::new(args.rm.clone())?;
+    if let Ok(token) = std::env::var("WEFT_TOKEN") {
+        client = client.with_token(&token)?;
+    }
     let spec = "name: custom-am\nstages:\n  - name: echo\n    instances: 1\n    command: 'true'\n    resources: { vcores: 0.1, memory: 32MiB }\n";
     let submitted = client.submit_with(spec, "yaml", "example", true).await?;
     let app = submitted.application_id;

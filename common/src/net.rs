@@ -97,7 +97,10 @@ pub fn endpoint(
 ) -> Result<Endpoint, tonic::transport::Error> {
     let mut ep = Endpoint::from_shared(uri(addr))?;
     if let Some(tls) = crate::tls::installed() {
-        ep = ep.tls_config(tls.client_config(to))?;
+        // The handshake within the connect deadline too: a member that is
+        // frozen (its kernel still accepts connections) must not hold a
+        // client until the request's deadline.
+        ep = ep.tls_config(tls.client_config(to).timeout(connect_timeout))?;
     }
     let ep = ep
         .connect_timeout(connect_timeout)

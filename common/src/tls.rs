@@ -661,8 +661,10 @@ fn validity(params: &mut rcgen::CertificateParams, days: u32) -> Result<(), Stri
         return Err(format!("--days: {days} must be 1 to 36500"));
     }
     let now = time::OffsetDateTime::now_utc();
-    // A minute back: a peer whose clock is a little behind accepts it.
-    params.not_before = now - time::Duration::minutes(1);
+    // A day back: a peer whose clock is behind, or steps back while it
+    // runs (NTP, a VM restored), accepts it (Weft's own tokens ride out
+    // such steps; the certificates must too).
+    params.not_before = now - time::Duration::days(1);
     params.not_after = now + time::Duration::days(days.into());
     Ok(())
 }

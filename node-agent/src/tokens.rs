@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use tracing::{info, warn};
-use weft_proto::token::{now_ms, KeySet, TokenError, TokenVerifier};
+use weft_proto::token::{key_id_of, now_ms, KeySet, TokenError, TokenVerifier};
 use weft_proto::v1 as pb;
 
 use crate::error::{Error, Result};
@@ -30,8 +30,16 @@ enum Keys {
     /// None yet: the agent has not registered.
     None,
     /// `security.token_public_key`: this key checks every token, whatever
-    /// key id it names; keys handed out by an RM are ignored.
-    Pinned(TokenVerifier),
+    /// key id it names; keys handed out by an RM are not trusted, only
+    /// noted: `advertised` says which id the RM gives the pinned key, so a
+    /// token of another (a rotation's) is refused as transient. `group`
+    /// (the replay check's name of the RM group) is the pinned key's: an
+    /// untrusted RM does not get to rename it.
+    Pinned {
+        key: TokenVerifier,
+        advertised: Option<u32>,
+        group: String,
+    },
     /// The RM group's keys as its last answer gave them, and the group's
     /// identity (hex of its first key's public key).
     Learned { set: KeySet, group: String },
@@ -57,7 +65,11 @@ impl Tokens {
         Tokens {
             node_id,
             keys: RwLock::new(match configured {
-                Some(k) => Keys::Pinned(k),
+                Some(key) => Keys::Pinned {
+                    group: hex::encode(key.to_bytes()),
+                    key,
+                    advertised: None,
+                },
                 None => Keys::None,
             }),
             used: Mutex::new(HashMap::new()),
@@ -98,7 +110,7 @@ impl Tokens {
     pub fn public_key(&self) -> Vec<u8> {
         match &*self.keys.read().expect("token keys lock") {
             Keys::None => Vec::new(),
-            Keys::Pinned(k) => k.to_bytes().to_vec(),
+            Keys::Pinned { key, .. } => key.to_bytes().to_vec(),
             Keys::Learned { set, .. } => set
                 .newest()
                 .map(|(_, k)| k.to_bytes().to_vec())
@@ -148,14 +160,21 @@ impl Tokens {
         };
         let set = KeySet::new(listed);
         let mut held = self.keys.write().expect("token keys lock");
-        match &*held {
-            Keys::Pinned(pinned) => {
-                if set.newest().map(|(_, k)| k) != Some(pinned) {
+        match &mut *held {
+            Keys::Pinned {
+                key, advertised, ..
+            } => {
+                // The id the RM gives the pinned key (None: it lists it not).
+                let id = set.ids().into_iter().find(|id| set.get(*id) == Some(key));
+                let newest_is_pinned = set.newest().map(|(_, k)| k) == Some(key);
+                if !newest_is_pinned && *advertised != id {
                     warn!(
                         keys = ?set.ids(),
-                        "the resource manager's newest token key is not security.token_public_key: keeping the configured one (this node gets no new work until the configuration names the new key)"
+                        pinned_as = ?id,
+                        "the resource manager's newest token key is not security.token_public_key: keeping the configured one (this node gets no new work once another key signs, until the configuration names it)"
                     );
                 }
+                *advertised = id;
                 return;
             }
             Keys::Learned {
@@ -185,7 +204,19 @@ impl Tokens {
             Keys::None => return Err(Error::NotReady(
                 "this agent has no resource-manager key yet (set security.token_public_key, or wait until it has registered)".into(),
             )),
-            Keys::Pinned(k) => (k.verify_container(token, now), hex::encode(k.to_bytes())),
+            Keys::Pinned {
+                key,
+                advertised,
+                group,
+            } => match (advertised, key_id_of(token)) {
+                // A token of a key the RM has but this agent does not pin.
+                (Some(pinned), Some(id)) if *pinned != id => {
+                    return Err(Error::NotReady(format!(
+                        "the token was signed by the group's key {id}; this agent checks only security.token_public_key"
+                    )))
+                }
+                _ => (key.verify_container(token, now), group.clone()),
+            },
             Keys::Learned { set, group } => {
                 (set.verify_container(token, now).map(|(_, b)| b), group.clone())
             }
@@ -277,7 +308,7 @@ impl Tokens {
         let now = self.leader_now_ms();
         let checked = match &*self.keys.read().expect("token keys lock") {
             Keys::None => return Err("this agent has no resource-manager key yet".into()),
-            Keys::Pinned(k) => k.verify_application(token, now),
+            Keys::Pinned { key, .. } => key.verify_application(token, now),
             Keys::Learned { set, .. } => set.verify_application(token, now).map(|(_, b)| b),
         };
         match checked {
@@ -568,6 +599,22 @@ mod tests {
         assert!(
             denied(pinned.check(&token(&second, "c", "n1", 1, later), &s, &[]))
                 .contains("signature")
+        );
+        // Once the RM lists the pinned key as its key 0, a token of its key
+        // 1 is refused as transient (the RM stops offering this node work),
+        // not as a forgery that would fail the task.
+        pinned.learn(&listed(&[&first, &second]), &group, &second.public_key());
+        match pinned.check(&token(&second, "c", "n1", 1, later), &s, &[]) {
+            Err(e @ Error::NotReady(_)) => assert!(e.to_string().contains("key 1"), "{e}"),
+            other => panic!("not a transient refusal: {other:?}"),
+        }
+        let g = pinned
+            .check(&token(&first, "c", "n1", 1, later), &s, &[])
+            .unwrap();
+        assert_eq!(
+            g.group_key,
+            hex::encode(first.public_key()),
+            "the pinned key's"
         );
     }
 }

@@ -141,6 +141,11 @@ impl TokenSigner {
     }
 }
 
+/// The id of the key a token names (None: not a token).
+pub fn key_id_of(token: &[u8]) -> Option<u32> {
+    decode(token).ok().map(|t| t.key_id)
+}
+
 /// Decodes the envelope of a token.
 fn decode(token: &[u8]) -> Result<SignedToken, TokenError> {
     if token.is_empty() {

@@ -79,6 +79,51 @@ pub struct AclConfig {
     /// certificate's name: an operator who holds the CA can always mint
     /// one, so a cluster whose admin tokens are lost is not locked out).
     pub admins: Vec<String>,
+    /// A file (mode 0600) holding the secret of the first admin token
+    /// (`weft_` and 64 hex digits, e.g. `echo "weft_$(openssl rand -hex
+    /// 32)"`): the first leader makes that token, as `rmctl acl
+    /// bootstrap` would, so a deployment tool can secure a cluster without
+    /// a step after it starts. Until it is made, calls with it are told to
+    /// try again (UNAVAILABLE), not refused.
+    pub initial_admin_token_file: Option<PathBuf>,
+    /// The secret read from `initial_admin_token_file` (by
+    /// [`AclConfig::read_initial_admin_token`]).
+    #[serde(skip)]
+    pub initial_admin_secret: Option<String>,
+}
+
+impl AclConfig {
+    /// Reads `initial_admin_token_file` into `initial_admin_secret`: the
+    /// file must be readable by its owner only and hold one secret.
+    pub fn read_initial_admin_token(&mut self) -> Result<()> {
+        let Some(path) = &self.initial_admin_token_file else {
+            return Ok(());
+        };
+        let bad = |why: String| {
+            Error::Config(format!(
+                "acl.initial_admin_token_file: {}: {why}",
+                path.display()
+            ))
+        };
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| bad(e.to_string()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(bad(format!(
+                "may be read by others (mode {:o}): `chmod 600` it",
+                mode & 0o777
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let secret = text.trim();
+        if !crate::service::auth::is_secret(secret) {
+            return Err(bad("must hold one secret: `weft_` and 64 hex digits".into()));
+        }
+        self.initial_admin_secret = Some(secret.to_string());
+        Ok(())
+    }
 }
 
 impl Default for RmConfig {
@@ -353,6 +398,32 @@ impl RmConfig {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_initial_admin_token_file_is_read_only_when_private_and_well_formed() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("admin.token");
+        let mut acl = AclConfig {
+            enabled: true,
+            initial_admin_token_file: Some(f.clone()),
+            ..Default::default()
+        };
+        let err = |acl: &mut AclConfig| acl.read_initial_admin_token().unwrap_err().to_string();
+        assert!(
+            err(&mut acl).contains("acl.initial_admin_token_file"),
+            "missing file"
+        );
+        let secret = format!("weft_{}", "0f".repeat(32));
+        std::fs::write(&f, format!("{secret}\n")).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(err(&mut acl).contains("may be read by others (mode 644)"));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        acl.read_initial_admin_token().unwrap();
+        assert_eq!(acl.initial_admin_secret.as_deref(), Some(secret.as_str()));
+        std::fs::write(&f, "hunter2").unwrap();
+        assert!(err(&mut acl).contains("`weft_` and 64 hex digits"));
+    }
     use super::*;
 
     #[test]

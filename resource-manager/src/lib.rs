@@ -89,7 +89,11 @@ pub async fn run(
     .with_deposed_leader_grace(config.raft.tick * 2 * config.raft.election_ticks as u32)
     .with_container_retention(config.container_retention)
     .with_app_retention(config.finished_app_retention, config.max_finished_apps)
-    .with_acl(config.acl.clone())
+    .with_acl({
+        let mut acl = config.acl.clone();
+        acl.read_initial_admin_token()?;
+        acl
+    })
     .with_audit_log(match &config.audit_log {
         Some(path) => service::audit_log::AuditLog::open(path, config.id)
             .map_err(|e| Error::Config(format!("audit_log {}: {e}", path.display())))?,

@@ -76,31 +76,32 @@ pub fn container_token(signer: &TokenSigner, a: &Allocation, owner: &Owner) -> V
     })
 }
 
-/// How long an application token lets its master speak for its
-/// application. A master's token is renewed in Allocate answers once past
-/// half of that (or signed by a key being replaced), so a live master never
-/// holds an expired one; a key replaced by a rotation verifies this long by
-/// default, so that every token it signed has expired when it is dropped.
-pub const APPLICATION_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// How long a key replaced by a rotation keeps verifying by default: every
+/// container token it signed has expired long before (they live
+/// [`CONTAINER_TOKEN_LIFETIME`]), and every live master, which calls the RM
+/// every second or so, has been given an application token of the new key.
+pub const DEFAULT_KEY_OVERLAP: Duration = Duration::from_secs(3600);
 
-/// An application token for `attempt` of `app`.
+/// An application token for `attempt` of `app`. It ends with its attempt,
+/// not by time (masters written against the API before keys rotated keep
+/// working); one signed by a key other than the signing one is renewed in
+/// the master's next Allocate answer.
 pub fn application_token(signer: &TokenSigner, app: &str, attempt: u32) -> Vec<u8> {
-    let now = token_clock_ms();
     signer.sign_application(&pb::ApplicationTokenBody {
         application_id: app.to_string(),
         attempt,
-        issued_at_ms: now,
-        expires_at_ms: now + APPLICATION_TOKEN_LIFETIME.as_millis() as u64,
+        issued_at_ms: token_clock_ms(),
+        expires_at_ms: 0,
     })
 }
 
 /// Whether an application token signed by key `key_id` that expires at
 /// `expires_at_ms` (0: never) is due for a new one at `now_ms`, when
-/// `signing` is the key that signs now.
+/// `signing` is the key that signs now: when its key is another, or it
+/// expires within [`DEFAULT_KEY_OVERLAP`].
 pub fn renewal_due(key_id: u32, expires_at_ms: u64, signing: u32, now_ms: u64) -> bool {
     key_id != signing
-        || expires_at_ms == 0
-        || expires_at_ms < now_ms + APPLICATION_TOKEN_LIFETIME.as_millis() as u64 / 2
+        || (expires_at_ms != 0 && expires_at_ms < now_ms + DEFAULT_KEY_OVERLAP.as_millis() as u64)
 }
 
 #[cfg(test)]
@@ -108,15 +109,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_master_token_is_renewed_past_half_its_life_or_when_its_key_is_replaced() {
-        let life = APPLICATION_TOKEN_LIFETIME.as_millis() as u64;
-        assert!(!renewal_due(3, 10_000 + life, 3, 10_000));
-        assert!(!renewal_due(3, 10_000 + life, 3, 10_000 + life / 2 - 1));
-        assert!(renewal_due(3, 10_000 + life, 3, 10_001 + life / 2));
+    fn a_master_token_is_renewed_when_its_key_is_replaced_or_it_nears_expiry() {
+        let overlap = DEFAULT_KEY_OVERLAP.as_millis() as u64;
         assert!(
-            renewal_due(2, 10_000 + life, 3, 10_000),
-            "signed by the key replaced"
+            !renewal_due(3, 0, 3, 10_000),
+            "the signing key's, no expiry"
         );
-        assert!(renewal_due(3, 0, 3, 10_000), "a token that never expires");
+        assert!(renewal_due(2, 0, 3, 10_000), "signed by the key replaced");
+        assert!(!renewal_due(3, 10_000 + 2 * overlap, 3, 10_000));
+        assert!(
+            renewal_due(3, 10_000 + overlap - 1, 3, 10_000),
+            "expires soon"
+        );
     }
 }

@@ -294,8 +294,8 @@ enum AclCmd {
     /// key it replaces keeps verifying for --keep-previous, then is dropped.
     RotateSigningKey {
         /// How long the replaced key keeps verifying (10s to 30d; default
-        /// 1h, the life of an application token). Shorter cuts off the
-        /// tokens it signed sooner: for a key that leaked.
+        /// 1h). Shorter cuts off the tokens it signed sooner: for a key
+        /// that leaked.
         #[arg(long, value_parser = humantime::parse_duration)]
         keep_previous: Option<std::time::Duration>,
     },

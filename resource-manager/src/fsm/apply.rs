@@ -99,6 +99,17 @@ impl ClusterState {
                 );
                 Outcome::Done
             }
+            Command::NodeUnready { node_id, at_ms } => match self.nodes.get_mut(node_id.as_str()) {
+                Some(n) => {
+                    if n.ready {
+                        n.ready = false;
+                        n.state_changed_at_ms = *at_ms;
+                        self.node_changes.mark(node_id);
+                    }
+                    Outcome::Done
+                }
+                None => Outcome::Rejected(format!("node_id: no node {node_id}")),
+            },
             Command::NodeReady { node_id, at_ms } => match self.nodes.get_mut(node_id.as_str()) {
                 Some(n) if n.state == NodeState::Lost => Outcome::Rejected(format!(
                     "node_id: {node_id} is lost: it must register again"

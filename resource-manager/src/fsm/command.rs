@@ -49,6 +49,12 @@ pub enum Command {
         node_id: String,
         at_ms: u64,
     },
+    /// The node's agent does not hold the key that signs now (it pins an
+    /// older one, or missed a rotation): no work for it until it does.
+    NodeUnready {
+        node_id: String,
+        at_ms: u64,
+    },
     SetNodeState {
         node_id: String,
         state: NodeState,

@@ -141,11 +141,41 @@ impl RmService {
         }
     }
 
+    /// Leader-only: makes the admin token `[acl] initial_admin_token_file`
+    /// names, once (as `rmctl acl bootstrap` with that secret would).
+    async fn make_initial_admin_token(&self) {
+        let Some(secret) = &self.acl.initial_admin_secret else {
+            return;
+        };
+        if !self.acl.enabled || self.raft.state().acl_bootstrapped {
+            return;
+        }
+        let (_, token) = crate::service::auth::token_with(
+            secret.clone(),
+            "admin",
+            true,
+            "initial admin token (acl.initial_admin_token_file)",
+            self.clock.wall_ms(),
+            0,
+        );
+        let accessor = token.accessor.clone();
+        match self.raft.propose(Command::AclBootstrap { token }).await {
+            Ok(Outcome::Rejected(why)) => {
+                tracing::warn!(%why, "the initial admin token was not made")
+            }
+            Ok(_) => {
+                tracing::info!(%accessor, "the initial admin token (acl.initial_admin_token_file) is made")
+            }
+            Err(e) => tracing::debug!(error = %e, "the initial admin token is not made yet"),
+        }
+    }
+
     /// Leader-only: drops the token keys replaced by a rotation once their
     /// time is up (every token they signed has expired by then, unless the
     /// rotation asked for less).
     async fn drop_token_keys(&self) {
-        let now = self.clock.wall_ms();
+        // The clock the rotation dated the keys by.
+        let now = crate::tokens::token_clock_ms();
         let due: Vec<u32> = {
             let st = self.raft.state();
             let newest = st.token_keys.last().map(|k| k.id);
@@ -214,6 +244,7 @@ impl RmService {
         let mut last_prune = self.clock.now();
         self.start_liveness();
         self.apply_queue_config().await;
+        self.make_initial_admin_token().await;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -229,6 +260,7 @@ impl RmService {
                 self.prune_acl_tokens().await;
             }
             self.drop_token_keys().await;
+            self.make_initial_admin_token().await;
             self.expire_silent_nodes().await;
         }
     }

@@ -251,6 +251,18 @@ pub fn authenticate<T>(
             return Err(refused());
         }
         let hash = secret_hash(&secret);
+        // The configured first admin token, not made yet: the leader
+        // makes it as soon as it leads; the caller tries again.
+        if !st.acl_bootstrapped
+            && acl
+                .initial_admin_secret
+                .as_deref()
+                .is_some_and(|s| secret_hash(s) == hash)
+        {
+            return Err(Status::unavailable(
+                "users are being set up: the leader makes the initial admin token (acl.initial_admin_token_file) as soon as it leads; try again",
+            ));
+        }
         let t = st.acl_tokens.get(&hash[..16]).ok_or_else(refused)?;
         if t.secret_sha256 != hash {
             return Err(refused());
@@ -308,6 +320,7 @@ mod tests {
         AclConfig {
             enabled: true,
             admins: vec!["root-cert".into()],
+            ..Default::default()
         }
     }
 
@@ -354,6 +367,30 @@ mod tests {
         // ACLs off: who they say, admin.
         let who = authenticate(&AclConfig::default(), &st, &Request::new(()), "bob", 0).unwrap();
         assert_eq!((who.user.as_str(), who.admin), ("bob", true));
+    }
+
+    #[test]
+    fn the_configured_initial_admin_token_waits_until_the_leader_makes_it() {
+        let mut st = ClusterState::default();
+        let secret = new_secret();
+        let mut acl = on();
+        acl.initial_admin_secret = Some(secret.clone());
+        // Not made yet: try again (retryable), not refused.
+        let e = authenticate(&acl, &st, &with_token(&secret), "", 1).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{}", e.message());
+        // Any other secret is refused as before.
+        let e = authenticate(&acl, &st, &with_token(&new_secret()), "", 1).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        // Made (as the leader does): an admin.
+        st.apply(&crate::fsm::Command::AclBootstrap {
+            token: token_with(secret.clone(), "admin", true, "initial", 1, 0).1,
+        });
+        let who = authenticate(&acl, &st, &with_token(&secret), "", 2).unwrap();
+        assert!(who.admin && who.user == "admin", "{who}");
+        // Revoked later: refused, not "being set up".
+        st.acl_tokens.clear();
+        let e = authenticate(&acl, &st, &with_token(&secret), "", 3).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
     }
 
     #[test]

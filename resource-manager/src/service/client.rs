@@ -663,6 +663,15 @@ impl pb::client_service_server::ClientService for RmService {
         let r: Result<Response<pb::AclTokenSecret>, Status> = async {
             self.require_acl()?;
             let chosen = req.into_inner().secret;
+            // The first admin token comes from the configured file: nobody
+            // else may take the cluster by bootstrapping first.
+            if let Some(initial) = &self.acl.initial_admin_secret {
+                if auth::secret_hash(&chosen) != auth::secret_hash(initial) {
+                    return Err(Status::permission_denied(
+                        "this cluster's first admin token is the one acl.initial_admin_token_file holds: bootstrap with that secret, or use it as your token",
+                    ));
+                }
+            }
             let secret = if chosen.is_empty() {
                 auth::new_secret()
             } else if auth::is_secret(&chosen) {
@@ -822,13 +831,13 @@ impl pb::client_service_server::ClientService for RmService {
             const MIN_KEEP: u64 = 10;
             const MAX_KEEP: u64 = 30 * 24 * 3600;
             let keep_s = match r.keep_previous_seconds {
-                0 => crate::tokens::APPLICATION_TOKEN_LIFETIME.as_secs(),
+                0 => crate::tokens::DEFAULT_KEY_OVERLAP.as_secs(),
                 s if (MIN_KEEP..=MAX_KEEP).contains(&s) => s,
                 s => {
                     return Err(Error::InvalidArgument {
                         field: "keep_previous_seconds",
                         reason: format!(
-                            "{s} is out of range: between {MIN_KEEP} s and 30 days (0: an hour, the life of an application token)"
+                            "{s} is out of range: between {MIN_KEEP} s and 30 days (0: an hour)"
                         ),
                     }
                     .into())
@@ -844,7 +853,9 @@ impl pb::client_service_server::ClientService for RmService {
             // A follower sends the caller on before anything is proposed.
             self.raft.ensure_leader()?;
             self.scheduling.ensure_signer().await?;
-            let now = now_ms();
+            // The clock tokens are signed by (steps of the wall clock do not
+            // move it).
+            let now = crate::tokens::token_clock_ms();
             // Agents learn the new key in the next heartbeat answers before
             // any token is signed with it.
             let ahead = (self.heartbeat_interval * 3).max(Duration::from_secs(2));
@@ -867,7 +878,7 @@ impl pb::client_service_server::ClientService for RmService {
                 note.target = format!("the token signing key (now key {})", k.id);
                 tracing::info!(by = %who, key = k.id, signs_from_ms = k.signs_from_ms, keep_previous_s = keep_s, "token signing key rotated");
             }
-            Ok(Response::new(signing_keys(&st, now)))
+            Ok(Response::new(signing_keys(&st, crate::tokens::token_clock_ms())))
         }
         .await;
         self.audit.record(&note, &r);
@@ -882,7 +893,10 @@ impl pb::client_service_server::ClientService for RmService {
             .await?
             .require_admin("list the token signing keys")?;
         self.raft.read_barrier().await?;
-        Ok(Response::new(signing_keys(&self.raft.state(), now_ms())))
+        Ok(Response::new(signing_keys(
+            &self.raft.state(),
+            crate::tokens::token_clock_ms(),
+        )))
     }
 
     async fn who_am_i(

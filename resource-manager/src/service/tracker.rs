@@ -154,6 +154,18 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                 })
                 .await?;
             self.scheduling.poke();
+        } else if known
+            && !unready
+            && !r.token_public_key.is_empty()
+            && !keys.holds_signing(&r.token_public_key, crate::tokens::token_clock_ms())
+        {
+            tracing::warn!(node_id = %r.node_id, "the node's agent does not hold the token key that signs now (it pins an older one, or missed a rotation): no work for it until it does");
+            self.raft
+                .propose(Command::NodeUnready {
+                    node_id: r.node_id.clone(),
+                    at_ms: now_ms(),
+                })
+                .await?;
         }
         if known {
             self.scheduling

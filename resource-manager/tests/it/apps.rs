@@ -95,6 +95,7 @@ async fn run_job(cluster: &Cluster, spec: &str) -> (String, std::process::Output
         tokio::task::spawn_blocking(move || {
             Command::new(app_master())
                 .args(["--app-id", &a, "--rm", &rm, "--spec", f.to_str().unwrap()])
+                .envs(crate::secure::master_env())
                 .env("RUST_LOG", "warn")
                 .env("WEFT_APP_TOKEN", &token)
                 .output()
@@ -168,6 +169,8 @@ async fn a_pipeline_with_a_tensorflow_gang_succeeds_and_a_memory_hog_fails_with_
     let out = tokio::task::spawn_blocking(move || {
         Command::new(example)
             .args(["--rm", &rm, "--tasks", "3"])
+            .envs(crate::secure::master_env())
+            .envs(crate::secure::get().map(|s| ("WEFT_TOKEN", s.secret.clone())))
             .output()
             .unwrap()
     })
@@ -191,11 +194,9 @@ async fn a_pipeline_with_a_tensorflow_gang_succeeds_and_a_memory_hog_fails_with_
 async fn running_containers(client: &weft_client::RmClient) -> usize {
     let mut n = 0;
     for node in client.list_nodes().await.unwrap() {
-        let mut cm = weft_proto::v1::container_manager_client::ContainerManagerClient::connect(
-            format!("http://{}", node.address),
-        )
-        .await
-        .unwrap();
+        let mut cm = weft_proto::v1::container_manager_client::ContainerManagerClient::new(
+            crate::secure::channel(&node.address, weft_common::tls::Role::Agent).await,
+        );
         n += cm
             .list_containers(pb::ListContainersRequest {
                 include_finished: false,
@@ -368,13 +369,11 @@ async fn running_by_node(client: &weft_client::RmClient) -> Vec<(String, usize)>
         if node.state() != pb::NodeState::Running {
             continue;
         }
-        let Ok(mut cm) = weft_proto::v1::container_manager_client::ContainerManagerClient::connect(
-            format!("http://{}", node.address),
-        )
-        .await
+        let Ok(ch) = crate::secure::try_channel(&node.address, weft_common::tls::Role::Agent).await
         else {
             continue;
         };
+        let mut cm = weft_proto::v1::container_manager_client::ContainerManagerClient::new(ch);
         if let Ok(r) = cm
             .list_containers(pb::ListContainersRequest {
                 include_finished: false,
@@ -607,10 +606,9 @@ async fn a_replaced_masters_waiting_allocate_gets_no_container() {
             }
         }
     };
-    let mut am =
-        ApplicationMasterServiceClient::connect(format!("http://{}", cluster.members[leader].addr))
-            .await
-            .unwrap();
+    let mut am = ApplicationMasterServiceClient::new(
+        crate::secure::channel(&cluster.members[leader].addr, weft_common::tls::Role::Rm).await,
+    );
     let token1 = token_of(1).await;
     am.register_application_master(pb::RegisterApplicationMasterRequest {
         application_id: app.clone(),

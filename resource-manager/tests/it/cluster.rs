@@ -112,11 +112,12 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "heartbeat_interval = \"200ms\"\n{expiry}{}\n[raft]\ntick = \"50ms\"\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_every = {}\n",
+                "heartbeat_interval = \"200ms\"\n{expiry}{}\n[raft]\ntick = \"50ms\"\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_every = {}\n{}",
                 // `{id}` in the extra config is the member's id (its own
                 // certificate's file, say).
                 self.extra.replace("{id}", &m.id.to_string()),
-                self.snapshot_every
+                self.snapshot_every,
+                crate::secure::member_toml(&self.extra),
             ),
         )
         .unwrap();
@@ -267,9 +268,7 @@ impl Cluster {
     }
 
     pub fn client(&self) -> RmClient {
-        RmClient::new(self.addrs())
-            .unwrap()
-            .with_deadline(Duration::from_secs(30))
+        crate::secure::client(self.addrs()).with_deadline(Duration::from_secs(30))
     }
 
     /// Index of a running member that says it leads, waiting up to 20 s.

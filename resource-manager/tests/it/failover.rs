@@ -134,20 +134,17 @@ async fn followers_send_callers_to_the_leader_and_bad_input_is_named() {
     let leader = cluster.leader().await;
     let follower = (leader + 1) % 3;
     // Straight to a follower: NotLeader with the leader's address.
-    let mut raw = pb::client_service_client::ClientServiceClient::connect(format!(
-        "http://{}",
-        cluster.members[follower].addr
-    ))
-    .await
-    .unwrap();
+    let mut raw = pb::client_service_client::ClientServiceClient::new(
+        crate::secure::channel(&cluster.members[follower].addr, weft_common::tls::Role::Rm).await,
+    );
     let e = raw
-        .submit_application(pb::SubmitApplicationRequest {
+        .submit_application(crate::secure::request(pb::SubmitApplicationRequest {
             spec: SPEC.into(),
             spec_format: "yaml".into(),
             user: "x".into(),
             request_id: "r1".into(),
             unmanaged_master: false,
-        })
+        }))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable);
@@ -161,7 +158,7 @@ async fn followers_send_callers_to_the_leader_and_bad_input_is_named() {
         e.message()
     );
     // The client library follows it.
-    let client = weft_client::RmClient::new([cluster.members[follower].addr.clone()]).unwrap();
+    let client = crate::secure::client([cluster.members[follower].addr.clone()]);
     client.submit(SPEC, "yaml", "x").await.unwrap();
     // Bad input: one clear error naming the field; nothing stored.
     let e = client.submit("", "yaml", "x").await.unwrap_err();
@@ -194,18 +191,15 @@ async fn a_frozen_leader_acknowledges_nothing_and_follows_the_new_leader_when_th
     let mut acked = vec![client.submit(SPEC, "yaml", "erin").await.unwrap()];
     cluster.freeze(old);
     // Straight to the frozen member: nothing is acknowledged.
-    let lonely = weft_client::RmClient::new([cluster.members[old].addr.clone()])
-        .unwrap()
+    let lonely = crate::secure::client([cluster.members[old].addr.clone()])
         .with_deadline(Duration::from_secs(2));
     let e = lonely.submit(SPEC, "yaml", "erin").await.unwrap_err();
     eprintln!("frozen member answered: {e}");
     // The other two elect a leader and go on.
     let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
     let new = cluster.leader_among(&others).await;
-    let majority =
-        weft_client::RmClient::new(others.iter().map(|&i| cluster.members[i].addr.clone()))
-            .unwrap()
-            .with_deadline(Duration::from_secs(30));
+    let majority = crate::secure::client(others.iter().map(|&i| cluster.members[i].addr.clone()))
+        .with_deadline(Duration::from_secs(30));
     for _ in 0..10 {
         acked.push(majority.submit(SPEC, "yaml", "erin").await.unwrap());
     }
@@ -213,8 +207,7 @@ async fn a_frozen_leader_acknowledges_nothing_and_follows_the_new_leader_when_th
     // client that reaches it at once is answered by the new leader (sent on,
     // or the stale leader's proposal fails and the client retries).
     cluster.thaw(old);
-    let thawed = weft_client::RmClient::new([cluster.members[old].addr.clone()])
-        .unwrap()
+    let thawed = crate::secure::client([cluster.members[old].addr.clone()])
         .with_deadline(Duration::from_secs(30));
     acked.push(thawed.submit(SPEC, "yaml", "erin").await.unwrap());
     // Its leader-only tasks stopped together when it stepped down, and the
@@ -253,16 +246,13 @@ async fn a_submission_racing_a_leader_freeze_takes_effect_at_most_once() {
     let old = cluster.leader().await;
     let client = cluster.client();
     let mut acked = vec![client.submit(SPEC, "yaml", "erin").await.unwrap()];
-    let racing = weft_client::RmClient::new([cluster.members[old].addr.clone()])
-        .unwrap()
+    let racing = crate::secure::client([cluster.members[old].addr.clone()])
         .with_deadline(Duration::from_secs(2));
     cluster.freeze_now(old);
     let in_doubt = racing.submit(SPEC, "yaml", "erin").await;
     let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
-    let majority =
-        weft_client::RmClient::new(others.iter().map(|&i| cluster.members[i].addr.clone()))
-            .unwrap()
-            .with_deadline(Duration::from_secs(30));
+    let majority = crate::secure::client(others.iter().map(|&i| cluster.members[i].addr.clone()))
+        .with_deadline(Duration::from_secs(30));
     for _ in 0..3 {
         acked.push(majority.submit(SPEC, "yaml", "erin").await.unwrap());
     }
@@ -297,8 +287,7 @@ async fn a_frozen_member_holds_no_client_that_was_given_the_others() {
     // connection's keepalive pings go unanswered) and trying the others.
     let cluster = Cluster::start(3, 1000);
     let old = cluster.leader().await;
-    let client = weft_client::RmClient::new(cluster.addrs())
-        .unwrap()
+    let client = crate::secure::client(cluster.addrs())
         .with_deadline(Duration::from_secs(15))
         .with_request_timeout(Duration::from_secs(120));
     // The client learns the leader, which then freezes.
@@ -316,8 +305,7 @@ async fn a_frozen_member_holds_no_client_that_was_given_the_others() {
     // A new client that lists the frozen member first.
     let mut frozen_first = cluster.addrs();
     frozen_first.rotate_left(old);
-    let fresh = weft_client::RmClient::new(frozen_first)
-        .unwrap()
+    let fresh = crate::secure::client(frozen_first)
         .with_deadline(Duration::from_secs(15))
         .with_request_timeout(Duration::from_secs(120));
     let started = std::time::Instant::now();

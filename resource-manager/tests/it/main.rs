@@ -3,6 +3,7 @@
 //! restarted, driven through the client library.
 
 mod cluster;
+mod secure;
 
 mod acl;
 mod apps;

@@ -8,61 +8,6 @@ use weft_client::RmClient;
 
 use crate::cluster::Cluster;
 
-/// An in-process node agent registered with the cluster.
-struct Agent {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<weft_node_agent::Result<()>>,
-    _work: tempfile::TempDir,
-}
-
-impl Agent {
-    async fn start(node_id: &str, rm: Vec<String>) -> Agent {
-        let work = tempfile::tempdir().unwrap();
-        let mut cfg = weft_node_agent::AgentConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            work_dir: work.path().to_path_buf(),
-            node_id: Some(node_id.into()),
-            rm_addresses: rm.clone(),
-            ..Default::default()
-        };
-        cfg.heartbeat.max_backoff = Duration::from_millis(300);
-        // This test program cannot be a container shim; the agent binary,
-        // built beside the RM's, is.
-        cfg.containers.shim = Some(
-            std::path::Path::new(env!("CARGO_BIN_EXE_resource-manager"))
-                .with_file_name("node-agent"),
-        );
-        cfg.containers.cgroup_parent = parent_name(node_id, &rm);
-        cfg.gpu.probe = weft_node_agent::config::GpuProbeChoice::Fake;
-        cfg.gpu
-            .fake
-            .devices
-            .push(weft_node_agent::config::FakeGpuDevice {
-                uuid: "GPU-0".into(),
-                model: "Fake H100".into(),
-                memory: bytesize::ByteSize::gib(80),
-                minor: None,
-            });
-        cfg.resources.vcores = Some(8.0);
-        cfg.labels.insert("gpu".into(), "h100".into());
-        let listener = tokio::net::TcpListener::bind(cfg.listen).await.unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(weft_node_agent::run(cfg, listener, async {
-            let _ = stopped.await;
-        }));
-        Agent {
-            stop: Some(stop),
-            task,
-            _work: work,
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        (&mut self.task).await.unwrap().unwrap();
-    }
-}
-
 async fn node(client: &RmClient, id: &str) -> Option<pb::NodeReport> {
     client
         .list_nodes()
@@ -166,9 +111,10 @@ impl AgentProcess {
                 "node_id = {node_id:?}\nlisten = \"{ip}:0\"\nwork_dir = {:?}\nlabels = {{ {labels} }}\n\
                  [resources]\nvcores = 8.0\n[containers]\ncgroup_parent = {:?}\n{containers}\
                  [heartbeat]\nmax_backoff = \"300ms\"\n[gpu]\nprobe = \"fake\"\n\
-                 [[gpu.fake.devices]]\nuuid = \"GPU-0\"\nmodel = \"Fake H100\"\nmemory = \"80GiB\"\n{extra}",
+                 [[gpu.fake.devices]]\nuuid = \"GPU-0\"\nmodel = \"Fake H100\"\nmemory = \"80GiB\"\n{extra}{}",
                 work.path().join("agent").display().to_string(),
-                parent_name(node_id, rm)
+                parent_name(node_id, rm),
+                crate::secure::agent_toml(node_id, &extra),
             ),
         )
         .unwrap();
@@ -361,9 +307,9 @@ async fn an_election_declares_no_node_lost() {
     let mut cluster = Cluster::start(3, 1000);
     let leader = cluster.leader().await;
     let client = cluster.client();
-    let agents = vec![
-        Agent::start("n1", cluster.addrs()).await,
-        Agent::start("n2", cluster.addrs()).await,
+    let _agents = [
+        AgentProcess::start("n1", &cluster.addrs()),
+        AgentProcess::start("n2", &cluster.addrs()),
     ];
     for id in ["n1", "n2"] {
         wait_state(&client, id, pb::NodeState::Running, Duration::from_secs(20)).await;
@@ -386,8 +332,5 @@ async fn an_election_declares_no_node_lost() {
             "member {} declared a node lost",
             i + 1
         );
-    }
-    for a in agents {
-        a.stop().await;
     }
 }

@@ -18,12 +18,10 @@ fn rmctl() -> Command {
 }
 
 pub fn run(args: &[&str], rm: &str) -> Output {
-    rmctl()
-        .args(["--rm", rm])
-        .args(args)
-        .env_remove("WEFT_RM")
-        .output()
-        .unwrap()
+    let mut cmd = rmctl();
+    cmd.args(["--rm", rm]).env_remove("WEFT_RM");
+    crate::secure::rmctl_setup(&mut cmd);
+    cmd.args(args).output().unwrap()
 }
 
 pub fn stdout(o: &Output) -> String {

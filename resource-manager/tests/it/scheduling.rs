@@ -92,10 +92,9 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
         .unwrap();
     let (app, token) = (submitted.application_id, submitted.application_token);
     assert!(!token.is_empty(), "an unmanaged master gets its token");
-    let mut am =
-        ApplicationMasterServiceClient::connect(format!("http://{}", cluster.members[leader].addr))
-            .await
-            .unwrap();
+    let mut am = ApplicationMasterServiceClient::new(
+        crate::secure::channel(&cluster.members[leader].addr, weft_common::tls::Role::Rm).await,
+    );
     // No token, a forged one, or another application's: refused.
     let other = client
         .submit_with(&crate::cluster::job("other", "root"), "yaml", "eve", true)
@@ -180,10 +179,9 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
     // reaches the state (the ends the master sees below are the real ones).
     {
         use weft_proto::v1::resource_tracker_client::ResourceTrackerClient;
-        let mut rt =
-            ResourceTrackerClient::connect(format!("http://{}", cluster.members[leader].addr))
-                .await
-                .unwrap();
+        let mut rt = ResourceTrackerClient::new(
+            crate::secure::channel_as_node(&cluster.members[leader].addr, "node-x").await,
+        );
         // No token key: never offered work, so nothing is placed on it.
         rt.register_node(pb::RegisterNodeRequest {
             node_id: "node-x".into(),
@@ -218,9 +216,9 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
 
     // Run them on their agents.
     for a in &got {
-        let mut cm = ContainerManagerClient::connect(format!("http://{}", a.node_address))
-            .await
-            .unwrap();
+        let mut cm = ContainerManagerClient::new(
+            crate::secure::channel(&a.node_address, weft_common::tls::Role::Agent).await,
+        );
         cm.start_container(pb::StartContainerRequest {
             container_id: a.container_id.clone(),
             command: "sh".into(),
@@ -287,9 +285,9 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
         "no whole GPU taken"
     );
     for a in &shares {
-        let mut cm = ContainerManagerClient::connect(format!("http://{}", a.node_address))
-            .await
-            .unwrap();
+        let mut cm = ContainerManagerClient::new(
+            crate::secure::channel(&a.node_address, weft_common::tls::Role::Agent).await,
+        );
         cm.start_container(pb::StartContainerRequest {
             container_id: a.container_id.clone(),
             command: "true".into(),
@@ -313,9 +311,9 @@ async fn asks_are_placed_on_agents_run_and_reported_back() {
     let extra = allocate_until(&mut am, &app, &token, &mut one, 1)
         .await
         .remove(0);
-    let mut cm = ContainerManagerClient::connect(format!("http://{}", extra.node_address))
-        .await
-        .unwrap();
+    let mut cm = ContainerManagerClient::new(
+        crate::secure::channel(&extra.node_address, weft_common::tls::Role::Agent).await,
+    );
     cm.start_container(pb::StartContainerRequest {
         container_id: extra.container_id.clone(),
         command: "sleep".into(),

@@ -152,6 +152,9 @@ async fn wait_end_logged(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standalone_runs_jobs_in_one_process_and_a_restart_loses_none() {
+    if crate::secure::skip("a standalone cluster on loopback is plaintext and zero-config by design; this run secures multi-member clusters") {
+        return;
+    }
     let mut solo = Standalone::start();
     let client = solo.client();
     crate::cluster::wait_nodes(&client, 1).await;
@@ -280,6 +283,9 @@ async fn standalone_runs_jobs_in_one_process_and_a_restart_loses_none() {
 /// succeeds, first try.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_job_submitted_the_moment_a_fresh_cluster_answers_succeeds() {
+    if crate::secure::skip("a standalone cluster on loopback is plaintext and zero-config by design; this run secures multi-member clusters") {
+        return;
+    }
     for round in 0..5 {
         let solo = Standalone::start();
         let addr = solo.addr.clone();
@@ -328,6 +334,9 @@ async fn the_first_job_submitted_the_moment_a_fresh_cluster_answers_succeeds() {
 /// refused (the killed job's asks left the leader's table with it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_pending_job_does_not_stall_the_jobs_behind_it() {
+    if crate::secure::skip("a standalone cluster on loopback is plaintext and zero-config by design; this run secures multi-member clusters") {
+        return;
+    }
     let solo = Standalone::start();
     let client = solo.client();
     crate::cluster::wait_nodes(&client, 1).await;
@@ -411,6 +420,9 @@ async fn killing_a_pending_job_does_not_stall_the_jobs_behind_it() {
 /// ports, none the held one, all in the range.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gang_on_one_node_gets_distinct_free_ports() {
+    if crate::secure::skip("a standalone cluster on loopback is plaintext and zero-config by design; this run secures multi-member clusters") {
+        return;
+    }
     // A range below the kernel's ephemeral ports (as the agent's default
     // 20000-32000 is), starting at the port the test holds.
     let (held, first) = (0..200u16)
@@ -472,6 +484,9 @@ async fn a_gang_on_one_node_gets_distinct_free_ports() {
 /// 2-rank gang exchanging gradients over TCP, evaluate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_ml_pipeline_trains_a_model_on_a_standalone_cluster() {
+    if crate::secure::skip("a standalone cluster on loopback is plaintext and zero-config by design; this run secures multi-member clusters") {
+        return;
+    }
     let solo = Standalone::start();
     let client = solo.client();
     crate::cluster::wait_nodes(&client, 1).await;
@@ -568,6 +583,9 @@ async fn the_example_ml_pipeline_trains_a_model_on_a_standalone_cluster() {
 /// as already existing on the node and its job FAILED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_standalone_clusters_with_a_minimal_agent_config_do_not_share_an_agent_dir() {
+    if crate::secure::skip("a standalone cluster on loopback is plaintext and zero-config by design; this run secures multi-member clusters") {
+        return;
+    }
     let a = Standalone::start_config("", false);
     let b = Standalone::start_config("", false);
     let job = "name: first\nstages:\n  - name: run\n    instances: 1\n    command: 'sleep 1'\n    resources: { vcores: 0.2, memory: 64MiB }\n";

@@ -277,6 +277,19 @@ impl Keys {
             .unwrap_or_default()
     }
 
+    /// Whether an agent whose newest key is `reported` holds the key that
+    /// signs at `now_ms` (it learns every key, so holding a key as new or
+    /// newer means holding that one; a pinned older key does not).
+    pub fn holds_signing(&self, reported: &[u8], now_ms: u64) -> bool {
+        let Some(signing) = self.signer(now_ms) else {
+            return true;
+        };
+        self.signers
+            .iter()
+            .find(|(_, s)| s.public_key().as_slice() == reported)
+            .is_some_and(|(_, s)| s.id() >= signing.id())
+    }
+
     /// Every key's public key, as agents are told them.
     pub fn public_keys(&self) -> Vec<pb::TokenKey> {
         self.signers
