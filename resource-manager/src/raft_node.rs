@@ -268,8 +268,16 @@ impl RaftHandle {
     /// Ok when this member leads; NotLeader with the leader's address otherwise.
     pub fn ensure_leader(&self) -> Result<()> {
         let st = self.status();
-        if st.is_leader {
+        if st.is_leader && st.caught_up {
             Ok(())
+        } else if st.is_leader {
+            // Elected, but entries committed before its term may not be in
+            // its state yet (a whole group restarted replays them after the
+            // election): an answer now could say an application does not
+            // exist, and its master would give up. A moment later it has.
+            Err(Error::Unavailable(
+                "this member was just elected and is applying the log: try again".into(),
+            ))
         } else {
             Err(Error::NotLeader {
                 leader: (st.leader_id != 0)
