@@ -36,7 +36,16 @@ pub struct Secure {
     token_file: PathBuf,
     /// Node names that have a certificate already.
     nodes: Mutex<Vec<String>>,
-    _tmp: tempfile::TempDir,
+}
+
+/// The directory of this process's CA, certificates and token: a static
+/// is never dropped, so it is removed when the test process exits.
+static TOP: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn remove_top() {
+    if let Some(d) = TOP.get() {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }
 
 fn rmctl(args: &[&str]) {
@@ -57,8 +66,10 @@ pub fn get() -> Option<&'static Secure> {
         if !on() {
             return None;
         }
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = crate::tls::ca_dir(tmp.path());
+        let top = TOP.get_or_init(|| tempfile::tempdir().unwrap().keep());
+        // SAFETY: registers a plain function with no captured state.
+        unsafe { libc::atexit(remove_top) };
+        let dir = crate::tls::ca_dir(top);
         rmctl(&[
             "tls",
             "cert",
@@ -73,7 +84,7 @@ pub fn get() -> Option<&'static Secure> {
         let mut raw = [0u8; 32];
         getrandom::getrandom(&mut raw).unwrap();
         let secret = format!("weft_{}", hex::encode(raw));
-        let token_file = tmp.path().join("admin.token");
+        let token_file = top.join("admin.token");
         std::fs::write(&token_file, &secret).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -88,7 +99,6 @@ pub fn get() -> Option<&'static Secure> {
             secret,
             token_file,
             nodes: Mutex::new(Vec::new()),
-            _tmp: tmp,
         })
     })
     .as_ref()
