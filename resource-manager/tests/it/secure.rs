@@ -48,15 +48,6 @@ extern "C" fn remove_top() {
     }
 }
 
-fn rmctl(args: &[&str]) {
-    let o = crate::tls::rmctl(args);
-    assert!(
-        o.status.success(),
-        "rmctl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// The secured run's CA, certificates and admin secret (made once per test
 /// process; this process's TLS installed with the members' certificate).
 /// None when off.
@@ -70,17 +61,7 @@ pub fn get() -> Option<&'static Secure> {
         // SAFETY: registers a plain function with no captured state.
         unsafe { libc::atexit(remove_top) };
         let dir = crate::tls::ca_dir(top);
-        rmctl(&[
-            "tls",
-            "cert",
-            "create",
-            "--role",
-            "rm",
-            "--name",
-            "members",
-            "--dir",
-            dir.to_str().unwrap(),
-        ]);
+        crate::tls::cert(&dir, "rm", "members");
         let mut raw = [0u8; 32];
         getrandom::getrandom(&mut raw).unwrap();
         let secret = format!("weft_{}", hex::encode(raw));
@@ -127,17 +108,7 @@ impl Secure {
         if made.iter().any(|n| n == node) {
             return;
         }
-        rmctl(&[
-            "tls",
-            "cert",
-            "create",
-            "--role",
-            "agent",
-            "--name",
-            node,
-            "--dir",
-            self.dir.to_str().unwrap(),
-        ]);
+        crate::tls::cert(&self.dir, "agent", node);
         made.push(node.to_string());
     }
 
