@@ -57,6 +57,9 @@ pub struct Runner {
 /// Container starts in flight at once.
 const START_CONCURRENCY: usize = 32;
 
+/// How long an Allocate call may wait for news (ms).
+const LONG_POLL_MS: u64 = 5000;
+
 /// exit status of a memory-quota kill (weft_proto::exit_codes::OVER_MEMORY_QUOTA).
 const OVER_MEMORY: i32 = weft_proto::exit_codes::OVER_MEMORY_QUOTA;
 
@@ -172,7 +175,11 @@ impl Runner {
                     releases: std::mem::take(&mut releases),
                     progress: self.progress(),
                     stages: self.stage_progress(),
-                    wait_ms: 1000,
+                    // A long poll: the answer comes as soon as an
+                    // allocation or an end does; a master with nothing to
+                    // hear calls every few seconds, not every second (the
+                    // RM caps the wait within its masters' expiry).
+                    wait_ms: LONG_POLL_MS,
                     ..Default::default()
                 })
                 .await?;

@@ -349,7 +349,11 @@ fn rustls_server(
 ) -> Result<rustls::ServerConfig, String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let provider = Arc::new(provider);
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_pem) {
         roots
@@ -374,6 +378,15 @@ fn rustls_server(
         .with_single_cert(chain, key)
         .map_err(|e| e.to_string())?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // No session tickets: Weft's clients keep their connections (members,
+    // agents, the RM towards agents) or are processes that connect once
+    // (masters, rmctl) and never resume; each ticket was made, encrypted
+    // and sent for nothing on every handshake.
+    cfg.send_tls13_tickets = 0;
+    // The server picks the suite: AES-128-GCM with SHA-256 first, whose
+    // handshake hashing runs on the CPU's SHA extensions (SHA-384, the
+    // clients' first choice, has none to run on).
+    cfg.ignore_client_order = true;
     Ok(cfg)
 }
 
@@ -809,6 +822,68 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600, "a private key is its owner's only");
         let again = create_cert(&ca, dir.path(), &request(Role::Rm, "rm1")).unwrap_err();
         assert!(again.contains("exists"), "{again}");
+    }
+
+    #[test]
+    fn a_server_picks_aes_128_with_sha_256_and_sends_no_tickets() {
+        use rustls::pki_types::pem::PemObject;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = create_ca(dir.path(), 10).unwrap();
+        let rm = create_cert(&ca, dir.path(), &request(Role::Rm, "rm1")).unwrap();
+        let tls = Tls::load(&files(&ca, &rm), "tls", Some(Role::Rm)).unwrap();
+        let mut server = rustls::ServerConnection::new(tls.rustls_server().unwrap()).unwrap();
+        // A client as tonic makes one: the provider's default order (which
+        // puts AES-256-GCM-SHA384 first), resumption on.
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls::pki_types::CertificateDer::from_pem_file(&ca.cert).unwrap())
+            .unwrap();
+        let client_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tickets = Arc::new(rustls::client::ClientSessionMemoryCache::new(8));
+        let mut client_cfg = client_cfg;
+        client_cfg.resumption = rustls::client::Resumption::store(tickets.clone());
+        assert_eq!(
+            client_cfg.crypto_provider().cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+        );
+        let mut client = rustls::ClientConnection::new(
+            Arc::new(client_cfg),
+            Role::Rm.dns_name().try_into().unwrap(),
+        )
+        .unwrap();
+        let mut rounds = 0;
+        while client.is_handshaking()
+            || server.is_handshaking()
+            || client.wants_write()
+            || server.wants_write()
+        {
+            rounds += 1;
+            assert!(rounds < 20, "the handshake ends");
+            let mut buf = Vec::new();
+            client.write_tls(&mut buf).unwrap();
+            server.read_tls(&mut buf.as_slice()).unwrap();
+            server.process_new_packets().unwrap();
+            let mut buf = Vec::new();
+            server.write_tls(&mut buf).unwrap();
+            client.read_tls(&mut buf.as_slice()).unwrap();
+            client.process_new_packets().unwrap();
+        }
+        assert_eq!(
+            server.negotiated_cipher_suite().unwrap().suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        use rustls::client::ClientSessionStore;
+        let name: rustls::pki_types::ServerName<'static> = Role::Rm.dns_name().try_into().unwrap();
+        assert!(
+            tickets.take_tls13_ticket(&name).is_none(),
+            "the server sent a session ticket"
+        );
     }
 
     #[test]

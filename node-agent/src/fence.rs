@@ -57,15 +57,32 @@ impl LeaseFile {
 }
 
 /// How long before the RM's bound the lease ends: time for the shims to see
-/// it (they look every [`SHIM_POLL`]) and kill.
+/// it and kill. A shim reads the lease again at its deadline, and at least
+/// every [`SHIM_POLL`] or this margin, whichever is shorter: a lease file
+/// replaced by one with an earlier deadline (the agent never moves it back
+/// itself) is still honoured before the RM's bound.
 pub fn margin(expiry: Duration) -> Duration {
     (expiry / 10)
         .max(Duration::from_millis(500))
         .min(expiry / 2)
 }
 
-/// How often a shim reads the lease.
-pub const SHIM_POLL: Duration = Duration::from_millis(100);
+/// How long a shim goes at most without reading the lease.
+pub const SHIM_POLL: Duration = Duration::from_millis(500);
+
+/// How long a shim waits before it reads the lease `l` again at `now_ms`:
+/// until its deadline, at most [`SHIM_POLL`] and the lease's [`margin`]. A
+/// renewal moves the deadline
+/// later, so a shim reads a healthy lease about twice a second, not
+/// every tenth of one; an expiring lease is read at its deadline.
+pub fn next_read(l: Option<&LeaseFile>, now_ms: u64) -> Duration {
+    match l {
+        Some(l) => Duration::from_millis(l.deadline_ms.saturating_sub(now_ms))
+            .min(SHIM_POLL)
+            .min(margin(Duration::from_millis(l.expiry_ms))),
+        None => SHIM_POLL,
+    }
+}
 
 /// `CLOCK_BOOTTIME` now, in milliseconds.
 pub fn now_ms() -> u64 {
@@ -231,6 +248,17 @@ mod tests {
                 expiry: Duration::from_secs(30)
             })
         );
+        // A shim reads it again at its deadline, at least twice a second.
+        assert_eq!(next_read(Some(&f), 1_000), SHIM_POLL);
+        assert_eq!(next_read(Some(&f), 27_800), Duration::from_millis(200));
+        assert_eq!(next_read(Some(&f), 28_000), Duration::ZERO);
+        assert_eq!(next_read(None, 28_000), SHIM_POLL);
+        let short = LeaseFile {
+            renewed_ms: 0,
+            expiry_ms: 400,
+            deadline_ms: 10_000,
+        };
+        assert_eq!(next_read(Some(&short), 0), Duration::from_millis(200));
         // A new agent finds it.
         assert_eq!(Lease::open(path).current(), Some(f));
         assert_eq!(margin(Duration::from_secs(1)), Duration::from_millis(500));

@@ -9,28 +9,142 @@ use std::net::{Ipv4Addr, TcpListener};
 use crate::config::PortsConfig;
 use crate::error::{Error, Result};
 
-/// The ports in `range` bound on this node now: the local port of every
-/// TCP socket (listening, or an outgoing connection's, which blocks a
-/// server's bind just the same) and every bound UDP socket, IPv4 and IPv6,
-/// from `/proc/net` (empty where it cannot be read). Blocking: call it off
-/// the async runtime.
+/// The ports in `range` bound on this node now (empty where they cannot be
+/// read), IPv4 and IPv6: every listening TCP socket's and every bound UDP
+/// socket's. Where the node's ephemeral range
+/// (`net.ipv4.ip_local_port_range`) overlaps `range`, an outgoing
+/// connection's local port can be one of them and blocks a server's bind
+/// just the same: then every TCP socket's local port counts.
+///
+/// TCP comes from the kernel's sock_diag netlink interface, asked for
+/// listening sockets only: a walk of the listening table alone, where
+/// `/proc/net/tcp` walks the whole connection hash table (2^18 buckets on a
+/// host of this size, about 3 ms a read however few sockets there are),
+/// once per heartbeat. `/proc/net` where netlink is refused. Blocking:
+/// call it off the async runtime.
 pub fn in_use(range: &PortsConfig) -> Vec<u32> {
-    let mut ports = BTreeSet::new();
-    for file in [
-        "/proc/net/tcp",
-        "/proc/net/tcp6",
-        "/proc/net/udp",
-        "/proc/net/udp6",
-    ] {
-        if let Ok(text) = std::fs::read_to_string(file) {
-            ports.extend(
-                parse_proc_net(&text, false)
-                    .into_iter()
-                    .filter(|p| (range.first..=range.last).contains(p)),
-            );
+    let all_tcp = ephemeral_overlaps(range);
+    let tcp = match diag::tcp_ports(all_tcp) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(error = %e, "sock_diag refused; reading /proc/net/tcp");
+            ["/proc/net/tcp", "/proc/net/tcp6"]
+                .iter()
+                .filter_map(|f| std::fs::read_to_string(f).ok())
+                .flat_map(|text| parse_proc_net(&text, !all_tcp))
+                .collect()
         }
-    }
+    };
+    let udp = ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|text| parse_proc_net(&text, false));
+    let ports: BTreeSet<u16> = tcp
+        .into_iter()
+        .chain(udp)
+        .filter(|p| (range.first..=range.last).contains(p))
+        .collect();
     ports.into_iter().map(u32::from).collect()
+}
+
+/// Whether the node's ephemeral port range overlaps `range` (unreadable:
+/// assumed so).
+fn ephemeral_overlaps(range: &PortsConfig) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return true;
+    };
+    let mut f = text.split_whitespace().map(str::parse::<u16>);
+    match (f.next(), f.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) => lo <= range.last && range.first <= hi,
+        _ => true,
+    }
+}
+
+/// TCP sockets' local ports through sock_diag (`man 7 sock_diag`).
+mod diag {
+    use netlink_packet_core::{
+        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+    };
+    use netlink_packet_sock_diag::{
+        constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+        inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+        SockDiagMessage,
+    };
+    use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
+
+    /// Local ports of listening TCP sockets (`all`: of every TCP socket).
+    pub fn tcp_ports(all: bool) -> std::io::Result<Vec<u16>> {
+        let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        let states = if all {
+            StateFlags::all()
+        } else {
+            StateFlags::LISTEN
+        };
+        let mut ports = Vec::new();
+        for (family, socket_id) in [
+            (AF_INET, SocketId::new_v4()),
+            (AF_INET6, SocketId::new_v6()),
+        ] {
+            dump(&mut socket, family, states, socket_id, &mut ports)?;
+        }
+        Ok(ports)
+    }
+
+    fn dump(
+        socket: &mut Socket,
+        family: u8,
+        states: StateFlags,
+        socket_id: SocketId,
+        ports: &mut Vec<u16>,
+    ) -> std::io::Result<()> {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let mut request = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions: ExtensionFlags::empty(),
+                states,
+                socket_id,
+            })
+            .into(),
+        );
+        request.finalize();
+        let mut buf = vec![0; request.buffer_len()];
+        request.serialize(&mut buf);
+        socket.send(&buf, 0)?;
+        let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        // A dump comes in datagrams of several messages each, up to a page
+        // or so; the last message says Done. Bounded: a dump that goes on
+        // past this many datagrams is cut (the kernel's tables are finite;
+        // this guards a loop that could not end).
+        let mut datagram = vec![0u8; 64 * 1024];
+        for _ in 0..100_000 {
+            let n = socket.recv(&mut &mut datagram[..], 0)?;
+            let mut at = 0;
+            while at < n {
+                let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&datagram[at..n])
+                    .map_err(|e| invalid(e.to_string()))?;
+                let len = msg.header.length as usize;
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                    NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                        ports.push(r.header.socket_id.source_port);
+                    }
+                    _ => {}
+                }
+                if len == 0 {
+                    break;
+                }
+                at += (len + 3) & !3;
+            }
+        }
+        Err(invalid("sock_diag dump did not end".into()))
+    }
 }
 
 /// Local ports of a `/proc/net/{tcp,udp}[6]` table (TCP: listening ones).
@@ -81,6 +195,55 @@ mod tests {
         let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:4E20 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:4E21 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0000000000000000 100 0 0 10 0\n";
         assert_eq!(parse_proc_net(tcp, true), vec![0x4E20]);
         assert_eq!(parse_proc_net(tcp, false), vec![0x4E20, 0x4E21]);
+    }
+
+    #[test]
+    fn sock_diag_sees_listening_sockets_and_with_all_states_connections_too() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = listener.local_addr().unwrap().port();
+        let v6 = std::net::TcpListener::bind("[::1]:0").ok();
+        let client = std::net::TcpStream::connect(("127.0.0.1", server)).unwrap();
+        let outgoing = client.local_addr().unwrap().port();
+        let listening = diag::tcp_ports(false).unwrap();
+        assert!(listening.contains(&server), "{listening:?}");
+        if let Some(v6) = &v6 {
+            let p = v6.local_addr().unwrap().port();
+            assert!(listening.contains(&p), "IPv6 listener {p}: {listening:?}");
+        }
+        assert!(
+            !listening.contains(&outgoing),
+            "a connection's port {outgoing} is not listening: {listening:?}"
+        );
+        let all = diag::tcp_ports(true).unwrap();
+        assert!(all.contains(&server) && all.contains(&outgoing), "{all:?}");
+    }
+
+    #[test]
+    fn an_outgoing_connections_port_counts_where_the_ephemeral_range_overlaps() {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let mut f = text.split_whitespace().map(|v| v.parse::<u16>().unwrap());
+        let (lo, hi) = (f.next().unwrap(), f.next().unwrap());
+        assert!(ephemeral_overlaps(&PortsConfig {
+            first: lo,
+            last: lo
+        }));
+        assert!(ephemeral_overlaps(&PortsConfig { first: 1, last: hi }));
+        if lo > 1025 {
+            assert!(!ephemeral_overlaps(&PortsConfig {
+                first: 1024,
+                last: lo - 1
+            }));
+        }
+        // A connection's local port (ephemeral) is in use for a range that
+        // holds it.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let outgoing = client.local_addr().unwrap().port();
+        let range = PortsConfig {
+            first: outgoing,
+            last: outgoing,
+        };
+        assert_eq!(in_use(&range), vec![outgoing as u32]);
     }
 
     #[test]

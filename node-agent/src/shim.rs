@@ -227,15 +227,19 @@ pub fn run() -> i32 {
 }
 
 /// Waits for `child` to exit (without reaping it), reading the node's lease
-/// every [`crate::fence::SHIM_POLL`]; when the lease runs out first, kills
+/// at its deadline and at least every [`crate::fence::SHIM_POLL`]
+/// ([`crate::fence::next_read`]); when the lease runs out first, kills
 /// the container (its session, then every process of its groups) and says
 /// so.
 fn watch_lease(child: &std::process::Child, lease: &Path, join: &[PathBuf]) -> Option<Fenced> {
     let pid = child.id() as i32;
     // SAFETY: pidfd_open on our own unreaped child; the descriptor is ours.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    let poll_ms = crate::fence::SHIM_POLL.as_millis() as i32;
+    // Without a pidfd the child's exit is only seen by looking.
+    const NO_PIDFD_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+    let mut wait = std::time::Duration::ZERO;
     loop {
+        let poll_ms = wait.as_millis() as i32;
         if fd >= 0 {
             let mut p = libc::pollfd {
                 fd,
@@ -251,7 +255,7 @@ fn watch_lease(child: &std::process::Child, lease: &Path, join: &[PathBuf]) -> O
             }
         } else {
             // No pidfd (old kernel): look at the child's state instead.
-            std::thread::sleep(crate::fence::SHIM_POLL);
+            std::thread::sleep(wait.min(NO_PIDFD_POLL));
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             // SAFETY: waitid with WNOWAIT leaves the child unreaped.
             let rc = unsafe {
@@ -267,10 +271,12 @@ fn watch_lease(child: &std::process::Child, lease: &Path, join: &[PathBuf]) -> O
                 return None;
             }
         }
-        let Some(l) = crate::fence::read(lease) else {
+        let l = crate::fence::read(lease);
+        let now = crate::fence::now_ms();
+        wait = crate::fence::next_read(l.as_ref(), now);
+        let Some(l) = l else {
             continue;
         };
-        let now = crate::fence::now_ms();
         if now < l.deadline_ms {
             continue;
         }

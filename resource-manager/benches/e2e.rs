@@ -5,8 +5,11 @@
 //! - for a 100-task trivial job (p50 over several runs): submit to the
 //!   master running, submit to the first task running, submit to the job's
 //!   end;
-//! - jobs per second for 1,000 one-task jobs submitted at once;
+//! - jobs per second for 1,000 one-task jobs submitted at once, with the
+//!   CPU time a job cost (the whole machine's, and the RMs', the agents'
+//!   and the containers' shares) and how long the masters lived;
 //! - tasks per second for one 1,000-task job;
+//! - what 200 running jobs that do nothing cost in CPU per second;
 //! - resident memory of every daemon afterwards.
 //!
 //! Times come from the daemons' own clocks (the agents' container start
@@ -106,6 +109,63 @@ fn start(nodes: usize) -> Cluster {
     Cluster { rms, agents, addrs }
 }
 
+/// CPU time spent busy since boot on this machine, all CPUs together
+/// (`/proc/stat`), in seconds.
+fn busy_cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let busy: u64 = ticks
+        .iter()
+        .enumerate()
+        // user, nice, system, irq, softirq (not idle, iowait, steal, nor
+        // guest time, which user already counts).
+        .filter(|(i, _)| [0, 1, 2, 5, 6].contains(i))
+        .map(|(_, t)| t)
+        .sum();
+    // USER_HZ is 100 on Linux.
+    busy as f64 / 100.0
+}
+
+/// CPU time (s) used so far by the RMs, by the agents themselves, by the
+/// containers (the agents' reaped children: shims and what they ran), and
+/// by this process: `/proc/PID/stat`'s utime + stime, and cutime + cstime.
+fn cpu_split(cluster: &Cluster) -> [f64; 4] {
+    let times = |pid: u32| -> [f64; 2] {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command's closing parenthesis: state is the
+        // first (field 3), utime field 14.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let f: Vec<f64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(4)
+            .map(|v| v.parse::<f64>().unwrap_or(0.0) / 100.0)
+            .collect();
+        match f[..] {
+            [u, s, cu, cs] => [u + s, cu + cs],
+            _ => [0.0, 0.0],
+        }
+    };
+    let mut out = [0.0; 4];
+    for c in &cluster.rms.children {
+        out[0] += times(c.id())[0];
+    }
+    for c in &cluster.agents {
+        let [own, children] = times(c.id());
+        out[1] += own;
+        out[2] += children;
+    }
+    out[3] = times(std::process::id())[0];
+    out
+}
+
 fn p50(v: &mut [u64]) -> u64 {
     v.sort_unstable();
     v[v.len() / 2]
@@ -167,10 +227,10 @@ fn main() {
     // `cargo bench` passes --bench; `cargo test` runs a short version.
     let quick =
         std::env::var("WEFT_BENCH_QUICK").is_ok() || !std::env::args().any(|a| a == "--bench");
-    let (runs, wide, jobs, many) = if quick {
-        (1, 10, 10, 50)
+    let (runs, wide, jobs, many, idle) = if quick {
+        (1, 10, 10, 50, 5)
     } else {
-        (7, 100, 1000, 1000)
+        (7, 100, 1000, 1000, 200)
     };
     let nodes = 4;
     let cluster = start(nodes);
@@ -248,6 +308,8 @@ fn main() {
         }
 
         // 2. Many one-task jobs submitted at once.
+        let cpu0 = busy_cpu_secs();
+        let split0 = cpu_split(&cluster);
         let t0 = now_ms();
         let started = Instant::now();
         let mut ids = Vec::with_capacity(jobs);
@@ -287,16 +349,49 @@ fn main() {
                     .map(|a| (a.application_id.clone(), a.diagnostics.clone()))
                     .collect();
                 assert!(failed.is_empty(), "failed jobs: {failed:?}");
-                break mine.iter().map(|a| a.finished_at_ms).max().unwrap();
+                let masters: std::collections::HashSet<String> =
+                    mine.iter().map(|a| a.am_container_id.clone()).collect();
+                break (
+                    mine.iter().map(|a| a.finished_at_ms).max().unwrap(),
+                    masters,
+                );
             }
             assert!(started.elapsed() < Duration::from_secs(900), "{ended}/{jobs} ended");
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        let cpu = busy_cpu_secs() - cpu0;
+        let split = cpu_split(&cluster);
+        let (last_finish, masters) = last_finish;
         let secs = (last_finish - t0) as f64 / 1000.0;
         println!(
             "{jobs} one-task jobs: all submitted in {:.2} s, all finished in {secs:.2} s: {:.1} jobs/s",
             submitted_in.as_secs_f64(),
             jobs as f64 / secs
+        );
+        // What a job costs the machine (every process on it, busy CPU time
+        // from /proc/stat) and how long its master lived: with the CPUs
+        // saturated, jobs/s is their number over the CPU time per job.
+        let mut lived: Vec<u64> = containers(&client)
+            .await
+            .iter()
+            .filter(|c| masters.contains(&c.container_id))
+            .map(|c| c.finished_at_ms.saturating_sub(c.started_at_ms))
+            .collect();
+        let alive = lived.iter().sum::<u64>() as f64 / 1000.0 / secs;
+        let lived_p50 = p50(&mut lived);
+        println!(
+            "  CPU busy {cpu:.1} s ({:.1} ms per job); masters lived {lived_p50} ms p50 [{}..{}], {alive:.0} alive on average",
+            cpu * 1000.0 / jobs as f64,
+            lived.first().copied().unwrap_or_default(),
+            lived.last().copied().unwrap_or_default(),
+        );
+        let per_job = |i: usize| (split[i] - split0[i]) * 1000.0 / jobs as f64;
+        println!(
+            "  CPU per job (ms): RMs {:.1}, agents {:.1}, containers (masters, tasks, their shims) {:.1}, this bench {:.1}",
+            per_job(0),
+            per_job(1),
+            per_job(2),
+            per_job(3),
         );
 
         // 3. One job of many tasks.
@@ -322,6 +417,47 @@ fn main() {
             last.saturating_sub(t0),
             ended.saturating_sub(t0),
         );
+
+        // 4. What a running job costs while it does nothing: its master's
+        // connections (keepalive pings) and long polls, the agents'
+        // tracking of its containers. The cluster's CPU use with `idle`
+        // jobs whose one task sleeps, over its use with none.
+        let window = Duration::from_secs(if quick { 2 } else { 10 });
+        let c0 = busy_cpu_secs();
+        tokio::time::sleep(window).await;
+        let empty = (busy_cpu_secs() - c0) / window.as_secs_f64();
+        let mut sleepers = Vec::with_capacity(idle);
+        for i in 0..idle {
+            let spec = job(&format!("idle{i}"), 1).replace("'true'", "'sleep 600'");
+            sleepers.push(client.submit(&spec, "yaml", "bench").await.unwrap());
+        }
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let running = containers(&client)
+                .await
+                .iter()
+                .filter(|c| c.state() == pb::ContainerState::Running)
+                .count();
+            // Every master and its task.
+            if running == 2 * idle {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{running} of {} containers running", 2 * idle);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let c0 = busy_cpu_secs();
+        tokio::time::sleep(window).await;
+        let busy = (busy_cpu_secs() - c0) / window.as_secs_f64();
+        println!(
+            "{idle} running jobs doing nothing (a master and a sleeping task each): CPU busy {:.0} ms/s, {:.0} ms/s with none: {:.0} us/s per job",
+            busy * 1000.0,
+            empty * 1000.0,
+            (busy - empty) * 1e6 / idle as f64
+        );
+        for id in &sleepers {
+            client.kill_application(id).await.unwrap();
+        }
 
         let rss: Vec<String> = cluster
             .rms

@@ -207,7 +207,7 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         }
         // Check every ask before taking any.
         check_sizes(&r)?;
-        {
+        if !r.asks.is_empty() {
             let state = self.s.raft.state();
             let (cluster, _) = cluster_view(&state);
             let queues = queue_view(&state);
@@ -281,7 +281,8 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
             // Lock order everywhere: the state, then the table.
             let st = self.s.raft.state();
             let mut t = self.s.table.lock().expect("table lock");
-            if t.synced.insert(r.application_id.clone()) {
+            let newly_synced = t.synced.insert(r.application_id.clone());
+            if newly_synced {
                 let waiting: Vec<pb::Allocation> = st
                     .containers_of(&r.application_id)
                     .filter(|c| {
@@ -309,14 +310,25 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                     (a.clone(), a.count.saturating_sub(already))
                 })
                 .collect();
+            let asks_changed = t.asks.get(&r.application_id) != Some(&list);
             t.asks.insert(r.application_id.clone(), list);
+            // A round for what changed: new or different asks, releases, a
+            // master first heard under this leader. A master calling again
+            // with the same asks (a long poll each second while it waits)
+            // wakes no one: the loop runs when the state changes and every
+            // half second anyway.
+            if asks_changed || newly_synced || !r.releases.is_empty() {
+                self.s.wake.notify_one();
+            }
         }
-        self.s.wake.notify_one();
         // Long poll: answer at once when something is waiting, else wait.
-        let wait = Duration::from_millis(r.wait_ms).min(MAX_WAIT);
+        let wait = Duration::from_millis(r.wait_ms).min(self.s.max_wait());
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.s.delivered.notified();
+            // A leader that stepped down meanwhile (the waiters are woken)
+            // sends the master on at once rather than at the deadline.
+            self.s.raft.ensure_leader()?;
             if let Some(resp) = self.take_news(&r.application_id, r.attempt)? {
                 return Ok(renew(resp));
             }

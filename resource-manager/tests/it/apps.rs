@@ -546,12 +546,14 @@ async fn a_silent_master_expires_and_the_job_fails_when_attempts_run_out() {
     }
 }
 
-/// A master the RM ends while its Allocate call waits (here: silent past
-/// the masters' `expiry`) gets nothing from that call or any later one, and
-/// its asks are not placed for it: the next attempt asks and gets the
-/// container. (Found by the fault harness: a
+/// A master the RM ends while its Allocate call waits (here: its
+/// container's process killed) gets nothing from that call or any later
+/// one, and its asks are not placed for it: the next attempt asks and gets
+/// the container. (Found by the fault harness: a
 /// replaced master started tasks the new attempt started again, two runs
-/// of one task at once.)
+/// of one task at once.) A call's wait is cut to a third of the masters'
+/// `expiry` (4 s here), so a master that waits as long as it may is never
+/// taken for a silent one.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replaced_masters_waiting_allocate_gets_no_container() {
     use weft_proto::v1::application_master_service_client::ApplicationMasterServiceClient;
@@ -633,9 +635,8 @@ async fn a_replaced_masters_waiting_allocate_gets_no_container() {
         let mut am = am.clone();
         let (app, big) = (app.clone(), big.clone());
         tokio::spawn(async move {
-            // Its master's own end may come back first: call again (each
-            // call waits up to 10 s) until refused. No call may bring a
-            // container.
+            // Call again (each call waits up to a third of the expiry)
+            // until refused. No call may bring a container.
             let mut handed = Vec::new();
             loop {
                 match am
@@ -655,8 +656,18 @@ async fn a_replaced_masters_waiting_allocate_gets_no_container() {
             }
         })
     };
-    // Attempt 1 says nothing more: replaced after 4 s. Then a node with
-    // room comes, and its ask is placed while its call still waits.
+    // Attempt 1's master process dies while its calls wait: the attempt
+    // ends and is replaced. Then a node with room comes, and its ask is
+    // placed while a call of attempt 1 may still wait.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pids = _a.container_processes();
+    assert!(!pids.is_empty(), "attempt 1's master runs on node-a");
+    for pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
     let token2 = token_of(2).await;
     let _b = AgentProcess::start("node-b", &cluster.addrs());
     let (handed, e) = tokio::time::timeout(Duration::from_secs(60), waiting)

@@ -424,6 +424,16 @@ impl Scheduling {
             .ok_or_else(|| Error::Unavailable("the token key is not applied yet".into()))
     }
 
+    /// How long an Allocate call may wait for news: [`MAX_WAIT`], and a
+    /// third of the masters' `expiry`, so that a master waiting as long as
+    /// it may still calls well within it.
+    pub fn max_wait(&self) -> Duration {
+        match &self.masters {
+            Some(m) if !m.in_process => MAX_WAIT.min(m.expiry / 3),
+            _ => MAX_WAIT,
+        }
+    }
+
     /// Whether this RM starts application masters for submitted jobs.
     pub fn launches_masters(&self) -> bool {
         self.masters.is_some()
@@ -440,6 +450,8 @@ impl Scheduling {
     /// own in-process masters).
     pub fn step_down(&self) {
         *self.table.lock().expect("table lock") = Table::default();
+        // Masters waiting in a long poll here go on to the new leader now.
+        self.delivered.notify_waiters();
         self.unreachable.lock().expect("unreachable lock").clear();
         for (_, m) in self.local.lock().expect("local masters lock").drain() {
             m.task.abort();
