@@ -76,7 +76,16 @@ struct Shared {
     /// The node's lease: containers die when it runs out (see
     /// [`crate::fence`]).
     lease: crate::fence::Lease,
+    /// When (`fence::now_ms`) a container that was given ports last ended
+    /// (this agent's start, for containers an earlier agent started): its
+    /// connections can hold those ports in TIME_WAIT for a while.
+    ports_freed_at_ms: std::sync::atomic::AtomicU64,
 }
+
+/// How long after a container given ports ends its ports may still be held
+/// by its closing connections (TIME_WAIT is 60 s on Linux, FIN_WAIT2
+/// `tcp_fin_timeout`, 60 s by default).
+const PORTS_LINGER_MS: u64 = 120_000;
 
 /// One container: its record plus the channels to its supervisor.
 pub struct Container {
@@ -171,6 +180,7 @@ impl Manager {
                 ),
                 log_streams: Arc::new(tokio::sync::Semaphore::new(log_streams)),
                 lease,
+                ports_freed_at_ms: std::sync::atomic::AtomicU64::new(crate::fence::now_ms()),
             }),
         })
     }
@@ -268,6 +278,15 @@ impl Manager {
                 .then(a.spec.id.cmp(&b.spec.id))
         });
         v
+    }
+
+    /// Whether a container given ports ended recently enough (or before
+    /// this agent started) that its closing connections may still hold
+    /// them: the port scan then looks at every TCP socket, not only the
+    /// listening ones.
+    pub fn ports_may_linger(&self) -> bool {
+        crate::fence::now_ms().saturating_sub(self.sh.ports_freed_at_ms.load(Ordering::SeqCst))
+            < PORTS_LINGER_MS
     }
 
     /// What a heartbeat reports, in one pass under the lock with no record
@@ -544,7 +563,17 @@ impl Manager {
             return Err(e);
         }
         match self.launch(&spec, files, &c, stop_rx, run_as).await {
-            Ok(()) => Ok(c.record().to_proto()),
+            Ok(()) => {
+                if !ports.is_empty() {
+                    let (sh, c) = (self.sh.clone(), c.clone());
+                    tokio::spawn(async move {
+                        c.wait_done().await;
+                        sh.ports_freed_at_ms
+                            .store(crate::fence::now_ms(), Ordering::SeqCst);
+                    });
+                }
+                Ok(c.record().to_proto())
+            }
             Err(e) => {
                 self.sh
                     .state

@@ -11,19 +11,22 @@ use crate::error::{Error, Result};
 
 /// The ports in `range` bound on this node now (empty where they cannot be
 /// read), IPv4 and IPv6: every listening TCP socket's and every bound UDP
-/// socket's. Where the node's ephemeral range
-/// (`net.ipv4.ip_local_port_range`) overlaps `range`, an outgoing
-/// connection's local port can be one of them and blocks a server's bind
-/// just the same: then every TCP socket's local port counts.
+/// socket's. A connection's local port blocks a server's bind just the
+/// same (without SO_REUSEADDR, also in TIME_WAIT), so every TCP socket's
+/// local port counts where one can be in `range`: where the node's
+/// ephemeral range (`net.ipv4.ip_local_port_range`) overlaps it (outgoing
+/// connections), and with `closing` (a container given ports ended
+/// lately, and its server's connections may still be closing).
 ///
 /// TCP comes from the kernel's sock_diag netlink interface, asked for
-/// listening sockets only: a walk of the listening table alone, where
+/// listening sockets only where that suffices: a walk of the listening
+/// table alone, where
 /// `/proc/net/tcp` walks the whole connection hash table (2^18 buckets on a
 /// host of this size, about 3 ms a read however few sockets there are),
 /// once per heartbeat. `/proc/net` where netlink is refused. Blocking:
 /// call it off the async runtime.
-pub fn in_use(range: &PortsConfig) -> Vec<u32> {
-    let all_tcp = ephemeral_overlaps(range);
+pub fn in_use(range: &PortsConfig, closing: bool) -> Vec<u32> {
+    let all_tcp = closing || ephemeral_overlaps(range);
     let tcp = match diag::tcp_ports(all_tcp) {
         Ok(p) => p,
         Err(e) => {
@@ -199,6 +202,10 @@ mod tests {
 
     #[test]
     fn sock_diag_sees_listening_sockets_and_with_all_states_connections_too() {
+        if let Err(e) = diag::tcp_ports(false) {
+            println!("skipped: sock_diag refused here ({e}); the scan reads /proc/net/tcp");
+            return;
+        }
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let server = listener.local_addr().unwrap().port();
         let v6 = std::net::TcpListener::bind("[::1]:0").ok();
@@ -243,7 +250,56 @@ mod tests {
             first: outgoing,
             last: outgoing,
         };
-        assert_eq!(in_use(&range), vec![outgoing as u32]);
+        assert_eq!(in_use(&range, false), vec![outgoing as u32]);
+    }
+
+    #[test]
+    fn a_closed_servers_port_in_time_wait_counts_while_containers_ports_linger() {
+        // A server on a port of the range accepts a connection and closes
+        // it first: its side goes to TIME_WAIT on the server's port, which
+        // a new server binding without SO_REUSEADDR cannot take.
+        // A port of the default range, below the ephemeral one (where
+        // listening sockets alone are asked for unless ports linger).
+        let listener = (0..200u16)
+            .find_map(|i| {
+                TcpListener::bind((
+                    "127.0.0.1",
+                    20_000 + (std::process::id() as u16 % 100) * 100 + i,
+                ))
+                .ok()
+            })
+            .expect("a free port in 20000-30000");
+        let port = listener.local_addr().unwrap().port();
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (served, _) = listener.accept().unwrap();
+        drop(listener);
+        drop(served);
+        // The client reads the FIN and closes too.
+        let mut buf = [0u8; 1];
+        use std::io::Read;
+        let _ = (&client).read(&mut buf);
+        drop(client);
+        let range = PortsConfig {
+            first: port,
+            last: port,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while in_use(&range, true) != vec![port as u32] {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "port {port} in TIME_WAIT is not reported"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if ephemeral_overlaps(&range) {
+            println!("the ephemeral range holds {port}: every scan walks all TCP sockets here");
+        } else {
+            assert_eq!(
+                in_use(&range, false),
+                Vec::<u32>::new(),
+                "only listening sockets asked for"
+            );
+        }
     }
 
     #[test]
@@ -254,7 +310,7 @@ mod tests {
             first: port,
             last: port,
         };
-        assert_eq!(in_use(&range), vec![port as u32]);
+        assert_eq!(in_use(&range, false), vec![port as u32]);
         let e = check_free(&[port as u32]).unwrap_err();
         assert!(
             e.to_string().contains(&format!("port {port} is in use")),

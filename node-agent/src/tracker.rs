@@ -122,7 +122,9 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
             }
             sequence += 1;
             let (containers, used) = mgr.heartbeat_report(&mut acknowledged);
-            let ports_in_use = ports.read(&cfg.ports, interval).await;
+            let ports_in_use = ports
+                .read(&cfg.ports, interval, mgr.ports_may_linger())
+                .await;
             let req = pb::NodeHeartbeatRequest {
                 node_id: node.node_id.clone(),
                 containers,
@@ -242,8 +244,8 @@ async fn register(
     node: &NodeIdentity,
     ports: &crate::config::PortsConfig,
 ) -> Result<tonic::Response<pb::RegisterNodeResponse>, tonic::Status> {
-    let range = ports.clone();
-    let ports_in_use = tokio::task::spawn_blocking(move || crate::ports::in_use(&range))
+    let (range, closing) = (ports.clone(), mgr.ports_may_linger());
+    let ports_in_use = tokio::task::spawn_blocking(move || crate::ports::in_use(&range, closing))
         .await
         .unwrap_or_default();
     let cap = mgr.capacity();
@@ -288,14 +290,20 @@ struct PortScan {
 }
 
 impl PortScan {
-    async fn read(&mut self, range: &crate::config::PortsConfig, interval: Duration) -> Vec<u32> {
+    /// `closing`: every TCP socket counts (see [`crate::ports::in_use`]).
+    async fn read(
+        &mut self,
+        range: &crate::config::PortsConfig,
+        interval: Duration,
+        closing: bool,
+    ) -> Vec<u32> {
         if let Some((at, ports)) = &self.last {
             if at.elapsed() < interval {
                 return ports.clone();
             }
         }
         let range = range.clone();
-        let ports = tokio::task::spawn_blocking(move || crate::ports::in_use(&range))
+        let ports = tokio::task::spawn_blocking(move || crate::ports::in_use(&range, closing))
             .await
             .unwrap_or_default();
         self.last = Some((tokio::time::Instant::now(), ports.clone()));

@@ -244,8 +244,9 @@ pub struct MastersConfig {
     /// Resources of a master whose job spec names none (`am:`).
     pub vcores: f64,
     pub memory: bytesize::ByteSize,
-    /// A master that makes no call for this long is ended and replaced
-    /// (its Allocate calls come at least every 10 s).
+    /// A master that makes no call for this long is ended and replaced (an
+    /// Allocate call waits at most a third of it, so a master waiting in
+    /// one is never taken for a silent one).
     #[serde(with = "humantime_serde")]
     pub expiry: Duration,
     /// How long a master keeps retrying while no RM leader answers (a

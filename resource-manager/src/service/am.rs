@@ -207,14 +207,16 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         }
         // Check every ask before taking any.
         check_sizes(&r)?;
-        if !r.asks.is_empty() {
+        {
             let state = self.s.raft.state();
-            let (cluster, _) = cluster_view(&state);
             let queues = queue_view(&state);
             let q = queues.index(&app.queue).ok_or_else(|| {
                 Status::failed_precondition(format!("queue: {} no longer exists", app.queue))
             })?;
+            // The nodes' view only where there are asks to judge.
+            let cluster = (!r.asks.is_empty()).then(|| cluster_view(&state).0);
             for (i, ra) in r.asks.iter().enumerate() {
+                let cluster = cluster.as_ref().expect("made where there are asks");
                 let res = ra.resources.unwrap_or_default();
                 if res.gpu_share_milli > 1000 || (res.gpu_share_milli > 0 && res.gpus > 0) {
                     return Err(Error::InvalidArgument {
@@ -327,8 +329,20 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         loop {
             let notified = self.s.delivered.notified();
             // A leader that stepped down meanwhile (the waiters are woken)
-            // sends the master on at once rather than at the deadline.
+            // sends the master on at once rather than at the deadline; one
+            // whose table was reset (a new leadership, even its own again)
+            // answers at once, so that the master calls again with its asks.
             self.s.raft.ensure_leader()?;
+            if !self
+                .s
+                .table
+                .lock()
+                .expect("table lock")
+                .synced
+                .contains(&r.application_id)
+            {
+                return Ok(renew(pb::AllocateResponse::default()));
+            }
             if let Some(resp) = self.take_news(&r.application_id, r.attempt)? {
                 return Ok(renew(resp));
             }

@@ -31,11 +31,25 @@ async fn launching_cluster(names: &[&str]) -> (Cluster, Vec<AgentProcess>) {
 
 /// [`launching_cluster`] with `top` (top-level TOML) in each member's config.
 async fn launching_cluster_with(names: &[&str], top: &str) -> (Cluster, Vec<AgentProcess>) {
+    launching_cluster_of(names, top, false).await
+}
+
+/// `own_address`: the members on a loopback address of their own
+/// ([`Cluster::start_on_own_address`]).
+async fn launching_cluster_of(
+    names: &[&str],
+    top: &str,
+    own_address: bool,
+) -> (Cluster, Vec<AgentProcess>) {
     let extra = format!(
         "{top}[masters]\nlaunch = true\ncommand = {:?}\n",
         app_master().display().to_string()
     );
-    let cluster = Cluster::start_with(3, 1000, &extra);
+    let cluster = if own_address {
+        Cluster::start_on_own_address(3, 1000, &extra)
+    } else {
+        Cluster::start_with(3, 1000, &extra)
+    };
     cluster.leader().await;
     let agents = names
         .iter()
@@ -547,13 +561,14 @@ async fn a_silent_master_expires_and_the_job_fails_when_attempts_run_out() {
 }
 
 /// A master the RM ends while its Allocate call waits (here: its
-/// container's process killed) gets nothing from that call or any later
-/// one, and its asks are not placed for it: the next attempt asks and gets
-/// the container. (Found by the fault harness: a
+/// container's process killed) is refused in that call and every later
+/// one and handed nothing, and its asks are not placed for it: the next
+/// attempt asks and gets the container. (Found by the fault harness: a
 /// replaced master started tasks the new attempt started again, two runs
-/// of one task at once.) A call's wait is cut to a third of the masters'
-/// `expiry` (4 s here), so a master that waits as long as it may is never
-/// taken for a silent one.
+/// of one task at once. It was found with a master ended for silence while
+/// its call waited past the `expiry`; a call now waits at most a third of
+/// the `expiry` (4 s here), so a master waiting as long as it may is never
+/// taken for a silent one, and the end comes from the master's death.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replaced_masters_waiting_allocate_gets_no_container() {
     use weft_proto::v1::application_master_service_client::ApplicationMasterServiceClient;
@@ -732,7 +747,10 @@ async fn a_replaced_masters_waiting_allocate_gets_no_container() {
 /// with its first master, no task started twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_rides_out_a_three_minute_outage_of_the_whole_rm_group() {
-    let (mut cluster, agents) = launching_cluster(&NODES).await;
+    // On their own address: in three minutes another test's daemon could
+    // take a dead member's port on 127.0.0.1, and the master, reaching it,
+    // would be refused (a token of another group) and give up.
+    let (mut cluster, agents) = launching_cluster_of(&NODES, "", true).await;
     let client = cluster.client();
     let dir = tempfile::tempdir().unwrap();
     let starts = dir.path().join("starts");

@@ -29,12 +29,25 @@ pub struct Cluster {
 /// `n` distinct ports free now: each held until all are chosen (a port
 /// given back at once may be handed out again by the next bind).
 fn free_ports(n: usize) -> Vec<u16> {
+    free_ports_on("127.0.0.1", n)
+}
+
+/// `n` ports free on the loopback address `ip` now.
+fn free_ports_on(ip: &str, n: usize) -> Vec<u16> {
     let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .map(|_| std::net::TcpListener::bind((ip, 0)).unwrap())
         .collect();
     held.iter()
         .map(|l| l.local_addr().unwrap().port())
         .collect()
+}
+
+/// A loopback address no other cluster of this test process uses
+/// (127.77.X.Y: all of 127.0.0.0/8 reaches this host's loopback).
+pub fn own_loopback() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("127.77.{}.{}", std::process::id() % 256, n % 250 + 2)
 }
 
 fn free_port() -> u16 {
@@ -59,13 +72,30 @@ impl Cluster {
     /// Like [`Cluster::start_with`], without starting anything: a test
     /// changes members (their data dirs) first, then spawns each.
     pub fn prepare(n: u64, snapshot_every: u64, extra: &str) -> Cluster {
+        Self::prepare_on("127.0.0.1", n, snapshot_every, extra)
+    }
+
+    /// Like [`Cluster::start_with`], the members on their own loopback
+    /// address ([`own_loopback`]): while they are down (a whole-group
+    /// outage), no other test's daemon can take their ports and answer
+    /// their agents and masters in their place.
+    pub fn start_on_own_address(n: u64, snapshot_every: u64, extra: &str) -> Cluster {
+        let mut c = Self::prepare_on(&own_loopback(), n, snapshot_every, extra);
+        for i in 0..n as usize {
+            c.spawn(i);
+        }
+        c
+    }
+
+    /// [`Cluster::prepare`] with the members listening on `ip`.
+    pub fn prepare_on(ip: &str, n: u64, snapshot_every: u64, extra: &str) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
-        let ports = free_ports(n as usize);
+        let ports = free_ports_on(ip, n as usize);
         let members = (1..=n)
             .map(|id| Member {
                 id,
                 join: false,
-                addr: format!("127.0.0.1:{}", ports[id as usize - 1]),
+                addr: format!("{ip}:{}", ports[id as usize - 1]),
                 dir: tmp.path().join(format!("rm{id}")),
                 log: tmp.path().join(format!("rm{id}.log")),
                 child: None,
