@@ -458,6 +458,23 @@ fn main() {
         for id in &sleepers {
             client.kill_application(id).await.unwrap();
         }
+        // Their containers end before the cluster goes: an agent killed
+        // while stopping them (the teardown's SIGKILL after 20 s) would
+        // leave their shims and tasks behind, as it does by design across
+        // an agent restart.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let live = containers(&client)
+                .await
+                .iter()
+                .filter(|c| c.state < pb::ContainerState::Succeeded as i32)
+                .count();
+            if live == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{live} containers still live after the kills");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
 
         let rss: Vec<String> = cluster
             .rms
