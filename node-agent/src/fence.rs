@@ -79,10 +79,13 @@ pub fn next_read(l: Option<&LeaseFile>, now_ms: u64) -> Duration {
     match l {
         Some(l) if now_ms >= l.deadline_ms => Duration::ZERO,
         // At least 10 ms: a file with no expiry (margin 0) must not spin.
-        Some(l) => Duration::from_millis(l.deadline_ms - now_ms)
-            .min(SHIM_POLL)
-            .min(margin(Duration::from_millis(l.expiry_ms)))
-            .max(Duration::from_millis(10).min(Duration::from_millis(l.deadline_ms - now_ms))),
+        Some(l) => {
+            let left = Duration::from_millis(l.deadline_ms - now_ms);
+            left.min(SHIM_POLL)
+                .min(margin(Duration::from_millis(l.expiry_ms)))
+                .max(Duration::from_millis(10))
+                .min(left)
+        }
         None => SHIM_POLL,
     }
 }

@@ -31,23 +31,26 @@ pub fn in_use(range: &PortsConfig, closing: bool) -> Vec<u32> {
         Ok(p) => p,
         Err(e) => {
             tracing::debug!(error = %e, "sock_diag refused; reading /proc/net/tcp");
-            ["/proc/net/tcp", "/proc/net/tcp6"]
-                .iter()
-                .filter_map(|f| std::fs::read_to_string(f).ok())
-                .flat_map(|text| parse_proc_net(&text, !all_tcp))
-                .collect()
+            from_proc(&["/proc/net/tcp", "/proc/net/tcp6"], !all_tcp)
         }
     };
-    let udp = ["/proc/net/udp", "/proc/net/udp6"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .flat_map(|text| parse_proc_net(&text, false));
+    let udp = from_proc(&["/proc/net/udp", "/proc/net/udp6"], false);
     let ports: BTreeSet<u16> = tcp
         .into_iter()
         .chain(udp)
         .filter(|p| (range.first..=range.last).contains(p))
         .collect();
     ports.into_iter().map(u32::from).collect()
+}
+
+/// Local ports of the `/proc/net` tables `files` (unreadable ones give
+/// none).
+fn from_proc(files: &[&str], listen_only: bool) -> Vec<u16> {
+    files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|text| parse_proc_net(&text, listen_only))
+        .collect()
 }
 
 /// Whether the node's ephemeral port range overlaps `range` (unreadable:
