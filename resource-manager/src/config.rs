@@ -90,6 +90,9 @@ pub struct AclConfig {
     /// [`AclConfig::read_initial_admin_token`]).
     #[serde(skip)]
     pub initial_admin_secret: Option<String>,
+    /// Users from an OpenID Connect issuer: bearer JWTs it signed name
+    /// their user (see [`crate::service::oidc`]).
+    pub oidc: Option<crate::service::oidc::OidcConfig>,
 }
 
 impl AclConfig {
@@ -123,6 +126,20 @@ impl AclConfig {
         }
         self.initial_admin_secret = Some(secret.to_string());
         Ok(())
+    }
+
+    /// Checks `[acl.oidc]` and reads its JWKS file (a member whose file
+    /// does not load does not start).
+    pub fn load_oidc(&self) -> Result<()> {
+        let Some(oidc) = &self.oidc else {
+            return Ok(());
+        };
+        if !self.enabled {
+            return Err(Error::Config(
+                "acl.oidc: users from an OIDC issuer need acl.enabled = true".into(),
+            ));
+        }
+        oidc.load().map_err(Error::Config)
     }
 }
 

@@ -92,6 +92,7 @@ pub async fn run(
     .with_acl({
         let mut acl = config.acl.clone();
         acl.read_initial_admin_token()?;
+        acl.load_oidc()?;
         acl
     })
     .with_audit_log(match &config.audit_log {

@@ -31,6 +31,11 @@ pub enum Method {
         accessor: String,
     },
     Certificate,
+    /// A JWT from the configured OIDC issuer (`[acl.oidc]`).
+    Oidc {
+        /// When it expires (ms since the epoch).
+        expires_at_ms: u64,
+    },
     /// A member's certificate (another member, a benchmark acting as one).
     Member,
 }
@@ -49,6 +54,7 @@ impl std::fmt::Display for Who {
             Method::None => write!(f, "user {}", self.user),
             Method::Token { accessor } => write!(f, "user {} (token {accessor})", self.user),
             Method::Certificate => write!(f, "user {} (client certificate)", self.user),
+            Method::Oidc { .. } => write!(f, "user {} (OIDC token)", self.user),
             Method::Member => write!(f, "member {}", self.user),
         }
     }
@@ -60,6 +66,7 @@ impl Who {
             Method::None => "none",
             Method::Token { .. } => "token",
             Method::Certificate => "certificate",
+            Method::Oidc { .. } => "oidc",
             Method::Member => "member",
         }
     }
@@ -88,6 +95,7 @@ impl Who {
                 .acl_tokens
                 .get(accessor)
                 .is_some_and(|t| t.expires_at_ms == 0 || t.expires_at_ms > now_ms),
+            Method::Oidc { expires_at_ms } => *expires_at_ms > now_ms,
             _ => true,
         }
     }
@@ -218,6 +226,26 @@ fn bearer<T>(req: &Request<T>) -> Result<Option<String>, Status> {
     Ok(Some(secret.to_string()))
 }
 
+/// The user of a JWT (a bearer token of three dotted parts), if this
+/// member trusts an OIDC issuer and the token is valid.
+fn oidc_user(acl: &AclConfig, jwt: &str) -> Result<Who, Status> {
+    let Some(oidc) = &acl.oidc else {
+        return Err(Status::unauthenticated(
+            "OIDC token refused: this cluster takes no tokens from an OIDC issuer (acl.oidc is not set); use a Weft token (`rmctl acl token create`) or a client certificate",
+        ));
+    };
+    let c = oidc
+        .verify(jwt, &acl.admins)
+        .map_err(|why| Status::unauthenticated(format!("OIDC token refused: {why}")))?;
+    Ok(Who {
+        user: c.user,
+        admin: c.admin,
+        method: Method::Oidc {
+            expires_at_ms: c.expires_at_ms,
+        },
+    })
+}
+
 /// Who calls: from the bearer token if one came, else the client
 /// certificate. UNAUTHENTICATED, saying why, when ACLs are on and neither
 /// names a user. `claimed` is the user a request names itself (submissions),
@@ -247,6 +275,9 @@ pub fn authenticate<T>(
         let refused = || {
             Status::unauthenticated("token not recognised (revoked, or never made by this cluster)")
         };
+        if !secret.starts_with(SECRET_PREFIX) && secret.matches('.').count() == 2 {
+            return oidc_user(acl, &secret);
+        }
         if !secret.starts_with(SECRET_PREFIX) || secret.len() > 256 {
             return Err(refused());
         }

@@ -19,6 +19,7 @@ pub mod am;
 pub mod audit_log;
 pub mod auth;
 pub mod client;
+pub mod oidc;
 pub mod tracker;
 
 pub fn now_ms() -> u64 {

@@ -606,3 +606,147 @@ impl OutputExt for Output {
         self
     }
 }
+
+/// A test OIDC issuer: a P-256 key, its JWKS entry, and tokens it signs.
+struct Issuer {
+    key: jsonwebtoken::EncodingKey,
+    jwk: serde_json::Value,
+    kid: String,
+}
+
+const ISSUER: &str = "https://login.example.test/realms/ml";
+
+impl Issuer {
+    fn new(kid: &str) -> Issuer {
+        use base64::Engine;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = k.public_key_raw();
+        Issuer {
+            key: jsonwebtoken::EncodingKey::from_ec_der(&k.serialize_der()),
+            jwk: serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig",
+                "x": b64(&raw[1..33]), "y": b64(&raw[33..])}),
+            kid: kid.into(),
+        }
+    }
+
+    /// A token for `user` (in `preferred_username`; `sub` is an opaque id)
+    /// with `groups`, expiring `ttl_s` from now (negative: in the past).
+    fn token(&self, user: &str, groups: &[&str], ttl_s: i64) -> String {
+        let now = jsonwebtoken::get_current_timestamp() as i64;
+        let claims = serde_json::json!({"iss": ISSUER, "aud": "weft", "sub": format!("id-{user}"),
+            "preferred_username": user, "groups": groups, "iat": now, "exp": now + ttl_s});
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&h, &claims, &self.key).unwrap()
+    }
+}
+
+fn write_jwks(path: &std::path::Path, issuers: &[&Issuer]) {
+    let keys: Vec<_> = issuers.iter().map(|i| i.jwk.clone()).collect();
+    std::fs::write(path, serde_json::json!({ "keys": keys }).to_string()).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_of_an_oidc_issuer_call_with_its_tokens_and_its_key_rotates_without_a_restart() {
+    if crate::secure::skip(
+        "it secures its own cluster with its own CA and issuer (it runs in the plaintext pass)",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = ca_dir(tmp.path());
+    for i in 1..=3 {
+        cert(&d, "rm", &format!("rm{i}"));
+    }
+    let jwks = tmp.path().join("jwks.json");
+    let issuer = Issuer::new("key-2026-12");
+    write_jwks(&jwks, &[&issuer]);
+    let ca_s = d.join("weft-ca.pem").display().to_string();
+    let extra = format!(
+        "[tls]\nca_file = {ca_s:?}\ncert_file = \"{0}/rm-rm{{id}}.pem\"\nkey_file = \"{0}/rm-rm{{id}}-key.pem\"\n\
+         [acl]\nenabled = true\n\
+         [acl.oidc]\nissuer = {ISSUER:?}\naudience = \"weft\"\njwks_file = {1:?}\n\
+         user_claim = \"preferred_username\"\nadmin_groups = [\"ml-admins\"]\n\
+         [masters]\nlaunch = false\n",
+        d.display(),
+        jwks.display()
+    );
+    let cluster = Cluster::start_with(3, 1000, &extra);
+    let cx = Ctx {
+        rm: cluster.addrs().join(","),
+        dir: d.clone(),
+    };
+    let alice = issuer.token("alice", &["ml-users"], 3600);
+    let bob = issuer.token("bob", &["ml-users"], 3600);
+    let ops = issuer.token("ops", &["ml-users", "ml-admins"], 3600);
+
+    // At once, through rmctl as a user's shell holds the token: no Weft
+    // token was ever made (nor the cluster bootstrapped).
+    let who = ok(&cx.rmctl(As::Token(&alice), &["acl", "whoami"]));
+    assert_eq!(who.trim(), "alice by oidc");
+    let who = ok(&cx.rmctl(As::Token(&ops), &["acl", "whoami"]));
+    assert_eq!(who.trim(), "ops (admin) by oidc");
+
+    let a1 = ok(&cx.rmctl(As::Token(&alice), &["submit", "--", "sleep", "60"]))
+        .trim()
+        .to_string();
+    let st = ok(&cx.rmctl(As::Token(&alice), &["-o", "json", "app", "status", &a1]));
+    assert!(st.contains("\"user\":\"alice\""), "{st}");
+    refused(
+        &cx.rmctl(As::Token(&bob), &["app", "kill", &a1]),
+        &[
+            "user bob (OIDC token)",
+            &format!("may not kill application {a1}"),
+        ],
+    );
+    refused(
+        &cx.rmctl(As::Token(&alice), &["queue", "set", "-f", "/dev/null"]),
+        &["user alice (OIDC token)", "only admins may"],
+    );
+    ok(&cx.rmctl(As::Token(&ops), &["app", "kill", &a1]));
+
+    // Expired, signed by a key the issuer does not publish, for another
+    // audience: every ClientService call refuses them, on every member.
+    let stranger = Issuer::new("key-2026-12");
+    let expired = issuer.token("alice", &[], -3600);
+    let forged = stranger.token("ops", &["ml-admins"], 3600);
+    let ca_only = crate::tls::ca_only(&d);
+    for m in &cluster.members {
+        let ch = crate::tls::channel(&m.addr, &ca_only).await;
+        for (t, why) in [
+            (&expired, "expired"),
+            (&forged, "signature does not verify"),
+        ] {
+            let answers = every_call(ch.clone(), Some(t)).await;
+            all_refused(&answers, why, true);
+            for (call, s) in &answers {
+                assert!(
+                    s.message().starts_with("OIDC token refused: ") && s.message().contains(why),
+                    "{call}: {s:?}"
+                );
+            }
+        }
+    }
+
+    // The issuer rotates its key: the new one is published beside the old
+    // (as issuers do), and tokens signed with it work at once, with no
+    // restart; the old key's tokens still do until it is withdrawn.
+    let next = Issuer::new("key-2027-01");
+    write_jwks(&jwks, &[&issuer, &next]);
+    let carol = next.token("carol", &[], 3600);
+    let who = ok(&cx.rmctl(As::Token(&carol), &["acl", "whoami"]));
+    assert_eq!(who.trim(), "carol by oidc");
+    ok(&cx.rmctl(As::Token(&alice), &["acl", "whoami"]));
+    // Withdrawn (compromised, say): the old key's tokens are refused as
+    // soon as the file no longer holds it, naming the key.
+    write_jwks(&jwks, &[&next]);
+    refused(
+        &cx.rmctl(As::Token(&alice), &["acl", "whoami"]),
+        &[
+            "OIDC token refused",
+            "\"key-2026-12\" is not in acl.oidc.jwks_file",
+        ],
+    );
+    ok(&cx.rmctl(As::Token(&carol), &["acl", "whoami"]));
+}
