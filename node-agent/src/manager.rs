@@ -1462,6 +1462,9 @@ fn take_over(sh: &Shared) -> Vec<FoundContainer> {
         }
         let group = sh.driver.open(&p.id);
         group.set_leader(p.pid as i32);
+        if group.thaw() {
+            warn!(container_id = %p.id, "found frozen (an agent died while killing it): thawed");
+        }
         if p.boot_id == sh.boot_id && recovery::alive(p.shim_pid, p.shim_start) {
             // The pidfd first, then the check again: the pid cannot be
             // reused in between without the pidfd seeing the end.

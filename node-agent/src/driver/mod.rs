@@ -107,6 +107,13 @@ pub trait Group: Send + Sync + 'static {
     fn kill_all(&self) -> Vec<i32>;
     /// Removes the group. Call after `kill_all`.
     fn destroy(&self) -> Result<()>;
+    /// Thaws the group if it is frozen; true when it was. A group is frozen
+    /// only inside [`Group::kill_all`]: one found frozen was being killed
+    /// by an agent that died before thawing it, and its processes would
+    /// stay stopped (their pending SIGKILL undelivered) for good.
+    fn thaw(&self) -> bool {
+        false
+    }
 }
 
 /// Picks the driver for `choice`, trying v2, then v1, then procfs for `Auto`.

@@ -292,6 +292,15 @@ impl Group for V1Group {
         cgroupfs::kill_until_empty(&self.memory)
     }
 
+    fn thaw(&self) -> bool {
+        let Some(f) = &self.freezer else { return false };
+        let frozen = cgroupfs::read(&f.join("freezer.state")).is_some_and(|s| s.trim() != "THAWED");
+        if frozen {
+            self.freeze("THAWED");
+        }
+        frozen
+    }
+
     fn destroy(&self) -> Result<()> {
         let mut first_err = None;
         for d in self.dirs() {

@@ -248,6 +248,15 @@ impl Group for V2Group {
     fn destroy(&self) -> Result<()> {
         cgroupfs::rmdir(&self.dir)
     }
+
+    fn thaw(&self) -> bool {
+        let f = self.dir.join("cgroup.freeze");
+        let frozen = cgroupfs::read(&f).is_some_and(|s| s.trim() == "1");
+        if frozen {
+            let _ = cgroupfs::write(&f, "0");
+        }
+        frozen
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The real `node-agent` binary: after a kill -9, the next agent takes its
-//! running containers over (same pids, same quotas) and reports the ends it
-//! missed; SIGTERM stops its containers and removes their cgroups.
+//! running containers over (same pids, same quotas; one left frozen by a
+//! kill cut short is thawed) and reports the ends it missed; SIGTERM stops
+//! its containers and removes their cgroups.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -46,6 +47,25 @@ async fn status(c: &mut Client, id: &str) -> pb::ContainerStatus {
     .await
     .unwrap()
     .into_inner()
+}
+
+/// Freezes container `id`'s group (cgroup v1 freezer or v2
+/// `cgroup.freeze`): the file and what it reads once thawed, or None
+/// where the driver has no freezer.
+fn freeze(parent: &str, id: &str) -> Option<(std::path::PathBuf, &'static str)> {
+    for root in cgroups_of(parent) {
+        let v1 = root.join(id).join("freezer.state");
+        if v1.exists() {
+            std::fs::write(&v1, "FROZEN").unwrap();
+            return Some((v1, "THAWED"));
+        }
+        let v2 = root.join(id).join("cgroup.freeze");
+        if v2.exists() && root.join(id).join("memory.max").exists() {
+            std::fs::write(&v2, "1").unwrap();
+            return Some((v2, "0"));
+        }
+    }
+    None
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -95,7 +115,18 @@ async fn binary_restart_keeps_containers_and_cleans_up_on_sigterm() {
     let orphan = start(&mut c, spec("orphan", "exec sleep 1000", 16 * MIB)).await;
     // Stopped the moment the next agent answers.
     let stopme = start(&mut c, spec("stopme", "exec sleep 1000", 16 * MIB)).await;
-    for s in [&survivor, &hog, &quick, &orphan, &stopme] {
+    // Left frozen, as by an agent killed inside a kill (freeze, SIGKILL,
+    // thaw) before it thawed.
+    let frozen = start(
+        &mut c,
+        spec(
+            "frozen",
+            "while :; do date +%s%N > ticks; sleep 0.05; done",
+            16 * MIB,
+        ),
+    )
+    .await;
+    for s in [&survivor, &hog, &quick, &orphan, &stopme, &frozen] {
         assert_eq!(s.state(), pb::ContainerState::Running, "{s:?}");
         assert!(pid_alive(s.pid), "{s:?}");
     }
@@ -107,6 +138,17 @@ async fn binary_restart_keeps_containers_and_cleans_up_on_sigterm() {
     first.0.wait().unwrap();
     drop(c);
     std::fs::remove_file(agent_dir.join("state/orphan.json")).unwrap();
+    let freezer = freeze(&parent, "frozen");
+    let ticks = agent_dir.join("containers/frozen/ticks");
+    let frozen_at = std::fs::read_to_string(&ticks).unwrap_or_default();
+    if freezer.is_some() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            std::fs::read_to_string(&ticks).unwrap_or_default(),
+            frozen_at,
+            "a frozen container does not run"
+        );
+    }
     eventually("quick ended", Duration::from_secs(5), || {
         !pid_alive(quick.pid)
     })
@@ -130,6 +172,25 @@ async fn binary_restart_keeps_containers_and_cleans_up_on_sigterm() {
     let s = status(&mut c, "survivor").await;
     assert_eq!(s.state(), pb::ContainerState::Running, "{s:?}");
     assert_eq!(s.pid, survivor.pid, "the same process, taken over");
+    // The frozen one is thawed and runs on, taken over.
+    match &freezer {
+        Some((file, thawed)) => {
+            let now = std::fs::read_to_string(file).unwrap();
+            assert_eq!(now.trim(), *thawed, "{}", file.display());
+            eventually(
+                "the thawed container runs again",
+                Duration::from_secs(5),
+                || std::fs::read_to_string(&ticks).unwrap_or_default() != frozen_at,
+            )
+            .await;
+        }
+        None => println!("skip: no freezer for this driver; the thaw on take-over is not checked"),
+    }
+    let s = status(&mut c, "frozen").await;
+    assert_eq!(s.state(), pb::ContainerState::Running, "{s:?}");
+    let s = stop(&mut c, "frozen", 300).await;
+    assert_eq!(s.state(), pb::ContainerState::Killed, "{s:?}");
+    assert!(!pid_alive(frozen.pid));
     let s = status(&mut c, "quick").await;
     assert_eq!(s.state(), pb::ContainerState::Failed, "{s:?}");
     assert_eq!(s.exit.unwrap().exit_status, 5);
