@@ -193,6 +193,11 @@ impl JobSpec {
         Ok(spec)
     }
 
+    /// The spec as YAML that [`JobSpec::parse`] reads back as it is.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).expect("a job spec always serializes")
+    }
+
     /// Every check serde cannot make.
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.name.trim().is_empty() {

@@ -272,6 +272,32 @@ enum Cmd {
         /// Quick form: the queue.
         #[arg(long, default_value = "root")]
         queue: String,
+        /// Quick form: whole GPUs per task.
+        #[arg(long, default_value_t = 0, conflicts_with = "gpu_share")]
+        gpus: u32,
+        /// Quick form: a share of one GPU per task (0.25 = a quarter of its
+        /// compute), with --gpu-memory.
+        #[arg(long, requires = "gpu_memory")]
+        gpu_share: Option<f64>,
+        /// Quick form: the GPU-memory quota of a --gpu-share (e.g. 8GiB).
+        #[arg(long, requires = "gpu_share")]
+        gpu_memory: Option<String>,
+        /// Quick form: the GPU model the task's GPUs must be (as the node
+        /// reports it, e.g. "NVIDIA H100 80GB HBM3").
+        #[arg(long)]
+        gpu_model: Option<String>,
+        /// Quick form: longest a task may run (e.g. 10m, 2h); killed after.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_runtime: Option<std::time::Duration>,
+        /// Quick form: an environment variable of the tasks, K=V (repeat it).
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// Quick form: a node label the task's node must have, k=v (repeat it).
+        #[arg(long = "label", value_name = "k=v")]
+        labels: Vec<String>,
+        /// Quick form: priority within the queue (0-1000, higher first).
+        #[arg(long, default_value_t = 0)]
+        priority: u32,
         /// The command and its arguments (after `--`).
         #[arg(last = true)]
         command: Vec<String>,
@@ -420,23 +446,118 @@ fn sh_quote(w: &str) -> String {
     }
 }
 
-/// The one-stage job spec of `submit -- CMD ARGS...`.
-fn quick_spec(
-    name: &str,
-    queue: &str,
+/// What `submit -- CMD ARGS...` runs: one stage of `instances` tasks.
+#[derive(Debug, Clone)]
+struct Quick {
+    name: String,
+    queue: String,
     instances: u32,
     vcores: f64,
-    memory: &str,
-    command: &[String],
-) -> String {
-    let cmd: Vec<String> = command.iter().map(|w| sh_quote(w)).collect();
-    format!(
-        "name: {}\nqueue: {}\nstages:\n  - name: run\n    instances: {instances}\n    command: {}\n    resources: {{ vcores: {vcores}, memory: {} }}\n",
-        serde_json::to_string(name).expect("a string"),
-        serde_json::to_string(queue).expect("a string"),
-        serde_json::to_string(&cmd.join(" ")).expect("a string"),
-        serde_json::to_string(memory).expect("a string"),
-    )
+    memory: String,
+    gpus: u32,
+    gpu_share: Option<f64>,
+    gpu_memory: Option<String>,
+    gpu_model: Option<String>,
+    max_runtime: Option<std::time::Duration>,
+    env: Vec<String>,
+    labels: Vec<String>,
+    priority: u32,
+    command: Vec<String>,
+}
+
+/// `K=V` pairs of a repeated flag; an error names the flag.
+fn pairs(
+    flag: &str,
+    items: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for item in items {
+        let (k, v) = item
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("{flag}: {item:?} is not KEY=VALUE"))?;
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            anyhow::bail!("{flag}: {k} is given twice");
+        }
+    }
+    Ok(out)
+}
+
+/// The one-stage job spec of the quick form, checked as the RM checks a
+/// spec (an error names the flag's field), as YAML.
+fn quick_spec(q: &Quick) -> anyhow::Result<String> {
+    let size = |flag: &str, v: &str| -> anyhow::Result<bytesize::ByteSize> {
+        v.parse()
+            .map_err(|e| anyhow::anyhow!("{flag}: {v:?} is not a size (e.g. 512MiB, 8GiB): {e}"))
+    };
+    let cmd: Vec<String> = q.command.iter().map(|w| sh_quote(w)).collect();
+    let spec = weft_spec::JobSpec {
+        name: q.name.clone(),
+        queue: q.queue.clone(),
+        priority: q.priority,
+        max_attempts: 1,
+        am: None,
+        keep_containers: true,
+        stages: vec![weft_spec::StageSpec {
+            name: "run".into(),
+            after: vec![],
+            instances: Some(q.instances),
+            roles: None,
+            command: cmd.join(" "),
+            resources: Some(weft_spec::ResourcesSpec {
+                vcores: q.vcores,
+                memory: size("--memory", &q.memory)?,
+                gpus: q.gpu_share.unwrap_or(q.gpus as f64),
+                gpu_memory: q
+                    .gpu_memory
+                    .as_deref()
+                    .map(|m| size("--gpu-memory", m))
+                    .transpose()?,
+                gpu_model: q.gpu_model.clone(),
+                gpu_min_memory: None,
+                node_labels: pairs("--label", &q.labels)?,
+            }),
+            framework: Default::default(),
+            gang: false,
+            max_retries: 0,
+            max_runtime: q.max_runtime,
+            env: pairs("--env", &q.env)?,
+            placement: Default::default(),
+            ports: vec![],
+        }],
+    };
+    spec.validate()
+        .map_err(|e| anyhow::anyhow!("{}", quick_error(&e)))?;
+    Ok(spec.to_yaml())
+}
+
+/// A spec error of the quick form, naming the flag that set the field.
+fn quick_error(e: &weft_spec::SpecError) -> String {
+    // The field's last part a flag sets (`stages[0].env.K` is --env's).
+    let flags = [
+        ("gpu_memory", "--gpu-memory"),
+        ("gpu_model", "--gpu-model"),
+        ("gpus", "--gpus/--gpu-share"),
+        ("vcores", "--vcores"),
+        ("memory", "--memory"),
+        ("node_labels", "--label"),
+        ("env", "--env"),
+        ("max_runtime", "--max-runtime"),
+        ("instances", "--instances"),
+        ("priority", "--priority"),
+        ("queue", "--queue"),
+        ("name", "--name"),
+        ("command", "the command"),
+    ];
+    let flag = e
+        .field
+        .rsplit('.')
+        .find_map(|part| flags.iter().find(|(f, _)| part.starts_with(f)))
+        .map(|(_, flag)| *flag);
+    match flag {
+        Some(flag) => format!("{flag}: {}", e.reason),
+        None => e.to_string(),
+    }
 }
 
 /// Like `wait_for`, with a live progress bar per stage (on a terminal).
@@ -1050,6 +1171,14 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
             vcores,
             memory,
             queue,
+            gpus,
+            gpu_share,
+            gpu_memory,
+            gpu_model,
+            max_runtime,
+            env,
+            labels,
+            priority,
             command,
         } => {
             let (spec, format) = match &file {
@@ -1063,7 +1192,22 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
                     (spec, format)
                 }
                 None => (
-                    quick_spec(&name, &queue, instances, vcores, &memory, &command),
+                    quick_spec(&Quick {
+                        name,
+                        queue,
+                        instances,
+                        vcores,
+                        memory,
+                        gpus,
+                        gpu_share,
+                        gpu_memory,
+                        gpu_model,
+                        max_runtime,
+                        env,
+                        labels,
+                        priority,
+                        command,
+                    })?,
                     "yaml",
                 ),
             };
@@ -1309,6 +1453,104 @@ async fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn quick(command: &[&str]) -> Quick {
+        Quick {
+            name: "job".into(),
+            queue: "root".into(),
+            instances: 1,
+            vcores: 1.0,
+            memory: "512MiB".into(),
+            gpus: 0,
+            gpu_share: None,
+            gpu_memory: None,
+            gpu_model: None,
+            max_runtime: None,
+            env: vec![],
+            labels: vec![],
+            priority: 0,
+            command: command.iter().map(|c| c.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_quick_form_is_a_spec_the_rm_reads_back_with_every_flag() {
+        let plain =
+            weft_spec::JobSpec::parse(&quick_spec(&quick(&["true"])).unwrap(), "yaml").unwrap();
+        let stage = &plain.stages[0];
+        assert_eq!((stage.instances, stage.command.as_str()), (Some(1), "true"));
+        let r = stage.resources.as_ref().unwrap();
+        assert_eq!((r.vcores, r.memory.as_u64(), r.gpus), (1.0, 512 << 20, 0.0));
+
+        let mut q = quick(&["sh", "-c", "echo \"$GREETING\" it's"]);
+        q.gpus = 2;
+        q.gpu_model = Some("NVIDIA H100 80GB HBM3".into());
+        q.max_runtime = Some(std::time::Duration::from_secs(600));
+        q.env = vec![
+            "GREETING=hello world".into(),
+            "EMPTY=".into(),
+            "EQ=a=b".into(),
+        ];
+        q.labels = vec!["zone=b".into()];
+        q.priority = 7;
+        q.instances = 3;
+        let s = weft_spec::JobSpec::parse(&quick_spec(&q).unwrap(), "yaml").unwrap();
+        let st = &s.stages[0];
+        assert_eq!(s.priority, 7);
+        assert_eq!(st.instances, Some(3));
+        assert_eq!(st.command, "sh -c 'echo \"$GREETING\" it'\\''s'");
+        assert_eq!(st.max_runtime, Some(std::time::Duration::from_secs(600)));
+        assert_eq!(st.env["GREETING"], "hello world");
+        assert_eq!(st.env["EMPTY"], "");
+        assert_eq!(st.env["EQ"], "a=b");
+        let r = st.resources.as_ref().unwrap();
+        assert_eq!(r.gpus, 2.0);
+        assert_eq!(r.gpu_model.as_deref(), Some("NVIDIA H100 80GB HBM3"));
+        assert_eq!(r.node_labels["zone"], "b");
+
+        let mut q = quick(&["python3", "serve.py"]);
+        q.gpu_share = Some(0.25);
+        q.gpu_memory = Some("8GiB".into());
+        let s = weft_spec::JobSpec::parse(&quick_spec(&q).unwrap(), "yaml").unwrap();
+        let r = s.stages[0].resources.as_ref().unwrap();
+        assert_eq!(
+            (r.gpus, r.gpu_memory.map(|m| m.as_u64())),
+            (0.25, Some(8 << 30))
+        );
+    }
+
+    #[test]
+    fn a_bad_quick_form_flag_is_named_before_anything_is_sent() {
+        let err = |f: &dyn Fn(&mut Quick)| {
+            let mut q = quick(&["true"]);
+            f(&mut q);
+            quick_spec(&q).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err(&|q| q.env = vec!["FOO".into()]),
+            "--env: \"FOO\" is not KEY=VALUE"
+        );
+        assert_eq!(
+            err(&|q| q.env = vec!["=x".into()]),
+            "--env: \"=x\" is not KEY=VALUE"
+        );
+        assert_eq!(
+            err(&|q| q.labels = vec!["a=1".into(), "a=2".into()]),
+            "--label: a is given twice"
+        );
+        assert!(err(&|q| q.memory = "lots".into()).starts_with("--memory: \"lots\" is not a size"));
+        let e = err(&|q| {
+            q.gpu_share = Some(1.5);
+            q.gpu_memory = Some("1GiB".into());
+        });
+        assert!(e.starts_with("--gpus/--gpu-share: "), "{e}");
+        let e = err(&|q| q.vcores = 0.0);
+        assert!(e.starts_with("--vcores: "), "{e}");
+        let e = err(&|q| q.priority = 5000);
+        assert!(e.starts_with("--priority: "), "{e}");
+        let e = err(&|q| q.env = vec![format!("BIG={}", "x".repeat(40 << 10))]);
+        assert!(e.starts_with("--env: "), "{e}");
+    }
 
     #[test]
     fn the_deployment_example_rmctl_toml_names_the_group_and_its_tls() {

@@ -610,3 +610,106 @@ async fn two_standalone_clusters_with_a_minimal_agent_config_do_not_share_an_age
         );
     }
 }
+
+/// The quick form as a user's script uses it, the instant the cluster
+/// answers: environment variables reach the tasks, `--max-runtime` kills
+/// one that runs past it (saying so), a `--label` no node has is refused,
+/// and a bad flag is named before anything is submitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quick_form_sets_env_max_runtime_and_labels_and_names_a_bad_flag() {
+    if crate::secure::skip("a standalone cluster on loopback is plaintext and zero-config by design; this run secures multi-member clusters") {
+        return;
+    }
+    let solo = Standalone::start();
+    let addr = solo.addr.clone();
+    let run = move |args: &[&str]| crate::rmctl::run(args, &addr);
+    let small = ["--vcores", "0.2", "--memory", "64MiB"];
+    let r = run.clone();
+    let (env_job, slow_job, labelled) = tokio::task::spawn_blocking(move || {
+        let q = |extra: &[&str], cmd: &[&str]| {
+            let mut a = vec!["--timeout", "60", "submit"];
+            a.extend_from_slice(&small);
+            a.extend_from_slice(extra);
+            a.push("--");
+            a.extend_from_slice(cmd);
+            r(&a)
+        };
+        let env_job = q(
+            &[
+                "--wait",
+                "--env",
+                "GREETING=hello world",
+                "--env",
+                "WHO=weft",
+                "--instances",
+                "2",
+            ],
+            &["sh", "-c", "echo \"$GREETING from $WHO\""],
+        );
+        let slow_job = q(&["--wait", "--max-runtime", "1s"], &["sleep", "30"]);
+        let labelled = q(&["--label", "accelerator=tpu-v9"], &["true"]);
+        (env_job, slow_job, labelled)
+    })
+    .await
+    .unwrap();
+    assert!(env_job.status.success(), "{env_job:?}");
+    let id = crate::rmctl::stdout(&env_job);
+    let id = id.split_whitespace().next().unwrap().to_string();
+    for task in ["run/0", "run/1"] {
+        let (r, i, t) = (run.clone(), id.clone(), task.to_string());
+        let logs = tokio::task::spawn_blocking(move || r(&["app", "logs", &i, &t]))
+            .await
+            .unwrap();
+        assert_eq!(
+            crate::rmctl::stdout(&logs),
+            "hello world from weft\n",
+            "{logs:?}"
+        );
+    }
+    assert!(!slow_job.status.success(), "{slow_job:?}");
+    let out = crate::rmctl::stdout(&slow_job);
+    assert!(
+        out.contains("FAILED") && out.contains("ran past its max_runtime of 1s"),
+        "{out}"
+    );
+    // No node has the label: refused at submission, naming it.
+    assert!(!labelled.status.success(), "{labelled:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&labelled.stderr).trim(),
+        "rmctl: stages[0].resources.node_labels: no node has accelerator=tpu-v9"
+    );
+
+    // Bad flags: named, and nothing submitted.
+    let before = solo
+        .client()
+        .list_applications(Default::default())
+        .await
+        .unwrap()
+        .len();
+    let r = run.clone();
+    let (bad_env, share_alone) = tokio::task::spawn_blocking(move || {
+        (
+            r(&["submit", "--env", "NOVALUE", "--", "true"]),
+            r(&["submit", "--gpu-share", "0.25", "--", "true"]),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!bad_env.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&bad_env.stderr).trim(),
+        "rmctl: --env: \"NOVALUE\" is not KEY=VALUE"
+    );
+    assert!(!share_alone.status.success());
+    assert!(
+        String::from_utf8_lossy(&share_alone.stderr).contains("--gpu-memory"),
+        "{share_alone:?}"
+    );
+    let after = solo
+        .client()
+        .list_applications(Default::default())
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(before, after);
+}
