@@ -63,6 +63,17 @@ pub struct RmConfig {
     /// A JSON line for every write asked of this member (who, what, from
     /// where, outcome) is appended to this file.
     pub audit_log: Option<PathBuf>,
+    /// HTTP beside gRPC: `/metrics`.
+    pub http: HttpConfig,
+}
+
+/// `[http]`: what the member serves over HTTP (HTTPS with its certificate
+/// where it has `[tls]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where to serve it; unset, nothing is served.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// Users and what they may do. Off, every caller may do anything and is the
@@ -163,6 +174,7 @@ impl Default for RmConfig {
             insecure: false,
             acl: AclConfig::default(),
             audit_log: None,
+            http: HttpConfig::default(),
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod config;
 pub mod error;
 pub mod fsm;
 pub mod leader;
+pub mod metrics;
 pub mod raft_node;
 pub mod scheduler;
 pub mod service;
@@ -104,6 +105,17 @@ pub async fn run(
     // Leader-only work starts and stops with this member's leaderships.
     let leader = tokio::spawn(leader::supervise(svc.clone(), cancel.clone()));
     let am = service::am::AmService::new(svc.scheduling.clone());
+    let http = match config.http.listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Config(format!("http.listen: {addr}: {e}")))?;
+            info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics over HTTP");
+            let registry = std::sync::Arc::new(metrics::registry(svc.scheduling.clone()));
+            Some(tokio::spawn(metrics::serve(l, registry, cancel.clone())))
+        }
+        None => None,
+    };
     let incoming = weft_common::net::incoming(listener);
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
@@ -141,6 +153,9 @@ pub async fn run(
     };
     cancel.cancel();
     let _ = leader.await;
+    if let Some(http) = http {
+        let _ = tokio::time::timeout(SERVER_DRAIN, http).await;
+    }
     // The raft thread ends when the last handle is gone.
     drop(raft);
     let _ = tokio::time::timeout(

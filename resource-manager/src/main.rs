@@ -45,6 +45,10 @@ struct Args {
     /// address needs a [tls] section.
     #[arg(long)]
     insecure: bool,
+    /// Serve `/metrics` (Prometheus text) over HTTP on this address
+    /// (`[http] listen`; HTTPS where the member has TLS).
+    #[arg(long, global = true)]
+    http_listen: Option<SocketAddr>,
     #[command(subcommand)]
     mode: Option<Mode>,
 }
@@ -102,6 +106,9 @@ fn standalone_config(args: &Args, s: &StandaloneArgs) -> anyhow::Result<RmConfig
     c.join = false;
     c.masters.launch = true;
     c.masters.in_process = true;
+    if let Some(v) = args.http_listen {
+        c.http.listen = Some(v);
+    }
     if c.tls.is_some() {
         anyhow::bail!("tls: a standalone master serves on loopback and runs its agent in-process; TLS is for a cluster of separate members and agents (`resource-manager --config` and `node-agent --config`)");
     }
@@ -197,6 +204,9 @@ fn config(args: &Args) -> anyhow::Result<RmConfig> {
     };
     if let Some(v) = args.id {
         c.id = v;
+    }
+    if let Some(v) = args.http_listen {
+        c.http.listen = Some(v);
     }
     if let Some(v) = args.listen {
         c.listen = v;

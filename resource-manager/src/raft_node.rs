@@ -73,6 +73,8 @@ pub struct Shared {
     /// This member's role, published by the raft thread on every change:
     /// leader-only work starts and stops on it (nothing polls).
     pub role: tokio::sync::watch::Sender<Leadership>,
+    /// What the member counts and times (served at `/metrics`).
+    pub metrics: Arc<crate::metrics::RmMetrics>,
 }
 
 /// Whether this member leads, and in which term.
@@ -181,11 +183,24 @@ impl RaftHandle {
     /// Proposes `command`; resolves once it is committed and applied here,
     /// with its outcome. NotLeader when this member is not the leader.
     pub async fn propose(&self, command: Command) -> Result<Outcome> {
+        let started = Instant::now();
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Input::Propose { command, reply })
             .map_err(|_| Error::Unavailable("raft member is stopping".into()))?;
-        Self::await_reply(rx).await
+        let r = Self::await_reply(rx).await;
+        if r.is_ok() {
+            self.shared
+                .metrics
+                .proposal_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+        r
+    }
+
+    /// What this member counts and times.
+    pub fn metrics(&self) -> Arc<crate::metrics::RmMetrics> {
+        self.shared.metrics.clone()
     }
 
     /// Adds or removes a member; resolves once the change is committed and
@@ -349,6 +364,7 @@ pub fn start(
             ..Default::default()
         }),
         role: tokio::sync::watch::Sender::new(Leadership::default()),
+        metrics: Arc::default(),
     });
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = RaftHandle {
@@ -1235,11 +1251,16 @@ impl Member {
             learners,
             caught_up,
         };
+        let mut flipped = false;
         self.shared.role.send_if_modified(|now| {
             let changed = *now != role;
+            flipped = now.is_leader != role.is_leader;
             *now = role;
             changed
         });
+        if flipped {
+            self.shared.metrics.leader_changes.inc();
+        }
     }
 }
 

@@ -179,6 +179,7 @@ impl pb::client_service_server::ClientService for RmService {
         }
         .await;
         self.audit.record(&note, &r);
+        crate::metrics::RmMetrics::outcome(&self.raft.metrics().submissions, &r);
         r
     }
 
@@ -280,6 +281,7 @@ impl pb::client_service_server::ClientService for RmService {
         }
         .await;
         self.audit.record(&note, &r);
+        crate::metrics::RmMetrics::outcome(&self.raft.metrics().kills, &r);
         r
     }
 

@@ -13,6 +13,8 @@ struct Standalone {
     dir: tempfile::TempDir,
     addr: String,
     parent: String,
+    /// Where it serves `/metrics` (`--http-listen`), if it does.
+    http: Option<String>,
 }
 
 impl Standalone {
@@ -44,6 +46,7 @@ impl Standalone {
             dir,
             addr: format!("127.0.0.1:{port}"),
             parent,
+            http: None,
         };
         // Top-level keys first: a key after a [table] belongs to that table.
         let (work_dir, parent) = if own_dirs {
@@ -69,6 +72,20 @@ impl Standalone {
         s
     }
 
+    /// With `/metrics` served on a port of its own.
+    fn start_with_http() -> Standalone {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut s = Self::start_config("", true);
+        s.stop();
+        s.http = Some(format!("127.0.0.1:{port}"));
+        s.spawn();
+        s
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -80,6 +97,11 @@ impl Standalone {
             .arg(self.dir.path())
             .args(["--listen", &self.addr, "--local-agent", "--agent-config"])
             .arg(self.dir.path().join("agent.toml"))
+            .args(
+                self.http
+                    .iter()
+                    .flat_map(|h| ["--http-listen".to_string(), h.clone()]),
+            )
             .env("RUST_LOG", "info,raft=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -712,4 +734,150 @@ async fn the_quick_form_sets_env_max_runtime_and_labels_and_names_a_bad_flag() {
         .unwrap()
         .len();
     assert_eq!(before, after);
+}
+
+/// `GET /metrics` over a plain socket, parsed as Prometheus does.
+async fn scrape(addr: &str) -> prometheus_parse::Scrape {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: weft\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+/// The value of `name` with every one of `labels`, if scraped.
+fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name}: {other:?}"),
+        })
+}
+
+/// `/metrics` scraped the moment its port answers, and again while a job
+/// runs and after it ended: the queue's figures, the scheduler's and
+/// raft's counters and histograms move with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_scraped_and_move_when_a_job_runs() {
+    if crate::secure::skip("a standalone cluster on loopback is plaintext and zero-config by design; this run secures multi-member clusters") {
+        return;
+    }
+    let solo = Standalone::start_with_http();
+    let http = solo.http.clone().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(&http).await.is_err() {
+        assert!(Instant::now() < deadline, "/metrics never answered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = scrape(&http).await;
+    assert!(
+        first.docs.contains_key("weft_raft_term"),
+        "{:?}",
+        first.docs.keys()
+    );
+    assert_eq!(
+        value(&first, "weft_submissions_total", &[("outcome", "ok")]),
+        None
+    );
+
+    let c = solo.client();
+    let id = c
+        .submit(
+            "name: m\nstages:\n  - name: run\n    instances: 2\n    command: sleep 3\n    resources: { vcores: 0.5, memory: 64MiB }\n",
+            "yaml",
+            "dana",
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let during = loop {
+        let s = scrape(&http).await;
+        if value(&s, "weft_queue_containers", &[("queue", "root")]) == Some(2.0) {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job's containers never showed: {:?}",
+            s.samples
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let q = [("queue", "root")];
+    assert_eq!(
+        value(
+            &during,
+            "weft_queue_applications",
+            &[("queue", "root"), ("state", "running")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(value(&during, "weft_queue_allocated_vcores", &q), Some(1.0));
+    assert_eq!(
+        value(&during, "weft_queue_allocated_memory_bytes", &q),
+        Some(128.0 * 1024.0 * 1024.0)
+    );
+    assert_eq!(value(&during, "weft_raft_leader", &[]), Some(1.0));
+    assert_eq!(
+        value(&during, "weft_nodes", &[("state", "running")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&during, "weft_cluster_capacity_vcores", &[]),
+        Some(4.0)
+    );
+    assert_eq!(
+        value(&during, "weft_submissions_total", &[("outcome", "ok")]),
+        Some(1.0)
+    );
+
+    let report = wait_end(&c, &id).await;
+    assert_eq!(
+        report.state(),
+        pb::ApplicationState::Succeeded,
+        "{report:?}"
+    );
+    assert!(c.kill_application("app-999999").await.is_err());
+    let after = scrape(&http).await;
+    assert_eq!(value(&after, "weft_queue_containers", &q), Some(0.0));
+    assert_eq!(value(&after, "weft_queue_allocated_vcores", &q), Some(0.0));
+    assert_eq!(
+        value(
+            &after,
+            "weft_queue_applications",
+            &[("queue", "root"), ("state", "running")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&after, "weft_kills_total", &[("outcome", "not_found")]),
+        Some(1.0)
+    );
+    assert!(value(&after, "weft_scheduler_placements_total", &[]).unwrap() >= 2.0);
+    assert!(value(&after, "weft_scheduler_rounds_total", &[]).unwrap() >= 1.0);
+    assert!(value(&after, "weft_scheduler_round_seconds_count", &[]).unwrap() >= 1.0);
+    let proposals = value(&after, "weft_raft_proposal_seconds_count", &[]).unwrap();
+    let before = value(&first, "weft_raft_proposal_seconds_count", &[]).unwrap_or(0.0);
+    assert!(proposals > before, "{before} -> {proposals}");
+    assert!(
+        value(&after, "weft_raft_applied_index", &[]).unwrap()
+            > value(&first, "weft_raft_applied_index", &[]).unwrap()
+    );
+    assert_eq!(
+        value(&after, "weft_raft_leader_changes_total", &[]),
+        Some(1.0)
+    );
 }

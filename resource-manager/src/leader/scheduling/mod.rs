@@ -509,6 +509,10 @@ impl Scheduling {
             let Some((plan, keys)) = planned else {
                 continue;
             };
+            self.raft
+                .metrics()
+                .round_seconds
+                .observe(started.elapsed().as_secs_f64());
             self.stats.rounds.fetch_add(1, Relaxed);
             // Verify against the latest applied state (the round was made
             // from a view that may be older) and propose the part that
