@@ -586,3 +586,79 @@ async fn certificates_reload_on_sighup_and_when_their_files_change() {
     ]));
     assert!(status.contains("leader"), "{status}");
 }
+
+/// `/metrics` of a member with TLS: served over TLS with its certificate
+/// (checked against the CA, as Prometheus' `tls_config` does), not in
+/// plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_of_a_member_with_tls_are_served_over_tls_only() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if crate::secure::skip(
+        "it secures its own cluster with its own CA (it runs in the plaintext pass)",
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = ca_dir(tmp.path());
+    cert(&d, "rm", "rm1");
+    let ca = d.join("weft-ca.pem");
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let extra = format!(
+        "[tls]\nca_file = {:?}\ncert_file = \"{1}/rm-rm1.pem\"\nkey_file = \"{1}/rm-rm1-key.pem\"\n[http]\nlisten = \"{http}\"\n",
+        ca.display().to_string(),
+        d.display()
+    );
+    let _cluster = Cluster::start_with(1, 1000, &extra);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let tcp = loop {
+        if let Ok(t) = tokio::net::TcpStream::connect(http).await {
+            break t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/metrics never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::try_from("rm.weft").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /metrics HTTP/1.0\r\nHost: rm.weft\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    let _ = tls.read_to_string(&mut raw).await;
+    assert!(raw.starts_with("HTTP/1.0 200"), "{raw}");
+    assert!(raw.contains("\nweft_raft_term "), "{raw}");
+    // Plaintext: no HTTP answer.
+    let mut tcp = tokio::net::TcpStream::connect(http).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut plain = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut plain)).await;
+    assert!(
+        !String::from_utf8_lossy(&plain).contains("weft_raft_term"),
+        "{}",
+        String::from_utf8_lossy(&plain)
+    );
+}
