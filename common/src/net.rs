@@ -224,6 +224,22 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn incoming(
     listener: tokio::net::TcpListener,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn>> {
+    incoming_with_alpn(listener, None)
+}
+
+/// [`incoming`] for an HTTP server that browsers, curl and scrapers reach:
+/// TLS offers HTTP/1.1 beside HTTP/2 (gRPC's ports offer HTTP/2 alone, and
+/// a client that asks for HTTP/1.1 only would be refused there).
+pub fn incoming_http(
+    listener: tokio::net::TcpListener,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn>> {
+    incoming_with_alpn(listener, Some(&[b"h2", b"http/1.1"]))
+}
+
+fn incoming_with_alpn(
+    listener: tokio::net::TcpListener,
+    alpn: Option<&'static [&'static [u8]]>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Conn>>(64);
     tokio::spawn(async move {
         loop {
@@ -247,6 +263,14 @@ pub fn incoming(
                     }
                 }
                 Some(cfg) => {
+                    let cfg = match alpn {
+                        Some(protocols) => {
+                            let mut c = (*cfg).clone();
+                            c.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+                            std::sync::Arc::new(c)
+                        }
+                        None => cfg,
+                    };
                     let tx = tx.clone();
                     tokio::spawn(async move {
                         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);

@@ -1462,10 +1462,14 @@ fn take_over(sh: &Shared) -> Vec<FoundContainer> {
         }
         let group = sh.driver.open(&p.id);
         group.set_leader(p.pid as i32);
-        if group.thaw() {
-            warn!(container_id = %p.id, "found frozen (an agent died while killing it): thawed");
+        // Frozen only inside a kill: the agent before died killing it.
+        // Finish the kill (thawed, it could go on running what the first
+        // SIGKILL missed) and say so.
+        let frozen = group.thaw();
+        if frozen {
+            warn!(container_id = %p.id, "found frozen: an earlier agent died while killing it; finishing the kill");
         }
-        if p.boot_id == sh.boot_id && recovery::alive(p.shim_pid, p.shim_start) {
+        if !frozen && p.boot_id == sh.boot_id && recovery::alive(p.shim_pid, p.shim_start) {
             // The pidfd first, then the check again: the pid cannot be
             // reused in between without the pidfd seeing the end.
             if let Ok(pidfd) = recovery::pidfd(p.shim_pid) {
@@ -1489,6 +1493,11 @@ fn take_over(sh: &Shared) -> Vec<FoundContainer> {
         }
         let exit_file = dir.exit_file(&p.id);
         let (exit, at) = match shim::read_exit(&exit_file) {
+            _ if frozen => {
+                let mut exit = Exit::new(ExitReason::Lost, vec![]);
+                exit.diagnostic = "lost: found frozen when the node agent started (the previous agent died while killing it); the kill was finished".into();
+                (exit, SystemTime::now())
+            }
             Some(e) => {
                 let reason = if let Some(fenced) = e.reason() {
                     fenced

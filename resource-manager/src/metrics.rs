@@ -36,7 +36,10 @@ pub struct RmMetrics {
     pub round_seconds: Histogram,
     /// Proposals: from handing one to raft to its outcome applied here.
     pub proposal_seconds: Histogram,
-    /// Times this member's role changed (it became or stopped being leader).
+    /// Proposals that ended without an outcome (not the leader any more,
+    /// a timeout, the member stopping).
+    pub proposal_failures: Counter,
+    /// New leaders this member saw elected (etcd's leader_changes_seen).
     pub leader_changes: Counter,
     pub submissions: Family<Outcome, Counter>,
     pub kills: Family<Outcome, Counter>,
@@ -44,11 +47,12 @@ pub struct RmMetrics {
 
 impl Default for RmMetrics {
     fn default() -> Self {
-        // 50 us .. 1.6 s.
-        let buckets = || exponential_buckets(0.000_05, 2.0, 16);
+        // 50 us .. 6.6 s (a proposal times out at 5 s).
+        let buckets = || exponential_buckets(0.000_05, 2.0, 18);
         RmMetrics {
             round_seconds: Histogram::new(buckets()),
             proposal_seconds: Histogram::new(buckets()),
+            proposal_failures: Counter::default(),
             leader_changes: Counter::default(),
             submissions: Family::default(),
             kills: Family::default(),
@@ -238,21 +242,31 @@ impl prometheus_client::collector::Collector for StateCollector {
         for q in &specs {
             queues.insert(q.name.clone(), [0; 6]);
         }
+        // Counted at the queue and every queue above it (a parent's
+        // figures hold its children's, as its maximum does).
+        let mut add = |q: &str, i: usize, v: u64| {
+            let mut name = q;
+            loop {
+                queues.entry(name.to_string()).or_default()[i] += v;
+                match name.rsplit_once('.') {
+                    Some((parent, _)) => name = parent,
+                    None => break,
+                }
+            }
+        };
         for a in state.apps.values() {
-            let row = queues.entry(a.queue.clone()).or_default();
             match a.state {
-                AppState::Submitted | AppState::Accepted => row[0] += 1,
-                AppState::Running => row[1] += 1,
+                AppState::Submitted | AppState::Accepted => add(&a.queue, 0, 1),
+                AppState::Running => add(&a.queue, 1, 1),
                 _ => {}
             }
         }
         for (q, users) in &state.queue_usage {
-            let row = queues.entry(q.clone()).or_default();
             for u in users.values() {
-                row[2] += u.containers as u64;
-                row[3] += u.vcores_milli;
-                row[4] += u.memory_bytes;
-                row[5] += u.gpu_milli;
+                add(q, 2, u.containers as u64);
+                add(q, 3, u.vcores_milli);
+                add(q, 4, u.memory_bytes);
+                add(q, 5, u.gpu_milli);
             }
         }
         let rows = |i: usize| -> Vec<(Labels, u64)> {
@@ -286,27 +300,27 @@ impl prometheus_client::collector::Collector for StateCollector {
             .collect();
         put(
             "weft_queue_applications",
-            "Applications of the queue not yet ended, by state (pending: submitted or accepted).",
+            "Applications of the queue and the queues under it not yet ended, by state (pending: submitted or accepted).",
             pending,
         )?;
         put(
             "weft_queue_containers",
-            "Containers of the queue that have not ended.",
+            "Containers of the queue and the queues under it that have not ended.",
             f(rows(2), 1.0),
         )?;
         put(
             "weft_queue_allocated_vcores",
-            "Cores held by the queue's containers.",
+            "Cores held by the containers of the queue and the queues under it.",
             f(rows(3), 1000.0),
         )?;
         put(
             "weft_queue_allocated_memory_bytes",
-            "Memory held by the queue's containers.",
+            "Memory held by the containers of the queue and the queues under it.",
             f(rows(4), 1.0),
         )?;
         put(
             "weft_queue_allocated_gpus",
-            "GPUs held by the queue's containers (a share counts its fraction).",
+            "GPUs held by the containers of the queue and the queues under it (a share counts its fraction).",
             f(rows(5), 1000.0),
         )?;
         let guaranteed = |g: fn(&crate::fsm::QueueSpec) -> f64| -> Vec<(Labels, f64)> {
@@ -317,7 +331,7 @@ impl prometheus_client::collector::Collector for StateCollector {
         };
         put(
             "weft_queue_guaranteed_vcores",
-            "Cores guaranteed to the queue.",
+            "Cores guaranteed to the queue (a parent's guarantee holds its children's).",
             guaranteed(|q| q.guaranteed_vcores_milli as f64 / 1000.0),
         )?;
         put(
@@ -350,8 +364,13 @@ pub fn registry(scheduling: Scheduling) -> Registry {
         m.proposal_seconds.clone(),
     );
     r.register(
-        "weft_raft_leader_changes",
-        "Times this member became or stopped being the leader.",
+        "weft_raft_proposal_failures",
+        "Writes handed to raft on this member that ended without an outcome (leadership lost, timeout, stopping).",
+        m.proposal_failures.clone(),
+    );
+    r.register(
+        "weft_raft_leader_changes_seen",
+        "New leaders this member saw elected.",
         m.leader_changes.clone(),
     );
     r.register(
@@ -400,7 +419,7 @@ pub async fn serve(
     );
     let listener = Incoming {
         local: listener.local_addr().ok(),
-        conns: weft_common::net::incoming(listener),
+        conns: weft_common::net::incoming_http(listener),
     };
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })

@@ -189,11 +189,12 @@ impl RaftHandle {
             .send(Input::Propose { command, reply })
             .map_err(|_| Error::Unavailable("raft member is stopping".into()))?;
         let r = Self::await_reply(rx).await;
-        if r.is_ok() {
-            self.shared
-                .metrics
-                .proposal_seconds
-                .observe(started.elapsed().as_secs_f64());
+        let m = &self.shared.metrics;
+        match &r {
+            Ok(_) => m.proposal_seconds.observe(started.elapsed().as_secs_f64()),
+            Err(_) => {
+                m.proposal_failures.inc();
+            }
         }
         r
     }
@@ -1239,6 +1240,10 @@ impl Member {
         };
         // The status first: whoever wakes on the role reads a status at
         // least as new.
+        let seen = self.shared.status.read().expect("status lock").leader_id;
+        if r.leader_id != 0 && r.leader_id != seen {
+            self.shared.metrics.leader_changes.inc();
+        }
         *self.shared.status.write().expect("status lock") = RaftStatus {
             id: self.settings.id,
             is_leader: r.state == StateRole::Leader,
@@ -1251,16 +1256,11 @@ impl Member {
             learners,
             caught_up,
         };
-        let mut flipped = false;
         self.shared.role.send_if_modified(|now| {
             let changed = *now != role;
-            flipped = now.is_leader != role.is_leader;
             *now = role;
             changed
         });
-        if flipped {
-            self.shared.metrics.leader_changes.inc();
-        }
     }
 }
 

@@ -277,7 +277,7 @@ enum Cmd {
         gpus: u32,
         /// Quick form: a share of one GPU per task (0.25 = a quarter of its
         /// compute), with --gpu-memory.
-        #[arg(long, requires = "gpu_memory")]
+        #[arg(long, requires = "gpu_memory", value_parser = gpu_share)]
         gpu_share: Option<f64>,
         /// Quick form: the GPU-memory quota of a --gpu-share (e.g. 8GiB).
         #[arg(long, requires = "gpu_share")]
@@ -465,6 +465,15 @@ struct Quick {
     command: Vec<String>,
 }
 
+/// A share of one GPU: above 0, below 1 (a whole one is `--gpus 1`).
+fn gpu_share(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(f) if f > 0.0 && f < 1.0 => Ok(f),
+        Ok(_) => Err("a share is above 0 and below 1 (whole GPUs: --gpus N)".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// `K=V` pairs of a repeated flag; an error names the flag.
 fn pairs(
     flag: &str,
@@ -549,11 +558,20 @@ fn quick_error(e: &weft_spec::SpecError) -> String {
         ("name", "--name"),
         ("command", "the command"),
     ];
-    let flag = e
-        .field
-        .rsplit('.')
-        .find_map(|part| flags.iter().find(|(f, _)| part.starts_with(f)))
-        .map(|(_, flag)| *flag);
+    // A map's field ends in its key (`stages[0].env.memory`): the map
+    // names the flag, whatever the key is.
+    let parts: Vec<&str> = e.field.split('.').collect();
+    let flag = if parts.contains(&"env") {
+        Some("--env")
+    } else if parts.contains(&"node_labels") {
+        Some("--label")
+    } else {
+        parts
+            .iter()
+            .rev()
+            .find_map(|part| flags.iter().find(|(f, _)| part.starts_with(f)))
+            .map(|(_, flag)| *flag)
+    };
     match flag {
         Some(flag) => format!("{flag}: {}", e.reason),
         None => e.to_string(),
@@ -1550,6 +1568,13 @@ mod tests {
         assert!(e.starts_with("--priority: "), "{e}");
         let e = err(&|q| q.env = vec![format!("BIG={}", "x".repeat(40 << 10))]);
         assert!(e.starts_with("--env: "), "{e}");
+        // A key named like another flag's field still names its own flag.
+        let e = err(&|q| q.env = vec![format!("memory={}", "x".repeat(40 << 10))]);
+        assert!(e.starts_with("--env: "), "{e}");
+        assert!(gpu_share("0.5").is_ok());
+        for bad in ["0", "1", "1.5", "-0.1", "x"] {
+            assert!(gpu_share(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -109,8 +109,9 @@ pub trait Group: Send + Sync + 'static {
     fn destroy(&self) -> Result<()>;
     /// Thaws the group if it is frozen; true when it was. A group is frozen
     /// only inside [`Group::kill_all`]: one found frozen was being killed
-    /// by an agent that died before thawing it, and its processes would
-    /// stay stopped (their pending SIGKILL undelivered) for good.
+    /// by an agent that died before thawing it (its processes would stay
+    /// stopped for good, their SIGKILL undelivered); the caller finishes
+    /// the kill.
     fn thaw(&self) -> bool {
         false
     }

@@ -226,6 +226,22 @@ fn bearer<T>(req: &Request<T>) -> Result<Option<String>, Status> {
     Ok(Some(secret.to_string()))
 }
 
+/// A JWT's verdict when the request carries one and this member trusts an
+/// OIDC issuer (None otherwise): needs no state, so a caller checks it
+/// before taking the state's lock (a JWKS file read again and a signature
+/// checked do not hold up the raft thread's writes).
+pub fn jwt_first<T>(acl: &AclConfig, req: &Request<T>) -> Option<Result<Who, Status>> {
+    acl.oidc.as_ref()?;
+    match bearer(req) {
+        Ok(Some(secret)) if is_jwt(&secret) => Some(oidc_user(acl, &secret)),
+        _ => None,
+    }
+}
+
+fn is_jwt(secret: &str) -> bool {
+    !secret.starts_with(SECRET_PREFIX) && secret.matches('.').count() == 2
+}
+
 /// The user of a JWT (a bearer token of three dotted parts), if this
 /// member trusts an OIDC issuer and the token is valid.
 fn oidc_user(acl: &AclConfig, jwt: &str) -> Result<Who, Status> {
@@ -235,7 +251,7 @@ fn oidc_user(acl: &AclConfig, jwt: &str) -> Result<Who, Status> {
         ));
     };
     let c = oidc
-        .verify(jwt, &acl.admins)
+        .verify(jwt)
         .map_err(|why| Status::unauthenticated(format!("OIDC token refused: {why}")))?;
     Ok(Who {
         user: c.user,
@@ -275,7 +291,7 @@ pub fn authenticate<T>(
         let refused = || {
             Status::unauthenticated("token not recognised (revoked, or never made by this cluster)")
         };
-        if !secret.starts_with(SECRET_PREFIX) && secret.matches('.').count() == 2 {
+        if is_jwt(&secret) {
             return oidc_user(acl, &secret);
         }
         if !secret.starts_with(SECRET_PREFIX) || secret.len() > 256 {

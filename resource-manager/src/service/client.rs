@@ -1065,6 +1065,9 @@ impl RmService {
         req: &Request<T>,
         claimed: &str,
     ) -> Result<auth::Who, Status> {
+        if let Some(r) = auth::jwt_first(&self.acl, req) {
+            return r;
+        }
         let r = auth::authenticate(&self.acl, &self.raft.state(), req, claimed, now_ms());
         match r {
             // A follower may not have applied a token made an instant ago

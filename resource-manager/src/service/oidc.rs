@@ -50,9 +50,16 @@ pub struct OidcConfig {
     /// The claim listing the user's groups.
     #[serde(default = "default_groups_claim")]
     pub groups_claim: String,
-    /// Members of these groups are cluster admins.
+    /// Members of these groups are cluster admins (the only way an OIDC
+    /// user is one: `[acl] admins` names users of tokens and certificates,
+    /// and a claim a user may edit must not make them an admin).
     #[serde(default)]
     pub admin_groups: Vec<String>,
+    /// Put before every OIDC user's name (e.g. `oidc:`): keeps the
+    /// issuer's users apart from those of Weft tokens and certificates in
+    /// queue ACLs and applications' owners. Empty: none.
+    #[serde(default)]
+    pub user_prefix: String,
     /// Clock skew allowed on `exp` and `nbf`.
     #[serde(default = "default_leeway", with = "humantime_serde")]
     pub leeway: Duration,
@@ -143,7 +150,7 @@ impl OidcConfig {
     }
 
     /// The user a JWT names, or why it is refused.
-    pub fn verify(&self, token: &str, admins: &[String]) -> Result<Claims, String> {
+    pub fn verify(&self, token: &str) -> Result<Claims, String> {
         if token.len() > MAX_JWT {
             return Err(format!("longer than {MAX_JWT} bytes"));
         }
@@ -184,22 +191,30 @@ impl OidcConfig {
                     self.user_claim
                 )
             })?;
-        crate::service::auth::check_user("user", user)
+        // An address the issuer did not verify is the user's say-so.
+        if self.user_claim == "email"
+            && claims.get("email_verified").and_then(|v| v.as_bool()) != Some(true)
+        {
+            return Err("its email is not verified (email_verified is not true)".into());
+        }
+        let user = format!("{}{user}", self.user_prefix);
+        crate::service::auth::check_user("user", &user)
             .map_err(|e| format!("its {:?} claim is not a user name: {e}", self.user_claim))?;
         let groups: Vec<&str> = match claims.get(&self.groups_claim) {
             Some(serde_json::Value::Array(a)) => a.iter().filter_map(|g| g.as_str()).collect(),
             Some(serde_json::Value::String(g)) => vec![g.as_str()],
             _ => vec![],
         };
-        let admin = admins.iter().any(|a| a == user)
-            || groups
-                .iter()
-                .any(|g| self.admin_groups.iter().any(|a| a == g));
-        let exp = claims.get("exp").and_then(|e| e.as_u64()).unwrap_or(0);
+        let admin = groups
+            .iter()
+            .any(|g| self.admin_groups.iter().any(|a| a == g));
+        // `exp` may be fractional (a NumericDate); what holds a stream open
+        // is the same bound the check above used: exp plus the leeway.
+        let exp = claims.get("exp").and_then(|e| e.as_f64()).unwrap_or(0.0);
         Ok(Claims {
-            user: user.to_string(),
+            user,
             admin,
-            expires_at_ms: exp.saturating_mul(1000),
+            expires_at_ms: (exp * 1000.0) as u64 + self.leeway.as_millis() as u64,
         })
     }
 
@@ -245,9 +260,14 @@ fn version(path: &Path) -> Option<Version> {
 /// The signing keys of a JWKS file: asymmetric keys only, each with its
 /// algorithm (as the key says, else the one its type implies).
 fn read_jwks(path: &Path) -> Result<Loaded, String> {
+    use std::io::Read;
+    const MAX: u64 = 1024 * 1024;
     let version = version(path);
-    let text = std::fs::read(path).map_err(|e| e.to_string())?;
-    if text.len() > 1024 * 1024 {
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX + 1).read_to_end(&mut text))
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > MAX {
         return Err("larger than 1 MiB".into());
     }
     let set: JwkSet = serde_json::from_slice(&text).map_err(|e| format!("not a JWKS: {e}"))?;
@@ -257,19 +277,46 @@ fn read_jwks(path: &Path) -> Result<Loaded, String> {
         .iter()
         .filter(|k| !matches!(k.common.public_key_use, Some(PublicKeyUse::Encryption)))
         .collect();
+    // A key this member cannot use is passed over (an issuer may publish
+    // keys of kinds it does not take), saying why; a key id twice is not
+    // (which one a token means could not be told).
+    let mut skipped = Vec::new();
     for k in &signing {
         let kid = k.common.key_id.clone().unwrap_or_default();
-        let alg = algorithm(k).map_err(|e| format!("key {kid:?}: {e}"))?;
-        let key = DecodingKey::from_jwk(k).map_err(|e| format!("key {kid:?}: {e}"))?;
-        if kid.is_empty() && signing.len() > 1 {
-            return Err("a key without a kid among several (tokens could not name it)".into());
-        }
-        if keys.insert(kid.clone(), (key, alg)).is_some() {
+        if !kid.is_empty()
+            && signing
+                .iter()
+                .filter(|o| o.common.key_id.as_deref() == Some(&kid))
+                .count()
+                > 1
+        {
             return Err(format!("key id {kid:?} appears twice"));
         }
+        let usable = (|| {
+            if kid.is_empty() && signing.len() > 1 {
+                return Err("no kid, among several keys (no token could name it)".to_string());
+            }
+            Ok((
+                DecodingKey::from_jwk(k).map_err(|e| e.to_string())?,
+                algorithm(k)?,
+            ))
+        })();
+        match usable {
+            Ok(key) => {
+                keys.insert(kid, key);
+            }
+            Err(e) => skipped.push(format!("key {kid:?}: {e}")),
+        }
+    }
+    if !skipped.is_empty() {
+        tracing::warn!(file = %path.display(), skipped = ?skipped, "acl.oidc.jwks_file: keys passed over");
     }
     if keys.is_empty() {
-        return Err("no signing key".into());
+        return Err(if skipped.is_empty() {
+            "no signing key".into()
+        } else {
+            format!("no usable signing key ({})", skipped.join("; "))
+        });
     }
     // A set of one key serves tokens that name none.
     if keys.len() == 1 {
@@ -415,7 +462,7 @@ pub(crate) mod tests {
         let c = config(&jwks);
         assert_eq!(c.user_claim, "sub");
         assert_eq!(c.leeway, Duration::from_secs(60));
-        let ok = |t: &str| c.verify(t, &["root-user".into()]);
+        let ok = |t: &str| c.verify(t);
         let refused = |t: &str, why: &str| {
             let e = ok(t).unwrap_err();
             assert!(e.contains(why), "{why:?} not in {e:?}");
@@ -427,7 +474,7 @@ pub(crate) mod tests {
         // RS256 from a key that names no algorithm (its type implies it).
         let bob = ok(&mint(&rsa, Algorithm::RS256, Some("rsa-1"), &claims("bob"))).unwrap();
         assert_eq!(bob.user, "bob");
-        // Admins: by group, or listed in acl.admins.
+        // Admins: by group only.
         let mut g = claims("carol");
         g["groups"] = json!(["ml-users", "ml-admins"]);
         assert!(
@@ -435,14 +482,27 @@ pub(crate) mod tests {
                 .unwrap()
                 .admin
         );
-        let root = ok(&mint(
-            &ec,
-            Algorithm::ES256,
-            Some("ec-1"),
-            &claims("root-user"),
-        ))
-        .unwrap();
-        assert!(root.admin);
+        // A fractional exp (a NumericDate may be one) holds streams open
+        // until exp plus the leeway.
+        let now = jsonwebtoken::get_current_timestamp();
+        let mut f = claims("dora");
+        f["exp"] = json!(now as f64 + 100.5);
+        let dora = ok(&mint(&ec, Algorithm::ES256, Some("ec-1"), &f)).unwrap();
+        assert_eq!(dora.expires_at_ms, (now * 1000) + 100_500 + 60_000);
+        // `alg: none`, hand-made (no library mints one): refused.
+        use base64::Engine;
+        let b64 = |v: serde_json::Value| URL_SAFE_NO_PAD.encode(v.to_string());
+        let none = format!(
+            "{}.{}.",
+            b64(json!({"alg": "none", "kid": "ec-1"})),
+            b64(claims("mallory"))
+        );
+        refused(&none, "malformed");
+        // PS256 under a key published for RS256 (its type's default).
+        refused(
+            &mint(&rsa, Algorithm::PS256, Some("rsa-1"), &claims("alice")),
+            "signed with PS256",
+        );
 
         let now = jsonwebtoken::get_current_timestamp();
         let with = |f: &dyn Fn(&mut serde_json::Value)| {
@@ -503,6 +563,30 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_email_user_needs_it_verified_and_a_prefix_keeps_the_issuers_users_apart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let jwks = tmp.path().join("jwks.json");
+        let (ec, jwk) = es256("ec-1");
+        write_jwks(&jwks, &[&jwk]);
+        let mut c = config(&jwks);
+        c.user_claim = "email".into();
+        c.user_prefix = "oidc:".into();
+        let mut v = claims("id-1");
+        v["email"] = json!("alice@example.com");
+        let t = mint(&ec, Algorithm::ES256, None, &v);
+        assert!(c.verify(&t).unwrap_err().contains("email is not verified"));
+        v["email_verified"] = json!(false);
+        assert!(c.verify(&mint(&ec, Algorithm::ES256, None, &v)).is_err());
+        v["email_verified"] = json!(true);
+        let who = c.verify(&mint(&ec, Algorithm::ES256, None, &v)).unwrap();
+        assert_eq!(who.user, "oidc:alice@example.com");
+        // A user who names themself as an admin is not one: only groups.
+        v["email"] = json!("ops");
+        let who = c.verify(&mint(&ec, Algorithm::ES256, None, &v)).unwrap();
+        assert_eq!((who.user.as_str(), who.admin), ("oidc:ops", false));
+    }
+
+    #[test]
     fn a_rotated_key_is_read_from_the_changed_file_and_a_bad_file_keeps_the_old_keys() {
         let tmp = tempfile::tempdir().unwrap();
         let jwks = tmp.path().join("jwks.json");
@@ -511,29 +595,29 @@ pub(crate) mod tests {
         let c = config(&jwks);
         // One key: a token naming no kid uses it.
         assert!(c
-            .verify(&mint(&k1, Algorithm::ES256, None, &claims("alice")), &[])
+            .verify(&mint(&k1, Algorithm::ES256, None, &claims("alice")))
             .is_ok());
         // The issuer rotates: k2 appears in the file; a token signed with it
         // is accepted at once, without a restart (the file changed).
         let (k2, j2) = es256("k2");
         let t2 = mint(&k2, Algorithm::ES256, Some("k2"), &claims("alice"));
         write_jwks(&jwks, &[&j1, &j2]);
-        assert_eq!(c.verify(&t2, &[]).unwrap().user, "alice");
+        assert_eq!(c.verify(&t2).unwrap().user, "alice");
         // A clone (another service of the member) shares the keys read.
-        assert!(c.clone().verify(&t2, &[]).is_ok());
+        assert!(c.clone().verify(&t2).is_ok());
         // k1 withdrawn: its tokens are refused at once.
         write_jwks(&jwks, &[&j2]);
         let t1 = mint(&k1, Algorithm::ES256, Some("k1"), &claims("alice"));
-        assert!(c.verify(&t1, &[]).unwrap_err().contains("\"k1\" is not in"));
+        assert!(c.verify(&t1).unwrap_err().contains("\"k1\" is not in"));
         // k2 alone: a token naming no key is k2's.
         assert!(c
-            .verify(&mint(&k2, Algorithm::ES256, None, &claims("alice")), &[])
+            .verify(&mint(&k2, Algorithm::ES256, None, &claims("alice")))
             .is_ok());
         // A file that does not load is not taken: the keys stay.
         std::fs::write(&jwks, "{ not json").unwrap();
         let t3 = mint(&k2, Algorithm::ES256, Some("k3"), &claims("alice"));
-        assert!(c.verify(&t3, &[]).unwrap_err().contains("\"k3\" is not in"));
-        assert!(c.verify(&t2, &[]).is_ok());
+        assert!(c.verify(&t3).unwrap_err().contains("\"k3\" is not in"));
+        assert!(c.verify(&t2).is_ok());
     }
 
     #[test]
@@ -557,7 +641,13 @@ pub(crate) mod tests {
             .contains("acl.oidc.jwks_file"));
         assert!(err("{}").contains("not a JWKS"));
         assert!(err(r#"{"keys":[]}"#).contains("no signing key"));
-        assert!(err(r#"{"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"h"}]}"#).contains("symmetric"));
+        assert!(err(r#"{"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"h"}]}"#)
+            .contains("no usable signing key (key \"h\": a symmetric key"));
+        // One unusable key among usable ones is passed over.
+        let (_, good) = es256("good");
+        let text = json!({"keys": [good, {"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]}).to_string();
+        std::fs::write(&jwks, text).unwrap();
+        cfg(&jwks).load().unwrap();
         let (_, a) = es256("same");
         let (_, b) = es256("same");
         assert!(err(&json!({"keys": [a, b]}).to_string()).contains("appears twice"));

@@ -706,8 +706,8 @@ async fn users_of_an_oidc_issuer_call_with_its_tokens_and_its_key_rotates_withou
     );
     ok(&cx.rmctl(As::Token(&ops), &["app", "kill", &a1]));
 
-    // Expired, signed by a key the issuer does not publish, for another
-    // audience: every ClientService call refuses them, on every member.
+    // Expired, or signed by a key the issuer does not publish (under a kid
+    // it does): every ClientService call refuses them, on every member.
     let stranger = Issuer::new("key-2026-12");
     let expired = issuer.token("alice", &[], -3600);
     let forged = stranger.token("ops", &["ml-admins"], 3600);

@@ -877,7 +877,7 @@ async fn metrics_are_scraped_and_move_when_a_job_runs() {
             > value(&first, "weft_raft_applied_index", &[]).unwrap()
     );
     assert_eq!(
-        value(&after, "weft_raft_leader_changes_total", &[]),
+        value(&after, "weft_raft_leader_changes_seen_total", &[]),
         Some(1.0)
     );
 }

@@ -588,8 +588,8 @@ async fn certificates_reload_on_sighup_and_when_their_files_change() {
 }
 
 /// `/metrics` of a member with TLS: served over TLS with its certificate
-/// (checked against the CA, as Prometheus' `tls_config` does), not in
-/// plaintext.
+/// (checked against the CA, as Prometheus' `tls_config` does) to a client
+/// that offers HTTP/1.1 only, not in plaintext.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_of_a_member_with_tls_are_served_over_tls_only() {
     use rustls::pki_types::pem::PemObject;
@@ -618,15 +618,17 @@ async fn metrics_of_a_member_with_tls_are_served_over_tls_only() {
     for c in CertificateDer::pem_file_iter(&ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let cfg = std::sync::Arc::new(
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    );
+    // As a scraper that speaks HTTP/1.1 only (Python's requests,
+    // `curl --http1.1`, Prometheus with HTTP/2 off) says in its ALPN.
+    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let cfg = std::sync::Arc::new(cfg);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let tcp = loop {
         if let Ok(t) = tokio::net::TcpStream::connect(http).await {
@@ -647,6 +649,11 @@ async fn metrics_of_a_member_with_tls_are_served_over_tls_only() {
         .unwrap();
     let mut raw = String::new();
     let _ = tls.read_to_string(&mut raw).await;
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"http/1.1"[..]),
+        "the HTTP port offers HTTP/1.1"
+    );
     assert!(raw.starts_with("HTTP/1.0 200"), "{raw}");
     assert!(raw.contains("\nweft_raft_term "), "{raw}");
     // Plaintext: no HTTP answer.
