@@ -18,6 +18,7 @@ pub mod backoff;
 pub mod clock;
 pub mod codes;
 pub mod daemon;
+pub mod http;
 pub mod leader;
 pub mod net;
 pub mod telemetry;

@@ -40,6 +40,17 @@ pub struct AgentConfig {
     /// Serve plaintext on a non-loopback `listen` (refused without this
     /// when `tls` is not set).
     pub insecure: bool,
+    /// HTTP beside gRPC: `/metrics`.
+    pub http: HttpConfig,
+}
+
+/// `[http]`: what the agent serves over HTTP (HTTPS with its certificate
+/// where it has `[tls]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where to serve it; unset, nothing is served.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Ports the RM hands to this node's containers (gang addresses, named
@@ -92,6 +103,7 @@ impl Default for AgentConfig {
             ports: PortsConfig::default(),
             tls: None,
             insecure: false,
+            http: HttpConfig::default(),
         }
     }
 }

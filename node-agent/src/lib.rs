@@ -26,6 +26,7 @@ pub mod gpu;
 pub mod logs;
 pub mod manager;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod ports;
 pub mod procfs;
@@ -180,6 +181,18 @@ pub async fn run(
         manager::blocking(memory::trim)
     }));
 
+    if let Some(addr) = config.http.listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::Config(format!("http.listen: {addr}: {e}")))?;
+        info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics over HTTP");
+        let registry = Arc::new(metrics::registry(mgr.clone()));
+        let app = weft_common::http::metrics_router(move || metrics::render(&registry));
+        let stop = cancel.child_token();
+        background.push(tokio::spawn(weft_common::http::serve(l, app, async move {
+            stop.cancelled().await
+        })));
+    }
     let svc = weft_proto::v1::container_manager_server::ContainerManagerServer::new(
         service::ContainerService::new(mgr.clone()),
     );

@@ -51,6 +51,10 @@ struct Args {
     /// address needs a [tls] section.
     #[arg(long)]
     insecure: bool,
+    /// Serve `/metrics` (Prometheus text) over HTTP on this address
+    /// (`[http] listen`; HTTPS where the agent has TLS).
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
 }
 
 fn parse_driver(s: &str) -> Result<DriverChoice, String> {
@@ -70,6 +74,9 @@ fn config(args: &Args) -> anyhow::Result<AgentConfig> {
     };
     if let Some(v) = args.listen {
         c.listen = v;
+    }
+    if let Some(v) = args.http_listen {
+        c.http.listen = Some(v);
     }
     if let Some(v) = &args.advertise_address {
         c.advertise_address = Some(v.clone());

@@ -53,6 +53,8 @@ struct Shared {
     logs_root: PathBuf,
     /// Every container the agent knows, running or ended and retained.
     state: Mutex<HashMap<String, Arc<Container>>>,
+    /// What the agent counts and times.
+    metrics: Arc<crate::metrics::AgentMetrics>,
     /// Set once shutdown begins: no new containers.
     closing: AtomicBool,
     /// Supervisor tasks, awaited at shutdown.
@@ -181,6 +183,7 @@ impl Manager {
                 log_streams: Arc::new(tokio::sync::Semaphore::new(log_streams)),
                 lease,
                 ports_freed_at_ms: std::sync::atomic::AtomicU64::new(crate::fence::now_ms()),
+                metrics: Arc::default(),
             }),
         })
     }
@@ -202,6 +205,11 @@ impl Manager {
 
     pub fn capacity(&self) -> Capacity {
         self.sh.capacity
+    }
+
+    /// What the agent counts and times (served at `/metrics`).
+    pub fn metrics(&self) -> Arc<crate::metrics::AgentMetrics> {
+        self.sh.metrics.clone()
     }
 
     pub fn gpus(&self) -> &[GpuInfo] {
@@ -371,6 +379,7 @@ impl Manager {
                             .await;
                             record.phase = Phase::Done(Exit::new(ExitReason::Lost, vec![]));
                             record.finished_at = Some(SystemTime::now());
+                            self.sh.metrics.ended(&ExitReason::Lost);
                             None
                         }
                     }
@@ -468,6 +477,7 @@ impl Manager {
         .await;
         let now = SystemTime::now();
         for id in &found {
+            self.sh.metrics.ended(&ExitReason::Lost);
             warn!(container_id = %id, "container left by an earlier agent: processes killed, reported lost");
             if !validate::container_id_ok(id) {
                 continue;
@@ -517,9 +527,16 @@ impl Manager {
         // on a task of its own, whoever still waits for it.
         use tracing::Instrument;
         let me = self.clone();
-        tokio::spawn(async move { me.start_now(req).await }.instrument(tracing::Span::current()))
-            .await
-            .map_err(|e| Error::NotReady(format!("the start was interrupted: {e}")))?
+        let started = std::time::Instant::now();
+        let r = tokio::spawn(
+            async move { me.start_now(req).await }.instrument(tracing::Span::current()),
+        )
+        .await;
+        self.sh
+            .metrics
+            .start_seconds
+            .observe(started.elapsed().as_secs_f64());
+        r.map_err(|e| Error::NotReady(format!("the start was interrupted: {e}")))?
     }
 
     async fn start_now(&self, mut req: pb::StartContainerRequest) -> Result<pb::ContainerStatus> {
@@ -1351,6 +1368,7 @@ async fn supervise(
         r.memory_peak_bytes = peak;
         r.finished_at = Some(SystemTime::now());
         r.phase = Phase::Done(exit.clone());
+        sh.metrics.ended(&exit.reason);
         // What started it (its command and environment, tokens among them)
         // is not needed once it ended: the record keeps what reports use,
         // so an agent's memory does not grow with every container it ran.
@@ -1519,6 +1537,9 @@ fn take_over(sh: &Shared) -> Vec<FoundContainer> {
         if let Err(e) = dir.write_end(&p.id, &exit) {
             warn!(container_id = %p.id, error = %e, "writing the container's end failed");
         }
+        // Decided by this agent (one an earlier agent decided was counted
+        // by it).
+        sh.metrics.ended(&exit.reason);
         out.push(found(Found::Ended { exit, at }));
     }
     out

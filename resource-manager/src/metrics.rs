@@ -402,57 +402,6 @@ pub async fn serve(
     registry: Arc<Registry>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let registry = registry.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    render(&registry),
-                )
-            }
-        }),
-    );
-    let listener = Incoming {
-        local: listener.local_addr().ok(),
-        conns: weft_common::net::incoming_http(listener),
-    };
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
-}
-
-/// A listener's connections as [`weft_common::net::incoming`] makes them
-/// (TLS done where the process has it), for axum.
-struct Incoming {
-    local: Option<std::net::SocketAddr>,
-    conns: tokio_stream::wrappers::ReceiverStream<std::io::Result<weft_common::net::Conn>>,
-}
-
-impl axum::serve::Listener for Incoming {
-    type Io = weft_common::net::Conn;
-    type Addr = Option<std::net::SocketAddr>;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        use tokio_stream::StreamExt;
-        loop {
-            match self.conns.next().await {
-                Some(Ok(c)) => {
-                    let from = tonic::transport::server::Connected::connect_info(&c).remote;
-                    return (c, from);
-                }
-                Some(Err(_)) => continue,
-                // The listener is gone: serve nothing more.
-                None => std::future::pending::<()>().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
+    let app = weft_common::http::metrics_router(move || render(&registry));
+    weft_common::http::serve(listener, app, async move { stop.cancelled().await }).await;
 }

@@ -8,6 +8,7 @@ mod binary;
 mod enforcement;
 mod lifecycle;
 mod logs;
+mod metrics;
 mod nvml;
 mod requests;
 mod tracker;

@@ -1,0 +1,142 @@
+//! The agent's `/metrics`, scraped over a socket and parsed as Prometheus
+//! does: a running container's use and limits under its labels, a memory
+//! hog's kill counted by reason, start latencies, the driver.
+
+use std::time::Duration;
+
+use weft_node_agent::config::DriverChoice;
+use weft_proto::v1 as pb;
+
+use crate::harness::*;
+
+async fn scrape(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name}: {other:?}"),
+        })
+}
+
+#[tokio::test]
+async fn metrics_show_containers_use_and_kills_by_reason() {
+    if !driver_or_skip(DriverChoice::Auto) {
+        return;
+    }
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut agent = TestAgent::start("metrics", |c| c.http.listen = Some(http)).await;
+    // Scraped the moment the port answers.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(http).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "/metrics never answered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = scrape(http).await;
+    assert_eq!(
+        value(&first, "weft_agent_containers", &[("state", "running")]),
+        Some(0.0)
+    );
+    assert!(value(&first, "weft_agent_capacity_vcores", &[]).unwrap() > 0.0);
+    let driver = first
+        .samples
+        .iter()
+        .find(|s| s.metric == "weft_agent_info")
+        .and_then(|s| s.labels.get("driver").map(str::to_string))
+        .unwrap();
+    assert!(driver.starts_with("cgroup-v"), "{driver}");
+
+    // A task that holds 32 MiB, with the labels a master gives it.
+    let mut req = spec(
+        "holder",
+        "exec python3 -c 'import time; b = b\"x\" * (32 << 20); time.sleep(60)'",
+        128 * MIB,
+    );
+    req.env.insert("WEFT_STAGE".into(), "train".into());
+    req.env.insert("WEFT_TASK_INDEX".into(), "3".into());
+    start(&mut agent.client, req).await;
+    let labels = [("container", "holder"), ("stage", "train"), ("task", "3")];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let during = loop {
+        let s = scrape(http).await;
+        if value(&s, "weft_agent_container_memory_bytes", &labels).unwrap_or(0.0)
+            >= 32.0 * MIB as f64
+        {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "its use never showed: {:?}",
+            s.samples
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        value(&during, "weft_agent_containers", &[("state", "running")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&during, "weft_agent_container_memory_limit_bytes", &labels),
+        Some(128.0 * MIB as f64)
+    );
+    assert!(value(&during, "weft_agent_container_vcores", &labels).is_some());
+    assert!(value(&during, "weft_agent_container_start_seconds_count", &[]).unwrap() >= 1.0);
+
+    // A memory hog: killed, and counted by its reason.
+    start(
+        &mut agent.client,
+        spec("hog", "exec tail /dev/zero", 48 * MIB),
+    )
+    .await;
+    let s = wait_end(&mut agent.client, "hog", Duration::from_secs(30)).await;
+    assert_eq!(s.state(), pb::ContainerState::Killed, "{s:?}");
+    stop(&mut agent.client, "holder", 300).await;
+    let after = scrape(http).await;
+    assert_eq!(
+        value(
+            &after,
+            "weft_agent_container_ends_total",
+            &[("reason", "over_memory_quota")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &after,
+            "weft_agent_container_ends_total",
+            &[("reason", "user_requested")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&after, "weft_agent_containers", &[("state", "running")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        value(&after, "weft_agent_containers", &[("state", "killed")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(&after, "weft_agent_container_memory_bytes", &labels),
+        None
+    );
+    agent.shutdown().await;
+}
