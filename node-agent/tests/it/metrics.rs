@@ -47,7 +47,10 @@ async fn metrics_show_containers_use_and_kills_by_reason() {
     // Scraped the moment the port answers.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(http).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "/metrics never answered");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/metrics never answered"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let first = scrape(http).await;
@@ -138,5 +141,54 @@ async fn metrics_show_containers_use_and_kills_by_reason() {
         value(&after, "weft_agent_container_memory_bytes", &labels),
         None
     );
+    // Every agent figure the example dashboard queries is served.
+    let served: std::collections::BTreeSet<&str> = during
+        .samples
+        .iter()
+        .chain(&after.samples)
+        .map(|x| base_name(&x.metric))
+        .collect();
+    for m in dashboard_metrics()
+        .into_iter()
+        .filter(|m| m.starts_with("weft_agent_"))
+    {
+        assert!(
+            served.contains(m.as_str()),
+            "the dashboard queries {m}, not served: {served:?}"
+        );
+    }
     agent.shutdown().await;
+}
+
+/// The metric names the example Grafana dashboard queries (histogram
+/// suffixes dropped), for a scrape to be checked against.
+pub(crate) fn dashboard_metrics() -> std::collections::BTreeSet<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/deploy/grafana-dashboard.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut out = std::collections::BTreeSet::new();
+    for p in v["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("weft_") {
+                let tail = &rest[i..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                    .unwrap_or(tail.len());
+                out.insert(base_name(&tail[..end]).to_string());
+                rest = &tail[end..];
+            }
+        }
+    }
+    out
+}
+
+/// A sample's family name: without a histogram's `_bucket`, `_sum`, `_count`.
+pub(crate) fn base_name(m: &str) -> &str {
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| m.strip_suffix(s))
+        .unwrap_or(m)
 }

@@ -876,8 +876,52 @@ async fn metrics_are_scraped_and_move_when_a_job_runs() {
         value(&after, "weft_raft_applied_index", &[]).unwrap()
             > value(&first, "weft_raft_applied_index", &[]).unwrap()
     );
+    // Every RM figure the example dashboard queries is served.
+    let served: std::collections::BTreeSet<&str> =
+        after.samples.iter().map(|x| base_name(&x.metric)).collect();
+    for m in dashboard_metrics() {
+        if !m.starts_with("weft_agent_") {
+            assert!(
+                served.contains(m.as_str()),
+                "the dashboard queries {m}, not served: {served:?}"
+            );
+        }
+    }
     assert_eq!(
         value(&after, "weft_raft_leader_changes_seen_total", &[]),
         Some(1.0)
     );
+}
+
+/// The metric names the example Grafana dashboard queries (histogram
+/// suffixes dropped), for a scrape to be checked against.
+pub(crate) fn dashboard_metrics() -> std::collections::BTreeSet<String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/deploy/grafana-dashboard.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut out = std::collections::BTreeSet::new();
+    for p in v["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("weft_") {
+                let tail = &rest[i..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                    .unwrap_or(tail.len());
+                out.insert(base_name(&tail[..end]).to_string());
+                rest = &tail[end..];
+            }
+        }
+    }
+    out
+}
+
+/// A sample's family name: without a histogram's `_bucket`, `_sum`, `_count`.
+pub(crate) fn base_name(m: &str) -> &str {
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| m.strip_suffix(s))
+        .unwrap_or(m)
 }
