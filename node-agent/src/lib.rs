@@ -186,8 +186,7 @@ pub async fn run(
             .await
             .map_err(|e| Error::Config(format!("http.listen: {addr}: {e}")))?;
         info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics over HTTP");
-        let registry = Arc::new(metrics::registry(mgr.clone()));
-        let app = weft_common::http::metrics_router(move || metrics::render(&registry));
+        let app = weft_common::http::metrics_router(Arc::new(metrics::registry(mgr.clone())));
         let stop = cancel.child_token();
         background.push(tokio::spawn(weft_common::http::serve(l, app, async move {
             stop.cancelled().await

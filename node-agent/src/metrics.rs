@@ -8,12 +8,10 @@
 //! container, application, stage, task), the node's capacity and its
 //! cgroup driver.
 
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::manager::Manager;
@@ -74,17 +72,14 @@ impl std::fmt::Debug for AgentCollector {
     }
 }
 
+/// One gauge family of rows labelled as [`Labels`].
 fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
     e: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     rows: Vec<(Labels, V)>,
 ) -> Result<(), std::fmt::Error> {
-    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, v) in rows {
-        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
+    weft_common::http::gauge(e, name, help, rows)
 }
 
 impl prometheus_client::collector::Collector for AgentCollector {
@@ -232,12 +227,4 @@ pub fn registry(mgr: Manager) -> Registry {
     );
     r.register_collector(Box::new(AgentCollector { mgr }));
     r
-}
-
-/// The Prometheus text (version 0.0.4) of `registry`.
-pub fn render(registry: &Registry) -> String {
-    let mut out = String::new();
-    prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
-        .expect("writing to a String does not fail");
-    out
 }

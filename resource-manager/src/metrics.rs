@@ -14,7 +14,6 @@ use std::sync::Arc;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
@@ -106,18 +105,7 @@ impl std::fmt::Debug for Scheduling {
     }
 }
 
-fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: impl IntoIterator<Item = (Outcome, V)>,
-) -> Result<(), std::fmt::Error> {
-    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, v) in rows {
-        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
-}
+use weft_common::http::gauge;
 
 fn counter(
     e: &mut DescriptorEncoder,
@@ -275,13 +263,8 @@ impl prometheus_client::collector::Collector for StateCollector {
                 .map(|(q, r)| (vec![("queue", q.clone())], r[i]))
                 .collect()
         };
-        let mut put = |name: &str, help: &str, rows: Vec<(Labels, f64)>| {
-            let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for (labels, v) in rows {
-                ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
-            }
-            Ok::<(), std::fmt::Error>(())
-        };
+        let mut put =
+            |name: &str, help: &str, rows: Vec<(Labels, f64)>| gauge(&mut e, name, help, rows);
         let f = |v: Vec<(Labels, u64)>, scale: f64| {
             v.into_iter()
                 .map(|(l, x)| (l, x as f64 / scale))
@@ -387,14 +370,6 @@ pub fn registry(scheduling: Scheduling) -> Registry {
     r
 }
 
-/// The Prometheus text (version 0.0.4) of `registry`.
-pub fn render(registry: &Registry) -> String {
-    let mut out = String::new();
-    prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
-        .expect("writing to a String does not fail");
-    out
-}
-
 /// Serves `GET /metrics` on `listener` (TLS where the process has it, as
 /// its gRPC port) until `stop` is cancelled.
 pub async fn serve(
@@ -402,6 +377,6 @@ pub async fn serve(
     registry: Arc<Registry>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let app = weft_common::http::metrics_router(move || render(&registry));
+    let app = weft_common::http::metrics_router(registry);
     weft_common::http::serve(listener, app, async move { stop.cancelled().await }).await;
 }

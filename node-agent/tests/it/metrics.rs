@@ -7,32 +7,9 @@ use std::time::Duration;
 use weft_node_agent::config::DriverChoice;
 use weft_proto::v1 as pb;
 
+use weft_common::http::scrape::{dashboard_metrics, scrape, served, value};
+
 use crate::harness::*;
-
-async fn scrape(addr: std::net::SocketAddr) -> prometheus_parse::Scrape {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
-}
-
-fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    s.samples
-        .iter()
-        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            ref other => panic!("{name}: {other:?}"),
-        })
-}
 
 #[tokio::test]
 async fn metrics_show_containers_use_and_kills_by_reason() {
@@ -142,13 +119,10 @@ async fn metrics_show_containers_use_and_kills_by_reason() {
         None
     );
     // Every agent figure the example dashboard queries is served.
-    let served: std::collections::BTreeSet<&str> = during
-        .samples
-        .iter()
-        .chain(&after.samples)
-        .map(|x| base_name(&x.metric))
-        .collect();
-    for m in dashboard_metrics()
+    let served = served(&[&during, &after]);
+    let dashboard = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/deploy/grafana-dashboard.json");
+    for m in dashboard_metrics(&dashboard)
         .into_iter()
         .filter(|m| m.starts_with("weft_agent_"))
     {
@@ -158,37 +132,4 @@ async fn metrics_show_containers_use_and_kills_by_reason() {
         );
     }
     agent.shutdown().await;
-}
-
-/// The metric names the example Grafana dashboard queries (histogram
-/// suffixes dropped), for a scrape to be checked against.
-pub(crate) fn dashboard_metrics() -> std::collections::BTreeSet<String> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/deploy/grafana-dashboard.json");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let mut out = std::collections::BTreeSet::new();
-    for p in v["panels"].as_array().unwrap() {
-        for t in p["targets"].as_array().unwrap() {
-            let expr = t["expr"].as_str().unwrap();
-            let mut rest = expr;
-            while let Some(i) = rest.find("weft_") {
-                let tail = &rest[i..];
-                let end = tail
-                    .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
-                    .unwrap_or(tail.len());
-                out.insert(base_name(&tail[..end]).to_string());
-                rest = &tail[end..];
-            }
-        }
-    }
-    out
-}
-
-/// A sample's family name: without a histogram's `_bucket`, `_sum`, `_count`.
-pub(crate) fn base_name(m: &str) -> &str {
-    ["_bucket", "_sum", "_count"]
-        .iter()
-        .find_map(|s| m.strip_suffix(s))
-        .unwrap_or(m)
 }

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use weft_client::proto as pb;
+use weft_common::http::scrape::{dashboard_metrics, scrape, served, value};
 
 struct Standalone {
     child: Option<Child>,
@@ -736,36 +737,10 @@ async fn the_quick_form_sets_env_max_runtime_and_labels_and_names_a_bad_flag() {
     assert_eq!(before, after);
 }
 
-/// `GET /metrics` over a plain socket, parsed as Prometheus does.
-async fn scrape(addr: &str) -> prometheus_parse::Scrape {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: weft\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    tcp.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: text/plain; version=0.0.4"),
-        "{head}"
-    );
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
-}
-
-/// The value of `name` with every one of `labels`, if scraped.
-fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    s.samples
-        .iter()
-        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match x.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            ref other => panic!("{name}: {other:?}"),
-        })
+/// The example Grafana dashboard.
+fn dashboard() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/deploy/grafana-dashboard.json")
 }
 
 /// `/metrics` scraped the moment its port answers, and again while a job
@@ -877,9 +852,8 @@ async fn metrics_are_scraped_and_move_when_a_job_runs() {
             > value(&first, "weft_raft_applied_index", &[]).unwrap()
     );
     // Every RM figure the example dashboard queries is served.
-    let served: std::collections::BTreeSet<&str> =
-        after.samples.iter().map(|x| base_name(&x.metric)).collect();
-    for m in dashboard_metrics() {
+    let served = served(&[&after]);
+    for m in dashboard_metrics(&dashboard()) {
         if !m.starts_with("weft_agent_") {
             assert!(
                 served.contains(m.as_str()),
@@ -891,37 +865,4 @@ async fn metrics_are_scraped_and_move_when_a_job_runs() {
         value(&after, "weft_raft_leader_changes_seen_total", &[]),
         Some(1.0)
     );
-}
-
-/// The metric names the example Grafana dashboard queries (histogram
-/// suffixes dropped), for a scrape to be checked against.
-pub(crate) fn dashboard_metrics() -> std::collections::BTreeSet<String> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/deploy/grafana-dashboard.json");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let mut out = std::collections::BTreeSet::new();
-    for p in v["panels"].as_array().unwrap() {
-        for t in p["targets"].as_array().unwrap() {
-            let expr = t["expr"].as_str().unwrap();
-            let mut rest = expr;
-            while let Some(i) = rest.find("weft_") {
-                let tail = &rest[i..];
-                let end = tail
-                    .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
-                    .unwrap_or(tail.len());
-                out.insert(base_name(&tail[..end]).to_string());
-                rest = &tail[end..];
-            }
-        }
-    }
-    out
-}
-
-/// A sample's family name: without a histogram's `_bucket`, `_sum`, `_count`.
-pub(crate) fn base_name(m: &str) -> &str {
-    ["_bucket", "_sum", "_count"]
-        .iter()
-        .find_map(|s| m.strip_suffix(s))
-        .unwrap_or(m)
 }
