@@ -257,50 +257,8 @@ enum Cmd {
         /// Wait for the end (see `app wait`).
         #[arg(long)]
         wait: bool,
-        /// Quick form: the job's name.
-        #[arg(long, default_value = "job")]
-        name: String,
-        /// Quick form: how many copies run ($WEFT_TASK_INDEX tells them apart).
-        #[arg(long, default_value_t = 1)]
-        instances: u32,
-        /// Quick form: cores per task.
-        #[arg(long, default_value_t = 1.0)]
-        vcores: f64,
-        /// Quick form: memory per task (e.g. 512MiB, 2GiB).
-        #[arg(long, default_value = "512MiB")]
-        memory: String,
-        /// Quick form: the queue.
-        #[arg(long, default_value = "root")]
-        queue: String,
-        /// Quick form: whole GPUs per task.
-        #[arg(long, default_value_t = 0, conflicts_with = "gpu_share")]
-        gpus: u32,
-        /// Quick form: a share of one GPU per task (0.25 = a quarter of its
-        /// compute), with --gpu-memory.
-        #[arg(long, requires = "gpu_memory", value_parser = gpu_share)]
-        gpu_share: Option<f64>,
-        /// Quick form: the GPU-memory quota of a --gpu-share (e.g. 8GiB).
-        #[arg(long, requires = "gpu_share")]
-        gpu_memory: Option<String>,
-        /// Quick form: the GPU model the task's GPUs must be (as the node
-        /// reports it, e.g. "NVIDIA H100 80GB HBM3").
-        #[arg(long)]
-        gpu_model: Option<String>,
-        /// Quick form: longest a task may run (e.g. 10m, 2h); killed after.
-        #[arg(long, value_parser = humantime::parse_duration)]
-        max_runtime: Option<std::time::Duration>,
-        /// Quick form: an environment variable of the tasks, K=V (repeat it).
-        #[arg(long = "env", value_name = "K=V")]
-        env: Vec<String>,
-        /// Quick form: a node label the task's node must have, k=v (repeat it).
-        #[arg(long = "label", value_name = "k=v")]
-        labels: Vec<String>,
-        /// Quick form: priority within the queue (0-1000, higher first).
-        #[arg(long, default_value_t = 0)]
-        priority: u32,
-        /// The command and its arguments (after `--`).
-        #[arg(last = true)]
-        command: Vec<String>,
+        #[command(flatten)]
+        quick: Quick,
     },
 }
 
@@ -447,21 +405,51 @@ fn sh_quote(w: &str) -> String {
 }
 
 /// What `submit -- CMD ARGS...` runs: one stage of `instances` tasks.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 struct Quick {
+    /// Quick form: the job's name.
+    #[arg(long, default_value = "job")]
     name: String,
-    queue: String,
+    /// Quick form: how many copies run ($WEFT_TASK_INDEX tells them apart).
+    #[arg(long, default_value_t = 1)]
     instances: u32,
+    /// Quick form: cores per task.
+    #[arg(long, default_value_t = 1.0)]
     vcores: f64,
+    /// Quick form: memory per task (e.g. 512MiB, 2GiB).
+    #[arg(long, default_value = "512MiB")]
     memory: String,
+    /// Quick form: the queue.
+    #[arg(long, default_value = "root")]
+    queue: String,
+    /// Quick form: whole GPUs per task.
+    #[arg(long, default_value_t = 0, conflicts_with = "gpu_share")]
     gpus: u32,
+    /// Quick form: a share of one GPU per task (0.25 = a quarter of its
+    /// compute), with --gpu-memory.
+    #[arg(long, requires = "gpu_memory", value_parser = gpu_share)]
     gpu_share: Option<f64>,
+    /// Quick form: the GPU-memory quota of a --gpu-share (e.g. 8GiB).
+    #[arg(long, requires = "gpu_share")]
     gpu_memory: Option<String>,
+    /// Quick form: the GPU model the task's GPUs must be (as the node
+    /// reports it, e.g. "NVIDIA H100 80GB HBM3").
+    #[arg(long)]
     gpu_model: Option<String>,
+    /// Quick form: longest a task may run (e.g. 10m, 2h); killed after.
+    #[arg(long, value_parser = humantime::parse_duration)]
     max_runtime: Option<std::time::Duration>,
+    /// Quick form: an environment variable of the tasks, K=V (repeat it).
+    #[arg(long = "env", value_name = "K=V")]
     env: Vec<String>,
+    /// Quick form: a node label the task's node must have, k=v (repeat it).
+    #[arg(long = "label", value_name = "k=v")]
     labels: Vec<String>,
+    /// Quick form: priority within the queue (0-1000, higher first).
+    #[arg(long, default_value_t = 0)]
     priority: u32,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true)]
     command: Vec<String>,
 }
 
@@ -1184,20 +1172,7 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
             file,
             user,
             wait,
-            name,
-            instances,
-            vcores,
-            memory,
-            queue,
-            gpus,
-            gpu_share,
-            gpu_memory,
-            gpu_model,
-            max_runtime,
-            env,
-            labels,
-            priority,
-            command,
+            quick,
         } => {
             let (spec, format) = match &file {
                 Some(file) => {
@@ -1209,25 +1184,7 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
                     };
                     (spec, format)
                 }
-                None => (
-                    quick_spec(&Quick {
-                        name,
-                        queue,
-                        instances,
-                        vcores,
-                        memory,
-                        gpus,
-                        gpu_share,
-                        gpu_memory,
-                        gpu_model,
-                        max_runtime,
-                        env,
-                        labels,
-                        priority,
-                        command,
-                    })?,
-                    "yaml",
-                ),
+                None => (quick_spec(&quick)?, "yaml"),
             };
             let user = match user {
                 Some(u) => u,

@@ -412,25 +412,30 @@ async fn a_cluster_over_mutual_tls_runs_a_job_and_refuses_whom_it_does_not_trust
 /// The certificate a member presents to a new connection now (DER); None
 /// while it does not answer (starting).
 async fn served_cert(addr: &str, ca: &Path) -> Option<Vec<u8>> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    use rustls::pki_types::ServerName;
+    let cfg = trusting(ca);
     let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
     let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
         .connect(ServerName::try_from("rm.weft").unwrap(), tcp)
         .await
         .unwrap();
     Some(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
+}
+
+/// A TLS client that trusts the CA in `ca` and shows no certificate.
+fn trusting(ca: &Path) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth()
 }
 
 fn der_of(pem: &Path) -> Vec<u8> {
@@ -592,8 +597,7 @@ async fn certificates_reload_on_sighup_and_when_their_files_change() {
 /// that offers HTTP/1.1 only, not in plaintext.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_of_a_member_with_tls_are_served_over_tls_only() {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
+    use rustls::pki_types::ServerName;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if crate::secure::skip(
         "it secures its own cluster with its own CA (it runs in the plaintext pass)",
@@ -614,19 +618,9 @@ async fn metrics_of_a_member_with_tls_are_served_over_tls_only() {
         d.display()
     );
     let _cluster = Cluster::start_with(1, 1000, &extra);
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
     // As a scraper that speaks HTTP/1.1 only (Python's requests,
     // `curl --http1.1`, Prometheus with HTTP/2 off) says in its ALPN.
-    let mut cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut cfg = trusting(&ca);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let cfg = std::sync::Arc::new(cfg);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
