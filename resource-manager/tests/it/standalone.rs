@@ -31,6 +31,11 @@ impl Standalone {
     /// `own_dirs`: the agent config names its work dir and cgroup parent;
     /// otherwise the standalone master picks them.
     fn start_config(agent_extra: &str, own_dirs: bool) -> Standalone {
+        Self::start_full(agent_extra, own_dirs, None)
+    }
+
+    /// `http`: where it serves `/metrics`, if it does.
+    fn start_full(agent_extra: &str, own_dirs: bool, http: Option<String>) -> Standalone {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -47,7 +52,7 @@ impl Standalone {
             dir,
             addr: format!("127.0.0.1:{port}"),
             parent,
-            http: None,
+            http,
         };
         // Top-level keys first: a key after a [table] belongs to that table.
         let (work_dir, parent) = if own_dirs {
@@ -80,11 +85,7 @@ impl Standalone {
             .local_addr()
             .unwrap()
             .port();
-        let mut s = Self::start_config("", true);
-        s.stop();
-        s.http = Some(format!("127.0.0.1:{port}"));
-        s.spawn();
-        s
+        Self::start_full("", true, Some(format!("127.0.0.1:{port}")))
     }
 
     fn spawn(&mut self) {
