@@ -6,7 +6,9 @@
 use std::future::Future;
 use std::net::SocketAddr;
 
-/// Serves `app` on `listener` until `stop` resolves.
+/// Serves `app` on `listener` until `stop` resolves. Handlers find their
+/// connection's [`crate::net::ConnInfo`] (remote address, client
+/// certificate) as `axum::extract::ConnectInfo<ConnInfo>`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: axum::Router,
@@ -16,6 +18,7 @@ pub async fn serve(
         local: listener.local_addr().ok(),
         conns: crate::net::incoming_http(listener),
     };
+    let app = app.into_make_service_with_connect_info::<crate::net::ConnInfo>();
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(stop)
         .await;
@@ -84,15 +87,15 @@ struct Incoming {
 
 impl axum::serve::Listener for Incoming {
     type Io = crate::net::Conn;
-    type Addr = Option<SocketAddr>;
+    type Addr = crate::net::ConnInfo;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         use tokio_stream::StreamExt;
         loop {
             match self.conns.next().await {
                 Some(Ok(c)) => {
-                    let from = tonic::transport::server::Connected::connect_info(&c).remote;
-                    return (c, from);
+                    let info = tonic::transport::server::Connected::connect_info(&c);
+                    return (c, info);
                 }
                 Some(Err(_)) => continue,
                 // The listener is gone: serve nothing more.
@@ -102,7 +105,18 @@ impl axum::serve::Listener for Incoming {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
+        Ok(crate::net::ConnInfo {
+            remote: self.local,
+            peer: None,
+        })
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Incoming>>
+    for crate::net::ConnInfo
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, Incoming>) -> Self {
+        s.remote_addr().clone()
     }
 }
 
@@ -179,5 +193,213 @@ pub mod scrape {
             }
         }
         out
+    }
+}
+
+/// For tests: HTTP requests as curl makes them, one connection each, over a
+/// real socket (HTTPS where given a client config).
+#[cfg(feature = "test-support")]
+pub mod call {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use http_body_util::BodyExt;
+
+    /// Where to send requests, how, and as whom.
+    #[derive(Clone)]
+    pub struct Http {
+        /// host:port
+        pub addr: String,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        token: Option<String>,
+    }
+
+    /// A whole answer.
+    #[derive(Debug)]
+    pub struct Reply {
+        pub status: u16,
+        pub headers: hyper::HeaderMap,
+        pub body: Vec<u8>,
+    }
+
+    impl Reply {
+        pub fn json(&self) -> serde_json::Value {
+            serde_json::from_slice(&self.body)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.text()))
+        }
+
+        pub fn text(&self) -> String {
+            String::from_utf8_lossy(&self.body).into_owned()
+        }
+
+        pub fn header(&self, name: &str) -> Option<&str> {
+            self.headers.get(name).and_then(|v| v.to_str().ok())
+        }
+    }
+
+    impl Http {
+        pub fn plain(addr: impl Into<String>) -> Http {
+            Http {
+                addr: addr.into(),
+                tls: None,
+                token: None,
+            }
+        }
+
+        /// HTTPS, the server's name checked as `rm.weft` (a member's).
+        pub fn tls(addr: impl Into<String>, config: rustls::ClientConfig) -> Http {
+            let mut config = config;
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Http {
+                addr: addr.into(),
+                tls: Some(Arc::new(config)),
+                token: None,
+            }
+        }
+
+        /// With `Authorization: Bearer token` on every request.
+        pub fn with_token(mut self, token: impl Into<String>) -> Http {
+            self.token = Some(token.into());
+            self
+        }
+
+        pub fn without_token(mut self) -> Http {
+            self.token = None;
+            self
+        }
+
+        /// The same caller at `url`'s host (`http[s]://host:port/path...`),
+        /// and the path it names.
+        pub fn at(&self, url: &str) -> (Http, String) {
+            let rest = url
+                .strip_prefix("https://")
+                .or_else(|| url.strip_prefix("http://"))
+                .unwrap_or_else(|| panic!("not a URL: {url}"));
+            let (host, path) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            let mut h = self.clone();
+            h.addr = host.to_string();
+            (h, path.to_string())
+        }
+
+        /// Sends a request and returns the answer's head, its body still
+        /// coming (a follow).
+        pub async fn open(
+            &self,
+            method: &str,
+            path: &str,
+            headers: &[(&str, &str)],
+            body: Vec<u8>,
+        ) -> hyper::Response<hyper::body::Incoming> {
+            let tcp = tokio::net::TcpStream::connect(&self.addr)
+                .await
+                .unwrap_or_else(|e| panic!("connecting to {}: {e}", self.addr));
+            let mut req = hyper::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", &self.addr);
+            if let Some(t) = &self.token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let req = req
+                .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+                .unwrap();
+            match &self.tls {
+                None => {
+                    let (mut send, conn) =
+                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                            .await
+                            .unwrap();
+                    tokio::spawn(conn);
+                    send.send_request(req).await.unwrap()
+                }
+                Some(cfg) => {
+                    let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                        .connect(
+                            rustls::pki_types::ServerName::try_from("rm.weft").unwrap(),
+                            tcp,
+                        )
+                        .await
+                        .unwrap();
+                    let (mut send, conn) =
+                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                            .await
+                            .unwrap();
+                    tokio::spawn(conn);
+                    send.send_request(req).await.unwrap()
+                }
+            }
+        }
+
+        /// Sends a request and reads the whole answer (within 60 s).
+        pub async fn send(
+            &self,
+            method: &str,
+            path: &str,
+            headers: &[(&str, &str)],
+            body: impl Into<Vec<u8>>,
+        ) -> Reply {
+            let body = body.into();
+            tokio::time::timeout(Duration::from_secs(60), async {
+                let r = self.open(method, path, headers, body).await;
+                let (parts, body) = r.into_parts();
+                Reply {
+                    status: parts.status.as_u16(),
+                    headers: parts.headers,
+                    body: body.collect().await.unwrap().to_bytes().to_vec(),
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{method} {path}: no whole answer in 60 s"))
+        }
+
+        /// [`Http::send`], following redirects (at most 3) as `curl -L`
+        /// does: the same method, headers and body to the `Location`. A
+        /// 503 (no leader known yet) is tried again, up to 30 s.
+        pub async fn send_following(
+            &self,
+            method: &str,
+            path: &str,
+            headers: &[(&str, &str)],
+            body: impl Into<Vec<u8>>,
+        ) -> Reply {
+            let body = body.into();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            let (mut at, mut path) = (self.clone(), path.to_string());
+            let mut hops = 0;
+            loop {
+                let r = at.send(method, &path, headers, body.clone()).await;
+                match r.status {
+                    307 | 308 if hops < 3 => {
+                        hops += 1;
+                        let l = r.header("location").expect("a redirect names its Location");
+                        (at, path) = self.at(l);
+                    }
+                    503 if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    _ => return r,
+                }
+            }
+        }
+
+        pub async fn get(&self, path: &str) -> Reply {
+            self.send("GET", path, &[], Vec::new()).await
+        }
+
+        pub async fn post(
+            &self,
+            path: &str,
+            content_type: &str,
+            body: impl Into<Vec<u8>>,
+        ) -> Reply {
+            self.send("POST", path, &[("content-type", content_type)], body)
+                .await
+        }
     }
 }

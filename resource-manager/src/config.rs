@@ -63,7 +63,8 @@ pub struct RmConfig {
     /// A JSON line for every write asked of this member (who, what, from
     /// where, outcome) is appended to this file.
     pub audit_log: Option<PathBuf>,
-    /// HTTP beside gRPC: `/metrics`.
+    /// HTTP beside gRPC: the REST API (`/v1/...`, `/openapi.json`) and
+    /// `/metrics`.
     pub http: HttpConfig,
 }
 
@@ -74,6 +75,48 @@ pub struct RmConfig {
 pub struct HttpConfig {
     /// Where to serve it; unset, nothing is served.
     pub listen: Option<std::net::SocketAddr>,
+    /// `host:port` where users and the other members reach it, when that is
+    /// not `listen` (a proxy, a NAT). Unset: `listen`, or, where `listen`
+    /// is a wildcard (0.0.0.0, ::), this member's host in `peers` with
+    /// `listen`'s port. Followers send REST writes on to the leader's.
+    pub advertise: Option<String>,
+}
+
+impl HttpConfig {
+    /// This member's HTTP base URL, once `listen` is bound to `bound`;
+    /// `peer` is its own raft address (host:port).
+    pub fn url(&self, bound: std::net::SocketAddr, peer: &str, tls: bool) -> String {
+        let scheme = if tls { "https" } else { "http" };
+        let host_port = match &self.advertise {
+            Some(a) => a.clone(),
+            None if bound.ip().is_unspecified() => {
+                let host = peer.rsplit_once(':').map(|(h, _)| h).unwrap_or(peer);
+                format!("{host}:{}", bound.port())
+            }
+            None => bound.to_string(),
+        };
+        format!("{scheme}://{host_port}")
+    }
+
+    fn validate(&self) -> Result<()> {
+        let Some(a) = &self.advertise else {
+            return Ok(());
+        };
+        let bad = |why: &str| Err(Error::Config(format!("http.advertise: {a:?} {why}")));
+        if self.listen.is_none() {
+            return bad("is set but http.listen is not (nothing is served)");
+        }
+        let Some((host, port)) = a.rsplit_once(':') else {
+            return bad("is not host:port");
+        };
+        if host.is_empty()
+            || host.contains(['/', '@', '?', '#', ' '])
+            || port.parse::<u16>().map_or(true, |p| p == 0)
+        {
+            return bad("is not host:port (a host name or address, and a port from 1 to 65535)");
+        }
+        Ok(())
+    }
 }
 
 /// Users and what they may do. Off, every caller may do anything and is the
@@ -376,6 +419,7 @@ impl RmConfig {
                     .into(),
             ));
         }
+        self.http.validate()?;
         if self.raft.tick < Duration::from_millis(1) {
             return Err(Error::Config("raft.tick: must be at least 1ms".into()));
         }
@@ -428,6 +472,47 @@ impl RmConfig {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_http_url_is_advertise_or_the_bound_address_or_the_peers_host() {
+        let h = HttpConfig {
+            listen: Some("0.0.0.0:7180".parse().unwrap()),
+            advertise: None,
+        };
+        assert!(h.validate().is_ok());
+        let any: std::net::SocketAddr = "0.0.0.0:7180".parse().unwrap();
+        assert_eq!(
+            h.url(any, "rm1.example:7100", true),
+            "https://rm1.example:7180"
+        );
+        assert_eq!(h.url(any, "[fd00::1]:7100", false), "http://[fd00::1]:7180");
+        let lo: std::net::SocketAddr = "127.0.0.1:41000".parse().unwrap();
+        assert_eq!(h.url(lo, "whatever:1", false), "http://127.0.0.1:41000");
+        let a = HttpConfig {
+            advertise: Some("lb.example:443".into()),
+            ..h.clone()
+        };
+        assert!(a.validate().is_ok());
+        assert_eq!(a.url(any, "rm1:7100", true), "https://lb.example:443");
+        for bad in ["https://lb:443", "lb", "lb:0", "lb:http", ":80", "lb/x:80"] {
+            let e = HttpConfig {
+                advertise: Some(bad.into()),
+                ..h.clone()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("http.advertise"), "{bad}: {e}");
+        }
+        let e = HttpConfig {
+            listen: None,
+            advertise: Some("lb:80".into()),
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("http.listen is not"), "{e}");
+    }
 
     #[test]
     fn the_initial_admin_token_file_is_read_only_when_private_and_well_formed() {

@@ -31,6 +31,7 @@ pub mod fsm;
 pub mod leader;
 pub mod metrics;
 pub mod raft_node;
+pub mod rest;
 pub mod scheduler;
 pub mod service;
 pub mod slog_bridge;
@@ -101,21 +102,44 @@ pub async fn run(
             .map_err(|e| Error::Config(format!("audit_log {}: {e}", path.display())))?,
         None => service::audit_log::AuditLog::default(),
     });
-    let cancel = tokio_util::sync::CancellationToken::new();
-    // Leader-only work starts and stops with this member's leaderships.
-    let leader = tokio::spawn(leader::supervise(svc.clone(), cancel.clone()));
-    let am = service::am::AmService::new(svc.scheduling.clone());
+    // The REST API and /metrics, bound before the leader's work starts so
+    // that its URL is known when it leads.
     let http = match config.http.listen {
         Some(addr) => {
             let l = TcpListener::bind(addr)
                 .await
                 .map_err(|e| Error::Config(format!("http.listen: {addr}: {e}")))?;
-            info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics over HTTP");
-            let registry = std::sync::Arc::new(metrics::registry(svc.scheduling.clone()));
-            Some(tokio::spawn(metrics::serve(l, registry, cancel.clone())))
+            let bound = l
+                .local_addr()
+                .map_err(|e| Error::Config(format!("http.listen: {addr}: {e}")))?;
+            let url = config.http.url(
+                bound,
+                peers.get(&config.id).map(String::as_str).unwrap_or(""),
+                weft_common::tls::installed().is_some(),
+            );
+            info!(listen = %bound, %url, "serving the REST API and /metrics over HTTP");
+            Some((l, url))
         }
         None => None,
     };
+    let svc = match &http {
+        Some((_, url)) => svc.with_http_url(url.clone()),
+        None => svc,
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let http = http.map(|(l, _)| {
+        let registry = std::sync::Arc::new(metrics::registry(svc.scheduling.clone()));
+        tokio::spawn(metrics::serve(
+            l,
+            registry,
+            rest::router(svc.clone()),
+            cancel.clone(),
+        ))
+    });
+    // Leader-only work starts and stops with this member's leaderships.
+    let leader = tokio::spawn(leader::supervise(svc.clone(), cancel.clone()));
+    let am = service::am::AmService::new(svc.scheduling.clone());
+
     let incoming = weft_common::net::incoming(listener);
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(

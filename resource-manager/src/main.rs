@@ -45,8 +45,9 @@ struct Args {
     /// address needs a [tls] section.
     #[arg(long)]
     insecure: bool,
-    /// Serve `/metrics` (Prometheus text) over HTTP on this address
-    /// (`[http] listen`; HTTPS where the member has TLS).
+    /// Serve the REST API (`/v1/...`, `/openapi.json`) and `/metrics` over
+    /// HTTP on this address (`[http] listen`; HTTPS where the member has
+    /// TLS).
     #[arg(long, global = true)]
     http_listen: Option<SocketAddr>,
     #[command(subcommand)]

@@ -375,8 +375,9 @@ pub fn registry(scheduling: Scheduling) -> Registry {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
+    rest: axum::Router,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let app = weft_common::http::metrics_router(registry);
+    let app = rest.merge(weft_common::http::metrics_router(registry));
     weft_common::http::serve(listener, app, async move { stop.cancelled().await }).await;
 }

@@ -1049,6 +1049,7 @@ impl Member {
                                 }
                                 ConfChangeType::RemoveNode => {
                                     state.members.remove(&cc.node_id);
+                                    state.member_http.remove(&cc.node_id);
                                 }
                             }
                             members_changed = true;

@@ -57,6 +57,11 @@ fn one() -> u32 {
     1
 }
 
+/// Cores of a task whose stage gives no `resources`.
+pub const DEFAULT_VCORES: f64 = 1.0;
+/// Memory of a task whose stage gives no `resources`.
+pub const DEFAULT_MEMORY: ByteSize = ByteSize::gib(1);
+
 /// What a task needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -189,8 +194,31 @@ impl JobSpec {
             })?,
             other => return Err(bad("spec_format", format!("{other:?} is not yaml or toml"))),
         };
+        let mut spec = spec;
+        spec.fill_defaults();
         spec.validate()?;
         Ok(spec)
+    }
+
+    /// What a stage leaves out: without `instances` or `roles` it runs one
+    /// task; a stage of `instances` without `resources` gets
+    /// [`DEFAULT_VCORES`] and [`DEFAULT_MEMORY`] per task (no GPU).
+    pub fn fill_defaults(&mut self) {
+        for s in &mut self.stages {
+            if s.roles.is_some() {
+                continue;
+            }
+            s.instances.get_or_insert(1);
+            s.resources.get_or_insert_with(|| ResourcesSpec {
+                vcores: DEFAULT_VCORES,
+                memory: DEFAULT_MEMORY,
+                gpus: 0.0,
+                gpu_memory: None,
+                gpu_model: None,
+                gpu_min_memory: None,
+                node_labels: BTreeMap::new(),
+            });
+        }
     }
 
     /// The spec as YAML that [`JobSpec::parse`] reads back as it is.
@@ -550,6 +578,40 @@ fn check_resources(field: &str, r: &ResourcesSpec) -> Result<(), SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stage_without_instances_runs_one_task_and_without_resources_gets_the_defaults() {
+        let s = JobSpec::parse(
+            "name: d\nstages:\n  - name: a\n    command: 'true'\n  - name: b\n    instances: 3\n    command: 'true'\n  - name: c\n    command: 'true'\n    resources: { vcores: 0.5, memory: 64MiB }\n",
+            "yaml",
+        )
+        .unwrap();
+        assert_eq!(s.stages[0].instances, Some(1));
+        let r = s.stages[0].resources.as_ref().unwrap();
+        assert_eq!(
+            (r.vcores, r.memory, r.gpus),
+            (DEFAULT_VCORES, DEFAULT_MEMORY, 0.0)
+        );
+        assert_eq!(s.stages[1].instances, Some(3));
+        assert_eq!(
+            s.stages[1].resources.as_ref().unwrap().memory,
+            ByteSize::gib(1)
+        );
+        assert_eq!(s.stages[2].instances, Some(1));
+        assert_eq!(
+            s.stages[2].resources.as_ref().unwrap().memory,
+            ByteSize::mib(64)
+        );
+        // What the defaults made reads back as it is.
+        assert_eq!(JobSpec::parse(&s.to_yaml(), "yaml").unwrap(), s);
+        // Roles have no defaults: each names its own.
+        let e = JobSpec::parse(
+            "name: d\nstages:\n  - name: t\n    framework: pytorch\n    command: 'true'\n    roles:\n      worker: { instances: 2 }\n",
+            "yaml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("resources"), "{e}");
+    }
 
     #[test]
     fn the_example_job_specs_are_valid() {

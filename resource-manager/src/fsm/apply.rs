@@ -549,6 +549,14 @@ impl ClusterState {
                     .retain(|_, t| t.expires_at_ms == 0 || t.expires_at_ms >= *expired_before_ms);
                 Outcome::Done
             }
+            Command::SetMemberHttp { member, url } => {
+                if url.is_empty() {
+                    self.member_http.remove(member);
+                } else {
+                    self.member_http.insert(*member, url.clone());
+                }
+                Outcome::Done
+            }
             Command::AclTokenRevoke { accessor } => {
                 if self.acl_tokens.remove(accessor).is_none() {
                     return Outcome::Rejected(format!("accessor: no token {accessor}"));

@@ -198,6 +198,13 @@ pub enum Command {
     AclTokensPrune {
         expired_before_ms: u64,
     },
+    /// Where member `member` serves its HTTP API (its base URL, e.g.
+    /// `https://rm1:8080`; empty: it serves none), so that followers send
+    /// REST writes on to the leader's.
+    SetMemberHttp {
+        member: u64,
+        url: String,
+    },
 }
 
 /// What the raft log holds: a command plus who proposed it, so the proposer

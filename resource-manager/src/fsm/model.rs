@@ -374,6 +374,10 @@ pub struct ClusterState {
     /// changes, and carried in snapshots so a new member learns everyone.
     #[serde(default)]
     pub members: BTreeMap<u64, String>,
+    /// Members' HTTP API base URLs (raft id -> URL), each set by the member
+    /// itself when it leads (see `Command::SetMemberHttp`).
+    #[serde(default)]
+    pub member_http: BTreeMap<u64, String>,
     /// Every container granted, running or ended: an id is never granted twice.
     #[serde(default)]
     pub containers: imbl::OrdMap<Id, Container>,

@@ -14,6 +14,7 @@ impl ClusterState {
             app_seq: self.app_seq,
             submissions: self.submissions.clone(),
             members: self.members.clone(),
+            member_http: self.member_http.clone(),
             containers: self.containers.clone(),
             queues: self.queues.clone(),
             token_keys: self.token_keys.clone(),

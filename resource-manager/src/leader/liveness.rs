@@ -170,6 +170,33 @@ impl RmService {
         }
     }
 
+    /// Leader-only: records where this member serves its HTTP API (or that
+    /// it serves none) when the state says otherwise, so that followers
+    /// send REST writes here. Retried every round until it is in.
+    async fn publish_http_url(&self) {
+        let me = self.raft.status().id;
+        let want = self.http_url.clone().unwrap_or_default();
+        if self
+            .raft
+            .state()
+            .member_http
+            .get(&me)
+            .cloned()
+            .unwrap_or_default()
+            == want
+        {
+            return;
+        }
+        let cmd = Command::SetMemberHttp {
+            member: me,
+            url: want.clone(),
+        };
+        match self.raft.propose(cmd).await {
+            Ok(_) => tracing::info!(url = %want, "this member's HTTP API is recorded"),
+            Err(e) => tracing::debug!(error = %e, "this member's HTTP API is not recorded yet"),
+        }
+    }
+
     /// Leader-only: drops the token keys replaced by a rotation once their
     /// time is up (every token they signed has expired by then, unless the
     /// rotation asked for less).
@@ -245,6 +272,7 @@ impl RmService {
         self.start_liveness();
         self.apply_queue_config().await;
         self.make_initial_admin_token().await;
+        self.publish_http_url().await;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -261,6 +289,7 @@ impl RmService {
             }
             self.drop_token_keys().await;
             self.make_initial_admin_token().await;
+            self.publish_http_url().await;
             self.expire_silent_nodes().await;
         }
     }

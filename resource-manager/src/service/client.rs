@@ -504,6 +504,7 @@ impl pb::client_service_server::ClientService for RmService {
                     address: self.raft.address_in(&st, id).unwrap_or_default(),
                     is_leader: id == s.leader_id,
                     is_learner: s.learners.contains(&id),
+                    http_url: st.member_http.get(&id).cloned().unwrap_or_default(),
                 })
                 .collect(),
             leader_id: s.leader_id,

@@ -55,6 +55,8 @@ pub struct RmService {
     pub(crate) acl: Arc<crate::config::AclConfig>,
     /// Where this member writes a line for every write asked of it.
     pub(crate) audit: audit_log::AuditLog,
+    /// This member's HTTP API base URL, if it serves one.
+    pub(crate) http_url: Option<String>,
 }
 
 impl RmService {
@@ -78,7 +80,14 @@ impl RmService {
             deposed_leader_grace: Duration::ZERO,
             acl: Arc::default(),
             audit: audit_log::AuditLog::default(),
+            http_url: None,
         }
+    }
+
+    /// Serves the REST API at `url` (recorded in the state when it leads).
+    pub fn with_http_url(mut self, url: String) -> Self {
+        self.http_url = Some(url);
+        self
     }
 
     /// Turns users and their rights on (see [`crate::config::AclConfig`]).

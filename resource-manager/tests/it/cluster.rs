@@ -11,6 +11,8 @@ pub struct Member {
     /// Started with `--join` (added to a running group).
     pub join: bool,
     pub addr: String,
+    /// A port of its own for `[http] listen`: `{http}` in the extra config.
+    pub http: String,
     pub dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
@@ -90,12 +92,13 @@ impl Cluster {
     /// [`Cluster::prepare`] with the members listening on `ip`.
     pub fn prepare_on(ip: &str, n: u64, snapshot_every: u64, extra: &str) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
-        let ports = free_ports_on(ip, n as usize);
+        let ports = free_ports_on(ip, 2 * n as usize);
         let members = (1..=n)
             .map(|id| Member {
                 id,
                 join: false,
                 addr: format!("{ip}:{}", ports[id as usize - 1]),
+                http: format!("{ip}:{}", ports[(n + id) as usize - 1]),
                 dir: tmp.path().join(format!("rm{id}")),
                 log: tmp.path().join(format!("rm{id}.log")),
                 child: None,
@@ -145,7 +148,10 @@ impl Cluster {
                 "heartbeat_interval = \"200ms\"\n{expiry}{}\n[raft]\ntick = \"50ms\"\nelection_ticks = 10\nheartbeat_ticks = 2\nsnapshot_every = {}\n{}",
                 // `{id}` in the extra config is the member's id (its own
                 // certificate's file, say).
-                self.extra.replace("{id}", &m.id.to_string()),
+                // `{http}` its own HTTP address.
+                self.extra
+                    .replace("{id}", &m.id.to_string())
+                    .replace("{http}", &m.http),
                 self.snapshot_every,
                 crate::secure::member_toml(&self.extra),
             ),
@@ -183,6 +189,7 @@ impl Cluster {
             id,
             join: true,
             addr: format!("127.0.0.1:{}", free_port()),
+            http: format!("127.0.0.1:{}", free_port()),
             dir: root.join(format!("rm{id}")),
             log: root.join(format!("rm{id}.log")),
             child: None,

@@ -13,6 +13,7 @@ mod fence;
 mod membership;
 mod nodes;
 mod queues;
+mod rest;
 mod retention;
 mod rmctl;
 mod scheduling;

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use weft_client::proto as pb;
 use weft_common::http::scrape::{dashboard_metrics, scrape, served, value};
 
-struct Standalone {
+pub(crate) struct Standalone {
     child: Option<Child>,
-    dir: tempfile::TempDir,
-    addr: String,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) addr: String,
     parent: String,
-    /// Where it serves `/metrics` (`--http-listen`), if it does.
-    http: Option<String>,
+    /// Where it serves its REST API and `/metrics` (`--http-listen`), if
+    /// it does.
+    pub(crate) http: Option<String>,
 }
 
 impl Standalone {
@@ -79,7 +80,7 @@ impl Standalone {
     }
 
     /// With `/metrics` served on a port of its own.
-    fn start_with_http() -> Standalone {
+    pub(crate) fn start_with_http() -> Standalone {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -133,7 +134,7 @@ impl Standalone {
         let _ = c.wait();
     }
 
-    fn client(&self) -> weft_client::RmClient {
+    pub(crate) fn client(&self) -> weft_client::RmClient {
         weft_client::RmClient::new([self.addr.clone()])
             .unwrap()
             .with_deadline(Duration::from_secs(30))

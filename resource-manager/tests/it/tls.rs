@@ -423,7 +423,7 @@ async fn served_cert(addr: &str, ca: &Path) -> Option<Vec<u8>> {
 }
 
 /// A TLS client that trusts the CA in `ca` and shows no certificate.
-fn trusting(ca: &Path) -> rustls::ClientConfig {
+pub(crate) fn trusting(ca: &Path) -> rustls::ClientConfig {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {

@@ -1,0 +1,415 @@
+//! What the REST API answers, in JSON: the gRPC reports with their states
+//! as lower-case names, an absent time or id as `null` rather than 0 or "".
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use utoipa::ToSchema;
+use weft_proto::v1 as pb;
+
+/// Why a call failed: the same message gRPC gives.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The gRPC code's name, in lower case: invalid_argument, not_found,
+    /// unauthenticated, permission_denied, unavailable, ...
+    pub code: String,
+    /// The input field at fault, where the message names one (a query
+    /// parameter, `spec`, or a path into the spec such as
+    /// `stages[0].resources.memory`).
+    pub field: Option<String>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AppState {
+    Submitted,
+    Accepted,
+    Running,
+    Succeeded,
+    Failed,
+    Killed,
+}
+
+impl AppState {
+    pub const ALL: [AppState; 6] = [
+        AppState::Submitted,
+        AppState::Accepted,
+        AppState::Running,
+        AppState::Succeeded,
+        AppState::Failed,
+        AppState::Killed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            AppState::Submitted => "submitted",
+            AppState::Accepted => "accepted",
+            AppState::Running => "running",
+            AppState::Succeeded => "succeeded",
+            AppState::Failed => "failed",
+            AppState::Killed => "killed",
+        }
+    }
+
+    pub fn pb(self) -> pb::ApplicationState {
+        match self {
+            AppState::Submitted => pb::ApplicationState::Submitted,
+            AppState::Accepted => pb::ApplicationState::Accepted,
+            AppState::Running => pb::ApplicationState::Running,
+            AppState::Succeeded => pb::ApplicationState::Succeeded,
+            AppState::Failed => pb::ApplicationState::Failed,
+            AppState::Killed => pb::ApplicationState::Killed,
+        }
+    }
+
+    fn of(s: i32) -> AppState {
+        AppState::ALL
+            .into_iter()
+            .find(|a| a.pb() as i32 == s)
+            .unwrap_or(AppState::Submitted)
+    }
+
+    pub fn finished(self) -> bool {
+        matches!(
+            self,
+            AppState::Succeeded | AppState::Failed | AppState::Killed
+        )
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Stage {
+    pub name: String,
+    /// Tasks that succeeded.
+    pub done: u32,
+    pub total: u32,
+    /// Tasks running now.
+    pub running: u32,
+    /// Task failures so far (retried or not).
+    pub failed: u32,
+}
+
+/// An application: what `GET /v1/apps/{id}` answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct App {
+    pub application_id: String,
+    pub name: String,
+    pub queue: String,
+    pub user: String,
+    pub state: AppState,
+    /// Its master's attempt (1 for the first).
+    pub attempt: u32,
+    /// Tasks done over tasks, 0 to 1.
+    pub progress: f32,
+    pub stages: Vec<Stage>,
+    /// Why it failed or was killed, or what it waits for.
+    pub diagnostics: String,
+    pub submitted_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    /// Its master's container and node, once launched.
+    pub am_container_id: Option<String>,
+    pub am_node_id: Option<String>,
+}
+
+fn some(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+impl From<pb::ApplicationReport> for App {
+    fn from(r: pb::ApplicationReport) -> Self {
+        App {
+            state: AppState::of(r.state),
+            application_id: r.application_id,
+            name: r.name,
+            queue: r.queue,
+            user: r.user,
+            attempt: r.attempt,
+            progress: r.progress,
+            stages: r
+                .stages
+                .into_iter()
+                .map(|s| Stage {
+                    name: s.name,
+                    done: s.done,
+                    total: s.total,
+                    running: s.running,
+                    failed: s.failed,
+                })
+                .collect(),
+            diagnostics: r.diagnostics,
+            submitted_at_ms: r.submitted_at_ms,
+            finished_at_ms: (r.finished_at_ms != 0).then_some(r.finished_at_ms),
+            am_container_id: some(r.am_container_id),
+            am_node_id: some(r.am_node_id),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AppList {
+    pub applications: Vec<App>,
+    /// Pass as `page_token` for the next page; absent on the last.
+    pub next_page_token: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Submitted {
+    pub application_id: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Killed {
+    pub application_id: String,
+}
+
+/// Amounts of each resource.
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct Resources {
+    /// Thousandths of a core.
+    pub vcores_milli: u64,
+    pub memory_bytes: u64,
+    /// Whole GPUs.
+    pub gpus: u32,
+    /// Thousandths of one shared GPU.
+    pub gpu_share_milli: u32,
+    /// GPU memory of a shared GPU.
+    pub gpu_memory_bytes: u64,
+}
+
+impl From<Option<pb::Resources>> for Resources {
+    fn from(r: Option<pb::Resources>) -> Self {
+        let r = r.unwrap_or_default();
+        Resources {
+            vcores_milli: r.vcores_milli,
+            memory_bytes: r.memory_bytes,
+            gpus: r.gpus,
+            gpu_share_milli: r.gpu_share_milli,
+            gpu_memory_bytes: r.gpu_memory_bytes,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Gpu {
+    pub index: u32,
+    pub uuid: String,
+    pub model: String,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NodeCapacity {
+    pub vcores_milli: u64,
+    pub memory_bytes: u64,
+    pub gpus: Vec<Gpu>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    Running,
+    Unhealthy,
+    Lost,
+    Draining,
+    Decommissioned,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Node {
+    pub node_id: String,
+    /// Its agent's gRPC address.
+    pub address: String,
+    pub state: NodeState,
+    pub capacity: NodeCapacity,
+    pub used: Resources,
+    pub labels: BTreeMap<String, String>,
+    /// Containers running on it.
+    pub containers: u32,
+    pub last_heartbeat_ms: u64,
+    /// It holds the cluster's token key and can be given work.
+    pub ready: bool,
+}
+
+impl From<pb::NodeReport> for Node {
+    fn from(n: pb::NodeReport) -> Self {
+        let cap = n.capacity.unwrap_or_default();
+        Node {
+            state: match pb::NodeState::try_from(n.state).unwrap_or_default() {
+                pb::NodeState::Unhealthy => NodeState::Unhealthy,
+                pb::NodeState::Lost => NodeState::Lost,
+                pb::NodeState::Draining => NodeState::Draining,
+                pb::NodeState::Decommissioned => NodeState::Decommissioned,
+                pb::NodeState::Running | pb::NodeState::Unspecified => NodeState::Running,
+            },
+            node_id: n.node_id,
+            address: n.address,
+            capacity: NodeCapacity {
+                vcores_milli: cap.vcores_milli,
+                memory_bytes: cap.memory_bytes,
+                gpus: cap
+                    .gpus
+                    .into_iter()
+                    .map(|g| Gpu {
+                        index: g.index,
+                        uuid: g.uuid,
+                        model: g.model,
+                        memory_bytes: g.memory_bytes,
+                    })
+                    .collect(),
+            },
+            used: n.used.into(),
+            labels: n.labels.into_iter().collect(),
+            containers: n.containers,
+            last_heartbeat_ms: n.last_heartbeat_ms,
+            ready: n.ready,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NodeList {
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Queue {
+    /// Its full name (`root.ml.train`).
+    pub name: String,
+    pub guaranteed: Resources,
+    pub maximum: Resources,
+    pub used: Resources,
+    pub pending_applications: u32,
+    pub running_applications: u32,
+    pub weight: u32,
+    /// What one user may use of it at most, where limited.
+    pub user_limit: Option<Resources>,
+    /// Who may submit (empty: anyone).
+    pub submit_acl: Vec<String>,
+    /// Who administers it: sees, reads and kills every application in it.
+    pub admin_acl: Vec<String>,
+}
+
+impl From<pb::QueueReport> for Queue {
+    fn from(q: pb::QueueReport) -> Self {
+        Queue {
+            name: q.name,
+            guaranteed: q.guaranteed.into(),
+            maximum: q.maximum.into(),
+            used: q.used.into(),
+            pending_applications: q.pending_applications,
+            running_applications: q.running_applications,
+            weight: q.weight,
+            user_limit: q.user_limit.map(|r| Some(r).into()),
+            submit_acl: q.submit_acl,
+            admin_acl: q.admin_acl,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueList {
+    pub queues: Vec<Queue>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Member {
+    /// Its raft id.
+    pub id: u64,
+    /// Its gRPC address.
+    pub address: String,
+    /// Its HTTP API, where it serves one and has led since.
+    pub http_url: Option<String>,
+    pub is_leader: bool,
+    /// Added, not voting yet (catching up).
+    pub is_learner: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SchedulerStats {
+    pub rounds: u64,
+    /// Rounds whose plan was committed.
+    pub committed: u64,
+    /// Containers placed.
+    pub placed: u64,
+    pub refused_at_verify: u64,
+    pub refused_at_apply: u64,
+}
+
+/// The RM group and the cluster's size, as the answering member sees them.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Cluster {
+    pub members: Vec<Member>,
+    /// 0 while none is known.
+    pub leader_id: u64,
+    /// The member that answered.
+    pub member_id: u64,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    /// Nodes running.
+    pub nodes: u32,
+    pub capacity: Resources,
+    pub used: Resources,
+    /// This member's scheduler, where it leads.
+    pub scheduler: Option<SchedulerStats>,
+}
+
+impl From<pb::ClusterStatusResponse> for Cluster {
+    fn from(c: pb::ClusterStatusResponse) -> Self {
+        Cluster {
+            members: c
+                .members
+                .into_iter()
+                .map(|m| Member {
+                    id: m.id,
+                    address: m.address,
+                    http_url: some(m.http_url),
+                    is_leader: m.is_leader,
+                    is_learner: m.is_learner,
+                })
+                .collect(),
+            leader_id: c.leader_id,
+            member_id: c.member_id,
+            term: c.term,
+            commit_index: c.commit_index,
+            applied_index: c.applied_index,
+            snapshot_index: c.snapshot_index,
+            nodes: c.nodes,
+            capacity: c.capacity.into(),
+            used: c.used.into(),
+            scheduler: c.scheduler.map(|s| SchedulerStats {
+                rounds: s.rounds,
+                committed: s.committed,
+                placed: s.placed,
+                refused_at_verify: s.refused_at_verify,
+                refused_at_apply: s.refused_at_apply,
+            }),
+        }
+    }
+}
+
+/// Who the caller is to this cluster.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WhoAmI {
+    pub user: String,
+    pub admin: bool,
+    /// token, certificate, oidc, member, or none (users are off).
+    pub method: String,
+    /// The token's accessor, where a token was used.
+    pub accessor: Option<String>,
+    pub acl_enabled: bool,
+}
+
+impl From<pb::WhoAmIResponse> for WhoAmI {
+    fn from(w: pb::WhoAmIResponse) -> Self {
+        WhoAmI {
+            user: w.user,
+            admin: w.admin,
+            method: w.method,
+            accessor: some(w.accessor),
+            acl_enabled: w.acl_enabled,
+        }
+    }
+}
