@@ -177,6 +177,19 @@ impl RmClient {
         .await
     }
 
+    /// Why `id` waits (each waiting part and what keeps it from being
+    /// placed now) or why it failed.
+    pub async fn explain_application(&self, id: &str) -> Result<pb::ApplicationExplanation, Error> {
+        let req = pb::GetApplicationRequest {
+            application_id: id.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.explain_application(req).await }
+        })
+        .await
+    }
+
     /// Every application `req`'s filters match, page after page (from
     /// `req.page_token`, `req.page_size` a page).
     pub async fn list_applications(

@@ -106,14 +106,18 @@ impl HttpConfig {
         if self.listen.is_none() {
             return bad("is set but http.listen is not (nothing is served)");
         }
-        let Some((host, port)) = a.rsplit_once(':') else {
-            return bad("is not host:port");
+        let what = "is not host:port (a host name, an IPv4 address or a [bracketed] IPv6 address, and a port from 1 to 65535)";
+        let Ok(auth) = a.parse::<axum::http::uri::Authority>() else {
+            return bad(what);
         };
-        if host.is_empty()
-            || host.contains(['/', '@', '?', '#', ' '])
-            || port.parse::<u16>().map_or(true, |p| p == 0)
+        let host = auth.host();
+        if auth.as_str() != a
+            || host.is_empty()
+            || a.contains('@')
+            || auth.port_u16().is_none_or(|p| p == 0)
+            || (host.contains(':') && !host.starts_with('['))
         {
-            return bad("is not host:port (a host name or address, and a port from 1 to 65535)");
+            return bad(what);
         }
         Ok(())
     }
@@ -459,6 +463,17 @@ impl RmConfig {
                 "acl.enabled: needs a [tls] section (without it any caller can pose as a node and tokens cross the network in clear); set `insecure = true` to run users over plaintext anyway (tests, a single trusted host)".into(),
             ));
         }
+        // The REST API on the HTTP port is the ClientService: the same
+        // rule as the gRPC port's.
+        if let Some(h) = self.http.listen {
+            weft_common::tls::check_listen(
+                h,
+                self.tls.is_some(),
+                self.insecure,
+                weft_common::tls::Role::Rm,
+            )
+            .map_err(|e| Error::Config(format!("http.{e}")))?;
+        }
         // Last: a field that is wrong anyway is named first.
         weft_common::tls::check_listen(
             self.listen,
@@ -494,7 +509,25 @@ mod tests {
         };
         assert!(a.validate().is_ok());
         assert_eq!(a.url(any, "rm1:7100", true), "https://lb.example:443");
-        for bad in ["https://lb:443", "lb", "lb:0", "lb:http", ":80", "lb/x:80"] {
+        for good in ["[fd00::1]:443", "10.0.0.1:7180", "rm-1.example.com:80"] {
+            let g = HttpConfig {
+                advertise: Some(good.into()),
+                ..h.clone()
+            };
+            assert!(g.validate().is_ok(), "{good}");
+        }
+        for bad in [
+            "https://lb:443",
+            "lb",
+            "lb:0",
+            "lb:http",
+            ":80",
+            "lb/x:80",
+            "fd00::1:443",
+            "u@lb:80",
+            "lb\\x:80",
+            "l b:80",
+        ] {
             let e = HttpConfig {
                 advertise: Some(bad.into()),
                 ..h.clone()

@@ -227,6 +227,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AppCmd,
     },
+    /// Why an application waits (each waiting part: what keeps it from
+    /// being placed now, and how many tasks of others are ahead of it in
+    /// its queue) or why it failed (its first failing task).
+    Why { id: String },
     /// Users' tokens (with `[acl] enabled = true` on the members).
     Acl {
         #[command(subcommand)]
@@ -1160,6 +1164,54 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
                 out.flush()?;
             }
             return Ok((String::new(), true));
+        }
+        Cmd::Why { id } => {
+            let x = rm.explain_application(&id).await?;
+            if json_out {
+                serde_json::json!({
+                    "application_id": x.application_id,
+                    "state": short_state(x.state().as_str_name(), "APPLICATION_STATE_"),
+                    "summary": x.summary,
+                    "waiting": x.waiting.iter().map(|w| serde_json::json!({
+                        "what": w.what,
+                        "tasks": w.tasks,
+                        "reason": w.reason,
+                        "detail": w.detail,
+                        "ahead": w.ahead,
+                    })).collect::<Vec<_>>(),
+                    "failure": x.failure.as_ref().map(|f| serde_json::json!({
+                        "task": f.task,
+                        "container_id": f.container_id,
+                        "node_id": f.node_id,
+                        "reason": f.reason,
+                        "diagnostic": f.diagnostic,
+                        "exit_status": f.exit_status,
+                    })),
+                })
+                .to_string()
+            } else if x.waiting.is_empty() {
+                format!("{}  {}", x.application_id, x.summary)
+            } else {
+                let rows = x
+                    .waiting
+                    .iter()
+                    .map(|w| {
+                        vec![
+                            w.what.clone(),
+                            w.tasks.to_string(),
+                            w.ahead.to_string(),
+                            w.reason.clone(),
+                            w.detail.clone(),
+                        ]
+                    })
+                    .collect();
+                format!(
+                    "{}  {}\n\n{}",
+                    x.application_id,
+                    short_state(x.state().as_str_name(), "APPLICATION_STATE_"),
+                    table(&["WAITING", "TASKS", "AHEAD", "REASON", "WHY"], rows)
+                )
+            }
         }
         Cmd::App {
             cmd: AppCmd::Wait { id },

@@ -39,6 +39,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(300);
 /// How long a call sent to a member that knows no leader (or not its
 /// URL) is tried again before it is answered 503: an election's length.
 pub const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// How long a log read waits for its first bytes before it answers 200
+/// (errors before then are answered as errors).
+pub const FIRST_CHUNK_WAIT: Duration = Duration::from_secs(2);
 /// A `wait` without `timeout`.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 /// The largest request body taken (a spec; the spec's own limit is checked
@@ -52,7 +55,7 @@ pub const MAX_BODY: usize = weft_spec::MAX_SPEC_BYTES + (64 << 10);
         description = "Weft's resource manager over HTTP/JSON: submit, list, follow and kill applications, read task logs, see nodes, queues and the RM group. The same calls, rights and messages as the gRPC ClientService. A member that is not the leader answers calls that need the leader (writes, and reads, which it answers after a read barrier) with 307 Temporary Redirect to the leader's URL: follow redirects (`curl -L`).",
     ),
     paths(
-        submit, list_apps, get_app, kill_app, wait_app, task_logs, list_nodes, drain_node,
+        submit, list_apps, get_app, kill_app, wait_app, why, task_logs, list_nodes, drain_node,
         list_queues, cluster, whoami
     ),
     modifiers(&Bearer),
@@ -102,6 +105,7 @@ pub fn router(svc: RmService) -> Router {
         .route("/v1/apps/{id}", get(get_app))
         .route("/v1/apps/{id}/kill", post(kill_app))
         .route("/v1/apps/{id}/wait", get(wait_app))
+        .route("/v1/apps/{id}/why", get(why))
         .route("/v1/apps/{id}/logs", get(task_logs))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}/drain", post(drain_node))
@@ -121,7 +125,41 @@ pub fn router(svc: RmService) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(same_origin_writes))
         .with_state(svc)
+}
+
+/// Refuses a write a browser sends from a page of another origin (its
+/// `Origin` header names a host other than the one asked): a page a user
+/// visits cannot submit, kill or drain through their browser. Tools
+/// (curl, scripts, the Python client) send no `Origin`.
+async fn same_origin_writes(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if req.method() != axum::http::Method::GET && req.method() != axum::http::Method::HEAD {
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok());
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok());
+        if let Some(origin) = origin {
+            let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
+            if Some(origin_host) != host {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "permission_denied",
+                    Some("Origin"),
+                    format!(
+                        "Origin: a write from a page of {origin} to {} is refused (cross-site)",
+                        host.unwrap_or("this member")
+                    ),
+                )
+                .into_response();
+            }
+        }
+    }
+    next.run(req).await
 }
 
 /// A failed call: its HTTP status and a JSON [`ErrorBody`].
@@ -414,6 +452,30 @@ async fn submit(
     })?;
     let spec = String::from_utf8(body.to_vec())
         .map_err(|e| ApiError::bad("spec", format!("not UTF-8 ({e})")))?;
+    // Only a spec's own media types: a browser cannot send these from
+    // another site without asking first (a form's types, text/plain
+    // included, it could).
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let media = ct.split(';').next().unwrap_or("").trim();
+    let by_type = match media {
+        "application/yaml" | "application/x-yaml" | "text/yaml" | "text/x-yaml" => "yaml",
+        "application/json" => "json",
+        "application/toml" | "text/toml" => "toml",
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_argument",
+                Some("Content-Type"),
+                format!(
+                    "Content-Type: {media:?} is not a spec's; send application/yaml, application/json or application/toml (curl: -H 'Content-Type: application/yaml')"
+                ),
+            ))
+        }
+    };
     let format = match q.format {
         Some(f) => match f.to_ascii_lowercase().as_str() {
             "yaml" | "yml" | "json" | "toml" => f.to_ascii_lowercase(),
@@ -424,23 +486,23 @@ async fn submit(
                 ))
             }
         },
-        None => {
-            let ct = headers
-                .get(header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_ascii_lowercase();
-            if ct.contains("json") {
-                "json".into()
-            } else if ct.contains("toml") {
-                "toml".into()
-            } else {
-                "yaml".into()
-            }
-        }
+        None => by_type.to_string(),
     };
     let request_id = match headers.get("idempotency-key") {
-        None => String::new(),
+        // One of its own, so that the tries this member makes while a
+        // leader is elected submit it once.
+        None => {
+            let mut raw = [0u8; 16];
+            getrandom::getrandom(&mut raw).map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    None,
+                    format!("no randomness for a request id: {e}"),
+                )
+            })?;
+            format!("rest-{}", hex::encode(raw))
+        }
         Some(v) => {
             let k = v
                 .to_str()
@@ -707,6 +769,35 @@ async fn wait_app(
     }
 }
 
+/// Why the application waits (each waiting part: what keeps it from being
+/// placed now, and how many tasks of others are ahead of it in its queue)
+/// or why it failed (its first failing task). The leader answers.
+#[utoipa::path(
+    get,
+    path = "/v1/apps/{id}/why",
+    tag = "applications",
+    params(("id" = String, Path, description = "The application's id.")),
+    responses(
+        (status = 200, body = Why),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    )
+)]
+async fn why(
+    State(svc): State<RmService>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Why>, ApiError> {
+    let msg = pb::GetApplicationRequest { application_id: id };
+    let r = caller
+        .call(&svc, msg, |svc, req| async move {
+            svc.explain_application(req).await
+        })
+        .await?;
+    Ok(Json(r.into()))
+}
+
 /// Query parameters of `GET /v1/apps/{id}/logs`.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -769,12 +860,13 @@ async fn task_logs(
             |svc, req| async move { svc.get_task_logs(req).await },
         )
         .await?;
-    // The first chunk (or error) decides the answer's status; the rest
-    // streams (an error after it ends the body early).
-    let first = match chunks.next().await {
-        None => None,
-        Some(Ok(c)) => Some(c),
-        Some(Err(s)) => return Err(caller.fail(s)),
+    // The first chunk (or error) decides the answer's status when it comes
+    // at once; a follow of a quiet task answers 200 after a moment and
+    // streams what comes (an error after the head ends the body early).
+    let first = match tokio::time::timeout(FIRST_CHUNK_WAIT, chunks.next()).await {
+        Err(_) | Ok(None) => None,
+        Ok(Some(Ok(c))) => Some(c),
+        Ok(Some(Err(s))) => return Err(caller.fail(s)),
     };
     let rest = chunks.map(|r| {
         r.map(|c| Bytes::from(c.data))
@@ -940,6 +1032,7 @@ mod tests {
             "/v1/apps/{id}",
             "/v1/apps/{id}/kill",
             "/v1/apps/{id}/wait",
+            "/v1/apps/{id}/why",
             "/v1/apps/{id}/logs",
             "/v1/nodes",
             "/v1/nodes/{id}/drain",

@@ -413,3 +413,69 @@ impl From<pb::WhoAmIResponse> for WhoAmI {
         }
     }
 }
+
+/// One waiting part of an application and what keeps it from being placed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WaitingPart {
+    /// `master`, `stage prep`, `gang train`.
+    pub what: String,
+    /// Tasks it stands for.
+    pub tasks: u32,
+    /// queue_maximum, user_limit, never_fits, no_room, placeable, starting.
+    pub reason: String,
+    pub detail: String,
+    /// Tasks of other applications ahead of it in its queue.
+    pub ahead: u32,
+}
+
+/// A failed application's first failing task.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskFailure {
+    pub task: String,
+    pub container_id: String,
+    pub node_id: String,
+    /// failed, killed, lost, node_lost.
+    pub reason: String,
+    pub diagnostic: String,
+    pub exit_status: i32,
+}
+
+/// Why an application waits, or why it failed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Why {
+    pub application_id: String,
+    pub state: AppState,
+    /// One line: the first reason, or how it ended.
+    pub summary: String,
+    pub waiting: Vec<WaitingPart>,
+    pub failure: Option<TaskFailure>,
+}
+
+impl From<pb::ApplicationExplanation> for Why {
+    fn from(x: pb::ApplicationExplanation) -> Self {
+        Why {
+            state: AppState::of(x.state),
+            application_id: x.application_id,
+            summary: x.summary,
+            waiting: x
+                .waiting
+                .into_iter()
+                .map(|w| WaitingPart {
+                    what: w.what,
+                    tasks: w.tasks,
+                    reason: w.reason,
+                    detail: w.detail,
+                    ahead: w.ahead,
+                })
+                .collect(),
+            failure: x.failure.map(|f| TaskFailure {
+                task: f.task,
+                container_id: f.container_id,
+                node_id: f.node_id,
+                reason: f.reason,
+                diagnostic: f.diagnostic,
+                exit_status: f.exit_status,
+            }),
+        }
+    }
+}

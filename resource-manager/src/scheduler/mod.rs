@@ -7,8 +7,10 @@
 //! - [`queues`]: the queue tree, limits, usage, fairness order;
 //! - [`round`]: one scheduling round and the node indexes it uses;
 //! - [`validate_ask`]: refuses at submit what could never be placed;
+//! - [`explain`]: why a waiting unit is not placed now;
 //! - [`workload`]: synthetic clusters and asks for benchmarks and simulations.
 
+pub mod explain;
 pub mod model;
 pub mod queues;
 pub mod round;

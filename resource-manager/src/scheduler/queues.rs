@@ -136,7 +136,7 @@ impl Queues {
         self.children[q] == 0
     }
 
-    fn chain(&self, q: usize) -> impl Iterator<Item = usize> + '_ {
+    pub(crate) fn chain(&self, q: usize) -> impl Iterator<Item = usize> + '_ {
         std::iter::successors(Some(q), move |&i| self.confs[i].parent)
     }
 
@@ -159,6 +159,15 @@ impl Queues {
             .copied()
             .unwrap_or_default();
         used.plus(res).fits_in(self.confs[q].user_limit)
+    }
+
+    /// What `user` uses in leaf `q`.
+    pub fn user_used(&self, q: usize, user: &str) -> Res {
+        self.user_usage
+            .get(&q)
+            .and_then(|users| users.get(user))
+            .copied()
+            .unwrap_or_default()
     }
 
     pub fn charge(&mut self, q: usize, user: &str, res: Res) {

@@ -303,7 +303,12 @@ impl pb::client_service_server::ClientService for RmService {
                 return;
             }
             while last.state < pb::ApplicationState::Succeeded as i32 {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                // A watcher gone (a REST wait that timed out, a client let
+                // go) ends the polling at once, not at the next change.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = tx.closed() => return,
+                }
                 let now = match me.get_app(&id).await {
                     Ok(r) => r,
                     Err(e) => {
@@ -919,6 +924,20 @@ impl pb::client_service_server::ClientService for RmService {
         }))
     }
 
+    async fn explain_application(
+        &self,
+        req: Request<pb::GetApplicationRequest>,
+    ) -> Result<Response<pb::ApplicationExplanation>, Status> {
+        let who = self.who(&req, "").await?;
+        let id = req.into_inner().application_id;
+        // The asks it explains live on the leader: a follower sends the
+        // caller there (its read barrier says so).
+        self.raft.read_barrier().await?;
+        self.check_app(&who, &id, "see")?;
+        self.raft.ensure_leader()?;
+        Ok(Response::new(self.scheduling.explain(&id)?))
+    }
+
     type GetTaskLogsStream = ReceiverStream<Result<pb::TaskLogChunk, Status>>;
 
     /// A task's stdout or stderr, read from (and, with `follow`, followed
@@ -1031,7 +1050,13 @@ impl pb::client_service_server::ClientService for RmService {
         let app_id = r.application_id.clone();
         tokio::spawn(async move {
             loop {
-                match upstream.message().await {
+                // A caller gone (a follow of a quiet task let go) ends the
+                // stream from the agent at once, not at its next chunk.
+                let next = tokio::select! {
+                    m = upstream.message() => m,
+                    _ = tx.closed() => return,
+                };
+                match next {
                     Ok(Some(chunk)) => {
                         // A token revoked or expired meanwhile, or a right
                         // lost, ends a follow.

@@ -93,7 +93,9 @@ async fn the_rest_api_runs_follows_reads_and_kills_jobs_and_names_every_bad_fiel
     assert_eq!(r.status, 201, "{}", r.text());
     let as_json = r.json()["application_id"].as_str().unwrap().to_string();
     let toml = "name = \"as-toml\"\n[[stages]]\nname = \"run\"\ncommand = \"true\"\nresources = { vcores = 0.2, memory = \"32MiB\" }\n";
-    let r = api.post("/v1/apps?format=toml", "text/plain", toml).await;
+    let r = api
+        .post("/v1/apps?format=toml", "application/toml", toml)
+        .await;
     assert_eq!(r.status, 201, "{}", r.text());
     let as_toml = r.json()["application_id"].as_str().unwrap().to_string();
 
@@ -239,6 +241,7 @@ async fn the_rest_api_runs_follows_reads_and_kills_jobs_and_names_every_bad_fiel
     }
     assert_eq!(seen.len(), 6, "{seen:?}");
     let mut sorted = seen.clone();
+    sorted.sort();
     sorted.dedup();
     assert_eq!(sorted.len(), 6, "{seen:?}");
     let r = api.post(&format!("/v1/apps/{nap2}/kill"), "", "").await;
@@ -298,6 +301,45 @@ async fn the_rest_api_runs_follows_reads_and_kills_jobs_and_names_every_bad_fiel
         Some("stages[0].resources.memory"),
     );
     assert!(m.starts_with("stages[0].resources.memory: "), "{m}");
+    // A form's or plain text's type (what a page of another site could
+    // send without asking), or none: refused.
+    for ct in ["text/plain", "application/x-www-form-urlencoded", ""] {
+        let r = api.post("/v1/apps", ct, yaml).await;
+        error(&r, 415, "invalid_argument", Some("Content-Type"));
+    }
+    let r = api
+        .send(
+            "POST",
+            "/v1/apps",
+            &[
+                ("content-type", "application/yaml"),
+                ("origin", "http://evil.example"),
+            ],
+            yaml,
+        )
+        .await;
+    let m = error(&r, 403, "permission_denied", Some("Origin"));
+    assert!(m.contains("cross-site"), "{m}");
+    let r = api
+        .send(
+            "POST",
+            &format!("/v1/apps/{nap2}/kill"),
+            &[("origin", "http://evil.example")],
+            "",
+        )
+        .await;
+    error(&r, 403, "permission_denied", Some("Origin"));
+    // A page the member serves itself may.
+    let own = format!("http://{http}");
+    let r = api
+        .send(
+            "POST",
+            &format!("/v1/apps/{nap2}/kill"),
+            &[("origin", own.as_str())],
+            "",
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
     let r = api
         .post("/v1/apps?format=xml", "application/yaml", yaml)
         .await;
@@ -316,7 +358,10 @@ async fn the_rest_api_runs_follows_reads_and_kills_jobs_and_names_every_bad_fiel
         .send(
             "POST",
             "/v1/apps",
-            &[("idempotency-key", long_key.as_str())],
+            &[
+                ("content-type", "application/yaml"),
+                ("idempotency-key", long_key.as_str()),
+            ],
             yaml,
         )
         .await;
@@ -340,7 +385,8 @@ async fn the_rest_api_runs_follows_reads_and_kills_jobs_and_names_every_bad_fiel
     let r = api.get("/v1/apps?page_size=50000").await;
     error(&r, 400, "invalid_argument", Some("page_size"));
     let r = api.get("/v1/apps?page_size=lots").await;
-    assert_eq!(r.status, 400, "{}", r.text());
+    let m = error(&r, 400, "invalid_argument", None);
+    assert!(m.contains("invalid digit"), "{m}");
     let r = api
         .get(&format!("/v1/apps/{hello}/wait?timeout=forever"))
         .await;
@@ -629,7 +675,11 @@ async fn over_mutual_tls_users_see_only_theirs_and_followers_send_writes_to_the_
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_ne!(id, mine);
+    let r = as_alice
+        .send_following("GET", &format!("/v1/apps/{id}"), &[], "")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["user"], "alice");
     let v = as_alice
         .send_following("GET", "/v1/cluster", &[], "")
         .await
@@ -650,6 +700,172 @@ async fn over_mutual_tls_users_see_only_theirs_and_followers_send_writes_to_the_
     assert_eq!(
         m["http_url"],
         format!("https://{}", cluster.members[i].http),
+        "{v}"
+    );
+}
+
+/// `rmctl -o json why ID` until `want(reply)` holds (the scheduler catches
+/// up with each submission), bounded.
+async fn why_until(
+    rm: &str,
+    id: &str,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = crate::rmctl::run(&["-o", "json", "why", id], rm);
+        let text = crate::rmctl::stdout(&o);
+        assert!(
+            o.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if want(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{id}: never as wanted: {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn reason(v: &serde_json::Value) -> &str {
+    v["waiting"][0]["reason"].as_str().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn why_names_what_keeps_each_job_waiting_and_the_task_a_failed_one_failed_on() {
+    if crate::secure::skip(
+        "a standalone cluster on loopback is plaintext and zero-config by design",
+    ) {
+        return;
+    }
+    let solo = Standalone::start_with_http();
+    let http = solo.http.clone().unwrap();
+    let api = Http::plain(&http);
+    let rm = solo.addr.clone();
+    port_answers(&http).await;
+    let queues = solo.dir.path().join("queues.toml");
+    std::fs::write(
+        &queues,
+        "[[queues]]\nname = \"root\"\n\
+         [[queues]]\nname = \"root.small\"\nmaximum = { vcores = 1 }\n\
+         [[queues]]\nname = \"root.capped\"\nuser_limit = { vcores = 0.5 }\n\
+         [[queues]]\nname = \"root.big\"\n",
+    )
+    .unwrap();
+    let o = crate::rmctl::run(&["queue", "set", "-f", queues.to_str().unwrap()], &rm);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let submit = |name: &str, queue: &str, n: u32, vcores: f64, command: &str| {
+        let api = api.clone();
+        let spec = format!(
+            "name: {name}\nqueue: {queue}\nstages:\n  - name: run\n    instances: {n}\n    command: '{command}'\n    resources: {{ vcores: {vcores}, memory: 32MiB }}\n"
+        );
+        async move {
+            let r = api.post("/v1/apps", "application/yaml", spec).await;
+            assert_eq!(r.status, 201, "{}", r.text());
+            r.json()["application_id"].as_str().unwrap().to_string()
+        }
+    };
+
+    // A failed job: its first failing task and why it ended.
+    let hog = submit("hog", "root.big", 1, 0.2, "exec tail /dev/zero").await;
+    let v = wait_done(&api, &hog).await;
+    assert_eq!(v["state"], "failed", "{v}");
+    let v = why_until(&rm, &hog, |v| v["state"] == "FAILED").await;
+    assert_eq!(v["failure"]["task"], "run/0", "{v}");
+    // The agent killed it (over its quota).
+    assert_eq!(v["failure"]["reason"], "killed", "{v}");
+    assert_eq!(v["failure"]["node_id"], "solo", "{v}");
+    let d = v["failure"]["diagnostic"].as_str().unwrap();
+    assert!(d.contains("over its memory quota"), "{v}");
+    assert!(
+        v["summary"].as_str().unwrap().starts_with(
+            "it failed: task run/0 killed on node solo: killed: over its memory quota"
+        ),
+        "{v}"
+    );
+
+    // Fill the node (4 vcores): 3 to one job, then each queue's limits.
+    let big = submit("big", "root.big", 1, 3.0, "sleep 600").await;
+    why_until(&rm, &big, |v| {
+        v["waiting"].as_array().is_some_and(|w| w.is_empty()) && v["state"] == "RUNNING"
+    })
+    .await;
+    let small = submit("small", "root.small", 2, 0.6, "sleep 600").await;
+    let v = why_until(&rm, &small, |v| reason(v) == "queue_maximum").await;
+    assert_eq!(v["waiting"][0]["what"], "stage run", "{v}");
+    assert_eq!(v["waiting"][0]["tasks"], 1, "{v}");
+    assert_eq!(
+        v["waiting"][0]["detail"],
+        "queue root.small is at its maximum: it uses 0.6 vcores of 1 vcores and this asks 0.6 vcores more",
+        "{v}"
+    );
+    let capped = submit("capped", "root.capped", 2, 0.3, "sleep 600").await;
+    let v = why_until(&rm, &capped, |v| reason(v) == "user_limit").await;
+    let d = v["waiting"][0]["detail"].as_str().unwrap();
+    assert!(
+        d.starts_with("user anonymous is at queue root.capped's user limit: they use 0.3 vcores of 0.5 vcores"),
+        "{v}"
+    );
+    // 0.1 vcores left: a 2-vcore task waits for room; two more behind it.
+    let wide = submit("wide", "root.big", 1, 2.0, "sleep 600").await;
+    let v = why_until(&rm, &wide, |v| reason(v) == "no_room").await;
+    let d = v["waiting"][0]["detail"].as_str().unwrap();
+    assert!(
+        d.starts_with("no node has 2 vcores, 32.0 MiB free now (the most free on any node: 0.1"),
+        "{v}"
+    );
+    assert_eq!(v["waiting"][0]["ahead"], 0, "{v}");
+    let later = submit("later", "root.big", 1, 2.0, "sleep 600").await;
+    let v = why_until(&rm, &later, |v| reason(v) == "no_room").await;
+    assert_eq!(
+        v["waiting"][0]["ahead"], 1,
+        "the wide job is ahead of it: {v}"
+    );
+    assert!(
+        v["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("stage run waits: no node has 2 vcores"),
+        "{v}"
+    );
+    // As a person reads it, and over REST.
+    let o = crate::rmctl::run(&["why", &wide], &rm);
+    let text = crate::rmctl::stdout(&o);
+    assert!(
+        text.contains("WAITING") && text.contains("no_room"),
+        "{text}"
+    );
+    let r = api.get(&format!("/v1/apps/{wide}/why")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        (v["state"].as_str(), reason(&v)),
+        (Some("running"), "no_room"),
+        "{v}"
+    );
+
+    // The node drained: nothing can hold what waits any more.
+    let o = crate::rmctl::run(&["node", "drain", "solo"], &rm);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = why_until(&rm, &wide, |v| reason(v) == "never_fits").await;
+    assert!(
+        v["waiting"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no node is running"),
+        "{v}"
+    );
+    let r = api.get("/v1/apps/app-999999/why").await;
+    error(&r, 404, "not_found", Some("application_id"));
+    for id in [&big, &small, &capped, &wide, &later] {
+        let r = api.post(&format!("/v1/apps/{id}/kill"), "", "").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let v = why_until(&rm, &wide, |v| v["state"] == "KILLED").await;
+    assert!(
+        v["summary"].as_str().unwrap().starts_with("it was killed"),
         "{v}"
     );
 }

@@ -33,6 +33,7 @@ use crate::view::queue_view;
 
 pub mod masters;
 pub mod round;
+pub mod why;
 
 /// Longest an Allocate call is held when nothing changes.
 pub const MAX_WAIT: Duration = Duration::from_secs(10);
@@ -135,6 +136,21 @@ impl MasterAsks {
             .insert(key.clone());
         self.by_app
             .insert(app.to_string(), (queue.to_string(), key, ask));
+    }
+
+    /// The ask for `app`'s next master, if it waits for one.
+    pub(crate) fn ask_of(&self, app: &str) -> Option<&pb::ResourceAsk> {
+        self.by_app.get(app).map(|(_, _, a)| a)
+    }
+
+    /// Jobs of `queue` waiting for a master that were submitted before
+    /// `seq`.
+    pub(crate) fn ahead_in(&self, queue: &str, seq: u64) -> u32 {
+        self.by_queue.get(queue).map_or(0, |set| {
+            set.range(..(seq, String::new()))
+                .count()
+                .min(u32::MAX as usize) as u32
+        })
     }
 
     pub(crate) fn remove(&mut self, app: &str) {
