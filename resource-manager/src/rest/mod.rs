@@ -55,7 +55,7 @@ pub const MAX_BODY: usize = weft_spec::MAX_SPEC_BYTES + (64 << 10);
         description = "Weft's resource manager over HTTP/JSON: submit, list, follow and kill applications, read task logs, see nodes, queues and the RM group. The same calls, rights and messages as the gRPC ClientService. A member that is not the leader answers calls that need the leader (writes, and reads, which it answers after a read barrier) with 307 Temporary Redirect to the leader's URL: follow redirects (`curl -L`).",
     ),
     paths(
-        submit, list_apps, get_app, kill_app, wait_app, why, task_logs, list_nodes, drain_node,
+        submit, list_apps, get_app, kill_app, wait_app, why, tasks, task_logs, list_nodes, drain_node,
         list_queues, cluster, whoami
     ),
     modifiers(&Bearer),
@@ -106,12 +106,30 @@ pub fn router(svc: RmService) -> Router {
         .route("/v1/apps/{id}/kill", post(kill_app))
         .route("/v1/apps/{id}/wait", get(wait_app))
         .route("/v1/apps/{id}/why", get(why))
+        .route("/v1/apps/{id}/tasks", get(tasks))
         .route("/v1/apps/{id}/logs", get(task_logs))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}/drain", post(drain_node))
         .route("/v1/queues", get(list_queues))
         .route("/v1/cluster", get(cluster))
         .route("/v1/whoami", get(whoami))
+        .route("/", get(|| async { axum::response::Redirect::to("/ui/") }))
+        .route(
+            "/ui",
+            get(|| async { axum::response::Redirect::to("/ui/") }),
+        )
+        .route(
+            "/ui/",
+            get(|| async { ui_file("text/html; charset=utf-8", UI_INDEX) }),
+        )
+        .route(
+            "/ui/app.js",
+            get(|| async { ui_file("text/javascript; charset=utf-8", UI_JS) }),
+        )
+        .route(
+            "/ui/style.css",
+            get(|| async { ui_file("text/css; charset=utf-8", UI_CSS) }),
+        )
         .route(
             "/openapi.json",
             get(move || async move { ([(header::CONTENT_TYPE, "application/json")], doc) }),
@@ -160,6 +178,29 @@ async fn same_origin_writes(req: axum::extract::Request, next: axum::middleware:
         }
     }
     next.run(req).await
+}
+
+/// The web UI, built into the binary (no network needed to serve it).
+const UI_INDEX: &str = include_str!("../../ui/index.html");
+const UI_JS: &str = include_str!("../../ui/app.js");
+const UI_CSS: &str = include_str!("../../ui/style.css");
+
+/// A file of the web UI: only this origin's scripts and styles may run on
+/// its pages (no inline script, nothing from elsewhere).
+fn ui_file(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// A failed call: its HTTP status and a JSON [`ErrorBody`].
@@ -798,6 +839,35 @@ async fn why(
     Ok(Json(r.into()))
 }
 
+/// Its containers: each task's runs, their nodes, and how each ended.
+#[utoipa::path(
+    get,
+    path = "/v1/apps/{id}/tasks",
+    tag = "applications",
+    params(("id" = String, Path, description = "The application's id.")),
+    responses(
+        (status = 200, body = TaskList),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    )
+)]
+async fn tasks(
+    State(svc): State<RmService>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<TaskList>, ApiError> {
+    let msg = pb::GetApplicationRequest { application_id: id };
+    let r = caller
+        .call(
+            &svc,
+            msg,
+            |svc, req| async move { svc.list_tasks(req).await },
+        )
+        .await?;
+    Ok(Json(r.into()))
+}
+
 /// Query parameters of `GET /v1/apps/{id}/logs`.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -1033,6 +1103,7 @@ mod tests {
             "/v1/apps/{id}/kill",
             "/v1/apps/{id}/wait",
             "/v1/apps/{id}/why",
+            "/v1/apps/{id}/tasks",
             "/v1/apps/{id}/logs",
             "/v1/nodes",
             "/v1/nodes/{id}/drain",

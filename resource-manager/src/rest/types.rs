@@ -479,3 +479,50 @@ impl From<pb::ApplicationExplanation> for Why {
         }
     }
 }
+
+/// One container of an application: a task's run, where and how it ended.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Task {
+    /// `stage/index` (`stage.role/index`), or `master`.
+    pub task: String,
+    pub container_id: String,
+    pub node_id: String,
+    /// allocated, running, succeeded, failed, killed, lost, node_lost.
+    pub state: String,
+    pub exit_status: i32,
+    /// How it ended: the kill reason with its figures, the exit, the loss.
+    pub diagnostic: String,
+    pub allocated_at_ms: u64,
+    pub changed_at_ms: u64,
+    pub resources: Resources,
+    /// GPU indices on its node, given whole.
+    pub gpus: Vec<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskList {
+    pub tasks: Vec<Task>,
+}
+
+impl From<pb::ListTasksResponse> for TaskList {
+    fn from(r: pb::ListTasksResponse) -> Self {
+        TaskList {
+            tasks: r
+                .tasks
+                .into_iter()
+                .map(|t| Task {
+                    task: t.task,
+                    container_id: t.container_id,
+                    node_id: t.node_id,
+                    state: t.state,
+                    exit_status: t.exit_status,
+                    diagnostic: t.diagnostic,
+                    allocated_at_ms: t.allocated_at_ms,
+                    changed_at_ms: t.changed_at_ms,
+                    resources: t.resources.into(),
+                    gpus: t.gpus,
+                })
+                .collect(),
+        }
+    }
+}

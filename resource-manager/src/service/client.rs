@@ -938,6 +938,71 @@ impl pb::client_service_server::ClientService for RmService {
         Ok(Response::new(self.scheduling.explain(&id)?))
     }
 
+    async fn list_tasks(
+        &self,
+        req: Request<pb::GetApplicationRequest>,
+    ) -> Result<Response<pb::ListTasksResponse>, Status> {
+        let who = self.who(&req, "").await?;
+        let id = req.into_inner().application_id;
+        self.raft.read_barrier().await?;
+        let st = self.raft.state();
+        let app = st.apps.get(id.as_str()).ok_or_else(|| {
+            Status::from(Error::NotFound(format!(
+                "application_id: no application {id}"
+            )))
+        })?;
+        who.require_app(&st, app, "see")?;
+        let master = app.am_container.clone();
+        let mut tasks: Vec<pb::TaskReport> = st
+            .containers_of(&id)
+            .map(|c| {
+                use crate::fsm::{ContainerEnd, ContainerPhase};
+                let state = match (&c.end, c.phase) {
+                    (Some(e), _) => match e.state {
+                        ContainerEnd::Succeeded => "succeeded",
+                        ContainerEnd::Failed => "failed",
+                        ContainerEnd::Killed => "killed",
+                        ContainerEnd::Lost => "lost",
+                        ContainerEnd::NodeLost => "node_lost",
+                    },
+                    (None, ContainerPhase::Running) => "running",
+                    (None, _) => "allocated",
+                };
+                let a = &c.alloc;
+                pb::TaskReport {
+                    task: if master.as_deref() == Some(a.container_id.as_str()) {
+                        "master".into()
+                    } else {
+                        a.ask_id.clone()
+                    },
+                    container_id: a.container_id.clone(),
+                    node_id: a.node_id.clone(),
+                    state: state.into(),
+                    exit_status: c.end.as_ref().map_or(0, |e| e.exit_status),
+                    diagnostic: c
+                        .end
+                        .as_ref()
+                        .map(|e| e.diagnostic.clone())
+                        .unwrap_or_default(),
+                    allocated_at_ms: c.allocated_at_ms,
+                    changed_at_ms: c.changed_at_ms,
+                    resources: Some(pb::Resources {
+                        vcores_milli: a.vcores_milli,
+                        memory_bytes: a.memory_bytes,
+                        gpus: a.gpus.len() as u32,
+                        gpu_share_milli: a.gpu_share.as_ref().map_or(0, |g| g.milli),
+                        gpu_memory_bytes: a.gpu_share.as_ref().map_or(0, |g| g.memory_bytes),
+                    }),
+                    gpus: a.gpus.clone(),
+                }
+            })
+            .collect();
+        tasks.sort_by(|a, b| {
+            (a.allocated_at_ms, &a.container_id).cmp(&(b.allocated_at_ms, &b.container_id))
+        });
+        Ok(Response::new(pb::ListTasksResponse { tasks }))
+    }
+
     type GetTaskLogsStream = ReceiverStream<Result<pb::TaskLogChunk, Status>>;
 
     /// A task's stdout or stderr, read from (and, with `follow`, followed

@@ -19,3 +19,4 @@ mod rmctl;
 mod scheduling;
 mod standalone;
 mod tls;
+mod ui;

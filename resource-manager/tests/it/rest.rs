@@ -14,7 +14,7 @@ use crate::standalone::Standalone;
 use crate::tls::{ca_dir, cert, ok, rmctl, trusting};
 
 /// Waits until `addr` takes connections (a user's first try), bounded.
-async fn port_answers(addr: &str) {
+pub(crate) async fn port_answers(addr: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
         assert!(Instant::now() < deadline, "{addr} never answered");
