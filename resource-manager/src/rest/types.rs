@@ -421,7 +421,8 @@ pub struct WaitingPart {
     pub what: String,
     /// Tasks it stands for.
     pub tasks: u32,
-    /// queue_maximum, user_limit, never_fits, no_room, placeable, starting.
+    /// queue_maximum, user_limit, never_fits, no_room, held, placeable,
+    /// starting.
     pub reason: String,
     pub detail: String,
     /// Tasks of other applications ahead of it in its queue.

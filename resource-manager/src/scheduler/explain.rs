@@ -45,6 +45,12 @@ pub enum Blocker {
         most_free: Res,
         most_whole_gpus: u32,
     },
+    /// It would fit, but only on nodes held for units that waited longer
+    /// (nothing new is placed there until those start).
+    Held {
+        nodes: Vec<String>,
+        holders: Vec<String>,
+    },
     /// It would be placed now: it waits for the next round (rounds run
     /// when asks arrive, containers end or nodes change, and twice a
     /// second), or for nodes held for a unit that waited longer.
@@ -59,6 +65,7 @@ impl Blocker {
             Blocker::UserLimit { .. } => "user_limit",
             Blocker::NeverFits(_) => "never_fits",
             Blocker::NoRoom { .. } => "no_room",
+            Blocker::Held { .. } => "held",
             Blocker::Placeable => "placeable",
         }
     }
@@ -149,10 +156,15 @@ impl fmt::Display for Blocker {
                 }
                 write!(f, ")")
             }
-            Blocker::Placeable => write!(
+            Blocker::Held { nodes, holders } => write!(
                 f,
-                "it fits now: it is placed by the next round, unless nodes are held for a unit that waited longer"
+                "it fits only on {} {}, held for {} (waited longer): nothing new is placed there until {} starts",
+                if nodes.len() == 1 { "node" } else { "nodes" },
+                nodes.join(", "),
+                holders.join(", "),
+                if holders.len() == 1 { "it" } else { "they" },
             ),
+            Blocker::Placeable => write!(f, "it fits now: the next round places it"),
         }
     }
 }
@@ -225,9 +237,27 @@ pub fn never_fits(nodes: &[Node], ask: &Ask) -> Option<String> {
     })
 }
 
+/// Places `unit` member by member on `room`; the index of the first that
+/// finds no node.
+fn place(room: &mut Cluster, unit: &[Ask]) -> Result<(), usize> {
+    for (k, a) in unit.iter().enumerate() {
+        match room.find(a) {
+            Some((i, grants)) => room.take(i, a, &grants),
+            None => return Err(k),
+        }
+    }
+    Ok(())
+}
+
 /// Why `unit` (one ask, or every member of a gang; all of one queue and
 /// user) is not placed now on `cluster` under `queues`' limits and usage.
-pub fn explain(cluster: &Cluster, queues: &Queues, unit: &[Ask]) -> Blocker {
+/// `held`: nodes (by index) held for other units, and for whom.
+pub fn explain(
+    cluster: &Cluster,
+    queues: &Queues,
+    unit: &[Ask],
+    held: &[(usize, String)],
+) -> Blocker {
     let Some(first) = unit.first() else {
         return Blocker::Placeable;
     };
@@ -266,32 +296,54 @@ pub fn explain(cluster: &Cluster, queues: &Queues, unit: &[Ask]) -> Blocker {
         }
     }
     let mut room = cluster.clone();
-    for (placed, a) in unit.iter().enumerate() {
-        match room.find(a) {
-            Some((i, grants)) => room.take(i, a, &grants),
-            None => {
-                let up = room.nodes.iter().filter(|n| n.schedulable);
-                let most_free = up.clone().fold(Res::ZERO, |m, n| Res {
-                    vcores: m.vcores.max(n.free_vcores),
-                    memory: m.memory.max(n.free_memory),
-                    gpu_milli: 0,
-                });
-                let most_whole_gpus = up
-                    .map(|n| n.gpus.iter().filter(|g| g.is_whole_free()).count() as u32)
-                    .max()
-                    .unwrap_or(0);
-                return Blocker::NoRoom {
-                    placed,
-                    of: unit.len(),
-                    wants: a.res(),
-                    gpus: a.gpu,
-                    most_free,
-                    most_whole_gpus,
-                };
-            }
+    for (i, _) in held {
+        if *i < room.nodes.len() {
+            room.reserve(*i);
         }
     }
-    Blocker::Placeable
+    if place(&mut room, unit).is_ok() {
+        return Blocker::Placeable;
+    }
+    let mut all = cluster.clone();
+    let placed = match place(&mut all, unit) {
+        Ok(()) => {
+            // It fits once the held nodes count: name those it would use.
+            let mut nodes: Vec<String> = Vec::new();
+            let mut holders: Vec<String> = Vec::new();
+            for (i, who) in held {
+                if all.nodes.get(*i).is_some_and(|n| {
+                    n.free_vcores < cluster.nodes[*i].free_vcores
+                        || n.free_memory < cluster.nodes[*i].free_memory
+                }) {
+                    nodes.push(cluster.nodes[*i].name.clone());
+                    if !holders.contains(who) {
+                        holders.push(who.clone());
+                    }
+                }
+            }
+            return Blocker::Held { nodes, holders };
+        }
+        Err(k) => k,
+    };
+    let a = &unit[placed];
+    let up = all.nodes.iter().filter(|n| n.schedulable);
+    let most_free = up.clone().fold(Res::ZERO, |m, n| Res {
+        vcores: m.vcores.max(n.free_vcores),
+        memory: m.memory.max(n.free_memory),
+        gpu_milli: 0,
+    });
+    let most_whole_gpus = up
+        .map(|n| n.gpus.iter().filter(|g| g.is_whole_free()).count() as u32)
+        .max()
+        .unwrap_or(0);
+    Blocker::NoRoom {
+        placed,
+        of: unit.len(),
+        wants: a.res(),
+        gpus: a.gpu,
+        most_free,
+        most_whole_gpus,
+    }
 }
 
 #[cfg(test)]
@@ -329,7 +381,7 @@ mod tests {
 
         let mut a = Ask::new(1, qsmall, 1000, GIB);
         a.user = "ann".into();
-        let b = explain(&cluster, &qs, &[a]);
+        let b = explain(&cluster, &qs, &[a], &[]);
         assert_eq!(b.kind(), "queue_maximum", "{b}");
         assert_eq!(
             b.to_string(),
@@ -338,7 +390,7 @@ mod tests {
 
         let mut a = Ask::new(2, qcapped, 500, GIB);
         a.user = "bob".into();
-        let b = explain(&cluster, &qs, &[a.clone()]);
+        let b = explain(&cluster, &qs, &[a.clone()], &[]);
         assert_eq!(b.kind(), "user_limit", "{b}");
         assert!(
             b.to_string().starts_with(
@@ -348,12 +400,12 @@ mod tests {
         );
         // Another user of the same queue is not limited by bob's use.
         a.user = "cy".into();
-        assert_eq!(explain(&cluster, &qs, &[a]).kind(), "placeable");
+        assert_eq!(explain(&cluster, &qs, &[a], &[]).kind(), "placeable");
 
         let mut a = Ask::new(3, qbig, 1000, GIB);
         a.gpu = GpuAsk::Whole(1);
         a.gpu_model = Some("H100".into());
-        let b = explain(&cluster, &qs, &[a]);
+        let b = explain(&cluster, &qs, &[a], &[]);
         assert_eq!(b.kind(), "never_fits", "{b}");
         assert!(
             b.to_string()
@@ -362,12 +414,25 @@ mod tests {
         );
         let mut a = Ask::new(4, qbig, 1000, GIB);
         a.labels = vec![("zone".into(), "b".into())];
-        assert!(explain(&cluster, &qs, &[a])
+        assert!(explain(&cluster, &qs, &[a], &[])
             .to_string()
             .contains("node_labels: no running node has zone=b"));
 
+        // Node b held for another unit: what fits only there waits for it;
+        // what fits on a does not.
+        let held = [(1usize, "app-000009 gang train".to_string())];
+        let b = explain(&cluster, &qs, &[Ask::new(20, qbig, 2000, GIB)], &held);
+        assert_eq!(b.kind(), "held", "{b}");
+        assert_eq!(
+            b.to_string(),
+            "it fits only on node b, held for app-000009 gang train (waited longer): nothing new is placed there until it starts"
+        );
+        assert_eq!(
+            explain(&cluster, &qs, &[Ask::new(21, qbig, 500, GIB)], &held).kind(),
+            "placeable"
+        );
         // Room: 1 vcore on a, 3 on b (with its GPUs).
-        let b = explain(&cluster, &qs, &[Ask::new(5, qbig, 3500, GIB)]);
+        let b = explain(&cluster, &qs, &[Ask::new(5, qbig, 3500, GIB)], &[]);
         assert_eq!(b.kind(), "no_room", "{b}");
         assert_eq!(
             b.to_string(),
@@ -381,10 +446,10 @@ mod tests {
             })
             .collect();
         // 1 + 3 vcores free: a gang of three 1-vcore tasks fits, four do not.
-        assert_eq!(explain(&cluster, &qs, &gang).kind(), "placeable");
+        assert_eq!(explain(&cluster, &qs, &gang, &[]).kind(), "placeable");
         let mut gang = gang;
         gang.extend(gang.clone());
-        let b = explain(&cluster, &qs, &gang);
+        let b = explain(&cluster, &qs, &gang, &[]);
         assert_eq!(b.kind(), "no_room", "{b}");
         assert!(
             b.to_string()
@@ -393,10 +458,13 @@ mod tests {
         );
         let mut a = Ask::new(6, qbig, 1000, GIB);
         a.gpu = GpuAsk::Whole(2);
-        assert_eq!(explain(&cluster, &qs, &[a.clone()]).kind(), "placeable");
+        assert_eq!(
+            explain(&cluster, &qs, &[a.clone()], &[]).kind(),
+            "placeable"
+        );
         let (i, g) = cluster.find(&a).unwrap();
         cluster.take(i, &a, &g);
-        let b = explain(&cluster, &qs, &[a]);
+        let b = explain(&cluster, &qs, &[a], &[]);
         assert!(b.to_string().ends_with(", 0 whole GPUs)"), "{b}");
 
         // Every node gone.
@@ -411,7 +479,7 @@ mod tests {
                 })
                 .collect(),
         );
-        let b = explain(&down, &qs, &[Ask::new(8, qbig, 100, GIB)]);
+        let b = explain(&down, &qs, &[Ask::new(8, qbig, 100, GIB)], &[]);
         assert_eq!(b.kind(), "never_fits");
         assert!(b.to_string().contains("no node is running"), "{b}");
     }

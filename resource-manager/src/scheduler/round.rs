@@ -145,6 +145,11 @@ impl Cluster {
     }
 
     /// Holds node `i` out of (or back into) general placement.
+    /// Takes node `i` out of searches (held for another unit).
+    pub fn reserve(&mut self, i: usize) {
+        self.set_reserved(i, true);
+    }
+
     fn set_reserved(&mut self, i: usize, on: bool) {
         if self.reserved[i] == on {
             return;

@@ -830,6 +830,24 @@ async fn why_names_what_keeps_each_job_waiting_and_the_task_a_failed_one_failed_
             .starts_with("stage run waits: no node has 2 vcores"),
         "{v}"
     );
+    // The wide job waits long enough that the node is held for it
+    // (starvation control): a tiny job that would fit now waits for it.
+    let v = why_until(&rm, &wide, |v| {
+        v["waiting"][0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("node solo held for it"))
+    })
+    .await;
+    assert_eq!(reason(&v), "no_room", "{v}");
+    let tiny = submit("tiny", "root.big", 1, 0.05, "sleep 600").await;
+    let v = why_until(&rm, &tiny, |v| reason(v) == "held").await;
+    assert_eq!(
+        v["waiting"][0]["detail"],
+        format!(
+            "it fits only on node solo, held for {wide} run/0 (waited longer): nothing new is placed there until it starts"
+        ),
+        "{v}"
+    );
     // As a person reads it, and over REST.
     let o = crate::rmctl::run(&["why", &wide], &rm);
     let text = crate::rmctl::stdout(&o);
@@ -859,7 +877,7 @@ async fn why_names_what_keeps_each_job_waiting_and_the_task_a_failed_one_failed_
     );
     let r = api.get("/v1/apps/app-999999/why").await;
     error(&r, 404, "not_found", Some("application_id"));
-    for id in [&big, &small, &capped, &wide, &later] {
+    for id in [&big, &small, &capped, &wide, &later, &tiny] {
         let r = api.post(&format!("/v1/apps/{id}/kill"), "", "").await;
         assert_eq!(r.status, 200, "{}", r.text());
     }

@@ -91,6 +91,18 @@ pub(crate) struct Table {
     /// When the last master pass over every job ran (none yet: the next
     /// pass is one).
     pub(crate) full_pass_at: Option<std::time::Instant>,
+    /// Nodes the last round held for units that waited long (starvation
+    /// control), for `why`.
+    pub(crate) held: Vec<HeldNodes>,
+}
+
+/// Nodes held for one waiting unit.
+#[derive(Debug, Clone)]
+pub(crate) struct HeldNodes {
+    pub(crate) app: String,
+    /// Its ask, or `gang <id>`.
+    pub(crate) what: String,
+    pub(crate) nodes: Vec<String>,
 }
 
 pub use crate::fsm::MASTER_ASK;

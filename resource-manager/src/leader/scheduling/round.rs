@@ -17,7 +17,10 @@ impl Scheduling {
         term: u64,
         counter: &mut u64,
     ) -> Option<Planned> {
-        let mut input = self.round_input(view)?;
+        let Some(mut input) = self.round_input(view) else {
+            self.table.lock().expect("table lock").held.clear();
+            return None;
+        };
         {
             let held = self.unreachable.lock().expect("unreachable lock");
             view.hold_out(held.keys().map(String::as_str));
@@ -34,6 +37,7 @@ impl Scheduling {
         *view = kept;
         let node_ids = view.ids();
         *reservations = held;
+        self.publish_held(reservations, &input, node_ids);
         if out.is_empty() {
             return None;
         }
@@ -116,6 +120,36 @@ impl Scheduling {
             (allocations, out_keys) = (a, k);
         }
         (!allocations.is_empty()).then_some((allocations, out_keys))
+    }
+
+    /// Records which nodes the round held for whom (for `why`).
+    fn publish_held(&self, reservations: &Reservations, input: &RoundInput, node_ids: &[String]) {
+        let mut out = Vec::new();
+        for (key, nodes) in reservations.held() {
+            let i = match *key {
+                crate::scheduler::UnitKey::Ask(id) => Some(id as usize),
+                crate::scheduler::UnitKey::Gang(q, g) => input
+                    .asks
+                    .iter()
+                    .position(|a| a.gang == Some(g) && a.queue == q),
+            };
+            let Some((app, ask)) = i.and_then(|i| input.keys.get(i)) else {
+                continue;
+            };
+            let what = match i.and_then(|i| input.gangs.get(i)).cloned().flatten() {
+                Some(g) => format!("gang {}", g.rsplit('/').next().unwrap_or(&g)),
+                None => ask.clone(),
+            };
+            out.push(HeldNodes {
+                app: app.clone(),
+                what,
+                nodes: nodes
+                    .iter()
+                    .filter_map(|&n| node_ids.get(n).cloned())
+                    .collect(),
+            });
+        }
+        self.table.lock().expect("table lock").held = out;
     }
 
     /// The scheduler's input, taken from the state and the table (locks

@@ -45,7 +45,7 @@ impl Scheduling {
             }
             _ => {}
         }
-        let (cluster, _) = crate::view::cluster_view(&st);
+        let (cluster, node_ids) = crate::view::cluster_view(&st);
         let queues = queue_view(&st);
         let Some(q) = queues.index(&app.queue) else {
             out.summary = format!("its queue {} is not configured now", app.queue);
@@ -53,9 +53,33 @@ impl Scheduling {
         };
         let t = self.table.lock().expect("table lock");
         let seq = app.seq();
+        // Nodes held for other applications' units, by the view's index.
+        let index: HashMap<&str, usize> = node_ids
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
+        let held: Vec<(usize, String)> = t
+            .held
+            .iter()
+            .filter(|h| h.app != id)
+            .flat_map(|h| {
+                let who = format!("{} {}", h.app, h.what);
+                h.nodes
+                    .iter()
+                    .filter_map(|n| index.get(n.as_str()).map(|&i| (i, who.clone())))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let own: Vec<&str> = t
+            .held
+            .iter()
+            .filter(|h| h.app == id)
+            .flat_map(|h| h.nodes.iter().map(String::as_str))
+            .collect();
         if let Some(ra) = t.masters.ask_of(id) {
             let unit = [to_ask(ra, 0, q, &app.user)];
-            let b = explain(&cluster, &queues, &unit);
+            let b = explain(&cluster, &queues, &unit, &held);
             out.waiting.push(pb::WaitingPart {
                 what: "master".into(),
                 tasks: 1,
@@ -97,7 +121,7 @@ impl Scheduling {
             } else {
                 vec![to_ask(asks[0].0, 0, q, &app.user)]
             };
-            let b = explain(&cluster, &queues, &unit);
+            let b = explain(&cluster, &queues, &unit, &held);
             out.waiting.push(pb::WaitingPart {
                 what,
                 tasks,
@@ -105,6 +129,15 @@ impl Scheduling {
                 detail: b.to_string(),
                 ahead: ahead(&st, &t, &app.queue, id, asks[0].0.priority as i32, seq),
             });
+        }
+        if !own.is_empty() {
+            if let Some(w) = out.waiting.iter_mut().find(|w| w.reason == "no_room") {
+                w.detail.push_str(&format!(
+                    "; {} {} held for it (it waited long): nothing new is placed there, and it starts as they drain",
+                    if own.len() == 1 { "node" } else { "nodes" },
+                    own.join(", ")
+                ));
+            }
         }
         out.summary = match out.waiting.first() {
             Some(w) => format!("{} waits: {}", w.what, w.detail),
