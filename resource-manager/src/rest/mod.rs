@@ -334,20 +334,31 @@ impl Caller {
         Ok(r)
     }
 
-    /// Makes the gRPC call `f` with `msg` as this caller. A write asked of
-    /// a follower is redirected to the leader's HTTP API; while no leader,
-    /// or no URL of it, is known (an election, a leader that has not
-    /// recorded its URL yet), the call is tried again for up to
-    /// [`LEADER_WAIT`] before it is answered 503.
-    async fn call<T, R, F, Fut>(&self, svc: &RmService, msg: T, f: F) -> Result<R, ApiError>
+    /// Makes the gRPC call `local` with `msg` as this caller. A call that
+    /// needs the leader, made of a follower, goes on to the leader: over
+    /// gRPC with the caller's bearer token (`remote`: the leader then
+    /// authenticates the caller itself), or, for a caller known only by
+    /// its client certificate (which a member cannot pass on), as a `307`
+    /// to the leader's HTTP URL. While no leader (or no address of it) is
+    /// known, the call is tried again for up to [`LEADER_WAIT`] before it
+    /// is answered 503.
+    async fn call<T, R, F, Fut, G, GFut>(
+        &self,
+        svc: &RmService,
+        msg: T,
+        local: F,
+        remote: G,
+    ) -> Result<R, ApiError>
     where
         T: Clone,
         F: Fn(RmService, tonic::Request<T>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+        G: Fn(Forward, T) -> GFut,
+        GFut: std::future::Future<Output = Result<R, tonic::Status>>,
     {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
-            let s = match f(svc.clone(), self.req(msg.clone())?).await {
+            let s = match local(svc.clone(), self.req(msg.clone())?).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => s,
             };
@@ -355,45 +366,61 @@ impl Caller {
                 return Err(self.fail(s));
             }
             let status = svc.raft().status();
-            let url = (status.leader_id != 0 && status.leader_id != status.id)
-                .then(|| {
-                    svc.raft()
-                        .state()
-                        .member_http
-                        .get(&status.leader_id)
-                        .cloned()
-                })
-                .flatten();
-            if let Some(url) = url {
-                let mut e = ApiError::new(
-                    StatusCode::TEMPORARY_REDIRECT,
-                    "unavailable",
-                    None,
-                    format!(
-                        "not the leader; the leader (member {}) is {url}",
-                        status.leader_id
-                    ),
-                );
-                e.location = Some(format!("{url}{}", self.path_and_query));
-                return Err(e);
+            let mut last = s.message().to_string();
+            if status.leader_id != 0 && status.leader_id != status.id {
+                if self.may_forward(svc) {
+                    if let Some(addr) = svc.raft().address_of(status.leader_id) {
+                        let fw = Forward {
+                            addr,
+                            authorization: self.authorization.clone(),
+                        };
+                        match remote(fw, msg.clone()).await {
+                            Ok(r) => return Ok(r),
+                            // Deposed meanwhile, or not reached: again.
+                            Err(s) if s.code() == tonic::Code::Unavailable => {
+                                last = s.message().to_string()
+                            }
+                            Err(s) => return Err(self.fail(s)),
+                        }
+                    }
+                } else if let Some(url) = svc
+                    .raft()
+                    .state()
+                    .member_http
+                    .get(&status.leader_id)
+                    .cloned()
+                {
+                    let mut e = ApiError::new(
+                        StatusCode::TEMPORARY_REDIRECT,
+                        "unavailable",
+                        None,
+                        format!(
+                            "not the leader; the leader (member {}) is {url}",
+                            status.leader_id
+                        ),
+                    );
+                    e.location = Some(format!("{url}{}", self.path_and_query));
+                    return Err(e);
+                }
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
                     None,
-                    if status.leader_id == 0 {
-                        format!("{}; try again", s.message())
-                    } else {
-                        format!(
-                            "not the leader; the leader (member {}) serves no HTTP API or has not recorded it: try again, or call its gRPC address",
-                            status.leader_id
-                        )
-                    },
+                    format!("{last}; try again"),
                 ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether this member may pass the call on to the leader in the
+    /// caller's name: it carries a bearer token (the leader checks it), or
+    /// users are off (everyone is anyone). A caller known by its client
+    /// certificate alone is redirected instead.
+    fn may_forward(&self, svc: &RmService) -> bool {
+        self.authorization.is_some() || (!svc.acl.enabled && !svc.raft().state().acl_bootstrapped)
     }
 
     /// A gRPC error as this caller's answer.
@@ -409,6 +436,116 @@ impl Caller {
             s.message().to_string(),
         )
     }
+}
+
+/// A call passed on to the leader over gRPC, with the caller's bearer
+/// token.
+pub struct Forward {
+    addr: String,
+    authorization: Option<HeaderValue>,
+}
+
+/// A stream of replies, made here or by the leader.
+type Replies<M> =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<M, tonic::Status>> + Send>>;
+
+impl Forward {
+    async fn client(
+        &self,
+    ) -> Result<tonic::client::Grpc<tonic::transport::Channel>, tonic::Status> {
+        let ch = weft_common::net::endpoint(
+            &self.addr,
+            weft_common::tls::Role::Rm,
+            Duration::from_secs(2),
+            None,
+        )
+        .map_err(|e| tonic::Status::unavailable(format!("the leader at {}: {e}", self.addr)))?
+        .connect_lazy();
+        let mut g = tonic::client::Grpc::new(ch);
+        g.ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("the leader at {}: {e}", self.addr)))?;
+        Ok(g)
+    }
+
+    fn request<T>(&self, msg: T) -> Result<tonic::Request<T>, tonic::Status> {
+        let mut r = tonic::Request::new(msg);
+        if let Some(v) = &self.authorization {
+            let v = tonic::metadata::AsciiMetadataValue::try_from(v.as_bytes())
+                .map_err(|_| tonic::Status::unauthenticated("authorization: not ASCII"))?;
+            r.metadata_mut()
+                .insert(crate::service::auth::AUTHORIZATION, v);
+        }
+        Ok(r)
+    }
+
+    /// A unary ClientService call on the leader (`path`: its gRPC path).
+    async fn unary<T, R>(self, path: &'static str, msg: T) -> Result<R, tonic::Status>
+    where
+        T: prost::Message + Send + Sync + 'static,
+        R: prost::Message + Default + Send + Sync + 'static,
+    {
+        let mut g = self.client().await?;
+        let req = self.request(msg)?;
+        g.unary(
+            req,
+            axum::http::uri::PathAndQuery::from_static(path),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
+    /// A server-streaming ClientService call on the leader.
+    async fn stream<T, R>(self, path: &'static str, msg: T) -> Result<Replies<R>, tonic::Status>
+    where
+        T: prost::Message + Send + Sync + 'static,
+        R: prost::Message + Default + Send + Sync + 'static,
+    {
+        let mut g = self.client().await?;
+        let req = self.request(msg)?;
+        let s = g
+            .server_streaming(
+                req,
+                axum::http::uri::PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await?
+            .into_inner();
+        Ok(Box::pin(s))
+    }
+}
+
+/// A unary ClientService call made here, or on the leader.
+macro_rules! unary {
+    ($caller:expr, $svc:expr, $msg:expr, $method:ident, $name:literal) => {
+        $caller
+            .call(
+                &$svc,
+                $msg,
+                |svc, req| async move { svc.$method(req).await },
+                |fw, m| fw.unary(concat!("/weft.v1.ClientService/", $name), m),
+            )
+            .await
+    };
+}
+
+/// A server-streaming ClientService call made here, or on the leader.
+macro_rules! streaming {
+    ($caller:expr, $svc:expr, $msg:expr, $method:ident, $name:literal) => {
+        $caller
+            .call(
+                &$svc,
+                $msg,
+                |svc, req| async move {
+                    svc.$method(req)
+                        .await
+                        .map(|r| r.map(|s| Box::pin(s) as Replies<_>))
+                },
+                |fw, m| fw.stream(concat!("/weft.v1.ClientService/", $name), m),
+            )
+            .await
+    };
 }
 
 fn is_not_leader(s: &tonic::Status) -> bool {
@@ -568,12 +705,7 @@ async fn submit(
         request_id,
         unmanaged_master: false,
     };
-    let id = caller
-        .call(&svc, msg, |svc, req| async move {
-            svc.submit_application(req).await
-        })
-        .await?
-        .application_id;
+    let id = unary!(caller, svc, msg, submit_application, "SubmitApplication")?.application_id;
     let mut r = (
         StatusCode::CREATED,
         Json(Submitted {
@@ -655,11 +787,7 @@ async fn list_apps(
         page_size: q.page_size.unwrap_or(0),
         page_token: q.page_token.unwrap_or_default(),
     };
-    let r = caller
-        .call(&svc, msg, |svc, req| async move {
-            svc.list_applications(req).await
-        })
-        .await?;
+    let r = unary!(caller, svc, msg, list_applications, "ListApplications")?;
     Ok(Json(AppList {
         applications: r.applications.into_iter().map(Into::into).collect(),
         next_page_token: (!r.next_page_token.is_empty()).then_some(r.next_page_token),
@@ -685,11 +813,7 @@ async fn get_app(
     Path(id): Path<String>,
 ) -> Result<Json<App>, ApiError> {
     let msg = pb::GetApplicationRequest { application_id: id };
-    let r = caller
-        .call(&svc, msg, |svc, req| async move {
-            svc.get_application(req).await
-        })
-        .await?;
+    let r = unary!(caller, svc, msg, get_application, "GetApplication")?;
     Ok(Json(r.into()))
 }
 
@@ -715,11 +839,7 @@ async fn kill_app(
     let msg = pb::KillApplicationRequest {
         application_id: id.clone(),
     };
-    caller
-        .call(&svc, msg, |svc, req| async move {
-            svc.kill_application(req).await
-        })
-        .await?;
+    unary!(caller, svc, msg, kill_application, "KillApplication")?;
     Ok(Json(Killed { application_id: id }))
 }
 
@@ -778,11 +898,8 @@ async fn wait_app(
     };
     let deadline = tokio::time::Instant::now() + timeout;
     let msg = pb::GetApplicationRequest { application_id: id };
-    let mut reports = caller
-        .call(&svc, msg, |svc, req| async move {
-            svc.watch_application(req).await
-        })
-        .await?;
+    let mut reports: Replies<pb::ApplicationReport> =
+        streaming!(caller, svc, msg, watch_application, "WatchApplication")?;
     let mut last: Option<pb::ApplicationReport> = None;
     loop {
         match tokio::time::timeout_at(deadline, reports.next()).await {
@@ -831,11 +948,7 @@ async fn why(
     Path(id): Path<String>,
 ) -> Result<Json<Why>, ApiError> {
     let msg = pb::GetApplicationRequest { application_id: id };
-    let r = caller
-        .call(&svc, msg, |svc, req| async move {
-            svc.explain_application(req).await
-        })
-        .await?;
+    let r = unary!(caller, svc, msg, explain_application, "ExplainApplication")?;
     Ok(Json(r.into()))
 }
 
@@ -858,13 +971,7 @@ async fn tasks(
     Path(id): Path<String>,
 ) -> Result<Json<TaskList>, ApiError> {
     let msg = pb::GetApplicationRequest { application_id: id };
-    let r = caller
-        .call(
-            &svc,
-            msg,
-            |svc, req| async move { svc.list_tasks(req).await },
-        )
-        .await?;
+    let r = unary!(caller, svc, msg, list_tasks, "ListTasks")?;
     Ok(Json(r.into()))
 }
 
@@ -923,13 +1030,8 @@ async fn task_logs(
         offset: q.offset.unwrap_or(0),
         follow: q.follow.unwrap_or(false),
     };
-    let mut chunks = caller
-        .call(
-            &svc,
-            msg,
-            |svc, req| async move { svc.get_task_logs(req).await },
-        )
-        .await?;
+    let mut chunks: Replies<pb::TaskLogChunk> =
+        streaming!(caller, svc, msg, get_task_logs, "GetTaskLogs")?;
     // The first chunk (or error) decides the answer's status when it comes
     // at once; a follow of a quiet task answers 200 after a moment and
     // streams what comes (an error after the head ends the body early).
@@ -961,11 +1063,13 @@ async fn list_nodes(
     State(svc): State<RmService>,
     caller: Caller,
 ) -> Result<Json<NodeList>, ApiError> {
-    let r = caller
-        .call(&svc, pb::ListNodesRequest {}, |svc, req| async move {
-            svc.list_nodes(req).await
-        })
-        .await?;
+    let r = unary!(
+        caller,
+        svc,
+        pb::ListNodesRequest {},
+        list_nodes,
+        "ListNodes"
+    )?;
     Ok(Json(NodeList {
         nodes: r.nodes.into_iter().map(Into::into).collect(),
     }))
@@ -994,19 +1098,15 @@ async fn drain_node(
     let msg = pb::DrainNodeRequest {
         node_id: id.clone(),
     };
-    caller
-        .call(
-            &svc,
-            msg,
-            |svc, req| async move { svc.drain_node(req).await },
-        )
-        .await?;
-    let nodes = caller
-        .call(&svc, pb::ListNodesRequest {}, |svc, req| async move {
-            svc.list_nodes(req).await
-        })
-        .await?
-        .nodes;
+    unary!(caller, svc, msg, drain_node, "DrainNode")?;
+    let nodes = unary!(
+        caller,
+        svc,
+        pb::ListNodesRequest {},
+        list_nodes,
+        "ListNodes"
+    )?
+    .nodes;
     nodes
         .into_iter()
         .find(|n| n.node_id == id)
@@ -1032,11 +1132,13 @@ async fn list_queues(
     State(svc): State<RmService>,
     caller: Caller,
 ) -> Result<Json<QueueList>, ApiError> {
-    let r = caller
-        .call(&svc, pb::ListQueuesRequest {}, |svc, req| async move {
-            svc.list_queues(req).await
-        })
-        .await?;
+    let r = unary!(
+        caller,
+        svc,
+        pb::ListQueuesRequest {},
+        list_queues,
+        "ListQueues"
+    )?;
     Ok(Json(QueueList {
         queues: r.queues.into_iter().map(Into::into).collect(),
     }))
@@ -1050,11 +1152,13 @@ async fn list_queues(
     responses((status = 200, body = Cluster), (status = 401, body = ErrorBody))
 )]
 async fn cluster(State(svc): State<RmService>, caller: Caller) -> Result<Json<Cluster>, ApiError> {
-    let r = caller
-        .call(&svc, pb::ClusterStatusRequest {}, |svc, req| async move {
-            svc.cluster_status(req).await
-        })
-        .await?;
+    let r = unary!(
+        caller,
+        svc,
+        pb::ClusterStatusRequest {},
+        cluster_status,
+        "ClusterStatus"
+    )?;
     Ok(Json(r.into()))
 }
 
@@ -1066,11 +1170,7 @@ async fn cluster(State(svc): State<RmService>, caller: Caller) -> Result<Json<Cl
     responses((status = 200, body = WhoAmI), (status = 401, body = ErrorBody))
 )]
 async fn whoami(State(svc): State<RmService>, caller: Caller) -> Result<Json<WhoAmI>, ApiError> {
-    let r = caller
-        .call(&svc, pb::WhoAmIRequest {}, |svc, req| async move {
-            svc.who_am_i(req).await
-        })
-        .await?;
+    let r = unary!(caller, svc, pb::WhoAmIRequest {}, who_am_i, "WhoAmI")?;
     Ok(Json(r.into()))
 }
 

@@ -201,6 +201,10 @@ pub enum Placement {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ask {
     pub id: u64,
+    /// Identity across rounds (0: `id`), so that a unit's wait for room
+    /// is counted from round to round even when `id` (its index in one
+    /// round's input) changes as other asks come and go.
+    pub key: u64,
     /// Leaf queue index in [`Queues`](super::Queues).
     pub queue: usize,
     pub user: String,
@@ -229,6 +233,7 @@ impl Ask {
     pub fn new(id: u64, queue: usize, vcores: u64, memory: u64) -> Ask {
         Ask {
             id,
+            key: 0,
             queue,
             user: "user".into(),
             priority: 0,
@@ -242,6 +247,15 @@ impl Ask {
             gang: None,
             placement: Placement::Pack,
             ports: 0,
+        }
+    }
+
+    /// Its identity across rounds.
+    pub fn unit_key(&self) -> u64 {
+        if self.key == 0 {
+            self.id
+        } else {
+            self.key
         }
     }
 

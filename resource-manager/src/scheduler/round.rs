@@ -530,7 +530,7 @@ pub fn schedule_with(
                 }
             },
             None => units[a.queue].push(Unit {
-                key: UnitKey::Ask(a.id),
+                key: UnitKey::Ask(a.unit_key()),
                 asks: Members::One(i),
                 shape,
                 priority: a.priority,

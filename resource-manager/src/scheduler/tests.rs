@@ -472,6 +472,12 @@ proptest! {
 /// not within `limit` rounds). `persist` keeps starvation control between
 /// rounds.
 fn rounds_until_big_placed(persist: bool, limit: u32) -> Option<u32> {
+    rounds_until_big_placed_with(persist, limit, None)
+}
+
+/// [`rounds_until_big_placed`], the big ask's id different every round (as
+/// an index into each round's input is) and its `key` `key`.
+fn rounds_until_big_placed_with(persist: bool, limit: u32, key: Option<u64>) -> Option<u32> {
     let mut c = Cluster::new(
         (0..4)
             .map(|i| Node::new(&format!("n{i}"), 8000, 64 * GIB))
@@ -496,6 +502,11 @@ fn rounds_until_big_placed(persist: bool, limit: u32) -> Option<u32> {
         if round == 3 {
             pending.push(Ask::new(0, 0, 8000, 8 * GIB));
         }
+        if let (Some(k), Some(big)) = (key, pending.iter_mut().find(|a| a.vcores == 8000)) {
+            big.id = if round % 2 == 0 { 0 } else { 1 << 40 };
+            big.seq = 0;
+            big.key = k;
+        }
         // A steady stream of small tasks, enough to keep every node busy.
         for _ in 0..16 {
             pending.push(Ask {
@@ -509,7 +520,7 @@ fn rounds_until_big_placed(persist: bool, limit: u32) -> Option<u32> {
         }
         let (out, _) = schedule_with(&mut c, &mut q, &pending, &mut res);
         for asg in out {
-            if asg.ask == 0 {
+            if asg.ask == 0 || asg.ask == 1 << 40 {
                 return Some(round);
             }
             let i = pending.iter().position(|a| a.id == asg.ask).unwrap();
@@ -530,6 +541,20 @@ fn a_big_ask_is_not_starved_by_a_stream_of_small_ones() {
     );
     // With it: a node is held after 3 rounds of waiting and drains within 2 more.
     let r = rounds_until_big_placed(true, 100).expect("placed");
+    assert!(r <= 3 + 3 + 2 + 1, "placed in round {r}");
+}
+
+#[test]
+fn a_waiting_ask_keeps_its_wait_when_its_index_changes_between_rounds() {
+    // The leader numbers asks by their place in each round's input, which
+    // moves as other jobs' asks come and go: keyed by that, the wait
+    // started over and the big ask starved.
+    assert_eq!(
+        rounds_until_big_placed_with(true, 100, Some(0)),
+        None,
+        "a wait keyed by a moving index never reaches its hold"
+    );
+    let r = rounds_until_big_placed_with(true, 100, Some(77)).expect("placed");
     assert!(r <= 3 + 3 + 2 + 1, "placed in round {r}");
 }
 

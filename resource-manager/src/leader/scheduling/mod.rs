@@ -723,6 +723,15 @@ pub(crate) fn pb_allocation_at(
     }
 }
 
+/// An ask's identity across rounds: its application, its ask id and which
+/// of its count (never 0, which means "none" to the scheduler).
+pub(crate) fn ask_key(app: &str, ask: &str, k: u32) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (app, ask, k).hash(&mut h);
+    h.finish().max(1)
+}
+
 pub(crate) fn gang_key(app: &str, gang: &str) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();

@@ -127,7 +127,9 @@ impl Scheduling {
         let mut out = Vec::new();
         for (key, nodes) in reservations.held() {
             let i = match *key {
-                crate::scheduler::UnitKey::Ask(id) => Some(id as usize),
+                crate::scheduler::UnitKey::Ask(key) => {
+                    input.asks.iter().position(|a| a.unit_key() == key)
+                }
                 crate::scheduler::UnitKey::Gang(q, g) => input
                     .asks
                     .iter()
@@ -193,8 +195,11 @@ impl Scheduling {
             for (ra, count) in list.iter() {
                 let count =
                     count.saturating_sub(uncertain.get(ra.ask_id.as_str()).copied().unwrap_or(0));
-                for _ in 0..count {
+                for k in 0..count {
                     let mut a = to_ask(ra, asks.len() as u64, q, &app.user);
+                    // The same key round after round (its index changes
+                    // as other asks come and go): its wait for room counts.
+                    a.key = ask_key(app_id, &ra.ask_id, k);
                     if !ra.gang_id.is_empty() {
                         a.gang = Some(gang_key(app_id, &ra.gang_id));
                     }
@@ -225,6 +230,7 @@ impl Scheduling {
                 };
                 let mut a = to_ask(ra, asks.len() as u64, q, &app.user);
                 a.seq = app.seq();
+                a.key = ask_key(app_id, MASTER_ASK, 0);
                 asks.push(a);
                 keys.push((app_id.clone(), MASTER_ASK.to_string()));
                 gangs.push(None);
