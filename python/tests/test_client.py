@@ -71,7 +71,7 @@ def test_logs_followed_while_the_task_writes(client):
     while True:
         try:
             pieces = app.logs("run/0", follow=True)
-            first = next(pieces)
+            first = next(pieces, "")
             break
         except weft.WeftError as e:
             # Not started yet.
@@ -119,12 +119,41 @@ def test_bad_input_is_refused_naming_the_field(client):
 
 
 def test_the_cluster_its_nodes_and_queues(client):
+    deadline = time.monotonic() + 30
+    while not client.nodes():  # the node registers a moment after the start
+        assert time.monotonic() < deadline, "the node never registered"
+        time.sleep(0.1)
     nodes = client.nodes()
     assert [(n["id"], n["state"], n["vcores"]) for n in nodes] == [("py", "running", 4.0)]
     assert any(q["name"] == "root" for q in client.queues())
     c = client.cluster()
     assert c["leader_id"] == 1 and len(c["members"]) == 1
     assert client.whoami()["method"] == "none"
+
+
+def test_a_spec_is_text_a_path_or_a_missing_file(client, tmp_path):
+    # A long one-line spec (JSON) is text, not a file name.
+    one_line = (
+        '{"name": "one-line", "stages": [{"name": "run", "command": "true", '
+        '"resources": {"vcores": 0.2, "memory": "32MiB"}}], "labels": {"x": "' + "y" * 300 + '"}}'
+    )
+    with pytest.raises(weft.WeftError) as e:
+        client.submit(one_line)  # read as the spec: its unknown field is named
+    assert e.value.code == "invalid_argument", e.value.message
+    with pytest.raises(FileNotFoundError):
+        client.submit(tmp_path / "missing.yaml")
+    f = tmp_path / "ok.yaml"
+    f.write_text(job("from-path", "true"))
+    assert client.submit(f, wait=True, progress=False).status().state == "succeeded"
+
+
+def test_a_wait_gives_up_at_its_timeout(client):
+    nap = client.submit(job("nap2", "sleep 600"))
+    t = time.monotonic()
+    with pytest.raises(TimeoutError):
+        nap.wait(progress=False, timeout=1.5)
+    assert time.monotonic() - t < 10
+    nap.kill()
 
 
 def test_no_leader_in_time_is_a_clear_error():

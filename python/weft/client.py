@@ -170,9 +170,10 @@ class Client:
             self._channels[address] = ch
         return rpc.ClientServiceStub(ch)
 
-    def _call(self, method: str, request, stream: bool = False):
+    def _call(self, method: str, request, stream: bool = False, stream_timeout: Optional[float] = None):
         """`method` on the leader, following NotLeader answers and retrying
-        retryable errors until `timeout`."""
+        retryable errors until `timeout` (each try of a unary call at most
+        10 s, so that one frozen member does not take all of it)."""
         deadline = time.monotonic() + self.timeout
         order = ([self._leader] if self._leader else []) + [a for a in self.addresses if a != self._leader]
         i, wait, last = 0, 0.05, "no answer"
@@ -181,11 +182,11 @@ class Client:
             try:
                 call = getattr(self._stub(address), method)
                 if stream:
-                    it = call(request, metadata=self._metadata)
+                    it = call(request, metadata=self._metadata, timeout=stream_timeout)
                     first = next(it, None)  # errors of the call itself surface here
                     self._leader = address
                     return _chain(first, it)
-                left = max(deadline - time.monotonic(), 0.5)
+                left = min(max(deadline - time.monotonic(), 0.5), 10.0)
                 r = call(request, metadata=self._metadata, timeout=left)
                 self._leader = address
                 return r
@@ -225,10 +226,19 @@ class Client:
         (`.toml` read as TOML). `wait`: wait for its end (see
         `Application.wait`). The request carries an id of its own, so a
         retry after a lost answer submits it once."""
-        text = str(spec)
-        path = pathlib.Path(text) if "\n" not in text and len(text) < 4096 else None
-        if path is not None and path.is_file():
-            text = path.read_text()
+        path = None
+        if isinstance(spec, os.PathLike):
+            path = pathlib.Path(spec)
+            if not path.is_file():
+                raise FileNotFoundError(f"spec: no file {path}")
+        elif "\n" not in spec and len(spec) < 4096:
+            try:
+                if os.path.isfile(spec):
+                    path = pathlib.Path(spec)
+            except (OSError, ValueError):  # a one-line spec, not a path
+                path = None
+        text = spec if path is None else path.read_text()
+        if path is not None:
             format = format or ("toml" if path.suffix == ".toml" else "yaml")
         req = pb.SubmitApplicationRequest(
             spec=text,
@@ -349,9 +359,16 @@ class Client:
 
 
 def _chain(first, rest):
-    if first is not None:
-        yield first
-    yield from rest
+    """The first reply, then the rest; a caller that stops early (a
+    follow left) ends the call rather than leave it to the collector."""
+    try:
+        if first is not None:
+            yield first
+        yield from rest
+    finally:
+        cancel = getattr(rest, "cancel", None)
+        if cancel is not None:
+            cancel()
 
 
 class Application:
@@ -377,11 +394,13 @@ class Application:
         bars = _Progress(progress)
         try:
             while True:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.1)
                 try:
                     for r in self.client._call(
                         "WatchApplication",
                         pb.GetApplicationRequest(application_id=self.id),
                         stream=True,
+                        stream_timeout=left,
                     ):
                         rep = Report.of(r)
                         bars.show(rep)
@@ -390,6 +409,8 @@ class Application:
                         if deadline is not None and time.monotonic() > deadline:
                             raise TimeoutError(f"{self.id} still {rep.state} after {timeout}s")
                 except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+                        raise TimeoutError(f"{self.id} did not finish within {timeout}s") from None
                     # A stream cut by a failover: watch again from the leader.
                     if e.code() not in RETRYABLE:
                         raise WeftError(e.code().name.lower(), e.details() or "") from None

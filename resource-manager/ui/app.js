@@ -4,7 +4,14 @@
 "use strict";
 
 const REFRESH_MS = 2000;
-const ui = { token: localStorage.getItem("weft-token") || "", timer: null, logs: null, page: "" };
+const ui = {
+  token: localStorage.getItem("weft-token") || "",
+  timer: null,
+  logs: null,
+  page: "",
+  gen: 0, // the latest refresh: an older one that ends later renders nothing
+  armed: null, // the application whose Kill was clicked once
+};
 
 // ---- small helpers --------------------------------------------------------
 
@@ -200,11 +207,11 @@ function openLogs(id, container, task, live) {
       const dec = new TextDecoder();
       for (;;) {
         const { value, done } = await reader.read();
-        if (done) break;
-        pre.textContent += dec.decode(value, { stream: true });
+        if (done || ctl.signal.aborted) break;
+        pre.append(document.createTextNode(dec.decode(value, { stream: true })));
         pre.scrollTop = pre.scrollHeight;
       }
-      if (live) title.textContent = `Output of ${task} (${container}), ended`;
+      if (live && !ctl.signal.aborted) title.textContent = `Output of ${task} (${container}), ended`;
     })
     .catch((e) => { if (e.name !== "AbortError") pre.textContent += `\n[${e.message}]`; });
 }
@@ -212,11 +219,13 @@ function openLogs(id, container, task, live) {
 async function appPage(id) {
   const [a, t] = await Promise.all([api(`/v1/apps/${id}`), api(`/v1/apps/${id}/tasks`)]);
   const finished = ["succeeded", "failed", "killed"].includes(a.state);
-  const why = a.state === "succeeded" ? null : await api(`/v1/apps/${id}/why`);
-  let armed = false;
-  const kill = el("button", { class: "danger", id: "kill" }, "Kill");
+  // Why it waits or failed: the page shows the rest without it if the
+  // leader cannot be asked.
+  const why = a.state === "succeeded" ? null : await api(`/v1/apps/${id}/why`).catch(() => null);
+  const kill = el("button", { class: "danger", id: "kill" }, ui.armed === id ? "Confirm kill" : "Kill");
   kill.addEventListener("click", async () => {
-    if (!armed) { armed = true; kill.textContent = "Confirm kill"; return; }
+    if (ui.armed !== id) { ui.armed = id; kill.textContent = "Confirm kill"; return; }
+    ui.armed = null;
     try { await api(`/v1/apps/${id}/kill`, { method: "POST" }); refresh(); } catch (e) { showError(e); }
   });
   return [
@@ -295,15 +304,23 @@ function route() {
   }
 }
 
-async function refresh() {
+async function refresh(byTimer) {
   clearTimeout(ui.timer);
+  const gen = ++ui.gen;
   const key = location.hash;
+  // Someone typing in a filter: leave the page as it is until they are done.
+  const typing = document.activeElement && document.activeElement.dataset &&
+    document.activeElement.dataset.filter && document.activeElement.tagName === "INPUT";
+  if (byTimer && typing) {
+    ui.timer = setTimeout(() => refresh(true), REFRESH_MS);
+    return;
+  }
   const [page, load] = route();
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.page === page);
   const main = document.getElementById("main");
   try {
     const parts = await load();
-    if (location.hash !== key) return; // navigated meanwhile
+    if (gen !== ui.gen || location.hash !== key) return; // a newer refresh renders
     // Keep the log panel (a follow in progress) across refreshes.
     const logs = document.getElementById("logs");
     const title = document.getElementById("logs-title");
@@ -322,10 +339,11 @@ async function refresh() {
     main.dataset.ready = "1";
     showError(null);
   } catch (e) {
+    if (gen !== ui.gen) return;
     showError(e);
   }
   ui.page = key;
-  ui.timer = setTimeout(refresh, REFRESH_MS);
+  ui.timer = setTimeout(() => refresh(true), REFRESH_MS);
 }
 
 async function whoami() {

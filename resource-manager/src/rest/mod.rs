@@ -157,10 +157,12 @@ async fn same_origin_writes(req: axum::extract::Request, next: axum::middleware:
             .headers()
             .get(header::ORIGIN)
             .and_then(|v| v.to_str().ok());
+        // HTTP/1.1 names the host in `Host`, HTTP/2 in `:authority`.
         let host = req
             .headers()
             .get(header::HOST)
-            .and_then(|v| v.to_str().ok());
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()));
         if let Some(origin) = origin {
             let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
             if Some(origin_host) != host {

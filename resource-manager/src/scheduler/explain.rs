@@ -290,7 +290,30 @@ pub fn explain(
             };
         }
     }
+    // Each shape once (a gang's members are mostly alike).
+    let mut checked: Vec<&Ask> = Vec::new();
     for a in unit {
+        let same = |b: &&Ask| {
+            (
+                b.vcores,
+                b.memory,
+                b.gpu,
+                &b.gpu_model,
+                b.gpu_min_memory,
+                &b.labels,
+            ) == (
+                a.vcores,
+                a.memory,
+                a.gpu,
+                &a.gpu_model,
+                a.gpu_min_memory,
+                &a.labels,
+            )
+        };
+        if checked.iter().any(same) {
+            continue;
+        }
+        checked.push(a);
         if let Some(why) = never_fits(&cluster.nodes, a) {
             return Blocker::NeverFits(why);
         }

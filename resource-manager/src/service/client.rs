@@ -970,11 +970,10 @@ impl pb::client_service_server::ClientService for RmService {
                 };
                 let a = &c.alloc;
                 pb::TaskReport {
-                    task: if master.as_deref() == Some(a.container_id.as_str()) {
-                        "master".into()
-                    } else {
-                        a.ask_id.clone()
-                    },
+                    task: crate::leader::scheduling::why::task_name(
+                        &a.ask_id,
+                        master.as_deref() == Some(a.container_id.as_str()),
+                    ),
                     container_id: a.container_id.clone(),
                     node_id: a.node_id.clone(),
                     state: state.into(),

@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http_body_util::BodyExt;
+use serde_json::json;
 use weft_common::http::call::{Http, Reply};
 
 use crate::cluster::Cluster;
@@ -755,10 +756,22 @@ async fn why_names_what_keeps_each_job_waiting_and_the_task_a_failed_one_failed_
 
     // Fill the node (4 vcores): 3 to one job, then each queue's limits.
     let big = submit("big", "root.big", 1, 3.0, "sleep 600").await;
-    why_until(&rm, &big, |v| {
-        v["waiting"].as_array().is_some_and(|w| w.is_empty()) && v["state"] == "RUNNING"
-    })
-    .await;
+    // Its task runs (placed, and so counted against the node).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = api.get(&format!("/v1/apps/{big}")).await.json();
+        if v["stages"][0]["running"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "big never ran: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = why_until(&rm, &big, |v| v["state"] == "RUNNING").await;
+    assert_eq!(v["waiting"], json!([]), "{v}");
+    assert_eq!(
+        v["summary"], "nothing of it waits: what it asked for is placed",
+        "{v}"
+    );
     let small = submit("small", "root.small", 2, 0.6, "sleep 600").await;
     let v = why_until(&rm, &small, |v| reason(v) == "queue_maximum").await;
     assert_eq!(v["waiting"][0]["what"], "stage run", "{v}");

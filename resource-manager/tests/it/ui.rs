@@ -18,8 +18,20 @@ use crate::standalone::Standalone;
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
+/// chromedriver and every Chromium it started (its process group),
+/// killed when dropped, whatever happens after it is spawned.
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.0.wait();
+    }
+}
+
 struct Browser {
-    driver: Child,
+    _driver: Driver,
     wd: Http,
     session: String,
     _profile: tempfile::TempDir,
@@ -43,17 +55,19 @@ impl Browser {
             .port();
         let profile = tempfile::tempdir().unwrap();
         use std::os::unix::process::CommandExt;
-        let driver = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .arg("--allowed-ips=127.0.0.1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            // Its own process group: dropped, the driver and every Chromium
-            // process it started go together.
-            .process_group(0)
-            .spawn()
-            .expect("starting chromedriver");
+        let driver = Driver(
+            Command::new(CHROMEDRIVER)
+                .arg(format!("--port={port}"))
+                .arg("--allowed-ips=127.0.0.1")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                // Its own process group: dropped, the driver and every Chromium
+                // process it started go together.
+                .process_group(0)
+                .spawn()
+                .expect("starting chromedriver"),
+        );
         let addr = format!("127.0.0.1:{port}");
         crate::rest::port_answers(&addr).await;
         let wd = Http::plain(addr);
@@ -87,7 +101,7 @@ impl Browser {
         let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
         std::fs::create_dir_all(&shots).unwrap();
         Some(Browser {
-            driver,
+            _driver: driver,
             wd,
             session,
             _profile: profile,
@@ -187,14 +201,6 @@ impl Browser {
             .filter(|e| e["level"] == "SEVERE")
             .map(|e| e["message"].as_str().unwrap_or("").to_string())
             .collect()
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let pgid = nix::unistd::Pid::from_raw(self.driver.id() as i32);
-        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.driver.wait();
     }
 }
 
@@ -336,6 +342,12 @@ async fn every_page_loads_clean_in_a_real_browser_and_follows_jobs_to_their_end(
     .await;
     b.js("document.getElementById('kill').click(); return true")
         .await;
+    // A refresh in between keeps the first click (the button says so).
+    b.wait_for(
+        "the kill button asks to confirm",
+        "return document.getElementById('kill').textContent === 'Confirm kill'",
+    )
+    .await;
     b.js("document.getElementById('kill').click(); return true")
         .await;
     b.wait_for(
