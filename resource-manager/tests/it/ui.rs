@@ -362,3 +362,71 @@ async fn every_page_loads_clean_in_a_real_browser_and_follows_jobs_to_their_end(
     assert!(errors.is_empty(), "console errors: {errors:?}");
     b.cmd("DELETE", "", Value::Null).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_users_on_a_token_entered_once_opens_every_page() {
+    if crate::secure::skip("it sets up its own users (it runs in the plaintext pass)") {
+        return;
+    }
+    let Some(b) = Browser::start().await else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let admin = format!("weft_{}", "5e".repeat(32));
+    let file = tmp.path().join("admin.token");
+    std::fs::write(&file, &admin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // Users on over plaintext loopback (`insecure`: a test's single host).
+    let extra = format!(
+        "insecure = true\n[acl]\nenabled = true\ninitial_admin_token_file = {:?}\n[http]\nlisten = \"{{http}}\"\n",
+        file.display().to_string()
+    );
+    let cluster = crate::cluster::Cluster::start_with(1, 1000, &extra);
+    let http = cluster.members[0].http.clone();
+    crate::rest::port_answers(&http).await;
+    let base = format!("http://{http}/ui/");
+
+    // No token yet: the page says what to do, and shows nothing else.
+    b.goto(&format!("{base}#/apps")).await;
+    b.wait_for(
+        "the banner asking for a token",
+        "const e = document.getElementById('error'); return !e.hidden && e.textContent.includes('enter a token above')",
+    )
+    .await;
+    let shown = b
+        .js("return document.getElementById('main').dataset.ready || ''")
+        .await;
+    assert_eq!(shown, json!(""), "a page rendered without a token");
+    b.screenshot("no-token").await;
+
+    // Entered once: every page opens, after a reload too.
+    b.js(&format!(
+        "document.getElementById('token').value = '{admin}'; document.getElementById('token-form').requestSubmit(); return true"
+    ))
+    .await;
+    b.ready("apps").await;
+    b.wait_for(
+        "who the page calls as",
+        "return document.getElementById('who').textContent === 'admin (admin)'",
+    )
+    .await;
+    for page in ["cluster", "queues", "nodes"] {
+        b.goto(&format!("{base}#/{page}")).await;
+        b.ready(page).await;
+    }
+    b.goto(&base).await; // a reload
+    b.ready("cluster").await;
+    let banner = b.js("return document.getElementById('error').hidden").await;
+    assert_eq!(banner, json!(true));
+    b.screenshot("with-token").await;
+    // The refusals before the token (HTTP 401s) are the only errors.
+    let errors: Vec<String> = b
+        .console_errors()
+        .await
+        .into_iter()
+        .filter(|e| !e.contains("401 (Unauthorized)") && !e.contains("503 (Service Unavailable)"))
+        .collect();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    b.cmd("DELETE", "", Value::Null).await;
+}
