@@ -643,25 +643,19 @@ async fn wait_for(rm: &RmClient, id: &str, quiet: bool) -> anyhow::Result<pb::Ap
 
 /// Aligned columns, headers first.
 fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
+    // Columns two spaces apart, no borders, as `kubectl get` prints them.
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(headers.iter().copied())
+        .add_rows(rows);
+    for c in t.column_iter_mut() {
+        c.set_padding((0, 2));
     }
-    let line = |cells: Vec<String>| {
-        cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    let mut out = vec![line(headers.iter().map(|h| h.to_string()).collect())];
-    out.extend(rows.into_iter().map(line));
-    out.join("\n")
+    t.lines()
+        .map(|l| l.trim_end().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn human_bytes(b: u64) -> String {
@@ -1498,6 +1492,23 @@ mod tests {
             priority: 0,
             command: command.iter().map(|c| c.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn tables_are_columns_two_spaces_apart_without_trailing_blanks() {
+        let t = table(
+            &["ID", "STATE", "WHY"],
+            vec![
+                vec!["app-000001".into(), "RUNNING".into(), "".into()],
+                vec!["a".into(), "FAILED".into(), "over its memory quota".into()],
+            ],
+        );
+        assert_eq!(
+            t,
+            "ID          STATE    WHY\n\
+             app-000001  RUNNING\n\
+             a           FAILED   over its memory quota"
+        );
     }
 
     #[test]
