@@ -199,6 +199,13 @@ pub struct LogsConfig {
     /// an open file and a task, so without a bound a client could exhaust
     /// the agent.
     pub max_streams: usize,
+    /// Log aggregation: when a container ends its stdout and stderr are
+    /// copied to `<aggregate_dir>/<container id>/` (a shared file system
+    /// the resource manager reads too, its `[logs] aggregate_dir`), so they
+    /// outlive this node and its retention. Unset: kept here only.
+    pub aggregate_dir: Option<std::path::PathBuf>,
+    /// The most of each stream copied: its last bytes past this.
+    pub aggregate_max: ByteSize,
 }
 
 impl Default for LogsConfig {
@@ -208,6 +215,8 @@ impl Default for LogsConfig {
             disk_budget: ByteSize::gib(1),
             sweep_interval: Duration::from_secs(60),
             max_streams: 256,
+            aggregate_dir: None,
+            aggregate_max: ByteSize::mib(64),
         }
     }
 }
@@ -318,6 +327,14 @@ impl AgentConfig {
         }
         if self.heartbeat.interval.is_zero() {
             return bad("heartbeat.interval", "must be greater than zero");
+        }
+        if let Some(d) = &self.logs.aggregate_dir {
+            if !d.is_absolute() {
+                return bad("logs.aggregate_dir", "must be an absolute path");
+            }
+        }
+        if self.logs.aggregate_max.as_u64() == 0 {
+            return bad("logs.aggregate_max", "must be above 0");
         }
         if self.logs.max_streams == 0 {
             return bad("logs.max_streams", "must be at least 1");

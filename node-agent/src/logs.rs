@@ -16,6 +16,39 @@ use crate::error::{Error, Result};
 use crate::manager::Manager;
 use crate::validate;
 
+/// Copies an ended container's logs (`log_dir`'s stdout and stderr) to
+/// `<dir>/<id>/`: each stream whole, or its last `max` bytes with
+/// `<stream>.start` holding the offset they start at. Written under a
+/// temporary name and renamed, so a reader sees all of it or none.
+pub fn aggregate(dir: &Path, max: u64, log_dir: &Path, id: &str) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    if !validate::container_id_ok(id) {
+        return Err(std::io::Error::other(format!(
+            "{id:?} is not a container id"
+        )));
+    }
+    let dest = dir.join(id);
+    let tmp = dir.join(format!(".{id}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    for name in ["stdout", "stderr"] {
+        let Ok(mut src) = std::fs::File::open(log_dir.join(name)) else {
+            continue;
+        };
+        let len = src.metadata()?.len();
+        let start = len.saturating_sub(max);
+        src.seek(SeekFrom::Start(start))?;
+        let mut out = std::fs::File::create(tmp.join(name))?;
+        std::io::copy(&mut src.take(max), &mut out)?;
+        out.sync_all()?;
+        if start > 0 {
+            std::fs::write(tmp.join(format!("{name}.start")), start.to_string())?;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dest);
+    std::fs::rename(&tmp, &dest)
+}
+
 /// Largest chunk sent in one message.
 pub const CHUNK: usize = 64 * 1024;
 /// How often a follower looks for new output.
@@ -204,6 +237,35 @@ pub async fn sweep(mgr: &Manager) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn aggregation_copies_each_stream_whole_or_its_tail_with_where_it_starts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (logs, store) = (tmp.path().join("logs"), tmp.path().join("store"));
+        std::fs::create_dir_all(&logs).unwrap();
+        std::fs::create_dir_all(&store).unwrap();
+        let out: Vec<u8> = (0..100u8).collect();
+        std::fs::write(logs.join("stdout"), &out).unwrap();
+        std::fs::write(logs.join("stderr"), b"short").unwrap();
+        aggregate(&store, 40, &logs, "c1-7").unwrap();
+        let d = store.join("c1-7");
+        assert_eq!(std::fs::read(d.join("stdout")).unwrap(), out[60..].to_vec());
+        assert_eq!(
+            std::fs::read_to_string(d.join("stdout.start")).unwrap(),
+            "60"
+        );
+        assert_eq!(std::fs::read(d.join("stderr")).unwrap(), b"short");
+        assert!(!d.join("stderr.start").exists());
+        // Again (an agent restarted after the end): replaced whole.
+        std::fs::write(logs.join("stdout"), b"new").unwrap();
+        aggregate(&store, 40, &logs, "c1-7").unwrap();
+        assert_eq!(std::fs::read(d.join("stdout")).unwrap(), b"new");
+        assert!(!d.join("stdout.start").exists());
+        // No temporary left, and a bad id refused.
+        assert_eq!(std::fs::read_dir(&store).unwrap().count(), 1);
+        assert!(aggregate(&store, 40, &logs, "../x").is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -1037,6 +1037,20 @@ impl Manager {
 }
 
 /// Runs `f` on the blocking pool. A panic there is a bug in the agent.
+/// Copies an ended container's logs to `[logs] aggregate_dir`, if set
+/// (a failure is logged: the logs stay here, under retention).
+fn aggregate_logs(cfg: &crate::config::LogsConfig, log_dir: &Path, id: &str) {
+    let Some(dir) = &cfg.aggregate_dir else {
+        return;
+    };
+    match crate::logs::aggregate(dir, cfg.aggregate_max.as_u64(), log_dir, id) {
+        Ok(()) => tracing::debug!(container_id = %id, dir = %dir.display(), "logs aggregated"),
+        Err(e) => {
+            warn!(container_id = %id, dir = %dir.display(), error = %e, "aggregating the container's logs failed")
+        }
+    }
+}
+
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f)
         .await
@@ -1380,12 +1394,14 @@ async fn supervise(
     sh.ended.notify_one();
     let (work_dir, keep) = (rec.work_dir.clone(), sh.cfg.keep_work_dirs);
     let (state_dir, id) = (sh.state_dir.clone(), spec.id.clone());
+    let (log_dir, logs) = (rec.log_dir.clone(), sh.logs_cfg.clone());
     blocking(move || {
         // Kept for a next agent until the container is forgotten: an agent
         // that dies before the RM stored the end still reports it.
         if let Err(e) = state_dir.write_end(&id, &exit) {
             warn!(container_id = %id, error = %e, "writing the container's end failed");
         }
+        aggregate_logs(&logs, &log_dir, &id);
         if let Err(e) = group.destroy() {
             warn!(error = %e, "removing the container's group failed");
         }
@@ -1537,6 +1553,7 @@ fn take_over(sh: &Shared) -> Vec<FoundContainer> {
         if let Err(e) = dir.write_end(&p.id, &exit) {
             warn!(container_id = %p.id, error = %e, "writing the container's end failed");
         }
+        aggregate_logs(&sh.logs_cfg, &p.log_dir, &p.id);
         // Decided by this agent (one an earlier agent decided was counted
         // by it).
         sh.metrics.ended(&exit.reason);

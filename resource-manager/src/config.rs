@@ -66,6 +66,19 @@ pub struct RmConfig {
     /// HTTP beside gRPC: the REST API (`/v1/...`, `/openapi.json`) and
     /// `/metrics`.
     pub http: HttpConfig,
+    /// Task logs that outlive their node.
+    pub logs: LogsConfig,
+}
+
+/// `[logs]`: where ended tasks' logs are kept off their nodes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogsConfig {
+    /// The directory agents copy ended containers' logs to (their `[logs]
+    /// aggregate_dir`, a shared file system): a task's logs are read from
+    /// it when its node cannot give them (lost, gone, or past its
+    /// retention).
+    pub aggregate_dir: Option<PathBuf>,
 }
 
 /// `[http]`: what the member serves over HTTP (HTTPS with its certificate
@@ -222,6 +235,7 @@ impl Default for RmConfig {
             acl: AclConfig::default(),
             audit_log: None,
             http: HttpConfig::default(),
+            logs: LogsConfig::default(),
         }
     }
 }
@@ -424,6 +438,13 @@ impl RmConfig {
             ));
         }
         self.http.validate()?;
+        if let Some(d) = &self.logs.aggregate_dir {
+            if !d.is_absolute() {
+                return Err(Error::Config(
+                    "logs.aggregate_dir: must be an absolute path".into(),
+                ));
+            }
+        }
         if self.raft.tick < Duration::from_millis(1) {
             return Err(Error::Config("raft.tick: must be at least 1ms".into()));
         }

@@ -160,12 +160,18 @@ fn agent_config(s: &StandaloneArgs) -> anyhow::Result<weft_node_agent::config::A
 }
 
 fn standalone(args: &Args, s: &StandaloneArgs) -> ExitCode {
-    let (cfg, agent) = match standalone_config(args, s).and_then(|c| {
+    let (cfg, agent) = match standalone_config(args, s).and_then(|mut c| {
         let a = if s.local_agent {
             Some(agent_config(s)?)
         } else {
             None
         };
+        // Its own agent's aggregated logs are this member's to read.
+        if let Some(a) = &a {
+            if c.logs.aggregate_dir.is_none() {
+                c.logs.aggregate_dir = a.logs.aggregate_dir.clone();
+            }
+        }
         Ok((c, a))
     }) {
         Ok(x) => x,

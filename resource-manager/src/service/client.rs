@@ -1015,7 +1015,7 @@ impl pb::client_service_server::ClientService for RmService {
         let who = self.who(&req, "").await?;
         let r = req.into_inner();
         self.raft.read_barrier().await?;
-        let (container, address) = {
+        let (container, address, ended) = {
             let st = self.raft.state();
             let app = st.apps.get(r.application_id.as_str()).ok_or_else(|| {
                 Error::NotFound(format!(
@@ -1053,11 +1053,25 @@ impl pb::client_service_server::ClientService for RmService {
             let address = st
                 .nodes
                 .get(c.alloc.node_id.as_str())
-                .map(|n| n.address.clone())
-                .ok_or_else(|| {
-                    Status::unavailable(format!("node {} is not known", c.alloc.node_id))
-                })?;
-            (c.alloc.container_id.clone(), address)
+                .map(|n| n.address.clone());
+            (
+                c.alloc.container_id.clone(),
+                address.ok_or_else(|| c.alloc.node_id.clone()),
+                c.phase == ContainerPhase::Completed,
+            )
+        };
+        // An ended task's logs from the store when its node cannot give
+        // them (gone, lost, or past its retention there).
+        let address = match address {
+            Ok(a) => a,
+            Err(node) => {
+                if ended {
+                    if let Some(s) = self.stored_logs(&container, r.stderr, r.offset).await? {
+                        return Ok(s);
+                    }
+                }
+                return Err(Status::unavailable(format!("node {node} is not known")));
+            }
         };
         let mut agent = weft_proto::v1::container_manager_client::ContainerManagerClient::new(
             weft_common::net::endpoint(
@@ -1086,6 +1100,20 @@ impl pb::client_service_server::ClientService for RmService {
         let mut upstream = loop {
             match agent.read_logs(read.clone()).await {
                 Ok(s) => break s.into_inner(),
+                Err(e)
+                    if ended
+                        && matches!(
+                            e.code(),
+                            tonic::Code::NotFound
+                                | tonic::Code::Unavailable
+                                | tonic::Code::DeadlineExceeded
+                        ) =>
+                {
+                    match self.stored_logs(&container, r.stderr, r.offset).await? {
+                        Some(s) => return Ok(s),
+                        None => return Err(e),
+                    }
+                }
                 Err(e) if e.code() == tonic::Code::NotFound => {
                     let starting = self
                         .raft
@@ -1149,6 +1177,68 @@ impl pb::client_service_server::ClientService for RmService {
 }
 
 impl RmService {
+    /// An ended container's stream of logs as the store holds it (`[logs]
+    /// aggregate_dir`, written by its agent when it ended), from `offset`
+    /// (or from where the kept tail starts, if later); None where there is
+    /// no store or it holds none of this container.
+    async fn stored_logs(
+        &self,
+        container: &str,
+        stderr: bool,
+        offset: u64,
+    ) -> Result<Option<Response<ReceiverStream<Result<pb::TaskLogChunk, Status>>>>, Status> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let Some(dir) = &self.log_store else {
+            return Ok(None);
+        };
+        let name = if stderr { "stderr" } else { "stdout" };
+        let d = dir.join(container);
+        let mut file = match tokio::fs::File::open(d.join(name)).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(Status::internal(format!(
+                    "logs.aggregate_dir: reading {}: {e}",
+                    d.join(name).display()
+                )))
+            }
+        };
+        let start: u64 = tokio::fs::read_to_string(d.join(format!("{name}.start")))
+            .await
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let mut at = offset.max(start);
+        file.seek(std::io::SeekFrom::Start(at - start))
+            .await
+            .map_err(|e| Status::internal(format!("logs.aggregate_dir: {e}")))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match file.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("logs.aggregate_dir: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+                let chunk = pb::TaskLogChunk {
+                    offset: at,
+                    data: buf[..n].to_vec(),
+                };
+                at += n as u64;
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Some(Response::new(ReceiverStream::new(rx))))
+    }
+
     /// Who calls (see [`auth::authenticate`]).
     pub(crate) async fn who<T>(
         &self,

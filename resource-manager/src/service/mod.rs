@@ -57,6 +57,8 @@ pub struct RmService {
     pub(crate) audit: audit_log::AuditLog,
     /// This member's HTTP API base URL, if it serves one.
     pub(crate) http_url: Option<String>,
+    /// Where agents copy ended containers' logs (`[logs] aggregate_dir`).
+    pub(crate) log_store: Option<std::path::PathBuf>,
 }
 
 impl RmService {
@@ -81,7 +83,14 @@ impl RmService {
             acl: Arc::default(),
             audit: audit_log::AuditLog::default(),
             http_url: None,
+            log_store: None,
         }
+    }
+
+    /// Reads ended tasks' logs from `dir` when their nodes cannot give them.
+    pub fn with_log_store(mut self, dir: Option<std::path::PathBuf>) -> Self {
+        self.log_store = dir;
+        self
     }
 
     /// Serves the REST API at `url` (recorded in the state when it leads).

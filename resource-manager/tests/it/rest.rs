@@ -867,3 +867,82 @@ async fn why_names_what_keeps_each_job_waiting_and_the_task_a_failed_one_failed_
         "{v}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_tasks_logs_are_read_from_the_store_once_its_node_has_none() {
+    if crate::secure::skip(
+        "a standalone cluster on loopback is plaintext and zero-config by design",
+    ) {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let solo = Standalone::start_full(
+        &format!(
+            "[logs]\naggregate_dir = {:?}\naggregate_max = \"1KiB\"\n",
+            store.path().join("weft-logs").display().to_string()
+        ),
+        true,
+        Some(format!("127.0.0.1:{port}")),
+    );
+    let http = solo.http.clone().unwrap();
+    port_answers(&http).await;
+    let api = Http::plain(&http);
+    // 2000 bytes of stdout (more than the 1 KiB kept), a line of stderr.
+    let spec = "name: chatty\nstages:\n  - name: run\n    command: 'printf \"%02000d\" 7; echo to-stderr >&2'\n    resources: { vcores: 0.2, memory: 32MiB }\n";
+    let r = api.post("/v1/apps", "application/yaml", spec).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["application_id"].as_str().unwrap().to_string();
+    assert_eq!(wait_done(&api, &id).await["state"], "succeeded");
+    let tasks = api.get(&format!("/v1/apps/{id}/tasks")).await.json();
+    let task = tasks["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["task"] == "run/0")
+        .unwrap_or_else(|| panic!("{tasks}"))
+        .clone();
+    assert_eq!(task["state"], "succeeded", "{task}");
+    assert_eq!(task["node_id"], "solo", "{task}");
+    let container = task["container_id"].as_str().unwrap().to_string();
+    // From the node while it has them: all 2000 bytes.
+    let r = api.get(&format!("/v1/apps/{id}/logs?task=run/0")).await;
+    assert_eq!(r.body.len(), 2000, "{}", r.text());
+    // Copied when it ended: the last KiB, and where it starts.
+    let kept = store.path().join("weft-logs").join(&container);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !kept.join("stderr").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "never aggregated to {}",
+            kept.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(std::fs::read(kept.join("stdout")).unwrap().len(), 1024);
+    assert_eq!(
+        std::fs::read_to_string(kept.join("stdout.start")).unwrap(),
+        "976"
+    );
+    // The node's copy gone (its retention, a lost disk): read from the store.
+    std::fs::remove_dir_all(solo.dir.path().join("agent").join("logs").join(&container)).unwrap();
+    let r = api
+        .get(&format!("/v1/apps/{id}/logs?task=run/0&stream=stderr"))
+        .await;
+    assert_eq!((r.status, r.text().as_str()), (200, "to-stderr\n"));
+    let r = api.get(&format!("/v1/apps/{id}/logs?task=run/0")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body.len(), 1024, "the kept tail");
+    assert!(r.text().ends_with("0007"), "{}", r.text());
+    let r = api
+        .get(&format!("/v1/apps/{id}/logs?task=run/0&offset=1990"))
+        .await;
+    assert_eq!(r.text(), "0000000007");
+    // And through rmctl, as a user reads it.
+    let o = crate::rmctl::run(&["app", "logs", &id, "run/0", "--stderr"], &solo.addr);
+    assert_eq!(crate::rmctl::stdout(&o), "to-stderr\n");
+}

@@ -36,7 +36,11 @@ impl Standalone {
     }
 
     /// `http`: where it serves `/metrics`, if it does.
-    fn start_full(agent_extra: &str, own_dirs: bool, http: Option<String>) -> Standalone {
+    pub(crate) fn start_full(
+        agent_extra: &str,
+        own_dirs: bool,
+        http: Option<String>,
+    ) -> Standalone {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
