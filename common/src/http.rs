@@ -56,6 +56,31 @@ where
     Ok(())
 }
 
+/// Encodes one counter family for a collector (a total read at the
+/// scrape): `rows` of labels and values.
+pub fn counter<L>(
+    e: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (L, f64)>,
+) -> Result<(), std::fmt::Error>
+where
+    L: prometheus_client::encoding::EncodeLabelSet,
+{
+    use prometheus_client::encoding::EncodeMetric;
+    let mut m = e.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (labels, v) in rows {
+        prometheus_client::metrics::counter::ConstCounter::new(v)
+            .encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 /// A router answering `GET /metrics` with `registry` as it is at each
 /// scrape, in the Prometheus text format (version 0.0.4).
 pub fn metrics_router(

@@ -357,6 +357,8 @@ impl Manager {
                 finished_at: None,
                 memory_bytes: 0,
                 memory_peak_bytes: 0,
+                cpu_usec: 0,
+                gpu_memory_used_bytes: 0,
                 gpu_uuids: f.gpu_uuids,
                 work_dir: f.work_dir,
                 log_dir: f.log_dir,
@@ -497,6 +499,8 @@ impl Manager {
                 finished_at: Some(now),
                 memory_bytes: 0,
                 memory_peak_bytes: 0,
+                cpu_usec: 0,
+                gpu_memory_used_bytes: 0,
                 gpu_uuids: vec![],
                 work_dir: self.sh.containers_root.join(id),
                 log_dir: self.sh.logs_root.join(id),
@@ -720,6 +724,8 @@ impl Manager {
                 finished_at: None,
                 memory_bytes: 0,
                 memory_peak_bytes: 0,
+                cpu_usec: 0,
+                gpu_memory_used_bytes: 0,
                 gpu_uuids,
                 work_dir: self.sh.containers_root.join(&spec.id),
                 log_dir: self.sh.logs_root.join(&spec.id),
@@ -1126,6 +1132,7 @@ enum Ending {
 struct Sample {
     memory_bytes: u64,
     memory_peak_bytes: u64,
+    cpu_usec: u64,
     oom: bool,
     gpu_used: u64,
     top: Vec<ProcessSample>,
@@ -1137,9 +1144,12 @@ fn sample(sh: &Shared, group: &dyn Group, spec: &ContainerSpec, want_top: bool) 
     let over_rss = !group.kernel_enforces_memory() && st.memory_bytes > spec.resources.memory_bytes;
     let oom = st.under_oom || st.oom_kills > 0 || over_rss;
     let mut gpu_used = 0;
-    let need_pids = want_top || oom || spec.resources.gpu_memory_bytes > 0;
+    // GPU memory is read for every container given a GPU (its figure in
+    // the metrics), not only those with a GPU-memory quota.
+    let gpus = spec.resources.gpu_memory_bytes > 0 || !spec.resources.gpu_indices.is_empty();
+    let need_pids = want_top || oom || gpus;
     let pids = if need_pids { group.pids() } else { Vec::new() };
-    if spec.resources.gpu_memory_bytes > 0 {
+    if gpus {
         match sh.gpu.process_usage() {
             Ok(usage) => {
                 let members: HashSet<u32> = pids.iter().map(|&p| p as u32).collect();
@@ -1162,6 +1172,7 @@ fn sample(sh: &Shared, group: &dyn Group, spec: &ContainerSpec, want_top: bool) 
     Sample {
         memory_bytes: st.memory_bytes,
         memory_peak_bytes: st.memory_peak_bytes.max(st.memory_bytes),
+        cpu_usec: st.cpu_usec,
         oom,
         gpu_used,
         top,
@@ -1292,6 +1303,8 @@ async fn supervise(
                 c.update(|r| {
                     r.memory_bytes = s.memory_bytes;
                     r.memory_peak_bytes = peak;
+                    r.cpu_usec = r.cpu_usec.max(s.cpu_usec);
+                    r.gpu_memory_used_bytes = s.gpu_used;
                 });
                 if !s.top.is_empty() {
                     last_top = s.top.clone();

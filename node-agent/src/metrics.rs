@@ -137,6 +137,27 @@ impl prometheus_client::collector::Collector for AgentCollector {
                 .map(|r| (labels(r), r.memory_bytes))
                 .collect(),
         )?;
+        weft_common::http::counter(
+            &mut e,
+            "weft_agent_container_cpu_seconds",
+            "CPU time a running container's processes used so far (last sample).",
+            running
+                .iter()
+                .map(|r| (labels(r), r.cpu_usec as f64 / 1e6))
+                .collect::<Vec<_>>(),
+        )?;
+        gauge(
+            &mut e,
+            "weft_agent_container_gpu_memory_bytes",
+            "GPU memory a running container's processes use (last sample; containers given a GPU).",
+            running
+                .iter()
+                .filter(|r| {
+                    !r.spec.resources.gpu_indices.is_empty() || r.spec.resources.gpu_share_milli > 0
+                })
+                .map(|r| (labels(r), r.gpu_memory_used_bytes))
+                .collect(),
+        )?;
         gauge(
             &mut e,
             "weft_agent_container_memory_peak_bytes",

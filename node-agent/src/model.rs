@@ -207,6 +207,10 @@ pub struct Record {
     pub finished_at: Option<SystemTime>,
     pub memory_bytes: u64,
     pub memory_peak_bytes: u64,
+    /// CPU time its processes used so far, in microseconds (last sample).
+    pub cpu_usec: u64,
+    /// GPU memory its processes use (last sample; containers with a GPU).
+    pub gpu_memory_used_bytes: u64,
     pub gpu_uuids: Vec<String>,
     pub work_dir: PathBuf,
     pub log_dir: PathBuf,

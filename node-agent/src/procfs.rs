@@ -139,6 +139,17 @@ pub fn command_line(pid: i32, max: usize) -> String {
     s
 }
 
+/// Clock ticks per second (the unit of `/proc/<pid>/stat`'s CPU times).
+pub fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if v > 0 {
+        v as u64
+    } else {
+        100
+    }
+}
+
 pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };

@@ -66,6 +66,8 @@ pub struct GroupStats {
     /// Processes wait in the group's OOM handler (cgroup v1 with the kernel's
     /// OOM killer off): the group hit its limit and must be killed.
     pub under_oom: bool,
+    /// CPU time its processes used, in microseconds (0 where unknown).
+    pub cpu_usec: u64,
 }
 
 /// Creates groups. One per agent, shared by all containers.

@@ -131,13 +131,18 @@ impl Group for ProcfsGroup {
 
     fn stats(&self) -> GroupStats {
         let page = procfs::page_size();
-        let rss: u64 = self.members(false).iter().map(|s| s.rss_pages * page).sum();
+        let members = self.members(false);
+        let rss: u64 = members.iter().map(|s| s.rss_pages * page).sum();
         let peak = self.peak.fetch_max(rss, Ordering::Relaxed).max(rss);
+        // The live processes' own time (what exited children used is not
+        // counted here).
+        let ticks: u64 = members.iter().map(|s| s.cpu_ticks).sum();
         GroupStats {
             memory_bytes: rss,
             memory_peak_bytes: peak,
             oom_kills: 0,
             under_oom: false,
+            cpu_usec: ticks.saturating_mul(1_000_000) / procfs::ticks_per_second(),
         }
     }
 

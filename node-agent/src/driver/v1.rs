@@ -245,6 +245,24 @@ impl Group for V1Group {
                 .unwrap_or(0),
             oom_kills: cgroupfs::keyed(&oom, "oom_kill").unwrap_or(0),
             under_oom: cgroupfs::keyed(&oom, "under_oom").unwrap_or(0) > 0,
+            // cpuacct, mounted with cpu (`cpu,cpuacct`), counts nanoseconds;
+            // a group without a CPU quota has no cpu group: its live
+            // processes' own times then.
+            cpu_usec: match self
+                .cpu
+                .as_ref()
+                .and_then(|d| cgroupfs::read_u64(&d.join("cpuacct.usage")))
+            {
+                Some(ns) => ns / 1000,
+                None => {
+                    let ticks: u64 = cgroupfs::procs(m)
+                        .into_iter()
+                        .filter_map(crate::procfs::stat)
+                        .map(|s| s.cpu_ticks)
+                        .sum();
+                    ticks.saturating_mul(1_000_000) / crate::procfs::ticks_per_second()
+                }
+            },
         }
     }
 

@@ -200,6 +200,9 @@ impl Group for V2Group {
                 .max(seen),
             oom_kills: cgroupfs::keyed(&events, "oom_kill").unwrap_or(0),
             under_oom: false,
+            cpu_usec: cgroupfs::read(&self.dir.join("cpu.stat"))
+                .and_then(|s| cgroupfs::keyed(&s, "usage_usec"))
+                .unwrap_or(0),
         }
     }
 

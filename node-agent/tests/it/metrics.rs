@@ -20,7 +20,16 @@ async fn metrics_show_containers_use_and_kills_by_reason() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut agent = TestAgent::start("metrics", |c| c.http.listen = Some(http)).await;
+    let usage = tempfile::tempdir().unwrap();
+    let usage_dir = usage.path().to_path_buf();
+    let mut agent = TestAgent::start("metrics", |c| {
+        c.http.listen = Some(http);
+        // One fake GPU whose per-process use the task writes (as NVML
+        // would report it).
+        c.gpu.fake.usage_dir = Some(usage_dir.clone());
+        fake_gpus(c, "GPU-metrics-", 1);
+    })
+    .await;
     // Scraped the moment the port answers.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(http).await.is_err() {
@@ -78,6 +87,54 @@ async fn metrics_show_containers_use_and_kills_by_reason() {
         Some(128.0 * MIB as f64)
     );
     assert!(value(&during, "weft_agent_container_vcores", &labels).is_some());
+    assert!(
+        value(&during, "weft_agent_container_cpu_seconds_total", &labels).is_some(),
+        "{:?}",
+        during.samples
+    );
+    // A busy task's CPU time grows; a task on the GPU shows its GPU memory.
+    // Half a core: its quota's group counts its time (cgroup v1's cpuacct,
+    // v2's cpu.stat).
+    let mut busy = spec("busy", "exec python3 -c 'while True: pass'", 64 * MIB);
+    busy.resources.as_mut().unwrap().vcores_milli = 500;
+    start(&mut agent.client, busy).await;
+    let mut gpu = spec(
+        "gpu",
+        &format!(
+            "echo 'GPU-metrics-0 1500000000' > {}/$$; exec sleep 60",
+            usage_dir.display()
+        ),
+        32 * MIB,
+    );
+    gpu.resources.as_mut().unwrap().gpu_indices = vec![0];
+    start(&mut agent.client, gpu).await;
+    let busy = [("container", "busy")];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let busy_scrape = loop {
+        let s = scrape(http).await;
+        let cpu = value(&s, "weft_agent_container_cpu_seconds_total", &busy).unwrap_or(0.0);
+        let gpu_mem = value(
+            &s,
+            "weft_agent_container_gpu_memory_bytes",
+            &[("container", "gpu")],
+        );
+        if cpu >= 0.3 && gpu_mem == Some(1.5e9) {
+            // Only containers given a GPU have the figure.
+            assert_eq!(
+                value(&s, "weft_agent_container_gpu_memory_bytes", &busy),
+                None
+            );
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cpu {cpu} s, GPU memory {gpu_mem:?}: {:?}",
+            s.samples
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    stop(&mut agent.client, "busy", 300).await;
+    stop(&mut agent.client, "gpu", 300).await;
     assert!(value(&during, "weft_agent_container_start_seconds_count", &[]).unwrap() >= 1.0);
 
     // A memory hog: killed, and counted by its reason.
@@ -104,7 +161,7 @@ async fn metrics_show_containers_use_and_kills_by_reason() {
             "weft_agent_container_ends_total",
             &[("reason", "user_requested")]
         ),
-        Some(1.0)
+        Some(3.0)
     );
     assert_eq!(
         value(&after, "weft_agent_containers", &[("state", "running")]),
@@ -112,14 +169,14 @@ async fn metrics_show_containers_use_and_kills_by_reason() {
     );
     assert_eq!(
         value(&after, "weft_agent_containers", &[("state", "killed")]),
-        Some(2.0)
+        Some(4.0)
     );
     assert_eq!(
         value(&after, "weft_agent_container_memory_bytes", &labels),
         None
     );
     // Every agent figure the example dashboard queries is served.
-    let served = served(&[&during, &after]);
+    let served = served(&[&during, &busy_scrape, &after]);
     let dashboard = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/deploy/grafana-dashboard.json");
     for m in dashboard_metrics(&dashboard)
