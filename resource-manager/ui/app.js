@@ -283,8 +283,13 @@ async function nodesPage() {
         el("td", {}, `${bytes(x.used.memory_bytes)} / ${bytes(x.capacity.memory_bytes)}`,
           bar(x.used.memory_bytes / (x.capacity.memory_bytes || 1))),
         el("td", {}, x.capacity.gpus.length
-          ? `${x.used.gpus} whole in use, ${x.used.gpu_share_milli / 1000} shared; ` +
-            x.capacity.gpus.map((g) => `#${g.index} ${g.model} ${bytes(g.memory_bytes)}`).join(", ")
+          ? x.capacity.gpus.map((g) => {
+              const u = (x.gpu_use || []).find((v) => v.index === g.index) || {};
+              const use = u.whole ? "in use (whole)"
+                : u.share_milli ? `${u.share_milli / 10}% shared, ${bytes(u.share_memory_bytes)} promised`
+                : "free";
+              return el("div", { "data-gpu": g.index }, `#${g.index} ${g.model} ${bytes(g.memory_bytes)}: ${use}`);
+            })
           : el("span", { class: "muted" }, "none")),
         el("td", { class: "num" }, x.containers),
         el("td", {}, ago(x.last_heartbeat_ms)))), { id: "nodes" }),

@@ -229,6 +229,20 @@ pub struct Node {
     pub last_heartbeat_ms: u64,
     /// It holds the cluster's token key and can be given work.
     pub ready: bool,
+    /// Each GPU's use, by index.
+    pub gpu_use: Vec<GpuUse>,
+}
+
+/// One GPU's use.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GpuUse {
+    pub index: u32,
+    /// Given whole to one container.
+    pub whole: bool,
+    /// Thousandths of it given as shares.
+    pub share_milli: u32,
+    /// GPU memory those shares promise.
+    pub share_memory_bytes: u64,
 }
 
 impl From<pb::NodeReport> for Node {
@@ -263,6 +277,16 @@ impl From<pb::NodeReport> for Node {
             containers: n.containers,
             last_heartbeat_ms: n.last_heartbeat_ms,
             ready: n.ready,
+            gpu_use: n
+                .gpu_use
+                .into_iter()
+                .map(|g| GpuUse {
+                    index: g.index,
+                    whole: g.whole,
+                    share_milli: g.share_milli,
+                    share_memory_bytes: g.share_memory_bytes,
+                })
+                .collect(),
         }
     }
 }

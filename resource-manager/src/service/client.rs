@@ -387,6 +387,21 @@ impl pb::client_service_server::ClientService for RmService {
                     })
                     .unwrap_or(0),
                 ready: n.ready,
+                gpu_use: {
+                    let u = st.node_use(&n.id);
+                    n.gpus
+                        .iter()
+                        .map(|g| {
+                            let (milli, mem) = u.shares.get(&g.index).copied().unwrap_or((0, 0));
+                            pb::GpuUse {
+                                index: g.index,
+                                whole: u.gpus.contains(&g.index),
+                                share_milli: milli,
+                                share_memory_bytes: mem,
+                            }
+                        })
+                        .collect()
+                },
             })
             .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))

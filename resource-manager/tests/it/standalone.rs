@@ -75,7 +75,13 @@ impl Standalone {
             s.dir.path().join("agent.toml"),
             format!(
                 "node_id = \"solo\"\n{work_dir}[resources]\nvcores = 4.0\nmemory = \"4GiB\"\n\
-                 {parent}[gpu]\nprobe = \"none\"\n{agent_extra}"
+                 {parent}{gpu}{agent_extra}",
+                // No GPU unless the test gives its own.
+                gpu = if agent_extra.contains("[gpu]") {
+                    ""
+                } else {
+                    "[gpu]\nprobe = \"none\"\n"
+                }
             ),
         )
         .unwrap();

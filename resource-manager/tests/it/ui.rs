@@ -222,7 +222,17 @@ async fn every_page_loads_clean_in_a_real_browser_and_follows_jobs_to_their_end(
     let Some(b) = Browser::start().await else {
         return;
     };
-    let solo = Standalone::start_with_http();
+    // One fake GPU (what NVML would show), shared by a task below.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let solo = Standalone::start_full(
+        "[gpu]\nprobe = \"fake\"\n[[gpu.fake.devices]]\nuuid = \"GPU-ui-0\"\nmodel = \"Fake A100\"\nmemory = \"40GiB\"\n",
+        true,
+        Some(format!("127.0.0.1:{port}")),
+    );
     let http = solo.http.clone().unwrap();
     crate::rest::port_answers(&http).await;
     let api = Http::plain(&http);
@@ -247,14 +257,23 @@ async fn every_page_loads_clean_in_a_real_browser_and_follows_jobs_to_their_end(
     )
     .await;
     b.screenshot("cluster").await;
+    // Half of the GPU shared to a task: the nodes page shows the device's
+    // share and the memory it promises.
+    let shared = submit(
+        &api,
+        "name: share\nstages:\n  - name: infer\n    command: 'sleep 600'\n    resources: { vcores: 0.2, memory: 32MiB, gpus: 0.5, gpu_memory: 10GiB }\n",
+    )
+    .await;
     b.goto(&format!("{base}#/nodes")).await;
     b.ready("nodes").await;
     b.wait_for(
-        "node solo",
-        "return document.querySelector('[data-node=\"solo\"]') !== null",
+        "node solo's GPU half shared",
+        "const g = document.querySelector('[data-node=\"solo\"] [data-gpu=\"0\"]'); return g && g.textContent.includes('50% shared, 10.0 GiB promised')",
     )
     .await;
     b.screenshot("nodes").await;
+    let r = api.post(&format!("/v1/apps/{shared}/kill"), "", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
     b.goto(&format!("{base}#/queues")).await;
     b.ready("queues").await;
     b.wait_for(
