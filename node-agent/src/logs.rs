@@ -18,35 +18,80 @@ use crate::validate;
 
 /// Copies an ended container's logs (`log_dir`'s stdout and stderr) to
 /// `<dir>/<id>/`: each stream whole, or its last `max` bytes with
-/// `<stream>.start` holding the offset they start at. Written under a
-/// temporary name and renamed, so a reader sees all of it or none.
+/// `<stream>.start` holding the offset they start at. Built in a fresh
+/// directory of a random name and renamed into place (an earlier copy moved
+/// aside first), so a reader sees all of one copy or none. The sources are
+/// opened without following links (a task owns its log directory and could
+/// put a link there to a file only root may read); what is written is
+/// owner read-write, group read (0640, directories 0750): the logs may hold
+/// secrets, and the store is shared.
 pub fn aggregate(dir: &Path, max: u64, log_dir: &Path, id: &str) -> std::io::Result<()> {
     use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     if !validate::container_id_ok(id) {
         return Err(std::io::Error::other(format!(
             "{id:?} is not a container id"
         )));
     }
-    let dest = dir.join(id);
-    let tmp = dir.join(format!(".{id}.{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = tempfile::Builder::new().prefix(".weft-").tempdir_in(dir)?;
     for name in ["stdout", "stderr"] {
-        let Ok(mut src) = std::fs::File::open(log_dir.join(name)) else {
-            continue;
+        let src = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(log_dir.join(name));
+        let mut src = match src {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(std::io::Error::other(format!(
+                    "{}: a symbolic link, not the container's log",
+                    log_dir.join(name).display()
+                )))
+            }
+            Err(e) => return Err(e),
         };
-        let len = src.metadata()?.len();
-        let start = len.saturating_sub(max);
+        let meta = src.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::other(format!(
+                "{}: not a regular file",
+                log_dir.join(name).display()
+            )));
+        }
+        let start = meta.len().saturating_sub(max);
         src.seek(SeekFrom::Start(start))?;
-        let mut out = std::fs::File::create(tmp.join(name))?;
+        let create = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(p)
+        };
+        let mut out = create(&tmp.path().join(name))?;
         std::io::copy(&mut src.take(max), &mut out)?;
         out.sync_all()?;
         if start > 0 {
-            std::fs::write(tmp.join(format!("{name}.start")), start.to_string())?;
+            use std::io::Write;
+            create(&tmp.path().join(format!("{name}.start")))?
+                .write_all(start.to_string().as_bytes())?;
         }
     }
-    let _ = std::fs::remove_dir_all(&dest);
-    std::fs::rename(&tmp, &dest)
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o750))?;
+    let dest = dir.join(id);
+    // An earlier copy (an agent that restarted after the end): aside, then
+    // replaced, then removed.
+    let old = if std::fs::symlink_metadata(&dest).is_ok() {
+        let aside = tempfile::Builder::new()
+            .prefix(".weft-old-")
+            .tempdir_in(dir)?;
+        std::fs::rename(&dest, aside.path().join("x"))?;
+        Some(aside)
+    } else {
+        None
+    };
+    std::fs::rename(tmp.keep(), &dest)?;
+    drop(old);
+    Ok(())
 }
 
 /// Largest chunk sent in one message.
@@ -264,6 +309,24 @@ mod tests {
         // No temporary left, and a bad id refused.
         assert_eq!(std::fs::read_dir(&store).unwrap().count(), 1);
         assert!(aggregate(&store, 40, &logs, "../x").is_err());
+        // Owner read-write, group read: the store is shared.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&d.join("stdout")), 0o640);
+        assert_eq!(mode(&d), 0o750);
+        // A task's link in place of its log is not followed.
+        let secret = tmp.path().join("secret");
+        std::fs::write(&secret, b"root only").unwrap();
+        std::fs::remove_file(logs.join("stdout")).unwrap();
+        std::os::unix::fs::symlink(&secret, logs.join("stdout")).unwrap();
+        let e = aggregate(&store, 40, &logs, "c1-8").unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(!store.join("c1-8").exists());
+        assert_eq!(
+            std::fs::read_dir(&store).unwrap().count(),
+            1,
+            "a temporary left"
+        );
     }
 
     use super::*;

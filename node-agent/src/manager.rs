@@ -1042,7 +1042,6 @@ impl Manager {
     }
 }
 
-/// Runs `f` on the blocking pool. A panic there is a bug in the agent.
 /// Copies an ended container's logs to `[logs] aggregate_dir`, if set
 /// (a failure is logged: the logs stay here, under retention).
 fn aggregate_logs(cfg: &crate::config::LogsConfig, log_dir: &Path, id: &str) {
@@ -1057,6 +1056,7 @@ fn aggregate_logs(cfg: &crate::config::LogsConfig, log_dir: &Path, id: &str) {
     }
 }
 
+/// Runs `f` on the blocking pool. A panic there is a bug in the agent.
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f)
         .await
@@ -1409,12 +1409,14 @@ async fn supervise(
     let (state_dir, id) = (sh.state_dir.clone(), spec.id.clone());
     let (log_dir, logs) = (rec.log_dir.clone(), sh.logs_cfg.clone());
     blocking(move || {
+        // Before the end is written: an agent that dies in between decides
+        // the end again after its restart, and copies them then.
+        aggregate_logs(&logs, &log_dir, &id);
         // Kept for a next agent until the container is forgotten: an agent
         // that dies before the RM stored the end still reports it.
         if let Err(e) = state_dir.write_end(&id, &exit) {
             warn!(container_id = %id, error = %e, "writing the container's end failed");
         }
-        aggregate_logs(&logs, &log_dir, &id);
         if let Err(e) = group.destroy() {
             warn!(error = %e, "removing the container's group failed");
         }
@@ -1563,10 +1565,10 @@ fn take_over(sh: &Shared) -> Vec<FoundContainer> {
                 (Exit::new(ExitReason::Lost, vec![]), SystemTime::now())
             }
         };
+        aggregate_logs(&sh.logs_cfg, &p.log_dir, &p.id);
         if let Err(e) = dir.write_end(&p.id, &exit) {
             warn!(container_id = %p.id, error = %e, "writing the container's end failed");
         }
-        aggregate_logs(&sh.logs_cfg, &p.log_dir, &p.id);
         // Decided by this agent (one an earlier agent decided was counted
         // by it).
         sh.metrics.ended(&exit.reason);

@@ -245,9 +245,10 @@ impl Group for V1Group {
                 .unwrap_or(0),
             oom_kills: cgroupfs::keyed(&oom, "oom_kill").unwrap_or(0),
             under_oom: cgroupfs::keyed(&oom, "under_oom").unwrap_or(0) > 0,
-            // cpuacct, mounted with cpu (`cpu,cpuacct`), counts nanoseconds;
-            // a group without a CPU quota has no cpu group: its live
-            // processes' own times then.
+            // cpuacct, mounted with cpu (`cpu,cpuacct`, as most systems do),
+            // counts nanoseconds; where the cpu hierarchy has no
+            // cpuacct.usage (cpuacct mounted apart), the live processes'
+            // own times (what exited children used is not counted).
             cpu_usec: match self
                 .cpu
                 .as_ref()

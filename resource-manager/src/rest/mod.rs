@@ -39,6 +39,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(300);
 /// How long a call sent to a member that knows no leader (or not its
 /// URL) is tried again before it is answered 503: an election's length.
 pub const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// The longest a unary call passed on to the leader may take.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a log read waits for its first bytes before it answers 200
 /// (errors before then are answered as errors).
 pub const FIRST_CHUNK_WAIT: Duration = Duration::from_secs(2);
@@ -419,8 +421,9 @@ impl Caller {
 
     /// Whether this member may pass the call on to the leader in the
     /// caller's name: it carries a bearer token (the leader checks it), or
-    /// users are off (everyone is anyone). A caller known by its client
-    /// certificate alone is redirected instead.
+    /// users are off here (the call is marked as passed on: a leader that
+    /// enforces users takes it for no one, never for this member). A caller
+    /// known by its client certificate alone is redirected instead.
     fn may_forward(&self, svc: &RmService) -> bool {
         self.authorization.is_some() || (!svc.acl.enabled && !svc.raft().state().acl_bootstrapped)
     }
@@ -472,6 +475,10 @@ impl Forward {
 
     fn request<T>(&self, msg: T) -> Result<tonic::Request<T>, tonic::Status> {
         let mut r = tonic::Request::new(msg);
+        r.metadata_mut().insert(
+            crate::service::auth::FORWARDED,
+            tonic::metadata::AsciiMetadataValue::from_static("1"),
+        );
         if let Some(v) = &self.authorization {
             let v = tonic::metadata::AsciiMetadataValue::try_from(v.as_bytes())
                 .map_err(|_| tonic::Status::unauthenticated("authorization: not ASCII"))?;
@@ -488,7 +495,8 @@ impl Forward {
         R: prost::Message + Default + Send + Sync + 'static,
     {
         let mut g = self.client().await?;
-        let req = self.request(msg)?;
+        let mut req = self.request(msg)?;
+        req.set_timeout(FORWARD_TIMEOUT);
         g.unary(
             req,
             axum::http::uri::PathAndQuery::from_static(path),

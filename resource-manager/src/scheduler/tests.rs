@@ -554,7 +554,7 @@ fn a_waiting_ask_keeps_its_wait_when_its_index_changes_between_rounds() {
         None,
         "a wait keyed by a moving index never reaches its hold"
     );
-    let r = rounds_until_big_placed_with(true, 100, Some(77)).expect("placed");
+    let r = rounds_until_big_placed_with(true, 100, Some(1 << 50)).expect("placed");
     assert!(r <= 3 + 3 + 2 + 1, "placed in round {r}");
 }
 

@@ -19,6 +19,9 @@ use crate::fsm::{AclToken, App, ClusterState};
 pub const AUTHORIZATION: &str = "authorization";
 /// Prefix of every secret (so that secret scanners find leaked ones).
 pub const SECRET_PREFIX: &str = "weft_";
+/// Metadata a member sets on a user's call it passes on to the leader: the
+/// member's own identity then stands for no one.
+pub const FORWARDED: &str = "weft-forwarded";
 /// The longest a user name may be.
 pub const MAX_USER: usize = 128;
 
@@ -344,6 +347,13 @@ pub fn authenticate<T>(
                 method: Method::Certificate,
             })
         }
+        // A member passing on a user's call (the REST API of a follower)
+        // is never the caller: without the user's token it is no one.
+        Some(p) if p.role == Some(Role::Rm) && req.metadata().get(FORWARDED).is_some() => {
+            Err(Status::unauthenticated(
+                "no credentials: pass a user's token (--token, WEFT_TOKEN or token_file in rmctl.toml) or client certificate",
+            ))
+        }
         Some(p) if p.role == Some(Role::Rm) => Ok(Who {
             user: p.name,
             admin: true,
@@ -369,6 +379,41 @@ mod tests {
             admins: vec!["root-cert".into()],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_call_a_member_passes_on_without_a_token_is_no_one() {
+        let from_member = |forwarded: bool| {
+            let mut r = Request::new(());
+            r.extensions_mut().insert(weft_common::net::ConnInfo {
+                remote: None,
+                peer: Some(std::sync::Arc::new(weft_common::tls::PeerIdentity {
+                    role: Some(Role::Rm),
+                    name: "rm2".into(),
+                })),
+            });
+            if forwarded {
+                r.metadata_mut().insert(FORWARDED, "1".parse().unwrap());
+            }
+            r
+        };
+        let st = ClusterState {
+            acl_bootstrapped: true,
+            ..Default::default()
+        };
+        // A member's own call is the member's (an admin).
+        let w = authenticate(&on(), &st, &from_member(false), "", 0).unwrap();
+        assert!(w.admin && matches!(w.method, Method::Member));
+        // One it passes on for a user with no token is refused, not the
+        // member's: a follower that thinks users are off cannot lend its
+        // identity to an anonymous caller.
+        let e = authenticate(&on(), &st, &from_member(true), "", 0).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().starts_with("no credentials"), "{}", e.message());
+        // Users off everywhere: anonymous, as it would be called directly.
+        let off = AclConfig::default();
+        let w = authenticate(&off, &ClusterState::default(), &from_member(true), "", 0).unwrap();
+        assert_eq!(w.user, "anonymous");
     }
 
     fn with_token(secret: &str) -> Request<()> {

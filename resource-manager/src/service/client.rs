@@ -1208,21 +1208,59 @@ impl RmService {
         };
         let name = if stderr { "stderr" } else { "stdout" };
         let d = dir.join(container);
-        let mut file = match tokio::fs::File::open(d.join(name)).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(Status::internal(format!(
+        // Nothing through a link: the container's directory must be one,
+        // and its files regular files (see docs/node-agent.md, "Logs": the
+        // store is written by agents only).
+        let (file, start) = {
+            let d2 = d.clone();
+            tokio::task::spawn_blocking(move || -> std::io::Result<Option<(std::fs::File, u64)>> {
+                let d = d2;
+                use std::io::Read;
+                use std::os::unix::fs::OpenOptionsExt;
+                match std::fs::symlink_metadata(&d) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => return Err(std::io::Error::other("not a directory")),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+                let open = |n: &str| {
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                        .open(d.join(n))
+                        .and_then(|f| {
+                            if f.metadata()?.is_file() {
+                                Ok(f)
+                            } else {
+                                Err(std::io::Error::other("not a regular file"))
+                            }
+                        })
+                };
+                let file = match open(name) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(e),
+                };
+                let mut start = String::new();
+                if let Ok(mut f) = open(&format!("{name}.start")) {
+                    f.by_ref().take(32).read_to_string(&mut start)?;
+                }
+                Ok(Some((file, start.trim().parse().unwrap_or(0))))
+            })
+            .await
+            .map_err(|e| Status::internal(format!("logs.aggregate_dir: {e}")))?
+            .map_err(|e| {
+                Status::internal(format!(
                     "logs.aggregate_dir: reading {}: {e}",
                     d.join(name).display()
-                )))
-            }
+                ))
+            })?
+            .map_or((None, 0), |(f, s)| (Some(f), s))
         };
-        let start: u64 = tokio::fs::read_to_string(d.join(format!("{name}.start")))
-            .await
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
+        let Some(file) = file else {
+            return Ok(None);
+        };
+        let mut file = tokio::fs::File::from_std(file);
         let mut at = offset.max(start);
         file.seek(std::io::SeekFrom::Start(at - start))
             .await

@@ -725,9 +725,11 @@ pub(crate) fn pb_allocation_at(
 
 /// An ask's identity across rounds: its application, its ask id and which
 /// of its count (never 0, which means "none" to the scheduler).
+/// (FxHash: made for every waiting ask every round, a fraction of SipHash's
+/// cost; a collision would only merge two asks' wait counts.)
 pub(crate) fn ask_key(app: &str, ask: &str, k: u32) -> u64 {
     use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = rustc_hash::FxHasher::default();
     (app, ask, k).hash(&mut h);
     h.finish().max(1)
 }
