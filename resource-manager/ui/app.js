@@ -11,6 +11,7 @@ const ui = {
   page: "",
   gen: 0, // the latest refresh: an older one that ends later renders nothing
   armed: null, // the application whose Kill was clicked once
+  whoKnown: false, // whoami answered for the token in use
 };
 
 // ---- small helpers --------------------------------------------------------
@@ -343,6 +344,9 @@ async function refresh(byTimer) {
     main.dataset.page = page;
     main.dataset.ready = "1";
     showError(null);
+    // Who the page calls as, until known (the first try may come while
+    // the cluster is still making its first admin token).
+    if (!ui.whoKnown) whoami();
   } catch (e) {
     if (gen !== ui.gen) return;
     showError(e);
@@ -355,8 +359,10 @@ async function whoami() {
   try {
     const w = await api("/v1/whoami");
     document.getElementById("who").textContent = w.acl_enabled ? `${w.user}${w.admin ? " (admin)" : ""}` : "";
+    ui.whoKnown = true;
   } catch (_) {
     document.getElementById("who").textContent = "";
+    ui.whoKnown = false;
   }
 }
 
@@ -366,6 +372,7 @@ document.addEventListener("DOMContentLoaded", () => {
   document.getElementById("token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
     ui.token = tok.value.trim();
+    ui.whoKnown = false;
     if (ui.token) localStorage.setItem("weft-token", ui.token);
     else localStorage.removeItem("weft-token");
     whoami();
