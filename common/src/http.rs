@@ -32,6 +32,26 @@ pub fn render(registry: &prometheus_client::registry::Registry) -> String {
     out
 }
 
+/// Encodes one family of `kind` for a collector: `rows` of labels and
+/// metrics.
+fn family<L, M>(
+    e: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: prometheus_client::metrics::MetricType,
+    rows: impl IntoIterator<Item = (L, M)>,
+) -> Result<(), std::fmt::Error>
+where
+    L: prometheus_client::encoding::EncodeLabelSet,
+    M: prometheus_client::encoding::EncodeMetric,
+{
+    let mut m = e.encode_descriptor(name, help, None, kind)?;
+    for (labels, metric) in rows {
+        metric.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 /// Encodes one gauge family for a collector: `rows` of labels and values.
 pub fn gauge<L, V>(
     e: &mut prometheus_client::encoding::DescriptorEncoder,
@@ -43,17 +63,15 @@ where
     L: prometheus_client::encoding::EncodeLabelSet,
     V: prometheus_client::encoding::EncodeGaugeValue,
 {
-    use prometheus_client::encoding::EncodeMetric;
-    let mut m = e.encode_descriptor(
+    use prometheus_client::metrics::gauge::ConstGauge;
+    let rows = rows.into_iter().map(|(l, v)| (l, ConstGauge::new(v)));
+    family(
+        e,
         name,
         help,
-        None,
         prometheus_client::metrics::MetricType::Gauge,
-    )?;
-    for (labels, v) in rows {
-        prometheus_client::metrics::gauge::ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
+        rows,
+    )
 }
 
 /// Encodes one counter family for a collector (a total read at the
@@ -67,18 +85,15 @@ pub fn counter<L>(
 where
     L: prometheus_client::encoding::EncodeLabelSet,
 {
-    use prometheus_client::encoding::EncodeMetric;
-    let mut m = e.encode_descriptor(
+    use prometheus_client::metrics::counter::ConstCounter;
+    let rows = rows.into_iter().map(|(l, v)| (l, ConstCounter::new(v)));
+    family(
+        e,
         name,
         help,
-        None,
         prometheus_client::metrics::MetricType::Counter,
-    )?;
-    for (labels, v) in rows {
-        prometheus_client::metrics::counter::ConstCounter::new(v)
-            .encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
+        rows,
+    )
 }
 
 /// A router answering `GET /metrics` with `registry` as it is at each
