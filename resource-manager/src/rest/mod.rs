@@ -908,8 +908,13 @@ async fn wait_app(
     };
     let deadline = tokio::time::Instant::now() + timeout;
     let msg = pb::GetApplicationRequest { application_id: id };
-    let mut reports: Replies<pb::ApplicationReport> =
-        streaming!(caller, svc, msg, watch_application, "WatchApplication")?;
+    let mut reports: Replies<pb::ApplicationReport> = streaming!(
+        caller,
+        svc,
+        msg.clone(),
+        watch_application,
+        "WatchApplication"
+    )?;
     let mut last: Option<pb::ApplicationReport> = None;
     loop {
         match tokio::time::timeout_at(deadline, reports.next()).await {
@@ -928,12 +933,12 @@ async fn wait_app(
     }
     match last {
         Some(r) => Ok(Json(r.into())),
-        None => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            None,
-            "no report came before the timeout; try again".into(),
-        )),
+        // A short timeout that passed before the watch's first report (a
+        // busy member): the application as it is now, as promised.
+        None => {
+            let r = unary!(caller, svc, msg, get_application, "GetApplication")?;
+            Ok(Json(r.into()))
+        }
     }
 }
 
