@@ -7,6 +7,7 @@
 //! and `weft_proto::v1::container_manager_client`.
 
 pub mod client;
+pub mod health;
 pub mod runner;
 
 pub use weft_proto::v1 as proto;

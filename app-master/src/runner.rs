@@ -4,8 +4,16 @@
 //! start only once every member has a container), failures retried up to
 //! `max_retries`, and the job finished SUCCEEDED or FAILED with the first
 //! failing task's reason.
+//!
+//! A service's stages (`replicas`) are kept running: each replica's health
+//! is checked as its stage says, one that ends or turns unhealthy is
+//! replaced after its backoff (more restarts than `restart.limit` within
+//! `restart.window` fail the job), the healthy ones are reported to the RM
+//! as the service's endpoints with every call, and the replica counts the
+//! RM hands back (`rmctl app scale`) are followed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 use weft_proto::v1 as pb;
@@ -21,6 +29,8 @@ enum State {
     Running,
     Succeeded,
     Failed(String),
+    /// A service's replica that ended: asked for again from this time.
+    Backoff(Instant),
 }
 
 #[derive(Debug, Clone)]
@@ -31,6 +41,37 @@ struct Task {
     ask_id: String,
     state: State,
     alloc: Option<pb::Allocation>,
+    /// A service's replica: passing its health check now.
+    healthy: bool,
+    /// ... at least once since it started.
+    ever_healthy: bool,
+    /// Failed checks in a row.
+    fails: u32,
+    /// When it started running (or was adopted).
+    started: Option<Instant>,
+    /// When its next check is due.
+    next_check: Option<Instant>,
+    /// Restarts since it last ran for a while (its backoff doubles with each).
+    restarts: u32,
+}
+
+impl Task {
+    fn new(stage: usize, role: Option<String>, index: u32, ask_id: String) -> Task {
+        Task {
+            stage,
+            role,
+            index,
+            ask_id,
+            state: State::Waiting,
+            alloc: None,
+            healthy: false,
+            ever_healthy: false,
+            fails: 0,
+            started: None,
+            next_check: None,
+            restarts: 0,
+        }
+    }
 }
 
 /// Outcome of a run.
@@ -52,6 +93,12 @@ pub struct Runner {
     unreachable: Vec<String>,
     /// Connections to node agents.
     nodes: NodeClients,
+    /// A service's restarts per stage within its restart window.
+    restart_log: Vec<VecDeque<Instant>>,
+    /// Health checks in flight: the container checked, and how it went.
+    checks: tokio::task::JoinSet<(String, Result<(), String>)>,
+    /// Containers whose check is in flight.
+    checking: BTreeSet<String>,
 }
 
 /// Container starts in flight at once.
@@ -72,29 +119,20 @@ impl Runner {
                 Some(roles) => {
                     for (role, r) in roles {
                         for i in 0..r.instances {
-                            tasks.push(Task {
-                                stage: si,
-                                role: Some(role.clone()),
-                                index: i,
-                                // One ask per task: a later attempt tells
-                                // which task a container ran from its ask id.
-                                ask_id: format!("{}.{role}/{i}", s.name),
-                                state: State::Waiting,
-                                alloc: None,
-                            });
+                            // One ask per task: a later attempt tells
+                            // which task a container ran from its ask id.
+                            tasks.push(Task::new(
+                                si,
+                                Some(role.clone()),
+                                i,
+                                format!("{}.{role}/{i}", s.name),
+                            ));
                         }
                     }
                 }
                 None => {
-                    for i in 0..s.instances.unwrap_or(1) {
-                        tasks.push(Task {
-                            stage: si,
-                            role: None,
-                            index: i,
-                            ask_id: format!("{}/{i}", s.name),
-                            state: State::Waiting,
-                            alloc: None,
-                        });
+                    for i in 0..s.replicas.or(s.instances).unwrap_or(1) {
+                        tasks.push(Task::new(si, None, i, format!("{}/{i}", s.name)));
                     }
                 }
             }
@@ -109,7 +147,18 @@ impl Runner {
             failures: vec![0; n],
             unreachable: Vec::new(),
             nodes: NodeClients::default(),
+            restart_log: vec![VecDeque::new(); n],
+            checks: tokio::task::JoinSet::new(),
+            checking: BTreeSet::new(),
         }
+    }
+
+    fn is_service(&self, t: &Task) -> bool {
+        self.spec.stages[t.stage].is_service()
+    }
+
+    fn has_services(&self) -> bool {
+        self.spec.stages.iter().any(|s| s.is_service())
     }
 
     fn resources_of(&self, t: &Task) -> &ResourcesSpec {
@@ -123,17 +172,25 @@ impl Runner {
         }
     }
 
+    /// A batch stage: every task succeeded. A service's stage: it has
+    /// replicas and all of them are healthy (stages `after` it start then).
     fn stage_done(&self, si: usize) -> bool {
-        self.tasks
-            .iter()
-            .filter(|t| t.stage == si)
-            .all(|t| t.state == State::Succeeded)
+        let mut of = self.tasks.iter().filter(|t| t.stage == si).peekable();
+        if self.spec.stages[si].is_service() {
+            of.peek().is_some() && of.all(|t| t.state == State::Running && t.healthy)
+        } else {
+            of.all(|t| t.state == State::Succeeded)
+        }
     }
 
     /// Runs the job to its end and tells the RM.
     pub async fn run(mut self) -> Result<Finished, tonic::Status> {
         let reg = self.rm.register(&self.app, self.attempt).await?;
-        let mut releases = self.adopt(reg);
+        let mut releases = Vec::new();
+        for (stage, n) in &reg.replicas {
+            self.scale(stage, *n, &mut releases);
+        }
+        releases.extend(self.adopt(reg));
         info!(app = %self.app, attempt = self.attempt, tasks = self.tasks.len(), "application master registered");
         loop {
             // Stages whose dependencies all succeeded start asking.
@@ -161,10 +218,21 @@ impl Runner {
             }) {
                 return self.finish(pb::FinalStatus::Failed, &reason).await;
             }
-            if self.tasks.iter().all(|t| t.state == State::Succeeded) {
+            // A service scaled to no replicas stays, to be scaled up again.
+            let emptied = self
+                .spec
+                .stages
+                .iter()
+                .enumerate()
+                .any(|(si, s)| s.is_service() && !self.tasks.iter().any(|t| t.stage == si));
+            if !emptied && self.tasks.iter().all(|t| t.state == State::Succeeded) {
                 return self
                     .finish(pb::FinalStatus::Succeeded, "all stages succeeded")
                     .await;
+            }
+            let services = self.has_services();
+            if services {
+                self.tend(&mut releases);
             }
             let resp = self
                 .rm
@@ -179,10 +247,23 @@ impl Runner {
                     // allocation or an end does; a master with nothing to
                     // hear calls every few seconds, not every second (the
                     // RM caps the wait within its masters' expiry).
-                    wait_ms: LONG_POLL_MS,
+                    wait_ms: if services {
+                        self.service_poll().as_millis() as u64
+                    } else {
+                        LONG_POLL_MS
+                    },
+                    endpoints: if services {
+                        self.endpoints()
+                    } else {
+                        Vec::new()
+                    },
+                    reports_endpoints: services,
                     ..Default::default()
                 })
                 .await?;
+            for (stage, n) in &resp.replicas {
+                self.scale(stage, *n, &mut releases);
+            }
             for a in resp.allocations {
                 // A new leader re-sends allocations it cannot know were
                 // delivered: the ones this master already holds are kept.
@@ -270,6 +351,11 @@ impl Runner {
                 Some(t) => {
                     t.state = State::Running;
                     t.alloc = Some(a);
+                    // A service's replica is checked again from now (its
+                    // grace too); without a check, running is healthy.
+                    t.started = Some(Instant::now());
+                    t.healthy = self.spec.stages[t.stage].health.is_none();
+                    t.ever_healthy = t.healthy;
                 }
                 None => releases.push(a.container_id),
             }
@@ -322,7 +408,15 @@ impl Runner {
                 };
                 pb::StageProgress {
                     name: s.name.clone(),
-                    done: of(&|st| *st == State::Succeeded),
+                    // A service's: its healthy replicas.
+                    done: if s.is_service() {
+                        self.tasks
+                            .iter()
+                            .filter(|t| t.stage == si && t.state == State::Running && t.healthy)
+                            .count() as u32
+                    } else {
+                        of(&|st| *st == State::Succeeded)
+                    },
                     total: of(&|_| true),
                     running: of(&|st| *st == State::Running),
                     failed: self.failures[si],
@@ -335,7 +429,10 @@ impl Runner {
         let done = self
             .tasks
             .iter()
-            .filter(|t| t.state == State::Succeeded)
+            .filter(|t| {
+                t.state == State::Succeeded
+                    || (t.state == State::Running && t.healthy && self.is_service(t))
+            })
             .count();
         done as f32 / self.tasks.len().max(1) as f32
     }
@@ -370,7 +467,7 @@ impl Runner {
                     } else {
                         String::new()
                     },
-                    placement: match s.placement {
+                    placement: match s.placement() {
                         PlacementSpec::Pack => pb::PlacementPolicy::Pack as i32,
                         PlacementSpec::Spread => pb::PlacementPolicy::Spread as i32,
                     },
@@ -455,7 +552,16 @@ impl Runner {
         for (i, a, started) in results {
             let t = &mut self.tasks[i];
             match started {
-                Ok(()) => t.state = State::Running,
+                Ok(()) => {
+                    t.state = State::Running;
+                    let now = Instant::now();
+                    t.started = Some(now);
+                    t.next_check = Some(now);
+                    // Without a health check, running is healthy.
+                    t.healthy = self.spec.stages[t.stage].health.is_none();
+                    t.ever_healthy = t.healthy;
+                    t.fails = 0;
+                }
                 // The node is unreachable (it may be dying), or still busy
                 // with containers the RM already counts as ended: give the
                 // container back and ask again; not the task's fault.
@@ -467,6 +573,17 @@ impl Runner {
                     if self.spec.stages[t.stage].gang {
                         regang.insert(t.stage);
                     }
+                }
+                Err(e) if self.spec.stages[t.stage].is_service() => {
+                    warn!(container = %a.container_id, error = %e.message(), "starting a replica failed");
+                    let reason = format!(
+                        "stage {} replica {}: could not start on {}: {}",
+                        self.spec.stages[t.stage].name,
+                        t.index,
+                        a.node_id,
+                        e.message()
+                    );
+                    self.replica_ended(i, reason, true);
                 }
                 Err(e) => {
                     warn!(container = %a.container_id, error = %e.message(), "starting a task failed");
@@ -586,6 +703,248 @@ impl Runner {
         env
     }
 
+    /// How long a service's master's Allocate call may wait: short
+    /// enough to act on checks and backoffs in time.
+    fn service_poll(&self) -> Duration {
+        self.spec
+            .stages
+            .iter()
+            .filter_map(|s| s.health.as_ref().map(|h| h.interval))
+            .chain([SERVICE_POLL])
+            .min()
+            .unwrap_or(SERVICE_POLL)
+    }
+
+    /// A service's care between calls: the checks that came back, the
+    /// checks now due, the replicas whose backoff is over.
+    fn tend(&mut self, releases: &mut Vec<String>) {
+        while let Some(done) = self.checks.try_join_next() {
+            let Ok((container, result)) = done else {
+                continue; // a check that panicked: the next one is due anyway
+            };
+            self.checking.remove(&container);
+            self.checked(&container, result, releases);
+        }
+        let now = Instant::now();
+        for t in self.tasks.iter_mut() {
+            if matches!(t.state, State::Backoff(at) if at <= now) {
+                t.state = State::Asking;
+            }
+        }
+        for t in &mut self.tasks {
+            let s = &self.spec.stages[t.stage];
+            let (Some(h), State::Running, Some(a)) = (&s.health, &t.state, &t.alloc) else {
+                continue;
+            };
+            if t.next_check.is_some_and(|n| n > now) || self.checking.contains(&a.container_id) {
+                continue;
+            }
+            t.next_check = Some(now + h.interval);
+            let target = crate::health::Target {
+                host: host_of(&a.node_address).to_string(),
+                ports: s
+                    .ports
+                    .iter()
+                    .cloned()
+                    .zip(a.ports.iter().copied())
+                    .collect(),
+            };
+            let (h, id) = (h.clone(), a.container_id.clone());
+            self.checking.insert(id.clone());
+            self.checks.spawn(async move {
+                let r = crate::health::check(&h, &target).await;
+                (id, r)
+            });
+        }
+    }
+
+    /// A check of `container` came back.
+    fn checked(&mut self, container: &str, result: Result<(), String>, releases: &mut Vec<String>) {
+        let Some(i) = self.tasks.iter().position(|t| {
+            t.state == State::Running
+                && t.alloc
+                    .as_ref()
+                    .is_some_and(|a| a.container_id == container)
+        }) else {
+            return; // it ended or was replaced meanwhile
+        };
+        let h = self.spec.stages[self.tasks[i].stage]
+            .health
+            .clone()
+            .expect("checked replicas have a health check");
+        let t = &mut self.tasks[i];
+        match result {
+            Ok(()) => {
+                if !t.healthy {
+                    info!(app = %self.app, replica = %t.ask_id, container, "replica healthy");
+                }
+                t.healthy = true;
+                t.ever_healthy = true;
+                t.fails = 0;
+            }
+            Err(why) => {
+                // Failing while it starts (never healthy yet, within its
+                // grace) does not count.
+                if !t.ever_healthy && t.started.is_some_and(|s| s.elapsed() < h.grace) {
+                    return;
+                }
+                t.fails += 1;
+                if t.fails < h.failures {
+                    warn!(app = %self.app, replica = %t.ask_id, container, fails = t.fails, %why, "health check failed");
+                    return;
+                }
+                t.healthy = false;
+                releases.push(container.to_string());
+                let reason = format!(
+                    "stage {} replica {}: unhealthy ({} failed checks in a row; the last: {why})",
+                    self.spec.stages[t.stage].name, t.index, t.fails
+                );
+                self.replica_ended(i, reason, true);
+            }
+        }
+    }
+
+    /// A service's replica whose container ended.
+    fn replica_completed(&mut self, i: usize, c: &pb::ContainerStatus) {
+        let t = &self.tasks[i];
+        let s = &self.spec.stages[t.stage];
+        let exit = c.exit.clone().unwrap_or_default();
+        if c.state() == pb::ContainerState::Succeeded
+            && s.restart().policy == weft_spec::RestartPolicy::OnFailure
+        {
+            info!(app = %self.app, replica = %t.ask_id, "replica exited 0; not restarted (restart: on-failure)");
+            self.tasks[i].state = State::Succeeded;
+            self.tasks[i].healthy = false;
+            return;
+        }
+        use weft_proto::exit_codes::{AGENT_SHUTDOWN, FENCED, LOST, NODE_LOST};
+        let not_its_fault = matches!(exit.exit_status, NODE_LOST | LOST | AGENT_SHUTDOWN | FENCED);
+        let reason = format!(
+            "stage {} replica {}: {}",
+            s.name,
+            t.index,
+            if exit.diagnostic.is_empty() {
+                format!("{:?}", c.state())
+            } else {
+                exit.diagnostic.clone()
+            }
+        );
+        self.replica_ended(i, reason, !not_its_fault);
+    }
+
+    /// Replica `i` ended (or was let go): asked for again after its
+    /// backoff; `counts`: a restart (not for a lost node), which fails the
+    /// job when its stage has had more than `restart.limit` in its window.
+    fn replica_ended(&mut self, i: usize, reason: String, counts: bool) {
+        let si = self.tasks[i].stage;
+        let r = self.spec.stages[si].restart();
+        let now = Instant::now();
+        let t = &mut self.tasks[i];
+        // One that ran for a while starts its backoff over.
+        if t.started
+            .is_some_and(|s| now.duration_since(s) >= r.max_backoff)
+        {
+            t.restarts = 0;
+        }
+        t.alloc = None;
+        t.healthy = false;
+        t.ever_healthy = false;
+        t.fails = 0;
+        t.started = None;
+        t.next_check = None;
+        if !counts {
+            warn!(%reason, "replica lost; replacing it");
+            t.state = State::Asking;
+            return;
+        }
+        let delay = crate::health::backoff(r.backoff, r.max_backoff, t.restarts);
+        t.restarts = t.restarts.saturating_add(1);
+        self.failures[si] += 1;
+        let log = &mut self.restart_log[si];
+        log.push_back(now);
+        while log
+            .front()
+            .is_some_and(|f| now.duration_since(*f) > r.window)
+        {
+            log.pop_front();
+        }
+        if log.len() as u64 > u64::from(r.limit) {
+            t.state = State::Failed(format!(
+                "{reason} ({} restarts within {}: more than restart.limit, {})",
+                log.len(),
+                humantime::format_duration(r.window),
+                r.limit
+            ));
+            return;
+        }
+        warn!(%reason, restart_in = ?delay, "replica ended; restarting it");
+        t.state = State::Backoff(now + delay);
+    }
+
+    /// Keeps `n` replicas of the service's stage `stage`: new ones asked
+    /// for, the highest-numbered ones let go.
+    fn scale(&mut self, stage: &str, n: u32, releases: &mut Vec<String>) {
+        let Some(si) = self
+            .spec
+            .stages
+            .iter()
+            .position(|s| s.name == stage && s.is_service())
+        else {
+            return;
+        };
+        let have = self.tasks.iter().filter(|t| t.stage == si).count() as u32;
+        if have == n {
+            return;
+        }
+        info!(app = %self.app, stage, from = have, to = n, "scaling");
+        if n > have {
+            // Asked for once the stage's turn has come (as the first were).
+            let name = self.spec.stages[si].name.clone();
+            for i in have..n {
+                self.tasks
+                    .push(Task::new(si, None, i, format!("{name}/{i}")));
+            }
+        } else {
+            self.tasks.retain(|t| {
+                if t.stage != si || t.index < n {
+                    return true;
+                }
+                if let (State::Allocated | State::Running, Some(a)) = (&t.state, &t.alloc) {
+                    releases.push(a.container_id.clone());
+                }
+                false
+            });
+        }
+    }
+
+    /// The healthy replicas of the service's stages, where to reach them.
+    fn endpoints(&self) -> Vec<pb::Endpoint> {
+        let mut out: Vec<pb::Endpoint> = self
+            .tasks
+            .iter()
+            .filter(|t| t.state == State::Running && t.healthy && self.is_service(t))
+            .filter_map(|t| {
+                let a = t.alloc.as_ref()?;
+                let s = &self.spec.stages[t.stage];
+                Some(pb::Endpoint {
+                    stage: s.name.clone(),
+                    index: t.index,
+                    container_id: a.container_id.clone(),
+                    node_id: a.node_id.clone(),
+                    host: host_of(&a.node_address).to_string(),
+                    ports: s
+                        .ports
+                        .iter()
+                        .cloned()
+                        .zip(a.ports.iter().copied())
+                        .collect(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.stage, a.index).cmp(&(&b.stage, b.index)));
+        out
+    }
+
     fn completed(&mut self, c: &pb::ContainerStatus, releases: &mut Vec<String>) {
         let Some(i) = self.tasks.iter().position(|t| {
             t.alloc
@@ -595,6 +954,10 @@ impl Runner {
             return;
         };
         if !matches!(self.tasks[i].state, State::Running | State::Allocated) {
+            return;
+        }
+        if self.is_service(&self.tasks[i]) {
+            self.replica_completed(i, c);
             return;
         }
         if c.state() == pb::ContainerState::Succeeded {
@@ -653,6 +1016,15 @@ impl Runner {
         }
     }
 }
+
+/// The host of a node's `host:port` address.
+fn host_of(addr: &str) -> &str {
+    let h = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    h.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The longest a service's master waits for news between its checks.
+const SERVICE_POLL: Duration = Duration::from_secs(1);
 
 /// Ports each task of stage `s` needs: one for a gang's address, plus the
 /// stage's named ones.

@@ -219,6 +219,31 @@ impl RmClient {
         .await
     }
 
+    /// Sets how many replicas a service's stage keeps (`stage` empty: its
+    /// only stage of replicas).
+    pub async fn scale_application(
+        &self,
+        id: &str,
+        stage: &str,
+        replicas: u32,
+    ) -> Result<pb::ScaleApplicationResponse, Error> {
+        let req = pb::ScaleApplicationRequest {
+            application_id: id.into(),
+            stage: stage.into(),
+            replicas,
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.scale_application(req).await }
+        })
+        .await
+    }
+
+    /// A service's healthy replicas (as its master last reported them).
+    pub async fn endpoints(&self, id: &str) -> Result<Vec<pb::Endpoint>, Error> {
+        Ok(self.get_application(id).await?.endpoints)
+    }
+
     pub async fn kill_application(&self, id: &str) -> Result<(), Error> {
         let req = pb::KillApplicationRequest {
             application_id: id.into(),

@@ -152,6 +152,7 @@ fn write_seeds() {
             spec_format: "yaml".into(),
             unmanaged: false,
             accepted: false,
+            service: false,
             at_ms: 2,
         },
         Command::ApplicationAccepted {

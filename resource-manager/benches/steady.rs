@@ -84,6 +84,7 @@ fn main() {
             spec_format: "yaml".into(),
             unmanaged: true,
             accepted: false,
+            service: false,
             at_ms: 2,
         });
     }

@@ -359,6 +359,7 @@ mod tests {
             spec_format: "yaml".into(),
             unmanaged: true,
             accepted: false,
+            service: false,
             at_ms: 2,
         });
         let mut v = View::new();

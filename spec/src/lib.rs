@@ -28,6 +28,11 @@ fn bad(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub name: String,
+    /// `batch` (default): the job ends when its stages have. `service`:
+    /// its stages of `replicas` are kept running, healthy, until the job
+    /// is killed.
+    #[serde(default)]
+    pub kind: JobKind,
     #[serde(default = "root")]
     pub queue: String,
     #[serde(default)]
@@ -56,6 +61,133 @@ fn root() -> String {
 fn one() -> u32 {
     1
 }
+
+/// What a job is: work that ends, or a service that runs until killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    #[default]
+    Batch,
+    Service,
+}
+
+/// When a service's replica that ended is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Whatever way it ended.
+    #[default]
+    Always,
+    /// Only when it failed (an exit of 0 leaves its place empty).
+    OnFailure,
+}
+
+/// How a service's replicas are restarted: after `backoff`, doubled at each
+/// restart of the same replica up to `max_backoff`; more than `limit`
+/// restarts of the stage within `window` fail the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSpec {
+    #[serde(default)]
+    pub policy: RestartPolicy,
+    #[serde(default = "default_backoff", with = "humantime_serde")]
+    pub backoff: Duration,
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    #[serde(default = "default_restart_limit")]
+    pub limit: u32,
+    #[serde(default = "default_restart_window", with = "humantime_serde")]
+    pub window: Duration,
+}
+
+impl Default for RestartSpec {
+    fn default() -> Self {
+        RestartSpec {
+            policy: RestartPolicy::Always,
+            backoff: default_backoff(),
+            max_backoff: default_max_backoff(),
+            limit: default_restart_limit(),
+            window: default_restart_window(),
+        }
+    }
+}
+
+fn default_backoff() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_restart_limit() -> u32 {
+    10
+}
+fn default_restart_window() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// A replica's health check, made by the service's master: exactly one of
+/// `http` (a GET on a named port answering 2xx or 3xx), `tcp` (a connect to
+/// a named port) or `command` (run by the master with `WEFT_REPLICA_HOST`
+/// and `WEFT_REPLICA_PORT_<NAME>` set; exit 0 is healthy). A replica is
+/// healthy from its first passing check; `failures` failing checks in a
+/// row make it unhealthy (it is replaced). Checks failing within `grace`
+/// of its start, before it was ever healthy, do not count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    #[serde(default)]
+    pub http: Option<HttpCheck>,
+    #[serde(default)]
+    pub tcp: Option<TcpCheck>,
+    #[serde(default)]
+    pub command: Option<String>,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(default = "default_failures")]
+    pub failures: u32,
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_failures() -> u32 {
+    3
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// An HTTP GET on one of the stage's named ports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheck {
+    pub port: String,
+    #[serde(default = "default_path")]
+    pub path: String,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+
+/// A TCP connect to one of the stage's named ports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpCheck {
+    pub port: String,
+}
+
+/// Longest HTTP health-check path.
+pub const MAX_HEALTH_PATH: usize = 1024;
+/// Most restarts a stage's `restart.limit` may allow in its window.
+pub const MAX_RESTART_LIMIT: u32 = 100_000;
 
 /// Cores of a task whose stage gives no `resources`.
 pub const DEFAULT_VCORES: f64 = 1.0;
@@ -110,6 +242,17 @@ pub struct StageSpec {
     /// Identical tasks (or use `roles`).
     #[serde(default)]
     pub instances: Option<u32>,
+    /// A service's stage (`kind: service`): this many replicas kept
+    /// running (instead of `instances`; `rmctl app scale` changes it).
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    /// How a service's replicas are restarted (defaults: always, 1 s
+    /// backoff doubling to 1 m, at most 10 restarts in 10 m).
+    #[serde(default)]
+    pub restart: Option<RestartSpec>,
+    /// A service's replicas' health check (none: running is healthy).
+    #[serde(default)]
+    pub health: Option<HealthSpec>,
     #[serde(default)]
     pub roles: Option<BTreeMap<String, RoleSpec>>,
     pub command: String,
@@ -126,8 +269,10 @@ pub struct StageSpec {
     pub max_runtime: Option<Duration>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// `pack` (default for batch stages) or `spread` (default for a
+    /// service's replicas: one node's loss takes as few as it can).
     #[serde(default)]
-    pub placement: PlacementSpec,
+    pub placement: Option<PlacementSpec>,
     /// Named ports each task gets on its node (`WEFT_PORT_<NAME>`), chosen
     /// by the RM from the node's port range: never one in use there.
     #[serde(default)]
@@ -208,7 +353,9 @@ impl JobSpec {
             if s.roles.is_some() {
                 continue;
             }
-            s.instances.get_or_insert(1);
+            if s.replicas.is_none() {
+                s.instances.get_or_insert(1);
+            }
             s.resources.get_or_insert_with(|| ResourcesSpec {
                 vcores: DEFAULT_VCORES,
                 memory: DEFAULT_MEMORY,
@@ -301,17 +448,27 @@ impl JobSpec {
                     ));
                 }
             }
-            match (&s.instances, &s.roles) {
+            check_service_stage(self.kind, &f, s)?;
+            match (&s.instances.or(s.replicas), &s.roles) {
                 (Some(_), Some(_)) => {
                     return Err(bad(&f, "give either instances or roles, not both"))
                 }
                 (None, None) => return Err(bad(&f, "give instances (with resources) or roles")),
-                (Some(0), _) => return Err(bad(format!("{f}.instances"), "must be at least 1")),
+                (Some(0), _) => {
+                    let field = if s.replicas.is_some() {
+                        "replicas"
+                    } else {
+                        "instances"
+                    };
+                    return Err(bad(format!("{f}.{field}"), "must be at least 1"));
+                }
                 (Some(_), None) => {
-                    let r = s
-                        .resources
-                        .as_ref()
-                        .ok_or_else(|| bad(format!("{f}.resources"), "required with instances"))?;
+                    let r = s.resources.as_ref().ok_or_else(|| {
+                        bad(
+                            format!("{f}.resources"),
+                            "required with instances or replicas",
+                        )
+                    })?;
                     check_resources(&format!("{f}.resources"), r)?;
                 }
                 (None, Some(roles)) => {
@@ -359,7 +516,7 @@ impl JobSpec {
                     "distributed training (framework) stages must be gang: true",
                 ));
             }
-            let tasks: u64 = match (&s.instances, &s.roles) {
+            let tasks: u64 = match (&s.instances.or(s.replicas), &s.roles) {
                 (Some(n), _) => u64::from(*n),
                 (None, Some(roles)) => roles.values().map(|r| u64::from(r.instances)).sum(),
                 (None, None) => 0,
@@ -367,6 +524,8 @@ impl JobSpec {
             if tasks > MAX_INSTANCES {
                 let field = if s.instances.is_some() {
                     format!("{f}.instances")
+                } else if s.replicas.is_some() {
+                    format!("{f}.replicas")
                 } else {
                     format!("{f}.roles")
                 };
@@ -418,6 +577,12 @@ impl JobSpec {
                     ));
                 }
             }
+        }
+        if self.kind == JobKind::Service && !self.stages.iter().any(|s| s.replicas.is_some()) {
+            return Err(bad(
+                "kind",
+                "a service needs a stage of replicas (stages[N].replicas)",
+            ));
         }
         if let Some(cycle) = self.cycle() {
             return Err(bad(
@@ -480,7 +645,7 @@ impl JobSpec {
     pub fn task_shapes(&self) -> Vec<TaskShape<'_>> {
         let mut out = Vec::new();
         for (i, s) in self.stages.iter().enumerate() {
-            match (&s.roles, &s.resources, s.instances) {
+            match (&s.roles, &s.resources, s.instances.or(s.replicas)) {
                 (Some(roles), _, _) => {
                     for (name, r) in roles {
                         out.push(TaskShape {
@@ -504,6 +669,160 @@ impl JobSpec {
         }
         out
     }
+}
+
+impl StageSpec {
+    /// A service's stage: replicas kept running.
+    pub fn is_service(&self) -> bool {
+        self.replicas.is_some()
+    }
+
+    /// How tasks are placed: as given, else spread for a service's
+    /// replicas and packed for batch tasks.
+    pub fn placement(&self) -> PlacementSpec {
+        self.placement.unwrap_or(if self.is_service() {
+            PlacementSpec::Spread
+        } else {
+            PlacementSpec::Pack
+        })
+    }
+
+    /// The restart policy of a service's replicas (the defaults if none
+    /// is given).
+    pub fn restart(&self) -> RestartSpec {
+        self.restart.clone().unwrap_or_default()
+    }
+}
+
+/// The fields only a service's stage takes, and their bounds.
+fn check_service_stage(kind: JobKind, f: &str, s: &StageSpec) -> Result<(), SpecError> {
+    if !s.is_service() {
+        for (given, field) in [
+            (s.restart.is_some(), "restart"),
+            (s.health.is_some(), "health"),
+        ] {
+            if given {
+                return Err(bad(
+                    format!("{f}.{field}"),
+                    "only a service's stage (with replicas) takes it",
+                ));
+            }
+        }
+        return Ok(());
+    }
+    if kind != JobKind::Service {
+        return Err(bad(
+            format!("{f}.replicas"),
+            "only a job of kind: service keeps replicas running (give instances for batch work)",
+        ));
+    }
+    if s.instances.is_some() {
+        return Err(bad(f, "give either replicas or instances, not both"));
+    }
+    if s.gang || s.framework != Framework::None {
+        return Err(bad(
+            format!("{f}.gang"),
+            "a service's replicas are not a gang (no gang or framework)",
+        ));
+    }
+    if let Some(r) = &s.restart {
+        if r.limit == 0 || r.limit > MAX_RESTART_LIMIT {
+            return Err(bad(
+                format!("{f}.restart.limit"),
+                format!("{} is not from 1 to {MAX_RESTART_LIMIT}", r.limit),
+            ));
+        }
+        if r.max_backoff < r.backoff {
+            return Err(bad(
+                format!("{f}.restart.max_backoff"),
+                "must not be below backoff",
+            ));
+        }
+        if r.max_backoff > Duration::from_secs(3600) {
+            return Err(bad(format!("{f}.restart.max_backoff"), "at most 1h"));
+        }
+        if r.window < Duration::from_secs(1) || r.window > Duration::from_secs(7 * 24 * 3600) {
+            return Err(bad(
+                format!("{f}.restart.window"),
+                "must be from 1s to 7days",
+            ));
+        }
+    }
+    if let Some(h) = &s.health {
+        let given = [h.http.is_some(), h.tcp.is_some(), h.command.is_some()]
+            .iter()
+            .filter(|g| **g)
+            .count();
+        if given != 1 {
+            return Err(bad(
+                format!("{f}.health"),
+                "give exactly one of http, tcp or command",
+            ));
+        }
+        let port = h
+            .http
+            .as_ref()
+            .map(|c| (&c.port, "http.port"))
+            .or(h.tcp.as_ref().map(|c| (&c.port, "tcp.port")));
+        if let Some((p, field)) = port {
+            if !s.ports.contains(p) {
+                return Err(bad(
+                    format!("{f}.health.{field}"),
+                    format!(
+                        "{p:?} is not one of the stage's ports ({})",
+                        if s.ports.is_empty() {
+                            "it names none: add ports: [NAME]".to_string()
+                        } else {
+                            s.ports.join(", ")
+                        }
+                    ),
+                ));
+            }
+        }
+        if let Some(c) = &h.http {
+            if !c.path.starts_with('/')
+                || c.path.len() > MAX_HEALTH_PATH
+                || c.path
+                    .chars()
+                    .any(|ch| ch.is_whitespace() || ch.is_control())
+            {
+                return Err(bad(
+                    format!("{f}.health.http.path"),
+                    format!("{:?} must start with / and have no spaces or control characters, at most {MAX_HEALTH_PATH} bytes", c.path),
+                ));
+            }
+        }
+        if let Some(c) = &h.command {
+            if c.trim().is_empty() || c.len() > MAX_ENV_VALUE_BYTES || c.contains('\0') {
+                return Err(bad(
+                    format!("{f}.health.command"),
+                    "must be a shell command, at most 32 KiB, without NUL",
+                ));
+            }
+        }
+        if h.interval < Duration::from_millis(100) || h.interval > Duration::from_secs(3600) {
+            return Err(bad(
+                format!("{f}.health.interval"),
+                "must be from 100ms to 1h",
+            ));
+        }
+        if h.timeout < Duration::from_millis(10) || h.timeout > h.interval {
+            return Err(bad(
+                format!("{f}.health.timeout"),
+                "must be from 10ms to the interval",
+            ));
+        }
+        if h.failures == 0 || h.failures > 100 {
+            return Err(bad(
+                format!("{f}.health.failures"),
+                format!("{} is not from 1 to 100", h.failures),
+            ));
+        }
+        if h.grace > Duration::from_secs(24 * 3600) {
+            return Err(bad(format!("{f}.health.grace"), "at most 24h"));
+        }
+    }
+    Ok(())
 }
 
 impl ResourcesSpec {
@@ -828,5 +1147,115 @@ resources = { vcores = 1, memory = "256MiB" }
             JobSpec::parse(&huge, "toml").unwrap_err().to_string(),
             format!("spec: {} bytes; at most 1048576", huge.len())
         );
+    }
+
+    const SERVICE: &str = "name: serve\nkind: service\nstages:\n  - name: web\n    replicas: 3\n    command: 'python3 -m http.server $WEFT_PORT_HTTP'\n    ports: [http]\n    resources: { vcores: 0.2, memory: 64MiB }\n    health: { http: { port: http, path: /healthz }, interval: 1s, timeout: 500ms, failures: 2, grace: 5s }\n    restart: { policy: on-failure, backoff: 200ms, max_backoff: 5s, limit: 5, window: 1m }\n";
+
+    #[test]
+    fn a_service_keeps_replicas_with_a_health_check_and_restart_policy_spread_by_default() {
+        let s = JobSpec::parse(SERVICE, "yaml").unwrap();
+        assert_eq!(s.kind, JobKind::Service);
+        let st = &s.stages[0];
+        assert!(st.is_service());
+        assert_eq!((st.replicas, st.instances), (Some(3), None));
+        assert_eq!(st.placement(), PlacementSpec::Spread);
+        let h = st.health.as_ref().unwrap();
+        assert_eq!(h.http.as_ref().unwrap().path, "/healthz");
+        assert_eq!(
+            (h.interval, h.timeout, h.failures, h.grace),
+            (
+                Duration::from_secs(1),
+                Duration::from_millis(500),
+                2,
+                Duration::from_secs(5)
+            )
+        );
+        let r = st.restart();
+        assert_eq!(r.policy, RestartPolicy::OnFailure);
+        assert_eq!((r.backoff, r.limit), (Duration::from_millis(200), 5));
+        assert_eq!(s.task_shapes()[0].instances, 3);
+        // Defaults, and a batch stage's placement.
+        let d = JobSpec::parse(
+            "name: d\nkind: service\nstages:\n  - name: web\n    replicas: 1\n    command: 'sleep 1000'\n    placement: pack\n",
+            "yaml",
+        )
+        .unwrap();
+        assert_eq!(d.stages[0].placement(), PlacementSpec::Pack);
+        assert_eq!(d.stages[0].restart(), RestartSpec::default());
+        assert_eq!(
+            d.stages[0].resources.as_ref().unwrap().memory,
+            DEFAULT_MEMORY
+        );
+        let b = JobSpec::parse(
+            "name: b\nstages:\n  - name: a\n    command: 'true'\n",
+            "yaml",
+        )
+        .unwrap();
+        assert_eq!(
+            (b.kind, b.stages[0].placement()),
+            (JobKind::Batch, PlacementSpec::Pack)
+        );
+        // Read back as written.
+        assert_eq!(JobSpec::parse(&s.to_yaml(), "yaml").unwrap(), s);
+    }
+
+    #[test]
+    fn a_bad_service_names_its_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("kind: service\n", "kind: batch\n", "stages[0].replicas"),
+            ("replicas: 3", "replicas: 0", "stages[0].replicas"),
+            ("replicas: 3", "replicas: 3\n    instances: 2", "stages[0]"),
+            (
+                "replicas: 3",
+                "replicas: 3\n    gang: true",
+                "stages[0].gang",
+            ),
+            ("replicas: 3", "replicas: 100001", "stages[0].replicas"),
+            (
+                "port: http, path",
+                "port: grpc, path",
+                "stages[0].health.http.port",
+            ),
+            (
+                "path: /healthz",
+                "path: 'no slash'",
+                "stages[0].health.http.path",
+            ),
+            (
+                "{ http: {",
+                "{ tcp: { port: http }, http: {",
+                "stages[0].health",
+            ),
+            ("interval: 1s", "interval: 1ms", "stages[0].health.interval"),
+            ("timeout: 500ms", "timeout: 2s", "stages[0].health.timeout"),
+            ("failures: 2", "failures: 0", "stages[0].health.failures"),
+            ("limit: 5", "limit: 0", "stages[0].restart.limit"),
+            (
+                "max_backoff: 5s",
+                "max_backoff: 100ms",
+                "stages[0].restart.max_backoff",
+            ),
+            ("window: 1m", "window: 10ms", "stages[0].restart.window"),
+            ("policy: on-failure", "policy: sometimes", "spec"),
+        ];
+        for (from, to, field) in cases {
+            assert!(SERVICE.contains(from), "{from}");
+            let e = JobSpec::parse(&SERVICE.replacen(from, to, 1), "yaml").unwrap_err();
+            assert_eq!(e.field, *field, "{to}: {e}");
+        }
+        // Only a service's stage takes health or restart; a service needs
+        // replicas.
+        let e = JobSpec::parse(
+            "name: b\nstages:\n  - name: a\n    command: 'true'\n    health: { tcp: { port: x } }\n",
+            "yaml",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "stages[0].health", "{e}");
+        let e = JobSpec::parse(
+            "name: b\nkind: service\nstages:\n  - name: a\n    command: 'true'\n",
+            "yaml",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "kind", "{e}");
     }
 }

@@ -5,6 +5,7 @@
 //! rmctl cluster add-member ID ADDR | cluster remove-member ID
 //! rmctl node list | node drain ID
 //! rmctl app list | app status ID | app wait ID | app kill ID
+//! rmctl app scale ID --replicas N [--stage S] | app endpoints ID
 //! rmctl queue list | queue set -f queues.toml
 //! rmctl acl bootstrap | acl whoami
 //! rmctl acl token create --user U [--admin] [--ttl 30d] | token list | token revoke ACCESSOR
@@ -386,6 +387,19 @@ enum AppCmd {
     Kill {
         id: String,
     },
+    /// Sets how many replicas a service keeps running.
+    Scale {
+        id: String,
+        #[arg(long)]
+        replicas: u32,
+        /// The stage of replicas (needed where the service has several).
+        #[arg(long)]
+        stage: Option<String>,
+    },
+    /// A service's healthy replicas: where to reach each (host and ports).
+    Endpoints {
+        id: String,
+    },
 }
 
 fn parse_app_state(s: &str) -> Result<pb::ApplicationState, String> {
@@ -494,6 +508,7 @@ fn quick_spec(q: &Quick) -> anyhow::Result<String> {
     let cmd: Vec<String> = q.command.iter().map(|w| sh_quote(w)).collect();
     let spec = weft_spec::JobSpec {
         name: q.name.clone(),
+        kind: Default::default(),
         queue: q.queue.clone(),
         priority: q.priority,
         max_attempts: 1,
@@ -503,6 +518,9 @@ fn quick_spec(q: &Quick) -> anyhow::Result<String> {
             name: "run".into(),
             after: vec![],
             instances: Some(q.instances),
+            replicas: None,
+            restart: None,
+            health: None,
             roles: None,
             command: cmd.join(" "),
             resources: Some(weft_spec::ResourcesSpec {
@@ -699,6 +717,17 @@ fn app_json(a: &pb::ApplicationReport) -> serde_json::Value {
         "diagnostics": a.diagnostics,
         "submitted_at_ms": a.submitted_at_ms,
         "finished_at_ms": a.finished_at_ms,
+        "kind": a.kind,
+        "replicas": a.replicas,
+        "endpoints": a.endpoints.iter().map(endpoint_json).collect::<Vec<_>>(),
+    })
+}
+
+fn endpoint_json(e: &pb::Endpoint) -> serde_json::Value {
+    json!({
+        "stage": e.stage, "index": e.index, "container_id": e.container_id,
+        "node_id": e.node_id, "host": e.host,
+        "ports": e.ports.iter().collect::<std::collections::BTreeMap<_, _>>(),
     })
 }
 
@@ -1122,6 +1151,61 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
         } => {
             rm.kill_application(&id).await?;
             format!("application {id} killed")
+        }
+        Cmd::App {
+            cmd:
+                AppCmd::Scale {
+                    id,
+                    replicas,
+                    stage,
+                },
+        } => {
+            let r = rm
+                .scale_application(&id, stage.as_deref().unwrap_or(""), replicas)
+                .await?;
+            if json_out {
+                json!({"id": id, "stage": r.stage, "replicas": r.replicas, "previous": r.previous})
+                    .to_string()
+            } else {
+                format!(
+                    "application {id}: stage {} scaled from {} to {} replicas",
+                    r.stage, r.previous, r.replicas
+                )
+            }
+        }
+        Cmd::App {
+            cmd: AppCmd::Endpoints { id },
+        } => {
+            let eps = rm.endpoints(&id).await?;
+            if json_out {
+                serde_json::Value::from(eps.iter().map(endpoint_json).collect::<Vec<_>>())
+                    .to_string()
+            } else {
+                table(
+                    &["STAGE", "REPLICA", "NODE", "ADDRESS", "PORTS", "CONTAINER"],
+                    eps.iter()
+                        .map(|e| {
+                            let ports: std::collections::BTreeMap<_, _> = e.ports.iter().collect();
+                            vec![
+                                e.stage.clone(),
+                                e.index.to_string(),
+                                e.node_id.clone(),
+                                ports
+                                    .values()
+                                    .next()
+                                    .map(|p| format!("{}:{p}", e.host))
+                                    .unwrap_or_else(|| e.host.clone()),
+                                ports
+                                    .iter()
+                                    .map(|(n, p)| format!("{n}={p}"))
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                e.container_id.clone(),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
         }
         Cmd::App {
             cmd:

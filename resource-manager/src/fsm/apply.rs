@@ -156,6 +156,7 @@ impl ClusterState {
                 spec_format,
                 unmanaged,
                 accepted,
+                service,
                 at_ms,
             } => {
                 if !request_id.is_empty() {
@@ -194,6 +195,9 @@ impl ClusterState {
                         unmanaged: *unmanaged,
                         free_attempts: 0,
                         stages: Vec::new(),
+                        service: *service,
+                        endpoints: Vec::new(),
+                        replicas: BTreeMap::new(),
                     },
                 );
                 if !request_id.is_empty() {
@@ -395,6 +399,35 @@ impl ClusterState {
                 }
                 Some(_) => Outcome::Rejected(format!(
                     "attempt: {attempt} of {app_id} is not its live attempt"
+                )),
+                None => Outcome::Rejected(format!("application_id: no application {app_id}")),
+            },
+            Command::ReportEndpoints {
+                app_id,
+                attempt,
+                endpoints,
+            } => match self.apps.get_mut(app_id.as_str()) {
+                Some(a) if !a.state.is_terminal() && a.attempt == *attempt => {
+                    a.endpoints = endpoints.clone();
+                    Outcome::Done
+                }
+                Some(_) => Outcome::Rejected(format!(
+                    "attempt: {attempt} of {app_id} is not its live attempt"
+                )),
+                None => Outcome::Rejected(format!("application_id: no application {app_id}")),
+            },
+            Command::ScaleStage {
+                app_id,
+                stage,
+                replicas,
+            } => match self.apps.get_mut(app_id.as_str()) {
+                Some(a) if !a.state.is_terminal() => {
+                    a.replicas.insert(stage.clone(), *replicas);
+                    Outcome::Done
+                }
+                Some(a) => Outcome::Rejected(format!(
+                    "application_id: {app_id} has finished ({:?})",
+                    a.state
                 )),
                 None => Outcome::Rejected(format!("application_id: no application {app_id}")),
             },

@@ -76,6 +76,9 @@ pub enum Command {
         /// later `ApplicationAccepted` of their own).
         #[serde(default)]
         accepted: bool,
+        /// A service (`kind: service`): runs until killed.
+        #[serde(default)]
+        service: bool,
         at_ms: u64,
     },
     KillApplication {
@@ -108,6 +111,19 @@ pub enum Command {
         app_id: String,
         attempt: u32,
         stages: Vec<StageProgress>,
+    },
+    /// A service's healthy replicas, as its master reported them.
+    ReportEndpoints {
+        app_id: String,
+        attempt: u32,
+        endpoints: Vec<Endpoint>,
+    },
+    /// How many replicas a service's stage keeps (the service was checked
+    /// to have that stage before this was proposed).
+    ScaleStage {
+        app_id: String,
+        stage: String,
+        replicas: u32,
     },
     /// Drops the ended containers of applications that finished before
     /// this time (ones still holding a node's resources stay).

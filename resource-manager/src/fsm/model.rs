@@ -294,6 +294,52 @@ pub struct App {
     /// Latest per-stage progress from the master.
     #[serde(default)]
     pub stages: Vec<StageProgress>,
+    /// A service (`kind: service`): runs until killed.
+    #[serde(default)]
+    pub service: bool,
+    /// A service's healthy replicas, as its master last reported them.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    /// A service's stages scaled since submit: their replicas now.
+    #[serde(default)]
+    pub replicas: BTreeMap<String, u32>,
+}
+
+/// A service's replica that passes its health check: where to reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub stage: String,
+    pub index: u32,
+    pub container_id: String,
+    pub node_id: String,
+    pub host: String,
+    pub ports: BTreeMap<String, u32>,
+}
+
+impl From<&weft_proto::v1::Endpoint> for Endpoint {
+    fn from(e: &weft_proto::v1::Endpoint) -> Self {
+        Endpoint {
+            stage: e.stage.clone(),
+            index: e.index,
+            container_id: e.container_id.clone(),
+            node_id: e.node_id.clone(),
+            host: e.host.clone(),
+            ports: e.ports.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        }
+    }
+}
+
+impl From<&Endpoint> for weft_proto::v1::Endpoint {
+    fn from(e: &Endpoint) -> Self {
+        weft_proto::v1::Endpoint {
+            stage: e.stage.clone(),
+            index: e.index,
+            container_id: e.container_id.clone(),
+            node_id: e.node_id.clone(),
+            host: e.host.clone(),
+            ports: e.ports.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        }
+    }
 }
 
 /// The id of the `seq`th submitted application (`app-000042`).

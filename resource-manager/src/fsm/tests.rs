@@ -14,6 +14,7 @@ pub(crate) fn submit(req: &str, at: u64) -> Command {
         spec_format: "yaml".into(),
         unmanaged: false,
         accepted: false,
+        service: false,
         at_ms: at,
     }
 }

@@ -57,8 +57,8 @@ pub const MAX_BODY: usize = weft_spec::MAX_SPEC_BYTES + (64 << 10);
         description = "Weft's resource manager over HTTP/JSON: submit, list, follow and kill applications, read task logs, see nodes, queues and the RM group. The same calls, rights and messages as the gRPC ClientService. A member that is not the leader answers calls that need the leader (writes, and reads, which it answers after a read barrier) with 307 Temporary Redirect to the leader's URL: follow redirects (`curl -L`).",
     ),
     paths(
-        submit, list_apps, get_app, kill_app, wait_app, why, tasks, task_logs, list_nodes, drain_node,
-        list_queues, cluster, whoami
+        submit, list_apps, get_app, kill_app, scale_app, endpoints, wait_app, why, tasks, task_logs,
+        list_nodes, drain_node, list_queues, cluster, whoami
     ),
     modifiers(&Bearer),
     security(("bearer" = [])),
@@ -106,6 +106,8 @@ pub fn router(svc: RmService) -> Router {
         .route("/v1/apps", post(submit).get(list_apps))
         .route("/v1/apps/{id}", get(get_app))
         .route("/v1/apps/{id}/kill", post(kill_app))
+        .route("/v1/apps/{id}/scale", post(scale_app))
+        .route("/v1/apps/{id}/endpoints", get(endpoints))
         .route("/v1/apps/{id}/wait", get(wait_app))
         .route("/v1/apps/{id}/why", get(why))
         .route("/v1/apps/{id}/tasks", get(tasks))
@@ -567,11 +569,13 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
         let text = e.body_text();
         // serde names the field: "unknown field `x`, expected ..." or
         // "q: invalid digit ...".
-        let field = text
-            .split('`')
-            .nth(1)
-            .filter(|_| text.contains("field `"))
-            .map(str::to_string);
+        let named = text.split('`').nth(1).filter(|_| text.contains("field `"));
+        let prefixed = text
+            .split_once("query string: ")
+            .and_then(|(_, rest)| rest.split_once(": "))
+            .map(|(f, _)| f)
+            .filter(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        let field = named.or(prefixed).map(str::to_string);
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_argument",
@@ -851,6 +855,83 @@ async fn kill_app(
     };
     unary!(caller, svc, msg, kill_application, "KillApplication")?;
     Ok(Json(Killed { application_id: id }))
+}
+
+/// Query parameters of `POST /v1/apps/{id}/scale`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ScaleQuery {
+    /// How many replicas the stage keeps (0 to 100000).
+    pub replicas: u32,
+    /// The service's stage of replicas (needed where it has several).
+    pub stage: Option<String>,
+}
+
+/// Sets how many replicas a service's stage keeps running (its user, or
+/// an admin of its queue or the cluster).
+#[utoipa::path(
+    post,
+    path = "/v1/apps/{id}/scale",
+    tag = "applications",
+    params(("id" = String, Path, description = "The application's id."), ScaleQuery),
+    responses(
+        (status = 200, description = "Scaled: its master starts or stops replicas.", body = Scaled),
+        (status = 307, description = "Sent to a follower: the leader's URL is in Location.", body = ErrorBody),
+        (status = 400, description = "Not a service, no such stage, or too many replicas.", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    )
+)]
+async fn scale_app(
+    State(svc): State<RmService>,
+    caller: Caller,
+    Path(id): Path<String>,
+    q: Result<Query<ScaleQuery>, QueryRejection>,
+) -> Result<Json<Scaled>, ApiError> {
+    let q = query(q)?;
+    let msg = pb::ScaleApplicationRequest {
+        application_id: id.clone(),
+        stage: q.stage.unwrap_or_default(),
+        replicas: q.replicas,
+    };
+    let r = unary!(caller, svc, msg, scale_application, "ScaleApplication")?;
+    Ok(Json(Scaled {
+        application_id: id,
+        stage: r.stage,
+        replicas: r.replicas,
+        previous: r.previous,
+    }))
+}
+
+/// A service's healthy replicas: where a load balancer or a client finds
+/// them (host and named ports), as its master last reported them.
+#[utoipa::path(
+    get,
+    path = "/v1/apps/{id}/endpoints",
+    tag = "applications",
+    params(("id" = String, Path, description = "The application's id.")),
+    responses(
+        (status = 200, body = EndpointList),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    )
+)]
+async fn endpoints(
+    State(svc): State<RmService>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<EndpointList>, ApiError> {
+    let msg = pb::GetApplicationRequest {
+        application_id: id.clone(),
+    };
+    let r = unary!(caller, svc, msg, get_application, "GetApplication")?;
+    Ok(Json(EndpointList {
+        application_id: id,
+        endpoints: r.endpoints.into_iter().map(Into::into).collect(),
+    }))
 }
 
 /// Query parameters of `GET /v1/apps/{id}/wait`.

@@ -110,6 +110,56 @@ pub struct App {
     /// Its master's container and node, once launched.
     pub am_container_id: Option<String>,
     pub am_node_id: Option<String>,
+    /// `batch` or `service`.
+    pub kind: String,
+    /// A service's stages scaled since submit: their replicas now.
+    pub replicas: std::collections::BTreeMap<String, u32>,
+    /// A service's healthy replicas.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A service's healthy replica: where to reach it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Endpoint {
+    pub stage: String,
+    /// The replica's number in its stage.
+    pub index: u32,
+    pub container_id: String,
+    pub node_id: String,
+    /// The node's host.
+    pub host: String,
+    /// Its named ports.
+    pub ports: std::collections::BTreeMap<String, u32>,
+}
+
+impl From<pb::Endpoint> for Endpoint {
+    fn from(e: pb::Endpoint) -> Self {
+        Endpoint {
+            stage: e.stage,
+            index: e.index,
+            container_id: e.container_id,
+            node_id: e.node_id,
+            host: e.host,
+            ports: e.ports.into_iter().collect(),
+        }
+    }
+}
+
+/// A service's healthy replicas.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EndpointList {
+    pub application_id: String,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// What `POST /v1/apps/{id}/scale` did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Scaled {
+    pub application_id: String,
+    pub stage: String,
+    pub replicas: u32,
+    /// Before this call.
+    pub previous: u32,
 }
 
 fn some(s: String) -> Option<String> {
@@ -142,6 +192,13 @@ impl From<pb::ApplicationReport> for App {
             finished_at_ms: (r.finished_at_ms != 0).then_some(r.finished_at_ms),
             am_container_id: some(r.am_container_id),
             am_node_id: some(r.am_node_id),
+            kind: if r.kind.is_empty() {
+                "batch".into()
+            } else {
+                r.kind
+            },
+            replicas: r.replicas.into_iter().collect(),
+            endpoints: r.endpoints.into_iter().map(Into::into).collect(),
         }
     }
 }

@@ -127,6 +127,11 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         let signer = self.s.signer();
         let st = self.s.raft.state();
         let mut resp = pb::RegisterApplicationMasterResponse {
+            replicas: st
+                .apps
+                .get(r.application_id.as_str())
+                .map(|a| a.replicas.iter().map(|(k, v)| (k.clone(), *v)).collect())
+                .unwrap_or_default(),
             max_container: st
                 .nodes
                 .values()
@@ -182,6 +187,10 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
             if let Some(t) = &renewed {
                 resp.application_token = t.clone();
             }
+            // A service's scaled stages, as they are when it answers.
+            if let Some(a) = self.s.raft.state().apps.get(r.application_id.as_str()) {
+                resp.replicas = a.replicas.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            }
             Response::new(resp)
         };
         let app = self.live_app(&r.application_id, r.attempt)?;
@@ -203,6 +212,33 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                         debug!(error = %e, "progress not recorded");
                     }
                 });
+            }
+        }
+        // A service's healthy replicas, replicated when they changed.
+        if r.reports_endpoints && r.attempt == app.attempt {
+            if r.endpoints.len() as u64 > weft_spec::MAX_INSTANCES {
+                return Err(Error::InvalidArgument {
+                    field: "endpoints",
+                    reason: format!(
+                        "{} endpoints; at most {}",
+                        r.endpoints.len(),
+                        weft_spec::MAX_INSTANCES
+                    ),
+                }
+                .into());
+            }
+            let endpoints: Vec<crate::fsm::Endpoint> = r.endpoints.iter().map(Into::into).collect();
+            if endpoints != app.endpoints {
+                // Proposed before answering: a client told of a replica
+                // by its endpoints can reach it.
+                let cmd = Command::ReportEndpoints {
+                    app_id: r.application_id.clone(),
+                    attempt: r.attempt,
+                    endpoints,
+                };
+                if let Err(e) = self.s.raft.propose(cmd).await {
+                    debug!(error = %e, "endpoints not recorded");
+                }
             }
         }
         // Check every ask before taking any.
@@ -453,7 +489,7 @@ impl AmService {
             allocations,
             completed,
             lost_nodes: vec![],
-            application_token: vec![],
+            ..Default::default()
         }))
     }
 }

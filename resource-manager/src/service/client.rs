@@ -148,6 +148,7 @@ impl pb::client_service_server::ClientService for RmService {
                 // Its master is the leader's to launch: accepted in the same
                 // entry (one raft entry per submission, not two).
                 accepted: !unmanaged,
+                service: spec.kind == weft_spec::JobKind::Service,
                 at_ms: now_ms(),
             };
             // A follower sends the caller on before anything is proposed.
@@ -282,6 +283,113 @@ impl pb::client_service_server::ClientService for RmService {
         .await;
         self.audit.record(&note, &r);
         crate::metrics::RmMetrics::outcome(&self.raft.metrics().kills, &r);
+        r
+    }
+
+    async fn scale_application(
+        &self,
+        req: Request<pb::ScaleApplicationRequest>,
+    ) -> Result<Response<pb::ScaleApplicationResponse>, Status> {
+        let mut note = Note::new("scale_application", &req);
+        let r: Result<Response<pb::ScaleApplicationResponse>, Status> = async {
+            let who = self.who(&req, "").await?;
+            note.who = Some(who.clone());
+            let r = req.into_inner();
+            note.target = r.application_id.clone();
+            if u64::from(r.replicas) > weft_spec::MAX_INSTANCES {
+                return Err(Error::InvalidArgument {
+                    field: "replicas",
+                    reason: format!("{}; at most {}", r.replicas, weft_spec::MAX_INSTANCES),
+                }
+                .into());
+            }
+            self.raft.read_barrier().await?;
+            let (stage, previous) = {
+                let st = self.raft.state();
+                let app = st.apps.get(r.application_id.as_str()).ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "application_id: no application {}",
+                        r.application_id
+                    ))
+                })?;
+                who.require_app(&st, app, "scale")?;
+                let spec = weft_spec::JobSpec::parse(&app.spec, &app.spec_format)
+                    .map_err(|e| Status::internal(format!("the stored spec: {e}")))?;
+                let services: Vec<&weft_spec::StageSpec> =
+                    spec.stages.iter().filter(|s| s.is_service()).collect();
+                let stage = match (r.stage.as_str(), services.as_slice()) {
+                    (_, []) => {
+                        return Err(Error::InvalidArgument {
+                            field: "application_id",
+                            reason: format!(
+                                "{} is not a service (it has no stage of replicas)",
+                                r.application_id
+                            ),
+                        }
+                        .into())
+                    }
+                    ("", [one]) => *one,
+                    ("", _) => {
+                        return Err(Error::InvalidArgument {
+                            field: "stage",
+                            reason: format!(
+                                "{} has several stages of replicas: name one of {}",
+                                r.application_id,
+                                services
+                                    .iter()
+                                    .map(|s| s.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        }
+                        .into())
+                    }
+                    (name, _) => *services.iter().find(|s| s.name == name).ok_or_else(|| {
+                        Status::from(Error::InvalidArgument {
+                            field: "stage",
+                            reason: format!(
+                                "{} has no stage of replicas named {name:?}",
+                                r.application_id
+                            ),
+                        })
+                    })?,
+                };
+                if app.state.is_terminal() {
+                    return Err(Status::failed_precondition(format!(
+                        "application_id: {} has finished",
+                        r.application_id
+                    )));
+                }
+                let previous = app
+                    .replicas
+                    .get(&stage.name)
+                    .copied()
+                    .or(stage.replicas)
+                    .unwrap_or_default();
+                (stage.name.clone(), previous)
+            };
+            // A follower sends the caller on before anything is proposed.
+            self.raft.ensure_leader()?;
+            note.proposed = true;
+            match self
+                .raft
+                .propose(Command::ScaleStage {
+                    app_id: r.application_id.clone(),
+                    stage: stage.clone(),
+                    replicas: r.replicas,
+                })
+                .await?
+            {
+                Outcome::Rejected(why) => Err(Status::failed_precondition(why)),
+                _ => Ok(Response::new(pb::ScaleApplicationResponse {
+                    stage,
+                    replicas: r.replicas,
+                    previous,
+                })),
+            }
+        }
+        .await;
+        self.audit.record(&note, &r);
         r
     }
 

@@ -172,6 +172,9 @@ impl RmService {
             diagnostics: a.diagnostics.clone(),
             submitted_at_ms: a.submitted_at_ms,
             finished_at_ms: a.finished_at_ms,
+            endpoints: a.endpoints.iter().map(Into::into).collect(),
+            replicas: a.replicas.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            kind: if a.service { "service" } else { "batch" }.into(),
         }
     }
 

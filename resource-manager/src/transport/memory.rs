@@ -547,6 +547,7 @@ mod tests {
                     spec_format: "yaml".into(),
                     unmanaged: true,
                     accepted: false,
+                    service: false,
                     at_ms: 0,
                 })
                 .await

@@ -30,7 +30,10 @@ async fn launching_cluster(names: &[&str]) -> (Cluster, Vec<AgentProcess>) {
 }
 
 /// [`launching_cluster`] with `top` (top-level TOML) in each member's config.
-async fn launching_cluster_with(names: &[&str], top: &str) -> (Cluster, Vec<AgentProcess>) {
+pub(crate) async fn launching_cluster_with(
+    names: &[&str],
+    top: &str,
+) -> (Cluster, Vec<AgentProcess>) {
     launching_cluster_of(names, top, false).await
 }
 

@@ -17,6 +17,7 @@ mod rest;
 mod retention;
 mod rmctl;
 mod scheduling;
+mod services;
 mod standalone;
 mod tls;
 mod ui;

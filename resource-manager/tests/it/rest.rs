@@ -282,6 +282,70 @@ async fn the_rest_api_runs_follows_reads_and_kills_jobs_and_names_every_bad_fiel
     let r = api.get("/metrics").await;
     assert!(r.text().contains("weft_submissions_total"), "{}", r.text());
 
+    // A service: its endpoints, scaled, bad scales named.
+    let svc = "name: svc\nkind: service\nstages:\n  - name: serve\n    replicas: 1\n    ports: [http]\n    command: 'exec python3 -m http.server --bind 127.0.0.1 $WEFT_PORT_HTTP'\n    resources: { vcores: 0.2, memory: 64MiB }\n    health: { tcp: { port: http }, interval: 300ms, timeout: 250ms }\n";
+    let r = api.post("/v1/apps", "application/yaml", svc).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let svc_id = r.json()["application_id"].as_str().unwrap().to_string();
+    let endpoints = |n: usize| {
+        let (api, id) = (&api, &svc_id);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let v = api.get(&format!("/v1/apps/{id}/endpoints")).await.json();
+                let eps = v["endpoints"].as_array().unwrap().clone();
+                if eps.len() == n {
+                    return eps;
+                }
+                assert!(Instant::now() < deadline, "not {n} endpoints: {v}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let eps = endpoints(1).await;
+    assert_eq!(eps[0]["node_id"], "solo", "{eps:?}");
+    assert!(eps[0]["ports"]["http"].as_u64().unwrap() > 0, "{eps:?}");
+    let r = api
+        .post(&format!("/v1/apps/{svc_id}/scale?replicas=2"), "", "")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        (r.json()["stage"].as_str(), r.json()["previous"].as_u64()),
+        (Some("serve"), Some(1))
+    );
+    let eps = endpoints(2).await;
+    assert_ne!(eps[0]["ports"]["http"], eps[1]["ports"]["http"]);
+    let v = api.get(&format!("/v1/apps/{svc_id}")).await.json();
+    assert_eq!(
+        (v["kind"].as_str(), v["replicas"]["serve"].as_u64()),
+        (Some("service"), Some(2)),
+        "{v}"
+    );
+    let r = api
+        .post(&format!("/v1/apps/{svc_id}/scale?replicas=100001"), "", "")
+        .await;
+    error(&r, 400, "invalid_argument", Some("replicas"));
+    let r = api
+        .post(
+            &format!("/v1/apps/{svc_id}/scale?replicas=1&stage=web"),
+            "",
+            "",
+        )
+        .await;
+    error(&r, 400, "invalid_argument", Some("stage"));
+    let r = api
+        .post(&format!("/v1/apps/{svc_id}/scale?replicas=few"), "", "")
+        .await;
+    error(&r, 400, "invalid_argument", Some("replicas"));
+    let r = api
+        .post(&format!("/v1/apps/{hello}/scale?replicas=2"), "", "")
+        .await;
+    let m = error(&r, 400, "invalid_argument", Some("application_id"));
+    assert!(m.contains("not a service"), "{m}");
+    let r = api.post(&format!("/v1/apps/{svc_id}/kill"), "", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(wait_done(&api, &svc_id).await["state"], "killed");
+
     // Bad input: each names its field, and nothing is submitted.
     let before = api.get("/v1/apps?page_size=1000").await.json()["applications"]
         .as_array()
@@ -387,7 +451,7 @@ async fn the_rest_api_runs_follows_reads_and_kills_jobs_and_names_every_bad_fiel
     let r = api.get("/v1/apps?page_size=50000").await;
     error(&r, 400, "invalid_argument", Some("page_size"));
     let r = api.get("/v1/apps?page_size=lots").await;
-    let m = error(&r, 400, "invalid_argument", None);
+    let m = error(&r, 400, "invalid_argument", Some("page_size"));
     assert!(m.contains("invalid digit"), "{m}");
     let r = api
         .get(&format!("/v1/apps/{hello}/wait?timeout=forever"))
