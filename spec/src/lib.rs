@@ -1199,6 +1199,27 @@ resources = { vcores = 1, memory = "256MiB" }
         assert_eq!(JobSpec::parse(&s.to_yaml(), "yaml").unwrap(), s);
     }
 
+    /// The specs the docs show parse as they are.
+    #[test]
+    fn the_docs_service_specs_parse() {
+        for doc in ["../README.md", "../docs/app-master.md"] {
+            let text =
+                std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/").to_string() + doc)
+                    .unwrap();
+            let mut found = 0;
+            for block in text.split("```yaml\n").skip(1) {
+                let yaml = block.split("```").next().unwrap();
+                if yaml.contains("kind: service") {
+                    let s = JobSpec::parse(yaml, "yaml")
+                        .unwrap_or_else(|e| panic!("{doc}: {e}\n{yaml}"));
+                    assert_eq!(s.kind, JobKind::Service);
+                    found += 1;
+                }
+            }
+            assert!(found > 0, "{doc} shows no service");
+        }
+    }
+
     #[test]
     fn a_bad_service_names_its_field() {
         let cases: &[(&str, &str, &str)] = &[
