@@ -291,6 +291,11 @@ impl View {
         }
     }
 
+    /// The view's index of node `id`.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.pos.get(id).copied()
+    }
+
     /// Node ids by the view's node index.
     pub fn ids(&self) -> &[String] {
         &self.ids

@@ -224,6 +224,11 @@ pub struct Ask {
     /// Asks with the same gang id are placed in one round or not at all.
     pub gang: Option<u64>,
     pub placement: Placement,
+    /// Spread asks of one group (a service's stage) go to the nodes with
+    /// the fewest of the group first (0: none; see [`Cluster::spread`]).
+    ///
+    /// [`Cluster::spread`]: super::Cluster::spread
+    pub spread_group: u64,
     /// Ports of the node each container needs.
     pub ports: u32,
 }
@@ -246,6 +251,7 @@ impl Ask {
             labels: Vec::new(),
             gang: None,
             placement: Placement::Pack,
+            spread_group: 0,
             ports: 0,
         }
     }

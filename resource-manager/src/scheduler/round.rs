@@ -40,6 +40,10 @@ pub struct Cluster {
     /// changed since [`Cluster::take_touched`] last drained it: a view kept
     /// across rounds refreshes them from the state.
     touched: Vec<u32>,
+    /// Spread groups (a service's stage): how many of the group each node
+    /// holds. Set before a round from what runs; its takes add to it. A
+    /// spread ask of a group goes to a fitting node holding the fewest.
+    pub spread: FxHashMap<u64, FxHashMap<u32, u32>>,
 }
 
 fn max_share(n: &Node) -> u32 {
@@ -56,6 +60,7 @@ impl Cluster {
             by_label: HashMap::new(),
             reserved: Vec::new(),
             touched: Vec::new(),
+            spread: FxHashMap::default(),
         };
         c.reserved = vec![false; c.nodes.len()];
         for i in 0..c.nodes.len() {
@@ -250,10 +255,46 @@ impl Cluster {
                 .iter()
                 .filter(|&&i| !self.reserved[i as usize])
                 .filter_map(|&i| try_node(i));
-            return match ask.placement {
-                Placement::Pack => fits.min_by_key(|(i, _)| key(*i)),
-                Placement::Spread => fits.max_by_key(|(i, _)| key(*i)),
+            return match (ask.placement, self.group(ask)) {
+                (Placement::Pack, _) => fits.min_by_key(|(i, _)| key(*i)),
+                (Placement::Spread, None) => fits.max_by_key(|(i, _)| key(*i)),
+                (Placement::Spread, Some(held)) => fits.max_by_key(|(i, _)| {
+                    (
+                        Reverse(held.get(&(*i as u32)).copied().unwrap_or(0)),
+                        key(*i),
+                    )
+                }),
             };
+        }
+        // A spread group's ask: among the candidates that fit, the one
+        // holding the fewest of its group (the emptiest of those).
+        if let (Placement::Spread, Some(held)) = (ask.placement, self.group(ask)) {
+            let count = |i: u32| held.get(&i).copied().unwrap_or(0);
+            let order: Box<dyn Iterator<Item = u32>> = match ask.gpu {
+                GpuAsk::None => {
+                    Box::new(self.by_memory.range((ask.memory, 0)..).rev().map(|k| k.1))
+                }
+                GpuAsk::Whole(k) => Box::new(self.by_whole_gpus.range((k, 0)..).rev().map(|x| x.1)),
+                GpuAsk::Share { milli, .. } => {
+                    Box::new(self.by_gpu_share.range((milli, 0)..).rev().map(|x| x.1))
+                }
+            };
+            let mut best: Option<(u32, (usize, Vec<GpuGrant>))> = None;
+            for i in order.take(CANDIDATES) {
+                if best.as_ref().is_some_and(|(c, _)| count(i) >= *c) {
+                    continue;
+                }
+                if let Some(fit) = try_node(i) {
+                    let c = count(i);
+                    best = Some((c, fit));
+                    if c == 0 {
+                        break;
+                    }
+                }
+            }
+            if let Some((_, fit)) = best {
+                return Some(fit);
+            }
         }
         let pick = |iter: &mut dyn Iterator<Item = u32>| iter.take(CANDIDATES).find_map(try_node);
         // The index orders nodes by one resource; the fullest ones by it can
@@ -291,8 +332,29 @@ impl Cluster {
         }
     }
 
+    /// The counts of `ask`'s spread group, if it is in one.
+    fn group(&self, ask: &Ask) -> Option<&FxHashMap<u32, u32>> {
+        if ask.spread_group == 0 {
+            return None;
+        }
+        static NONE: std::sync::OnceLock<FxHashMap<u32, u32>> = std::sync::OnceLock::new();
+        Some(
+            self.spread
+                .get(&ask.spread_group)
+                .unwrap_or_else(|| NONE.get_or_init(FxHashMap::default)),
+        )
+    }
+
     /// Takes `ask`'s resources and `grants` on node `i`.
     pub fn take(&mut self, i: usize, ask: &Ask, grants: &[GpuGrant]) {
+        if ask.spread_group != 0 {
+            *self
+                .spread
+                .entry(ask.spread_group)
+                .or_default()
+                .entry(i as u32)
+                .or_default() += 1;
+        }
         self.touched.push(i as u32);
         self.unindex(i);
         let n = &mut self.nodes[i];
@@ -311,6 +373,13 @@ impl Cluster {
 
     /// Gives back what [`Cluster::take`] took.
     pub fn give_back(&mut self, i: usize, ask: &Ask, grants: &[GpuGrant]) {
+        if let Some(c) = self
+            .spread
+            .get_mut(&ask.spread_group)
+            .and_then(|g| g.get_mut(&(i as u32)))
+        {
+            *c = c.saturating_sub(1);
+        }
         self.touched.push(i as u32);
         self.unindex(i);
         let n = &mut self.nodes[i];

@@ -49,6 +49,54 @@ fn spread_uses_the_emptiest_nodes() {
 }
 
 #[test]
+fn a_spread_group_goes_to_the_nodes_holding_fewest_of_it_even_with_less_room() {
+    // Node a has far more room: plain spread would put all three there.
+    let mut c = cluster(vec![
+        Node::new("a", 8000, 64 * GIB),
+        Node::new("b", 8000, 16 * GIB),
+        Node::new("c", 8000, 16 * GIB),
+    ]);
+    // Node c already holds one of the group (a replica from before).
+    c.spread.insert(7, [(2u32, 1u32)].into_iter().collect());
+    let mut q = Queues::root_only();
+    let replica = |i| Ask {
+        placement: Placement::Spread,
+        spread_group: 7,
+        ..Ask::new(i, 0, 1000, GIB)
+    };
+    let (out, _) = schedule(&mut c, &mut q, &[replica(0), replica(1)]);
+    let mut nodes: Vec<usize> = out.iter().map(|a| a.node).collect();
+    nodes.sort();
+    assert_eq!(nodes, vec![0, 1], "{out:?}");
+    // A fourth: every node holds one now, so the emptiest.
+    let (out, _) = schedule(&mut c, &mut q, &[replica(3)]);
+    assert_eq!(placed_on(&out, 3), Some(0), "{out:?}");
+    // One of another group, or of none, is not held back by the group.
+    let (out, _) = schedule(
+        &mut c,
+        &mut q,
+        &[Ask {
+            placement: Placement::Spread,
+            ..Ask::new(4, 0, 1000, GIB)
+        }],
+    );
+    assert_eq!(placed_on(&out, 4), Some(0), "{out:?}");
+    // A node that does not fit is passed over whatever it holds.
+    let mut c = cluster(vec![
+        Node::new("a", 8000, 64 * GIB),
+        Node::new("b", 8000, 2 * GIB),
+    ]);
+    c.spread.insert(7, [(0u32, 3u32)].into_iter().collect());
+    let big = Ask {
+        placement: Placement::Spread,
+        spread_group: 7,
+        ..Ask::new(5, 0, 1000, 4 * GIB)
+    };
+    let (out, _) = schedule(&mut c, &mut q, &[big]);
+    assert_eq!(placed_on(&out, 5), Some(0), "{out:?}");
+}
+
+#[test]
 fn fractional_gpus_share_one_device_and_keep_whole_ones_free() {
     let mut c = cluster(vec![Node::new("g", 32_000, 256 * GIB).with_gpus(
         2,

@@ -156,10 +156,10 @@ async fn a_service_keeps_its_replicas_healthy_through_faults_and_scales() {
         (r.kind.as_str(), r.state()),
         ("service", pb::ApplicationState::Running)
     );
-    // Spread by default (to the nodes with the most room: the two without
-    // the master first), never all on one node.
+    // Spread by default: one replica on each node (the node holding the
+    // master has less room, and gets one all the same).
     let nodes: BTreeSet<&str> = eps.iter().map(|e| e.node_id.as_str()).collect();
-    assert!(nodes.len() >= 2, "{eps:?}");
+    assert_eq!(nodes.len(), 3, "{eps:?}");
 
     // 1. A replica's process killed: replaced.
     let victim = eps[0].clone();

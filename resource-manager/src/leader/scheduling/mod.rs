@@ -734,6 +734,16 @@ pub(crate) fn ask_key(app: &str, ask: &str, k: u32) -> u64 {
     h.finish().max(1)
 }
 
+/// The spread group of an ask (a service's stage, or a role of one):
+/// its application and the ask id's part before `/` (never 0).
+pub(crate) fn spread_key(app: &str, ask: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let stage = ask.split_once('/').map_or(ask, |(s, _)| s);
+    let mut h = rustc_hash::FxHasher::default();
+    (app, stage).hash(&mut h);
+    h.finish().max(1)
+}
+
 pub(crate) fn gang_key(app: &str, gang: &str) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();

@@ -26,6 +26,17 @@ impl Scheduling {
             view.hold_out(held.keys().map(String::as_str));
         }
         let mut held = std::mem::take(reservations);
+        // What each spread group holds, by the view's node index.
+        view.cluster().spread = std::mem::take(&mut input.spread)
+            .into_iter()
+            .map(|(g, nodes)| {
+                let by_index = nodes
+                    .into_iter()
+                    .filter_map(|(id, n)| view.index_of(&id).map(|i| (i as u32, n)))
+                    .collect();
+                (g, by_index)
+            })
+            .collect();
         let mut kept = std::mem::take(view);
         let (out, input, held, kept) = tokio::task::spawn_blocking(move || {
             let (out, _) =
@@ -167,6 +178,7 @@ impl Scheduling {
         let mut asks = Vec::new();
         let mut keys = Vec::new();
         let mut gangs: Vec<Option<String>> = Vec::new();
+        let mut spread: HashMap<u64, HashMap<String, u32>> = HashMap::new();
         // One lookup of each application: its asks are kept and turned into
         // the scheduler's in the same pass.
         let table = &mut *t;
@@ -187,9 +199,20 @@ impl Scheduling {
             // again only once its agent says it stopped: never two runs of
             // one task at once.
             let mut uncertain: std::collections::HashMap<&str, u32> = Default::default();
+            let spreads = list
+                .iter()
+                .any(|(ra, _)| ra.placement == pb::PlacementPolicy::Spread as i32);
             for c in state.containers_of(app_id) {
                 if c.phase == crate::fsm::ContainerPhase::Completed && c.holding {
                     *uncertain.entry(c.alloc.ask_id.as_str()).or_default() += 1;
+                }
+                // What a spread group already holds on each node.
+                if spreads && c.phase != crate::fsm::ContainerPhase::Completed {
+                    *spread
+                        .entry(spread_key(app_id, &c.alloc.ask_id))
+                        .or_insert_with(HashMap::new)
+                        .entry(c.alloc.node_id.clone())
+                        .or_default() += 1;
                 }
             }
             for (ra, count) in list.iter() {
@@ -200,6 +223,9 @@ impl Scheduling {
                     // The same key round after round (its index changes
                     // as other asks come and go): its wait for room counts.
                     a.key = ask_key(app_id, &ra.ask_id, k);
+                    if a.placement == scheduler::Placement::Spread {
+                        a.spread_group = spread_key(app_id, &ra.ask_id);
+                    }
                     if !ra.gang_id.is_empty() {
                         a.gang = Some(gang_key(app_id, &ra.gang_id));
                     }
@@ -252,6 +278,7 @@ impl Scheduling {
             keys,
             gangs,
             busy,
+            spread,
         })
     }
 }
@@ -265,4 +292,6 @@ pub(crate) struct RoundInput {
     /// Per ask: its gang key (app/gang id), if in a gang.
     gangs: Vec<Option<String>>,
     busy: HashMap<String, BTreeSet<u16>>,
+    /// Spread groups: how many each node holds.
+    spread: HashMap<u64, HashMap<String, u32>>,
 }
