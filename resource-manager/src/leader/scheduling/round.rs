@@ -210,7 +210,7 @@ impl Scheduling {
                 if spreads && c.phase != crate::fsm::ContainerPhase::Completed {
                     *spread
                         .entry(spread_key(app_id, &c.alloc.ask_id))
-                        .or_insert_with(HashMap::new)
+                        .or_default()
                         .entry(c.alloc.node_id.clone())
                         .or_default() += 1;
                 }
