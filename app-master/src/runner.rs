@@ -31,6 +31,8 @@ enum State {
     Failed(String),
     /// A service's replica that ended: asked for again from this time.
     Backoff(Instant),
+    /// A rollout's replica that failed: gone at the next turn.
+    Dropped,
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +55,11 @@ struct Task {
     next_check: Option<Instant>,
     /// Restarts since it last ran for a while (its backoff doubles with each).
     restarts: u32,
+    /// The spec revision it runs (a service's replica).
+    revision: u32,
+    /// A new revision's replica started beside the old one with its index
+    /// (a rollout's); it takes the old one's place once healthy.
+    surge: bool,
 }
 
 impl Task {
@@ -70,8 +77,31 @@ impl Task {
             started: None,
             next_check: None,
             restarts: 0,
+            revision: 0,
+            surge: false,
         }
     }
+}
+
+/// A service replica's ask id: `stage/index`, with `~rN` for a revision
+/// after the first (so that a rollout's new replica and the old one with
+/// its index are told apart, also by a later attempt).
+fn replica_ask(stage: &str, index: u32, revision: u32) -> String {
+    if revision == 0 {
+        format!("{stage}/{index}")
+    } else {
+        format!("{stage}/{index}~r{revision}")
+    }
+}
+
+/// (stage, index, revision) of a replica's ask id.
+fn parse_replica_ask(ask: &str) -> Option<(&str, u32, u32)> {
+    let (stage, rest) = ask.split_once('/')?;
+    let (index, revision) = match rest.split_once("~r") {
+        Some((i, r)) => (i.parse().ok()?, r.parse().ok()?),
+        None => (rest.parse().ok()?, 0),
+    };
+    Some((stage, index, revision))
 }
 
 /// Outcome of a run.
@@ -99,6 +129,14 @@ pub struct Runner {
     checks: tokio::task::JoinSet<(String, Result<(), String>)>,
     /// Containers whose check is in flight.
     checking: BTreeSet<String>,
+    /// The spec revision being run (0: as submitted); `spec` is its spec.
+    revision: u32,
+    /// Earlier revisions' specs, for the replicas that still run them.
+    old_specs: BTreeMap<u32, JobSpec>,
+    /// A rollout that stopped: its revision and why.
+    rollout_failed: Option<(u32, String)>,
+    /// How the latest revision's rollout goes, in words (told to the RM).
+    rollout: String,
 }
 
 /// Container starts in flight at once.
@@ -150,7 +188,16 @@ impl Runner {
             restart_log: vec![VecDeque::new(); n],
             checks: tokio::task::JoinSet::new(),
             checking: BTreeSet::new(),
+            revision: 0,
+            old_specs: BTreeMap::new(),
+            rollout_failed: None,
+            rollout: String::new(),
         }
+    }
+
+    /// The stage as the task's revision has it.
+    fn stage_for(&self, t: &Task) -> &weft_spec::StageSpec {
+        &self.old_specs.get(&t.revision).unwrap_or(&self.spec).stages[t.stage]
     }
 
     fn is_service(&self, t: &Task) -> bool {
@@ -162,7 +209,7 @@ impl Runner {
     }
 
     fn resources_of(&self, t: &Task) -> &ResourcesSpec {
-        let s = &self.spec.stages[t.stage];
+        let s = self.stage_for(t);
         match (&t.role, &s.roles) {
             (Some(r), Some(roles)) => &roles[r].resources,
             _ => s
@@ -187,6 +234,21 @@ impl Runner {
     pub async fn run(mut self) -> Result<Finished, tonic::Status> {
         let reg = self.rm.register(&self.app, self.attempt).await?;
         let mut releases = Vec::new();
+        if reg.spec_revision > 0 {
+            // Updated since submit: the latest revision's spec (the one
+            // this master was started with, unless it changed since).
+            match JobSpec::parse(&reg.spec, &reg.spec_format) {
+                Ok(spec) => self.spec = spec,
+                Err(e) => warn!(error = %e, "the RM's spec does not parse; running the one given"),
+            }
+            self.revision = reg.spec_revision;
+            for t in &mut self.tasks {
+                if self.spec.stages[t.stage].is_service() {
+                    t.revision = self.revision;
+                    t.ask_id = replica_ask(&self.spec.stages[t.stage].name, t.index, self.revision);
+                }
+            }
+        }
         for (stage, n) in &reg.replicas {
             self.scale(stage, *n, &mut releases);
         }
@@ -258,9 +320,19 @@ impl Runner {
                         Vec::new()
                     },
                     reports_endpoints: services,
+                    spec_revision: self.revision,
+                    rollout: self.rollout.clone(),
                     ..Default::default()
                 })
                 .await?;
+            if resp.spec_revision > self.revision {
+                self.update(
+                    resp.spec_revision,
+                    &resp.spec,
+                    &resp.spec_format,
+                    &mut releases,
+                );
+            }
             for (stage, n) in &resp.replicas {
                 self.scale(stage, *n, &mut releases);
             }
@@ -333,21 +405,37 @@ impl Runner {
     /// starts again). Returns the containers to release.
     fn adopt(&mut self, reg: pb::RegisterApplicationMasterResponse) -> Vec<String> {
         let mut releases = Vec::new();
+        // A service's replica is its stage and index, whatever revision
+        // its container runs: an earlier revision's is adopted first (it
+        // served; a rollout's new replica beside it is let go and made
+        // again), and the rollout goes on from there.
+        let stages = &self.spec.stages;
+        let find = |tasks: &mut Vec<Task>, ask: &str| -> Option<usize> {
+            if let Some((stage, index, revision)) = parse_replica_ask(ask) {
+                if let Some(k) = tasks.iter().position(|t| {
+                    t.state == State::Waiting
+                        && stages[t.stage].is_service()
+                        && stages[t.stage].name == stage
+                        && t.index == index
+                }) {
+                    tasks[k].revision = revision;
+                    tasks[k].ask_id = ask.to_string();
+                    return Some(k);
+                }
+            }
+            tasks
+                .iter()
+                .position(|t| t.ask_id == ask && t.state == State::Waiting)
+        };
         for a in reg.succeeded_containers {
-            if let Some(t) = self
-                .tasks
-                .iter_mut()
-                .find(|t| t.ask_id == a.ask_id && t.state == State::Waiting)
-            {
-                t.state = State::Succeeded;
+            if let Some(k) = find(&mut self.tasks, &a.ask_id) {
+                self.tasks[k].state = State::Succeeded;
             }
         }
-        for a in reg.running_containers {
-            match self
-                .tasks
-                .iter_mut()
-                .find(|t| t.ask_id == a.ask_id && t.state == State::Waiting)
-            {
+        let mut running = reg.running_containers;
+        running.sort_by_key(|a| parse_replica_ask(&a.ask_id).map_or(0, |(_, _, r)| r));
+        for a in running {
+            match find(&mut self.tasks, &a.ask_id).map(|k| &mut self.tasks[k]) {
                 Some(t) => {
                     t.state = State::Running;
                     t.alloc = Some(a);
@@ -503,7 +591,7 @@ impl Runner {
             for i in allocated {
                 let env = self.env(i, &layout);
                 let t = &self.tasks[i];
-                let s = &self.spec.stages[t.stage];
+                let s = self.stage_for(t);
                 let a = t.alloc.clone().expect("allocated tasks have an allocation");
                 let command = match (&t.role, &s.roles) {
                     (Some(r), Some(roles)) => roles[r]
@@ -558,7 +646,10 @@ impl Runner {
                     t.started = Some(now);
                     t.next_check = Some(now);
                     // Without a health check, running is healthy.
-                    t.healthy = self.spec.stages[t.stage].health.is_none();
+                    t.healthy = self.old_specs.get(&t.revision).unwrap_or(&self.spec).stages
+                        [t.stage]
+                        .health
+                        .is_none();
                     t.ever_healthy = t.healthy;
                     t.fails = 0;
                 }
@@ -632,7 +723,7 @@ impl Runner {
 
     fn env(&self, i: usize, layout: &BTreeMap<usize, String>) -> BTreeMap<String, String> {
         let t = &self.tasks[i];
-        let s = &self.spec.stages[t.stage];
+        let s = self.stage_for(t);
         let a = t.alloc.as_ref().expect("starting tasks have an allocation");
         let mut env = s.env.clone();
         env.insert("WEFT_APP_ID".into(), self.app.clone());
@@ -718,6 +809,7 @@ impl Runner {
     /// A service's care between calls: the checks that came back, the
     /// checks now due, the replicas whose backoff is over.
     fn tend(&mut self, releases: &mut Vec<String>) {
+        self.tasks.retain(|t| t.state != State::Dropped);
         while let Some(done) = self.checks.try_join_next() {
             let Ok((container, result)) = done else {
                 continue; // a check that panicked: the next one is due anyway
@@ -732,7 +824,7 @@ impl Runner {
             }
         }
         for t in &mut self.tasks {
-            let s = &self.spec.stages[t.stage];
+            let s = &self.old_specs.get(&t.revision).unwrap_or(&self.spec).stages[t.stage];
             let (Some(h), State::Running, Some(a)) = (&s.health, &t.state, &t.alloc) else {
                 continue;
             };
@@ -756,6 +848,149 @@ impl Runner {
                 (id, r)
             });
         }
+        self.roll(releases);
+    }
+
+    /// A newer spec from the RM (an update): it becomes the spec new
+    /// replicas run; the replicas of earlier revisions are replaced one at
+    /// a time by [`Runner::roll`].
+    fn update(&mut self, revision: u32, text: &str, format: &str, releases: &mut Vec<String>) {
+        let spec = match JobSpec::parse(text, format) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(revision, error = %e, "an updated spec that does not parse; not rolled out");
+                self.revision = revision;
+                self.rollout_failed = Some((revision, format!("the spec does not parse: {e}")));
+                return;
+            }
+        };
+        let same_shape = spec.stages.len() == self.spec.stages.len()
+            && spec
+                .stages
+                .iter()
+                .zip(&self.spec.stages)
+                .all(|(a, b)| a.name == b.name && a.is_service() == b.is_service());
+        if !same_shape {
+            warn!(
+                revision,
+                "an updated spec with other stages; not rolled out"
+            );
+            self.revision = revision;
+            self.rollout_failed =
+                Some((revision, "its stages differ from the running ones".into()));
+            return;
+        }
+        info!(app = %self.app, from = self.revision, to = revision, "rolling out a new revision");
+        let old = std::mem::replace(&mut self.spec, spec);
+        self.old_specs.insert(self.revision, old);
+        self.revision = revision;
+        self.rollout_failed = None;
+        // Its replica counts (an update's own replace earlier scales).
+        let counts: Vec<(String, u32)> = self
+            .spec
+            .stages
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.replicas?)))
+            .collect();
+        for (stage, n) in counts {
+            self.scale(&stage, n, releases);
+        }
+    }
+
+    /// The rollout of the latest revision, one replica per stage at a
+    /// time: a new replica beside the old one with its index (surge 1);
+    /// once the new one is healthy the old one is stopped; a new one that
+    /// ends or turns unhealthy stops the rollout, the old ones serving on.
+    fn roll(&mut self, releases: &mut Vec<String>) {
+        let target = self.revision;
+        if target == 0 {
+            return;
+        }
+        if let Some((rev, why)) = &self.rollout_failed {
+            if *rev == target {
+                let serving = self
+                    .tasks
+                    .iter()
+                    .filter(|t| t.revision < target && t.state == State::Running && t.healthy)
+                    .count();
+                self.rollout = format!(
+                    "revision {target} stopped: {why}; {serving} replicas of earlier revisions serve on"
+                );
+                return;
+            }
+        }
+        let mut pending = 0;
+        let mut total = 0;
+        for si in 0..self.spec.stages.len() {
+            if !self.spec.stages[si].is_service() {
+                continue;
+            }
+            total += self
+                .tasks
+                .iter()
+                .filter(|t| t.stage == si && !t.surge)
+                .count();
+            pending += self
+                .tasks
+                .iter()
+                .filter(|t| t.stage == si && !t.surge && t.revision < target)
+                .count();
+            if let Some(k) = self.tasks.iter().position(|t| t.stage == si && t.surge) {
+                let t = &self.tasks[k];
+                if t.state != State::Running || !t.healthy {
+                    continue; // one at a time
+                }
+                let index = t.index;
+                if let Some(o) = self
+                    .tasks
+                    .iter()
+                    .position(|t| t.stage == si && !t.surge && t.index == index)
+                {
+                    let old = self.tasks.remove(o);
+                    if let (State::Allocated | State::Running, Some(a)) = (&old.state, &old.alloc) {
+                        releases.push(a.container_id.clone());
+                    }
+                    pending = pending.saturating_sub(usize::from(old.revision < target));
+                }
+                if let Some(k) = self.tasks.iter().position(|t| t.stage == si && t.surge) {
+                    self.tasks[k].surge = false;
+                }
+                info!(app = %self.app, stage = %self.spec.stages[si].name, index, revision = target, "replica updated");
+                continue;
+            }
+            let Some(o) = self
+                .tasks
+                .iter()
+                .position(|t| t.stage == si && t.revision < target)
+            else {
+                continue;
+            };
+            let name = self.spec.stages[si].name.clone();
+            let t = &mut self.tasks[o];
+            if matches!(t.state, State::Running | State::Allocated) {
+                let mut n = Task::new(si, None, t.index, replica_ask(&name, t.index, target));
+                n.revision = target;
+                n.surge = true;
+                n.state = State::Asking;
+                self.tasks.push(n);
+            } else {
+                // Not running (waiting, asking, backing off): it starts as
+                // the new revision.
+                t.revision = target;
+                t.ask_id = replica_ask(&name, t.index, target);
+            }
+        }
+        // Earlier revisions' specs no replica runs any more.
+        let in_use: BTreeSet<u32> = self.tasks.iter().map(|t| t.revision).collect();
+        self.old_specs.retain(|r, _| in_use.contains(r));
+        self.rollout = if pending == 0 {
+            format!("revision {target} rolled out")
+        } else {
+            format!(
+                "revision {target}: {} of {total} replicas updated",
+                total - pending
+            )
+        };
     }
 
     /// A check of `container` came back.
@@ -768,7 +1003,8 @@ impl Runner {
         }) else {
             return; // it ended or was replaced meanwhile
         };
-        let h = self.spec.stages[self.tasks[i].stage]
+        let h = self
+            .stage_for(&self.tasks[i])
             .health
             .clone()
             .expect("checked replicas have a health check");
@@ -836,6 +1072,16 @@ impl Runner {
     /// backoff; `counts`: a restart (not for a lost node), which fails the
     /// job when its stage has had more than `restart.limit` in its window.
     fn replica_ended(&mut self, i: usize, reason: String, counts: bool) {
+        if self.tasks[i].surge && counts {
+            // A new revision's replica that failed: the rollout stops.
+            let rev = self.tasks[i].revision;
+            warn!(%reason, revision = rev, "the new revision's replica failed; the rollout stops");
+            self.rollout_failed = Some((rev, format!("its replica failed: {reason}")));
+            self.tasks[i].state = State::Dropped;
+            self.tasks[i].alloc = None;
+            self.tasks[i].healthy = false;
+            return;
+        }
         let si = self.tasks[i].stage;
         let r = self.spec.stages[si].restart();
         let now = Instant::now();
@@ -892,7 +1138,11 @@ impl Runner {
         else {
             return;
         };
-        let have = self.tasks.iter().filter(|t| t.stage == si).count() as u32;
+        let have = self
+            .tasks
+            .iter()
+            .filter(|t| t.stage == si && !t.surge && t.state != State::Dropped)
+            .count() as u32;
         if have == n {
             return;
         }
@@ -901,8 +1151,9 @@ impl Runner {
             // Asked for once the stage's turn has come (as the first were).
             let name = self.spec.stages[si].name.clone();
             for i in have..n {
-                self.tasks
-                    .push(Task::new(si, None, i, format!("{name}/{i}")));
+                let mut t = Task::new(si, None, i, replica_ask(&name, i, self.revision));
+                t.revision = self.revision;
+                self.tasks.push(t);
             }
         } else {
             self.tasks.retain(|t| {
@@ -925,7 +1176,7 @@ impl Runner {
             .filter(|t| t.state == State::Running && t.healthy && self.is_service(t))
             .filter_map(|t| {
                 let a = t.alloc.as_ref()?;
-                let s = &self.spec.stages[t.stage];
+                let s = self.stage_for(t);
                 Some(pb::Endpoint {
                     stage: s.name.clone(),
                     index: t.index,

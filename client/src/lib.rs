@@ -239,6 +239,28 @@ impl RmClient {
         .await
     }
 
+    /// Replaces a running service's spec (`format`: yaml or toml): its
+    /// master rolls the change out one replica at a time. Returns the new
+    /// spec revision.
+    pub async fn update_application(
+        &self,
+        id: &str,
+        spec: &str,
+        format: &str,
+    ) -> Result<u32, Error> {
+        let req = pb::UpdateApplicationRequest {
+            application_id: id.into(),
+            spec: spec.into(),
+            spec_format: format.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.update_application(req).await }
+        })
+        .await
+        .map(|r| r.spec_revision)
+    }
+
     /// A service's healthy replicas (as its master last reported them).
     pub async fn endpoints(&self, id: &str) -> Result<Vec<pb::Endpoint>, Error> {
         Ok(self.get_application(id).await?.endpoints)

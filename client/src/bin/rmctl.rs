@@ -5,7 +5,7 @@
 //! rmctl cluster add-member ID ADDR | cluster remove-member ID
 //! rmctl node list | node drain ID
 //! rmctl app list | app status ID | app wait ID | app kill ID
-//! rmctl app scale ID --replicas N [--stage S] | app endpoints ID
+//! rmctl app scale ID --replicas N [--stage S] | app endpoints ID | app update ID -f spec.yaml
 //! rmctl queue list | queue set -f queues.toml
 //! rmctl acl bootstrap | acl whoami
 //! rmctl acl token create --user U [--admin] [--ttl 30d] | token list | token revoke ACCESSOR
@@ -400,6 +400,15 @@ enum AppCmd {
     Endpoints {
         id: String,
     },
+    /// Replaces a running service's spec: its master rolls the change out
+    /// one replica at a time (a new one healthy before an old one stops);
+    /// `app status` shows how it goes.
+    Update {
+        id: String,
+        /// The new spec (YAML, or TOML by its .toml extension).
+        #[arg(short, long)]
+        file: std::path::PathBuf,
+    },
 }
 
 fn parse_app_state(s: &str) -> Result<pb::ApplicationState, String> {
@@ -718,6 +727,8 @@ fn app_json(a: &pb::ApplicationReport) -> serde_json::Value {
         "submitted_at_ms": a.submitted_at_ms,
         "finished_at_ms": a.finished_at_ms,
         "kind": a.kind,
+        "spec_revision": a.spec_revision,
+        "rollout": a.rollout,
         "replicas": a.replicas,
         "endpoints": a.endpoints.iter().map(endpoint_json).collect::<Vec<_>>(),
     })
@@ -1125,7 +1136,7 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
                     )
                 };
                 format!(
-                    "{}  {}  queue {}  user {}  {}  attempt {}{}{}{}",
+                    "{}  {}  queue {}  user {}  {}  attempt {}{}{}{}{}",
                     a.application_id,
                     a.name,
                     a.queue,
@@ -1142,6 +1153,11 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
                         String::new()
                     } else {
                         format!("\n{}", a.diagnostics)
+                    },
+                    if a.rollout.is_empty() {
+                        String::new()
+                    } else {
+                        format!("\nrollout: {}", a.rollout)
                     }
                 )
             }
@@ -1171,6 +1187,22 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
                     "application {id}: stage {} scaled from {} to {} replicas",
                     r.stage, r.previous, r.replicas
                 )
+            }
+        }
+        Cmd::App {
+            cmd: AppCmd::Update { id, file },
+        } => {
+            let spec = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+            let format = match file.extension().and_then(|e| e.to_str()) {
+                Some("toml") => "toml",
+                _ => "yaml",
+            };
+            let revision = rm.update_application(&id, &spec, format).await?;
+            if json_out {
+                json!({"id": id, "spec_revision": revision}).to_string()
+            } else {
+                format!("application {id}: spec revision {revision}, rolling out one replica at a time (rmctl app status {id})")
             }
         }
         Cmd::App {

@@ -198,6 +198,8 @@ impl ClusterState {
                         service: *service,
                         endpoints: Vec::new(),
                         replicas: BTreeMap::new(),
+                        spec_revision: 0,
+                        rollout: String::new(),
                     },
                 );
                 if !request_id.is_empty() {
@@ -406,13 +408,33 @@ impl ClusterState {
                 app_id,
                 attempt,
                 endpoints,
+                rollout,
             } => match self.apps.get_mut(app_id.as_str()) {
                 Some(a) if !a.state.is_terminal() && a.attempt == *attempt => {
                     a.endpoints = endpoints.clone();
+                    a.rollout = rollout.clone();
                     Outcome::Done
                 }
                 Some(_) => Outcome::Rejected(format!(
                     "attempt: {attempt} of {app_id} is not its live attempt"
+                )),
+                None => Outcome::Rejected(format!("application_id: no application {app_id}")),
+            },
+            Command::UpdateSpec {
+                app_id,
+                spec,
+                spec_format,
+            } => match self.apps.get_mut(app_id.as_str()) {
+                Some(a) if !a.state.is_terminal() => {
+                    a.spec = spec.clone();
+                    a.spec_format = spec_format.clone();
+                    a.spec_revision += 1;
+                    a.replicas.clear();
+                    Outcome::Done
+                }
+                Some(a) => Outcome::Rejected(format!(
+                    "application_id: {app_id} has finished ({:?})",
+                    a.state
                 )),
                 None => Outcome::Rejected(format!("application_id: no application {app_id}")),
             },

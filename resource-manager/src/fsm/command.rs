@@ -112,11 +112,22 @@ pub enum Command {
         attempt: u32,
         stages: Vec<StageProgress>,
     },
-    /// A service's healthy replicas, as its master reported them.
+    /// A service's healthy replicas, as its master reported them, and how
+    /// the rollout of its latest revision goes.
     ReportEndpoints {
         app_id: String,
         attempt: u32,
         endpoints: Vec<Endpoint>,
+        #[serde(default)]
+        rollout: String,
+    },
+    /// A running service's new spec (checked before this was proposed):
+    /// its revision goes up by one, and scaled counts give way to the
+    /// spec's replicas.
+    UpdateSpec {
+        app_id: String,
+        spec: String,
+        spec_format: String,
     },
     /// How many replicas a service's stage keeps (the service was checked
     /// to have that stage before this was proposed).

@@ -303,6 +303,12 @@ pub struct App {
     /// A service's stages scaled since submit: their replicas now.
     #[serde(default)]
     pub replicas: BTreeMap<String, u32>,
+    /// Updates of its spec so far (0: the spec submitted).
+    #[serde(default)]
+    pub spec_revision: u32,
+    /// A service's rollout of its latest revision, as its master said.
+    #[serde(default)]
+    pub rollout: String,
 }
 
 /// A service's replica that passes its health check: where to reach it.

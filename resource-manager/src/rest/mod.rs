@@ -57,7 +57,7 @@ pub const MAX_BODY: usize = weft_spec::MAX_SPEC_BYTES + (64 << 10);
         description = "Weft's resource manager over HTTP/JSON: submit, list, follow and kill applications, read task logs, see nodes, queues and the RM group. The same calls, rights and messages as the gRPC ClientService. A member that is not the leader answers calls that need the leader (writes, and reads, which it answers after a read barrier) with 307 Temporary Redirect to the leader's URL: follow redirects (`curl -L`).",
     ),
     paths(
-        submit, list_apps, get_app, kill_app, scale_app, endpoints, wait_app, why, tasks, task_logs,
+        submit, list_apps, get_app, kill_app, scale_app, update_app, endpoints, wait_app, why, tasks, task_logs,
         list_nodes, drain_node, list_queues, cluster, whoami
     ),
     modifiers(&Bearer),
@@ -107,6 +107,7 @@ pub fn router(svc: RmService) -> Router {
         .route("/v1/apps/{id}", get(get_app))
         .route("/v1/apps/{id}/kill", post(kill_app))
         .route("/v1/apps/{id}/scale", post(scale_app))
+        .route("/v1/apps/{id}/update", post(update_app))
         .route("/v1/apps/{id}/endpoints", get(endpoints))
         .route("/v1/apps/{id}/wait", get(wait_app))
         .route("/v1/apps/{id}/why", get(why))
@@ -633,6 +634,64 @@ async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
+    let (spec, spec_format) = spec_body(&headers, q.format, body)?;
+    let request_id = match headers.get("idempotency-key") {
+        // One of its own, so that the tries this member makes while a
+        // leader is elected submit it once.
+        None => {
+            let mut raw = [0u8; 16];
+            getrandom::getrandom(&mut raw).map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    None,
+                    format!("no randomness for a request id: {e}"),
+                )
+            })?;
+            format!("rest-{}", hex::encode(raw))
+        }
+        Some(v) => {
+            let k = v
+                .to_str()
+                .map_err(|_| ApiError::bad("Idempotency-Key", "not ASCII"))?;
+            if k.len() > 128 {
+                return Err(ApiError::bad(
+                    "Idempotency-Key",
+                    format!("is {} bytes; at most 128", k.len()),
+                ));
+            }
+            k.to_string()
+        }
+    };
+    let msg = pb::SubmitApplicationRequest {
+        spec,
+        spec_format,
+        user: q.user.unwrap_or_default(),
+        request_id,
+        unmanaged_master: false,
+    };
+    let id = unary!(caller, svc, msg, submit_application, "SubmitApplication")?.application_id;
+    let mut r = (
+        StatusCode::CREATED,
+        Json(Submitted {
+            application_id: id.clone(),
+        }),
+    )
+        .into_response();
+    if let Ok(l) = HeaderValue::from_str(&format!("/v1/apps/{id}")) {
+        r.headers_mut().insert(header::LOCATION, l);
+    }
+    Ok(r)
+}
+
+/// A spec body (`POST /v1/apps`, `POST /v1/apps/{id}/update`): its text
+/// and format, from `?format=` or its Content-Type (only a spec's own
+/// types: a page of another site cannot send them without asking).
+fn spec_body(
+    headers: &HeaderMap,
+    format: Option<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(String, String), ApiError> {
     let body = body.map_err(|e| match e {
         BytesRejection::FailedToBufferBody(_) => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -668,7 +727,7 @@ async fn submit(
             ))
         }
     };
-    let format = match q.format {
+    let format = match format {
         Some(f) => match f.to_ascii_lowercase().as_str() {
             "yaml" | "yml" | "json" | "toml" => f.to_ascii_lowercase(),
             _ => {
@@ -680,57 +739,12 @@ async fn submit(
         },
         None => by_type.to_string(),
     };
-    let request_id = match headers.get("idempotency-key") {
-        // One of its own, so that the tries this member makes while a
-        // leader is elected submit it once.
-        None => {
-            let mut raw = [0u8; 16];
-            getrandom::getrandom(&mut raw).map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    None,
-                    format!("no randomness for a request id: {e}"),
-                )
-            })?;
-            format!("rest-{}", hex::encode(raw))
-        }
-        Some(v) => {
-            let k = v
-                .to_str()
-                .map_err(|_| ApiError::bad("Idempotency-Key", "not ASCII"))?;
-            if k.len() > 128 {
-                return Err(ApiError::bad(
-                    "Idempotency-Key",
-                    format!("is {} bytes; at most 128", k.len()),
-                ));
-            }
-            k.to_string()
-        }
+    // JSON is YAML (1.2) to the spec's parser.
+    let format = match format.as_str() {
+        "yml" | "json" => "yaml".into(),
+        _ => format,
     };
-    let msg = pb::SubmitApplicationRequest {
-        spec,
-        // JSON is YAML (1.2) to the spec's parser.
-        spec_format: match format.as_str() {
-            "yml" | "json" => "yaml".into(),
-            _ => format,
-        },
-        user: q.user.unwrap_or_default(),
-        request_id,
-        unmanaged_master: false,
-    };
-    let id = unary!(caller, svc, msg, submit_application, "SubmitApplication")?.application_id;
-    let mut r = (
-        StatusCode::CREATED,
-        Json(Submitted {
-            application_id: id.clone(),
-        }),
-    )
-        .into_response();
-    if let Ok(l) = HeaderValue::from_str(&format!("/v1/apps/{id}")) {
-        r.headers_mut().insert(header::LOCATION, l);
-    }
-    Ok(r)
+    Ok((spec, format))
 }
 
 /// Query parameters of `GET /v1/apps`.
@@ -902,6 +916,57 @@ async fn scale_app(
         stage: r.stage,
         replicas: r.replicas,
         previous: r.previous,
+    }))
+}
+
+/// Query parameters of `POST /v1/apps/{id}/update`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UpdateQuery {
+    /// The spec's format: yaml, json or toml (default: from Content-Type).
+    pub format: Option<String>,
+}
+
+/// Replaces a running service's spec (the body, as for a submit): its
+/// master rolls the change out one replica at a time, a new replica
+/// healthy before an old one stops; `rollout` in the application says how
+/// it goes. Only its stages of replicas may change.
+#[utoipa::path(
+    post,
+    path = "/v1/apps/{id}/update",
+    tag = "applications",
+    params(("id" = String, Path, description = "The application's id."), UpdateQuery),
+    request_body(content = String, description = "The new spec.", content_type = "application/yaml"),
+    responses(
+        (status = 200, description = "Taken: its master rolls it out.", body = Updated),
+        (status = 307, description = "Sent to a follower: the leader's URL is in Location.", body = ErrorBody),
+        (status = 400, description = "A bad spec, or a change an update cannot make, naming the field.", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 415, body = ErrorBody),
+    )
+)]
+async fn update_app(
+    State(svc): State<RmService>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    q: Result<Query<UpdateQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Updated>, ApiError> {
+    let q = query(q)?;
+    let (spec, spec_format) = spec_body(&headers, q.format, body)?;
+    let msg = pb::UpdateApplicationRequest {
+        application_id: id.clone(),
+        spec,
+        spec_format,
+    };
+    let r = unary!(caller, svc, msg, update_application, "UpdateApplication")?;
+    Ok(Json(Updated {
+        application_id: id,
+        spec_revision: r.spec_revision,
     }))
 }
 

@@ -116,6 +116,10 @@ pub struct App {
     pub replicas: std::collections::BTreeMap<String, u32>,
     /// A service's healthy replicas.
     pub endpoints: Vec<Endpoint>,
+    /// Updates of its spec so far (0: as submitted).
+    pub spec_revision: u32,
+    /// A service's rollout of its latest revision, in words.
+    pub rollout: Option<String>,
 }
 
 /// A service's healthy replica: where to reach it.
@@ -150,6 +154,14 @@ impl From<pb::Endpoint> for Endpoint {
 pub struct EndpointList {
     pub application_id: String,
     pub endpoints: Vec<Endpoint>,
+}
+
+/// What `POST /v1/apps/{id}/update` did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Updated {
+    pub application_id: String,
+    /// The new spec's revision (the submitted one is 0).
+    pub spec_revision: u32,
 }
 
 /// What `POST /v1/apps/{id}/scale` did.
@@ -199,6 +211,8 @@ impl From<pb::ApplicationReport> for App {
             },
             replicas: r.replicas.into_iter().collect(),
             endpoints: r.endpoints.into_iter().map(Into::into).collect(),
+            spec_revision: r.spec_revision,
+            rollout: some(r.rollout),
         }
     }
 }

@@ -126,12 +126,14 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
         // what they finished.
         let signer = self.s.signer();
         let st = self.s.raft.state();
+        let app = st.apps.get(r.application_id.as_str());
         let mut resp = pb::RegisterApplicationMasterResponse {
-            replicas: st
-                .apps
-                .get(r.application_id.as_str())
+            replicas: app
                 .map(|a| a.replicas.iter().map(|(k, v)| (k.clone(), *v)).collect())
                 .unwrap_or_default(),
+            spec_revision: app.map_or(0, |a| a.spec_revision),
+            spec: app.map(|a| a.spec.clone()).unwrap_or_default(),
+            spec_format: app.map(|a| a.spec_format.clone()).unwrap_or_default(),
             max_container: st
                 .nodes
                 .values()
@@ -187,9 +189,15 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
             if let Some(t) = &renewed {
                 resp.application_token = t.clone();
             }
-            // A service's scaled stages, as they are when it answers.
+            // A service's scaled stages, as they are when it answers, and
+            // its spec where an update made a newer one.
             if let Some(a) = self.s.raft.state().apps.get(r.application_id.as_str()) {
                 resp.replicas = a.replicas.iter().map(|(k, v)| (k.clone(), *v)).collect();
+                if a.spec_revision > r.spec_revision {
+                    resp.spec_revision = a.spec_revision;
+                    resp.spec = a.spec.clone();
+                    resp.spec_format = a.spec_format.clone();
+                }
             }
             Response::new(resp)
         };
@@ -228,13 +236,15 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                 .into());
             }
             let endpoints: Vec<crate::fsm::Endpoint> = r.endpoints.iter().map(Into::into).collect();
-            if endpoints != app.endpoints {
+            let rollout: String = r.rollout.chars().take(1024).collect();
+            if endpoints != app.endpoints || rollout != app.rollout {
                 // Proposed before answering: a client told of a replica
                 // by its endpoints can reach it.
                 let cmd = Command::ReportEndpoints {
                     app_id: r.application_id.clone(),
                     attempt: r.attempt,
                     endpoints,
+                    rollout,
                 };
                 if let Err(e) = self.s.raft.propose(cmd).await {
                     debug!(error = %e, "endpoints not recorded");

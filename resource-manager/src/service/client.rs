@@ -393,6 +393,73 @@ impl pb::client_service_server::ClientService for RmService {
         r
     }
 
+    async fn update_application(
+        &self,
+        req: Request<pb::UpdateApplicationRequest>,
+    ) -> Result<Response<pb::UpdateApplicationResponse>, Status> {
+        let mut note = Note::new("update_application", &req);
+        let r: Result<Response<pb::UpdateApplicationResponse>, Status> = async {
+            let who = self.who(&req, "").await?;
+            note.who = Some(who.clone());
+            let r = req.into_inner();
+            note.target = r.application_id.clone();
+            let format = if r.spec_format.is_empty() {
+                "yaml".to_string()
+            } else {
+                r.spec_format.to_lowercase()
+            };
+            let new = weft_spec::JobSpec::parse(&r.spec, &format)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            self.raft.read_barrier().await?;
+            let (queue, user) = {
+                let st = self.raft.state();
+                let app = st.apps.get(r.application_id.as_str()).ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "application_id: no application {}",
+                        r.application_id
+                    ))
+                })?;
+                who.require_app(&st, app, "update")?;
+                let old = weft_spec::JobSpec::parse(&app.spec, &app.spec_format)
+                    .map_err(|e| Status::internal(format!("the stored spec: {e}")))?;
+                check_update(&r.application_id, &old, &new)?;
+                if app.state.is_terminal() {
+                    return Err(Status::failed_precondition(format!(
+                        "application_id: {} has finished",
+                        r.application_id
+                    )));
+                }
+                (app.queue.clone(), app.user.clone())
+            };
+            self.check_fits(&new, &queue, &user)?;
+            // A follower sends the caller on before anything is proposed.
+            self.raft.ensure_leader()?;
+            note.proposed = true;
+            match self
+                .raft
+                .propose(Command::UpdateSpec {
+                    app_id: r.application_id.clone(),
+                    spec: r.spec,
+                    spec_format: format,
+                })
+                .await?
+            {
+                Outcome::Rejected(why) => Err(Status::failed_precondition(why)),
+                _ => Ok(Response::new(pb::UpdateApplicationResponse {
+                    spec_revision: self
+                        .raft
+                        .state()
+                        .apps
+                        .get(r.application_id.as_str())
+                        .map_or(0, |a| a.spec_revision),
+                })),
+            }
+        }
+        .await;
+        self.audit.record(&note, &r);
+        r
+    }
+
     type WatchApplicationStream = ReceiverStream<Result<pb::ApplicationReport, Status>>;
 
     async fn watch_application(
@@ -1525,3 +1592,62 @@ impl RmService {
 pub const DEFAULT_PAGE_SIZE: usize = 1000;
 /// The most a ListApplications page holds.
 pub const MAX_PAGE_SIZE: usize = 10_000;
+
+/// What an update of a running service may change: its stages of replicas
+/// (command, resources, ports, health, restart, replicas...), nothing
+/// else; each refusal names the field.
+fn check_update(
+    id: &str,
+    old: &weft_spec::JobSpec,
+    new: &weft_spec::JobSpec,
+) -> Result<(), Status> {
+    let bad = |field: &'static str, reason: String| -> Status {
+        Error::InvalidArgument { field, reason }.into()
+    };
+    if !old.stages.iter().any(|s| s.is_service()) {
+        return Err(bad(
+            "application_id",
+            format!("{id} is not a service (only a service's replicas are updated in place)"),
+        ));
+    }
+    if new.kind != weft_spec::JobKind::Service {
+        return Err(bad("kind", "an update of a service is a service".into()));
+    }
+    if new.queue != old.queue {
+        return Err(bad(
+            "queue",
+            format!(
+                "{} cannot change in an update (it is {})",
+                new.queue, old.queue
+            ),
+        ));
+    }
+    let names = |s: &weft_spec::JobSpec| -> Vec<(String, bool)> {
+        s.stages
+            .iter()
+            .map(|st| (st.name.clone(), st.is_service()))
+            .collect()
+    };
+    if names(old) != names(new) {
+        return Err(bad(
+            "stages",
+            format!(
+                "an update keeps the stages as they are ({}), changing only what a stage of replicas runs",
+                old.stages
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    for (i, (o, n)) in old.stages.iter().zip(&new.stages).enumerate() {
+        if !o.is_service() && o != n {
+            return Err(Status::invalid_argument(format!(
+                "stages[{i}]: {} is not a stage of replicas: an update cannot change it",
+                o.name
+            )));
+        }
+    }
+    Ok(())
+}

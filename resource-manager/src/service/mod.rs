@@ -175,6 +175,8 @@ impl RmService {
             endpoints: a.endpoints.iter().map(Into::into).collect(),
             replicas: a.replicas.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             kind: if a.service { "service" } else { "batch" }.into(),
+            spec_revision: a.spec_revision,
+            rollout: a.rollout.clone(),
         }
     }
 

@@ -15,8 +15,9 @@ use crate::apps::{launching_cluster_with, wait_state};
 
 const NODES: [&str; 3] = ["svc-a", "svc-b", "svc-c"];
 
-/// The replica: answers `/` with its index and container, `/healthz` with
-/// 200 unless `DIR/sick-CONTAINER` exists; notes its pid in `DIR/pids`.
+/// The replica: answers `/` with its index, container and `$VERSION`,
+/// `/healthz` with 200 unless `$SICK` is set or `DIR/sick-CONTAINER`
+/// exists; notes its pid in `DIR/pids`.
 const SERVER: &str = r#"
 import http.server, os, sys
 d = sys.argv[1]
@@ -24,9 +25,9 @@ cid, idx = os.environ["WEFT_CONTAINER_ID"], os.environ["WEFT_TASK_INDEX"]
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         code = 200
-        if self.path == "/healthz" and os.path.exists(os.path.join(d, "sick-" + cid)):
+        if self.path == "/healthz" and (os.environ.get("SICK") or os.path.exists(os.path.join(d, "sick-" + cid))):
             code = 503
-        body = ("replica %s %s\n" % (idx, cid)).encode()
+        body = ("replica %s %s %s\n" % (idx, cid, os.environ.get("VERSION", "v1"))).encode()
         self.send_response(code)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -40,8 +41,13 @@ s.serve_forever()
 "#;
 
 fn spec(dir: &std::path::Path) -> String {
+    versioned(dir, "v1", "", "20s")
+}
+
+/// The service at `version`, `sick` or not, with checks' `grace`.
+fn versioned(dir: &std::path::Path, version: &str, sick: &str, grace: &str) -> String {
     format!(
-        "name: web\nkind: service\nstages:\n  - name: serve\n    replicas: 3\n    ports: [http]\n    command: 'exec python3 {server} {dir}'\n    resources: {{ vcores: 0.2, memory: 64MiB }}\n    health: {{ http: {{ port: http, path: /healthz }}, interval: 500ms, timeout: 400ms, failures: 2, grace: 20s }}\n    restart: {{ backoff: 200ms, max_backoff: 2s, limit: 20, window: 10m }}\n",
+        "name: web\nkind: service\nstages:\n  - name: serve\n    replicas: 3\n    ports: [http]\n    env: {{ VERSION: '{version}', SICK: '{sick}' }}\n    command: 'exec python3 {server} {dir}'\n    resources: {{ vcores: 0.2, memory: 64MiB }}\n    health: {{ http: {{ port: http, path: /healthz }}, interval: 500ms, timeout: 400ms, failures: 2, grace: {grace} }}\n    restart: {{ backoff: 200ms, max_backoff: 2s, limit: 20, window: 10m }}\n",
         server = dir.join("server.py").display(),
         dir = dir.display(),
     )
@@ -103,10 +109,9 @@ async fn wait_endpoints(
             let mut answered = true;
             for e in &eps {
                 match get(&addr_of(e), "/").await {
-                    Some((200, body)) => assert_eq!(
-                        body,
-                        format!("replica {} {}\n", e.index, e.container_id),
-                        "{e:?} answered as another"
+                    Some((200, body)) => assert!(
+                        body.starts_with(&format!("replica {} {} ", e.index, e.container_id)),
+                        "{e:?} answered as another: {body}"
                     ),
                     _ => answered = false,
                 }
@@ -330,4 +335,136 @@ async fn a_crash_looping_service_fails_at_its_restart_limit() {
         r.diagnostics
     );
     assert_eq!(r.stages[0].failed, 4, "{:?}", r.stages);
+}
+
+/// A rolling update: each replica replaced by one of the new version only
+/// once that one is healthy (never fewer than 3 listed), and a broken
+/// version's rollout stops at its first replica with the old ones serving;
+/// updates that would change more than the replicas are refused, naming
+/// the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_replaces_replicas_one_at_a_time_and_a_broken_one_stops() {
+    let (cluster, _agents) = launching_cluster_with(&NODES, "").await;
+    let client = cluster.client();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("server.py"), SERVER).unwrap();
+    let app = client
+        .submit(&spec(dir.path()), "yaml", "mia")
+        .await
+        .unwrap();
+    let all = |_: &pb::Endpoint| true;
+    let (v1, _) = wait_endpoints(&client, &app, 3, Duration::from_secs(60), all).await;
+    let version_of = |e: pb::Endpoint| async move {
+        get(&addr_of(&e), "/")
+            .await
+            .map(|(_, b)| b.trim().rsplit(' ').next().unwrap_or("").to_string())
+    };
+
+    // v2: rolled out replica by replica.
+    let rev = client
+        .update_application(&app, &versioned(dir.path(), "v2", "", "20s"), "yaml")
+        .await
+        .unwrap();
+    assert_eq!(rev, 1);
+    let t = Instant::now();
+    let mut fewest = usize::MAX;
+    loop {
+        let r = client.get_application(&app).await.unwrap();
+        check_listing(&r.endpoints).await;
+        fewest = fewest.min(r.endpoints.len());
+        if r.rollout == "revision 1 rolled out" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "not rolled out: {:?} {:?}",
+            r.rollout,
+            r.endpoints
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("rolled out 3 replicas in {:?}", t.elapsed());
+    assert!(
+        fewest >= 3,
+        "only {fewest} replicas listed during the rollout"
+    );
+    let (v2, _) = wait_endpoints(&client, &app, 3, Duration::from_secs(10), |e| {
+        !v1.iter().any(|o| o.container_id == e.container_id)
+    })
+    .await;
+    for e in &v2 {
+        assert_eq!(version_of(e.clone()).await.as_deref(), Some("v2"), "{e:?}");
+    }
+    let r = client.get_application(&app).await.unwrap();
+    assert_eq!(r.spec_revision, 1);
+
+    // v3 never turns healthy: its first replica fails its checks once its
+    // grace is over, and the rollout stops there.
+    client
+        .update_application(&app, &versioned(dir.path(), "v3", "1", "2s"), "yaml")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let stopped = loop {
+        let r = client.get_application(&app).await.unwrap();
+        if r.rollout.starts_with("revision 2 stopped") {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the rollout of a broken version did not stop: {:?}",
+            r.rollout
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "broken version stopped after {:?}: {}",
+        t.elapsed(),
+        stopped.rollout
+    );
+    assert!(stopped.rollout.contains("unhealthy"), "{}", stopped.rollout);
+    assert_eq!(stopped.state(), pb::ApplicationState::Running);
+    // The v2 replicas serve on, and no more v3 ones are tried.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (still, _) = wait_endpoints(&client, &app, 3, Duration::from_secs(10), all).await;
+    for e in &still {
+        assert!(
+            v2.iter().any(|o| o.container_id == e.container_id),
+            "{e:?} is not one of the v2 replicas"
+        );
+        assert_eq!(version_of(e.clone()).await.as_deref(), Some("v2"));
+    }
+
+    // Updates that change more than what a replica runs.
+    let base = versioned(dir.path(), "v4", "", "20s");
+    for (spec, field) in [
+        (
+            base.replace("name: web\n", "name: web\nqueue: root.other\n"),
+            "queue",
+        ),
+        (base.replace("- name: serve", "- name: api"), "stages"),
+        (
+            base.replace("replicas: 3", "replicas: 0"),
+            "stages[0].replicas",
+        ),
+    ] {
+        let e = client
+            .update_application(&app, &spec, "yaml")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains(field), "{field}: {e}");
+    }
+    let batch = client
+        .submit("name: b\nstages:\n  - name: a\n    command: 'sleep 30'\n    resources: { vcores: 0.1, memory: 32MiB }\n", "yaml", "mia")
+        .await
+        .unwrap();
+    let e = client
+        .update_application(&batch, &base, "yaml")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not a service"), "{e}");
+    client.kill_application(&batch).await.unwrap();
+    client.kill_application(&app).await.unwrap();
+    let r = wait_state(&client, &app, Duration::from_secs(30)).await;
+    assert_eq!(r.state(), pb::ApplicationState::Killed);
 }
