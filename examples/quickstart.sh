@@ -3,7 +3,9 @@
 # cluster (one `resource-manager standalone --local-agent` process), submits
 # the example ML pipeline (examples/pipeline: generate -> preprocess x4 ->
 # a 2-rank data-parallel training gang -> evaluate), follows it to its end,
-# prints the model's accuracy and takes the cluster down.
+# prints the model's accuracy, serves the model (a service of 2 replicas,
+# queried through its endpoints: examples/serve-model.sh) and takes the
+# cluster down.
 #
 # Needs the Rust toolchain and python3. As root the tasks run in cgroups;
 # otherwise the node agent watches them through /proc.
@@ -26,6 +28,9 @@ if "$bin/rmctl" submit -f "$work/pipeline.yaml" --wait; then
   "$bin/rmctl" app status "$app"
   echo
   echo "pipeline accuracy: $(cat "$work/data/accuracy.txt")"
+  echo
+  # The trained model, served by 2 replicas and queried through their endpoints.
+  RMCTL="$bin/rmctl" examples/serve-model.sh "$work/data"
 else
   echo "the pipeline did not succeed; the cluster's log:" >&2
   tail -n 30 "$log" >&2

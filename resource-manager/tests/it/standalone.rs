@@ -607,6 +607,30 @@ async fn the_example_ml_pipeline_trains_a_model_on_a_standalone_cluster() {
     let out = String::from_utf8_lossy(&sweep.stdout);
     assert!(sweep.status.success(), "{sweep:?}");
     assert!(out.contains("best learning rate: 0.5 (loss 0)"), "{out}");
+
+    // The pipeline's model served by examples/serving: two replicas of a
+    // service, queried through the endpoints rmctl lists; they score the
+    // test set as the pipeline's evaluation did.
+    let served = script(vec![
+        "examples/serve-model.sh".into(),
+        data.display().to_string(),
+    ])
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&served.stdout);
+    assert!(served.status.success(), "{served:?}");
+    assert!(
+        out.contains(&format!(
+            "served accuracy: {accuracy:.3} on 2000 test points"
+        )),
+        "{out}"
+    );
+    for replica in 0..2 {
+        assert!(
+            out.contains(&format!("replica {replica}: 1000 answers")),
+            "{out}"
+        );
+    }
 }
 
 /// An agent config that names neither a work dir nor a cgroup parent (one
