@@ -53,6 +53,8 @@ struct Task {
     started: Option<Instant>,
     /// When its next check is due.
     next_check: Option<Instant>,
+    /// Since when it has passed its checks without a break.
+    healthy_since: Option<Instant>,
     /// Restarts since it last ran for a while (its backoff doubles with each).
     restarts: u32,
     /// The spec revision it runs (a service's replica).
@@ -76,6 +78,7 @@ impl Task {
             fails: 0,
             started: None,
             next_check: None,
+            healthy_since: None,
             restarts: 0,
             revision: 0,
             surge: false,
@@ -127,8 +130,9 @@ pub struct Runner {
     restart_log: Vec<VecDeque<Instant>>,
     /// Health checks in flight: the container checked, and how it went.
     checks: tokio::task::JoinSet<(String, Result<(), String>)>,
-    /// Containers whose check is in flight.
+    /// Containers whose check is in flight, by the check's task.
     checking: BTreeSet<String>,
+    check_of: BTreeMap<tokio::task::Id, String>,
     /// The spec revision being run (0: as submitted); `spec` is its spec.
     revision: u32,
     /// Earlier revisions' specs, for the replicas that still run them.
@@ -188,6 +192,7 @@ impl Runner {
             restart_log: vec![VecDeque::new(); n],
             checks: tokio::task::JoinSet::new(),
             checking: BTreeSet::new(),
+            check_of: BTreeMap::new(),
             revision: 0,
             old_specs: BTreeMap::new(),
             rollout_failed: None,
@@ -242,6 +247,23 @@ impl Runner {
                 Err(e) => warn!(error = %e, "the RM's spec does not parse; running the one given"),
             }
             self.revision = reg.spec_revision;
+            // Earlier revisions' specs, for replicas that still run them.
+            for p in &reg.prior_specs {
+                match JobSpec::parse(&p.spec, &p.spec_format) {
+                    Ok(spec) => {
+                        self.old_specs.insert(p.revision, spec);
+                    }
+                    Err(e) => {
+                        warn!(revision = p.revision, error = %e, "an earlier spec does not parse")
+                    }
+                }
+            }
+            if reg.rollout_stopped == self.revision {
+                self.rollout_failed = Some((
+                    self.revision,
+                    "its rollout stopped under an earlier master attempt".into(),
+                ));
+            }
             for t in &mut self.tasks {
                 if self.spec.stages[t.stage].is_service() {
                     t.revision = self.revision;
@@ -322,6 +344,7 @@ impl Runner {
                     reports_endpoints: services,
                     spec_revision: self.revision,
                     rollout: self.rollout.clone(),
+                    rollout_stopped: self.stopped_revision(),
                     ..Default::default()
                 })
                 .await?;
@@ -427,11 +450,6 @@ impl Runner {
                 .iter()
                 .position(|t| t.ask_id == ask && t.state == State::Waiting)
         };
-        for a in reg.succeeded_containers {
-            if let Some(k) = find(&mut self.tasks, &a.ask_id) {
-                self.tasks[k].state = State::Succeeded;
-            }
-        }
         let mut running = reg.running_containers;
         running.sort_by_key(|a| parse_replica_ask(&a.ask_id).map_or(0, |(_, _, r)| r));
         for a in running {
@@ -444,8 +462,20 @@ impl Runner {
                     t.started = Some(Instant::now());
                     t.healthy = self.spec.stages[t.stage].health.is_none();
                     t.ever_healthy = t.healthy;
+                    t.healthy_since = t.healthy.then(Instant::now);
                 }
                 None => releases.push(a.container_id),
+            }
+        }
+        // Done work: a batch task's, or a service replica's that exited 0
+        // under `restart: on-failure` (under `always` an exit of 0 was
+        // followed by a restart: it says nothing of the replica now).
+        for a in reg.succeeded_containers {
+            if let Some(k) = find(&mut self.tasks, &a.ask_id) {
+                let s = &self.spec.stages[self.tasks[k].stage];
+                if !s.is_service() || s.restart().policy == weft_spec::RestartPolicy::OnFailure {
+                    self.tasks[k].state = State::Succeeded;
+                }
             }
         }
         for si in 0..self.spec.stages.len() {
@@ -533,7 +563,7 @@ impl Runner {
         }
         by.into_iter()
             .map(|(id, (count, t))| {
-                let s = &self.spec.stages[t.stage];
+                let s = self.stage_for(t);
                 let r = self.resources_of(t);
                 let (whole, share) = r.gpu_split();
                 pb::ResourceAsk {
@@ -651,6 +681,7 @@ impl Runner {
                         .health
                         .is_none();
                     t.ever_healthy = t.healthy;
+                    t.healthy_since = t.healthy.then_some(now);
                     t.fails = 0;
                 }
                 // The node is unreachable (it may be dying), or still busy
@@ -667,6 +698,8 @@ impl Runner {
                 }
                 Err(e) if self.spec.stages[t.stage].is_service() => {
                     warn!(container = %a.container_id, error = %e.message(), "starting a replica failed");
+                    // Its container holds the node's resources until given back.
+                    self.unreachable.push(a.container_id.clone());
                     let reason = format!(
                         "stage {} replica {}: could not start on {}: {}",
                         self.spec.stages[t.stage].name,
@@ -810,12 +843,20 @@ impl Runner {
     /// checks now due, the replicas whose backoff is over.
     fn tend(&mut self, releases: &mut Vec<String>) {
         self.tasks.retain(|t| t.state != State::Dropped);
-        while let Some(done) = self.checks.try_join_next() {
-            let Ok((container, result)) = done else {
-                continue; // a check that panicked: the next one is due anyway
-            };
-            self.checking.remove(&container);
-            self.checked(&container, result, releases);
+        while let Some(done) = self.checks.try_join_next_with_id() {
+            match done {
+                Ok((id, (container, result))) => {
+                    self.check_of.remove(&id);
+                    self.checking.remove(&container);
+                    self.checked(&container, result, releases);
+                }
+                // A check that panicked: its replica is checked again.
+                Err(e) => {
+                    if let Some(c) = self.check_of.remove(&e.id()) {
+                        self.checking.remove(&c);
+                    }
+                }
+            }
         }
         let now = Instant::now();
         for t in self.tasks.iter_mut() {
@@ -843,10 +884,12 @@ impl Runner {
             };
             let (h, id) = (h.clone(), a.container_id.clone());
             self.checking.insert(id.clone());
-            self.checks.spawn(async move {
+            let c = id.clone();
+            let handle = self.checks.spawn(async move {
                 let r = crate::health::check(&h, &target).await;
                 (id, r)
             });
+            self.check_of.insert(handle.id(), c);
         }
         self.roll(releases);
     }
@@ -897,6 +940,28 @@ impl Runner {
         }
     }
 
+    /// The revision whose rollout stopped, if the latest's did (0: none).
+    fn stopped_revision(&self) -> u32 {
+        match &self.rollout_failed {
+            Some((r, _)) if *r == self.revision => *r,
+            _ => 0,
+        }
+    }
+
+    /// The revision new replicas run: the latest, unless its rollout
+    /// stopped (then the newest earlier one still known).
+    fn serving_revision(&self) -> u32 {
+        if self.stopped_revision() == 0 {
+            return self.revision;
+        }
+        self.old_specs
+            .keys()
+            .copied()
+            .filter(|r| *r < self.revision)
+            .max()
+            .unwrap_or(self.revision)
+    }
+
     /// The rollout of the latest revision, one replica per stage at a
     /// time: a new replica beside the old one with its index (surge 1);
     /// once the new one is healthy the old one is stopped; a new one that
@@ -937,7 +1002,17 @@ impl Runner {
                 .count();
             if let Some(k) = self.tasks.iter().position(|t| t.stage == si && t.surge) {
                 let t = &self.tasks[k];
-                if t.state != State::Running || !t.healthy {
+                // Healthy for a while (two checks, or a second without
+                // any): one that passes once and falls over is not taken.
+                let min_ready = self
+                    .stage_for(t)
+                    .health
+                    .as_ref()
+                    .map_or(Duration::from_secs(1), |h| h.interval * 2);
+                let ready = t.state == State::Running
+                    && t.healthy
+                    && t.healthy_since.is_some_and(|at| at.elapsed() >= min_ready);
+                if !ready {
                     continue; // one at a time
                 }
                 let index = t.index;
@@ -966,6 +1041,7 @@ impl Runner {
                 continue;
             };
             let name = self.spec.stages[si].name.clone();
+            let known = self.old_specs.contains_key(&self.tasks[o].revision);
             let t = &mut self.tasks[o];
             if matches!(t.state, State::Running | State::Allocated) {
                 let mut n = Task::new(si, None, t.index, replica_ask(&name, t.index, target));
@@ -973,12 +1049,14 @@ impl Runner {
                 n.surge = true;
                 n.state = State::Asking;
                 self.tasks.push(n);
-            } else {
-                // Not running (waiting, asking, backing off): it starts as
-                // the new revision.
+            } else if !known {
+                // Not running, and its spec is not known here any more
+                // (an attempt ago): it starts as the new revision.
                 t.revision = target;
                 t.ask_id = replica_ask(&name, t.index, target);
             }
+            // Else (waiting, asking, backing off) it starts again as its
+            // own revision, and is replaced once it runs.
         }
         // Earlier revisions' specs no replica runs any more.
         let in_use: BTreeSet<u32> = self.tasks.iter().map(|t| t.revision).collect();
@@ -1003,16 +1081,20 @@ impl Runner {
         }) else {
             return; // it ended or was replaced meanwhile
         };
-        let h = self
-            .stage_for(&self.tasks[i])
-            .health
-            .clone()
-            .expect("checked replicas have a health check");
+        // A check of a revision without one any more: running is healthy.
+        let h = self.stage_for(&self.tasks[i]).health.clone();
         let t = &mut self.tasks[i];
+        let Some(h) = h else {
+            t.healthy = true;
+            t.ever_healthy = true;
+            t.healthy_since.get_or_insert_with(Instant::now);
+            return;
+        };
         match result {
             Ok(()) => {
                 if !t.healthy {
                     info!(app = %self.app, replica = %t.ask_id, container, "replica healthy");
+                    t.healthy_since = Some(Instant::now());
                 }
                 t.healthy = true;
                 t.ever_healthy = true;
@@ -1030,6 +1112,7 @@ impl Runner {
                     return;
                 }
                 t.healthy = false;
+                t.healthy_since = None;
                 releases.push(container.to_string());
                 let reason = format!(
                     "stage {} replica {}: unhealthy ({} failed checks in a row; the last: {why})",
@@ -1046,6 +1129,7 @@ impl Runner {
         let s = &self.spec.stages[t.stage];
         let exit = c.exit.clone().unwrap_or_default();
         if c.state() == pb::ContainerState::Succeeded
+            && !t.surge
             && s.restart().policy == weft_spec::RestartPolicy::OnFailure
         {
             info!(app = %self.app, replica = %t.ask_id, "replica exited 0; not restarted (restart: on-failure)");
@@ -1077,9 +1161,15 @@ impl Runner {
             let rev = self.tasks[i].revision;
             warn!(%reason, revision = rev, "the new revision's replica failed; the rollout stops");
             self.rollout_failed = Some((rev, format!("its replica failed: {reason}")));
-            self.tasks[i].state = State::Dropped;
-            self.tasks[i].alloc = None;
-            self.tasks[i].healthy = false;
+            // Every stage's new replica goes (the rollout stops as a whole).
+            for t in self.tasks.iter_mut().filter(|t| t.surge) {
+                if let (State::Allocated | State::Running, Some(a)) = (&t.state, &t.alloc) {
+                    self.unreachable.push(a.container_id.clone());
+                }
+                t.state = State::Dropped;
+                t.alloc = None;
+                t.healthy = false;
+            }
             return;
         }
         let si = self.tasks[i].stage;
@@ -1150,9 +1240,10 @@ impl Runner {
         if n > have {
             // Asked for once the stage's turn has come (as the first were).
             let name = self.spec.stages[si].name.clone();
+            let revision = self.serving_revision();
             for i in have..n {
-                let mut t = Task::new(si, None, i, replica_ask(&name, i, self.revision));
-                t.revision = self.revision;
+                let mut t = Task::new(si, None, i, replica_ask(&name, i, revision));
+                t.revision = revision;
                 self.tasks.push(t);
             }
         } else {
@@ -1173,7 +1264,9 @@ impl Runner {
         let mut out: Vec<pb::Endpoint> = self
             .tasks
             .iter()
-            .filter(|t| t.state == State::Running && t.healthy && self.is_service(t))
+            // A rollout's new replica is listed once it takes its index's
+            // place: one endpoint per replica.
+            .filter(|t| t.state == State::Running && t.healthy && !t.surge && self.is_service(t))
             .filter_map(|t| {
                 let a = t.alloc.as_ref()?;
                 let s = self.stage_for(t);

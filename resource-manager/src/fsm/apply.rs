@@ -200,6 +200,8 @@ impl ClusterState {
                         replicas: BTreeMap::new(),
                         spec_revision: 0,
                         rollout: String::new(),
+                        rollout_stopped: 0,
+                        prior_specs: Vec::new(),
                     },
                 );
                 if !request_id.is_empty() {
@@ -212,6 +214,7 @@ impl ClusterState {
                     Some(a) if a.state.is_terminal() => Outcome::Done,
                     Some(a) => {
                         a.state = AppState::Killed;
+                        a.endpoints.clear();
                         a.finished_at_ms = *at_ms;
                         a.diagnostics = "killed on request".into();
                         self.end_app_containers(app_id, *at_ms, "its application was killed");
@@ -254,6 +257,8 @@ impl ClusterState {
                     a.attempt = *attempt;
                     a.am_container = am_container.clone();
                     a.state = AppState::Running;
+                    // The new attempt's master reports its own.
+                    a.endpoints.clear();
                     // The previous attempt's running task containers: kept
                     // for the new attempt to adopt (work-preserving), or
                     // ended. Ones not known to run yet end either way (the
@@ -312,6 +317,7 @@ impl ClusterState {
                         a.state = *state;
                         a.diagnostics = diagnostics.clone();
                         a.finished_at_ms = *at_ms;
+                        a.endpoints.clear();
                         if !stages.is_empty() {
                             a.stages = stages.clone();
                         }
@@ -409,10 +415,12 @@ impl ClusterState {
                 attempt,
                 endpoints,
                 rollout,
+                rollout_stopped,
             } => match self.apps.get_mut(app_id.as_str()) {
                 Some(a) if !a.state.is_terminal() && a.attempt == *attempt => {
                     a.endpoints = endpoints.clone();
                     a.rollout = rollout.clone();
+                    a.rollout_stopped = *rollout_stopped;
                     Outcome::Done
                 }
                 Some(_) => Outcome::Rejected(format!(
@@ -426,10 +434,18 @@ impl ClusterState {
                 spec_format,
             } => match self.apps.get_mut(app_id.as_str()) {
                 Some(a) if !a.state.is_terminal() => {
-                    a.spec = spec.clone();
-                    a.spec_format = spec_format.clone();
+                    // The revision replaced stays known (the last two), for
+                    // a new attempt whose replicas still run it.
+                    let prior = PriorSpec {
+                        revision: a.spec_revision,
+                        spec: std::mem::replace(&mut a.spec, spec.clone()),
+                        spec_format: std::mem::replace(&mut a.spec_format, spec_format.clone()),
+                    };
+                    a.prior_specs.insert(0, prior);
+                    a.prior_specs.truncate(PRIOR_SPECS);
                     a.spec_revision += 1;
                     a.replicas.clear();
+                    a.rollout_stopped = 0;
                     Outcome::Done
                 }
                 Some(a) => Outcome::Rejected(format!(

@@ -120,6 +120,9 @@ pub enum Command {
         endpoints: Vec<Endpoint>,
         #[serde(default)]
         rollout: String,
+        /// The revision whose rollout stopped (0: none).
+        #[serde(default)]
+        rollout_stopped: u32,
     },
     /// A running service's new spec (checked before this was proposed):
     /// its revision goes up by one, and scaled counts give way to the

@@ -309,6 +309,25 @@ pub struct App {
     /// A service's rollout of its latest revision, as its master said.
     #[serde(default)]
     pub rollout: String,
+    /// The revision whose rollout stopped (a new replica of it failed;
+    /// 0: none): a new attempt does not try it again.
+    #[serde(default)]
+    pub rollout_stopped: u32,
+    /// The specs updates replaced, newest first (at most
+    /// [`PRIOR_SPECS`]): replicas may still run them.
+    #[serde(default)]
+    pub prior_specs: Vec<PriorSpec>,
+}
+
+/// Spec revisions an application keeps besides its latest.
+pub const PRIOR_SPECS: usize = 2;
+
+/// A spec an update replaced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriorSpec {
+    pub revision: u32,
+    pub spec: String,
+    pub spec_format: String,
 }
 
 /// A service's replica that passes its health check: where to reach it.

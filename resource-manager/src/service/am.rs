@@ -132,6 +132,19 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                 .map(|a| a.replicas.iter().map(|(k, v)| (k.clone(), *v)).collect())
                 .unwrap_or_default(),
             spec_revision: app.map_or(0, |a| a.spec_revision),
+            rollout_stopped: app.map_or(0, |a| a.rollout_stopped),
+            prior_specs: app
+                .map(|a| {
+                    a.prior_specs
+                        .iter()
+                        .map(|p| pb::PriorSpec {
+                            revision: p.revision,
+                            spec: p.spec.clone(),
+                            spec_format: p.spec_format.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             spec: app.map(|a| a.spec.clone()).unwrap_or_default(),
             spec_format: app.map(|a| a.spec_format.clone()).unwrap_or_default(),
             max_container: st
@@ -235,9 +248,57 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                 }
                 .into());
             }
-            let endpoints: Vec<crate::fsm::Endpoint> = r.endpoints.iter().map(Into::into).collect();
+            // Only this application's containers that have not ended, as
+            // the RM knows them (node, host, stage, the ports it gave):
+            // a master cannot advertise another's address.
+            let endpoints: Vec<crate::fsm::Endpoint> = {
+                let st = self.s.raft.state();
+                r.endpoints
+                    .iter()
+                    .filter_map(|e| {
+                        let c = st.containers.get(e.container_id.as_str())?;
+                        if c.alloc.app_id != r.application_id
+                            || c.phase == ContainerPhase::Completed
+                        {
+                            return None;
+                        }
+                        let host = st
+                            .nodes
+                            .get(c.alloc.node_id.as_str())
+                            .map(|n| {
+                                let h = n
+                                    .address
+                                    .rsplit_once(':')
+                                    .map_or(n.address.as_str(), |(h, _)| h);
+                                h.trim_start_matches('[').trim_end_matches(']').to_string()
+                            })
+                            .unwrap_or_default();
+                        let ask = c.alloc.ask_id.as_str();
+                        Some(crate::fsm::Endpoint {
+                            stage: ask.split_once('/').map_or(ask, |(s, _)| s).to_string(),
+                            index: e.index,
+                            container_id: c.alloc.container_id.clone(),
+                            node_id: c.alloc.node_id.clone(),
+                            host,
+                            ports: e
+                                .ports
+                                .iter()
+                                .filter(|(name, p)| {
+                                    name.len() <= 32
+                                        && c.alloc.ports.iter().any(|q| u32::from(*q) == **p)
+                                })
+                                .take(weft_spec::MAX_PORTS + 1)
+                                .map(|(k, v)| (k.clone(), *v))
+                                .collect(),
+                        })
+                    })
+                    .collect()
+            };
             let rollout: String = r.rollout.chars().take(1024).collect();
-            if endpoints != app.endpoints || rollout != app.rollout {
+            if endpoints != app.endpoints
+                || rollout != app.rollout
+                || r.rollout_stopped != app.rollout_stopped
+            {
                 // Proposed before answering: a client told of a replica
                 // by its endpoints can reach it.
                 let cmd = Command::ReportEndpoints {
@@ -245,6 +306,7 @@ impl pb::application_master_service_server::ApplicationMasterService for AmServi
                     attempt: r.attempt,
                     endpoints,
                     rollout,
+                    rollout_stopped: r.rollout_stopped,
                 };
                 if let Err(e) = self.s.raft.propose(cmd).await {
                     debug!(error = %e, "endpoints not recorded");

@@ -420,9 +420,44 @@ impl pb::client_service_server::ClientService for RmService {
                     ))
                 })?;
                 who.require_app(&st, app, "update")?;
+                // New commands run as the application's user: only that
+                // user (or a cluster admin) may give them, not an admin of
+                // its queue, and only while that user may still submit to
+                // its queue.
+                if !who.admin && who.user != app.user {
+                    return Err(Status::permission_denied(format!(
+                        "{who} may not update application {}: only its user or a cluster admin may (an update runs new commands as user {})",
+                        app.id, app.user
+                    )));
+                }
+                if !st.queues.is_empty() {
+                    let mut specs: Vec<QueueSpec> = st.queues.values().cloned().collect();
+                    specs.sort_by_key(|q| q.name.matches('.').count());
+                    let tree =
+                        crate::scheduler::Queues::from_specs(&specs).map_err(Status::internal)?;
+                    if tree
+                        .index(&app.queue)
+                        .is_some_and(|i| !tree.may_submit(i, &app.user))
+                    {
+                        return Err(Status::permission_denied(format!(
+                            "queue: user {} may no longer submit to {}",
+                            app.user, app.queue
+                        )));
+                    }
+                }
                 let old = weft_spec::JobSpec::parse(&app.spec, &app.spec_format)
                     .map_err(|e| Status::internal(format!("the stored spec: {e}")))?;
                 check_update(&r.application_id, &old, &new)?;
+                if old == new {
+                    return Err(Error::InvalidArgument {
+                        field: "spec",
+                        reason: format!(
+                            "the same as revision {} of {}: nothing to roll out",
+                            app.spec_revision, app.id
+                        ),
+                    }
+                    .into());
+                }
                 if app.state.is_terminal() {
                     return Err(Status::failed_precondition(format!(
                         "application_id: {} has finished",
@@ -1621,6 +1656,23 @@ fn check_update(
                 new.queue, old.queue
             ),
         ));
+    }
+    for (same, field) in [
+        (new.name == old.name, "name"),
+        (new.am == old.am, "am"),
+        (new.max_attempts == old.max_attempts, "max_attempts"),
+        (
+            new.keep_containers == old.keep_containers,
+            "keep_containers",
+        ),
+        (new.priority == old.priority, "priority"),
+    ] {
+        if !same {
+            return Err(bad(
+                field,
+                "cannot change in an update (only a stage of replicas can)".into(),
+            ));
+        }
     }
     let names = |s: &weft_spec::JobSpec| -> Vec<(String, bool)> {
         s.stages

@@ -94,6 +94,7 @@ impl AgentProcess {
     ) -> AgentProcess {
         let work = tempfile::tempdir().unwrap();
         let config = work.path().join("agent.toml");
+        let ports = port_range();
         // A `[containers]` table in `extra` adds to the one written here.
         let (containers, extra) = match extra.split_once("[containers]\n") {
             Some((before, after)) => {
@@ -110,11 +111,14 @@ impl AgentProcess {
             format!(
                 "node_id = {node_id:?}\nlisten = \"{ip}:0\"\nwork_dir = {:?}\nlabels = {{ {labels} }}\n\
                  [resources]\nvcores = 8.0\n[containers]\ncgroup_parent = {:?}\n{containers}\
-                 [heartbeat]\nmax_backoff = \"300ms\"\n[gpu]\nprobe = \"fake\"\n\
+                 [heartbeat]\nmax_backoff = \"300ms\"\n[ports]\nfirst = {ports_first}\nlast = {ports_last}\n\
+                 [gpu]\nprobe = \"fake\"\n\
                  [[gpu.fake.devices]]\nuuid = \"GPU-0\"\nmodel = \"Fake H100\"\nmemory = \"80GiB\"\n{extra}{}",
                 work.path().join("agent").display().to_string(),
                 parent_name(node_id, rm),
                 crate::secure::agent_toml(node_id, &extra),
+                ports_first = ports.0,
+                ports_last = ports.1,
             ),
         )
         .unwrap();
@@ -196,6 +200,18 @@ impl Drop for AgentProcess {
 
 /// Kills what an agent killed with SIGKILL left running (processes carrying
 /// its scope marker) and removes its cgroups; a clean stop leaves nothing.
+/// A port range of its own for each agent this process starts: agents of
+/// one machine (every node of a test cluster, and the clusters of tests
+/// running side by side) must not hand out the same ports, as nodes of
+/// their own would not. 60 ranges of 200 ports below the kernel's
+/// ephemeral ones, taken in turn.
+fn port_range() -> (u16, u16) {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 60;
+    let first = 20_000 + k * 200;
+    (first, first + 199)
+}
+
 pub fn force_clean(parent: &str) {
     let marker = format!("WEFT_CONTAINER_SCOPE={parent}/");
     for pid in weft_node_agent::procfs::all_pids() {

@@ -375,6 +375,21 @@ async fn a_rolling_update_replaces_replicas_one_at_a_time_and_a_broken_one_stops
         if r.rollout == "revision 1 rolled out" {
             break;
         }
+        if r.rollout.contains("stopped") {
+            // Say why: the new replica's output.
+            let mut logs = String::new();
+            for task in ["serve/0~r1", "serve/1~r1", "serve/2~r1"] {
+                if let Ok(mut st) = client.task_logs(&app, task, true, 0, false).await {
+                    while let Ok(Some(c)) = st.message().await {
+                        logs.push_str(&String::from_utf8_lossy(&c.data));
+                    }
+                }
+            }
+            panic!(
+                "the rollout of a good version stopped: {}\n{logs}",
+                r.rollout
+            );
+        }
         assert!(
             t.elapsed() < Duration::from_secs(60),
             "not rolled out: {:?} {:?}",
@@ -435,17 +450,34 @@ async fn a_rolling_update_replaces_replicas_one_at_a_time_and_a_broken_one_stops
         assert_eq!(version_of(e.clone()).await.as_deref(), Some("v2"));
     }
 
-    // Updates that change more than what a replica runs.
+    // Scaled up after the stopped rollout: the new replica runs the
+    // version that serves (v2), not the broken one.
+    client.scale_application(&app, "", 4).await.unwrap();
+    let (four, _) = wait_endpoints(&client, &app, 4, Duration::from_secs(30), all).await;
+    for e in &four {
+        assert_eq!(version_of(e.clone()).await.as_deref(), Some("v2"), "{e:?}");
+    }
+
+    // Updates that change more than what a replica runs, or nothing.
     let base = versioned(dir.path(), "v4", "", "20s");
     for (spec, field) in [
         (
             base.replace("name: web\n", "name: web\nqueue: root.other\n"),
             "queue",
         ),
+        (base.replace("name: web\n", "name: web2\n"), "name"),
+        (
+            base.replace("name: web\n", "name: web\npriority: 5\n"),
+            "priority",
+        ),
         (base.replace("- name: serve", "- name: api"), "stages"),
         (
             base.replace("replicas: 3", "replicas: 0"),
             "stages[0].replicas",
+        ),
+        (
+            versioned(dir.path(), "v3", "1", "2s"),
+            "nothing to roll out",
         ),
     ] {
         let e = client
