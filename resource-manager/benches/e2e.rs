@@ -21,6 +21,8 @@
 //! (certificates made for the run; the bench's client verifies with the CA);
 //! with `WEFT_BENCH_ACL=1` too, users are on (`[acl] enabled`), every call
 //! authenticated (the bench's as the members' certificate).
+//! `WEFT_BENCH_ONLY=jobs` runs the 1,000 one-task jobs alone (for many
+//! interleaved runs of TLS on and off: `benches/tls-pairs.sh`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -262,9 +264,10 @@ fn main() {
         let app = client.submit(&job("warm", 4), "yaml", "bench").await.unwrap();
         wait_end(&client, &app, Duration::from_millis(20)).await;
 
+        let jobs_only = std::env::var("WEFT_BENCH_ONLY").is_ok_and(|v| v == "jobs");
         // 1. Latency of one job of `wide` trivial tasks, run alone.
         let (mut am, mut first, mut whole) = (Vec::new(), Vec::new(), Vec::new());
-        for i in 0..runs {
+        for i in 0..if jobs_only { 0 } else { runs } {
             let t0 = now_ms();
             let app = client
                 .submit(&job(&format!("lat{i}"), wide), "yaml", "bench")
@@ -293,12 +296,17 @@ fn main() {
         if support::acl_on() {
             println!("with users on ([acl] enabled, WEFT_BENCH_ACL=1): every call authenticated");
         }
-        println!("{wide}-task trivial job, {runs} runs, {nodes} nodes (ms: p50 [min..max]):");
+        if !jobs_only {
+            println!("{wide}-task trivial job, {runs} runs, {nodes} nodes (ms: p50 [min..max]):");
+        }
         for (name, v) in [
             ("submit -> master running", &mut am),
             ("submit -> first task running", &mut first),
             ("submit -> job finished", &mut whole),
         ] {
+            if jobs_only {
+                break;
+            }
             let med = p50(v);
             println!(
                 "  {name:<30} {med:>6} [{}..{}]",
@@ -394,6 +402,9 @@ fn main() {
             per_job(3),
         );
 
+        if jobs_only {
+            return;
+        }
         // 3. One job of many tasks.
         let t0 = now_ms();
         let app = client
