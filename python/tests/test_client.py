@@ -162,3 +162,53 @@ def test_no_leader_in_time_is_a_clear_error():
             c.apps()
     assert e.value.code == "unavailable"
     assert "cannot reach a resource-manager leader at 127.0.0.1:1 within 1s" in e.value.message
+
+
+SERVICE = """
+name: web
+kind: service
+stages:
+  - name: serve
+    replicas: 1
+    ports: [http]
+    env: { VERSION: '@V@' }
+    command: 'exec python3 -m http.server --bind 127.0.0.1 $WEFT_PORT_HTTP'
+    resources: { vcores: 0.1, memory: 64MiB }
+    health: { http: { port: http, path: / }, interval: 300ms, timeout: 250ms }
+"""
+
+
+def endpoints(app, n, timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        eps = app.endpoints()
+        if len(eps) == n:
+            return eps
+        assert time.monotonic() < deadline, f"not {n} endpoints: {eps}"
+        time.sleep(0.1)
+
+
+def test_a_service_lists_its_endpoints_scales_and_updates(client):
+    import urllib.request
+
+    app = client.submit(SERVICE.replace("@V@", "1"))
+    (e,) = endpoints(app, 1)
+    assert e.stage == "serve" and e.index == 0, e
+    with urllib.request.urlopen(f"http://{e.address()}/", timeout=10) as r:
+        assert r.status == 200
+    assert app.status().kind == "service"
+    assert app.scale(2) == 1
+    eps = endpoints(app, 2)
+    assert sorted(x.index for x in eps) == [0, 1]
+    assert app.update(SERVICE.replace("@V@", "2")) == 1
+    deadline = time.monotonic() + 60
+    while app.status().rollout != "revision 1 rolled out":
+        assert time.monotonic() < deadline, app.status().rollout
+        time.sleep(0.2)
+    after = endpoints(app, 1)
+    assert not {x.container_id for x in after} & {x.container_id for x in eps}
+    with pytest.raises(weft.WeftError) as bad:
+        app.scale(2, stage="nope")
+    assert "stage" in str(bad.value)
+    app.kill()
+    assert app.wait(progress=False, timeout=60).state == "killed"

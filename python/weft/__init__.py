@@ -7,6 +7,6 @@
     print(report.state, app.logs("train/0"))
 """
 
-from weft.client import FINISHED, Application, Client, Report, Stage, WeftError, Why
+from weft.client import FINISHED, Application, Client, Endpoint, Report, Stage, WeftError, Why
 
-__all__ = ["Application", "Client", "FINISHED", "Report", "Stage", "WeftError", "Why"]
+__all__ = ["Application", "Client", "Endpoint", "FINISHED", "Report", "Stage", "WeftError", "Why"]

@@ -82,6 +82,10 @@ class Report:
     diagnostics: str
     submitted_at_ms: int
     finished_at_ms: Optional[int]
+    kind: str = "batch"
+    endpoints: List["Endpoint"] = field(default_factory=list)
+    spec_revision: int = 0
+    rollout: str = ""
 
     @property
     def finished(self) -> bool:
@@ -101,7 +105,32 @@ class Report:
             diagnostics=r.diagnostics,
             submitted_at_ms=r.submitted_at_ms,
             finished_at_ms=r.finished_at_ms or None,
+            kind=r.kind or "batch",
+            endpoints=[Endpoint.of(e) for e in r.endpoints],
+            spec_revision=r.spec_revision,
+            rollout=r.rollout,
         )
+
+
+@dataclass
+class Endpoint:
+    """A service's healthy replica: where to reach it."""
+
+    stage: str
+    index: int
+    container_id: str
+    node_id: str
+    host: str
+    ports: dict
+
+    def address(self, port: Optional[str] = None) -> str:
+        """`host:port` of the named port (default: the only, or first, one)."""
+        name = port or sorted(self.ports)[0]
+        return f"{self.host}:{self.ports[name]}"
+
+    @classmethod
+    def of(cls, e) -> "Endpoint":
+        return cls(e.stage, e.index, e.container_id, e.node_id, e.host, dict(e.ports))
 
 
 @dataclass
@@ -214,18 +243,10 @@ class Client:
 
     # -- applications -----------------------------------------------------
 
-    def submit(
-        self,
-        spec: Union[str, os.PathLike],
-        wait: bool = False,
-        user: str = "",
-        format: Optional[str] = None,
-        progress: bool = True,
-    ) -> "Application":
-        """Submits a job spec: YAML or TOML text, or the path of a file
-        (`.toml` read as TOML). `wait`: wait for its end (see
-        `Application.wait`). The request carries an id of its own, so a
-        retry after a lost answer submits it once."""
+    @staticmethod
+    def _spec(spec: Union[str, os.PathLike], format: Optional[str]):
+        """A spec's text and format: YAML or TOML text, or the path of a
+        file (`.toml` read as TOML)."""
         path = None
         if isinstance(spec, os.PathLike):
             path = pathlib.Path(spec)
@@ -240,9 +261,24 @@ class Client:
         text = spec if path is None else path.read_text()
         if path is not None:
             format = format or ("toml" if path.suffix == ".toml" else "yaml")
+        return text, format or "yaml"
+
+    def submit(
+        self,
+        spec: Union[str, os.PathLike],
+        wait: bool = False,
+        user: str = "",
+        format: Optional[str] = None,
+        progress: bool = True,
+    ) -> "Application":
+        """Submits a job spec: YAML or TOML text, or the path of a file
+        (`.toml` read as TOML). `wait`: wait for its end (see
+        `Application.wait`). The request carries an id of its own, so a
+        retry after a lost answer submits it once."""
+        text, format = self._spec(spec, format)
         req = pb.SubmitApplicationRequest(
             spec=text,
-            spec_format=format or "yaml",
+            spec_format=format,
             user=user,
             request_id=f"py-{uuid.uuid4().hex}",
         )
@@ -441,6 +477,30 @@ class Application:
 
     def kill(self) -> None:
         self.client._call("KillApplication", pb.KillApplicationRequest(application_id=self.id))
+
+    def endpoints(self) -> List[Endpoint]:
+        """A service's healthy replicas (`rmctl app endpoints`)."""
+        return self.status().endpoints
+
+    def scale(self, replicas: int, stage: str = "") -> int:
+        """Sets how many replicas a service's stage keeps (`stage`: needed
+        where it has several); returns the count before."""
+        r = self.client._call(
+            "ScaleApplication",
+            pb.ScaleApplicationRequest(application_id=self.id, stage=stage, replicas=replicas),
+        )
+        return r.previous
+
+    def update(self, spec: str, spec_format: Optional[str] = None) -> int:
+        """Replaces a running service's spec (text or a path, as for
+        `Client.submit`); its master rolls it out one replica at a time.
+        Returns the new spec revision."""
+        text, fmt = self.client._spec(spec, spec_format)
+        r = self.client._call(
+            "UpdateApplication",
+            pb.UpdateApplicationRequest(application_id=self.id, spec=text, spec_format=fmt),
+        )
+        return r.spec_revision
 
     def why(self) -> Why:
         """What keeps each waiting part from running now, or the task it
