@@ -875,12 +875,7 @@ impl Runner {
             t.next_check = Some(now + h.interval);
             let target = crate::health::Target {
                 host: host_of(&a.node_address).to_string(),
-                ports: s
-                    .ports
-                    .iter()
-                    .cloned()
-                    .zip(a.ports.iter().copied())
-                    .collect(),
+                ports: named_ports(s, a).collect(),
             };
             let (h, id) = (h.clone(), a.container_id.clone());
             self.checking.insert(id.clone());
@@ -1276,12 +1271,7 @@ impl Runner {
                     container_id: a.container_id.clone(),
                     node_id: a.node_id.clone(),
                     host: host_of(&a.node_address).to_string(),
-                    ports: s
-                        .ports
-                        .iter()
-                        .cloned()
-                        .zip(a.ports.iter().copied())
-                        .collect(),
+                    ports: named_ports(s, a).collect(),
                 })
             })
             .collect();
@@ -1359,6 +1349,15 @@ impl Runner {
             self.tasks[i].alloc = None;
         }
     }
+}
+
+/// A replica's named ports (a service's stage is no gang: its ports are
+/// its named ones, in order).
+fn named_ports<'a>(
+    s: &'a weft_spec::StageSpec,
+    a: &'a pb::Allocation,
+) -> impl Iterator<Item = (String, u32)> + 'a {
+    s.ports.iter().cloned().zip(a.ports.iter().copied())
 }
 
 /// The host of a node's `host:port` address.
