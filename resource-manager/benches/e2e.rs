@@ -76,6 +76,10 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // An agent killed while it had a container's group frozen (to kill
+        // a tree that kept forking) leaves it frozen for good: thaw this
+        // bench's groups and kill what is left in them, then remove them.
+        support::clean_cgroups(&format!("weft-bench-e2e-{}-", std::process::id()));
     }
 }
 

@@ -187,3 +187,60 @@ where
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
     (lat.len() as f64 / secs, pct(0.5), pct(0.99))
 }
+
+/// Removes the cgroups whose names start with `prefix` (under every
+/// mounted hierarchy), after thawing them and killing what they hold: an
+/// agent killed while it had a group frozen leaves its tree where SIGKILL
+/// cannot land until the group is thawed.
+pub fn clean_cgroups(prefix: &str) {
+    let mounts = weft_node_agent::driver::cgroupfs::Mounts::read();
+    let mut roots: Vec<std::path::PathBuf> = mounts.v1.iter().map(|(p, _)| p.clone()).collect();
+    roots.extend(mounts.v2.clone());
+    let parents: Vec<std::path::PathBuf> = roots
+        .iter()
+        .filter_map(|r| std::fs::read_dir(r).ok())
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path())
+        .collect();
+    let groups = |p: &std::path::Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect()
+    };
+    for p in &parents {
+        for g in groups(p) {
+            for pid in std::fs::read_to_string(g.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+            {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            let _ = std::fs::write(g.join("freezer.state"), "THAWED");
+            let _ = std::fs::write(g.join("cgroup.freeze"), "0");
+        }
+    }
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        for p in &parents {
+            for g in groups(p) {
+                let _ = std::fs::remove_dir(g);
+            }
+            let _ = std::fs::remove_dir(p);
+        }
+        if parents.iter().all(|p| !p.exists()) || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -229,6 +229,17 @@ pub fn force_clean(parent: &str) {
     let mounts = weft_node_agent::driver::cgroupfs::Mounts::read();
     let mut roots: Vec<std::path::PathBuf> = mounts.v1.iter().map(|(p, _)| p.clone()).collect();
     roots.extend(mounts.v2.clone());
+    // A group an agent froze to kill its tree and never thawed (the agent
+    // killed in between) holds its processes where SIGKILL cannot land:
+    // thaw every group of this parent, so the kills above take effect.
+    for root in &roots {
+        if let Ok(rd) = std::fs::read_dir(root.join(parent)) {
+            for e in rd.flatten() {
+                let _ = std::fs::write(e.path().join("freezer.state"), "THAWED");
+                let _ = std::fs::write(e.path().join("cgroup.freeze"), "0");
+            }
+        }
+    }
     // Killed processes leave their groups once reaped: retry for a while.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
