@@ -1056,11 +1056,15 @@ fn aggregate_logs(cfg: &crate::config::LogsConfig, log_dir: &Path, id: &str) {
     }
 }
 
-/// Runs `f` on the blocking pool. A panic there is a bug in the agent.
+/// Runs `f` on the blocking pool. A panic there is a bug in the agent and
+/// goes on as the caller's; a task the runtime cancelled (it is shutting
+/// down, and drops the caller too) never answers.
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f)
-        .await
-        .expect("blocking task panicked")
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// `weft-shim` beside the agent's program, else the agent's program itself
