@@ -345,6 +345,29 @@ async fn the_rest_api_runs_follows_reads_and_kills_jobs_and_names_every_bad_fiel
     let r = api.post(&format!("/v1/apps/{svc_id}/kill"), "", "").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(wait_done(&api, &svc_id).await["state"], "killed");
+    // An impatient user updates a service the instant it is submitted,
+    // before any replica runs: the update is rolled out all the same.
+    let r = api.post("/v1/apps", "application/yaml", svc).await;
+    let eager = r.json()["application_id"].as_str().unwrap().to_string();
+    let v2 = svc.replace("command: 'exec", "env: { V: '2' }\n    command: 'exec");
+    let r = api
+        .post(&format!("/v1/apps/{eager}/update"), "application/yaml", v2)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["spec_revision"], 1, "{}", r.text());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = api.get(&format!("/v1/apps/{eager}")).await.json();
+        if v["rollout"] == "revision 1 rolled out" && v["endpoints"].as_array().unwrap().len() == 1
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not rolled out: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = api.post(&format!("/v1/apps/{eager}/kill"), "", "").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(wait_done(&api, &eager).await["state"], "killed");
 
     // Bad input: each names its field, and nothing is submitted.
     let before = api.get("/v1/apps?page_size=1000").await.json()["applications"]
