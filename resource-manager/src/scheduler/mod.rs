@@ -12,6 +12,7 @@
 
 pub mod explain;
 pub mod model;
+pub mod preempt;
 pub mod queues;
 pub mod round;
 pub mod workload;
