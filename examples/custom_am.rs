@@ -125,6 +125,8 @@ async fn main() -> anyhow::Result<()> {
                 // The RM signed it for this container on this node.
                 token: a.container_token.clone(),
                 files: Default::default(),
+                // Its checkpoint directory, kept across its reruns.
+                checkpoint_key: format!("task/{index}"),
             };
             nodes.get(&a.node_address)?.start_container(req).await?;
             println!(

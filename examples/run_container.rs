@@ -117,6 +117,7 @@ async fn run() -> anyhow::Result<()> {
         }),
         token: vec![],
         files: Default::default(),
+        checkpoint_key: String::new(),
     };
     let r = req.resources.clone().unwrap_or_default();
     let now = weft_proto::token::now_ms();

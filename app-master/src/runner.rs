@@ -590,6 +590,8 @@ impl Runner {
                         PlacementSpec::Spread => pb::PlacementPolicy::Spread as i32,
                     },
                     ports: ports_asked(s),
+                    preemption_grace_ms: s.preemption_grace().as_millis() as u64,
+                    min_available: s.min_available(),
                 }
             })
             .collect()
@@ -647,6 +649,14 @@ impl Runner {
                     }),
                     token: a.container_token.clone(),
                     files: Default::default(),
+                    // The same for every run of the task: a rerun resumes
+                    // from what an earlier (preempted) run checkpointed.
+                    checkpoint_key: format!(
+                        "{}/{}{}",
+                        s.name,
+                        t.role.as_ref().map(|r| format!("{r}/")).unwrap_or_default(),
+                        t.index
+                    ),
                 };
                 starts.push((i, a, req));
             }
@@ -1132,8 +1142,11 @@ impl Runner {
             self.tasks[i].healthy = false;
             return;
         }
-        use weft_proto::exit_codes::{AGENT_SHUTDOWN, FENCED, LOST, NODE_LOST};
-        let not_its_fault = matches!(exit.exit_status, NODE_LOST | LOST | AGENT_SHUTDOWN | FENCED);
+        use weft_proto::exit_codes::{AGENT_SHUTDOWN, FENCED, LOST, NODE_LOST, PREEMPTED};
+        let not_its_fault = matches!(
+            exit.exit_status,
+            NODE_LOST | LOST | AGENT_SHUTDOWN | FENCED | PREEMPTED
+        );
         let reason = format!(
             "stage {} replica {}: {}",
             s.name,
@@ -1318,8 +1331,11 @@ impl Runner {
         );
         // A lost node, an agent that lost track of it or shut down: not the
         // task's fault; it reruns without using a retry.
-        use weft_proto::exit_codes::{AGENT_SHUTDOWN, FENCED, LOST, NODE_LOST};
-        let not_its_fault = matches!(exit.exit_status, NODE_LOST | LOST | AGENT_SHUTDOWN | FENCED);
+        use weft_proto::exit_codes::{AGENT_SHUTDOWN, FENCED, LOST, NODE_LOST, PREEMPTED};
+        let not_its_fault = matches!(
+            exit.exit_status,
+            NODE_LOST | LOST | AGENT_SHUTDOWN | FENCED | PREEMPTED
+        );
         if !not_its_fault {
             self.failures[si] += 1;
         }

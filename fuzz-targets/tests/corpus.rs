@@ -89,6 +89,9 @@ fn write_seeds() {
         ask_id: "train".into(),
         gang: Some("train#0".into()),
         ports: vec![7000],
+        priority: 5,
+        preemption_grace_ms: 20_000,
+        min_available: 0,
     };
     let stream = vec![
         Command::SetQueues {
@@ -106,6 +109,8 @@ fn write_seeds() {
                 user_limit_memory_bytes: 0,
                 user_limit_gpus: 0,
                 admin_acl: vec!["ann".into()],
+                priority_preemption: true,
+                max_preemption_grace_ms: 60_000,
             }],
         },
         Command::AclBootstrap {
@@ -174,6 +179,14 @@ fn write_seeds() {
         Command::ContainersLaunched {
             container_ids: vec!["c1".into()],
             at_ms: 6,
+        },
+        Command::PreemptContainers {
+            preemptions: vec![Preemption {
+                container_id: "c1".into(),
+                grace_ms: 20_000,
+                diagnostic: "preempted to reclaim capacity".into(),
+            }],
+            at_ms: 7,
         },
         Command::ContainersCompleted {
             completions: vec![Completion {
@@ -280,6 +293,7 @@ fn write_seeds() {
         }),
         token: vec![1, 2, 3],
         files: [("weft-job-spec".to_string(), b"name: x\n".to_vec())].into(),
+        checkpoint_key: "train/0".into(),
     };
     write(
         "requests",

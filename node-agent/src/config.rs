@@ -164,6 +164,11 @@ pub struct ContainersConfig {
     /// With `run_as_user`: the queues whose tasks may run as root (a job
     /// submitted by root elsewhere is refused).
     pub root_queues: Vec<String>,
+    /// Where tasks' checkpoints live (`<dir>/<application>/<task>`, a
+    /// task's WEFT_CHECKPOINT_DIR and its work dir's `checkpoint`): a
+    /// shared file system lets a preempted task resume on another node.
+    /// Default: `<work_dir>/checkpoints` (a rerun on this node only).
+    pub checkpoint_dir: Option<PathBuf>,
 }
 
 impl Default for ContainersConfig {
@@ -179,6 +184,7 @@ impl Default for ContainersConfig {
             shim: None,
             run_as_user: false,
             root_queues: Vec::new(),
+            checkpoint_dir: None,
         }
     }
 }

@@ -36,6 +36,9 @@ use crate::{shim, validate};
 /// Character-device major number of NVIDIA GPUs (`/dev/nvidiaN` is 195:N).
 pub const NVIDIA_MAJOR: u32 = 195;
 
+/// A container's notice file in its work dir (`WEFT_NOTICE_FILE`).
+pub const NOTICE_FILE: &str = ".weft-notice";
+
 /// Cloneable handle on the node's containers.
 #[derive(Clone)]
 pub struct Manager {
@@ -50,6 +53,8 @@ struct Shared {
     gpus: Vec<GpuInfo>,
     capacity: Capacity,
     containers_root: PathBuf,
+    /// Tasks' checkpoints: `<root>/<application>/<checkpoint key>`.
+    checkpoints_root: PathBuf,
     logs_root: PathBuf,
     /// Every container the agent knows, running or ended and retained.
     state: Mutex<HashMap<String, Arc<Container>>>,
@@ -134,8 +139,14 @@ impl Manager {
     pub fn new(p: ManagerParts) -> Result<Self> {
         let containers_root = p.work_dir.join("containers");
         let logs_root = p.work_dir.join("logs");
+        let checkpoints_root = p
+            .containers
+            .checkpoint_dir
+            .clone()
+            .unwrap_or_else(|| p.work_dir.join("checkpoints"));
         let state_dir = StateDir::new(&p.work_dir);
         for d in [
+            &checkpoints_root,
             &containers_root,
             &logs_root,
             &state_dir.path().to_path_buf(),
@@ -168,6 +179,7 @@ impl Manager {
                 gpus,
                 capacity: p.capacity,
                 containers_root,
+                checkpoints_root,
                 logs_root,
                 state: Mutex::new(HashMap::new()),
                 closing: AtomicBool::new(false),
@@ -491,6 +503,7 @@ impl Manager {
                     args: vec![],
                     env: Default::default(),
                     files: Default::default(),
+                    checkpoint_key: String::new(),
                     resources: Default::default(),
                 },
                 phase: Phase::Done(Exit::new(ExitReason::Lost, vec![])),
@@ -771,9 +784,29 @@ impl Manager {
             rec.log_dir.clone(),
             run_as.clone(),
         );
+        // The task's checkpoints, kept across its reruns: under its
+        // application (from its token, so never another's) and its key.
+        let checkpoint = (!spec.checkpoint_key.is_empty()
+            && validate::container_id_ok(&rec.application_id))
+        .then(|| {
+            self.sh
+                .checkpoints_root
+                .join(&rec.application_id)
+                .join(&spec.checkpoint_key)
+        });
+        let checkpoint_dir = checkpoint.clone();
         let prepared = blocking(move || -> Result<Arc<dyn Group>> {
             for d in [&work_dir, &log_dir] {
                 std::fs::create_dir_all(d).map_err(|e| Error::io("creating", d, e))?;
+            }
+            if let Some(dir) = &checkpoint_dir {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+                if let Some(who) = &owner {
+                    crate::users::give(dir, who, 0o700)?;
+                }
+                let link = work_dir.join("checkpoint");
+                std::os::unix::fs::symlink(dir, &link)
+                    .map_err(|e| Error::io("linking", &link, e))?;
             }
             // Empty log files now: readable from the start, and the shim
             // appends to them.
@@ -834,6 +867,15 @@ impl Manager {
         }
         env.push(("WEFT_CONTAINER_ID".into(), spec.id.clone()));
         env.push(("WEFT_WORK_DIR".into(), rec.work_dir.display().to_string()));
+        // Where the agent says why it stops the task early (a preemption),
+        // before its SIGTERM.
+        env.push((
+            "WEFT_NOTICE_FILE".into(),
+            rec.work_dir.join(NOTICE_FILE).display().to_string(),
+        ));
+        if let Some(dir) = &checkpoint {
+            env.push(("WEFT_CHECKPOINT_DIR".into(), dir.display().to_string()));
+        }
         // With TLS on, a container's clients (its master, rmctl in a task)
         // verify the cluster's servers with the CA this agent trusts.
         if let Some(tls) = weft_common::tls::installed() {
@@ -1008,6 +1050,31 @@ impl Manager {
             c.wait_done().await;
         }
         Ok(c.record().to_proto())
+    }
+
+    /// Preempts a container: its notice file says so (`WEFT_PREEMPTED=1`,
+    /// the grace, why), then SIGTERM and, after `grace`, SIGKILL; it ends
+    /// as PREEMPTED. A container already stopping goes on as it was.
+    pub async fn preempt(&self, id: &str, grace: Duration, why: &str) -> Result<()> {
+        let c = self
+            .get(id)
+            .ok_or_else(|| Error::NotFound(id.to_string()))?;
+        let rec = c.record();
+        if rec.is_done() || rec.phase == Phase::Stopping {
+            return Ok(());
+        }
+        let notice = format!(
+            "WEFT_PREEMPTED=1\nWEFT_PREEMPTION_GRACE_MS={}\nWEFT_PREEMPTION_REASON={}\n",
+            grace.as_millis(),
+            why.replace(['\n', '\r'], " ")
+        );
+        let path = rec.work_dir.join(NOTICE_FILE);
+        if let Err(e) = tokio::fs::write(&path, notice).await {
+            warn!(container_id = %id, error = %e, "writing the preemption notice");
+        }
+        info!(container_id = %id, grace = ?grace, why, "preempting container");
+        self.request_stop(&c, ExitReason::Preempted { grace }, Some(grace));
+        Ok(())
     }
 
     fn request_stop(&self, c: &Container, reason: ExitReason, grace: Option<Duration>) {

@@ -58,6 +58,7 @@ pub fn reason_name(r: &ExitReason) -> &'static str {
         ExitReason::AgentShutdown => "agent_shutdown",
         ExitReason::Lost => "lost",
         ExitReason::Fenced { .. } => "fenced",
+        ExitReason::Preempted { .. } => "preempted",
     }
 }
 

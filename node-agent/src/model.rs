@@ -20,6 +20,9 @@ pub struct ContainerSpec {
     pub resources: ResourceRequest,
     /// Written into the working directory before the command starts.
     pub files: BTreeMap<String, Vec<u8>>,
+    /// The task it runs, the same across reruns: names its checkpoint
+    /// directory (empty: none).
+    pub checkpoint_key: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -65,6 +68,11 @@ pub enum ExitReason {
         silent: Duration,
         expiry: Duration,
     },
+    /// Preempted by the resource manager: SIGTERM, its notice file, then
+    /// SIGKILL after `grace`.
+    Preempted {
+        grace: Duration,
+    },
 }
 
 impl ExitReason {
@@ -87,6 +95,7 @@ impl ExitReason {
             ExitReason::AgentShutdown => exit_codes::AGENT_SHUTDOWN,
             ExitReason::Lost => exit_codes::LOST,
             ExitReason::Fenced { .. } => exit_codes::FENCED,
+            ExitReason::Preempted { .. } => exit_codes::PREEMPTED,
         }
     }
 
@@ -169,6 +178,10 @@ pub fn diagnostic(reason: &ExitReason, top: &[ProcessSample]) -> String {
             "lost: found running when the node agent started (the previous agent died); its processes were killed"
                 .into()
         }
+        ExitReason::Preempted { grace } => format!(
+            "preempted by the resource manager: SIGTERM, then SIGKILL after its grace of {} (not the task's fault; it reruns)",
+            humantime::format_duration(*grace)
+        ),
         ExitReason::Fenced { silent, expiry } => format!(
             "killed by its node: no answer from the resource manager for {} (its node_expiry is {}), after which the RM runs the node's tasks elsewhere; not the task's fault",
             humantime::format_duration(Duration::from_millis(silent.as_millis() as u64)),
@@ -285,6 +298,7 @@ pub fn exit_to_proto(e: &Exit) -> pb::ContainerExit {
         ExitReason::UserRequested => R::UserRequested(pb::UserRequested {}),
         ExitReason::AgentShutdown => R::AgentShutdown(pb::AgentShutdown {}),
         ExitReason::Lost => R::Lost(pb::Lost {}),
+        ExitReason::Preempted { .. } => R::Preempted(pb::Preempted {}),
         ExitReason::Fenced { silent, expiry } => R::Fenced(pb::Fenced {
             silent_ms: silent.as_millis() as u64,
             node_expiry_ms: expiry.as_millis() as u64,

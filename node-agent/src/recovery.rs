@@ -72,6 +72,7 @@ impl Persisted {
             args: Vec::new(),
             env: Default::default(),
             files: Default::default(),
+            checkpoint_key: String::new(),
             resources: self.resources.clone(),
         }
     }
@@ -243,8 +244,11 @@ pub fn exit_from_proto(e: &pb::ContainerExit) -> Option<Exit> {
             silent: Duration::from_millis(f.silent_ms),
             expiry: Duration::from_millis(f.node_expiry_ms),
         },
+        R::Preempted(_) => ExitReason::Preempted {
+            grace: Duration::ZERO,
+        },
         // Reasons the RM gives, never an agent.
-        R::Preempted(_) | R::NodeLost(_) | R::LaunchFailed(_) => return None,
+        R::NodeLost(_) | R::LaunchFailed(_) => return None,
     };
     Some(Exit {
         reason,

@@ -363,6 +363,7 @@ mod tests {
             args: vec![],
             env: Default::default(),
             files: Default::default(),
+            checkpoint_key: String::new(),
             resources: ResourceRequest {
                 vcores_milli: vcores,
                 memory_bytes: memory,

@@ -147,6 +147,12 @@ pub async fn run(mgr: Manager, node: NodeIdentity, cfg: TrackerConfig, cancel: C
                         .learn(&r.token_keys, &r.token_group, &r.token_public_key);
                     mgr.tokens().observe_leader_clock(r.leader_clock_ms);
                     acknowledged.extend(r.containers_acknowledged.iter().cloned());
+                    // Preempted ones first: the plain stop below then
+                    // finds them stopping and leaves them be.
+                    for p in &r.preempt {
+                        let grace = Duration::from_millis(p.grace_period_ms);
+                        let _ = mgr.preempt(&p.container_id, grace, &p.diagnostic).await;
+                    }
                     for id in &r.containers_to_stop {
                         info!(container_id = %id, "resource manager asks to stop container");
                         let _ = mgr.stop(id, None, false).await;

@@ -149,8 +149,18 @@ pub fn start_request(req: pb::StartContainerRequest, gpu_count: usize) -> Result
             "a GPU memory quota needs at least one GPU in resources.gpu_indices",
         ));
     }
+    if !req.checkpoint_key.is_empty() && !checkpoint_key_ok(&req.checkpoint_key) {
+        return Err(Error::invalid(
+            "checkpoint_key",
+            format!(
+                "{:?} must be 1-{MAX_CHECKPOINT_KEY} bytes of at most 4 '/'-separated parts, each letters, digits, '-', '_' or '.', not '.' or '..'",
+                req.checkpoint_key.chars().take(80).collect::<String>()
+            ),
+        ));
+    }
     Ok(ContainerSpec {
         id,
+        checkpoint_key: req.checkpoint_key,
         command: req.command,
         args: req.args,
         env,
@@ -165,6 +175,24 @@ pub fn start_request(req: pb::StartContainerRequest, gpu_count: usize) -> Result
             max_runtime: (r.max_runtime_ms > 0).then(|| Duration::from_millis(r.max_runtime_ms)),
         },
     })
+}
+
+/// Longest checkpoint key.
+pub const MAX_CHECKPOINT_KEY: usize = 256;
+
+/// A relative path of a few plain parts: it cannot leave the application's
+/// checkpoint directory.
+fn checkpoint_key_ok(k: &str) -> bool {
+    let parts: Vec<&str> = k.split('/').collect();
+    k.len() <= MAX_CHECKPOINT_KEY
+        && parts.len() <= 4
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && *p != "."
+                && *p != ".."
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
 }
 
 fn file_name_ok(n: &str) -> bool {

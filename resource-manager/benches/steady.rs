@@ -40,6 +40,9 @@ fn task(
         ask_id: "task".into(),
         gang: None,
         ports: vec![],
+        priority: 0,
+        preemption_grace_ms: 0,
+        min_available: 0,
     }
 }
 

@@ -68,6 +68,37 @@ pub struct RmConfig {
     pub http: HttpConfig,
     /// Task logs that outlive their node.
     pub logs: LogsConfig,
+    /// Preemption: queues under their guarantee take capacity back.
+    pub preemption: PreemptionConfig,
+}
+
+/// `[preemption]`: when the leader stops running containers so that
+/// waiting ones fit (see `docs/resource-manager.md`, "Preemption").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreemptionConfig {
+    /// Off by default: a queue under its guarantee waits for borrowed
+    /// capacity to drain by itself.
+    pub enabled: bool,
+    /// A container runs at least this long before it may be preempted.
+    #[serde(with = "humantime_serde")]
+    pub min_runtime: Duration,
+    /// A task (an application's ask) is preempted at most this many times
+    /// an hour.
+    pub max_per_hour: u32,
+    /// Most containers one round preempts.
+    pub max_per_round: usize,
+}
+
+impl Default for PreemptionConfig {
+    fn default() -> Self {
+        PreemptionConfig {
+            enabled: false,
+            min_runtime: Duration::from_secs(60),
+            max_per_hour: 3,
+            max_per_round: 64,
+        }
+    }
 }
 
 /// `[logs]`: where ended tasks' logs are kept off their nodes.
@@ -236,6 +267,7 @@ impl Default for RmConfig {
             audit_log: None,
             http: HttpConfig::default(),
             logs: LogsConfig::default(),
+            preemption: PreemptionConfig::default(),
         }
     }
 }
@@ -257,6 +289,13 @@ pub struct QueueConfig {
     /// Users who administer this queue and the queues under it: they see
     /// and kill every application in them (with `[acl]` on).
     pub admin_acl: Vec<String>,
+    /// With `[preemption]` on: a higher priority in this queue may preempt
+    /// a lower one of it.
+    pub priority_preemption: bool,
+    /// The longest grace this queue's preempted containers get, whatever
+    /// their stage asks.
+    #[serde(with = "humantime_serde")]
+    pub max_preemption_grace: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -285,6 +324,10 @@ impl QueueConfig {
             user_limit_memory_bytes: self.user_limit.memory.map_or(0, |b| b.as_u64()),
             user_limit_gpus: self.user_limit.gpus.unwrap_or(0),
             admin_acl: self.admin_acl.clone(),
+            priority_preemption: self.priority_preemption,
+            max_preemption_grace_ms: self
+                .max_preemption_grace
+                .map_or(0, |d| d.as_millis().max(1) as u64),
         }
     }
 }

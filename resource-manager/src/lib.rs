@@ -98,6 +98,7 @@ pub async fn run(
         acl
     })
     .with_log_store(config.logs.aggregate_dir.clone())
+    .with_preemption(config.preemption.clone())
     .with_audit_log(match &config.audit_log {
         Some(path) => service::audit_log::AuditLog::open(path, config.id)
             .map_err(|e| Error::Config(format!("audit_log {}: {e}", path.display())))?,

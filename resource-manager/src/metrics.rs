@@ -42,6 +42,9 @@ pub struct RmMetrics {
     pub leader_changes: Counter,
     pub submissions: Family<Outcome, Counter>,
     pub kills: Family<Outcome, Counter>,
+    /// Containers this member preempted as leader, by the victim's queue
+    /// and why (`reclaim` or `priority`).
+    pub preemptions: Family<Labels, Counter>,
 }
 
 impl Default for RmMetrics {
@@ -55,6 +58,7 @@ impl Default for RmMetrics {
             leader_changes: Counter::default(),
             submissions: Family::default(),
             kills: Family::default(),
+            preemptions: Family::default(),
         }
     }
 }
@@ -365,6 +369,11 @@ pub fn registry(scheduling: Scheduling) -> Registry {
         "weft_kills",
         "KillApplication calls answered by this member, by outcome.",
         m.kills.clone(),
+    );
+    r.register(
+        "weft_preemptions",
+        "Containers preempted by this member as leader, by the victim's queue and reason (reclaim: for a queue under its guarantee; priority: for a higher priority of its queue).",
+        m.preemptions.clone(),
     );
     r.register_collector(Box::new(StateCollector { scheduling }));
     r

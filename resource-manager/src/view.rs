@@ -340,6 +340,9 @@ mod tests {
             ask_id: "t".into(),
             gang: None,
             ports: vec![20001],
+            priority: 0,
+            preemption_grace_ms: 0,
+            min_available: 0,
         }
     }
 

@@ -277,6 +277,34 @@ pub struct StageSpec {
     /// by the RM from the node's port range: never one in use there.
     #[serde(default)]
     pub ports: Vec<String>,
+    /// Time a preempted task has between SIGTERM and SIGKILL to write its
+    /// checkpoint (default 30s; at most 1h, and the queue may cap it).
+    #[serde(default, with = "humantime_serde")]
+    pub preemption_grace: Option<Duration>,
+    /// A service's stage: the fewest replicas preemption leaves running
+    /// (default 1; at most `replicas`).
+    #[serde(default)]
+    pub min_available: Option<u32>,
+}
+
+/// The longest `preemption_grace` a stage may give.
+pub const MAX_PREEMPTION_GRACE: Duration = Duration::from_secs(3600);
+
+impl StageSpec {
+    /// Its preemption grace (default 30 s).
+    pub fn preemption_grace(&self) -> Duration {
+        self.preemption_grace.unwrap_or(Duration::from_secs(30))
+    }
+
+    /// A service's stage: replicas preemption leaves running (default 1);
+    /// 0 for a batch stage.
+    pub fn min_available(&self) -> u32 {
+        if self.is_service() {
+            self.min_available.unwrap_or(1)
+        } else {
+            0
+        }
+    }
 }
 
 /// Most named ports a stage may ask for.
@@ -696,10 +724,27 @@ impl StageSpec {
 
 /// The fields only a service's stage takes, and their bounds.
 fn check_service_stage(kind: JobKind, f: &str, s: &StageSpec) -> Result<(), SpecError> {
+    if let Some(g) = s.preemption_grace {
+        if g > MAX_PREEMPTION_GRACE {
+            return Err(bad(
+                format!("{f}.preemption_grace"),
+                format!("{}s is more than 1h", g.as_secs()),
+            ));
+        }
+    }
+    if let (Some(m), Some(r)) = (s.min_available, s.replicas) {
+        if m > r {
+            return Err(bad(
+                format!("{f}.min_available"),
+                format!("{m} is more than its replicas, {r}"),
+            ));
+        }
+    }
     if !s.is_service() {
         for (given, field) in [
             (s.restart.is_some(), "restart"),
             (s.health.is_some(), "health"),
+            (s.min_available.is_some(), "min_available"),
         ] {
             if given {
                 return Err(bad(

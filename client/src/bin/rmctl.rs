@@ -552,6 +552,8 @@ fn quick_spec(q: &Quick) -> anyhow::Result<String> {
             env: pairs("--env", &q.env)?,
             placement: Default::default(),
             ports: vec![],
+            preemption_grace: None,
+            min_available: None,
         }],
     };
     spec.validate()

@@ -280,6 +280,7 @@ pub fn spec(id: &str, script: &str, memory: u64) -> pb::StartContainerRequest {
         }),
         token: vec![],
         files: Default::default(),
+        checkpoint_key: String::new(),
     }
 }
 

@@ -196,6 +196,8 @@ impl ClusterState {
                         free_attempts: 0,
                         stages: Vec::new(),
                         service: *service,
+                        preempted: 0,
+                        preempted_recently: BTreeMap::new(),
                         endpoints: Vec::new(),
                         replicas: BTreeMap::new(),
                         spec_revision: 0,
@@ -347,6 +349,7 @@ impl ClusterState {
                             allocated_at_ms: *at_ms,
                             changed_at_ms: *at_ms,
                             holding: false,
+                            preempted: None,
                         },
                     );
                     Self::charge_node(&mut self.usage, &mut self.node_changes, a, true);
@@ -395,6 +398,52 @@ impl ClusterState {
                     }
                 }
                 Outcome::Done
+            }
+            Command::PreemptContainers { preemptions, at_ms } => {
+                let mut refused = Vec::new();
+                for p in preemptions {
+                    // Only what still runs: an end that came first stands.
+                    let done = self.touch(&p.container_id, |c| {
+                        if c.phase != ContainerPhase::Running {
+                            return None;
+                        }
+                        c.phase = ContainerPhase::Completed;
+                        c.holding = true;
+                        c.end = Some(Completion {
+                            container_id: p.container_id.clone(),
+                            state: ContainerEnd::Killed,
+                            exit_status: weft_proto::exit_codes::PREEMPTED,
+                            diagnostic: p.diagnostic.clone(),
+                        });
+                        c.changed_at_ms = *at_ms;
+                        c.preempted = Some(PreemptedStop {
+                            grace_ms: p.grace_ms,
+                            at_ms: *at_ms,
+                        });
+                        Some((c.alloc.app_id.clone(), c.alloc.ask_id.clone()))
+                    });
+                    let Some(Some((app, ask))) = done else {
+                        refused.push(Refusal {
+                            container_id: p.container_id.clone(),
+                            reason: "not running".into(),
+                        });
+                        continue;
+                    };
+                    if let Some(a) = self.apps.get_mut(app.as_str()) {
+                        a.preempted = a.preempted.saturating_add(1);
+                        let hour_ago = at_ms.saturating_sub(PREEMPTION_WINDOW_MS);
+                        a.preempted_recently.retain(|_, times| {
+                            times.retain(|&t| t > hour_ago);
+                            !times.is_empty()
+                        });
+                        a.preempted_recently.entry(ask).or_default().push(*at_ms);
+                    }
+                }
+                if refused.is_empty() {
+                    Outcome::Done
+                } else {
+                    Outcome::PartlyApplied { refused }
+                }
             }
             Command::ReportProgress {
                 app_id,

@@ -204,6 +204,16 @@ pub enum Command {
         still_running: bool,
         at_ms: u64,
     },
+    /// Preempts running containers (the leader's plan): each ends at once
+    /// as PREEMPTED (its master hears of it and asks again; it does not
+    /// count as a failure) and keeps holding its node until its agent
+    /// reports it stopped, which the agent does after the grace (SIGTERM,
+    /// its notice file, then SIGKILL). One no longer running is refused
+    /// (`Outcome::PartlyApplied`).
+    PreemptContainers {
+        preemptions: Vec<Preemption>,
+        at_ms: u64,
+    },
     /// Agents reported these RM-ended containers stopped: their resources
     /// are free.
     ContainersStopped {

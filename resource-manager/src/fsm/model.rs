@@ -30,6 +30,35 @@ pub struct Allocation {
     /// Ports of the node given to it (from the node's range).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
+    /// Its ask's priority (preemption takes lower priorities first).
+    #[serde(default, skip_serializing_if = "is_zero_i32")]
+    pub priority: i32,
+    /// Time between SIGTERM and SIGKILL when it is preempted (0: the
+    /// default, [`DEFAULT_PREEMPTION_GRACE_MS`]).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub preemption_grace_ms: u64,
+    /// Of its stage (a service's), the fewest replicas preemption leaves
+    /// running.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub min_available: u32,
+}
+
+/// The window of the preemption limit per hour.
+pub const PREEMPTION_WINDOW_MS: u64 = 3_600_000;
+
+/// A preempted container's time to checkpoint when its stage names none.
+pub const DEFAULT_PREEMPTION_GRACE_MS: u64 = 30_000;
+
+fn is_zero_i32(x: &i32) -> bool {
+    *x == 0
+}
+
+fn is_zero_u64(x: &u64) -> bool {
+    *x == 0
+}
+
+fn is_zero_u32(x: &u32) -> bool {
+    *x == 0
 }
 
 /// An inclusive range of ports a node hands to containers (`first` 0: none).
@@ -105,6 +134,26 @@ pub struct Container {
     /// lost, or registers again without it).
     #[serde(default)]
     pub holding: bool,
+    /// Preempted: its agent stops it with this grace (SIGTERM, then
+    /// SIGKILL after it), telling it why in its notice file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preempted: Option<PreemptedStop>,
+}
+
+/// How a preempted container is stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreemptedStop {
+    pub grace_ms: u64,
+    pub at_ms: u64,
+}
+
+/// One container to preempt (the leader's plan).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preemption {
+    pub container_id: String,
+    pub grace_ms: u64,
+    /// Why, for its end's diagnostic.
+    pub diagnostic: String,
 }
 
 impl Container {
@@ -181,6 +230,13 @@ pub struct QueueSpec {
     /// and kill every application in it. Empty = only cluster admins.
     #[serde(default)]
     pub admin_acl: Vec<String>,
+    /// A higher priority in this queue may preempt a lower one of it.
+    #[serde(default)]
+    pub priority_preemption: bool,
+    /// The longest grace this queue's preempted containers get (0: as
+    /// their stage asks).
+    #[serde(default)]
+    pub max_preemption_grace_ms: u64,
 }
 
 impl QueueSpec {
@@ -201,6 +257,8 @@ impl QueueSpec {
             user_limit_memory_bytes: 0,
             user_limit_gpus: 0,
             admin_acl: vec![],
+            priority_preemption: false,
+            max_preemption_grace_ms: 0,
         }
     }
 }
@@ -297,6 +355,13 @@ pub struct App {
     /// A service (`kind: service`): runs until killed.
     #[serde(default)]
     pub service: bool,
+    /// Its containers preempted, all told.
+    #[serde(default)]
+    pub preempted: u32,
+    /// When its containers were preempted within the last hour, per ask
+    /// (the limit per hour counts these).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub preempted_recently: BTreeMap<String, Vec<u64>>,
     /// A service's healthy replicas, as its master last reported them.
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,

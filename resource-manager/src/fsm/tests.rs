@@ -173,6 +173,9 @@ pub(crate) fn alloc(
         ask_id: String::new(),
         gang: None,
         ports: vec![],
+        priority: 0,
+        preemption_grace_ms: 0,
+        min_available: 0,
     }
 }
 

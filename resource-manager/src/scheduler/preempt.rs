@@ -48,12 +48,11 @@ pub struct Running {
     pub protected: bool,
 }
 
-/// A container already being stopped: its room is coming.
+/// A container already being stopped: its room on its node is coming
+/// (its queue no longer counts it).
 #[derive(Debug, Clone)]
 pub struct Stopping {
     pub node: usize,
-    pub queue: usize,
-    pub user: String,
     pub res: Res,
     pub grants: Vec<GpuGrant>,
     pub ports: u32,
@@ -125,9 +124,9 @@ fn take(n: &mut Node, ask: &Ask, grants: &[GpuGrant]) {
     for g in grants {
         let d = &mut n.gpus[g.device];
         d.free_milli -= g.milli;
-        d.free_memory = d
-            .free_memory
-            .saturating_sub(if g.milli == 1000 { d.memory } else { g.memory });
+        d.free_memory =
+            d.free_memory
+                .saturating_sub(if g.milli == 1000 { d.memory } else { g.memory });
     }
 }
 
@@ -290,7 +289,6 @@ pub fn plan(
         if let Some(n) = sim.nodes.get_mut(s.node) {
             free(n, s.res, &s.grants, s.ports);
         }
-        sim.queues.refund(s.queue, &s.user, s.res);
     }
     for (k, r) in running.iter().enumerate() {
         if r.group != 0 {
@@ -346,8 +344,8 @@ pub fn plan(
         for &ai in unit {
             let ask = &waiting[ai];
             // Room free (or being freed) first.
-            if let Some((i, grants)) = (0..sim.nodes.len())
-                .find_map(|i| Cluster::fit(&sim.nodes[i], ask).map(|g| (i, g)))
+            if let Some((i, grants)) =
+                (0..sim.nodes.len()).find_map(|i| Cluster::fit(&sim.nodes[i], ask).map(|g| (i, g)))
             {
                 sim.save(i);
                 take(&mut sim.nodes[i], ask, &grants);
@@ -361,7 +359,8 @@ pub fn plan(
                 if !reclaims {
                     return None;
                 }
-                let now = usage.usage[r.queue].minus(refunded.get(&r.queue).copied().unwrap_or_default());
+                let now =
+                    usage.usage[r.queue].minus(refunded.get(&r.queue).copied().unwrap_or_default());
                 (!now.fits_in(usage.confs[r.queue].guaranteed)).then_some(Reason::Reclaim)
             };
             let best = (0..sim.nodes.len())
@@ -449,7 +448,13 @@ mod tests {
 
     /// Fills every node with `per_node` containers of queue `queue`, each
     /// started at `start + its index`.
-    fn fill(c: &mut Cluster, q: &mut Queues, queue: usize, per_node: u64, start: u64) -> Vec<Running> {
+    fn fill(
+        c: &mut Cluster,
+        q: &mut Queues,
+        queue: usize,
+        per_node: u64,
+        start: u64,
+    ) -> Vec<Running> {
         let mut out = Vec::new();
         let (vc, mem) = (4000 / per_node, 8 * GIB / per_node);
         for i in 0..c.nodes.len() {
@@ -560,21 +565,35 @@ mod tests {
         let running = fill(&mut c, &mut q, a, 2, 0);
         // One of a's is already being stopped (preempted last round): b's
         // ask waits for its room, nothing more is preempted.
+        q.refund(a, "u", running[3].res);
         let stopping = vec![Stopping {
             node: 1,
-            queue: a,
-            user: "u".into(),
             res: running[3].res,
             grants: vec![],
             ports: 0,
         }];
         let rest = &running[..3];
         let ask = Ask::new(1, b, 2000, 4 * GIB);
-        assert!(plan(&c, &q, &[ask.clone()], rest, &stopping, &Settings::default()).is_empty());
+        assert!(plan(
+            &c,
+            &q,
+            &[ask.clone()],
+            rest,
+            &stopping,
+            &Settings::default()
+        )
+        .is_empty());
         // Two such asks: the second needs one more victim.
         let mut second = ask.clone();
         second.id = 2;
-        let v = plan(&c, &q, &[ask, second], rest, &stopping, &Settings::default());
+        let v = plan(
+            &c,
+            &q,
+            &[ask, second],
+            rest,
+            &stopping,
+            &Settings::default(),
+        );
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].for_ask, 2);
     }
@@ -588,7 +607,15 @@ mod tests {
         let mut urgent = Ask::new(1, a, 4000, 8 * GIB);
         urgent.priority = 3;
         // Off: a is above its guarantee anyway, nothing.
-        assert!(plan(&c, &q, &[urgent.clone()], &running, &[], &Settings::default()).is_empty());
+        assert!(plan(
+            &c,
+            &q,
+            &[urgent.clone()],
+            &running,
+            &[],
+            &Settings::default()
+        )
+        .is_empty());
         let settings = Settings {
             within_queue: vec![false, true, false],
             ..Settings::default()
@@ -629,10 +656,18 @@ mod tests {
 
     #[test]
     fn gpus_are_given_back_device_by_device() {
-        let mut c = Cluster::new(vec![Node::new("g", 8000, 64 * GIB).with_gpus(2, "A100", 80 * GIB)]);
+        let mut c = Cluster::new(vec![Node::new("g", 8000, 64 * GIB).with_gpus(
+            2,
+            "A100",
+            80 * GIB,
+        )]);
         let mut q = Queues::root_only();
-        let a = q.add("root.a", Res::new(4000, 32 * GIB, 1000), Res::UNLIMITED, 1).unwrap();
-        let b = q.add("root.b", Res::new(4000, 32 * GIB, 1000), Res::UNLIMITED, 1).unwrap();
+        let a = q
+            .add("root.a", Res::new(4000, 32 * GIB, 1000), Res::UNLIMITED, 1)
+            .unwrap();
+        let b = q
+            .add("root.b", Res::new(4000, 32 * GIB, 1000), Res::UNLIMITED, 1)
+            .unwrap();
         let mut running = Vec::new();
         for d in 0..2 {
             let mut ask = Ask::new(0, a, 1000, GIB);

@@ -87,6 +87,12 @@ impl RmService {
         }
     }
 
+    /// Preempts as `cfg` says (off by default).
+    pub fn with_preemption(mut self, cfg: crate::config::PreemptionConfig) -> Self {
+        self.scheduling.preemption = Arc::new(cfg);
+        self
+    }
+
     /// Reads ended tasks' logs from `dir` when their nodes cannot give them.
     pub fn with_log_store(mut self, dir: Option<std::path::PathBuf>) -> Self {
         self.log_store = dir;
@@ -146,6 +152,7 @@ impl RmService {
         a: &App,
     ) -> pb::ApplicationReport {
         pb::ApplicationReport {
+            preempted: a.preempted,
             am_container_id: a.am_container.clone().unwrap_or_default(),
             am_node_id: a
                 .am_container

@@ -180,6 +180,8 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         // Containers the RM ended that the agent now reports stopped.
         let mut stopped = Vec::new();
         let status = self.raft.status();
+        // Preempted ones among them: stopped with their grace and notice.
+        let mut preempt = Vec::new();
         let (launched, completed, to_stop) = if known {
             let st = self.raft.state();
             let mut launched = Vec::new();
@@ -231,7 +233,16 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
                     continue;
                 }
                 match mine.phase {
-                    ContainerPhase::Completed if running => to_stop.push(c.container_id.clone()),
+                    ContainerPhase::Completed if running => {
+                        if let (Some(p), Some(end)) = (&mine.preempted, &mine.end) {
+                            preempt.push(pb::Preempt {
+                                container_id: c.container_id.clone(),
+                                grace_period_ms: p.grace_ms,
+                                diagnostic: end.diagnostic.clone(),
+                            });
+                        }
+                        to_stop.push(c.container_id.clone())
+                    }
                     ContainerPhase::Completed => {
                         if mine.holding {
                             stopped.push(c.container_id.clone());
@@ -295,6 +306,7 @@ impl pb::resource_tracker_server::ResourceTracker for RmService {
         }
         Ok(Response::new(pb::NodeHeartbeatResponse {
             containers_to_stop: to_stop,
+            preempt,
             containers_acknowledged: acknowledged,
             leader_address: self
                 .raft

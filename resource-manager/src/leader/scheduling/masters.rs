@@ -544,6 +544,7 @@ impl Scheduling {
                     queue: app.queue.clone(),
                 },
             ),
+            checkpoint_key: String::new(),
         };
         let result = match self.node_channel(&node_addr) {
             Ok(ch) => {

@@ -32,6 +32,7 @@ use crate::service::now_ms;
 use crate::view::queue_view;
 
 pub mod masters;
+pub mod preempt;
 pub mod round;
 pub mod why;
 
@@ -244,6 +245,8 @@ pub struct Scheduling {
     /// master there: no placements on it until it is heard from again
     /// [`HOLD_OUT_MIN`] later (or declared lost).
     pub(crate) unreachable: Arc<Mutex<HashMap<String, std::time::Instant>>>,
+    /// When the leader preempts (`[preemption]`).
+    pub(crate) preemption: Arc<crate::config::PreemptionConfig>,
 }
 
 /// The group's token keys, ready to sign and verify with.
@@ -349,6 +352,7 @@ impl Scheduling {
             stats: Arc::default(),
             busy_ports: Arc::default(),
             unreachable: Arc::default(),
+            preemption: Arc::default(),
         }
     }
 

@@ -38,14 +38,43 @@ impl Scheduling {
             })
             .collect();
         let mut kept = std::mem::take(view);
-        let (out, input, held, kept) = tokio::task::spawn_blocking(move || {
+        let pre = input.preempt.take();
+        let (out, input, held, kept, victims) = tokio::task::spawn_blocking(move || {
             let (out, _) =
                 scheduler::schedule_with(kept.cluster(), &mut input.queues, &input.asks, &mut held);
-            (out, input, held, kept)
+            // What the round left waiting, where it may preempt.
+            let victims = pre.as_ref().map_or_else(Vec::new, |p| {
+                let placed: HashSet<u64> = out.iter().map(|a| a.ask).collect();
+                let q = &input.queues;
+                let waiting: Vec<Ask> = input
+                    .asks
+                    .iter()
+                    .filter(|a| !placed.contains(&a.id))
+                    .filter(|a| {
+                        p.settings.within_queue[a.queue] || {
+                            let g = q.confs[a.queue].guaranteed;
+                            g != scheduler::Res::ZERO && q.usage[a.queue].plus(a.res()).fits_in(g)
+                        }
+                    })
+                    .cloned()
+                    .collect();
+                scheduler::preempt::plan(
+                    kept.cluster(),
+                    q,
+                    &waiting,
+                    &p.running,
+                    &p.stopping,
+                    &p.settings,
+                )
+            });
+            (out, input, held, kept, pre.map(|p| (p, victims)))
         })
         .await
         .expect("the scheduler does not panic");
         *view = kept;
+        if let Some((pre, victims)) = victims {
+            self.preempt(&pre, victims, &input.asks, &input.keys).await;
+        }
         let node_ids = view.ids();
         *reservations = held;
         self.publish_held(reservations, &input, node_ids);
@@ -57,6 +86,7 @@ impl Scheduling {
             keys,
             gangs,
             busy,
+            preemption,
             ..
         } = input;
         let state = self.raft.state();
@@ -118,6 +148,9 @@ impl Scheduling {
                 ask_id: ask_id.clone(),
                 gang: gangs[i].clone(),
                 ports,
+                priority: asks[i].priority,
+                preemption_grace_ms: preemption[i].0,
+                min_available: preemption[i].1,
             });
             out_keys.push((app, ask_id));
         }
@@ -178,6 +211,7 @@ impl Scheduling {
         let mut asks = Vec::new();
         let mut keys = Vec::new();
         let mut gangs: Vec<Option<String>> = Vec::new();
+        let mut preemption: Vec<(u64, u32)> = Vec::new();
         let mut spread: HashMap<u64, HashMap<String, u32>> = HashMap::new();
         // One lookup of each application: its asks are kept and turned into
         // the scheduler's in the same pass.
@@ -234,6 +268,7 @@ impl Scheduling {
                     keys.push((app_id.clone(), ra.ask_id.clone()));
                     gangs
                         .push((!ra.gang_id.is_empty()).then(|| format!("{app_id}/{}", ra.gang_id)));
+                    preemption.push((ra.preemption_grace_ms, ra.min_available));
                 }
             }
             true
@@ -260,6 +295,7 @@ impl Scheduling {
                 asks.push(a);
                 keys.push((app_id.clone(), MASTER_ASK.to_string()));
                 gangs.push(None);
+                preemption.push((0, 0));
                 taken += 1;
             }
         }
@@ -272,6 +308,7 @@ impl Scheduling {
         }
         let busy = self.busy_ports.lock().expect("busy ports lock").clone();
         view.refresh(&state, &busy);
+        let preempt = self.preempt_input(&state, &queues, &asks, view);
         Some(RoundInput {
             queues,
             asks,
@@ -279,6 +316,8 @@ impl Scheduling {
             gangs,
             busy,
             spread,
+            preemption,
+            preempt,
         })
     }
 }
@@ -294,4 +333,8 @@ pub(crate) struct RoundInput {
     busy: HashMap<String, BTreeSet<u16>>,
     /// Spread groups: how many each node holds.
     spread: HashMap<u64, HashMap<String, u32>>,
+    /// Per ask: its preemption grace (ms) and its stage's minimum available.
+    preemption: Vec<(u64, u32)>,
+    /// The preemption planner's input, when it may run.
+    preempt: Option<super::preempt::PreemptInput>,
 }
