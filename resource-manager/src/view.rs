@@ -292,6 +292,13 @@ impl View {
     }
 
     /// The view's index of node `id`.
+    /// The schedulable nodes' capacity, all told.
+    pub fn capacity(&self) -> scheduler::Res {
+        self.cluster
+            .as_ref()
+            .map_or(scheduler::Res::ZERO, |c| c.capacity())
+    }
+
     pub fn index_of(&self, id: &str) -> Option<usize> {
         self.pos.get(id).copied()
     }

@@ -4,7 +4,9 @@
 //! itself. Two reasons to preempt:
 //!
 //! - reclaim: a unit of a queue under its guarantee (that stays within its
-//!   guarantee with the unit) takes room from queues running above theirs;
+//!   guarantee with the unit) takes room from queues running above theirs
+//!   (shares measured as the round's fairness measures them: dominant
+//!   share of the cluster against the guarantee's);
 //! - priority: where a queue allows it, a unit takes room from lower
 //!   priorities of its own queue.
 //!
@@ -328,8 +330,7 @@ pub fn plan(
         let first = &waiting[unit[0]];
         let q = first.queue;
         let res = unit_res(unit);
-        let guaranteed = queues.confs[q].guaranteed;
-        let reclaims = sim.queues.usage[q].plus(res).fits_in(guaranteed) && guaranteed != Res::ZERO;
+        let reclaims = sim.queues.within_guarantee(q, res, total);
         if !reclaims && !within(q) {
             continue;
         }
@@ -359,9 +360,10 @@ pub fn plan(
                 if !reclaims {
                     return None;
                 }
-                let now =
-                    usage.usage[r.queue].minus(refunded.get(&r.queue).copied().unwrap_or_default());
-                (!now.fits_in(usage.confs[r.queue].guaranteed)).then_some(Reason::Reclaim)
+                let less = refunded.get(&r.queue).copied().unwrap_or_default();
+                usage
+                    .above_guarantee(r.queue, less, total)
+                    .then_some(Reason::Reclaim)
             };
             let best = (0..sim.nodes.len())
                 .filter_map(|i| sim.victims_on(i, ask, &allowed).map(|(c, v)| (c, i, v)))

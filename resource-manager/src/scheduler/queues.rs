@@ -223,6 +223,22 @@ impl Queues {
         }
     }
 
+    /// Whether leaf `q`, using `more` on top of what it uses, stays within
+    /// its guarantee: its dominant share of `cluster` at most its
+    /// guarantee's (the measure of [`Queues::fairness_key`]). False for a
+    /// queue guaranteed nothing.
+    pub fn within_guarantee(&self, q: usize, more: Res, cluster: Res) -> bool {
+        let gs = self.confs[q].guaranteed.dominant_share(cluster);
+        gs > 0.0 && self.usage[q].plus(more).dominant_share(cluster) <= gs + 1e-9
+    }
+
+    /// Whether leaf `q`, without `less` of what it uses, still runs above
+    /// its guarantee (by dominant share, as [`Queues::within_guarantee`]).
+    pub fn above_guarantee(&self, q: usize, less: Res, cluster: Res) -> bool {
+        let gs = self.confs[q].guaranteed.dominant_share(cluster);
+        self.usage[q].minus(less).dominant_share(cluster) > gs + 1e-9
+    }
+
     /// Whether `user` may submit to `q` (the ACL of `q` and its ancestors).
     pub fn may_submit(&self, q: usize, user: &str) -> bool {
         self.chain(q).all(|i| {

@@ -12,6 +12,7 @@ mod failover;
 mod fence;
 mod membership;
 mod nodes;
+mod preemption;
 mod queues;
 mod rest;
 mod retention;

@@ -78,12 +78,10 @@ impl Scheduling {
         let within: Vec<bool> = (0..queues.confs.len())
             .map(|q| specs(q).is_some_and(|s| s.priority_preemption))
             .collect();
-        let may = asks.iter().any(|a| {
-            within[a.queue] || {
-                let g = queues.confs[a.queue].guaranteed;
-                g != Res::ZERO && queues.usage[a.queue].plus(a.res()).fits_in(g)
-            }
-        });
+        let total = view.capacity();
+        let may = asks
+            .iter()
+            .any(|a| within[a.queue] || queues.within_guarantee(a.queue, a.res(), total));
         if !may {
             return None;
         }

@@ -46,15 +46,14 @@ impl Scheduling {
             let victims = pre.as_ref().map_or_else(Vec::new, |p| {
                 let placed: HashSet<u64> = out.iter().map(|a| a.ask).collect();
                 let q = &input.queues;
+                let total = kept.cluster().capacity();
                 let waiting: Vec<Ask> = input
                     .asks
                     .iter()
                     .filter(|a| !placed.contains(&a.id))
                     .filter(|a| {
-                        p.settings.within_queue[a.queue] || {
-                            let g = q.confs[a.queue].guaranteed;
-                            g != scheduler::Res::ZERO && q.usage[a.queue].plus(a.res()).fits_in(g)
-                        }
+                        p.settings.within_queue[a.queue]
+                            || q.within_guarantee(a.queue, a.res(), total)
                     })
                     .cloned()
                     .collect();

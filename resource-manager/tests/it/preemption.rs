@@ -1,0 +1,232 @@
+//! Preemption on a 3-member RM group with two real node agents (8 cores
+//! each) and RM-launched masters: queue a fills the cluster, queue b (each
+//! guaranteed half) submits; b's tasks start once a's victims are stopped,
+//! a's victims got SIGTERM with a notice file first, wrote a checkpoint,
+//! were requeued without using a retry and resumed from it on whichever
+//! node they landed on (the agents share a checkpoint directory), and every
+//! job finishes.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use weft_client::proto as pb;
+
+use crate::apps::{app_master, wait_state};
+use crate::cluster::Cluster;
+use crate::nodes::AgentProcess;
+
+const NODES: [&str; 2] = ["pre-a", "pre-b"];
+
+/// a's task: counts `STEPS` steps of 0.2 s from its checkpoint (if any);
+/// on SIGTERM notes whether its notice file says it is preempted, writes
+/// its step as its checkpoint and exits. Each line of `DIR/log`:
+/// `event index container step time notice`.
+const TASK: &str = r#"
+import os, signal, sys, time
+d, steps = sys.argv[1], int(sys.argv[2])
+idx, cid = os.environ["WEFT_TASK_INDEX"], os.environ["WEFT_CONTAINER_ID"]
+ck = os.path.join(os.environ["WEFT_CHECKPOINT_DIR"], "step")
+assert os.path.realpath(os.path.join(os.environ["WEFT_WORK_DIR"], "checkpoint")) == os.path.realpath(os.environ["WEFT_CHECKPOINT_DIR"])
+step = int(open(ck).read()) if os.path.exists(ck) else 0
+def note(event, notice="-"):
+    with open(os.path.join(d, "log"), "a") as f:
+        f.write("%s %s %s %d %.3f %s\n" % (event, idx, cid, step, time.time(), notice))
+def term(*_):
+    text = open(os.environ["WEFT_NOTICE_FILE"]).read()
+    with open(ck + ".tmp", "w") as f:
+        f.write(str(step))
+    os.rename(ck + ".tmp", ck)
+    note("term", "preempted" if "WEFT_PREEMPTED=1" in text.splitlines() else "no-notice")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+note("start")
+while step < steps:
+    time.sleep(0.2)
+    step += 1
+note("done")
+"#;
+
+/// One event of the tasks' log.
+#[derive(Debug, Clone)]
+struct Event {
+    what: String,
+    index: u32,
+    container: String,
+    step: u32,
+    at: f64,
+    notice: String,
+}
+
+fn events(dir: &std::path::Path) -> Vec<Event> {
+    std::fs::read_to_string(dir.join("log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            Some(Event {
+                what: f.first()?.to_string(),
+                index: f.get(1)?.parse().ok()?,
+                container: f.get(2)?.to_string(),
+                step: f.get(3)?.parse().ok()?,
+                at: f.get(4)?.parse().ok()?,
+                notice: f.get(5)?.to_string(),
+            })
+        })
+        .collect()
+}
+
+fn now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_under_its_guarantee_takes_capacity_back_and_the_victims_resume_from_their_checkpoints(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("task.py"), TASK).unwrap();
+    let checkpoints = dir.path().join("checkpoints");
+    // Two queues guaranteed half of the 16 cores each; preemption on,
+    // with no minimum runtime (the victims are young).
+    let extra = format!(
+        "[[queues]]\nname = \"root\"\n\
+         [[queues]]\nname = \"root.a\"\nguaranteed = {{ vcores = 8.0 }}\n\
+         [[queues]]\nname = \"root.b\"\nguaranteed = {{ vcores = 8.0 }}\n\
+         [preemption]\nenabled = true\nmin_runtime = \"0s\"\nmax_per_hour = 3\n\
+         [masters]\nlaunch = true\ncommand = {:?}\n",
+        app_master().display().to_string()
+    );
+    let cluster = Cluster::start_with(3, 1000, &extra);
+    cluster.leader().await;
+    let agents: Vec<AgentProcess> = NODES
+        .iter()
+        .map(|n| {
+            AgentProcess::start_with(
+                n,
+                &cluster.addrs(),
+                "127.0.0.1",
+                "gpu = \"h100\"",
+                &format!("[containers]\ncheckpoint_dir = {checkpoints:?}\n"),
+            )
+        })
+        .collect();
+    let client = cluster.client();
+    crate::cluster::wait_nodes(&client, NODES.len()).await;
+
+    // a: 7 tasks of 2 cores (14 of the 16, with its master's half core),
+    // 40 steps (8 s) each, 3 s to checkpoint when preempted.
+    let a_spec = format!(
+        "name: filler\nqueue: root.a\nstages:\n  - name: work\n    instances: 7\n    preemption_grace: 3s\n    command: 'exec python3 {task} {dir} 40'\n    resources: {{ vcores: 2, memory: 64MiB }}\n",
+        task = dir.path().join("task.py").display(),
+        dir = dir.path().display(),
+    );
+    let a = client.submit(&a_spec, "yaml", "ann").await.unwrap();
+    // Submitted the instant a is running all seven.
+    let t = Instant::now();
+    loop {
+        let started = events(dir.path())
+            .iter()
+            .filter(|e| e.what == "start")
+            .count();
+        if started == 7 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "a did not start its 7 tasks: {:?}",
+            client.get_application(&a).await.map(|r| r.stages)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // b: 2 tasks of 2 cores; its master fits in the room left, its tasks
+    // only by preempting two of a's.
+    let b_dir = dir.path().join("b");
+    std::fs::create_dir(&b_dir).unwrap();
+    let b_spec = format!(
+        "name: urgent\nqueue: root.b\nstages:\n  - name: run\n    instances: 2\n    command: 'date +%s.%N > {b}/start-$WEFT_TASK_INDEX; sleep 1'\n    resources: {{ vcores: 2, memory: 64MiB }}\n",
+        b = b_dir.display()
+    );
+    let submitted = now_s();
+    let b = client.submit(&b_spec, "yaml", "bob").await.unwrap();
+    let b_done = wait_state(&client, &b, Duration::from_secs(60)).await;
+    assert_eq!(
+        b_done.state(),
+        pb::ApplicationState::Succeeded,
+        "{b_done:?}"
+    );
+    let b_started: Vec<f64> = (0..2)
+        .map(|i| {
+            std::fs::read_to_string(b_dir.join(format!("start-{i}")))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+
+    let a_done = wait_state(&client, &a, Duration::from_secs(120)).await;
+    let log = events(dir.path());
+    assert_eq!(
+        a_done.state(),
+        pb::ApplicationState::Succeeded,
+        "{a_done:?}\n{log:#?}"
+    );
+    // Exactly two victims, each told by its notice file before SIGTERM's
+    // handler ran, each at a checkpoint it wrote.
+    let terms: Vec<&Event> = log.iter().filter(|e| e.what == "term").collect();
+    assert_eq!(terms.len(), 2, "{log:#?}");
+    assert_eq!(a_done.preempted, 2, "{a_done:?}");
+    for v in &terms {
+        assert_eq!(v.notice, "preempted", "{v:?}");
+        assert!(v.step > 0 && v.step < 40, "{v:?}");
+        // Its task ran again (a new container) from the step it saved,
+        // and finished.
+        let resumed = log
+            .iter()
+            .find(|e| e.what == "start" && e.index == v.index && e.container != v.container)
+            .unwrap_or_else(|| panic!("task {} was not rerun: {log:#?}", v.index));
+        assert_eq!(resumed.step, v.step, "resumed from its checkpoint");
+        assert!(resumed.at > v.at);
+        assert!(
+            log.iter().any(|e| e.what == "done"
+                && e.index == v.index
+                && e.container == resumed.container),
+            "{log:#?}"
+        );
+        // b ran before the victim came back.
+        assert!(
+            b_started.iter().all(|&s| s < resumed.at + 1.0),
+            "{b_started:?} {resumed:?}"
+        );
+    }
+    // Every task finished once; the preempted ones used no retry.
+    let mut done: Vec<u32> = log
+        .iter()
+        .filter(|e| e.what == "done")
+        .map(|e| e.index)
+        .collect();
+    done.sort();
+    assert_eq!(done, (0..7).collect::<Vec<u32>>(), "{log:#?}");
+    assert_eq!(a_done.stages[0].failed, 0, "{a_done:?}");
+    // b's tasks started within the grace (3 s) and a round or two of the
+    // victims' SIGTERM; no later than 10 s after b's submission.
+    let first_term = terms.iter().map(|e| e.at).fold(f64::MAX, f64::min);
+    let last_start = b_started.iter().copied().fold(0.0, f64::max);
+    println!(
+        "b submitted -> victims' SIGTERM {:.2} s -> b's tasks both running {:.2} s after it ({:.2} s after submit)",
+        first_term - submitted,
+        last_start - first_term,
+        last_start - submitted
+    );
+    assert!(first_term > submitted, "nothing preempted before b asked");
+    assert!(
+        last_start - first_term < 3.0 + 3.0,
+        "{first_term} {b_started:?}"
+    );
+    assert!(last_start - submitted < 10.0, "{submitted} {b_started:?}");
+    // The victims' checkpoints are where the agents keep them.
+    assert!(checkpoints.join(&a).join("work").is_dir());
+    drop(agents);
+    drop(cluster);
+}
