@@ -4,12 +4,18 @@
 //! fractional-GPU notebooks and CPU batch jobs, in three queues with
 //! different guarantees. Prints utilisation, each queue's share against its
 //! guarantee while queues compete, and wait-time percentiles; asserts that
-//! every job finishes and nothing was over-given.
+//! every job finishes and nothing was over-given. The day is replayed
+//! twice: without preemption, then with it (the leader's planner after
+//! every round; victims checkpoint and are requeued with the work they had
+//! left), and each queue's time to its guarantee is compared: from a round
+//! where it is under its guarantee with an ask waiting that would keep it
+//! within it, to the first round where it no longer is.
 //!
 //! `cargo test --release -p weft-resource-manager --test simulation -- --nocapture`
 
 use std::collections::{HashMap, VecDeque};
 
+use weft_resource_manager::scheduler::preempt::{self, Running, Settings};
 use weft_resource_manager::scheduler::workload::{self, Rng};
 use weft_resource_manager::scheduler::{
     schedule_with, Ask, Assignment, Cluster, GpuAsk, Placement, Res, Reservations,
@@ -136,8 +142,65 @@ fn pct(v: &mut [u64], p: f64) -> u64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// A container runs this long before it may be preempted.
+const MIN_RUNTIME: u64 = 10 * MIN;
+
+/// What a replay measured.
+struct Outcome {
+    gpu_util: f64,
+    /// Per queue: its times to its guarantee (s).
+    to_guarantee: Vec<Vec<u64>>,
+    preempted: usize,
+}
+
 #[test]
 fn a_day_of_ml_work_on_1000_nodes() {
+    let before = replay(false);
+    let after = replay(true);
+    println!(
+        "time to guarantee (a queue under its guarantee with an ask that fits in it -> no longer):"
+    );
+    for q in 1..=3 {
+        let (mut b, mut a) = (
+            before.to_guarantee[q].clone(),
+            after.to_guarantee[q].clone(),
+        );
+        println!(
+            "  root.q{}: without preemption n={} p50 {} min, p99 {} min; with it n={} p50 {} min, p99 {} min",
+            q - 1,
+            b.len(),
+            pct(&mut b, 0.5) / MIN,
+            pct(&mut b, 0.99) / MIN,
+            a.len(),
+            pct(&mut a, 0.5) / MIN,
+            pct(&mut a, 0.99) / MIN,
+        );
+    }
+    println!(
+        "GPU utilisation over the first day: {:.1}% without preemption, {:.1}% with it ({} containers preempted)",
+        before.gpu_util, after.gpu_util, after.preempted
+    );
+    assert_eq!(before.preempted, 0);
+    assert!(after.preempted > 0, "the workload made queues reclaim");
+    let worst = |o: &Outcome| {
+        (1..=3)
+            .map(|q| pct(&mut o.to_guarantee[q].clone(), 0.99))
+            .max()
+            .unwrap_or(0)
+    };
+    assert!(
+        worst(&after) < worst(&before),
+        "preemption shortens the worst queue's p99 time to its guarantee ({} vs {} s)",
+        worst(&after),
+        worst(&before)
+    );
+}
+
+fn replay(preemption: bool) -> Outcome {
+    println!(
+        "--- {} preemption",
+        if preemption { "with" } else { "without" }
+    );
     let mut rng = Rng::new(7);
     let mut cluster = Cluster::new(workload::cluster(1000, 0.10, &mut rng));
     let capacity = cluster.capacity();
@@ -174,8 +237,15 @@ fn a_day_of_ml_work_on_1000_nodes() {
     let mut arrivals: VecDeque<_> = arrivals.into();
 
     let mut jobs: Vec<Job> = Vec::new();
-    let mut pending: Vec<(Ask, u64, usize)> = Vec::new(); // ask, submitted at, job
-    let mut running: Vec<(u64, Ask, Assignment, usize)> = Vec::new(); // ends at
+    // ask, submitted at, job, work left (s; None: the stage's, not yet run)
+    let mut pending: Vec<(Ask, u64, usize, Option<u64>)> = Vec::new();
+    // ends at, ask, where, job, started at
+    let mut running: Vec<(u64, Ask, Assignment, usize, u64)> = Vec::new();
+    // Preempted last round: they stop (checkpointed) before this one.
+    let mut stopping: Vec<usize> = Vec::new();
+    let mut preempted = 0usize;
+    let mut starving_since: [Option<u64>; 4] = [None; 4];
+    let mut to_guarantee: Vec<Vec<u64>> = vec![Vec::new(); 4];
     let mut waits: HashMap<Kind, Vec<u64>> = HashMap::new();
     let mut next_id = 0u64;
     let mut gang_seq = 0u64;
@@ -188,11 +258,20 @@ fn a_day_of_ml_work_on_1000_nodes() {
 
     let mut now = 0u64;
     while now < 3 * DAY && (now < DAY || !pending.is_empty() || !running.is_empty()) {
+        // Preempted ones stop: requeued with the work they had left (they
+        // checkpointed in their grace).
+        stopping.sort_unstable();
+        for i in stopping.drain(..).rev() {
+            let (end, ask, asg, job, _) = running.swap_remove(i);
+            cluster.give_back(asg.node, &ask, &asg.gpus);
+            queues.refund(ask.queue, &ask.user, ask.res());
+            pending.push((ask, now, job, Some(end.saturating_sub(now).max(1))));
+        }
         // Ends.
         let mut i = 0;
         while i < running.len() {
             if running[i].0 <= now {
-                let (_, ask, asg, job) = running.swap_remove(i);
+                let (_, ask, asg, job, _) = running.swap_remove(i);
                 cluster.give_back(asg.node, &ask, &asg.gpus);
                 queues.refund(ask.queue, &ask.user, ask.res());
                 let j = &mut jobs[job];
@@ -237,7 +316,7 @@ fn a_day_of_ml_work_on_1000_nodes() {
                         a.placement = Placement::Spread;
                     }
                 }
-                pending.push((a, now, ji));
+                pending.push((a, now, ji, None));
             }
             j.left = s.tasks;
         }
@@ -246,16 +325,69 @@ fn a_day_of_ml_work_on_1000_nodes() {
         let (out, _) = schedule_with(&mut cluster, &mut queues, &asks, &mut reservations);
         placements += out.len();
         let placed: HashMap<u64, Assignment> = out.into_iter().map(|a| (a.ask, a)).collect();
-        pending.retain(|(a, at, job)| match placed.get(&a.id) {
+        pending.retain(|(a, at, job, left)| match placed.get(&a.id) {
             Some(asg) => {
                 let j = &jobs[*job];
-                let duration = j.stages.front().unwrap().duration;
-                waits.entry(j.kind).or_default().push(now - at);
-                running.push((now + duration, a.clone(), asg.clone(), *job));
+                let duration = match left {
+                    Some(d) => *d,
+                    None => {
+                        waits.entry(j.kind).or_default().push(now - at);
+                        j.stages.front().unwrap().duration
+                    }
+                };
+                running.push((now + duration, a.clone(), asg.clone(), *job, now));
                 false
             }
             None => true,
         });
+        // Preemption: the planner over what the round left waiting.
+        if preemption {
+            let candidates: Vec<Running> = running
+                .iter()
+                .map(|(_, a, asg, _, started)| Running {
+                    node: asg.node,
+                    queue: a.queue,
+                    user: a.user.clone(),
+                    priority: a.priority,
+                    started_ms: started * 1000,
+                    res: a.res(),
+                    grants: asg.gpus.clone(),
+                    ports: a.ports,
+                    gang: a.gang,
+                    group: 0,
+                    protected: now - started < MIN_RUNTIME,
+                })
+                .collect();
+            let waiting: Vec<Ask> = pending
+                .iter()
+                .map(|p| p.0.clone())
+                .filter(|a| queues.within_guarantee(a.queue, a.res(), capacity))
+                .collect();
+            let victims = preempt::plan(
+                &cluster,
+                &queues,
+                &waiting,
+                &candidates,
+                &[],
+                &Settings::default(),
+            );
+            preempted += victims.len();
+            stopping.extend(victims.iter().map(|v| v.running));
+        }
+        // Time to guarantee.
+        for (q, since) in starving_since.iter_mut().enumerate().skip(1) {
+            let starving = pending
+                .iter()
+                .any(|p| p.0.queue == q && queues.within_guarantee(q, p.0.res(), capacity));
+            match (starving, *since) {
+                (true, None) => *since = Some(now),
+                (false, Some(t)) => {
+                    to_guarantee[q].push(now - t);
+                    *since = None;
+                }
+                _ => {}
+            }
+        }
         // Measurements.
         let used = cluster.used();
         assert!(
@@ -325,4 +457,9 @@ fn a_day_of_ml_work_on_1000_nodes() {
     assert!(pending.is_empty() && running.is_empty());
     assert_eq!(cluster.used(), Res::ZERO, "everything given back");
     assert!(contended_rounds > 0, "the workload made queues compete");
+    Outcome {
+        gpu_util: util(util_sum.gpu_milli, capacity.gpu_milli),
+        to_guarantee,
+        preempted,
+    }
 }

@@ -171,10 +171,16 @@ impl<'a> Sim<'a> {
         ask: &Ask,
         allowed: &dyn Fn(&Running, &FxHashMap<usize, Res>) -> Option<Reason>,
     ) -> Option<((i32, usize, Reverse<u64>), Vec<(usize, Reason)>)> {
-        if Cluster::fit(&self.nodes[i].emptied(), ask).is_none() {
+        // (A node with nothing to preempt was already found full.)
+        let n = &self.nodes[i];
+        if self.by_node[i].is_empty()
+            || n.capacity_vcores < ask.vcores
+            || n.capacity_memory < ask.memory
+            || !n.has_labels(&ask.labels)
+        {
             return None;
         }
-        let mut trial = self.nodes[i].clone();
+        let mut trial = n.clone();
         let mut chosen: Vec<(usize, Reason)> = Vec::new();
         let mut refunded: FxHashMap<usize, Res> = FxHashMap::default();
         let mut groups: FxHashMap<u64, u32> = FxHashMap::default();
