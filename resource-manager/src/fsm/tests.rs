@@ -561,6 +561,80 @@ fn a_container_the_rm_ended_holds_its_node_until_the_agent_stops_it() {
 }
 
 #[test]
+fn a_preempted_container_ends_at_once_holds_its_node_until_stopped_and_is_counted() {
+    let mut s = ClusterState::default();
+    s.apply(&node("n1", 1000, 1 << 30, 0));
+    s.apply(&submit("r", 1));
+    let id = "app-000001";
+    let a = |c: &str| alloc(c, id, "n1", 500, 1 << 20, &[]);
+    assert_eq!(allocate(&mut s, vec![a("run"), a("starting")]), Outcome::Done);
+    s.apply(&Command::ContainersLaunched {
+        container_ids: vec!["run".into()],
+        at_ms: 2,
+    });
+    let preempt = |c: &str, at_ms: u64| Command::PreemptContainers {
+        preemptions: vec![Preemption {
+            container_id: c.into(),
+            grace_ms: 3000,
+            diagnostic: "preempted to reclaim capacity".into(),
+        }],
+        at_ms,
+    };
+    // Only a running one: one still starting (or unknown) is refused.
+    assert!(matches!(
+        s.apply(&preempt("starting", 3)),
+        Outcome::PartlyApplied { refused } if refused[0].reason == "not running"
+    ));
+    assert!(matches!(
+        s.apply(&preempt("nobody", 3)),
+        Outcome::PartlyApplied { .. }
+    ));
+    assert_eq!(s.apply(&preempt("run", 3)), Outcome::Done);
+    let c = &s.containers["run"];
+    assert_eq!(c.phase, ContainerPhase::Completed);
+    assert!(c.holding, "its node's room stays held through its grace");
+    let end = c.end.as_ref().unwrap();
+    assert_eq!(end.exit_status, weft_proto::exit_codes::PREEMPTED);
+    assert_eq!(end.diagnostic, "preempted to reclaim capacity");
+    assert_eq!(
+        c.preempted,
+        Some(PreemptedStop {
+            grace_ms: 3000,
+            at_ms: 3
+        })
+    );
+    assert_eq!(s.node_use("n1").vcores_milli, 1000);
+    assert_eq!(s.apps[id].preempted, 1);
+    assert_eq!(s.apps[id].preempted_recently[""], vec![3]);
+    // Twice is once: it no longer runs.
+    assert!(matches!(
+        s.apply(&preempt("run", 4)),
+        Outcome::PartlyApplied { .. }
+    ));
+    assert_eq!(s.apps[id].preempted, 1);
+    s.apply(&Command::ContainersStopped {
+        container_ids: vec!["run".into()],
+    });
+    assert_eq!(s.node_use("n1").vcores_milli, 500);
+    // The hour's count forgets what is older than an hour.
+    assert_eq!(allocate(&mut s, vec![a("later")]), Outcome::Done);
+    s.apply(&Command::ContainersLaunched {
+        container_ids: vec!["later".into()],
+        at_ms: 5,
+    });
+    assert_eq!(
+        s.apply(&preempt("later", 3 + PREEMPTION_WINDOW_MS + 1)),
+        Outcome::Done
+    );
+    assert_eq!(
+        s.apps[id].preempted_recently[""],
+        vec![3 + PREEMPTION_WINDOW_MS + 1]
+    );
+    assert_eq!(s.apps[id].preempted, 2);
+    s.check_invariants().unwrap();
+}
+
+#[test]
 fn a_node_registering_again_reports_how_its_containers_ended_while_away() {
     let mut s = ClusterState::default();
     s.apply(&node("n1", 4000, 1 << 30, 0));
@@ -979,6 +1053,14 @@ fn invariants_hold_under_random_command_streams() {
                 },
                 5 => Command::ContainersLaunched {
                     container_ids: vec![format!("c{}", rnd(200))],
+                    at_ms: step,
+                },
+                6 if rnd(2) == 0 => Command::PreemptContainers {
+                    preemptions: vec![Preemption {
+                        container_id: format!("c{}", rnd(200)),
+                        grace_ms: rnd(5000),
+                        diagnostic: String::new(),
+                    }],
                     at_ms: step,
                 },
                 6 => Command::ContainersStopped {
