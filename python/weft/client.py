@@ -86,6 +86,8 @@ class Report:
     endpoints: List["Endpoint"] = field(default_factory=list)
     spec_revision: int = 0
     rollout: str = ""
+    # Its containers preempted so far (each requeued, no retry used).
+    preempted: int = 0
 
     @property
     def finished(self) -> bool:
@@ -109,6 +111,7 @@ class Report:
             endpoints=[Endpoint.of(e) for e in r.endpoints],
             spec_revision=r.spec_revision,
             rollout=r.rollout,
+            preempted=r.preempted,
         )
 
 

@@ -731,6 +731,7 @@ fn app_json(a: &pb::ApplicationReport) -> serde_json::Value {
         "kind": a.kind,
         "spec_revision": a.spec_revision,
         "rollout": a.rollout,
+        "preempted": a.preempted,
         "replicas": a.replicas,
         "endpoints": a.endpoints.iter().map(endpoint_json).collect::<Vec<_>>(),
     })
@@ -1138,13 +1139,18 @@ async fn run(cli: Cli) -> anyhow::Result<(String, bool)> {
                     )
                 };
                 format!(
-                    "{}  {}  queue {}  user {}  {}  attempt {}{}{}{}{}",
+                    "{}  {}  queue {}  user {}  {}  attempt {}{}{}{}{}{}",
                     a.application_id,
                     a.name,
                     a.queue,
                     a.user,
                     short_state(a.state().as_str_name(), "APPLICATION_STATE_"),
                     a.attempt,
+                    if a.preempted == 0 {
+                        String::new()
+                    } else {
+                        format!("  preempted {} (requeued, no retry used)", a.preempted)
+                    },
                     if a.am_node_id.is_empty() {
                         String::new()
                     } else {

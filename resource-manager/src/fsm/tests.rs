@@ -567,7 +567,10 @@ fn a_preempted_container_ends_at_once_holds_its_node_until_stopped_and_is_counte
     s.apply(&submit("r", 1));
     let id = "app-000001";
     let a = |c: &str| alloc(c, id, "n1", 500, 1 << 20, &[]);
-    assert_eq!(allocate(&mut s, vec![a("run"), a("starting")]), Outcome::Done);
+    assert_eq!(
+        allocate(&mut s, vec![a("run"), a("starting")]),
+        Outcome::Done
+    );
     s.apply(&Command::ContainersLaunched {
         container_ids: vec!["run".into()],
         at_ms: 2,

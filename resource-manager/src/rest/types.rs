@@ -120,6 +120,8 @@ pub struct App {
     pub spec_revision: u32,
     /// A service's rollout of its latest revision, in words.
     pub rollout: Option<String>,
+    /// Its containers preempted so far (each requeued, no retry used).
+    pub preempted: u32,
 }
 
 /// A service's healthy replica: where to reach it.
@@ -213,6 +215,7 @@ impl From<pb::ApplicationReport> for App {
             endpoints: r.endpoints.into_iter().map(Into::into).collect(),
             spec_revision: r.spec_revision,
             rollout: some(r.rollout),
+            preempted: r.preempted,
         }
     }
 }

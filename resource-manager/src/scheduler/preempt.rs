@@ -542,7 +542,14 @@ mod tests {
         // b needs one node's worth: a lone victim is cheaper than a gang
         // of two (fewer members), though older.
         let ask = Ask::new(1, b, 4000, 8 * GIB);
-        let v = plan(&c, &q, &[ask.clone()], &running, &[], &Settings::default());
+        let v = plan(
+            &c,
+            &q,
+            std::slice::from_ref(&ask),
+            &running,
+            &[],
+            &Settings::default(),
+        );
         assert_eq!(v.len(), 1, "{v:?}");
         assert!(v[0].running >= 2);
         // With only the gang's nodes to choose from, the whole gang goes.
@@ -585,7 +592,7 @@ mod tests {
         assert!(plan(
             &c,
             &q,
-            &[ask.clone()],
+            std::slice::from_ref(&ask),
             rest,
             &stopping,
             &Settings::default()
@@ -618,7 +625,7 @@ mod tests {
         assert!(plan(
             &c,
             &q,
-            &[urgent.clone()],
+            std::slice::from_ref(&urgent),
             &running,
             &[],
             &Settings::default()
@@ -628,7 +635,14 @@ mod tests {
             within_queue: vec![false, true, false],
             ..Settings::default()
         };
-        let v = plan(&c, &q, &[urgent.clone()], &running, &[], &settings);
+        let v = plan(
+            &c,
+            &q,
+            std::slice::from_ref(&urgent),
+            &running,
+            &[],
+            &settings,
+        );
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].running, 1, "only the lower priority");
         assert_eq!(v[0].reason, Reason::Priority);
@@ -700,7 +714,14 @@ mod tests {
         }
         let mut ask = Ask::new(1, b, 1000, GIB);
         ask.gpu = GpuAsk::Whole(1);
-        let v = plan(&c, &q, &[ask.clone()], &running, &[], &Settings::default());
+        let v = plan(
+            &c,
+            &q,
+            std::slice::from_ref(&ask),
+            &running,
+            &[],
+            &Settings::default(),
+        );
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].running, 1);
         // Two GPUs: over b's guarantee of one.

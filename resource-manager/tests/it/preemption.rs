@@ -4,7 +4,9 @@
 //! a's victims got SIGTERM with a notice file first, wrote a checkpoint,
 //! were requeued without using a retry and resumed from it on whichever
 //! node they landed on (the agents share a checkpoint directory), and every
-//! job finishes.
+//! job finishes. Then: a gang goes whole, a queue that lets priorities
+//! preempt does so only below the waiting priority, and an ask that could
+//! not fit within its queue's guarantee preempts nothing.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,17 +21,17 @@ const NODES: [&str; 2] = ["pre-a", "pre-b"];
 /// a's task: counts `STEPS` steps of 0.2 s from its checkpoint (if any);
 /// on SIGTERM notes whether its notice file says it is preempted, writes
 /// its step as its checkpoint and exits. Each line of `DIR/log`:
-/// `event index container step time notice`.
+/// `event label index container step time notice`.
 const TASK: &str = r#"
 import os, signal, sys, time
-d, steps = sys.argv[1], int(sys.argv[2])
+d, steps, label = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 idx, cid = os.environ["WEFT_TASK_INDEX"], os.environ["WEFT_CONTAINER_ID"]
 ck = os.path.join(os.environ["WEFT_CHECKPOINT_DIR"], "step")
 assert os.path.realpath(os.path.join(os.environ["WEFT_WORK_DIR"], "checkpoint")) == os.path.realpath(os.environ["WEFT_CHECKPOINT_DIR"])
 step = int(open(ck).read()) if os.path.exists(ck) else 0
 def note(event, notice="-"):
     with open(os.path.join(d, "log"), "a") as f:
-        f.write("%s %s %s %d %.3f %s\n" % (event, idx, cid, step, time.time(), notice))
+        f.write("%s %s %s %s %d %.3f %s\n" % (event, label, idx, cid, step, time.time(), notice))
 def term(*_):
     text = open(os.environ["WEFT_NOTICE_FILE"]).read()
     with open(ck + ".tmp", "w") as f:
@@ -49,6 +51,7 @@ note("done")
 #[derive(Debug, Clone)]
 struct Event {
     what: String,
+    label: String,
     index: u32,
     container: String,
     step: u32,
@@ -64,11 +67,12 @@ fn events(dir: &std::path::Path) -> Vec<Event> {
             let f: Vec<&str> = l.split(' ').collect();
             Some(Event {
                 what: f.first()?.to_string(),
-                index: f.get(1)?.parse().ok()?,
-                container: f.get(2)?.to_string(),
-                step: f.get(3)?.parse().ok()?,
-                at: f.get(4)?.parse().ok()?,
-                notice: f.get(5)?.to_string(),
+                label: f.get(1)?.to_string(),
+                index: f.get(2)?.parse().ok()?,
+                container: f.get(3)?.to_string(),
+                step: f.get(4)?.parse().ok()?,
+                at: f.get(5)?.parse().ok()?,
+                notice: f.get(6)?.to_string(),
             })
         })
         .collect()
@@ -81,17 +85,17 @@ fn now_s() -> f64 {
         .as_secs_f64()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queue_under_its_guarantee_takes_capacity_back_and_the_victims_resume_from_their_checkpoints(
-) {
+/// A 3-member group (queues root.a and root.b, each guaranteed 8 of the 16
+/// cores, `a_extra` added to root.a's table; preemption on, no minimum
+/// runtime) and two agents sharing a checkpoint directory; `task.py` in
+/// the returned directory.
+async fn start(a_extra: &str) -> (tempfile::TempDir, Cluster, Vec<AgentProcess>) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("task.py"), TASK).unwrap();
     let checkpoints = dir.path().join("checkpoints");
-    // Two queues guaranteed half of the 16 cores each; preemption on,
-    // with no minimum runtime (the victims are young).
     let extra = format!(
         "[[queues]]\nname = \"root\"\n\
-         [[queues]]\nname = \"root.a\"\nguaranteed = {{ vcores = 8.0 }}\n\
+         [[queues]]\nname = \"root.a\"\nguaranteed = {{ vcores = 8.0 }}\n{a_extra}\
          [[queues]]\nname = \"root.b\"\nguaranteed = {{ vcores = 8.0 }}\n\
          [preemption]\nenabled = true\nmin_runtime = \"0s\"\nmax_per_hour = 3\n\
          [masters]\nlaunch = true\ncommand = {:?}\n",
@@ -111,34 +115,47 @@ async fn a_queue_under_its_guarantee_takes_capacity_back_and_the_victims_resume_
             )
         })
         .collect();
+    crate::cluster::wait_nodes(&cluster.client(), NODES.len()).await;
+    (dir, cluster, agents)
+}
+
+/// Waits (bounded) until `n` tasks labelled `label` have started.
+async fn wait_started(dir: &std::path::Path, label: &str, n: usize) {
+    let t = Instant::now();
+    loop {
+        let started = events(dir)
+            .iter()
+            .filter(|e| e.what == "start" && e.label == label)
+            .count();
+        if started >= n {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{label}: {started} of {n} tasks started: {:#?}",
+            events(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_under_its_guarantee_takes_capacity_back_and_the_victims_resume_from_their_checkpoints(
+) {
+    let (dir, cluster, agents) = start("").await;
+    let checkpoints = dir.path().join("checkpoints");
     let client = cluster.client();
-    crate::cluster::wait_nodes(&client, NODES.len()).await;
 
     // a: 7 tasks of 2 cores (14 of the 16, with its master's half core),
     // 40 steps (8 s) each, 3 s to checkpoint when preempted.
     let a_spec = format!(
-        "name: filler\nqueue: root.a\nstages:\n  - name: work\n    instances: 7\n    preemption_grace: 3s\n    command: 'exec python3 {task} {dir} 40'\n    resources: {{ vcores: 2, memory: 64MiB }}\n",
+        "name: filler\nqueue: root.a\nstages:\n  - name: work\n    instances: 7\n    preemption_grace: 3s\n    command: 'exec python3 {task} {dir} 40 a'\n    resources: {{ vcores: 2, memory: 64MiB }}\n",
         task = dir.path().join("task.py").display(),
         dir = dir.path().display(),
     );
     let a = client.submit(&a_spec, "yaml", "ann").await.unwrap();
     // Submitted the instant a is running all seven.
-    let t = Instant::now();
-    loop {
-        let started = events(dir.path())
-            .iter()
-            .filter(|e| e.what == "start")
-            .count();
-        if started == 7 {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "a did not start its 7 tasks: {:?}",
-            client.get_application(&a).await.map(|r| r.stages)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_started(dir.path(), "a", 7).await;
     // b: 2 tasks of 2 cores; its master fits in the room left, its tasks
     // only by preempting two of a's.
     let b_dir = dir.path().join("b");
@@ -227,6 +244,137 @@ async fn a_queue_under_its_guarantee_takes_capacity_back_and_the_victims_resume_
     assert!(last_start - submitted < 10.0, "{submitted} {b_started:?}");
     // The victims' checkpoints are where the agents keep them.
     assert!(checkpoints.join(&a).join("work").is_dir());
+    drop(agents);
+    drop(cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gang_goes_whole_only_lower_priorities_go_and_an_ask_that_cannot_fit_takes_nothing() {
+    // root.a lets a higher priority preempt a lower one of it.
+    let (dir, cluster, agents) = start("priority_preemption = true\n").await;
+    let client = cluster.client();
+    let task = |label: &str, steps: u32| {
+        format!(
+            "exec python3 {} {} {steps} {label}",
+            dir.path().join("task.py").display(),
+            dir.path().display()
+        )
+    };
+    // root.a full: a priority-1 gang of two 4-core tasks, then (once it
+    // runs) a priority-9 job of two 2-core tasks: 13 of 16 cores with
+    // their masters, all running (a task of the priority-9 job that did not
+    // fit would preempt the gang at once, as it should).
+    let gang = client
+        .submit(
+            &format!(
+                "name: low-gang\nqueue: root.a\npriority: 1\nstages:\n  - name: train\n    instances: 2\n    gang: true\n    preemption_grace: 3s\n    command: '{}'\n    resources: {{ vcores: 4, memory: 64MiB }}\n",
+                task("gang", 50)
+            ),
+            "yaml",
+            "ann",
+        )
+        .await
+        .unwrap();
+    wait_started(dir.path(), "gang", 2).await;
+    let high = client
+        .submit(
+            &format!(
+                "name: high\nqueue: root.a\npriority: 9\nstages:\n  - name: work\n    instances: 2\n    command: '{}'\n    resources: {{ vcores: 2, memory: 64MiB }}\n",
+                task("high", 50)
+            ),
+            "yaml",
+            "ann",
+        )
+        .await
+        .unwrap();
+    wait_started(dir.path(), "high", 2).await;
+
+    // root.b asks for a gang of five 2-core tasks: 10 cores, more than its
+    // guarantee of 8; preempting would not make it fit within it: nothing
+    // goes while it waits, and it is killed waiting.
+    let big = client
+        .submit(
+            "name: too-big\nqueue: root.b\nstages:\n  - name: t\n    instances: 5\n    gang: true\n    command: 'true'\n    resources: { vcores: 2, memory: 64MiB }\n",
+            "yaml",
+            "bob",
+        )
+        .await
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let r = client.get_application(&big).await.unwrap();
+        if r.state() == pb::ApplicationState::Running && !r.am_node_id.is_empty() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Its master asks within a second of starting; three more rounds' worth.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let terms = |label: &str| {
+        events(dir.path())
+            .into_iter()
+            .filter(|e| e.what == "term" && e.label == label)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        terms("gang").is_empty() && terms("high").is_empty(),
+        "preempted for an ask that could not fit: {:#?}",
+        events(dir.path())
+    );
+    client.kill_application(&big).await.unwrap();
+    assert_eq!(
+        wait_state(&client, &big, Duration::from_secs(30))
+            .await
+            .state(),
+        pb::ApplicationState::Killed
+    );
+
+    // A priority-5 job in root.a (3 cores free, 4 asked): only the
+    // priority-1 gang is below it, and it goes whole (one 4-core member
+    // would have made room).
+    let b_dir = dir.path().join("p5");
+    std::fs::create_dir(&b_dir).unwrap();
+    let urgent = client
+        .submit(
+            &format!(
+                "name: urgent\nqueue: root.a\npriority: 5\nstages:\n  - name: run\n    instances: 1\n    command: 'touch {}/ran; sleep 1'\n    resources: {{ vcores: 4, memory: 64MiB }}\n",
+                b_dir.display()
+            ),
+            "yaml",
+            "ann",
+        )
+        .await
+        .unwrap();
+    let done = wait_state(&client, &urgent, Duration::from_secs(60)).await;
+    assert_eq!(done.state(), pb::ApplicationState::Succeeded, "{done:?}");
+    assert!(b_dir.join("ran").exists());
+    let gone = terms("gang");
+    assert_eq!(gone.len(), 2, "the gang whole: {:#?}", events(dir.path()));
+    assert!(gone.iter().all(|e| e.notice == "preempted"), "{gone:#?}");
+    assert!(terms("high").is_empty(), "{:#?}", events(dir.path()));
+
+    // The gang reruns as a gang from its members' checkpoints; every job
+    // ends well, with no retry used.
+    for (app, preempted) in [(&gang, 2), (&high, 0)] {
+        let r = wait_state(&client, app, Duration::from_secs(90)).await;
+        assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
+        assert_eq!(r.preempted, preempted, "{r:?}");
+        assert_eq!(r.stages[0].failed, 0, "{r:?}");
+    }
+    let log = events(dir.path());
+    for v in &gone {
+        let resumed = log
+            .iter()
+            .find(|e| {
+                e.what == "start"
+                    && e.label == "gang"
+                    && e.index == v.index
+                    && e.container != v.container
+            })
+            .unwrap_or_else(|| panic!("gang member {} not rerun: {log:#?}", v.index));
+        assert_eq!(resumed.step, v.step, "{log:#?}");
+    }
     drop(agents);
     drop(cluster);
 }
