@@ -651,12 +651,7 @@ impl Runner {
                     files: Default::default(),
                     // The same for every run of the task: a rerun resumes
                     // from what an earlier (preempted) run checkpointed.
-                    checkpoint_key: format!(
-                        "{}/{}{}",
-                        s.name,
-                        t.role.as_ref().map(|r| format!("{r}/")).unwrap_or_default(),
-                        t.index
-                    ),
+                    checkpoint_key: checkpoint_key(&s.name, t.role.as_deref(), t.index),
                 };
                 starts.push((i, a, req));
             }
@@ -1376,6 +1371,33 @@ fn named_ports<'a>(
     s.ports.iter().cloned().zip(a.ports.iter().copied())
 }
 
+/// A task's checkpoint key (`stage/index`, `stage/role/index`), in the
+/// characters an agent takes (any other becomes `_`; each part at most 80).
+fn checkpoint_key(stage: &str, role: Option<&str>, index: u32) -> String {
+    let clean = |p: &str| {
+        let c: String = p
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(80)
+            .collect();
+        if c.is_empty() || c == "." || c == ".." {
+            "_".to_string()
+        } else {
+            c
+        }
+    };
+    match role {
+        Some(r) => format!("{}/{}/{index}", clean(stage), clean(r)),
+        None => format!("{}/{index}", clean(stage)),
+    }
+}
+
 /// The host of a node's `host:port` address.
 fn host_of(addr: &str) -> &str {
     let h = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
@@ -1389,4 +1411,20 @@ const SERVICE_POLL: Duration = Duration::from_secs(1);
 /// stage's named ones.
 fn ports_asked(s: &weft_spec::StageSpec) -> u32 {
     s.gang as u32 + s.ports.len() as u32
+}
+
+#[cfg(test)]
+mod checkpoint_key_tests {
+    use super::checkpoint_key;
+
+    #[test]
+    fn a_checkpoint_key_holds_only_what_an_agent_takes() {
+        assert_eq!(checkpoint_key("train", None, 3), "train/3");
+        assert_eq!(checkpoint_key("train", Some("worker"), 0), "train/worker/0");
+        assert_eq!(checkpoint_key("a b", Some(".."), 1), "a_b/_/1");
+        assert_eq!(
+            checkpoint_key(&"x".repeat(300), Some("r/s"), 2).len(),
+            80 + 4 + 2
+        );
+    }
 }

@@ -158,6 +158,7 @@ fn write_seeds() {
             unmanaged: false,
             accepted: false,
             service: false,
+            priority: 3,
             at_ms: 2,
         },
         Command::ApplicationAccepted {

@@ -169,6 +169,10 @@ pub struct ContainersConfig {
     /// shared file system lets a preempted task resume on another node.
     /// Default: `<work_dir>/checkpoints` (a rerun on this node only).
     pub checkpoint_dir: Option<PathBuf>,
+    /// An application's checkpoints are removed once nothing in them
+    /// changed for this long and none of its containers runs here.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_retention: Duration,
 }
 
 impl Default for ContainersConfig {
@@ -185,6 +189,7 @@ impl Default for ContainersConfig {
             run_as_user: false,
             root_queues: Vec::new(),
             checkpoint_dir: None,
+            checkpoint_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -174,6 +174,7 @@ pub async fn run(
             let mgr = sweep_mgr.clone();
             async move {
                 logs::sweep(&mgr).await;
+                logs::sweep_checkpoints(&mgr).await;
             }
         },
     ));

@@ -280,8 +280,81 @@ pub async fn sweep(mgr: &Manager) -> Vec<String> {
     removed
 }
 
+/// Removes the checkpoints of applications none of whose containers runs
+/// here and in which nothing changed for the retention (with a shared
+/// `checkpoint_dir`, of applications idle that long everywhere). Returns
+/// the applications whose checkpoints went.
+pub async fn sweep_checkpoints(mgr: &Manager) -> Vec<String> {
+    let (root, retention) = mgr.checkpoints();
+    let root = root.to_path_buf();
+    let running: std::collections::HashSet<String> = mgr
+        .list(false)
+        .into_iter()
+        .map(|r| r.application_id)
+        .collect();
+    let removed = crate::manager::blocking(move || {
+        remove_stale_checkpoints(&root, &running, retention, SystemTime::now())
+    })
+    .await;
+    if !removed.is_empty() {
+        info!(applications = ?removed, "removed checkpoints past retention");
+    }
+    removed
+}
+
+/// The work of [`sweep_checkpoints`]: removes the applications' directories
+/// under `root` that are not `running` and in which nothing changed for
+/// `retention` before `now`; returns them.
+pub fn remove_stale_checkpoints(
+    root: &Path,
+    running: &std::collections::HashSet<String>,
+    retention: std::time::Duration,
+    now: SystemTime,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for app in crate::driver::cgroupfs::subdirs(root) {
+        if running.contains(&app) {
+            continue;
+        }
+        let dir = root.join(&app);
+        // The newest change: the application's directory or a task's
+        // (saving a checkpoint by rename changes its task's).
+        let mut newest = std::fs::metadata(&dir)
+            .and_then(|m| m.modified())
+            .unwrap_or(now);
+        for task in crate::driver::cgroupfs::subdirs(&dir) {
+            let (_, t) = dir_size_and_mtime(&dir.join(task));
+            newest = newest.max(t);
+        }
+        if now.duration_since(newest).unwrap_or_default() >= retention {
+            let _ = std::fs::remove_dir_all(&dir);
+            out.push(app);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn checkpoints_go_once_idle_for_the_retention_and_never_while_their_application_runs_here() {
+        use std::time::{Duration, SystemTime};
+        let tmp = tempfile::tempdir().unwrap();
+        for (app, task) in [("app-000001", "train+0"), ("app-000002", "work+3")] {
+            std::fs::create_dir_all(tmp.path().join(app).join(task)).unwrap();
+            std::fs::write(tmp.path().join(app).join(task).join("step"), "7").unwrap();
+        }
+        let running: std::collections::HashSet<String> = ["app-000002".to_string()].into();
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        // Fresh: nothing goes.
+        assert!(super::remove_stale_checkpoints(tmp.path(), &running, day, now).is_empty());
+        // A day later: the idle one goes, the running one stays.
+        let gone = super::remove_stale_checkpoints(tmp.path(), &running, day, now + day);
+        assert_eq!(gone, vec!["app-000001".to_string()]);
+        assert!(!tmp.path().join("app-000001").exists());
+        assert!(tmp.path().join("app-000002/work+3/step").exists());
+    }
 
     #[test]
     fn aggregation_copies_each_stream_whole_or_its_tail_with_where_it_starts() {

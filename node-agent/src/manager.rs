@@ -36,8 +36,11 @@ use crate::{shim, validate};
 /// Character-device major number of NVIDIA GPUs (`/dev/nvidiaN` is 195:N).
 pub const NVIDIA_MAJOR: u32 = 195;
 
-/// A container's notice file in its work dir (`WEFT_NOTICE_FILE`).
-pub const NOTICE_FILE: &str = ".weft-notice";
+/// Where containers' notice files live (`WEFT_NOTICE_FILE`), under the
+/// agent's work dir: a directory of the agent's alone, so that a task can
+/// read its notice but cannot put a link in its place for the agent (root)
+/// to write through.
+pub const NOTICES_DIR: &str = "notices";
 
 /// Cloneable handle on the node's containers.
 #[derive(Clone)]
@@ -55,6 +58,8 @@ struct Shared {
     containers_root: PathBuf,
     /// Tasks' checkpoints: `<root>/<application>/<checkpoint key>`.
     checkpoints_root: PathBuf,
+    /// Containers' notice files, by container id.
+    notices_root: PathBuf,
     logs_root: PathBuf,
     /// Every container the agent knows, running or ended and retained.
     state: Mutex<HashMap<String, Arc<Container>>>,
@@ -144,7 +149,16 @@ impl Manager {
             .checkpoint_dir
             .clone()
             .unwrap_or_else(|| p.work_dir.join("checkpoints"));
+        let notices_root = p.work_dir.join(NOTICES_DIR);
         let state_dir = StateDir::new(&p.work_dir);
+        // Others may pass through the notices' directory, not list it.
+        std::fs::create_dir_all(&notices_root)
+            .map_err(|e| Error::io("creating", &notices_root, e))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&notices_root, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| Error::io("setting the mode of", &notices_root, e))?;
+        }
         for d in [
             &checkpoints_root,
             &containers_root,
@@ -180,6 +194,7 @@ impl Manager {
                 capacity: p.capacity,
                 containers_root,
                 checkpoints_root,
+                notices_root,
                 logs_root,
                 state: Mutex::new(HashMap::new()),
                 closing: AtomicBool::new(false),
@@ -252,6 +267,12 @@ impl Manager {
 
     pub fn logs_config(&self) -> &LogsConfig {
         &self.sh.logs_cfg
+    }
+
+    /// Where tasks' checkpoints live, and how long an application's are
+    /// kept once nothing touches them.
+    pub fn checkpoints(&self) -> (&Path, Duration) {
+        (&self.sh.checkpoints_root, self.sh.cfg.checkpoint_retention)
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Container>> {
@@ -786,21 +807,42 @@ impl Manager {
         );
         // The task's checkpoints, kept across its reruns: under its
         // application (from its token, so never another's) and its key.
+        // One directory per task right under the application's (its key's
+        // parts joined by '+', a character keys cannot hold): every
+        // directory above a task's is the agent's, so a task cannot swap
+        // one for a link to elsewhere.
         let checkpoint = (!spec.checkpoint_key.is_empty()
             && validate::container_id_ok(&rec.application_id))
         .then(|| {
             self.sh
                 .checkpoints_root
                 .join(&rec.application_id)
-                .join(&spec.checkpoint_key)
+                .join(spec.checkpoint_key.replace('/', "+"))
         });
+        let notice = self.sh.notices_root.join(&spec.id);
         let checkpoint_dir = checkpoint.clone();
+        let notice_file = notice.clone();
         let prepared = blocking(move || -> Result<Arc<dyn Group>> {
             for d in [&work_dir, &log_dir] {
                 std::fs::create_dir_all(d).map_err(|e| Error::io("creating", d, e))?;
             }
+            // Empty until the agent has something to say; the task's to
+            // read, the agent's to write.
+            std::fs::write(&notice_file, b"")
+                .map_err(|e| Error::io("creating", &notice_file, e))?;
+            if let Some(who) = &owner {
+                crate::users::give(&notice_file, who, 0o600)?;
+            }
             if let Some(dir) = &checkpoint_dir {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+                let meta =
+                    std::fs::symlink_metadata(dir).map_err(|e| Error::io("reading", dir, e))?;
+                if !meta.is_dir() {
+                    return Err(Error::invalid(
+                        "checkpoint_key",
+                        format!("{} is not a directory", dir.display()),
+                    ));
+                }
                 if let Some(who) = &owner {
                     crate::users::give(dir, who, 0o700)?;
                 }
@@ -869,10 +911,7 @@ impl Manager {
         env.push(("WEFT_WORK_DIR".into(), rec.work_dir.display().to_string()));
         // Where the agent says why it stops the task early (a preemption),
         // before its SIGTERM.
-        env.push((
-            "WEFT_NOTICE_FILE".into(),
-            rec.work_dir.join(NOTICE_FILE).display().to_string(),
-        ));
+        env.push(("WEFT_NOTICE_FILE".into(), notice.display().to_string()));
         if let Some(dir) = &checkpoint {
             env.push(("WEFT_CHECKPOINT_DIR".into(), dir.display().to_string()));
         }
@@ -1031,6 +1070,7 @@ impl Manager {
     }
 
     async fn remove_dirs(&self, rec: &Record) {
+        let _ = tokio::fs::remove_file(self.sh.notices_root.join(&rec.spec.id)).await;
         let _ = tokio::fs::remove_dir_all(&rec.work_dir).await;
         let _ = tokio::fs::remove_dir_all(&rec.log_dir).await;
     }
@@ -1068,7 +1108,7 @@ impl Manager {
             grace.as_millis(),
             why.replace(['\n', '\r'], " ")
         );
-        let path = rec.work_dir.join(NOTICE_FILE);
+        let path = self.sh.notices_root.join(id);
         if let Err(e) = tokio::fs::write(&path, notice).await {
             warn!(container_id = %id, error = %e, "writing the preemption notice");
         }
@@ -1477,6 +1517,7 @@ async fn supervise(
     c.done.send_replace(true);
     sh.ended.notify_one();
     let (work_dir, keep) = (rec.work_dir.clone(), sh.cfg.keep_work_dirs);
+    let notice = sh.notices_root.join(&spec.id);
     let (state_dir, id) = (sh.state_dir.clone(), spec.id.clone());
     let (log_dir, logs) = (rec.log_dir.clone(), sh.logs_cfg.clone());
     blocking(move || {
@@ -1491,6 +1532,7 @@ async fn supervise(
         if let Err(e) = group.destroy() {
             warn!(error = %e, "removing the container's group failed");
         }
+        let _ = std::fs::remove_file(&notice);
         if !keep {
             let _ = std::fs::remove_dir_all(&work_dir);
         }
@@ -1608,6 +1650,7 @@ fn take_over(sh: &Shared) -> Vec<FoundContainer> {
         if let Err(e) = group.destroy() {
             warn!(container_id = %p.id, error = %e, "could not remove a recovered container's group");
         }
+        let _ = std::fs::remove_file(sh.notices_root.join(&p.id));
         if !sh.cfg.keep_work_dirs {
             let _ = std::fs::remove_dir_all(&p.work_dir);
         }

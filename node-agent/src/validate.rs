@@ -242,6 +242,23 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_key_cannot_leave_its_applications_directory() {
+        for bad in ["../x", "a/../b", "/abs", "a//b", "a/b/c/d/e", "a b", "."] {
+            let mut r = req();
+            r.checkpoint_key = bad.into();
+            assert!(err(r, 0).starts_with("checkpoint_key:"), "{bad}");
+        }
+        let mut r = req();
+        r.checkpoint_key = "x".repeat(MAX_CHECKPOINT_KEY + 1);
+        assert!(err(r, 0).starts_with("checkpoint_key:"));
+        for good in ["train/0", "train/worker/3", "t.x-1_y"] {
+            let mut r = req();
+            r.checkpoint_key = good.into();
+            assert_eq!(start_request(r, 0).unwrap().checkpoint_key, good);
+        }
+    }
+
+    #[test]
     fn each_bad_field_is_named() {
         let mut r = req();
         r.command = " ".into();

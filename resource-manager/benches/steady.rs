@@ -88,6 +88,7 @@ fn main() {
             unmanaged: true,
             accepted: false,
             service: false,
+            priority: 0,
             at_ms: 2,
         });
     }

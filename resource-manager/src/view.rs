@@ -291,7 +291,6 @@ impl View {
         }
     }
 
-    /// The view's index of node `id`.
     /// The schedulable nodes' capacity, all told.
     pub fn capacity(&self) -> scheduler::Res {
         self.cluster
@@ -299,6 +298,7 @@ impl View {
             .map_or(scheduler::Res::ZERO, |c| c.capacity())
     }
 
+    /// The view's index of node `id`.
     pub fn index_of(&self, id: &str) -> Option<usize> {
         self.pos.get(id).copied()
     }
@@ -375,6 +375,7 @@ mod tests {
             unmanaged: true,
             accepted: false,
             service: false,
+            priority: 0,
             at_ms: 2,
         });
         let mut v = View::new();

@@ -157,6 +157,7 @@ impl ClusterState {
                 unmanaged,
                 accepted,
                 service,
+                priority,
                 at_ms,
             } => {
                 if !request_id.is_empty() {
@@ -196,6 +197,7 @@ impl ClusterState {
                         free_attempts: 0,
                         stages: Vec::new(),
                         service: *service,
+                        priority: *priority,
                         preempted: 0,
                         preempted_recently: BTreeMap::new(),
                         endpoints: Vec::new(),

@@ -79,6 +79,10 @@ pub enum Command {
         /// A service (`kind: service`): runs until killed.
         #[serde(default)]
         service: bool,
+        /// The spec's priority (checked at submit): what its containers
+        /// are scheduled and preempted by, whatever its master asks.
+        #[serde(default)]
+        priority: u32,
         at_ms: u64,
     },
     KillApplication {

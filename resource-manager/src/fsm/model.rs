@@ -355,6 +355,9 @@ pub struct App {
     /// A service (`kind: service`): runs until killed.
     #[serde(default)]
     pub service: bool,
+    /// Its spec's priority.
+    #[serde(default)]
+    pub priority: u32,
     /// Its containers preempted, all told.
     #[serde(default)]
     pub preempted: u32,

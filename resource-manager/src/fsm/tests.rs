@@ -15,6 +15,7 @@ pub(crate) fn submit(req: &str, at: u64) -> Command {
         unmanaged: false,
         accepted: false,
         service: false,
+        priority: 0,
         at_ms: at,
     }
 }

@@ -21,7 +21,7 @@
 
 use std::cmp::Reverse;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::model::{Ask, GpuGrant, Node, Res};
 use super::queues::Queues;
@@ -71,6 +71,10 @@ pub struct Settings {
     pub max_victims: usize,
     /// Most waiting units one plan looks at.
     pub max_units: usize,
+    /// Most victims one plan examines (over every node, unit and member):
+    /// a plan over a large cluster stops early rather than hold the
+    /// leader's loop.
+    pub max_work: usize,
 }
 
 impl Default for Settings {
@@ -80,6 +84,7 @@ impl Default for Settings {
             keep: FxHashMap::default(),
             max_victims: 64,
             max_units: 32,
+            max_work: 2_000_000,
         }
     }
 }
@@ -118,6 +123,20 @@ fn free(n: &mut Node, res: Res, grants: &[GpuGrant], ports: u32) {
     }
 }
 
+/// Takes back what [`free`] gave (a victim spared after all).
+fn unfree(n: &mut Node, res: Res, grants: &[GpuGrant], ports: u32) {
+    n.free_vcores = n.free_vcores.saturating_sub(res.vcores);
+    n.free_memory = n.free_memory.saturating_sub(res.memory);
+    n.free_ports = n.free_ports.saturating_sub(ports);
+    for g in grants {
+        if let Some(d) = n.gpus.get_mut(g.device) {
+            d.free_milli = d.free_milli.saturating_sub(g.milli);
+            let mem = if g.milli == 1000 { d.memory } else { g.memory };
+            d.free_memory = d.free_memory.saturating_sub(mem);
+        }
+    }
+}
+
 /// Takes `ask` with `grants` on node `n`.
 fn take(n: &mut Node, ask: &Ask, grants: &[GpuGrant]) {
     n.free_vcores -= ask.vcores;
@@ -146,6 +165,8 @@ struct Sim<'a> {
     /// Node -> its possible victims, least loss first.
     by_node: Vec<Vec<usize>>,
     undo: Vec<(usize, Node)>,
+    /// Victims examined so far (bounded by [`Settings::max_work`]).
+    work: std::cell::Cell<usize>,
 }
 
 /// A unit's trial: what it took, to commit or roll back.
@@ -182,9 +203,12 @@ impl<'a> Sim<'a> {
         }
         let mut trial = n.clone();
         let mut chosen: Vec<(usize, Reason)> = Vec::new();
+        // Each set added (a victim, or a gang whole), in the order added.
+        let mut sets: Vec<std::ops::Range<usize>> = Vec::new();
         let mut refunded: FxHashMap<usize, Res> = FxHashMap::default();
         let mut groups: FxHashMap<u64, u32> = FxHashMap::default();
         for &v in &self.by_node[i] {
+            self.work.set(self.work.get() + 1);
             if chosen.iter().any(|(c, _)| *c == v) || self.taken[v] {
                 continue;
             }
@@ -221,6 +245,7 @@ impl<'a> Sim<'a> {
             for (g, n) in fewer {
                 *groups.entry(g).or_default() += n;
             }
+            let first = chosen.len();
             for &m in &set {
                 let x = &self.running[m];
                 if x.node == i {
@@ -230,7 +255,32 @@ impl<'a> Sim<'a> {
                 *e = e.plus(x.res);
                 chosen.push((m, reason));
             }
+            sets.push(first..chosen.len());
             if Cluster::fit(&trial, ask).is_some() {
+                // Spared: each set, the costliest first, whose room the
+                // ask turns out not to need (one taken early for a
+                // resource the later ones freed enough of).
+                let mut spared: Vec<usize> = Vec::new();
+                for r in sets.iter().rev() {
+                    let mine: Vec<usize> = chosen[r.clone()]
+                        .iter()
+                        .map(|(m, _)| *m)
+                        .filter(|&m| self.running[m].node == i)
+                        .collect();
+                    for &m in &mine {
+                        let x = &self.running[m];
+                        unfree(&mut trial, x.res, &x.grants, x.ports);
+                    }
+                    if Cluster::fit(&trial, ask).is_some() {
+                        spared.extend(chosen[r.clone()].iter().map(|(m, _)| *m));
+                    } else {
+                        for &m in &mine {
+                            let x = &self.running[m];
+                            free(&mut trial, x.res, &x.grants, x.ports);
+                        }
+                    }
+                }
+                chosen.retain(|(m, _)| !spared.contains(m));
                 let cost = chosen.iter().fold(
                     (i32::MIN, chosen.len(), Reverse(0u64)),
                     |(p, n, Reverse(s)), (m, _)| {
@@ -291,6 +341,7 @@ pub fn plan(
         gangs: FxHashMap::default(),
         by_node: vec![Vec::new(); cluster.nodes.len()],
         undo: Vec::new(),
+        work: std::cell::Cell::new(0),
     };
     // Room already being freed is free.
     for s in stopping {
@@ -329,23 +380,33 @@ pub fn plan(
 
     let mut out: Vec<Victim> = Vec::new();
     let mut looked = 0;
+    // Queues that gave victims in this plan take none back in it (a
+    // victim's queue can fall under its guarantee by a container's worth;
+    // its own waiting units wait for the next round's view).
+    let mut donors: FxHashSet<usize> = FxHashSet::default();
     for unit in &units {
-        if looked == settings.max_units || out.len() >= settings.max_victims {
+        if looked == settings.max_units
+            || out.len() >= settings.max_victims
+            || sim.work.get() >= settings.max_work
+        {
             break;
         }
         let first = &waiting[unit[0]];
         let q = first.queue;
         let res = unit_res(unit);
-        let reclaims = sim.queues.within_guarantee(q, res, total);
+        let reclaims = !donors.contains(&q) && sim.queues.within_guarantee(q, res, total);
         if !reclaims && !within(q) {
             continue;
         }
-        if !sim.queues.can_take(q, &first.user, res) {
+        // (Priority victims of its own queue may make room under its
+        // maximum: checked again once they are chosen.)
+        if !within(q) && !sim.queues.can_take(q, &first.user, res) {
             continue;
         }
         looked += 1;
         let prio = unit.iter().map(|&i| waiting[i].priority).max().unwrap_or(0);
         let mut trial = Trial::default();
+        let mut gave: Vec<usize> = Vec::new();
         sim.undo.clear();
         let mut ok = true;
         for &ai in unit {
@@ -380,6 +441,9 @@ pub fn plan(
             };
             for (m, reason) in chosen {
                 let x = &running[m];
+                if reason == Reason::Reclaim {
+                    gave.push(x.queue);
+                }
                 sim.taken[m] = true;
                 if x.group != 0 {
                     if let Some(l) = sim.left.get_mut(&x.group) {
@@ -423,6 +487,7 @@ pub fn plan(
             continue;
         }
         sim.queues.charge(q, &first.user, res);
+        donors.extend(gave);
     }
     out
 }
@@ -674,6 +739,82 @@ mod tests {
             r.protected = true;
         }
         assert!(plan(&c, &q, &asks, &running, &[], &settings).is_empty());
+    }
+
+    #[test]
+    fn a_victim_whose_room_the_ask_does_not_need_is_spared() {
+        let mut c = Cluster::new(vec![Node::new("g", 8000, 64 * GIB).with_gpus(
+            1,
+            "A100",
+            80 * GIB,
+        )]);
+        let mut q = Queues::root_only();
+        let a = q
+            .add("root.a", Res::new(4000, 32 * GIB, 500), Res::UNLIMITED, 1)
+            .unwrap();
+        let b = q
+            .add("root.b", Res::new(4000, 32 * GIB, 500), Res::UNLIMITED, 1)
+            .unwrap();
+        let mut running = Vec::new();
+        // The youngest (cheapest) uses no GPU; the GPU's holder is older.
+        for (gpu, started) in [(true, 1u64), (false, 2)] {
+            let mut ask = Ask::new(0, a, 3000, 8 * GIB);
+            if gpu {
+                ask.gpu = GpuAsk::Whole(1);
+            }
+            let g = Cluster::fit(&c.nodes[0], &ask).unwrap();
+            c.take(0, &ask, &g);
+            q.charge(a, "u", ask.res());
+            running.push(Running {
+                node: 0,
+                queue: a,
+                user: "u".into(),
+                priority: 0,
+                started_ms: started,
+                res: ask.res(),
+                grants: g,
+                ports: 0,
+                gang: None,
+                group: 0,
+                protected: false,
+            });
+        }
+        // b asks for a GPU share and a core: 2 cores are free, the GPU is
+        // not. Only the GPU's holder goes.
+        let mut ask = Ask::new(1, b, 1000, GIB);
+        ask.gpu = GpuAsk::Share {
+            milli: 500,
+            memory: GIB,
+        };
+        let v = plan(&c, &q, &[ask], &running, &[], &Settings::default());
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].running, 0);
+    }
+
+    #[test]
+    fn a_priority_may_preempt_in_a_queue_at_its_maximum() {
+        let (mut c, mut q, a, _) = setup(1);
+        let mut running = fill(&mut c, &mut q, a, 2, 0);
+        running[0].priority = 5;
+        running[1].priority = 1;
+        // a at its maximum: nothing more without preempting within it.
+        q.confs[a].maximum = Res::new(4000, 8 * GIB, 0);
+        let mut urgent = Ask::new(1, a, 2000, 4 * GIB);
+        urgent.priority = 2;
+        let settings = Settings {
+            within_queue: vec![false, true, false],
+            ..Settings::default()
+        };
+        let v = plan(
+            &c,
+            &q,
+            std::slice::from_ref(&urgent),
+            &running,
+            &[],
+            &settings,
+        );
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].running, 1);
     }
 
     #[test]

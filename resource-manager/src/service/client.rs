@@ -149,6 +149,7 @@ impl pb::client_service_server::ClientService for RmService {
                 // entry (one raft entry per submission, not two).
                 accepted: !unmanaged,
                 service: spec.kind == weft_spec::JobKind::Service,
+                priority: spec.priority,
                 at_ms: now_ms(),
             };
             // A follower sends the caller on before anything is proposed.

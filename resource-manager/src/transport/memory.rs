@@ -548,6 +548,7 @@ mod tests {
                     unmanaged: true,
                     accepted: false,
                     service: false,
+                    priority: 0,
                     at_ms: 0,
                 })
                 .await

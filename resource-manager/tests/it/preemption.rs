@@ -147,9 +147,9 @@ async fn a_queue_under_its_guarantee_takes_capacity_back_and_the_victims_resume_
     let client = cluster.client();
 
     // a: 7 tasks of 2 cores (14 of the 16, with its master's half core),
-    // 40 steps (8 s) each, 3 s to checkpoint when preempted.
+    // 60 steps (12 s) each, 3 s to checkpoint when preempted.
     let a_spec = format!(
-        "name: filler\nqueue: root.a\nstages:\n  - name: work\n    instances: 7\n    preemption_grace: 3s\n    command: 'exec python3 {task} {dir} 40 a'\n    resources: {{ vcores: 2, memory: 64MiB }}\n",
+        "name: filler\nqueue: root.a\nstages:\n  - name: work\n    instances: 7\n    preemption_grace: 3s\n    command: 'exec python3 {task} {dir} 60 a'\n    resources: {{ vcores: 2, memory: 64MiB }}\n",
         task = dir.path().join("task.py").display(),
         dir = dir.path().display(),
     );
@@ -196,7 +196,7 @@ async fn a_queue_under_its_guarantee_takes_capacity_back_and_the_victims_resume_
     assert_eq!(a_done.preempted, 2, "{a_done:?}");
     for v in &terms {
         assert_eq!(v.notice, "preempted", "{v:?}");
-        assert!(v.step > 0 && v.step < 40, "{v:?}");
+        assert!(v.step > 0 && v.step < 60, "{v:?}");
         // Its task ran again (a new container) from the step it saved,
         // and finished.
         let resumed = log
@@ -226,8 +226,8 @@ async fn a_queue_under_its_guarantee_takes_capacity_back_and_the_victims_resume_
     done.sort();
     assert_eq!(done, (0..7).collect::<Vec<u32>>(), "{log:#?}");
     assert_eq!(a_done.stages[0].failed, 0, "{a_done:?}");
-    // b's tasks started within the grace (3 s) and a round or two of the
-    // victims' SIGTERM; no later than 10 s after b's submission.
+    // b's tasks started within the grace (3 s) and a few rounds of the
+    // victims' SIGTERM.
     let first_term = terms.iter().map(|e| e.at).fold(f64::MAX, f64::min);
     let last_start = b_started.iter().copied().fold(0.0, f64::max);
     println!(
@@ -241,9 +241,20 @@ async fn a_queue_under_its_guarantee_takes_capacity_back_and_the_victims_resume_
         last_start - first_term < 3.0 + 3.0,
         "{first_term} {b_started:?}"
     );
-    assert!(last_start - submitted < 10.0, "{submitted} {b_started:?}");
-    // The victims' checkpoints are where the agents keep them.
-    assert!(checkpoints.join(&a).join("work").is_dir());
+    // The victims' checkpoints are where the agents keep them: one
+    // directory per task under the application's.
+    for v in &terms {
+        let saved = checkpoints
+            .join(&a)
+            .join(format!("work+{}", v.index))
+            .join("step");
+        assert_eq!(
+            std::fs::read_to_string(&saved).unwrap(),
+            v.step.to_string(),
+            "{}",
+            saved.display()
+        );
+    }
     drop(agents);
     drop(cluster);
 }
@@ -268,7 +279,7 @@ async fn a_gang_goes_whole_only_lower_priorities_go_and_an_ask_that_cannot_fit_t
         .submit(
             &format!(
                 "name: low-gang\nqueue: root.a\npriority: 1\nstages:\n  - name: train\n    instances: 2\n    gang: true\n    preemption_grace: 3s\n    command: '{}'\n    resources: {{ vcores: 4, memory: 64MiB }}\n",
-                task("gang", 50)
+                task("gang", 100)
             ),
             "yaml",
             "ann",
@@ -280,7 +291,7 @@ async fn a_gang_goes_whole_only_lower_priorities_go_and_an_ask_that_cannot_fit_t
         .submit(
             &format!(
                 "name: high\nqueue: root.a\npriority: 9\nstages:\n  - name: work\n    instances: 2\n    command: '{}'\n    resources: {{ vcores: 2, memory: 64MiB }}\n",
-                task("high", 50)
+                task("high", 100)
             ),
             "yaml",
             "ann",

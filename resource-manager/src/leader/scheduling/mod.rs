@@ -247,6 +247,9 @@ pub struct Scheduling {
     pub(crate) unreachable: Arc<Mutex<HashMap<String, std::time::Instant>>>,
     /// When the leader preempts (`[preemption]`).
     pub(crate) preemption: Arc<crate::config::PreemptionConfig>,
+    /// When the preemption planner last ran (it runs at most every
+    /// [`preempt::PLAN_EVERY`]).
+    pub(crate) planned_at: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 /// The group's token keys, ready to sign and verify with.
@@ -353,6 +356,7 @@ impl Scheduling {
             busy_ports: Arc::default(),
             unreachable: Arc::default(),
             preemption: Arc::default(),
+            planned_at: Arc::default(),
         }
     }
 

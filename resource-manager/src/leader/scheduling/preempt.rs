@@ -12,6 +12,10 @@ use crate::fsm::{Preemption, DEFAULT_PREEMPTION_GRACE_MS, PREEMPTION_WINDOW_MS};
 use crate::scheduler::preempt::{self as planner, Reason, Running, Settings, Stopping};
 use crate::scheduler::{GpuGrant, Res};
 
+/// The planner runs at most this often (it walks every container under
+/// the state's lock; rounds come much more often under load).
+pub const PLAN_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What the planner needs from the state, taken under its lock.
 pub(crate) struct PreemptInput {
     pub(crate) running: Vec<Running>,
@@ -84,6 +88,13 @@ impl Scheduling {
             .any(|a| within[a.queue] || queues.within_guarantee(a.queue, a.res(), total));
         if !may {
             return None;
+        }
+        {
+            let mut at = self.planned_at.lock().expect("planned_at lock");
+            if at.is_some_and(|t| t.elapsed() < PLAN_EVERY) {
+                return None;
+            }
+            *at = Some(std::time::Instant::now());
         }
         let now = now_ms();
         let min_runtime = cfg.min_runtime.as_millis() as u64;

@@ -248,11 +248,26 @@ impl Scheduling {
                         .or_default() += 1;
                 }
             }
+            // A gang with a member still stopping waits whole: its other
+            // members alone would be a partial gang.
+            let held_gangs: HashSet<&str> = list
+                .iter()
+                .filter(|(ra, _)| {
+                    !ra.gang_id.is_empty() && uncertain.contains_key(ra.ask_id.as_str())
+                })
+                .map(|(ra, _)| ra.gang_id.as_str())
+                .collect();
             for (ra, count) in list.iter() {
+                if held_gangs.contains(ra.gang_id.as_str()) {
+                    continue;
+                }
                 let count =
                     count.saturating_sub(uncertain.get(ra.ask_id.as_str()).copied().unwrap_or(0));
                 for k in 0..count {
                     let mut a = to_ask(ra, asks.len() as u64, q, &app.user);
+                    // Scheduled (and preempted) by the priority its spec was
+                    // submitted with, whatever its master says.
+                    a.priority = app.priority.min(i32::MAX as u32) as i32;
                     // The same key round after round (its index changes
                     // as other asks come and go): its wait for room counts.
                     a.key = ask_key(app_id, &ra.ask_id, k);
@@ -267,7 +282,13 @@ impl Scheduling {
                     keys.push((app_id.clone(), ra.ask_id.clone()));
                     gangs
                         .push((!ra.gang_id.is_empty()).then(|| format!("{app_id}/{}", ra.gang_id)));
-                    preemption.push((ra.preemption_grace_ms, ra.min_available));
+                    // A master's word, bounded: a grace of at most the
+                    // spec's bound, a minimum only for a service's replicas.
+                    preemption.push((
+                        ra.preemption_grace_ms
+                            .min(weft_spec::MAX_PREEMPTION_GRACE.as_millis() as u64),
+                        if app.service { ra.min_available } else { 0 },
+                    ));
                 }
             }
             true
