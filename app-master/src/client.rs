@@ -140,13 +140,84 @@ pub async fn node(addr: &str) -> Result<ContainerManagerClient<Channel>, Status>
     Ok(ContainerManagerClient::new(channel(addr)?))
 }
 
-/// Node agents' ContainerManagers, one shared connection per address.
+/// A connection to the node agent serving the Unix socket at `path`.
+fn unix_channel(path: std::path::PathBuf) -> Channel {
+    tonic::transport::Endpoint::from_static("http://weft-agent.local")
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(30))
+        .connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+}
+
+/// Node agents' ContainerManagers, one shared connection per address; the
+/// master's own node's agent over its Unix socket where the agent said
+/// where (`WEFT_NODE_ID`, `WEFT_AGENT_SOCKET`): no TLS handshake for the
+/// tasks that land beside their master.
 #[derive(Default)]
 pub struct NodeClients {
     channels: std::sync::Mutex<std::collections::HashMap<String, Channel>>,
+    /// This master's node and its agent's socket.
+    local: Option<(String, std::path::PathBuf)>,
+    /// The socket failed once: the node's agent over TCP from then on.
+    local_failed: std::sync::atomic::AtomicBool,
 }
 
 impl NodeClients {
+    /// With the master's own node's agent's socket, where its agent named
+    /// one in the environment.
+    pub fn from_env() -> Self {
+        let local = match (
+            std::env::var("WEFT_NODE_ID"),
+            std::env::var_os("WEFT_AGENT_SOCKET"),
+        ) {
+            (Ok(node), Some(path)) if !node.is_empty() && !path.is_empty() => {
+                Some((node, std::path::PathBuf::from(path)))
+            }
+            _ => None,
+        };
+        NodeClients {
+            local,
+            ..NodeClients::default()
+        }
+    }
+
+    /// Whether calls to `node`'s agent go over the local socket.
+    pub fn is_local(&self, node: &str) -> bool {
+        !self.local_failed.load(std::sync::atomic::Ordering::Relaxed)
+            && self.local.as_ref().is_some_and(|(n, _)| n == node)
+    }
+
+    /// Calls to `node`'s agent over TCP from now on (its socket failed).
+    pub fn local_failed(&self) {
+        self.local_failed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The agent of `node` (at `addr`): over its Unix socket when it is
+    /// this master's own node.
+    pub fn get_on(
+        &self,
+        node: &str,
+        addr: &str,
+    ) -> Result<ContainerManagerClient<Channel>, Status> {
+        let Some((_, path)) = self.local.as_ref().filter(|_| self.is_local(node)) else {
+            return self.get(addr);
+        };
+        let key = format!("unix:{}", path.display());
+        let mut map = self.channels.lock().expect("channels lock");
+        let ch = map
+            .entry(key)
+            .or_insert_with(|| unix_channel(path.clone()))
+            .clone();
+        Ok(ContainerManagerClient::new(ch))
+    }
+
     pub fn get(&self, addr: &str) -> Result<ContainerManagerClient<Channel>, Status> {
         let mut map = self.channels.lock().expect("channels lock");
         if let Some(ch) = map.get(addr) {

@@ -188,7 +188,7 @@ impl Runner {
             tasks,
             failures: vec![0; n],
             unreachable: Vec::new(),
-            nodes: NodeClients::default(),
+            nodes: NodeClients::from_env(),
             restart_log: vec![VecDeque::new(); n],
             checks: tokio::task::JoinSet::new(),
             checking: BTreeSet::new(),
@@ -660,9 +660,23 @@ impl Runner {
         let nodes = &self.nodes;
         let results: Vec<_> = futures::stream::iter(starts)
             .map(|(i, a, req)| async move {
-                let started = match nodes.get(&a.node_address) {
-                    Ok(mut c) => c.start_container(req).await.map(|_| ()),
+                let local = nodes.is_local(&a.node_id);
+                let started = match nodes.get_on(&a.node_id, &a.node_address) {
+                    Ok(mut c) => c.start_container(req.clone()).await.map(|_| ()),
                     Err(e) => Err(e),
+                };
+                // The local socket refused (an agent that serves none, a
+                // socket gone): over TCP, and for every call after.
+                let started = match started {
+                    Err(e) if local && e.code() == tonic::Code::Unavailable => {
+                        warn!(error = %e.message(), "the node's local agent socket failed; over TCP");
+                        nodes.local_failed();
+                        match nodes.get(&a.node_address) {
+                            Ok(mut c) => c.start_container(req).await.map(|_| ()),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    r => r,
                 };
                 (i, a, started)
             })

@@ -148,6 +148,7 @@ impl axum::serve::Listener for Incoming {
         Ok(crate::net::ConnInfo {
             remote: self.local,
             peer: None,
+            local_uid: None,
         })
     }
 }

@@ -120,6 +120,9 @@ pub fn endpoint(
 pub enum Conn {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// A local process over a Unix socket ([`incoming_unix`]): no
+    /// certificate, the caller's uid checked when it was taken.
+    Unix(tokio::net::UnixStream),
 }
 
 /// What a handler can learn of its connection (a request's extensions hold
@@ -130,6 +133,8 @@ pub enum Conn {
 pub struct ConnInfo {
     pub remote: Option<SocketAddr>,
     pub peer: Option<Arc<crate::tls::PeerIdentity>>,
+    /// Over a Unix socket: the caller's uid.
+    pub local_uid: Option<u32>,
 }
 
 impl Connected for Conn {
@@ -140,6 +145,12 @@ impl Connected for Conn {
             Conn::Plain(s) => ConnInfo {
                 remote: s.peer_addr().ok(),
                 peer: None,
+                local_uid: None,
+            },
+            Conn::Unix(s) => ConnInfo {
+                remote: None,
+                peer: None,
+                local_uid: s.peer_cred().ok().map(|c| c.uid()),
             },
             Conn::Tls(s) => {
                 let (tcp, session) = s.get_ref();
@@ -150,6 +161,7 @@ impl Connected for Conn {
                         .and_then(|c| c.first())
                         .and_then(|c| crate::tls::identity_of(c.as_ref()))
                         .map(Arc::new),
+                    local_uid: None,
                 }
             }
         }
@@ -165,6 +177,7 @@ impl AsyncRead for Conn {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -178,6 +191,7 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_write_vectored(
@@ -188,24 +202,28 @@ impl AsyncWrite for Conn {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Conn::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
             Conn::Plain(s) => s.is_write_vectored(),
             Conn::Tls(s) => s.is_write_vectored(),
+            Conn::Unix(s) => s.is_write_vectored(),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_flush(cx),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -285,6 +303,57 @@ fn incoming_with_alpn(
                         }
                     });
                 }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A Unix socket's connections as a server takes them: only those of a
+/// caller whose uid `allowed` accepts (checked with the kernel's word,
+/// `SO_PEERCRED`, when the connection is taken); the others are closed.
+/// No TLS: the socket is the node's own (a master reaching its own node's
+/// agent without a handshake), and what a call may do is decided by the
+/// tokens it carries, as for any caller without a certificate.
+pub fn incoming_unix(
+    listener: tokio::net::UnixListener,
+    allowed: Arc<dyn Fn(u32) -> bool + Send + Sync>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Conn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Conn>>(64);
+    tokio::spawn(async move {
+        loop {
+            let s = tokio::select! {
+                _ = tx.closed() => return,
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a local connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let uid = match s.peer_cred() {
+                Ok(c) => c.uid(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a local connection without credentials refused");
+                    continue;
+                }
+            };
+            // (The check may read the file system: off the runtime.)
+            let check = allowed.clone();
+            if tokio::task::spawn_blocking(move || check(uid))
+                .await
+                .unwrap_or(false)
+            {
+                if tx.send(Ok(Conn::Unix(s))).await.is_err() {
+                    return;
+                }
+            } else {
+                tracing::debug!(
+                    uid,
+                    "a local connection from a uid that runs nothing here refused"
+                );
             }
         }
     });

@@ -197,6 +197,24 @@ pub async fn run(
         service::ContainerService::new(mgr.clone()),
     );
     let incoming = weft_common::net::incoming(listener);
+    // The same API on a Unix socket in the work dir, for the node's own
+    // containers (a master starting its tasks here without a handshake);
+    // only the agent's user and the users of its running containers are
+    // taken.
+    let local = serve_locally(&mgr, &config.work_dir.join(AGENT_SOCKET));
+    let incoming = match local {
+        Some(local) => {
+            use tokio_stream::StreamExt;
+            Box::pin(incoming.merge(local))
+                as std::pin::Pin<
+                    Box<
+                        dyn tokio_stream::Stream<Item = std::io::Result<weft_common::net::Conn>>
+                            + Send,
+                    >,
+                >
+        }
+        None => Box::pin(incoming),
+    };
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         weft_common::net::server()
@@ -256,4 +274,36 @@ where
             }
         }
     })
+}
+
+/// The agent's Unix socket, in its work dir.
+pub const AGENT_SOCKET: &str = "agent.sock";
+
+/// Binds the agent's Unix socket at `path` (any left by an earlier agent
+/// replaced), open to every local user (the connections are checked by
+/// uid as they are taken); None where it cannot be had (a path too long
+/// for a socket's address, say): masters then reach the agent over TCP.
+fn serve_locally(
+    mgr: &Manager,
+    path: &std::path::Path,
+) -> Option<tokio_stream::wrappers::ReceiverStream<std::io::Result<weft_common::net::Conn>>> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    let listener = match tokio::net::UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no local socket: masters reach this agent over TCP");
+            return None;
+        }
+    };
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)) {
+        tracing::warn!(path = %path.display(), error = %e, "no local socket: masters reach this agent over TCP");
+        return None;
+    }
+    mgr.set_agent_socket(path.to_path_buf());
+    let m = mgr.clone();
+    Some(weft_common::net::incoming_unix(
+        listener,
+        std::sync::Arc::new(move |uid| m.runs_uid(uid)),
+    ))
 }

@@ -60,6 +60,8 @@ struct Shared {
     checkpoints_root: PathBuf,
     /// Containers' notice files, by container id.
     notices_root: PathBuf,
+    /// The agent's Unix socket, once it serves one (`WEFT_AGENT_SOCKET`).
+    agent_socket: std::sync::OnceLock<PathBuf>,
     logs_root: PathBuf,
     /// Every container the agent knows, running or ended and retained.
     state: Mutex<HashMap<String, Arc<Container>>>,
@@ -195,6 +197,7 @@ impl Manager {
                 containers_root,
                 checkpoints_root,
                 notices_root,
+                agent_socket: std::sync::OnceLock::new(),
                 logs_root,
                 state: Mutex::new(HashMap::new()),
                 closing: AtomicBool::new(false),
@@ -267,6 +270,27 @@ impl Manager {
 
     pub fn logs_config(&self) -> &LogsConfig {
         &self.sh.logs_cfg
+    }
+
+    /// Serves its API on the Unix socket `path` too: containers started
+    /// from now on are told it (`WEFT_AGENT_SOCKET`, with `WEFT_NODE_ID`).
+    pub fn set_agent_socket(&self, path: PathBuf) {
+        let _ = self.sh.agent_socket.set(path);
+    }
+
+    /// Whether `uid` may use the agent's Unix socket: the agent's own user
+    /// (its tasks run as it unless they run as their users), or the user
+    /// of a container running here (the owner of its work dir). Blocks on
+    /// the file system.
+    pub fn runs_uid(&self, uid: u32) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        if uid == nix::unistd::geteuid().as_raw() {
+            return true;
+        }
+        self.list(false)
+            .iter()
+            .filter(|r| !r.is_done())
+            .any(|r| std::fs::metadata(&r.work_dir).is_ok_and(|m| m.uid() == uid))
     }
 
     /// Where tasks' checkpoints live, and how long an application's are
@@ -914,6 +938,12 @@ impl Manager {
         env.push(("WEFT_NOTICE_FILE".into(), notice.display().to_string()));
         if let Some(dir) = &checkpoint {
             env.push(("WEFT_CHECKPOINT_DIR".into(), dir.display().to_string()));
+        }
+        // This node's agent, reachable without a TLS handshake (a master
+        // starting tasks on its own node).
+        if let Some(sock) = self.sh.agent_socket.get() {
+            env.push(("WEFT_AGENT_SOCKET".into(), sock.display().to_string()));
+            env.push(("WEFT_NODE_ID".into(), self.sh.tokens.node_id().to_string()));
         }
         // With TLS on, a container's clients (its master, rmctl in a task)
         // verify the cluster's servers with the CA this agent trusts.

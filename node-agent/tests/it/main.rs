@@ -7,6 +7,7 @@ mod harness;
 mod binary;
 mod enforcement;
 mod lifecycle;
+mod local_socket;
 mod logs;
 mod metrics;
 mod nvml;

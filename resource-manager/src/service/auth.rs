@@ -391,6 +391,7 @@ mod tests {
                     role: Some(Role::Rm),
                     name: "rm2".into(),
                 })),
+                local_uid: None,
             });
             if forwarded {
                 r.metadata_mut().insert(FORWARDED, "1".parse().unwrap());
