@@ -1175,7 +1175,21 @@ impl Manager {
         self.sh.tasks.close();
         self.sh.tasks.wait().await;
         let sh = self.sh.clone();
-        blocking(move || sh.driver.cleanup()).await;
+        blocking(move || {
+            // Groups left empty (one whose removal at its container's end
+            // found it still busy, a recovered one): removed, or the
+            // parent could not be.
+            for id in sh.driver.leftovers() {
+                let g = sh.driver.open(&id);
+                if g.pids().is_empty() {
+                    if let Err(e) = g.destroy() {
+                        warn!(container_id = %id, error = %e, "removing a container's empty group at shutdown");
+                    }
+                }
+            }
+            sh.driver.cleanup()
+        })
+        .await;
     }
 }
 

@@ -388,3 +388,23 @@ fn v2_bpf_device_filter_denies_listed_devices() {
     .join()
     .unwrap();
 }
+
+/// An empty group left under the agent's parent (one whose removal found
+/// it busy when its container ended, say) is removed at shutdown, and the
+/// parent with it.
+#[tokio::test]
+async fn an_empty_group_left_behind_goes_at_shutdown() {
+    if !driver_or_skip(DriverChoice::Auto) {
+        return;
+    }
+    let mut agent = TestAgent::start("leftover", |_| {}).await;
+    start(&mut agent.client, spec("one", "true", 32 * MIB)).await;
+    wait_end(&mut agent.client, "one", Duration::from_secs(20)).await;
+    let parents = cgroups_of(agent.parent());
+    assert!(!parents.is_empty(), "the agent made its parent groups");
+    for p in &parents {
+        std::fs::create_dir(p.join("stale-1")).unwrap();
+    }
+    // (shutdown asserts that no group of the agent is left.)
+    agent.shutdown().await;
+}

@@ -42,7 +42,10 @@ async fn the_agent_serves_its_own_node_on_a_unix_socket_and_only_to_its_users() 
     let mut agent = TestAgent::start("local", |_| {}).await;
     let sock = agent.work_dir().join("agent.sock");
     // (The test's TCP listener answers before the agent has set up.)
-    eventually("the agent's socket", Duration::from_secs(10), || sock.exists()).await;
+    eventually("the agent's socket", Duration::from_secs(10), || {
+        sock.exists()
+    })
+    .await;
 
     // Every container is told where it is and which node it is on.
     start(
