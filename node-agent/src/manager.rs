@@ -588,12 +588,16 @@ impl Manager {
         // removes (found by the fault harness): the start runs to its end
         // on a task of its own, whoever still waits for it.
         use tracing::Instrument;
+        // Tracked with the containers' tasks: a shutdown waits for a start
+        // in flight (one that creates its group as the agent stops would
+        // leave it behind).
         let me = self.clone();
         let started = std::time::Instant::now();
-        let r = tokio::spawn(
-            async move { me.start_now(req).await }.instrument(tracing::Span::current()),
-        )
-        .await;
+        let r = self
+            .sh
+            .tasks
+            .spawn(async move { me.start_now(req).await }.instrument(tracing::Span::current()))
+            .await;
         self.sh
             .metrics
             .start_seconds
@@ -675,6 +679,11 @@ impl Manager {
         let group_key = grant.group_key.as_str();
         let r = &spec.resources;
         let mut st = self.sh.state.lock().expect("state lock poisoned");
+        // Under the lock a shutdown takes its list of containers to stop
+        // under: a start either is on that list or is refused here.
+        if self.sh.closing.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
         if let Some(old) = st.get(&spec.id) {
             let rec = old.record();
             // An ended container another RM group granted (see

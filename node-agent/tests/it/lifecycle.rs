@@ -408,3 +408,29 @@ async fn an_empty_group_left_behind_goes_at_shutdown() {
     // (shutdown asserts that no group of the agent is left.)
     agent.shutdown().await;
 }
+
+/// Starts racing the agent's shutdown: each is refused or stopped with the
+/// rest, and nothing of any is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_racing_a_shutdown_leave_nothing_behind() {
+    let agent = TestAgent::start("racing", |_| {}).await;
+    let mut starts = Vec::new();
+    for i in 0..16 {
+        let mut c = agent.client.clone();
+        starts.push(tokio::spawn(async move {
+            c.start_container(signed(spec(&format!("race-{i}"), "sleep 30", 16 * MIB)))
+                .await
+                .map(|_| ())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // (shutdown asserts that no process or group of the agent is left.)
+    agent.shutdown().await;
+    let mut refused = 0;
+    for s in starts {
+        if s.await.unwrap().is_err() {
+            refused += 1;
+        }
+    }
+    println!("{refused} of 16 starts refused as the agent stopped");
+}
