@@ -1501,8 +1501,20 @@ async fn supervise(
             let mut status = None;
             if !grace.is_zero() {
                 let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM);
+                // Then the group's processes that left the leader's session
+                // (once each: a second SIGTERM can cut short the handler
+                // the first one started, a checkpoint half written).
                 let g = group.clone();
-                blocking(move || g.signal_all(Signal::SIGTERM)).await;
+                blocking(move || {
+                    let leader = nix::unistd::Pid::from_raw(pid);
+                    for p in g.pids() {
+                        let p = nix::unistd::Pid::from_raw(p);
+                        if nix::unistd::getpgid(Some(p)).ok() != Some(leader) {
+                            let _ = nix::sys::signal::kill(p, Signal::SIGTERM);
+                        }
+                    }
+                })
+                .await;
                 if let Ok(Ok((s, _))) = tokio::time::timeout(grace, child.wait()).await {
                     status = Some(s);
                 }
