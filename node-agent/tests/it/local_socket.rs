@@ -11,7 +11,8 @@ use weft_proto::v1::container_manager_client::ContainerManagerClient;
 use crate::harness::*;
 
 /// What `python3` sees connecting to `sock` as `uid`: `open` when the agent
-/// answered its HTTP/2 preface, `closed` when the agent hung up at once.
+/// answered its HTTP/2 preface, `closed` when the agent hung up at once
+/// (before the preface was written, too: a broken pipe).
 fn probe_as(sock: &std::path::Path, uid: u32) -> String {
     let script = format!(
         "import os, socket, sys\n\
@@ -19,8 +20,7 @@ fn probe_as(sock: &std::path::Path, uid: u32) -> String {
          os.setgroups([]); os.setgid({uid}); os.setuid({uid})\n\
          s.connect({sock:?})\n\
          s.settimeout(5)\n\
-         s.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' + bytes([0,0,0,4,0,0,0,0,0]))\n\
-         try:\n    d = s.recv(64)\nexcept ConnectionResetError:\n    d = b''\n\
+         try:\n    s.sendall(b'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' + bytes([0,0,0,4,0,0,0,0,0]))\n    d = s.recv(64)\nexcept (ConnectionResetError, BrokenPipeError):\n    d = b''\n\
          print('open' if d else 'closed')\n",
         sock = sock.display().to_string()
     );
