@@ -1,7 +1,7 @@
 //! Clients an application master uses: the RM's ApplicationMasterService
 //! (following the leader across failovers) and node agents' ContainerManager.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 use tonic::Status;
@@ -32,6 +32,8 @@ pub const DEFAULT_RM_RETRY_FOR: Duration = Duration::from_secs(15 * 60);
 /// long polls).
 pub struct RmAmClient {
     rm: LeaderClient,
+    /// The node's agent, where it passes calls on to the RM leader.
+    local: Option<LocalAgent>,
     /// The application token every call carries.
     token: Vec<u8>,
 }
@@ -47,7 +49,11 @@ impl RmAmClient {
             .warn_after(5)
             .with_request_timeout(Duration::from_secs(30))
             .with_backoff(Duration::from_millis(50), Duration::from_secs(1));
-        Ok(RmAmClient { rm, token })
+        Ok(RmAmClient {
+            rm,
+            local: None,
+            token,
+        })
     }
 
     /// How long one call keeps retrying while no RM leader answers.
@@ -56,13 +62,33 @@ impl RmAmClient {
         self
     }
 
+    /// Calls go through `local` where it passes them on to the RM leader
+    /// (a master in a container, [`LocalAgent::from_env`]): no connection
+    /// of the master's own to the RM, while the agent's socket answers.
+    pub fn through(mut self, local: Option<LocalAgent>) -> Self {
+        self.local = local.filter(|l| l.inner.relays);
+        self
+    }
+
     /// Calls `f` on the leader, following NotLeader hints and retrying
-    /// retryable errors with backoff until the deadline.
+    /// retryable errors with backoff until the deadline: through the local
+    /// agent where it relays, directly where that fails.
     pub async fn call<T, F, Fut>(&mut self, f: F) -> Result<T, Status>
     where
         F: Fn(ApplicationMasterServiceClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        if let Some(local) = self.local.as_ref().filter(|l| l.usable()) {
+            match f(ApplicationMasterServiceClient::new(
+                local.inner.channel.clone(),
+            ))
+            .await
+            {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(e) if LocalAgent::go_around(&e) => local.failed(&e),
+                Err(e) => return Err(e),
+            }
+        }
         self.rm
             .call(|ch| f(ApplicationMasterServiceClient::new(ch)))
             .await
@@ -155,69 +181,146 @@ fn unix_channel(path: std::path::PathBuf) -> Channel {
         }))
 }
 
+/// How long calls go around the local agent once its socket failed (an
+/// agent restarting, say), before it is tried again.
+const LOCAL_OFF_FOR: Duration = Duration::from_secs(10);
+
+/// The master's own node's agent, as its environment names it
+/// (`WEFT_NODE_ID`, `WEFT_AGENT_SOCKET`, and `WEFT_AGENT_RELAY=1` where the
+/// agent passes calls on): reached over its Unix socket, without a TLS
+/// handshake; where it relays, the master's calls to the RM and its starts
+/// on other nodes go through it too, over the connections the agent keeps.
+#[derive(Clone)]
+pub struct LocalAgent {
+    inner: std::sync::Arc<LocalInner>,
+}
+
+struct LocalInner {
+    node: String,
+    channel: Channel,
+    relays: bool,
+    /// The socket failed: calls go around it until then.
+    off_until: std::sync::Mutex<Option<Instant>>,
+}
+
+impl LocalAgent {
+    /// The agent the environment names, if it names one.
+    pub fn from_env() -> Option<Self> {
+        let node = std::env::var("WEFT_NODE_ID")
+            .ok()
+            .filter(|n| !n.is_empty())?;
+        let path = std::env::var_os("WEFT_AGENT_SOCKET").filter(|p| !p.is_empty())?;
+        let relays = std::env::var("WEFT_AGENT_RELAY").is_ok_and(|v| v == "1");
+        Some(LocalAgent {
+            inner: std::sync::Arc::new(LocalInner {
+                node,
+                channel: unix_channel(path.into()),
+                relays,
+                off_until: Default::default(),
+            }),
+        })
+    }
+
+    /// Whether calls may go through it now.
+    fn usable(&self) -> bool {
+        let mut off = self.inner.off_until.lock().expect("off_until lock");
+        match *off {
+            Some(t) if Instant::now() < t => false,
+            Some(_) => {
+                *off = None;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Calls go around it for a while: `why` came from its socket.
+    fn failed(&self, why: &Status) {
+        tracing::warn!(error = %why.message(), "a call through the node's agent failed: calling directly for {LOCAL_OFF_FOR:?}");
+        *self.inner.off_until.lock().expect("off_until lock") =
+            Some(Instant::now() + LOCAL_OFF_FOR);
+    }
+
+    /// Whether a call that failed with `s` through the agent should be made
+    /// again directly: the socket, the agent or what it called could not
+    /// answer; any other answer is the RM's or the other agent's own.
+    fn go_around(s: &Status) -> bool {
+        weft_common::codes::retryable(s) || s.code() == tonic::Code::Unimplemented
+    }
+}
+
 /// Node agents' ContainerManagers, one shared connection per address; the
-/// master's own node's agent over its Unix socket where the agent said
-/// where (`WEFT_NODE_ID`, `WEFT_AGENT_SOCKET`): no TLS handshake for the
-/// tasks that land beside their master.
+/// master's own node's agent over its Unix socket where the environment
+/// names one ([`LocalAgent`]), and through it the other nodes' agents where
+/// it relays.
 #[derive(Default)]
 pub struct NodeClients {
     channels: std::sync::Mutex<std::collections::HashMap<String, Channel>>,
-    /// This master's node and its agent's socket.
-    local: Option<(String, std::path::PathBuf)>,
-    /// The socket failed once: the node's agent over TCP from then on.
-    local_failed: std::sync::atomic::AtomicBool,
+    local: Option<LocalAgent>,
 }
 
 impl NodeClients {
-    /// With the master's own node's agent's socket, where its agent named
-    /// one in the environment.
+    /// With the master's own node's agent, where its environment names one.
     pub fn from_env() -> Self {
-        let local = match (
-            std::env::var("WEFT_NODE_ID"),
-            std::env::var_os("WEFT_AGENT_SOCKET"),
-        ) {
-            (Ok(node), Some(path)) if !node.is_empty() && !path.is_empty() => {
-                Some((node, std::path::PathBuf::from(path)))
-            }
-            _ => None,
-        };
         NodeClients {
-            local,
+            local: LocalAgent::from_env(),
             ..NodeClients::default()
         }
     }
 
-    /// Whether calls to `node`'s agent go over the local socket.
-    pub fn is_local(&self, node: &str) -> bool {
-        !self.local_failed.load(std::sync::atomic::Ordering::Relaxed)
-            && self.local.as_ref().is_some_and(|(n, _)| n == node)
-    }
-
-    /// Calls to `node`'s agent over TCP from now on (its socket failed).
-    pub fn local_failed(&self) {
-        self.local_failed
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// The agent of `node` (at `addr`): over its Unix socket when it is
-    /// this master's own node.
-    pub fn get_on(
+    /// Starts `req` on `node`'s agent (at `addr`): through the local agent
+    /// where it is that node's or relays, else (and where the socket fails)
+    /// directly over TCP.
+    pub async fn start(
         &self,
         node: &str,
         addr: &str,
-    ) -> Result<ContainerManagerClient<Channel>, Status> {
-        let Some((_, path)) = self.local.as_ref().filter(|_| self.is_local(node)) else {
-            return self.get(addr);
+        req: pb::StartContainerRequest,
+    ) -> Result<(), Status> {
+        let local = self
+            .local
+            .as_ref()
+            .filter(|l| (l.inner.node == node || l.inner.relays) && l.usable());
+        let Some(local) = local else {
+            return self.get(addr)?.start_container(req).await.map(|_| ());
         };
-        let key = format!("unix:{}", path.display());
-        let mut map = self.channels.lock().expect("channels lock");
-        let ch = map
-            .entry(key)
-            .or_insert_with(|| unix_channel(path.clone()))
-            .clone();
-        Ok(ContainerManagerClient::new(ch))
+        let mut through = tonic::Request::new(req.clone());
+        let own = local.inner.node == node;
+        if !own {
+            through.metadata_mut().insert(
+                weft_common::net::RELAY_TO_HEADER,
+                addr.parse().map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "node address {addr:?}: not a valid header value"
+                    ))
+                })?,
+            );
+        }
+        match ContainerManagerClient::new(local.inner.channel.clone())
+            .start_container(through)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if LocalAgent::go_around(&e) => {
+                // The local socket (or, passed on, the other agent) did not
+                // answer: directly, once. The first try may have started it
+                // (an answer lost): then the container is there already.
+                if own || e.code() == tonic::Code::Unimplemented {
+                    local.failed(&e);
+                } else {
+                    tracing::debug!(error = %e.message(), node, "a start passed on failed; directly");
+                }
+                match self.get(addr)?.start_container(req).await {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.code() == tonic::Code::AlreadyExists => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
+    /// The agent at `addr`, over TCP.
     pub fn get(&self, addr: &str) -> Result<ContainerManagerClient<Channel>, Status> {
         let mut map = self.channels.lock().expect("channels lock");
         if let Some(ch) = map.get(addr) {

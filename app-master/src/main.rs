@@ -127,17 +127,21 @@ fn main() -> ExitCode {
         eprintln!("app-master: {e}");
         return ExitCode::from(2);
     }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    // (Connections are made in the runtime, the local agent's too.)
+    let _in_runtime = rt.enter();
     let rm = match weft_app_master::client::RmAmClient::new(args.rm, token) {
-        Ok(rm) => rm.with_retry_for(args.rm_retry_for),
+        Ok(rm) => rm
+            .with_retry_for(args.rm_retry_for)
+            .through(weft_app_master::client::LocalAgent::from_env()),
         Err(e) => {
             eprintln!("app-master: --rm (WEFT_RM): {e}");
             return ExitCode::from(2);
         }
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("building the tokio runtime");
     match rt.block_on(Runner::new(args.app_id, args.attempt, spec, rm).run()) {
         Ok(f) if f.status == weft_proto::v1::FinalStatus::Succeeded => ExitCode::SUCCESS,
         Ok(f) => {

@@ -660,24 +660,7 @@ impl Runner {
         let nodes = &self.nodes;
         let results: Vec<_> = futures::stream::iter(starts)
             .map(|(i, a, req)| async move {
-                let local = nodes.is_local(&a.node_id);
-                let started = match nodes.get_on(&a.node_id, &a.node_address) {
-                    Ok(mut c) => c.start_container(req.clone()).await.map(|_| ()),
-                    Err(e) => Err(e),
-                };
-                // The local socket refused (an agent that serves none, a
-                // socket gone): over TCP, and for every call after.
-                let started = match started {
-                    Err(e) if local && e.code() == tonic::Code::Unavailable => {
-                        warn!(error = %e.message(), "the node's local agent socket failed; over TCP");
-                        nodes.local_failed();
-                        match nodes.get(&a.node_address) {
-                            Ok(mut c) => c.start_container(req).await.map(|_| ()),
-                            Err(e) => Err(e),
-                        }
-                    }
-                    r => r,
-                };
+                let started = nodes.start(&a.node_id, &a.node_address, req).await;
                 (i, a, started)
             })
             .buffer_unordered(START_CONCURRENCY)

@@ -190,6 +190,19 @@ impl RmClient {
         .await
     }
 
+    /// The application's tasks and its master's container: where each
+    /// runs or ran, its state and how it ended.
+    pub async fn list_tasks(&self, id: &str) -> Result<pb::ListTasksResponse, Error> {
+        let req = pb::GetApplicationRequest {
+            application_id: id.into(),
+        };
+        self.call(|mut c| {
+            let req = req.clone();
+            async move { c.list_tasks(req).await }
+        })
+        .await
+    }
+
     /// Every application `req`'s filters match, page after page (from
     /// `req.page_token`, `req.page_size` a page).
     pub async fn list_applications(

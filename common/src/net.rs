@@ -115,6 +115,11 @@ pub fn endpoint(
     })
 }
 
+/// The metadata key under which a master asks its own node's agent, over
+/// the agent's Unix socket, to pass a StartContainer on to the agent at
+/// this address (host:port).
+pub const RELAY_TO_HEADER: &str = "weft-relay-to";
+
 /// One connection a server took: plaintext, or TLS this process accepted
 /// with its certificate of the moment.
 pub enum Conn {

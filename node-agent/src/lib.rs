@@ -31,6 +31,7 @@ pub mod model;
 pub mod ports;
 pub mod procfs;
 pub mod recovery;
+pub mod relay;
 pub mod service;
 pub mod shim;
 pub mod tokens;
@@ -215,10 +216,26 @@ pub async fn run(
         }
         None => Box::pin(incoming),
     };
+    // Masters' calls to the RM passed on, for the node's own containers
+    // over the socket (told to them in `WEFT_AGENT_RELAY`).
+    let am_relay = match (&config.rm_addresses[..], mgr.agent_socket()) {
+        ([], _) | (_, None) => None,
+        (addrs, Some(_)) => match relay::AmRelay::new(addrs.to_vec(), mgr.metrics()) {
+            Ok(r) => {
+                mgr.set_relay();
+                Some(weft_proto::v1::application_master_service_server::ApplicationMasterServiceServer::new(r))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "masters here call the resource manager themselves");
+                None
+            }
+        },
+    };
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         weft_common::net::server()
             .add_service(svc)
+            .add_optional_service(am_relay)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = serving_stopped.await;
             }),

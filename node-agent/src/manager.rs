@@ -62,6 +62,8 @@ struct Shared {
     notices_root: PathBuf,
     /// The agent's Unix socket, once it serves one (`WEFT_AGENT_SOCKET`).
     agent_socket: std::sync::OnceLock<PathBuf>,
+    /// Whether the socket serves the relays (`crate::relay`).
+    relay: std::sync::atomic::AtomicBool,
     logs_root: PathBuf,
     /// Every container the agent knows, running or ended and retained.
     state: Mutex<HashMap<String, Arc<Container>>>,
@@ -198,6 +200,7 @@ impl Manager {
                 checkpoints_root,
                 notices_root,
                 agent_socket: std::sync::OnceLock::new(),
+                relay: Default::default(),
                 logs_root,
                 state: Mutex::new(HashMap::new()),
                 closing: AtomicBool::new(false),
@@ -276,6 +279,20 @@ impl Manager {
     /// from now on are told it (`WEFT_AGENT_SOCKET`, with `WEFT_NODE_ID`).
     pub fn set_agent_socket(&self, path: PathBuf) {
         let _ = self.sh.agent_socket.set(path);
+    }
+
+    /// The agent's Unix socket, where it serves one.
+    pub fn agent_socket(&self) -> Option<&std::path::Path> {
+        self.sh.agent_socket.get().map(PathBuf::as_path)
+    }
+
+    /// Passes masters' calls to the RM and their starts on other nodes on,
+    /// over its socket: containers started from now on are told
+    /// (`WEFT_AGENT_RELAY=1`).
+    pub fn set_relay(&self) {
+        self.sh
+            .relay
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether `uid` may use the agent's Unix socket: the agent's own user
@@ -953,6 +970,9 @@ impl Manager {
         if let Some(sock) = self.sh.agent_socket.get() {
             env.push(("WEFT_AGENT_SOCKET".into(), sock.display().to_string()));
             env.push(("WEFT_NODE_ID".into(), self.sh.tokens.node_id().to_string()));
+            if self.sh.relay.load(std::sync::atomic::Ordering::Relaxed) {
+                env.push(("WEFT_AGENT_RELAY".into(), "1".into()));
+            }
         }
         // With TLS on, a container's clients (its master, rmctl in a task)
         // verify the cluster's servers with the CA this agent trusts.

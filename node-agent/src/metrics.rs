@@ -2,7 +2,8 @@
 //! `[http] listen` (HTTPS with its certificate where it has TLS).
 //!
 //! Counted as they happen ([`AgentMetrics`]): containers ended, by reason
-//! (kills by each quota among them), and how long starts took. Read from
+//! (kills by each quota among them), how long starts took, and the calls
+//! passed on for the node's own containers. Read from
 //! the agent's records at each scrape ([`AgentCollector`]): containers by
 //! state, what each running one uses against its limits (labels:
 //! container, application, stage, task), the node's capacity and its
@@ -26,6 +27,20 @@ pub struct AgentMetrics {
     pub ends: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// From a StartContainer call to the container running (or refused).
     pub start_seconds: Histogram,
+    /// Calls passed on for the node's own containers (`crate::relay`), by
+    /// call and outcome.
+    pub relayed: Family<Vec<(&'static str, &'static str)>, Counter>,
+}
+
+impl AgentMetrics {
+    /// Counts a call passed on: `call` (register, allocate, finish, start),
+    /// answered or not.
+    pub fn count_relayed<T>(&self, call: &'static str, r: &Result<T, tonic::Status>) {
+        let outcome = if r.is_ok() { "ok" } else { "error" };
+        self.relayed
+            .get_or_create(&vec![("call", call), ("outcome", outcome)])
+            .inc();
+    }
 }
 
 impl Default for AgentMetrics {
@@ -34,6 +49,7 @@ impl Default for AgentMetrics {
             ends: Family::default(),
             // 1 ms .. 16 s.
             start_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            relayed: Family::default(),
         }
     }
 }
@@ -246,6 +262,11 @@ pub fn registry(mgr: Manager) -> Registry {
         "weft_agent_container_start_seconds",
         "Time from a StartContainer call to the container running (or the start refused).",
         m.start_seconds.clone(),
+    );
+    r.register(
+        "weft_agent_relayed_calls",
+        "Calls passed on for the node's own containers over the agent's socket (a master's to the RM leader, its starts on other nodes), by call and outcome.",
+        m.relayed.clone(),
     );
     r.register_collector(Box::new(AgentCollector { mgr }));
     r

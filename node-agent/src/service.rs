@@ -13,6 +13,8 @@ use crate::manager::Manager;
 
 pub struct ContainerService {
     mgr: Manager,
+    /// Starts a node's own master passes on to other nodes' agents.
+    peers: crate::relay::PeerStarts,
 }
 
 /// The metadata key under which a master shows its application token (hex)
@@ -67,7 +69,10 @@ fn may_act<T>(
 
 impl ContainerService {
     pub fn new(mgr: Manager) -> Self {
-        ContainerService { mgr }
+        ContainerService {
+            mgr,
+            peers: Default::default(),
+        }
     }
 }
 
@@ -78,6 +83,9 @@ impl ContainerManager for ContainerService {
         &self,
         req: Request<pb::StartContainerRequest>,
     ) -> Result<Response<pb::StartContainerResponse>, Status> {
+        if crate::relay::PeerStarts::wanted(&req) {
+            return self.peers.start(req, &self.mgr.metrics()).await;
+        }
         let status = self.mgr.start(req.into_inner()).await?;
         Ok(Response::new(pb::StartContainerResponse {
             status: Some(status),

@@ -1262,3 +1262,163 @@ async fn the_signing_key_rotates_under_a_running_job_and_the_old_one_is_dropped(
     assert_eq!(r.state(), pb::ApplicationState::Succeeded, "{r:?}");
     assert_eq!(r.attempt, 1, "the first master saw the job through: {r:?}");
 }
+
+/// The sockets (inodes) `pid` holds open.
+fn socket_inodes(pid: i32) -> std::collections::BTreeSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            l.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The inodes of the sockets in `/proc/<pid>/net/<table>` (tcp, tcp6, unix).
+fn table_inodes(pid: i32, table: &str) -> std::collections::BTreeSet<u64> {
+    let column = if table == "unix" { 6 } else { 9 };
+    std::fs::read_to_string(format!("/proc/{pid}/net/{table}"))
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(column)?.parse().ok())
+        .collect()
+}
+
+/// GET `/metrics` over plain HTTP/1.0 from `addr`.
+async fn scrape_plain(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await;
+    out
+}
+
+/// A master makes no connection of its own: its calls to the RM leader and
+/// its starts on the other node go through its own node's agent, over the
+/// agent's Unix socket and the connections the agent keeps (with TLS on, no
+/// handshake per job). Watched in the kernel's tables: the running master
+/// holds Unix sockets and no TCP one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masters_reach_the_rm_and_other_nodes_through_their_own_nodes_agent() {
+    let extra = format!(
+        "[masters]\nlaunch = true\ncommand = {:?}\n",
+        app_master().display().to_string()
+    );
+    let cluster = Cluster::start_with(3, 1000, &extra);
+    // The agents' /metrics in plaintext (the secured run serves it over
+    // TLS: the counts are read in the plaintext run).
+    let http: Vec<Option<String>> = NODES[..2]
+        .iter()
+        .map(|_| {
+            (!crate::secure::on()).then(|| format!("127.0.0.1:{}", crate::cluster::free_port()))
+        })
+        .collect();
+    let agents: Vec<AgentProcess> = NODES[..2]
+        .iter()
+        .zip(&http)
+        .map(|(n, h)| {
+            let extra = h
+                .as_ref()
+                .map(|h| format!("[http]\nlisten = \"{h}\"\n"))
+                .unwrap_or_default();
+            AgentProcess::start_with(n, &cluster.addrs(), "127.0.0.1", "gpu = \"h100\"", &extra)
+        })
+        .collect();
+    let client = cluster.client();
+    crate::cluster::wait_nodes(&client, 2).await;
+
+    // Four tasks of 3 cores on two nodes of 8: two land beside the master,
+    // two on the other node.
+    let spec = "name: relayed\nstages:\n  - name: run\n    instances: 4\n    command: 'sleep 2'\n    resources: { vcores: 3, memory: 64MiB }\n";
+    let app = client.submit(spec, "yaml", "mia").await.unwrap();
+    let mut master: Option<i32> = None;
+    let (mut tcp_seen, mut unix_seen) = (Vec::new(), 0usize);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let r = client.get_application(&app).await.unwrap();
+        if matches!(
+            r.state(),
+            pb::ApplicationState::Succeeded
+                | pb::ApplicationState::Failed
+                | pb::ApplicationState::Killed
+        ) {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never ended: {r:?}"
+        );
+        if master.is_none() {
+            master = agents
+                .iter()
+                .flat_map(|a| a.container_processes())
+                .find(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c.trim() == "app-master")
+                });
+        }
+        if let Some(pid) = master {
+            let held = socket_inodes(pid);
+            let tcp: std::collections::BTreeSet<u64> =
+                &table_inodes(pid, "tcp") | &table_inodes(pid, "tcp6");
+            tcp_seen.extend(held.intersection(&tcp).copied());
+            unix_seen = unix_seen.max(held.intersection(&table_inodes(pid, "unix")).count());
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    };
+    assert_eq!(done.state(), pb::ApplicationState::Succeeded, "{done:?}");
+    assert!(master.is_some(), "the master process was never seen");
+    assert!(
+        tcp_seen.is_empty(),
+        "the master held TCP sockets: {tcp_seen:?}"
+    );
+    assert!(unix_seen >= 1, "the master held no Unix socket");
+    let on: Vec<(String, usize)> = running_or_done_by_node(&client, &app).await;
+    assert_eq!(on.len(), 2, "the tasks ran on both nodes: {on:?}");
+
+    // What the agents passed on, by their metrics: one registration and one
+    // finish, allocations, and the other node's two starts.
+    if http.iter().all(Option::is_some) {
+        let mut counts = std::collections::BTreeMap::new();
+        for h in http.iter().flatten() {
+            for line in scrape_plain(h).await.lines() {
+                if let Some(rest) = line.strip_prefix("weft_agent_relayed_calls_total{") {
+                    let (labels, n) = rest.split_once("} ").unwrap();
+                    *counts.entry(labels.to_string()).or_insert(0.0) += n.parse::<f64>().unwrap();
+                }
+            }
+        }
+        let get = |l: &str| counts.get(l).copied().unwrap_or(0.0);
+        assert_eq!(get("call=\"register\",outcome=\"ok\""), 1.0, "{counts:?}");
+        assert_eq!(get("call=\"finish\",outcome=\"ok\""), 1.0, "{counts:?}");
+        assert!(get("call=\"allocate\",outcome=\"ok\"") >= 1.0, "{counts:?}");
+        assert_eq!(get("call=\"start\",outcome=\"ok\""), 2.0, "{counts:?}");
+    } else {
+        println!(
+            "the agents' relay counts are read in the plaintext run (their /metrics is HTTPS here)"
+        );
+    }
+}
+
+/// The nodes `app`'s tasks ran on, with how many each.
+async fn running_or_done_by_node(
+    client: &weft_client::RmClient,
+    app: &str,
+) -> Vec<(String, usize)> {
+    let tasks = client.list_tasks(app).await.unwrap();
+    let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+    for t in tasks.tasks {
+        if t.task != "master" && !t.node_id.is_empty() {
+            *by.entry(t.node_id).or_insert(0) += 1;
+        }
+    }
+    by.into_iter().collect()
+}

@@ -52,7 +52,7 @@ pub fn own_loopback() -> String {
     format!("127.77.{}.{}", std::process::id() % 256, n % 250 + 2)
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     free_ports(1)[0]
 }
 
