@@ -7,6 +7,7 @@ use tonic::transport::Channel;
 use tonic::Status;
 use weft_common::leader::LeaderClient;
 use weft_proto::v1 as pb;
+use weft_proto::v1::agent_relay_client::AgentRelayClient;
 use weft_proto::v1::application_master_service_client::ApplicationMasterServiceClient;
 use weft_proto::v1::container_manager_client::ContainerManagerClient;
 
@@ -32,7 +33,8 @@ pub const DEFAULT_RM_RETRY_FOR: Duration = Duration::from_secs(15 * 60);
 /// long polls).
 pub struct RmAmClient {
     rm: LeaderClient,
-    /// The node's agent, where it passes calls on to the RM leader.
+    /// The node's agent: calls go through it where it passes them on to
+    /// the RM leader.
     local: Option<LocalAgent>,
     /// The application token every call carries.
     token: Vec<u8>,
@@ -66,8 +68,14 @@ impl RmAmClient {
     /// (a master in a container, [`LocalAgent::from_env`]): no connection
     /// of the master's own to the RM, while the agent's socket answers.
     pub fn through(mut self, local: Option<LocalAgent>) -> Self {
-        self.local = local.filter(|l| l.inner.relays);
+        self.local = local;
         self
+    }
+
+    /// The master's own node's agent given to [`RmAmClient::through`] (its
+    /// task starts share it).
+    pub fn local_agent(&self) -> Option<LocalAgent> {
+        self.local.clone()
     }
 
     /// Calls `f` on the leader, following NotLeader hints and retrying
@@ -78,7 +86,7 @@ impl RmAmClient {
         F: Fn(ApplicationMasterServiceClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        if let Some(local) = self.local.as_ref().filter(|l| l.usable()) {
+        if let Some(local) = self.local.as_ref().filter(|l| l.inner.relays && l.usable()) {
             match f(ApplicationMasterServiceClient::new(
                 local.inner.channel.clone(),
             ))
@@ -168,9 +176,14 @@ pub async fn node(addr: &str) -> Result<ContainerManagerClient<Channel>, Status>
 
 /// A connection to the node agent serving the Unix socket at `path`.
 fn unix_channel(path: std::path::PathBuf) -> Channel {
+    // Pings while a call waits, so a frozen agent is left within about two
+    // seconds (a long poll's answer may take 10 s; a passed-on call's up to
+    // the relay's 30 s).
     tonic::transport::Endpoint::from_static("http://weft-agent.local")
         .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(30))
+        .timeout(Duration::from_secs(40))
+        .http2_keep_alive_interval(weft_common::net::KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(weft_common::net::KEEPALIVE_TIMEOUT)
         .connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
             let path = path.clone();
             async move {
@@ -242,10 +255,22 @@ impl LocalAgent {
     }
 
     /// Whether a call that failed with `s` through the agent should be made
-    /// again directly: the socket, the agent or what it called could not
-    /// answer; any other answer is the RM's or the other agent's own.
+    /// directly instead: the socket failed (no answer from the agent: a
+    /// transport error), the agent does not serve the relay, or it said it
+    /// could not pass the call on (`weft-relay: unreachable`). An answer of
+    /// the RM or the other agent, passed back, is the answer.
     fn go_around(s: &Status) -> bool {
-        weft_common::codes::retryable(s) || s.code() == tonic::Code::Unimplemented
+        std::error::Error::source(s).is_some()
+            || s.code() == tonic::Code::Unimplemented
+            || s.metadata()
+                .get(weft_common::net::RELAY_HEADER)
+                .is_some_and(|v| v == weft_common::net::RELAY_UNREACHABLE)
+    }
+
+    /// Whether `s` says the agent or its socket cannot serve at all (not
+    /// that it could not reach what it was to call).
+    fn broken(s: &Status) -> bool {
+        std::error::Error::source(s).is_some() || s.code() == tonic::Code::Unimplemented
     }
 }
 
@@ -262,15 +287,20 @@ pub struct NodeClients {
 impl NodeClients {
     /// With the master's own node's agent, where its environment names one.
     pub fn from_env() -> Self {
+        Self::with_local(LocalAgent::from_env())
+    }
+
+    /// With `local` as the master's own node's agent.
+    pub fn with_local(local: Option<LocalAgent>) -> Self {
         NodeClients {
-            local: LocalAgent::from_env(),
+            local,
             ..NodeClients::default()
         }
     }
 
     /// Starts `req` on `node`'s agent (at `addr`): through the local agent
-    /// where it is that node's or relays, else (and where the socket fails)
-    /// directly over TCP.
+    /// where it is that node's or relays, else (and where that fails, see
+    /// [`LocalAgent`]) directly over TCP.
     pub async fn start(
         &self,
         node: &str,
@@ -284,32 +314,30 @@ impl NodeClients {
         let Some(local) = local else {
             return self.get(addr)?.start_container(req).await.map(|_| ());
         };
-        let mut through = tonic::Request::new(req.clone());
-        let own = local.inner.node == node;
-        if !own {
-            through.metadata_mut().insert(
-                weft_common::net::RELAY_TO_HEADER,
-                addr.parse().map_err(|_| {
-                    Status::invalid_argument(format!(
-                        "node address {addr:?}: not a valid header value"
-                    ))
-                })?,
-            );
-        }
-        match ContainerManagerClient::new(local.inner.channel.clone())
-            .start_container(through)
-            .await
-        {
+        let channel = local.inner.channel.clone();
+        let through = if local.inner.node == node {
+            ContainerManagerClient::new(channel)
+                .start_container(req.clone())
+                .await
+        } else {
+            AgentRelayClient::new(channel)
+                .start_container_on(pb::RelayedStartRequest {
+                    agent_address: addr.to_string(),
+                    node_id: node.to_string(),
+                    start: Some(req.clone()),
+                })
+                .await
+        };
+        match through {
             Ok(_) => Ok(()),
             Err(e) if LocalAgent::go_around(&e) => {
-                // The local socket (or, passed on, the other agent) did not
-                // answer: directly, once. The first try may have started it
-                // (an answer lost): then the container is there already.
-                if own || e.code() == tonic::Code::Unimplemented {
+                if LocalAgent::broken(&e) {
                     local.failed(&e);
                 } else {
-                    tracing::debug!(error = %e.message(), node, "a start passed on failed; directly");
+                    tracing::debug!(error = %e.message(), node, "a start could not be passed on; directly");
                 }
+                // The first try may have started it (its answer lost):
+                // then the container is there already.
                 match self.get(addr)?.start_container(req).await {
                     Ok(_) => Ok(()),
                     Err(e) if e.code() == tonic::Code::AlreadyExists => Ok(()),

@@ -155,6 +155,8 @@ const OVER_MEMORY: i32 = weft_proto::exit_codes::OVER_MEMORY_QUOTA;
 impl Runner {
     /// `token`: this attempt's application token.
     pub fn new(app: String, attempt: u32, spec: JobSpec, rm: RmAmClient) -> Runner {
+        // Its task starts go through the same local agent as its RM calls.
+        let nodes = NodeClients::with_local(rm.local_agent());
         let mut tasks = Vec::new();
         for (si, s) in spec.stages.iter().enumerate() {
             match &s.roles {
@@ -188,7 +190,7 @@ impl Runner {
             tasks,
             failures: vec![0; n],
             unreachable: Vec::new(),
-            nodes: NodeClients::from_env(),
+            nodes,
             restart_log: vec![VecDeque::new(); n],
             checks: tokio::task::JoinSet::new(),
             checking: BTreeSet::new(),

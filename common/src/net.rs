@@ -115,10 +115,13 @@ pub fn endpoint(
     })
 }
 
-/// The metadata key under which a master asks its own node's agent, over
-/// the agent's Unix socket, to pass a StartContainer on to the agent at
-/// this address (host:port).
-pub const RELAY_TO_HEADER: &str = "weft-relay-to";
+/// The metadata key a node agent's relay (its Unix socket's services that
+/// pass a master's calls on) sets on an answer of its own, not of what it
+/// called: [`RELAY_UNREACHABLE`] when it could not pass the call on (no RM
+/// leader within its deadline, the other agent unreachable, too many calls
+/// at once), so the caller may call directly instead.
+pub const RELAY_HEADER: &str = "weft-relay";
+pub const RELAY_UNREACHABLE: &str = "unreachable";
 
 /// One connection a server took: plaintext, or TLS this process accepted
 /// with its certificate of the moment.

@@ -216,18 +216,34 @@ pub async fn run(
         }
         None => Box::pin(incoming),
     };
-    // Masters' calls to the RM passed on, for the node's own containers
-    // over the socket (told to them in `WEFT_AGENT_RELAY`).
-    let am_relay = match (&config.rm_addresses[..], mgr.agent_socket()) {
-        ([], _) | (_, None) => None,
-        (addrs, Some(_)) => match relay::AmRelay::new(addrs.to_vec(), mgr.metrics()) {
+    // Masters' calls to the RM and their starts on other nodes passed on,
+    // for the node's own containers over the socket (told to them in
+    // `WEFT_AGENT_RELAY`).
+    let (am_relay, start_relay) = match (&config.rm_addresses[..], mgr.agent_socket()) {
+        ([], _) | (_, None) => (None, None),
+        (addrs, Some(_)) => match relay::AmRelay::new(addrs.to_vec(), mgr.clone()) {
             Ok(r) => {
+                let peers = Arc::new(relay::Peers::default());
+                let sweep = peers.clone();
+                background.push(every(
+                    Duration::from_secs(60),
+                    cancel.child_token(),
+                    move || {
+                        sweep.sweep();
+                        std::future::ready(())
+                    },
+                ));
                 mgr.set_relay();
-                Some(weft_proto::v1::application_master_service_server::ApplicationMasterServiceServer::new(r))
+                (
+                    Some(weft_proto::v1::application_master_service_server::ApplicationMasterServiceServer::new(r)),
+                    Some(weft_proto::v1::agent_relay_server::AgentRelayServer::new(
+                        relay::StartRelay::new(mgr.clone(), peers),
+                    )),
+                )
             }
             Err(e) => {
                 tracing::warn!(error = %e, "masters here call the resource manager themselves");
-                None
+                (None, None)
             }
         },
     };
@@ -236,6 +252,7 @@ pub async fn run(
         weft_common::net::server()
             .add_service(svc)
             .add_optional_service(am_relay)
+            .add_optional_service(start_relay)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = serving_stopped.await;
             }),

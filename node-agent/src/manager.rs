@@ -287,8 +287,8 @@ impl Manager {
     }
 
     /// Passes masters' calls to the RM and their starts on other nodes on,
-    /// over its socket: containers started from now on are told
-    /// (`WEFT_AGENT_RELAY=1`).
+    /// over its socket (`crate::relay`): containers started from now on
+    /// are told (`WEFT_AGENT_RELAY=1`).
     pub fn set_relay(&self) {
         self.sh
             .relay

@@ -13,8 +13,6 @@ use crate::manager::Manager;
 
 pub struct ContainerService {
     mgr: Manager,
-    /// Starts a node's own master passes on to other nodes' agents.
-    peers: crate::relay::PeerStarts,
 }
 
 /// The metadata key under which a master shows its application token (hex)
@@ -69,10 +67,7 @@ fn may_act<T>(
 
 impl ContainerService {
     pub fn new(mgr: Manager) -> Self {
-        ContainerService {
-            mgr,
-            peers: Default::default(),
-        }
+        ContainerService { mgr }
     }
 }
 
@@ -83,9 +78,6 @@ impl ContainerManager for ContainerService {
         &self,
         req: Request<pb::StartContainerRequest>,
     ) -> Result<Response<pb::StartContainerResponse>, Status> {
-        if crate::relay::PeerStarts::wanted(&req) {
-            return self.peers.start(req, &self.mgr.metrics()).await;
-        }
         let status = self.mgr.start(req.into_inner()).await?;
         Ok(Response::new(pb::StartContainerResponse {
             status: Some(status),

@@ -191,11 +191,10 @@ impl Tokens {
         *held = Keys::Learned { set, group };
     }
 
-    /// Checks `token` for `spec`; returns what it granted: its expiry (for
-    /// [`Tokens::spend`] once the container is admitted), the public key
-    /// (hex) that checked it (which RM group granted the container) and the
-    /// application it was granted to.
-    pub fn check(&self, token: &[u8], spec: &ContainerSpec, ports: &[u32]) -> Result<Grant> {
+    /// Checks `token`'s signature (with the RM group's keys) and expiry;
+    /// returns what it says and the group's name. Transient (NotReady)
+    /// where this agent does not hold the token's key yet.
+    fn verified(&self, token: &[u8]) -> Result<(pb::ContainerTokenBody, String)> {
         let deny = |m: String| Err(Error::PermissionDenied(m));
         let now = self.leader_now_ms();
         let held = self.keys.read().expect("token keys lock").clone();
@@ -235,6 +234,15 @@ impl Tokens {
             Err(e @ TokenError::UnknownKey(_)) => return Err(Error::NotReady(e.to_string())),
             Err(e) => return deny(e.to_string()),
         };
+        Ok((body, group))
+    }
+
+    /// Checks `token` for `spec`; returns what it granted: its expiry (for
+    /// [`Tokens::spend`] once the container is admitted), the public key
+    /// (hex) that checked it (which RM group granted the container) and the
+    /// application it was granted to.
+    pub fn check(&self, token: &[u8], spec: &ContainerSpec, ports: &[u32]) -> Result<Grant> {
+        let (body, group) = self.verified(token)?;
         let mismatch = |what: &str, granted: String, asked: String| {
             Err(Error::PermissionDenied(format!(
                 "the token grants {what} {granted}, the request asks for {asked}"
@@ -300,6 +308,12 @@ impl Tokens {
             user: body.user,
             queue: body.queue,
         })
+    }
+
+    /// The node a container token (signed by the RM group, not expired)
+    /// was granted on: where the agent may pass its start on.
+    pub fn node_of(&self, token: &[u8]) -> Result<String> {
+        self.verified(token).map(|(b, _)| b.node_id)
     }
 
     /// Whether `token` is an application token this agent's RM group signed

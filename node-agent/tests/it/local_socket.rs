@@ -108,3 +108,154 @@ async fn the_agent_serves_its_own_node_on_a_unix_socket_and_only_to_its_users() 
     }
     agent.shutdown().await;
 }
+
+/// A channel to the agent's Unix socket at `path`.
+async fn over_socket(path: std::path::PathBuf) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_static("http://agent.local")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+/// The relays (an agent that knows an RM group passes its containers'
+/// calls on): refused over TCP; a start passed on to another node's agent
+/// only with a token of the group for that node, to a plain host:port; an
+/// agent it cannot reach is said so, with the marker that tells a master to
+/// call directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relays_pass_on_only_over_the_socket_and_only_what_a_token_grants() {
+    use weft_proto::v1::agent_relay_client::AgentRelayClient;
+    use weft_proto::v1::application_master_service_client::ApplicationMasterServiceClient;
+    // (No RM answers at this address: the relays are served all the same.)
+    let mut agent = TestAgent::start("relay", |c| {
+        c.rm_addresses = vec!["127.0.0.1:1".into()];
+    })
+    .await;
+    let mut peer = TestAgent::start("relay-peer", |c| c.node_id = Some("peer".into())).await;
+    let sock = agent.work_dir().join("agent.sock");
+    eventually("the agent's socket", Duration::from_secs(10), || {
+        sock.exists()
+    })
+    .await;
+
+    // Told to its containers.
+    start(
+        &mut agent.client,
+        spec("relay-env", "echo \"relay=$WEFT_AGENT_RELAY\"", 32 * MIB),
+    )
+    .await;
+    wait_end(&mut agent.client, "relay-env", Duration::from_secs(20)).await;
+    let out = read_log(
+        &mut agent.client,
+        "relay-env",
+        pb::LogStream::Stdout,
+        0,
+        false,
+    )
+    .await;
+    assert_eq!(out.trim(), "relay=1");
+
+    let relayed = |id: &str, address: String, node: &str, token_node: &str| {
+        let mut start = spec(id, "echo relayed", 32 * MIB);
+        start.token = token_for(&start, token_node);
+        pb::RelayedStartRequest {
+            agent_address: address,
+            node_id: node.into(),
+            start: Some(start),
+        }
+    };
+    let peer_addr = peer.addr.to_string();
+
+    // Over TCP: refused, both.
+    let tcp = tonic::transport::Endpoint::from_shared(format!("http://{}", agent.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let e = AgentRelayClient::new(tcp.clone())
+        .start_container_on(relayed("r-tcp", peer_addr.clone(), "peer", "peer"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("Unix socket"), "{e:?}");
+    let e = ApplicationMasterServiceClient::new(tcp)
+        .allocate(pb::AllocateRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+
+    let mut relay = AgentRelayClient::new(over_socket(sock.clone()).await);
+    // Not a plain host:port.
+    for bad in [
+        format!("http://{peer_addr}"),
+        "unix:///run/agent.sock".to_string(),
+        "127.0.0.1".to_string(),
+    ] {
+        let e = relay
+            .start_container_on(relayed("r-bad", bad.clone(), "peer", "peer"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}: {e:?}");
+        assert!(e.message().contains("agent_address"), "{e:?}");
+    }
+    // A token not the group's, or for another node than named.
+    let mut forged = relayed("r-forged", peer_addr.clone(), "peer", "peer");
+    forged.start.as_mut().unwrap().token = vec![1, 2, 3];
+    let e = relay.start_container_on(forged).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = relay
+        .start_container_on(relayed("r-other", peer_addr.clone(), "peer", "elsewhere"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("node_id"), "{e:?}");
+    // Nothing reached the peer.
+    let listed = peer
+        .client
+        .list_containers(pb::ListContainersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.containers.is_empty(), "{listed:?}");
+
+    // Passed on: the peer starts it.
+    relay
+        .start_container_on(relayed("r-ok", peer_addr.clone(), "peer", "peer"))
+        .await
+        .unwrap();
+    let done = wait_end(&mut peer.client, "r-ok", Duration::from_secs(20)).await;
+    assert_eq!(done.state(), pb::ContainerState::Succeeded, "{done:?}");
+    // The peer's own refusal comes back as it gave it (the container
+    // exists now).
+    let e = relay
+        .start_container_on(relayed("r-ok", peer_addr.clone(), "peer", "peer"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    assert!(e.metadata().get("weft-relay").is_none(), "{e:?}");
+
+    // An agent that does not answer: UNAVAILABLE, marked as the relay's.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let e = relay
+        .start_container_on(relayed("r-gone", closed.to_string(), "peer", "peer"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert_eq!(
+        e.metadata().get("weft-relay").and_then(|v| v.to_str().ok()),
+        Some("unreachable"),
+        "{e:?}"
+    );
+    peer.shutdown().await;
+    agent.shutdown().await;
+}

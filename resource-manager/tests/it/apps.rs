@@ -1291,13 +1291,46 @@ fn table_inodes(pid: i32, table: &str) -> std::collections::BTreeSet<u64> {
         .collect()
 }
 
-/// GET `/metrics` over plain HTTP/1.0 from `addr`.
-async fn scrape_plain(addr: &str) -> String {
+/// GET `/metrics` over HTTP/1.0 from an agent at `addr`: over TLS (the
+/// cluster's CA) in the secured run.
+async fn scrape_agent(addr: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let tcp = loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(t) => break t,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "{addr}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let ask = b"GET /metrics HTTP/1.0\r\nHost: agent.weft\r\n\r\n";
     let mut out = String::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await;
+    match crate::secure::get() {
+        Some(s) => {
+            let mut cfg = crate::tls::trusting(&s.ca_file());
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+                .connect(
+                    rustls::pki_types::ServerName::try_from("agent.weft").unwrap(),
+                    tcp,
+                )
+                .await
+                .unwrap();
+            tls.write_all(ask).await.unwrap();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), tls.read_to_string(&mut out)).await;
+        }
+        None => {
+            let mut tcp = tcp;
+            tcp.write_all(ask).await.unwrap();
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut out)).await;
+        }
+    }
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
     out
 }
 
@@ -1313,23 +1346,22 @@ async fn masters_reach_the_rm_and_other_nodes_through_their_own_nodes_agent() {
         app_master().display().to_string()
     );
     let cluster = Cluster::start_with(3, 1000, &extra);
-    // The agents' /metrics in plaintext (the secured run serves it over
-    // TLS: the counts are read in the plaintext run).
-    let http: Vec<Option<String>> = NODES[..2]
+    // The agents' /metrics (HTTPS in the secured run).
+    let http: Vec<String> = NODES[..2]
         .iter()
-        .map(|_| {
-            (!crate::secure::on()).then(|| format!("127.0.0.1:{}", crate::cluster::free_port()))
-        })
+        .map(|_| format!("127.0.0.1:{}", crate::cluster::free_port()))
         .collect();
     let agents: Vec<AgentProcess> = NODES[..2]
         .iter()
         .zip(&http)
         .map(|(n, h)| {
-            let extra = h
-                .as_ref()
-                .map(|h| format!("[http]\nlisten = \"{h}\"\n"))
-                .unwrap_or_default();
-            AgentProcess::start_with(n, &cluster.addrs(), "127.0.0.1", "gpu = \"h100\"", &extra)
+            AgentProcess::start_with(
+                n,
+                &cluster.addrs(),
+                "127.0.0.1",
+                "gpu = \"h100\"",
+                &format!("[http]\nlisten = \"{h}\"\n"),
+            )
         })
         .collect();
     let client = cluster.client();
@@ -1385,27 +1417,31 @@ async fn masters_reach_the_rm_and_other_nodes_through_their_own_nodes_agent() {
     assert_eq!(on.len(), 2, "the tasks ran on both nodes: {on:?}");
 
     // What the agents passed on, by their metrics: one registration and one
-    // finish, allocations, and the other node's two starts.
-    if http.iter().all(Option::is_some) {
+    // finish, allocations, and the other node's two starts (the finish is
+    // counted once the RM answered it: read until it shows).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let counts = loop {
         let mut counts = std::collections::BTreeMap::new();
-        for h in http.iter().flatten() {
-            for line in scrape_plain(h).await.lines() {
+        for h in &http {
+            for line in scrape_agent(h).await.lines() {
                 if let Some(rest) = line.strip_prefix("weft_agent_relayed_calls_total{") {
                     let (labels, n) = rest.split_once("} ").unwrap();
                     *counts.entry(labels.to_string()).or_insert(0.0) += n.parse::<f64>().unwrap();
                 }
             }
         }
-        let get = |l: &str| counts.get(l).copied().unwrap_or(0.0);
-        assert_eq!(get("call=\"register\",outcome=\"ok\""), 1.0, "{counts:?}");
-        assert_eq!(get("call=\"finish\",outcome=\"ok\""), 1.0, "{counts:?}");
-        assert!(get("call=\"allocate\",outcome=\"ok\"") >= 1.0, "{counts:?}");
-        assert_eq!(get("call=\"start\",outcome=\"ok\""), 2.0, "{counts:?}");
-    } else {
-        println!(
-            "the agents' relay counts are read in the plaintext run (their /metrics is HTTPS here)"
-        );
-    }
+        if counts.contains_key("call=\"finish\",outcome=\"ok\"")
+            || std::time::Instant::now() > deadline
+        {
+            break counts;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let get = |l: &str| counts.get(l).copied().unwrap_or(0.0);
+    assert_eq!(get("call=\"register\",outcome=\"ok\""), 1.0, "{counts:?}");
+    assert_eq!(get("call=\"finish\",outcome=\"ok\""), 1.0, "{counts:?}");
+    assert!(get("call=\"allocate\",outcome=\"ok\"") >= 1.0, "{counts:?}");
+    assert_eq!(get("call=\"start\",outcome=\"ok\""), 2.0, "{counts:?}");
 }
 
 /// The nodes `app`'s tasks ran on, with how many each.
