@@ -5,7 +5,8 @@
 //! |---|---|---|
 //! | [`v1::container_manager_server::ContainerManager`] | node agent | app master, RM |
 //! | [`v1::resource_tracker_server::ResourceTracker`] | RM | node agent |
-//! | [`v1::application_master_service_server::ApplicationMasterService`] | RM | app master |
+//! | [`v1::application_master_service_server::ApplicationMasterService`] | RM; a node agent on its Unix socket, passing calls on | app master |
+//! | [`v1::agent_relay_server::AgentRelay`] | node agent, on its Unix socket | app master |
 //! | [`v1::client_service_server::ClientService`] | RM | rmctl, client library |
 //! | [`v1::raft_transport_server::RaftTransport`] | RM | RM peers |
 
