@@ -64,18 +64,7 @@ async fn the_agent_serves_its_own_node_on_a_unix_socket_and_only_to_its_users() 
 
     // The same API over it: a start (its token checked as ever) and a
     // status.
-    let path = sock.clone();
-    let ch = tonic::transport::Endpoint::from_static("http://agent.local")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
+    let ch = over_socket(sock.clone()).await;
     let mut local = ContainerManagerClient::new(ch);
     let mut unsigned = spec("local-1", "true", 32 * MIB);
     unsigned.token = vec![1, 2, 3];
