@@ -37,29 +37,37 @@ fn probe_as(sock: &std::path::Path, uid: u32) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_serves_its_own_node_on_a_unix_socket_and_only_to_its_users() {
-    let mut agent = TestAgent::start("local", |_| {}).await;
+/// The agent's Unix socket, once it is there (the test's TCP listener
+/// answers before the agent has set up).
+async fn socket_of(agent: &TestAgent) -> std::path::PathBuf {
     let sock = agent.work_dir().join("agent.sock");
-    // (The test's TCP listener answers before the agent has set up.)
     eventually("the agent's socket", Duration::from_secs(10), || {
         sock.exists()
     })
     .await;
+    sock
+}
+
+/// What a container running `script` printed; it must succeed.
+async fn output_of(agent: &mut TestAgent, id: &str, script: &str) -> String {
+    start(&mut agent.client, spec(id, script, 32 * MIB)).await;
+    let done = wait_end(&mut agent.client, id, Duration::from_secs(20)).await;
+    assert_eq!(done.state(), pb::ContainerState::Succeeded, "{done:?}");
+    read_log(&mut agent.client, id, pb::LogStream::Stdout, 0, false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_serves_its_own_node_on_a_unix_socket_and_only_to_its_users() {
+    let mut agent = TestAgent::start("local", |_| {}).await;
+    let sock = socket_of(&agent).await;
 
     // Every container is told where it is and which node it is on.
-    start(
-        &mut agent.client,
-        spec(
-            "envs",
-            "echo \"$WEFT_NODE_ID $WEFT_AGENT_SOCKET\"",
-            32 * MIB,
-        ),
+    let out = output_of(
+        &mut agent,
+        "envs",
+        "echo \"$WEFT_NODE_ID $WEFT_AGENT_SOCKET\"",
     )
     .await;
-    let done = wait_end(&mut agent.client, "envs", Duration::from_secs(20)).await;
-    assert_eq!(done.state(), pb::ContainerState::Succeeded, "{done:?}");
-    let out = read_log(&mut agent.client, "envs", pb::LogStream::Stdout, 0, false).await;
     assert_eq!(out.trim(), format!("{TEST_NODE} {}", sock.display()));
 
     // The same API over it: a start (its token checked as ever) and a
@@ -128,27 +136,10 @@ async fn the_relays_pass_on_only_over_the_socket_and_only_what_a_token_grants() 
     })
     .await;
     let mut peer = TestAgent::start("relay-peer", |c| c.node_id = Some("peer".into())).await;
-    let sock = agent.work_dir().join("agent.sock");
-    eventually("the agent's socket", Duration::from_secs(10), || {
-        sock.exists()
-    })
-    .await;
+    let sock = socket_of(&agent).await;
 
     // Told to its containers.
-    start(
-        &mut agent.client,
-        spec("relay-env", "echo \"relay=$WEFT_AGENT_RELAY\"", 32 * MIB),
-    )
-    .await;
-    wait_end(&mut agent.client, "relay-env", Duration::from_secs(20)).await;
-    let out = read_log(
-        &mut agent.client,
-        "relay-env",
-        pb::LogStream::Stdout,
-        0,
-        false,
-    )
-    .await;
+    let out = output_of(&mut agent, "relay-env", "echo \"relay=$WEFT_AGENT_RELAY\"").await;
     assert_eq!(out.trim(), "relay=1");
 
     let relayed = |id: &str, address: String, node: &str, token_node: &str| {
