@@ -83,7 +83,14 @@ impl AmService {
     fn live_app(&self, id: &str, attempt: u32) -> Result<crate::fsm::App, Status> {
         let st = self.s.raft.state();
         match st.apps.get(id) {
-            None => Err(Error::NotFound(format!("application_id: no application {id}")).into()),
+            // The token checked is the group's, so the group has the
+            // application: this member is behind (a leader deposed without
+            // knowing it yet, cut off from the others). Retryable, so the
+            // caller tries the others (a NOT_FOUND here failed masters
+            // whose calls reached such a member).
+            None => Err(Status::unavailable(format!(
+                "application_id: {id} is not known to this member yet (its token is the group's: this member is behind the leader)"
+            ))),
             Some(a) if a.state.is_terminal() => Err(Status::failed_precondition(format!(
                 "application_id: {id} already ended ({:?})",
                 a.state
